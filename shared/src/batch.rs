@@ -1,0 +1,332 @@
+//! Batches for masked-bin pretraining, and a prefetching loader that builds them on background threads.
+//!
+//! A sample is `[CLS]` followed by one token per vocabulary gene in its clone's order. Token arrays are
+//! compact (`u16` gene ids, `u8` bins) so a batch stays small on its way to the device.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver};
+
+use crate::corpus::Corpus;
+use crate::error::{Error, Result};
+use crate::philox::{Domain, PhiloxStream};
+use crate::shard::{Block, Shard};
+use crate::stream::{clone_order, EpochPlan, SampleId, SampleLocation};
+
+/// Gene id of the `[CLS]` token; vocabulary gene g has gene id g + 1.
+pub const CLS_GENE_ID: u16 = 0;
+/// Target value of positions that are not predicted (not masked, or `[CLS]`).
+pub const IGNORE_TARGET: u8 = u8::MAX;
+
+/// Special bin values, placed after the expression bins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLayout {
+    pub n_bins: u8,
+}
+
+impl TokenLayout {
+    pub fn new(n_bins: u16) -> Result<Self> {
+        if !(2..=250).contains(&n_bins) {
+            return Err(Error::Config(format!("bins must be 2..=250, got {n_bins}")));
+        }
+        Ok(Self { n_bins: n_bins as u8 })
+    }
+    /// Input bin of a masked token.
+    pub fn mask_bin(&self) -> u8 {
+        self.n_bins
+    }
+    /// Input bin of the `[CLS]` token.
+    pub fn cls_bin(&self) -> u8 {
+        self.n_bins + 1
+    }
+    /// Size of the bin-embedding table.
+    pub fn bin_vocab(&self) -> usize {
+        usize::from(self.n_bins) + 2
+    }
+}
+
+/// Masked-bin pretraining batch of `samples` sequences of `seq_len` tokens, row-major.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub samples: usize,
+    pub seq_len: usize,
+    pub gene_ids: Vec<u16>,
+    pub input_bins: Vec<u8>,
+    /// True bin at masked positions, `IGNORE_TARGET` elsewhere.
+    pub target_bins: Vec<u8>,
+    /// `samples x label_columns` codes (`manifest::MISSING_LABEL` when absent).
+    pub labels: Vec<u32>,
+    pub sample_ids: Vec<SampleId>,
+    /// The epoch positions this batch covers.
+    pub positions: Range<u64>,
+}
+
+/// What the loader needs besides the plan.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskConfig {
+    /// Probability that a gene token is masked, quantized to 1/65536.
+    pub ratio: f32,
+}
+
+impl MaskConfig {
+    fn threshold(&self) -> u32 {
+        (self.ratio.clamp(0.0, 1.0) * 65536.0).round() as u32
+    }
+}
+
+/// Builds one sample's tokens into the batch buffers.
+#[derive(Debug, Default)]
+struct SampleWriter {
+    order: Vec<u16>,
+}
+
+impl SampleWriter {
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        plan: &EpochPlan,
+        layout: TokenLayout,
+        mask: MaskConfig,
+        sample: SampleId,
+        bins: &[u8],
+        genes: &mut [u16],
+        inputs: &mut [u8],
+        targets: &mut [u8],
+    ) {
+        let config = plan.config();
+        clone_order(config.seed, config.augmentation, sample, bins.len(), &mut self.order);
+        genes[0] = CLS_GENE_ID;
+        inputs[0] = layout.cls_bin();
+        targets[0] = IGNORE_TARGET;
+        let threshold = mask.threshold();
+        let mut rng = PhiloxStream::new(config.seed, Domain::Mask, sample.cell as u32, plan.epoch() << 8 | sample.clone);
+        let mut word = 0u32;
+        for (i, &gene) in self.order.iter().enumerate() {
+            // Two 16-bit mask draws per 32-bit word.
+            let draw = if i % 2 == 0 {
+                word = rng.next_u32();
+                word & 0xFFFF
+            } else {
+                word >> 16
+            };
+            let bin = bins[gene as usize];
+            genes[i + 1] = gene + 1;
+            if draw < threshold {
+                inputs[i + 1] = layout.mask_bin();
+                targets[i + 1] = bin;
+            } else {
+                inputs[i + 1] = bin;
+                targets[i + 1] = IGNORE_TARGET;
+            }
+        }
+    }
+}
+
+/// Caches compressed shards (shared by loader threads) with a simple least-recently-used bound.
+struct ShardCache {
+    corpus: Arc<Corpus>,
+    capacity: usize,
+    entries: Mutex<(u64, HashMap<u32, (u64, Arc<Shard>)>)>,
+}
+
+impl ShardCache {
+    fn get(&self, shard: u32) -> Result<Arc<Shard>> {
+        {
+            let mut guard = self.entries.lock().unwrap();
+            let (clock, map) = &mut *guard;
+            *clock += 1;
+            let now = *clock;
+            if let Some(entry) = map.get_mut(&shard) {
+                entry.0 = now;
+                return Ok(entry.1.clone());
+            }
+        }
+        let fetched = Arc::new(self.corpus.fetch_shard(shard as usize)?);
+        let mut guard = self.entries.lock().unwrap();
+        let (clock, map) = &mut *guard;
+        if map.len() >= self.capacity {
+            if let Some(oldest) = map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k) {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(shard, (*clock, fetched.clone()));
+        Ok(fetched)
+    }
+}
+
+/// Per-thread cache of decompressed blocks.
+struct BlockCache {
+    capacity: usize,
+    clock: u64,
+    entries: Vec<((u32, u32), u64, Block)>,
+}
+
+impl BlockCache {
+    fn get(&mut self, shards: &ShardCache, loc: &SampleLocation) -> Result<&Block> {
+        self.clock += 1;
+        let key = (loc.shard, loc.block);
+        if let Some(i) = self.entries.iter().position(|(k, _, _)| *k == key) {
+            self.entries[i].1 = self.clock;
+            return Ok(&self.entries[i].2);
+        }
+        let shard = shards.get(loc.shard)?;
+        let slot = if self.entries.len() < self.capacity {
+            self.entries.push((key, self.clock, Block::default()));
+            self.entries.len() - 1
+        } else {
+            let (i, _) = self.entries.iter().enumerate().min_by_key(|(_, (_, t, _))| *t).unwrap();
+            i
+        };
+        self.entries[slot].0 = key;
+        self.entries[slot].1 = self.clock;
+        shard.read_block_into(loc.block as usize, &mut self.entries[slot].2)?;
+        Ok(&self.entries[slot].2)
+    }
+}
+
+/// Loader settings.
+#[derive(Debug, Clone, Copy)]
+pub struct LoaderConfig {
+    pub mask: MaskConfig,
+    /// Assembly threads.
+    pub threads: usize,
+    /// Batches each thread may have ready ahead of the consumer.
+    pub prefetch: usize,
+    /// Compressed shards kept in memory.
+    pub shard_cache: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self { mask: MaskConfig { ratio: 0.15 }, threads: 1, prefetch: 4, shard_cache: 64 }
+    }
+}
+
+/// Builds the batches for a list of position ranges on background threads and hands them back in order.
+///
+/// Memory is bounded by `threads x (prefetch batches + block cache)` plus `shard_cache` compressed shards.
+pub struct Loader {
+    receivers: Vec<Receiver<Result<Batch>>>,
+    next: usize,
+    total: usize,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Loader {
+    pub fn spawn(corpus: Arc<Corpus>, plan: Arc<EpochPlan>, batches: Vec<Range<u64>>, config: LoaderConfig) -> Result<Self> {
+        let layout = TokenLayout::new(corpus.manifest.bins.n_bins)?;
+        let threads = config.threads.max(1);
+        let shards = Arc::new(ShardCache {
+            corpus: corpus.clone(),
+            capacity: config.shard_cache.max(1),
+            entries: Mutex::new((0, HashMap::new())),
+        });
+        let total = batches.len();
+        let batches = Arc::new(batches);
+        let mut receivers = Vec::with_capacity(threads);
+        let mut handles = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let (tx, rx) = bounded(config.prefetch.max(1));
+            receivers.push(rx);
+            let (plan, shards, batches, corpus) = (plan.clone(), shards.clone(), batches.clone(), corpus.clone());
+            let block_capacity = 2 * plan.config().window_units as usize + 2;
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("cellfleet-loader-{t}"))
+                    .spawn(move || {
+                        let mut assembler = Assembler {
+                            plan: &plan,
+                            layout,
+                            mask: config.mask,
+                            n_genes: corpus.manifest.genes.len(),
+                            n_labels: corpus.manifest.label_columns.len(),
+                            shards: &shards,
+                            blocks: BlockCache { capacity: block_capacity, clock: 0, entries: Vec::new() },
+                            writer: SampleWriter::default(),
+                        };
+                        for range in batches.iter().skip(t).step_by(threads) {
+                            let result = assembler.assemble(range.clone());
+                            let failed = result.is_err();
+                            if tx.send(result).is_err() || failed {
+                                return;
+                            }
+                        }
+                    })
+                    .map_err(|e| Error::Loader(format!("cannot start loader thread: {e}")))?,
+            );
+        }
+        Ok(Self { receivers, next: 0, total, handles })
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.next >= self.total {
+            return None;
+        }
+        let rx = &self.receivers[self.next % self.receivers.len()];
+        self.next += 1;
+        Some(rx.recv().unwrap_or_else(|_| Err(Error::Loader("a loader thread exited early".into()))))
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Dropping the receivers unblocks the threads' sends; then they end.
+        self.receivers.clear();
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct Assembler<'a> {
+    plan: &'a EpochPlan,
+    layout: TokenLayout,
+    mask: MaskConfig,
+    n_genes: usize,
+    n_labels: usize,
+    shards: &'a ShardCache,
+    blocks: BlockCache,
+    writer: SampleWriter,
+}
+
+impl Assembler<'_> {
+    fn assemble(&mut self, positions: Range<u64>) -> Result<Batch> {
+        let samples = (positions.end - positions.start) as usize;
+        let seq_len = self.n_genes + 1;
+        let mut batch = Batch {
+            samples,
+            seq_len,
+            gene_ids: vec![0; samples * seq_len],
+            input_bins: vec![0; samples * seq_len],
+            target_bins: vec![0; samples * seq_len],
+            labels: Vec::with_capacity(samples * self.n_labels),
+            sample_ids: Vec::with_capacity(samples),
+            positions: positions.clone(),
+        };
+        for (i, loc) in self.plan.range(positions).enumerate() {
+            let block = self.blocks.get(self.shards, &loc)?;
+            let row = loc.cell_in_block as usize;
+            let span = i * seq_len..(i + 1) * seq_len;
+            self.writer.write(
+                self.plan,
+                self.layout,
+                self.mask,
+                loc.sample,
+                block.bins_of(row),
+                &mut batch.gene_ids[span.clone()],
+                &mut batch.input_bins[span.clone()],
+                &mut batch.target_bins[span],
+            );
+            batch.labels.extend_from_slice(block.labels_of(row));
+            batch.sample_ids.push(loc.sample);
+        }
+        Ok(batch)
+    }
+}

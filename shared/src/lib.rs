@@ -1,0 +1,14 @@
+//! Library code both cellfleet roles use: the corpus format, tokenization, the augmented sample stream
+//! and object-store access. Nothing here links libtorch or HDF5.
+
+pub mod batch;
+pub mod corpus;
+pub mod error;
+pub mod manifest;
+pub mod philox;
+pub mod shard;
+pub mod store;
+pub mod stream;
+pub mod tokenize;
+
+pub use error::{Error, Result};

@@ -1,0 +1,251 @@
+//! The shard file format: binned cells in independently compressed blocks.
+//!
+//! ```text
+//! "CFSHARD1"                                         8 bytes magic
+//! n_cells, n_genes, n_label_cols, block_cells, n_blocks   u32 LE each
+//! (offset u64, length u64) per block, then for the cell-name frame   relative to the data area
+//! data area: one zstd frame per block, then one zstd frame of cell names
+//! ```
+//! A block frame decompresses to `cells x n_genes` bins (u8, row-major) followed by
+//! `cells x n_label_cols` label codes (u32 LE). The name frame holds, per cell, its source file index
+//! (u32 LE), its row in that file (u64 LE) and its obs name (u32 LE length + UTF-8 bytes).
+//! Blocks are the unit of random access: the sample stream decompresses only the blocks it needs.
+
+use crate::error::{Error, Result};
+
+pub const SHARD_MAGIC: &[u8; 8] = b"CFSHARD1";
+const HEADER_WORDS: usize = 5;
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Where one cell came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellOrigin {
+    pub source: u32,
+    pub row: u64,
+    pub name: String,
+}
+
+/// Cells of one shard before compression.
+#[derive(Debug, Clone, Default)]
+pub struct ShardBuilder {
+    pub n_genes: usize,
+    pub n_label_cols: usize,
+    pub bins: Vec<u8>,
+    pub labels: Vec<u32>,
+    pub origins: Vec<CellOrigin>,
+}
+
+impl ShardBuilder {
+    pub fn new(n_genes: usize, n_label_cols: usize) -> Self {
+        Self { n_genes, n_label_cols, ..Default::default() }
+    }
+
+    pub fn cells(&self) -> usize {
+        self.origins.len()
+    }
+
+    /// Appends a zeroed row and returns it for binning.
+    pub fn push_cell(&mut self, origin: CellOrigin, labels: &[u32]) -> &mut [u8] {
+        debug_assert_eq!(labels.len(), self.n_label_cols);
+        self.origins.push(origin);
+        self.labels.extend_from_slice(labels);
+        let start = self.bins.len();
+        self.bins.resize(start + self.n_genes, 0);
+        &mut self.bins[start..]
+    }
+
+    /// Compresses into the shard byte format.
+    pub fn encode(&self, block_cells: usize) -> Result<Vec<u8>> {
+        let n_cells = self.cells();
+        let n_blocks = n_cells.div_ceil(block_cells);
+        let mut frames: Vec<Vec<u8>> = Vec::with_capacity(n_blocks + 1);
+        let mut raw = Vec::new();
+        for block in 0..n_blocks {
+            let lo = block * block_cells;
+            let hi = ((block + 1) * block_cells).min(n_cells);
+            raw.clear();
+            raw.extend_from_slice(&self.bins[lo * self.n_genes..hi * self.n_genes]);
+            for code in &self.labels[lo * self.n_label_cols..hi * self.n_label_cols] {
+                raw.extend_from_slice(&code.to_le_bytes());
+            }
+            frames.push(zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(Error::Compression)?);
+        }
+        raw.clear();
+        for origin in &self.origins {
+            raw.extend_from_slice(&origin.source.to_le_bytes());
+            raw.extend_from_slice(&origin.row.to_le_bytes());
+            raw.extend_from_slice(&(origin.name.len() as u32).to_le_bytes());
+            raw.extend_from_slice(origin.name.as_bytes());
+        }
+        frames.push(zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(Error::Compression)?);
+
+        let header_len = 8 + 4 * HEADER_WORDS + 16 * frames.len();
+        let data_len: usize = frames.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(header_len + data_len);
+        out.extend_from_slice(SHARD_MAGIC);
+        for word in [n_cells, self.n_genes, self.n_label_cols, block_cells, n_blocks] {
+            out.extend_from_slice(&(word as u32).to_le_bytes());
+        }
+        let mut offset = 0u64;
+        for frame in &frames {
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+            offset += frame.len() as u64;
+        }
+        for frame in &frames {
+            out.extend_from_slice(frame);
+        }
+        Ok(out)
+    }
+}
+
+/// A stored shard, parsed just enough to decompress single blocks.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    bytes: bytes::Bytes,
+    pub n_cells: usize,
+    pub n_genes: usize,
+    pub n_label_cols: usize,
+    pub block_cells: usize,
+    frames: Vec<(usize, usize)>,
+}
+
+/// One decompressed block: `cells` rows of bins and labels.
+#[derive(Debug, Clone, Default)]
+pub struct Block {
+    pub cells: usize,
+    pub n_genes: usize,
+    pub n_label_cols: usize,
+    pub bins: Vec<u8>,
+    pub labels: Vec<u32>,
+}
+
+impl Block {
+    pub fn bins_of(&self, cell: usize) -> &[u8] {
+        &self.bins[cell * self.n_genes..(cell + 1) * self.n_genes]
+    }
+    pub fn labels_of(&self, cell: usize) -> &[u32] {
+        &self.labels[cell * self.n_label_cols..(cell + 1) * self.n_label_cols]
+    }
+}
+
+impl Shard {
+    /// Parses the header; `name` only serves error messages.
+    pub fn parse(name: &str, bytes: bytes::Bytes) -> Result<Self> {
+        let bad = |what: String| Error::CorruptShard { name: name.to_string(), what };
+        if bytes.len() < 8 + 4 * HEADER_WORDS || &bytes[..8] != SHARD_MAGIC {
+            return Err(bad("missing the CFSHARD1 magic; not a cellfleet shard".into()));
+        }
+        let word = |i: usize| u32::from_le_bytes(bytes[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize;
+        let (n_cells, n_genes, n_label_cols, block_cells, n_blocks) = (word(0), word(1), word(2), word(3), word(4));
+        if block_cells == 0 || n_blocks != n_cells.div_ceil(block_cells) {
+            return Err(bad(format!("header says {n_cells} cells in {n_blocks} blocks of {block_cells}")));
+        }
+        let table_start = 8 + 4 * HEADER_WORDS;
+        let data_start = table_start + 16 * (n_blocks + 1);
+        if bytes.len() < data_start {
+            return Err(bad("truncated block table".into()));
+        }
+        let mut frames = Vec::with_capacity(n_blocks + 1);
+        for i in 0..=n_blocks {
+            let at = table_start + 16 * i;
+            let offset = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+            let len = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()) as usize;
+            if data_start + offset + len > bytes.len() {
+                return Err(bad(format!("frame {i} runs past the end of the shard (truncated?)")));
+            }
+            frames.push((data_start + offset, len));
+        }
+        Ok(Self { bytes, n_cells, n_genes, n_label_cols, block_cells, frames })
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.frames.len() - 1
+    }
+
+    pub fn block_len(&self, block: usize) -> usize {
+        (self.n_cells - block * self.block_cells).min(self.block_cells)
+    }
+
+    /// Decompresses one block into `out`, reusing its buffers.
+    pub fn read_block_into(&self, block: usize, out: &mut Block) -> Result<()> {
+        let cells = self.block_len(block);
+        let expected = cells * (self.n_genes + 4 * self.n_label_cols);
+        let (start, len) = self.frames[block];
+        let raw = zstd::bulk::decompress(&self.bytes[start..start + len], expected).map_err(Error::Compression)?;
+        if raw.len() != expected {
+            return Err(Error::CorruptShard {
+                name: String::new(),
+                what: format!("block {block} holds {} bytes, expected {expected}", raw.len()),
+            });
+        }
+        let bins_len = cells * self.n_genes;
+        out.cells = cells;
+        out.n_genes = self.n_genes;
+        out.n_label_cols = self.n_label_cols;
+        out.bins.clear();
+        out.bins.extend_from_slice(&raw[..bins_len]);
+        out.labels.clear();
+        out.labels
+            .extend(raw[bins_len..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
+        Ok(())
+    }
+
+    pub fn read_block(&self, block: usize) -> Result<Block> {
+        let mut out = Block::default();
+        self.read_block_into(block, &mut out)?;
+        Ok(out)
+    }
+
+    pub fn origins(&self) -> Result<Vec<CellOrigin>> {
+        let (start, len) = self.frames[self.n_blocks()];
+        let raw = zstd::stream::decode_all(&self.bytes[start..start + len]).map_err(Error::Compression)?;
+        let mut origins = Vec::with_capacity(self.n_cells);
+        let mut at = 0;
+        let take = |at: &mut usize, n: usize| -> Result<&[u8]> {
+            let s = raw.get(*at..*at + n).ok_or_else(|| Error::CorruptShard {
+                name: String::new(),
+                what: "cell-name frame is truncated".into(),
+            })?;
+            *at += n;
+            Ok(s)
+        };
+        for _ in 0..self.n_cells {
+            let source = u32::from_le_bytes(take(&mut at, 4)?.try_into().unwrap());
+            let row = u64::from_le_bytes(take(&mut at, 8)?.try_into().unwrap());
+            let len = u32::from_le_bytes(take(&mut at, 4)?.try_into().unwrap()) as usize;
+            let name = String::from_utf8_lossy(take(&mut at, len)?).into_owned();
+            origins.push(CellOrigin { source, row, name });
+        }
+        Ok(origins)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_with_partial_last_block() {
+        let mut builder = ShardBuilder::new(3, 1);
+        for i in 0..5u8 {
+            let row = builder.push_cell(CellOrigin { source: 0, row: u64::from(i), name: format!("c{i}") }, &[u32::from(i)]);
+            row.copy_from_slice(&[i, i + 1, i + 2]);
+        }
+        let bytes = builder.encode(2).unwrap();
+        let shard = Shard::parse("t", bytes.into()).unwrap();
+        assert_eq!((shard.n_cells, shard.n_blocks()), (5, 3));
+        let last = shard.read_block(2).unwrap();
+        assert_eq!((last.cells, last.bins_of(0), last.labels_of(0)), (1, &[4u8, 5, 6][..], &[4u32][..]));
+        assert_eq!(shard.origins().unwrap()[3].name, "c3");
+    }
+
+    #[test]
+    fn truncation_is_reported() {
+        let mut builder = ShardBuilder::new(2, 0);
+        builder.push_cell(CellOrigin { source: 0, row: 0, name: "a".into() }, &[]);
+        let bytes = builder.encode(4).unwrap();
+        let err = Shard::parse("s", bytes[..bytes.len() - 3].to_vec().into()).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+}
