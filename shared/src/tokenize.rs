@@ -66,8 +66,13 @@ impl HvgAccumulator {
         }
     }
 
-    /// Merges another accumulator over the same genes (cells from another file or thread).
+    /// Merges another accumulator (cells from another file or thread). Gene sets may have grown in
+    /// between: genes an accumulator has not seen count as zeros for its cells.
     pub fn merge(&mut self, other: &HvgAccumulator) {
+        if other.sum.len() > self.sum.len() {
+            self.sum.resize(other.sum.len(), 0.0);
+            self.sum_sq.resize(other.sum.len(), 0.0);
+        }
         for (a, b) in self.sum.iter_mut().zip(&other.sum) {
             *a += b;
         }

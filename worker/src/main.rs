@@ -1,1 +1,213 @@
-fn main(){}
+//! `cellfleet`: the command-line tool of the cellfleet system.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::store::S3Options;
+use cellfleet_worker::ingest::{ingest, IngestOptions, LayerChoice};
+use cellfleet_worker::{bench, inspect, synth};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cellfleet", version, about = "Pretrain single-cell foundation models on a cluster and run in-silico perturbation screens")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Debug, Default)]
+struct S3Args {
+    /// S3 endpoint URL for s3:// locations (default: AWS_ENDPOINT_URL / AWS_ENDPOINT)
+    #[arg(long, global = true)]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)
+    #[arg(long, global = true)]
+    s3_region: Option<String>,
+}
+
+impl S3Args {
+    fn options(&self) -> S3Options {
+        S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize AnnData .h5ad files into a sharded, compressed corpus
+    Ingest {
+        /// Input .h5ad files
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output location: a directory, file://PATH or s3://BUCKET/PREFIX
+        #[arg(long)]
+        out: String,
+        /// Number of highly variable genes in the vocabulary
+        #[arg(long, default_value_t = 4096)]
+        hvg: usize,
+        /// Expression bins per cell, including bin 0 for zero
+        #[arg(long, default_value_t = 50)]
+        bins: u16,
+        /// Matrix to read: auto, X, raw, or a layer name
+        #[arg(long, default_value = "auto")]
+        layer: LayerChoice,
+        /// Fixed vocabulary instead of HVG selection: one gene per line, or a corpus manifest.json
+        #[arg(long)]
+        genes: Option<PathBuf>,
+        /// obs columns to keep as labels (repeatable)
+        #[arg(long = "label-col")]
+        label_cols: Vec<String>,
+        /// Cells per shard
+        #[arg(long, default_value_t = 8192)]
+        shard_cells: usize,
+        /// Cells per compressed block inside a shard (the unit of random access)
+        #[arg(long, default_value_t = 64)]
+        block_cells: usize,
+        /// Binning/compression threads (default: all cores)
+        #[arg(long)]
+        threads: Option<usize>,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Inspect or verify a corpus
+    Corpus {
+        #[command(subcommand)]
+        action: CorpusAction,
+    },
+    /// Build a SYNTHETIC corpus (or h5ad) of any size by resampling real cells; for scale tests only
+    Synth {
+        /// Number of synthetic cells
+        #[arg(long)]
+        cells: u64,
+        /// Real .h5ad files whose cells are resampled
+        #[arg(long = "from", required = true)]
+        from: Vec<PathBuf>,
+        /// Output: a corpus location, or a path ending in .h5ad to write an AnnData file instead
+        #[arg(long)]
+        out: String,
+        #[arg(long, default_value_t = 4096)]
+        hvg: usize,
+        #[arg(long, default_value_t = 50)]
+        bins: u16,
+        /// obs columns carried over from the sampled real cells (repeatable)
+        #[arg(long = "label-col")]
+        label_cols: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 8192)]
+        shard_cells: usize,
+        #[arg(long, default_value_t = 64)]
+        block_cells: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Benchmarks that print a table with their baseline measured in the same run
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CorpusAction {
+    /// Print a summary of a corpus
+    Inspect {
+        url: String,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Re-hash every shard against the manifest
+    Verify {
+        url: String,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ingest { inputs, out, hvg, bins, layer, genes, label_cols, shard_cells, block_cells, threads, s3 } => {
+            let opts = IngestOptions {
+                inputs,
+                out,
+                s3: s3.options(),
+                hvg,
+                bins,
+                layer,
+                genes_file: genes,
+                label_cols,
+                shard_cells,
+                block_cells,
+                threads: threads.unwrap_or_else(default_threads),
+            };
+            let started = std::time::Instant::now();
+            let report = ingest(&opts)?;
+            for note in &report.notes {
+                eprintln!("note: {note}");
+            }
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "ingested {} cells x {} genes into {} shards at {} in {secs:.1}s ({:.0} cells/s)",
+                report.manifest.total_cells,
+                report.manifest.genes.len(),
+                report.manifest.shards.len(),
+                opts.out,
+                report.manifest.total_cells as f64 / secs
+            );
+        }
+        Command::Corpus { action: CorpusAction::Inspect { url, s3 } } => {
+            let corpus = Corpus::open(&url, &s3.options())?;
+            println!("{}", inspect::summary(&corpus));
+        }
+        Command::Corpus { action: CorpusAction::Verify { url, s3 } } => {
+            let corpus = Corpus::open(&url, &s3.options())?;
+            let bad = inspect::verify(&corpus);
+            if !bad.is_empty() {
+                for (name, why) in &bad {
+                    eprintln!("BAD {name}: {why}");
+                }
+                anyhow::bail!("{} of {} shards failed verification", bad.len(), corpus.manifest.shards.len());
+            }
+            println!("ok: {} shards, {} cells verified", corpus.manifest.shards.len(), corpus.total_cells());
+        }
+        Command::Synth { cells, from, out, hvg, bins, label_cols, seed, shard_cells, block_cells, threads, s3 } => {
+            let opts = synth::SynthOptions {
+                cells,
+                sources: from,
+                out,
+                s3: s3.options(),
+                hvg,
+                bins,
+                label_cols,
+                seed,
+                shard_cells,
+                block_cells,
+                threads: threads.unwrap_or_else(default_threads),
+            };
+            synth::run(&opts).context("synth failed")?;
+        }
+        Command::Bench { which } => bench::run(which)?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CELLFLEET_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! Reading AnnData `.h5ad` files through HDF5, in every layout real files use.
+//!
+//! * legacy (anndata < 0.7): `obs`/`var` are compound datasets, categorical codes live in the compound and
+//!   their names in `uns/<col>_categories`; `raw` is either a group or the flat `raw.X` / `raw.var` pair;
+//!   sparse matrices are marked by `h5sparse_format` / `h5sparse_shape` attributes.
+//! * anndata 0.7: dataframes are groups with an `_index` attribute; categorical columns hold codes and
+//!   their categories sit in `__categories/<col>`.
+//! * modern (anndata >= 0.8): `encoding-type` attributes; categoricals are groups of `categories` + `codes`.
+//!
+//! Matrices are read by row ranges, so a pass over the cells never holds the whole matrix (CSC input is the
+//! exception: it is transposed to CSR in memory once, which `Matrix::open` says in its description).
+
+use std::ffi::{CStr, CString};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use hdf5::{Dataset, File, Group, Location};
+use hdf5_sys::h5::H5free_memory;
+use hdf5_sys::h5a::{H5Aget_space, H5Aread};
+use hdf5_sys::h5d::{H5Dget_space, H5Dread};
+use hdf5_sys::h5i::hid_t;
+use hdf5_sys::h5p::H5P_DEFAULT;
+use hdf5_sys::h5s::{H5Sclose, H5Sget_simple_extent_npoints, H5S_ALL};
+use hdf5_sys::h5t::{
+    H5T_class_t, H5T_str_t, H5Tclose, H5Tcopy, H5Tcreate, H5Tget_class, H5Tget_cset, H5Tget_member_index,
+    H5Tget_member_name, H5Tget_member_type, H5Tget_nmembers, H5Tget_size, H5Tinsert, H5Tis_variable_str,
+    H5Tset_cset, H5Tset_size, H5Tset_strpad, H5T_VARIABLE,
+};
+
+/// An error about one input file; the message says what is wrong and, where it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", file.display())]
+pub struct InputError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+pub type InputResult<T> = Result<T, InputError>;
+
+const HDF5_SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
+
+/// An obs column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Column {
+    /// Codes index `categories`; negative codes are missing values.
+    Categorical { categories: Vec<String>, codes: Vec<i64> },
+    Strings(Vec<String>),
+    Numeric(Vec<f64>),
+}
+
+impl Column {
+    /// The column as one category name per cell (`None` for missing), or why it cannot be a label.
+    pub fn as_labels(&self) -> Result<Vec<Option<String>>, String> {
+        match self {
+            Column::Categorical { categories, codes } => codes
+                .iter()
+                .map(|&c| match usize::try_from(c) {
+                    Ok(i) if i < categories.len() => Ok(Some(categories[i].clone())),
+                    Ok(i) => Err(format!("category code {i} is outside its {} categories", categories.len())),
+                    Err(_) => Ok(None),
+                })
+                .collect(),
+            Column::Strings(values) => Ok(values.iter().map(|v| Some(v.clone())).collect()),
+            Column::Numeric(values) => {
+                if values.iter().all(|v| v.fract() == 0.0) {
+                    Ok(values.iter().map(|v| Some(format!("{v}"))).collect())
+                } else {
+                    Err("it holds continuous numbers; a label column must be categorical, text or integer".into())
+                }
+            }
+        }
+    }
+}
+
+/// CSR rows read from a matrix: `values[indptr[i]..indptr[i + 1]]` are row i's non-zeros.
+#[derive(Debug, Default, Clone)]
+pub struct CsrChunk {
+    pub indptr: Vec<usize>,
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl CsrChunk {
+    pub fn rows(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+    pub fn row(&self, i: usize) -> (&[u32], &[f32]) {
+        let r = self.indptr[i]..self.indptr[i + 1];
+        (&self.indices[r.clone()], &self.values[r])
+    }
+}
+
+enum Storage {
+    Dense(Dataset),
+    Csr { data: Dataset, indices: Dataset, indptr: Vec<u64> },
+    /// CSC matrices are transposed to CSR in memory on open.
+    InMemory(CsrChunk),
+}
+
+/// One expression matrix of a file (X, raw/X or a layer).
+pub struct Matrix {
+    pub name: String,
+    pub n_obs: usize,
+    pub n_vars: usize,
+    storage: Storage,
+}
+
+/// An open h5ad file.
+pub struct H5ad {
+    pub path: PathBuf,
+    file: File,
+}
+
+fn err(path: &Path, message: impl Into<String>) -> InputError {
+    InputError { file: path.to_path_buf(), message: message.into() }
+}
+
+impl H5ad {
+    pub fn open(path: &Path) -> InputResult<Self> {
+        let mut head = [0u8; 8];
+        let read = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+            .map_err(|e| err(path, format!("cannot read the file: {e}")))?;
+        if read < 8 || &head != HDF5_SIGNATURE {
+            return Err(err(path, "not an HDF5 file (no HDF5 signature at the start); expected an AnnData .h5ad"));
+        }
+        let file = File::open(path).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("truncated") || text.contains("eof") || text.contains("EOF") {
+                err(path, format!("the HDF5 file is truncated (incomplete download or copy?): {text}"))
+            } else {
+                err(path, format!("HDF5 cannot open the file (damaged?): {text}"))
+            }
+        })?;
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+
+    fn fail(&self, message: impl Into<String>) -> InputError {
+        err(&self.path, message)
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        // link_exists does not accept nested paths whose parents are missing.
+        let mut group: Group = (*self.file).clone();
+        let parts: Vec<&str> = name.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            if !group.link_exists(part) {
+                return false;
+            }
+            if i + 1 < parts.len() {
+                match group.group(part) {
+                    Ok(g) => group = g,
+                    Err(_) => return false,
+                }
+            }
+        }
+        true
+    }
+
+    fn is_group(&self, name: &str) -> bool {
+        self.exists(name) && self.file.group(name).is_ok()
+    }
+
+    /// Matrices that exist: `X`, `raw` and `layers/<name>`.
+    pub fn matrix_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if self.exists("X") {
+            names.push("X".to_string());
+        }
+        if self.exists("raw/X") || self.exists("raw.X") {
+            names.push("raw".to_string());
+        }
+        if self.is_group("layers") {
+            if let Ok(members) = self.file.group("layers").and_then(|g| g.member_names()) {
+                names.extend(members.into_iter().map(|m| format!("layers/{m}")));
+            }
+        }
+        names
+    }
+
+    fn matrix_path(&self, which: &str) -> InputResult<String> {
+        match which {
+            "X" if self.exists("X") => Ok("X".into()),
+            "X" => Err(self.fail("has no X matrix (expected /X as a dataset or a sparse-matrix group)")),
+            "raw" | "raw/X" | "raw.X" => {
+                if self.exists("raw/X") {
+                    Ok("raw/X".into())
+                } else if self.exists("raw.X") {
+                    Ok("raw.X".into())
+                } else {
+                    Err(self.fail(format!("has no raw matrix (raw/X); matrices present: {}", self.matrix_names().join(", "))))
+                }
+            }
+            layer => {
+                let path = if layer.starts_with("layers/") { layer.to_string() } else { format!("layers/{layer}") };
+                if self.exists(&path) {
+                    Ok(path)
+                } else {
+                    Err(self.fail(format!("has no matrix '{which}'; matrices present: {}", self.matrix_names().join(", "))))
+                }
+            }
+        }
+    }
+
+    /// Opens `X`, `raw` or a layer name.
+    pub fn matrix(&self, which: &str) -> InputResult<Matrix> {
+        let path = self.matrix_path(which)?;
+        let ctx = |e: hdf5::Error| self.fail(format!("{path}: {e}"));
+        if let Ok(ds) = self.file.dataset(&path) {
+            let shape = ds.shape();
+            if shape.len() != 2 {
+                return Err(self.fail(format!("{path} has {} dimensions, expected a 2-D cells x genes matrix", shape.len())));
+            }
+            return Ok(Matrix { name: path, n_obs: shape[0], n_vars: shape[1], storage: Storage::Dense(ds) });
+        }
+        let group = self.file.group(&path).map_err(ctx)?;
+        let format = read_string_attr(&group, "encoding-type")
+            .or_else(|| read_string_attr(&group, "h5sparse_format"))
+            .unwrap_or_default();
+        let shape: Vec<u64> = ["shape", "h5sparse_shape"]
+            .iter()
+            .find_map(|a| group.attr(a).ok().and_then(|a| a.read_raw::<u64>().ok()))
+            .ok_or_else(|| self.fail(format!("{path} is a group without a shape attribute; not a sparse matrix")))?;
+        if shape.len() != 2 {
+            return Err(self.fail(format!("{path} has shape {shape:?}, expected 2 dimensions")));
+        }
+        let (n_obs, n_vars) = (shape[0] as usize, shape[1] as usize);
+        let data = group.dataset("data").map_err(ctx)?;
+        let indices = group.dataset("indices").map_err(ctx)?;
+        let indptr: Vec<u64> = group
+            .dataset("indptr")
+            .and_then(|d| d.read_raw::<i64>())
+            .map_err(ctx)?
+            .into_iter()
+            .map(|v| v.max(0) as u64)
+            .collect();
+        let csc = match format.as_str() {
+            "csr" | "csr_matrix" => false,
+            "csc" | "csc_matrix" => true,
+            other => return Err(self.fail(format!("{path} has sparse format '{other}', expected csr or csc"))),
+        };
+        let expected_ptr = if csc { n_vars + 1 } else { n_obs + 1 };
+        if indptr.len() != expected_ptr || indptr.windows(2).any(|w| w[0] > w[1]) {
+            return Err(self.fail(format!(
+                "{path}/indptr has {} entries or decreases; expected {expected_ptr} non-decreasing offsets",
+                indptr.len()
+            )));
+        }
+        let nnz = *indptr.last().unwrap_or(&0) as usize;
+        if data.size() < nnz || indices.size() < nnz {
+            return Err(self.fail(format!("{path}: indptr promises {nnz} values but data/indices hold fewer (truncated?)")));
+        }
+        if !csc {
+            return Ok(Matrix { name: path, n_obs, n_vars, storage: Storage::Csr { data, indices, indptr } });
+        }
+        // Transpose CSC -> CSR with a counting sort over rows.
+        let values: Vec<f32> = data.read_slice_1d::<f32, _>(0..nnz).map_err(ctx)?.to_vec();
+        let rows: Vec<i64> = indices.read_slice_1d::<i64, _>(0..nnz).map_err(ctx)?.to_vec();
+        let mut counts = vec![0usize; n_obs + 1];
+        for &r in &rows {
+            let r = usize::try_from(r).ok().filter(|&r| r < n_obs).ok_or_else(|| {
+                self.fail(format!("{path}/indices holds row {r}, outside 0..{n_obs}"))
+            })?;
+            counts[r + 1] += 1;
+        }
+        for i in 0..n_obs {
+            counts[i + 1] += counts[i];
+        }
+        let mut fill = counts.clone();
+        let mut out_idx = vec![0u32; nnz];
+        let mut out_val = vec![0f32; nnz];
+        for col in 0..n_vars {
+            for k in indptr[col] as usize..indptr[col + 1] as usize {
+                let r = rows[k] as usize;
+                out_idx[fill[r]] = col as u32;
+                out_val[fill[r]] = values[k];
+                fill[r] += 1;
+            }
+        }
+        Ok(Matrix {
+            name: format!("{path} (CSC, transposed in memory)"),
+            n_obs,
+            n_vars,
+            storage: Storage::InMemory(CsrChunk { indptr: counts, indices: out_idx, values: out_val }),
+        })
+    }
+
+    /// Gene names of `X` (or of `raw` when `raw` is true).
+    pub fn var_names(&self, raw: bool) -> InputResult<Vec<String>> {
+        let candidates: &[&str] = if raw { &["raw/var", "raw.var"] } else { &["var"] };
+        let path = candidates
+            .iter()
+            .find(|p| self.exists(p))
+            .ok_or_else(|| self.fail(format!("has no {} table (gene names)", candidates[0])))?;
+        self.dataframe_index(path)
+    }
+
+    pub fn obs_names(&self) -> InputResult<Vec<String>> {
+        if !self.exists("obs") {
+            return Err(self.fail("has no obs table (cell names)"));
+        }
+        self.dataframe_index("obs")
+    }
+
+    fn dataframe_index(&self, path: &str) -> InputResult<Vec<String>> {
+        let ctx = |e: String| self.fail(format!("{path}: {e}"));
+        if let Ok(ds) = self.file.dataset(path) {
+            return read_compound_strings(&ds, "index").map_err(ctx);
+        }
+        let group = self.file.group(path).map_err(|e| ctx(e.to_string()))?;
+        let index = read_string_attr(&group, "_index").unwrap_or_else(|| "_index".to_string());
+        let ds = group.dataset(&index).map_err(|e| ctx(format!("index column '{index}': {e}")))?;
+        read_strings(&ds).map_err(ctx)
+    }
+
+    /// Names of obs columns.
+    pub fn obs_columns(&self) -> InputResult<Vec<String>> {
+        if let Ok(ds) = self.file.dataset("obs") {
+            return compound_fields(&ds).map(|f| f.into_iter().filter(|n| n != "index").collect()).map_err(|e| self.fail(e));
+        }
+        let group = self.file.group("obs").map_err(|e| self.fail(format!("obs: {e}")))?;
+        let index = read_string_attr(&group, "_index").unwrap_or_default();
+        Ok(group
+            .member_names()
+            .map_err(|e| self.fail(format!("obs: {e}")))?
+            .into_iter()
+            .filter(|n| *n != index && n != "__categories")
+            .collect())
+    }
+
+    /// Reads obs column `name`.
+    pub fn obs_column(&self, name: &str) -> InputResult<Column> {
+        let missing = || {
+            let available = self.obs_columns().map(|c| c.join(", ")).unwrap_or_default();
+            self.fail(format!("has no obs column '{name}'; available: {available}"))
+        };
+        let ctx = |e: String| self.fail(format!("obs column '{name}': {e}"));
+        if let Ok(ds) = self.file.dataset("obs") {
+            if !compound_fields(&ds).map_err(ctx)?.iter().any(|f| f == name) {
+                return Err(missing());
+            }
+            let uns_categories = format!("uns/{name}_categories");
+            if self.exists(&uns_categories) {
+                let categories = read_strings(&self.file.dataset(&uns_categories).map_err(|e| ctx(e.to_string()))?).map_err(ctx)?;
+                let codes = read_compound_numbers(&ds, name).map_err(ctx)?.into_iter().map(|c| c as i64).collect();
+                return Ok(Column::Categorical { categories, codes });
+            }
+            return match read_compound_strings(&ds, name) {
+                Ok(strings) => Ok(Column::Strings(strings)),
+                Err(_) => read_compound_numbers(&ds, name).map(Column::Numeric).map_err(ctx),
+            };
+        }
+        let group = self.file.group("obs").map_err(|e| ctx(e.to_string()))?;
+        if !group.link_exists(name) {
+            return Err(missing());
+        }
+        if let Ok(sub) = group.group(name) {
+            // Modern categorical: a group of categories + codes.
+            let categories = read_strings(&sub.dataset("categories").map_err(|e| ctx(e.to_string()))?).map_err(ctx)?;
+            let codes = sub.dataset("codes").and_then(|d| d.read_raw::<i64>()).map_err(|e| ctx(e.to_string()))?;
+            return Ok(Column::Categorical { categories, codes });
+        }
+        let ds = group.dataset(name).map_err(|e| ctx(e.to_string()))?;
+        let legacy_categories = format!("__categories/{name}");
+        if group.link_exists("__categories") && self.exists(&format!("obs/{legacy_categories}")) {
+            let categories = read_strings(&group.dataset(&legacy_categories).map_err(|e| ctx(e.to_string()))?).map_err(ctx)?;
+            let codes = ds.read_raw::<i64>().map_err(|e| ctx(e.to_string()))?;
+            return Ok(Column::Categorical { categories, codes });
+        }
+        if is_string_type(&ds) {
+            return read_strings(&ds).map(Column::Strings).map_err(ctx);
+        }
+        ds.read_raw::<f64>().map(Column::Numeric).map_err(|e| ctx(e.to_string()))
+    }
+}
+
+impl Matrix {
+    /// Reads rows `rows` into `out` (replacing its contents). Column indices are validated.
+    pub fn read_rows(&self, rows: Range<usize>, out: &mut CsrChunk) -> Result<(), String> {
+        out.indptr.clear();
+        out.indices.clear();
+        out.values.clear();
+        out.indptr.push(0);
+        match &self.storage {
+            Storage::Dense(ds) => {
+                let block = ds.read_slice_2d::<f32, _>((rows.clone(), ..)).map_err(|e| e.to_string())?;
+                for row in block.rows() {
+                    for (j, &v) in row.iter().enumerate() {
+                        if v != 0.0 {
+                            out.indices.push(j as u32);
+                            out.values.push(v);
+                        }
+                    }
+                    out.indptr.push(out.values.len());
+                }
+            }
+            Storage::Csr { data, indices, indptr } => {
+                let (lo, hi) = (indptr[rows.start] as usize, indptr[rows.end] as usize);
+                if hi > lo {
+                    out.values = data.read_slice_1d::<f32, _>(lo..hi).map_err(|e| e.to_string())?.to_vec();
+                    let raw = indices.read_slice_1d::<i64, _>(lo..hi).map_err(|e| e.to_string())?;
+                    out.indices.reserve(raw.len());
+                    for &j in raw.iter() {
+                        if j < 0 || j as usize >= self.n_vars {
+                            return Err(format!("indices holds column {j}, outside 0..{}", self.n_vars));
+                        }
+                        out.indices.push(j as u32);
+                    }
+                }
+                out.indptr.extend(indptr[rows.start + 1..=rows.end].iter().map(|&p| p as usize - lo));
+            }
+            Storage::InMemory(csr) => {
+                let (lo, hi) = (csr.indptr[rows.start], csr.indptr[rows.end]);
+                out.indices.extend_from_slice(&csr.indices[lo..hi]);
+                out.values.extend_from_slice(&csr.values[lo..hi]);
+                out.indptr.extend(csr.indptr[rows.start + 1..=rows.end].iter().map(|&p| p - lo));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_string_attr(loc: &Location, name: &str) -> Option<String> {
+    let attr = loc.attr(name).ok()?;
+    let id = attr.id();
+    read_strings_raw(id, true).ok()?.into_iter().next()
+}
+
+fn is_string_type(ds: &Dataset) -> bool {
+    hdf5::sync::sync(|| unsafe {
+        let t = hdf5_sys::h5d::H5Dget_type(ds.id());
+        let class = H5Tget_class(t);
+        H5Tclose(t);
+        class == H5T_class_t::H5T_STRING
+    })
+}
+
+/// Reads a 1-D string dataset, fixed-length or variable-length.
+pub fn read_strings(ds: &Dataset) -> Result<Vec<String>, String> {
+    read_strings_raw(ds.id(), false)
+}
+
+/// Memory type for reading strings of file type `ftype`: same cset, variable or fixed length.
+unsafe fn string_memory_type(ftype: hid_t) -> hid_t {
+    unsafe {
+        let mem = H5Tcopy(*hdf5::globals::H5T_C_S1);
+        if H5Tis_variable_str(ftype) > 0 {
+            H5Tset_size(mem, H5T_VARIABLE);
+        } else {
+            H5Tset_size(mem, H5Tget_size(ftype));
+            H5Tset_strpad(mem, H5T_str_t::H5T_STR_NULLPAD);
+        }
+        H5Tset_cset(mem, H5Tget_cset(ftype));
+        mem
+    }
+}
+
+/// Decodes `n` strings from a read buffer of memory type `mem`, freeing variable-length strings.
+unsafe fn decode_strings(mem: hid_t, buf: &[u8], n: usize) -> Vec<String> {
+    unsafe {
+        if H5Tis_variable_str(mem) > 0 {
+            let ptrs = std::slice::from_raw_parts(buf.as_ptr() as *const *mut std::os::raw::c_char, n);
+            ptrs.iter()
+                .map(|&p| {
+                    if p.is_null() {
+                        String::new()
+                    } else {
+                        let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+                        H5free_memory(p as *mut _);
+                        s
+                    }
+                })
+                .collect()
+        } else {
+            let size = H5Tget_size(mem);
+            buf.chunks(size)
+                .take(n)
+                .map(|c| {
+                    let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+                    String::from_utf8_lossy(&c[..end]).into_owned()
+                })
+                .collect()
+        }
+    }
+}
+
+fn read_strings_raw(id: hid_t, is_attr: bool) -> Result<Vec<String>, String> {
+    hdf5::sync::sync(|| unsafe {
+        let ftype = if is_attr { hdf5_sys::h5a::H5Aget_type(id) } else { hdf5_sys::h5d::H5Dget_type(id) };
+        if H5Tget_class(ftype) != H5T_class_t::H5T_STRING {
+            H5Tclose(ftype);
+            return Err("expected strings".to_string());
+        }
+        let space = if is_attr { H5Aget_space(id) } else { H5Dget_space(id) };
+        let n = H5Sget_simple_extent_npoints(space).max(0) as usize;
+        H5Sclose(space);
+        let mem = string_memory_type(ftype);
+        H5Tclose(ftype);
+        let mut buf = vec![0u8; n * H5Tget_size(mem) + 1];
+        let status = if is_attr {
+            H5Aread(id, mem, buf.as_mut_ptr().cast())
+        } else {
+            H5Dread(id, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.as_mut_ptr().cast())
+        };
+        let out = if status < 0 { Err("HDF5 could not read the strings".to_string()) } else { Ok(decode_strings(mem, &buf, n)) };
+        H5Tclose(mem);
+        out
+    })
+}
+
+fn compound_fields(ds: &Dataset) -> Result<Vec<String>, String> {
+    hdf5::sync::sync(|| unsafe {
+        let ftype = hdf5_sys::h5d::H5Dget_type(ds.id());
+        if H5Tget_class(ftype) != H5T_class_t::H5T_COMPOUND {
+            H5Tclose(ftype);
+            return Err("expected a compound (table) dataset".into());
+        }
+        let n = H5Tget_nmembers(ftype).max(0) as u32;
+        let names = (0..n)
+            .map(|i| {
+                let p = H5Tget_member_name(ftype, i);
+                let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+                H5free_memory(p.cast());
+                s
+            })
+            .collect();
+        H5Tclose(ftype);
+        Ok(names)
+    })
+}
+
+/// Reads one member of a compound dataset through a one-member memory type (HDF5 converts by name).
+fn read_compound_member(ds: &Dataset, field: &str, make_mem: impl FnOnce(hid_t) -> Option<hid_t>) -> Result<(Vec<u8>, hid_t, usize), String> {
+    let cname = CString::new(field).map_err(|e| e.to_string())?;
+    hdf5::sync::sync(|| unsafe {
+        let ftype = hdf5_sys::h5d::H5Dget_type(ds.id());
+        let idx = H5Tget_member_index(ftype, cname.as_ptr());
+        if idx < 0 {
+            H5Tclose(ftype);
+            return Err(format!("no field '{field}' in the table"));
+        }
+        let member = H5Tget_member_type(ftype, idx as u32);
+        H5Tclose(ftype);
+        let mem_member = make_mem(member);
+        H5Tclose(member);
+        let Some(mem_member) = mem_member else {
+            return Err(format!("field '{field}' has an unsupported type"));
+        };
+        let size = H5Tget_size(mem_member);
+        let compound = H5Tcreate(H5T_class_t::H5T_COMPOUND, size);
+        H5Tinsert(compound, cname.as_ptr(), 0, mem_member);
+        let n = ds.size();
+        let mut buf = vec![0u8; n * size + 1];
+        let status = H5Dread(ds.id(), compound, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.as_mut_ptr().cast());
+        H5Tclose(compound);
+        if status < 0 {
+            H5Tclose(mem_member);
+            return Err(format!("HDF5 could not read field '{field}'"));
+        }
+        Ok((buf, mem_member, n))
+    })
+}
+
+fn read_compound_strings(ds: &Dataset, field: &str) -> Result<Vec<String>, String> {
+    let (buf, mem, n) = read_compound_member(ds, field, |member| unsafe {
+        (H5Tget_class(member) == H5T_class_t::H5T_STRING).then(|| string_memory_type(member))
+    })?;
+    Ok(hdf5::sync::sync(|| unsafe {
+        let out = decode_strings(mem, &buf, n);
+        H5Tclose(mem);
+        out
+    }))
+}
+
+fn read_compound_numbers(ds: &Dataset, field: &str) -> Result<Vec<f64>, String> {
+    let (buf, mem, n) = read_compound_member(ds, field, |member| unsafe {
+        matches!(H5Tget_class(member), H5T_class_t::H5T_INTEGER | H5T_class_t::H5T_FLOAT)
+            .then(|| H5Tcopy(*hdf5::globals::H5T_NATIVE_DOUBLE))
+    })?;
+    hdf5::sync::sync(|| unsafe { H5Tclose(mem) });
+    Ok(buf.chunks_exact(8).take(n).map(|c| f64::from_ne_bytes(c.try_into().unwrap())).collect())
+}
