@@ -48,3 +48,68 @@ pub fn verify(corpus: &Corpus) -> Vec<(String, String)> {
     bar.finish_and_clear();
     bad
 }
+
+/// Settings of `cellfleet corpus stream`.
+#[derive(Debug, Clone)]
+pub struct StreamPreview {
+    pub order: cellfleet_shared::stream::OrderConfig,
+    pub epoch: u32,
+    pub mask_ratio: f32,
+    pub world: u32,
+    pub rank: u32,
+    pub batch_size: u32,
+    pub batches: usize,
+    pub cursor: u64,
+}
+
+/// One line per batch: what a rank reads from the cursor on, with a digest of every token array, so two
+/// processes (or two machines) can be compared byte for byte.
+pub fn stream_lines(corpus: Corpus, preview: &StreamPreview) -> anyhow::Result<Vec<String>> {
+    use cellfleet_shared::batch::{Loader, LoaderConfig, MaskConfig, IGNORE_TARGET};
+    use cellfleet_shared::stream::{EpochPlan, Partitioner};
+    use std::sync::Arc;
+
+    let plan = Arc::new(EpochPlan::new(&corpus.manifest, preview.order, preview.epoch)?);
+    let partitioner = Partitioner { epoch_len: plan.len() };
+    let mut ranges = Vec::new();
+    let mut cursor = preview.cursor;
+    for _ in 0..preview.batches {
+        let global = partitioner.global_batch(cursor, preview.world, preview.batch_size);
+        if global.is_empty() {
+            break;
+        }
+        ranges.push(Partitioner::rank_slice(&global, preview.world, preview.rank));
+        cursor = global.end;
+    }
+    let config = LoaderConfig { mask: MaskConfig { ratio: preview.mask_ratio }, ..LoaderConfig::default() };
+    let loader = Loader::spawn(Arc::new(corpus), plan.clone(), ranges, config)?;
+    let mut lines = vec![format!(
+        "epoch {} has {} samples (augmentation x{}); rank {}/{} from cursor {}",
+        preview.epoch,
+        plan.len(),
+        preview.order.augmentation,
+        preview.rank,
+        preview.world,
+        preview.cursor
+    )];
+    for batch in loader {
+        let batch = batch?;
+        let mut digest = blake3::Hasher::new();
+        for v in &batch.gene_ids {
+            digest.update(&v.to_le_bytes());
+        }
+        digest.update(&batch.input_bins);
+        digest.update(&batch.target_bins);
+        let masked = batch.target_bins.iter().filter(|&&t| t != IGNORE_TARGET).count();
+        let ids: Vec<String> = batch.sample_ids.iter().map(|s| format!("{}.{}", s.cell, s.clone)).collect();
+        lines.push(format!(
+            "positions {}..{} masked {masked}/{} tokens digest {} samples(cell.clone) {}",
+            batch.positions.start,
+            batch.positions.end,
+            batch.samples * (batch.seq_len - 1),
+            &digest.finalize().to_hex()[..16],
+            ids.join(" ")
+        ));
+    }
+    Ok(lines)
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::store::S3Options;
+use cellfleet_shared::stream::OrderConfig;
 use cellfleet_worker::ingest::{ingest, IngestOptions, LayerChoice};
 use cellfleet_worker::{bench, inspect, synth};
 use clap::{Args, Parser, Subcommand};
@@ -125,6 +126,36 @@ enum CorpusAction {
         #[command(flatten)]
         s3: S3Args,
     },
+    /// Print the augmented, masked batches one rank would read (with a digest of their tokens)
+    Stream {
+        url: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        epoch: u32,
+        /// Clones per cell (bootstrapped permutation); 1 turns augmentation off
+        #[arg(long, default_value_t = 4)]
+        augmentation: u32,
+        /// (block, clone) units per shuffle window
+        #[arg(long, default_value_t = 16)]
+        window_units: u32,
+        #[arg(long, default_value_t = 0.15)]
+        mask_ratio: f32,
+        #[arg(long, default_value_t = 1)]
+        world: u32,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        /// Per-rank batch size
+        #[arg(long, default_value_t = 32)]
+        batch_size: u32,
+        #[arg(long, default_value_t = 4)]
+        batches: usize,
+        /// Global cursor (samples of the epoch already consumed)
+        #[arg(long, default_value_t = 0)]
+        cursor: u64,
+        #[command(flatten)]
+        s3: S3Args,
+    },
 }
 
 fn default_threads() -> usize {
@@ -176,6 +207,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{} of {} shards failed verification", bad.len(), corpus.manifest.shards.len());
             }
             println!("ok: {} shards, {} cells verified", corpus.manifest.shards.len(), corpus.total_cells());
+        }
+        Command::Corpus {
+            action: CorpusAction::Stream { url, seed, epoch, augmentation, window_units, mask_ratio, world, rank, batch_size, batches, cursor, s3 },
+        } => {
+            if world == 0 || rank >= world {
+                anyhow::bail!("--rank {rank} must be below --world {world}");
+            }
+            let corpus = Corpus::open(&url, &s3.options())?;
+            let preview = inspect::StreamPreview {
+                order: OrderConfig { seed, augmentation, window_units },
+                epoch,
+                mask_ratio,
+                world,
+                rank,
+                batch_size,
+                batches,
+                cursor,
+            };
+            for line in inspect::stream_lines(corpus, &preview)? {
+                println!("{line}");
+            }
         }
         Command::Synth { cells, from, out, hvg, bins, label_cols, seed, shard_cells, block_cells, threads, s3 } => {
             let opts = synth::SynthOptions {

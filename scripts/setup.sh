@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything cellfleet needs on a fresh Debian machine. Idempotent: each step checks first, so a
+# second run costs seconds. Heavy downloads (the torch wheel) are cached by pip between runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Debian packages: HDF5 for h5ad, protoc for gRPC code generation, pkg-config for -sys crates.
+DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Rust toolchain: must already be on the machine (nothing else can fetch one here).
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }
+
+# Python packages: anndata/h5py/numpy for the independent reference checks in tests and the ingest
+# baseline; torch 2.11.0 (the libtorch the model links against in later work).
+PYTHON=${PYTHON:-python3}
+py_ok() { "$PYTHON" - <<'PY' 2>/dev/null
+import importlib, sys
+need = {"numpy": None, "h5py": None, "anndata": None, "torch": "2.11.0"}
+for mod, version in need.items():
+    m = importlib.import_module(mod)
+    if version and not m.__version__.startswith(version):
+        sys.exit(1)
+PY
+}
+if ! py_ok; then
+  say "installing Python packages (numpy, h5py, anndata, torch==2.11.0; the torch download is large but cached)"
+  "$PYTHON" -m pip install -q --disable-pip-version-check numpy h5py anndata "torch==2.11.0" 2>&1 | grep -v "Running pip as the 'root' user" || true
+  py_ok || { say "Python packages did not install; see the pip output above"; exit 1; }
+fi
+say "ready"
