@@ -110,6 +110,18 @@ pub struct Shard {
     frames: Vec<(usize, usize)>,
 }
 
+/// A reusable zstd decompression context and buffer (creating a context per block is measurable).
+pub struct BlockDecompressor {
+    context: zstd::bulk::Decompressor<'static>,
+    raw: Vec<u8>,
+}
+
+impl BlockDecompressor {
+    pub fn new() -> Result<Self> {
+        Ok(Self { context: zstd::bulk::Decompressor::new().map_err(Error::Compression)?, raw: Vec::new() })
+    }
+}
+
 /// One decompressed block: `cells` rows of bins and labels.
 #[derive(Debug, Clone, Default)]
 pub struct Block {
@@ -159,6 +171,11 @@ impl Shard {
         Ok(Self { bytes, n_cells, n_genes, n_label_cols, block_cells, frames })
     }
 
+    /// Size of the stored (compressed) shard.
+    pub fn stored_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     pub fn n_blocks(&self) -> usize {
         self.frames.len() - 1
     }
@@ -167,33 +184,33 @@ impl Shard {
         (self.n_cells - block * self.block_cells).min(self.block_cells)
     }
 
-    /// Decompresses one block into `out`, reusing its buffers.
-    pub fn read_block_into(&self, block: usize, out: &mut Block) -> Result<()> {
+    /// Decompresses one block into `out`, reusing its buffers and the caller's zstd context.
+    pub fn read_block_into(&self, block: usize, out: &mut Block, zstd: &mut BlockDecompressor) -> Result<()> {
         let cells = self.block_len(block);
-        let expected = cells * (self.n_genes + 4 * self.n_label_cols);
+        let bins_len = cells * self.n_genes;
+        let expected = bins_len + 4 * cells * self.n_label_cols;
         let (start, len) = self.frames[block];
-        let raw = zstd::bulk::decompress(&self.bytes[start..start + len], expected).map_err(Error::Compression)?;
-        if raw.len() != expected {
+        zstd.raw.resize(expected, 0);
+        let got = zstd.context.decompress_to_buffer(&self.bytes[start..start + len], &mut zstd.raw[..]).map_err(Error::Compression)?;
+        if got != expected {
             return Err(Error::CorruptShard {
                 name: String::new(),
-                what: format!("block {block} holds {} bytes, expected {expected}", raw.len()),
+                what: format!("block {block} holds {got} bytes, expected {expected}"),
             });
         }
-        let bins_len = cells * self.n_genes;
         out.cells = cells;
         out.n_genes = self.n_genes;
         out.n_label_cols = self.n_label_cols;
         out.bins.clear();
-        out.bins.extend_from_slice(&raw[..bins_len]);
+        out.bins.extend_from_slice(&zstd.raw[..bins_len]);
         out.labels.clear();
-        out.labels
-            .extend(raw[bins_len..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
+        out.labels.extend(zstd.raw[bins_len..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
         Ok(())
     }
 
     pub fn read_block(&self, block: usize) -> Result<Block> {
         let mut out = Block::default();
-        self.read_block_into(block, &mut out)?;
+        self.read_block_into(block, &mut out, &mut BlockDecompressor::new()?)?;
         Ok(out)
     }
 

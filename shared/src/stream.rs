@@ -16,7 +16,7 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::philox::{Domain, PhiloxStream};
+use crate::philox::{Domain, PhiloxStream, SampleRng};
 
 /// Settings that, with the manifest and the epoch, fix the sample order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,14 +233,19 @@ impl Partitioner {
 }
 
 /// Gene-token order of clone `clone` of cell `cell`: a permutation of `0..n_genes` written into `out`.
-/// Identity when augmentation is off; otherwise a Fisher-Yates shuffle drawn from
-/// Philox(seed, [i, cell, clone, ClonePermutation]).
+/// Identity when augmentation is off; otherwise a Fisher-Yates shuffle drawn from the [`SampleRng`] keyed
+/// by Philox(seed, [0, cell, clone, ClonePermutation]).
 pub fn clone_order(seed: u64, augmentation: u32, sample: SampleId, n_genes: usize, out: &mut Vec<u16>) {
     out.clear();
     out.extend(0..n_genes as u16);
     if augmentation > 1 {
-        PhiloxStream::new(seed, Domain::ClonePermutation, sample.cell as u32, sample.clone).shuffle(out);
+        clone_rng(seed, sample).shuffle(out, &mut Vec::new());
     }
+}
+
+/// The generator behind [`clone_order`]; the batch builder shuffles (gene, bin) pairs with it directly.
+pub fn clone_rng(seed: u64, sample: SampleId) -> SampleRng {
+    SampleRng::new(seed, Domain::ClonePermutation, sample.cell as u32, sample.clone)
 }
 
 #[cfg(test)]
@@ -274,7 +279,7 @@ mod tests {
         // Pinned so that any change of generator or shuffle shows up as a failing test.
         let mut out = Vec::new();
         clone_order(42, 4, SampleId { cell: 7, clone: 2 }, 10, &mut out);
-        assert_eq!(out, vec![1, 7, 6, 0, 5, 3, 4, 9, 8, 2]);
+        assert_eq!(out, vec![7, 0, 3, 9, 2, 5, 8, 6, 4, 1]);
         clone_order(42, 1, SampleId { cell: 7, clone: 0 }, 5, &mut out);
         assert_eq!(out, vec![0, 1, 2, 3, 4]);
     }
