@@ -13,8 +13,8 @@ use crossbeam_channel::{bounded, Receiver};
 use crate::corpus::Corpus;
 use crate::error::{Error, Result};
 use crate::philox::{Domain, SampleRng};
-use crate::stream::clone_rng;
 use crate::shard::{Block, BlockDecompressor, Shard};
+use crate::stream::clone_rng;
 use crate::stream::{EpochPlan, SampleId, SampleLocation};
 
 /// Gene id of the `[CLS]` token; vocabulary gene g has gene id g + 1.
@@ -33,7 +33,9 @@ impl TokenLayout {
         if !(2..=250).contains(&n_bins) {
             return Err(Error::Config(format!("bins must be 2..=250, got {n_bins}")));
         }
-        Ok(Self { n_bins: n_bins as u8 })
+        Ok(Self {
+            n_bins: n_bins as u8,
+        })
     }
     /// Input bin of a masked token.
     pub fn mask_bin(&self) -> u8 {
@@ -106,14 +108,23 @@ impl SampleWriter {
         // (bin << 16 | gene) pairs: the permutation moves gene and bin together, so no pass has to
         // gather bins in permuted order.
         self.tokens.clear();
-        self.tokens.extend(bins.iter().enumerate().map(|(g, &b)| u32::from(b) << 16 | g as u32));
+        self.tokens.extend(
+            bins.iter()
+                .enumerate()
+                .map(|(g, &b)| u32::from(b) << 16 | g as u32),
+        );
         if config.augmentation > 1 {
             clone_rng(config.seed, sample).shuffle(&mut self.tokens, &mut self.partners);
         }
         // Masking draws 16 bits per token, four per 64-bit word, from its own per-(sample, epoch) stream.
         self.mask_words.resize(n.div_ceil(4), 0);
-        SampleRng::new(config.seed, Domain::Mask, sample.cell as u32, plan.epoch() << 8 | sample.clone)
-            .fill_u64(&mut self.mask_words);
+        SampleRng::new(
+            config.seed,
+            Domain::Mask,
+            sample.cell as u32,
+            plan.epoch() << 8 | sample.clone,
+        )
+        .fill_u64(&mut self.mask_words);
         let threshold = mask.threshold();
         genes[0] = CLS_GENE_ID;
         inputs[0] = layout.cls_bin();
@@ -122,11 +133,23 @@ impl SampleWriter {
         let (genes, inputs, targets) = (&mut genes[1..=n], &mut inputs[1..=n], &mut targets[1..=n]);
         // Simple passes that the compiler vectorizes, plus one gather; faster than one fused loop.
         self.draws.clear();
-        self.draws.extend(self.mask_words.iter().flat_map(|w| [*w as u16, (w >> 16) as u16, (w >> 32) as u16, (w >> 48) as u16]));
+        self.draws.extend(self.mask_words.iter().flat_map(|w| {
+            [
+                *w as u16,
+                (w >> 16) as u16,
+                (w >> 32) as u16,
+                (w >> 48) as u16,
+            ]
+        }));
         for (out, &token) in genes.iter_mut().zip(&self.tokens) {
             *out = token as u16 + 1;
         }
-        for (((input, target), &token), &draw) in inputs.iter_mut().zip(targets.iter_mut()).zip(&self.tokens).zip(&self.draws) {
+        for (((input, target), &token), &draw) in inputs
+            .iter_mut()
+            .zip(targets.iter_mut())
+            .zip(&self.tokens)
+            .zip(&self.draws)
+        {
             let bin = (token >> 16) as u8;
             // All-ones when masked: branch-free selects, since the mask is unpredictable by design.
             let masked = u8::from(u32::from(draw) < threshold).wrapping_neg();
@@ -168,7 +191,12 @@ impl ShardCache {
             return Ok(fetched);
         }
         while cache.bytes + fetched.stored_len() > self.capacity_bytes && !cache.map.is_empty() {
-            let oldest = cache.map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k).unwrap();
+            let oldest = cache
+                .map
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| *k)
+                .unwrap();
             let (_, removed) = cache.map.remove(&oldest).unwrap();
             cache.bytes -= removed.stored_len();
         }
@@ -200,12 +228,21 @@ impl BlockCache {
             self.entries.push((key, self.clock, Block::default()));
             self.entries.len() - 1
         } else {
-            let (i, _) = self.entries.iter().enumerate().min_by_key(|(_, (_, t, _))| *t).unwrap();
+            let (i, _) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, t, _))| *t)
+                .unwrap();
             i
         };
         self.entries[slot].0 = key;
         self.entries[slot].1 = self.clock;
-        shard.read_block_into(loc.block as usize, &mut self.entries[slot].2, &mut self.decompressor)?;
+        shard.read_block_into(
+            loc.block as usize,
+            &mut self.entries[slot].2,
+            &mut self.decompressor,
+        )?;
         Ok(&self.entries[slot].2)
     }
 }
@@ -224,7 +261,12 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self { mask: MaskConfig { ratio: 0.15 }, threads: 1, prefetch: 4, shard_cache_bytes: 512 << 20 }
+        Self {
+            mask: MaskConfig { ratio: 0.15 },
+            threads: 1,
+            prefetch: 4,
+            shard_cache_bytes: 512 << 20,
+        }
     }
 }
 
@@ -239,7 +281,12 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn spawn(corpus: Arc<Corpus>, plan: Arc<EpochPlan>, batches: Vec<Range<u64>>, config: LoaderConfig) -> Result<Self> {
+    pub fn spawn(
+        corpus: Arc<Corpus>,
+        plan: Arc<EpochPlan>,
+        batches: Vec<Range<u64>>,
+        config: LoaderConfig,
+    ) -> Result<Self> {
         let layout = TokenLayout::new(corpus.manifest.bins.n_bins)?;
         let threads = config.threads.max(1);
         let shards = Arc::new(ShardCache {
@@ -254,7 +301,12 @@ impl Loader {
         for t in 0..threads {
             let (tx, rx) = bounded(config.prefetch.max(1));
             receivers.push(rx);
-            let (plan, shards, batches, corpus) = (plan.clone(), shards.clone(), batches.clone(), corpus.clone());
+            let (plan, shards, batches, corpus) = (
+                plan.clone(),
+                shards.clone(),
+                batches.clone(),
+                corpus.clone(),
+            );
             let block_capacity = 2 * plan.config().window_units as usize + 2;
             let decompressor = BlockDecompressor::new()?;
             handles.push(
@@ -268,7 +320,12 @@ impl Loader {
                             n_genes: corpus.manifest.genes.len(),
                             n_labels: corpus.manifest.label_columns.len(),
                             shards: &shards,
-                            blocks: BlockCache { decompressor, capacity: block_capacity, clock: 0, entries: Vec::new() },
+                            blocks: BlockCache {
+                                decompressor,
+                                capacity: block_capacity,
+                                clock: 0,
+                                entries: Vec::new(),
+                            },
                             writer: SampleWriter::default(),
                         };
                         for range in batches.iter().skip(t).step_by(threads) {
@@ -282,7 +339,12 @@ impl Loader {
                     .map_err(|e| Error::Loader(format!("cannot start loader thread: {e}")))?,
             );
         }
-        Ok(Self { receivers, next: 0, total, handles })
+        Ok(Self {
+            receivers,
+            next: 0,
+            total,
+            handles,
+        })
     }
 }
 
@@ -295,7 +357,10 @@ impl Iterator for Loader {
         }
         let rx = &self.receivers[self.next % self.receivers.len()];
         self.next += 1;
-        Some(rx.recv().unwrap_or_else(|_| Err(Error::Loader("a loader thread exited early".into()))))
+        Some(
+            rx.recv()
+                .unwrap_or_else(|_| Err(Error::Loader("a loader thread exited early".into()))),
+        )
     }
 }
 
@@ -352,5 +417,97 @@ impl Assembler<'_> {
             batch.sample_ids.push(loc.sample);
         }
         Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{LabelColumn, Manifest, ShardEntry, VocabularySource, FORMAT_VERSION, MANIFEST_NAME};
+    use crate::shard::{CellOrigin, ShardBuilder};
+    use crate::store::{S3Options, Store};
+    use crate::stream::{clone_order, OrderConfig, Partitioner};
+    use crate::tokenize::BinRule;
+
+    const GENES: usize = 37;
+    const BINS: u16 = 10;
+
+    fn stored_bins(cell: u64) -> Vec<u8> {
+        (0..GENES as u64).map(|g| ((cell * 7 + g * 3) % u64::from(BINS)) as u8).collect()
+    }
+
+    /// A small corpus of two shards written through the real store and shard format.
+    fn corpus(dir: &std::path::Path) -> Corpus {
+        let store = Store::open(dir.to_str().unwrap(), &S3Options::default()).unwrap();
+        let mut shards = Vec::new();
+        let mut cell = 0u64;
+        for (i, cells) in [90u64, 61].into_iter().enumerate() {
+            let mut builder = ShardBuilder::new(GENES, 1);
+            for _ in 0..cells {
+                builder.push_dense(CellOrigin { source: 0, row: cell, name: format!("c{cell}") }, &[(cell % 3) as u32], &stored_bins(cell));
+                cell += 1;
+            }
+            let bytes = builder.encode(16).unwrap();
+            let name = format!("shards/{i}.cfs");
+            shards.push(ShardEntry { name: name.clone(), cells: cells as u32, bytes: bytes.len() as u64, blake3: blake3::hash(&bytes).to_hex().to_string() });
+            store.put(&name, bytes.into()).unwrap();
+        }
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            synthetic: true,
+            genes: (0..GENES).map(|g| format!("G{g}")).collect(),
+            vocabulary: VocabularySource::Fixed { file: "test".into(), missing_in_input: 0 },
+            bins: BinRule::per_cell_quantile(BINS),
+            label_columns: vec![LabelColumn { name: "kind".into(), categories: vec!["a".into(), "b".into(), "c".into()] }],
+            block_cells: 16,
+            shards,
+            sources: Vec::new(),
+            total_cells: cell,
+            created_by: "test".into(),
+        };
+        store.put(MANIFEST_NAME, serde_json::to_vec(&manifest).unwrap().into()).unwrap();
+        Corpus::from_store(store).unwrap()
+    }
+
+    #[test]
+    fn loader_batches_hold_the_clone_order_the_stored_bins_and_the_mask() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = Arc::new(corpus(dir.path()));
+        let order = OrderConfig { seed: 5, augmentation: 2, window_units: 3 };
+        let plan = Arc::new(EpochPlan::new(&corpus.manifest, order, 1).unwrap());
+        let partitioner = Partitioner { epoch_len: plan.len() };
+        let ranges: Vec<_> = (0..).map(|i| partitioner.global_batch(i * 20, 1, 20)).take_while(|r| !r.is_empty()).collect();
+        let config = LoaderConfig { threads: 2, ..LoaderConfig::default() };
+        let layout = TokenLayout::new(BINS).unwrap();
+        let (mut seen, mut masked, mut tokens) = (Vec::new(), 0usize, 0usize);
+        let mut expected_order = Vec::new();
+        for batch in Loader::spawn(corpus.clone(), plan.clone(), ranges, config).unwrap() {
+            let batch = batch.unwrap();
+            for (s, id) in batch.sample_ids.iter().enumerate() {
+                let row = s * batch.seq_len..(s + 1) * batch.seq_len;
+                let (genes, inputs, targets) = (&batch.gene_ids[row.clone()], &batch.input_bins[row.clone()], &batch.target_bins[row]);
+                assert_eq!((genes[0], inputs[0], targets[0]), (CLS_GENE_ID, layout.cls_bin(), IGNORE_TARGET));
+                clone_order(order.seed, order.augmentation, *id, GENES, &mut expected_order);
+                let bins = stored_bins(id.cell);
+                for k in 0..GENES {
+                    let gene = expected_order[k];
+                    assert_eq!(genes[k + 1], gene + 1);
+                    if inputs[k + 1] == layout.mask_bin() {
+                        assert_eq!(targets[k + 1], bins[gene as usize]);
+                        masked += 1;
+                    } else {
+                        assert_eq!((inputs[k + 1], targets[k + 1]), (bins[gene as usize], IGNORE_TARGET));
+                    }
+                    tokens += 1;
+                }
+                assert_eq!(batch.labels[s], (id.cell % 3) as u32);
+                seen.push(*id);
+            }
+        }
+        seen.sort();
+        let all: Vec<SampleId> = (0..151).flat_map(|cell| (0..2).map(move |clone| SampleId { cell, clone })).collect();
+        assert_eq!(seen, all, "one epoch delivers every (cell, clone) once");
+        let ratio = masked as f64 / tokens as f64;
+        assert!((0.12..0.18).contains(&ratio), "mask ratio {ratio} is far from 0.15");
     }
 }

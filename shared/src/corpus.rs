@@ -21,8 +21,16 @@ impl Corpus {
     }
 
     pub fn from_store(store: Store) -> Result<Self> {
-        let bytes = store.get_opt(MANIFEST_NAME)?.ok_or_else(|| Error::NoManifest { url: store.url().to_string() })?;
-        let bad = |why: String| Error::BadManifest { url: store.url().to_string(), name: MANIFEST_NAME.into(), why };
+        let bytes = store
+            .get_opt(MANIFEST_NAME)?
+            .ok_or_else(|| Error::NoManifest {
+                url: store.url().to_string(),
+            })?;
+        let bad = |why: String| Error::BadManifest {
+            url: store.url().to_string(),
+            name: MANIFEST_NAME.into(),
+            why,
+        };
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
         if manifest.format_version != FORMAT_VERSION {
             return Err(bad(format!(
@@ -32,9 +40,15 @@ impl Corpus {
         }
         let offsets = manifest.shard_offsets();
         if offsets.last().copied() != Some(manifest.total_cells) {
-            return Err(bad("total_cells does not equal the sum of the shards' cells".into()));
+            return Err(bad(
+                "total_cells does not equal the sum of the shards' cells".into(),
+            ));
         }
-        Ok(Self { store, manifest, offsets })
+        Ok(Self {
+            store,
+            manifest,
+            offsets,
+        })
     }
 
     pub fn total_cells(&self) -> u64 {
@@ -71,11 +85,19 @@ impl Corpus {
         let entry = &self.manifest.shards[index];
         let bytes = self.store.get(&entry.name)?;
         if bytes.len() as u64 != entry.bytes {
-            return Err(Error::SizeMismatch { name: entry.name.clone(), expected: entry.bytes, actual: bytes.len() as u64 });
+            return Err(Error::SizeMismatch {
+                name: entry.name.clone(),
+                expected: entry.bytes,
+                actual: bytes.len() as u64,
+            });
         }
         let actual = blake3::hash(&bytes).to_hex().to_string();
         if actual != entry.blake3 {
-            return Err(Error::HashMismatch { name: entry.name.clone(), expected: entry.blake3.clone(), actual });
+            return Err(Error::HashMismatch {
+                name: entry.name.clone(),
+                expected: entry.blake3.clone(),
+                actual,
+            });
         }
         Ok(bytes)
     }

@@ -5,17 +5,33 @@ pub enum Error {
     #[error("{url}: {why}")]
     BadUrl { url: String, why: String },
     #[error("{op} {url} failed: {source}")]
-    Store { url: String, op: &'static str, source: Box<object_store::Error> },
+    Store {
+        url: String,
+        op: &'static str,
+        source: Box<object_store::Error>,
+    },
     #[error("no corpus at {url}: {MANIFEST} is missing (an ingest that did not finish leaves none)", MANIFEST = crate::manifest::MANIFEST_NAME)]
     NoManifest { url: String },
     #[error("{url}/{name}: manifest is not valid: {why}")]
-    BadManifest { url: String, name: String, why: String },
+    BadManifest {
+        url: String,
+        name: String,
+        why: String,
+    },
     #[error("shard {name}: {what}")]
     CorruptShard { name: String, what: String },
     #[error("shard {name}: content hash is {actual}, the manifest says {expected} (corrupt or replaced object)")]
-    HashMismatch { name: String, expected: String, actual: String },
+    HashMismatch {
+        name: String,
+        expected: String,
+        actual: String,
+    },
     #[error("shard {name}: {actual} bytes stored, the manifest says {expected}")]
-    SizeMismatch { name: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("zstd: {0}")]
     Compression(std::io::Error),
     #[error("invalid stream setting: {0}")]

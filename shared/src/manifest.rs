@@ -35,7 +35,10 @@ pub enum VocabularySource {
     /// Seurat-flavour highly variable genes over all input cells.
     HighlyVariable { requested: usize, candidates: usize },
     /// A fixed gene list (`--genes FILE`), e.g. the pretraining vocabulary for a screen corpus.
-    Fixed { file: String, missing_in_input: usize },
+    Fixed {
+        file: String,
+        missing_in_input: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

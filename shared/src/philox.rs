@@ -131,7 +131,10 @@ pub struct SampleRng {
 impl SampleRng {
     pub fn new(seed: u64, domain: Domain, a: u32, b: u32) -> Self {
         let words = philox4x32_10([0, a, b, domain as u32], [seed as u32, (seed >> 32) as u32]);
-        Self { state: u64::from(words[0]) | u64::from(words[1]) << 32, spare: None }
+        Self {
+            state: u64::from(words[0]) | u64::from(words[1]) << 32,
+            spare: None,
+        }
     }
 
     #[inline]
@@ -173,7 +176,10 @@ impl SampleRng {
     /// L1), and the memory-bound swap loop runs on its own.
     pub fn shuffle<T>(&mut self, items: &mut [T], partners: &mut Vec<u16>) {
         let n = items.len();
-        assert!(n <= 1 << 16, "SampleRng::shuffle handles at most 65,536 items, got {n}");
+        assert!(
+            n <= 1 << 16,
+            "SampleRng::shuffle handles at most 65,536 items, got {n}"
+        );
         if n < 2 {
             return;
         }
@@ -225,13 +231,19 @@ mod tests {
     /// Known-answer vectors published with the Random123 library (kat_vectors, philox4x32_10).
     #[test]
     fn known_answers() {
-        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+        );
         assert_eq!(
             philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
         );
         assert_eq!(
-            philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
+            philox4x32_10(
+                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
+                [0xa409_3822, 0x299f_31d0]
+            ),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
     }
@@ -239,11 +251,15 @@ mod tests {
     #[test]
     fn sample_rng_shuffle_equals_the_plain_fisher_yates_loop() {
         // 3,000 shuffles of 4,096 meet a rejected draw several times (about 0.2% of shuffles each).
-        let cases = [0usize, 1, 2, 3, 17].into_iter().map(|n| (n, 1)).chain((0..3000).map(|c| (4096, c)));
+        let cases = [0usize, 1, 2, 3, 17]
+            .into_iter()
+            .map(|n| (n, 1))
+            .chain((0..3000).map(|c| (4096, c)));
         for (n, cell) in cases {
             let mut fast: Vec<u32> = (0..n as u32).collect();
             let mut plain = fast.clone();
-            SampleRng::new(3, Domain::ClonePermutation, cell, 1).shuffle(&mut fast, &mut Vec::new());
+            SampleRng::new(3, Domain::ClonePermutation, cell, 1)
+                .shuffle(&mut fast, &mut Vec::new());
             let mut rng = SampleRng::new(3, Domain::ClonePermutation, cell, 1);
             for i in (1..n).rev() {
                 let j = rng.below(i as u32 + 1) as usize;

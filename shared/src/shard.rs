@@ -6,8 +6,10 @@
 //! (offset u64, length u64) per block, then for the cell-name frame   relative to the data area
 //! data area: one zstd frame per block, then one zstd frame of cell names
 //! ```
-//! A block frame decompresses to `cells x n_genes` bins (u8, row-major) followed by
-//! `cells x n_label_cols` label codes (u32 LE). The name frame holds, per cell, its source file index
+//! A block frame holds its cells' non-zero bins, column by column: the count of non-zero bins of each
+//! cell (u32 LE), then every non-zero bin's gene position (u16 LE), then the bins themselves (u8), then
+//! `cells x n_label_cols` label codes (u32 LE). Most of a cell's vocabulary is bin 0, so storing only the
+//! non-zero bins cuts the bytes zstd has to compress at ingest and decompress in the loader several-fold. The name frame holds, per cell, its source file index
 //! (u32 LE), its row in that file (u64 LE) and its obs name (u32 LE length + UTF-8 bytes).
 //! Blocks are the unit of random access: the sample stream decompresses only the blocks it needs.
 
@@ -25,33 +27,46 @@ pub struct CellOrigin {
     pub name: String,
 }
 
-/// Cells of one shard before compression.
+/// Cells of one shard before compression, kept sparse: each cell's non-zero bins only.
 #[derive(Debug, Clone, Default)]
 pub struct ShardBuilder {
     pub n_genes: usize,
     pub n_label_cols: usize,
-    pub bins: Vec<u8>,
-    pub labels: Vec<u32>,
-    pub origins: Vec<CellOrigin>,
+    /// Offset of each cell's first non-zero bin in `genes`/`bins`, plus the total at the end.
+    offsets: Vec<usize>,
+    genes: Vec<u16>,
+    bins: Vec<u8>,
+    labels: Vec<u32>,
+    origins: Vec<CellOrigin>,
 }
 
 impl ShardBuilder {
     pub fn new(n_genes: usize, n_label_cols: usize) -> Self {
-        Self { n_genes, n_label_cols, ..Default::default() }
+        assert!(n_genes <= 1 << 16, "a vocabulary holds at most 65,536 genes");
+        Self { n_genes, n_label_cols, offsets: vec![0], ..Default::default() }
     }
 
     pub fn cells(&self) -> usize {
         self.origins.len()
     }
 
-    /// Appends a zeroed row and returns it for binning.
-    pub fn push_cell(&mut self, origin: CellOrigin, labels: &[u32]) -> &mut [u8] {
+    /// Appends a cell given by its non-zero (vocabulary position, bin) pairs.
+    pub fn push_sparse(&mut self, origin: CellOrigin, labels: &[u32], nonzero: impl IntoIterator<Item = (u16, u8)>) {
         debug_assert_eq!(labels.len(), self.n_label_cols);
         self.origins.push(origin);
         self.labels.extend_from_slice(labels);
-        let start = self.bins.len();
-        self.bins.resize(start + self.n_genes, 0);
-        &mut self.bins[start..]
+        for (gene, bin) in nonzero {
+            debug_assert!(usize::from(gene) < self.n_genes && bin != 0);
+            self.genes.push(gene);
+            self.bins.push(bin);
+        }
+        self.offsets.push(self.genes.len());
+    }
+
+    /// Appends a cell given as a dense row of bins over the vocabulary.
+    pub fn push_dense(&mut self, origin: CellOrigin, labels: &[u32], row: &[u8]) {
+        debug_assert_eq!(row.len(), self.n_genes);
+        self.push_sparse(origin, labels, row.iter().enumerate().filter(|(_, &b)| b != 0).map(|(g, &b)| (g as u16, b)));
     }
 
     /// Compresses into the shard byte format.
@@ -63,8 +78,15 @@ impl ShardBuilder {
         for block in 0..n_blocks {
             let lo = block * block_cells;
             let hi = ((block + 1) * block_cells).min(n_cells);
+            let (first, last) = (self.offsets[lo], self.offsets[hi]);
             raw.clear();
-            raw.extend_from_slice(&self.bins[lo * self.n_genes..hi * self.n_genes]);
+            for cell in lo..hi {
+                raw.extend_from_slice(&((self.offsets[cell + 1] - self.offsets[cell]) as u32).to_le_bytes());
+            }
+            for gene in &self.genes[first..last] {
+                raw.extend_from_slice(&gene.to_le_bytes());
+            }
+            raw.extend_from_slice(&self.bins[first..last]);
             for code in &self.labels[lo * self.n_label_cols..hi * self.n_label_cols] {
                 raw.extend_from_slice(&code.to_le_bytes());
             }
@@ -83,7 +105,13 @@ impl ShardBuilder {
         let data_len: usize = frames.iter().map(Vec::len).sum();
         let mut out = Vec::with_capacity(header_len + data_len);
         out.extend_from_slice(SHARD_MAGIC);
-        for word in [n_cells, self.n_genes, self.n_label_cols, block_cells, n_blocks] {
+        for word in [
+            n_cells,
+            self.n_genes,
+            self.n_label_cols,
+            block_cells,
+            n_blocks,
+        ] {
             out.extend_from_slice(&(word as u32).to_le_bytes());
         }
         let mut offset = 0u64;
@@ -118,7 +146,10 @@ pub struct BlockDecompressor {
 
 impl BlockDecompressor {
     pub fn new() -> Result<Self> {
-        Ok(Self { context: zstd::bulk::Decompressor::new().map_err(Error::Compression)?, raw: Vec::new() })
+        Ok(Self {
+            context: zstd::bulk::Decompressor::new().map_err(Error::Compression)?,
+            raw: Vec::new(),
+        })
     }
 }
 
@@ -144,14 +175,24 @@ impl Block {
 impl Shard {
     /// Parses the header; `name` only serves error messages.
     pub fn parse(name: &str, bytes: bytes::Bytes) -> Result<Self> {
-        let bad = |what: String| Error::CorruptShard { name: name.to_string(), what };
+        let bad = |what: String| Error::CorruptShard {
+            name: name.to_string(),
+            what,
+        };
         if bytes.len() < 8 + 4 * HEADER_WORDS || &bytes[..8] != SHARD_MAGIC {
-            return Err(bad("missing the CFSHARD1 magic; not a cellfleet shard".into()));
+            return Err(bad(
+                "missing the CFSHARD1 magic; not a cellfleet shard".into()
+            ));
         }
-        let word = |i: usize| u32::from_le_bytes(bytes[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize;
-        let (n_cells, n_genes, n_label_cols, block_cells, n_blocks) = (word(0), word(1), word(2), word(3), word(4));
+        let word = |i: usize| {
+            u32::from_le_bytes(bytes[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize
+        };
+        let (n_cells, n_genes, n_label_cols, block_cells, n_blocks) =
+            (word(0), word(1), word(2), word(3), word(4));
         if block_cells == 0 || n_blocks != n_cells.div_ceil(block_cells) {
-            return Err(bad(format!("header says {n_cells} cells in {n_blocks} blocks of {block_cells}")));
+            return Err(bad(format!(
+                "header says {n_cells} cells in {n_blocks} blocks of {block_cells}"
+            )));
         }
         let table_start = 8 + 4 * HEADER_WORDS;
         let data_start = table_start + 16 * (n_blocks + 1);
@@ -164,11 +205,20 @@ impl Shard {
             let offset = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
             let len = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()) as usize;
             if data_start + offset + len > bytes.len() {
-                return Err(bad(format!("frame {i} runs past the end of the shard (truncated?)")));
+                return Err(bad(format!(
+                    "frame {i} runs past the end of the shard (truncated?)"
+                )));
             }
             frames.push((data_start + offset, len));
         }
-        Ok(Self { bytes, n_cells, n_genes, n_label_cols, block_cells, frames })
+        Ok(Self {
+            bytes,
+            n_cells,
+            n_genes,
+            n_label_cols,
+            block_cells,
+            frames,
+        })
     }
 
     /// Size of the stored (compressed) shard.
@@ -184,27 +234,49 @@ impl Shard {
         (self.n_cells - block * self.block_cells).min(self.block_cells)
     }
 
-    /// Decompresses one block into `out`, reusing its buffers and the caller's zstd context.
+    /// Decompresses one block into `out` (dense rows), reusing its buffers and the caller's zstd context.
     pub fn read_block_into(&self, block: usize, out: &mut Block, zstd: &mut BlockDecompressor) -> Result<()> {
         let cells = self.block_len(block);
-        let bins_len = cells * self.n_genes;
-        let expected = bins_len + 4 * cells * self.n_label_cols;
+        let bad = |what: String| Error::CorruptShard { name: String::new(), what: format!("block {block}: {what}") };
         let (start, len) = self.frames[block];
-        zstd.raw.resize(expected, 0);
-        let got = zstd.context.decompress_to_buffer(&self.bytes[start..start + len], &mut zstd.raw[..]).map_err(Error::Compression)?;
-        if got != expected {
-            return Err(Error::CorruptShard {
-                name: String::new(),
-                what: format!("block {block} holds {got} bytes, expected {expected}"),
-            });
+        let frame = &self.bytes[start..start + len];
+        // The densest possible block bounds what a (possibly corrupt) frame header may ask for.
+        let most = cells * (4 + 3 * self.n_genes + 4 * self.n_label_cols);
+        let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(size)) if size as usize <= most => size as usize,
+            _ => return Err(bad("frame header is damaged".into())),
+        };
+        zstd.raw.resize(size, 0);
+        let got = zstd.context.decompress_to_buffer(frame, &mut zstd.raw[..]).map_err(Error::Compression)?;
+        let raw = &zstd.raw[..got];
+        if raw.len() < 4 * cells {
+            return Err(bad("shorter than its per-cell counts".into()));
         }
+        let (counts, rest) = raw.split_at(4 * cells);
+        let counts: Vec<usize> = counts.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize).collect();
+        let total: usize = counts.iter().sum();
+        let labels_len = 4 * cells * self.n_label_cols;
+        if counts.iter().any(|&c| c > self.n_genes) || rest.len() != 3 * total + labels_len {
+            return Err(bad(format!("holds {} bytes for {total} non-zero bins", rest.len())));
+        }
+        let (genes, rest) = rest.split_at(2 * total);
+        let (bins, labels) = rest.split_at(total);
         out.cells = cells;
         out.n_genes = self.n_genes;
         out.n_label_cols = self.n_label_cols;
         out.bins.clear();
-        out.bins.extend_from_slice(&zstd.raw[..bins_len]);
+        out.bins.resize(cells * self.n_genes, 0);
+        let mut at = 0;
+        for (cell, &count) in counts.iter().enumerate() {
+            let row = &mut out.bins[cell * self.n_genes..(cell + 1) * self.n_genes];
+            for k in at..at + count {
+                let gene = usize::from(u16::from_le_bytes([genes[2 * k], genes[2 * k + 1]]));
+                *row.get_mut(gene).ok_or_else(|| bad(format!("gene index {gene} is outside the vocabulary")))? = bins[k];
+            }
+            at += count;
+        }
         out.labels.clear();
-        out.labels.extend(zstd.raw[bins_len..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
+        out.labels.extend(labels.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
         Ok(())
     }
 
@@ -216,7 +288,8 @@ impl Shard {
 
     pub fn origins(&self) -> Result<Vec<CellOrigin>> {
         let (start, len) = self.frames[self.n_blocks()];
-        let raw = zstd::stream::decode_all(&self.bytes[start..start + len]).map_err(Error::Compression)?;
+        let raw = zstd::stream::decode_all(&self.bytes[start..start + len])
+            .map_err(Error::Compression)?;
         let mut origins = Vec::with_capacity(self.n_cells);
         let mut at = 0;
         let take = |at: &mut usize, n: usize| -> Result<&[u8]> {
@@ -246,21 +319,38 @@ mod tests {
     fn round_trip_with_partial_last_block() {
         let mut builder = ShardBuilder::new(3, 1);
         for i in 0..5u8 {
-            let row = builder.push_cell(CellOrigin { source: 0, row: u64::from(i), name: format!("c{i}") }, &[u32::from(i)]);
+            let row = builder.push_cell(
+                CellOrigin {
+                    source: 0,
+                    row: u64::from(i),
+                    name: format!("c{i}"),
+                },
+                &[u32::from(i)],
+            );
             row.copy_from_slice(&[i, i + 1, i + 2]);
         }
         let bytes = builder.encode(2).unwrap();
         let shard = Shard::parse("t", bytes.into()).unwrap();
         assert_eq!((shard.n_cells, shard.n_blocks()), (5, 3));
         let last = shard.read_block(2).unwrap();
-        assert_eq!((last.cells, last.bins_of(0), last.labels_of(0)), (1, &[4u8, 5, 6][..], &[4u32][..]));
+        assert_eq!(
+            (last.cells, last.bins_of(0), last.labels_of(0)),
+            (1, &[4u8, 5, 6][..], &[4u32][..])
+        );
         assert_eq!(shard.origins().unwrap()[3].name, "c3");
     }
 
     #[test]
     fn truncation_is_reported() {
         let mut builder = ShardBuilder::new(2, 0);
-        builder.push_cell(CellOrigin { source: 0, row: 0, name: "a".into() }, &[]);
+        builder.push_cell(
+            CellOrigin {
+                source: 0,
+                row: 0,
+                name: "a".into(),
+            },
+            &[],
+        );
         let bytes = builder.encode(4).unwrap();
         let err = Shard::parse("s", bytes[..bytes.len() - 3].to_vec().into()).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");

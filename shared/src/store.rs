@@ -38,28 +38,44 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens `url`. Plain paths and `file://` URLs are directories (created when missing).
     pub fn open(url: &str, s3: &S3Options) -> Result<Self> {
-        let bad = |why: String| Error::BadUrl { url: url.to_string(), why };
-        let (inner, prefix): (Arc<dyn ObjectStore>, ObjectPath) = if let Some(rest) = url.strip_prefix("s3://") {
+        let bad = |why: String| Error::BadUrl {
+            url: url.to_string(),
+            why,
+        };
+        let (inner, prefix): (Arc<dyn ObjectStore>, ObjectPath) = if let Some(rest) =
+            url.strip_prefix("s3://")
+        {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(bad("expected s3://BUCKET/PREFIX".into()));
             }
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-            let endpoint = s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+            let endpoint = s3
+                .endpoint
+                .clone()
+                .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
             if let Some(endpoint) = endpoint {
-                builder = builder.with_allow_http(endpoint.starts_with("http://")).with_endpoint(endpoint);
+                builder = builder
+                    .with_allow_http(endpoint.starts_with("http://"))
+                    .with_endpoint(endpoint);
             }
             if let Some(region) = &s3.region {
                 builder = builder.with_region(region);
             }
-            let store = builder.build().map_err(|e| bad(format!("cannot configure S3 client: {e}")))?;
-            let prefix = ObjectPath::parse(prefix.trim_end_matches('/')).map_err(|e| bad(e.to_string()))?;
+            let store = builder
+                .build()
+                .map_err(|e| bad(format!("cannot configure S3 client: {e}")))?;
+            let prefix =
+                ObjectPath::parse(prefix.trim_end_matches('/')).map_err(|e| bad(e.to_string()))?;
             (Arc::new(store), prefix)
         } else if url.contains("://") && !url.starts_with("file://") {
-            return Err(bad("supported schemes are file:// (or a plain path) and s3://".into()));
+            return Err(bad(
+                "supported schemes are file:// (or a plain path) and s3://".into(),
+            ));
         } else {
             let path = url.strip_prefix("file://").unwrap_or(url);
-            std::fs::create_dir_all(path).map_err(|e| bad(format!("cannot create directory: {e}")))?;
+            std::fs::create_dir_all(path)
+                .map_err(|e| bad(format!("cannot create directory: {e}")))?;
             let store = LocalFileSystem::new_with_prefix(path).map_err(|e| bad(e.to_string()))?;
             (Arc::new(store), ObjectPath::default())
         };
@@ -68,7 +84,12 @@ impl Store {
             .enable_all()
             .build()
             .map_err(|e| bad(format!("cannot start I/O runtime: {e}")))?;
-        Ok(Self { url: url.to_string(), inner, prefix, runtime: Arc::new(runtime) })
+        Ok(Self {
+            url: url.to_string(),
+            inner,
+            prefix,
+            runtime: Arc::new(runtime),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -84,7 +105,11 @@ impl Store {
     }
 
     fn wrap(&self, name: &str, op: &'static str, source: object_store::Error) -> Error {
-        Error::Store { url: format!("{}/{name}", self.url.trim_end_matches('/')), op, source: Box::new(source) }
+        Error::Store {
+            url: format!("{}/{name}", self.url.trim_end_matches('/')),
+            op,
+            source: Box::new(source),
+        }
     }
 
     pub fn put(&self, name: &str, bytes: Bytes) -> Result<()> {
@@ -106,7 +131,11 @@ impl Store {
     pub fn get_opt(&self, name: &str) -> Result<Option<Bytes>> {
         match self.get(name) {
             Ok(b) => Ok(Some(b)),
-            Err(Error::Store { source, .. }) if matches!(*source, object_store::Error::NotFound { .. }) => Ok(None),
+            Err(Error::Store { source, .. })
+                if matches!(*source, object_store::Error::NotFound { .. }) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -138,7 +167,11 @@ impl Store {
         let base = self.prefix.as_ref().len();
         Ok(metas
             .into_iter()
-            .map(|m| m.location.as_ref()[base..].trim_start_matches('/').to_string())
+            .map(|m| {
+                m.location.as_ref()[base..]
+                    .trim_start_matches('/')
+                    .to_string()
+            })
             .collect())
     }
 }

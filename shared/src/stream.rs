@@ -30,14 +30,21 @@ pub struct OrderConfig {
 
 impl Default for OrderConfig {
     fn default() -> Self {
-        Self { seed: 0, augmentation: 4, window_units: 16 }
+        Self {
+            seed: 0,
+            augmentation: 4,
+            window_units: 16,
+        }
     }
 }
 
 impl OrderConfig {
     pub fn validate(&self) -> Result<()> {
         if self.augmentation == 0 || self.augmentation > 256 {
-            return Err(Error::Config(format!("augmentation must be 1..=256, got {}", self.augmentation)));
+            return Err(Error::Config(format!(
+                "augmentation must be 1..=256, got {}",
+                self.augmentation
+            )));
         }
         if self.window_units == 0 {
             return Err(Error::Config("window_units must be at least 1".into()));
@@ -91,7 +98,12 @@ impl EpochPlan {
         for (shard, entry) in manifest.shards.iter().enumerate() {
             for block in 0..entry.cells.div_ceil(block_cells) {
                 let cells = (entry.cells - block * block_cells).min(block_cells);
-                blocks.push(BlockRef { shard: shard as u32, block, first_cell: first_cell + u64::from(block * block_cells), cells });
+                blocks.push(BlockRef {
+                    shard: shard as u32,
+                    block,
+                    first_cell: first_cell + u64::from(block * block_cells),
+                    cells,
+                });
             }
             first_cell += u64::from(entry.cells);
         }
@@ -99,8 +111,16 @@ impl EpochPlan {
     }
 
     fn from_blocks(blocks: Vec<BlockRef>, config: OrderConfig, epoch: u32) -> Result<Self> {
-        if blocks.iter().map(|b| b.first_cell + u64::from(b.cells)).max().unwrap_or(0) > u64::from(u32::MAX) {
-            return Err(Error::Config("corpora above 2^32 cells are not supported by the clone key".into()));
+        if blocks
+            .iter()
+            .map(|b| b.first_cell + u64::from(b.cells))
+            .max()
+            .unwrap_or(0)
+            > u64::from(u32::MAX)
+        {
+            return Err(Error::Config(
+                "corpora above 2^32 cells are not supported by the clone key".into(),
+            ));
         }
         let mut units: Vec<(u32, u32)> = (0..blocks.len() as u32)
             .flat_map(|b| (0..config.augmentation).map(move |k| (b, k)))
@@ -108,10 +128,19 @@ impl EpochPlan {
         PhiloxStream::new(config.seed, Domain::UnitOrder, epoch, 0).shuffle(&mut units);
         let mut window_starts = vec![0u64];
         for window in units.chunks(config.window_units as usize) {
-            let len: u64 = window.iter().map(|&(b, _)| u64::from(blocks[b as usize].cells)).sum();
+            let len: u64 = window
+                .iter()
+                .map(|&(b, _)| u64::from(blocks[b as usize].cells))
+                .sum();
             window_starts.push(window_starts.last().unwrap() + len);
         }
-        Ok(Self { config, epoch, blocks, units, window_starts })
+        Ok(Self {
+            config,
+            epoch,
+            blocks,
+            units,
+            window_starts,
+        })
     }
 
     pub fn epoch(&self) -> u32 {
@@ -139,7 +168,13 @@ impl EpochPlan {
     fn window_order(&self, window: usize) -> Vec<u32> {
         let len = (self.window_starts[window + 1] - self.window_starts[window]) as u32;
         let mut order: Vec<u32> = (0..len).collect();
-        PhiloxStream::new(self.config.seed, Domain::WindowOrder, self.epoch, window as u32).shuffle(&mut order);
+        PhiloxStream::new(
+            self.config.seed,
+            Domain::WindowOrder,
+            self.epoch,
+            window as u32,
+        )
+        .shuffle(&mut order);
         order
     }
 
@@ -153,7 +188,10 @@ impl EpochPlan {
             let block = &self.blocks[b as usize];
             if offset < block.cells {
                 return SampleLocation {
-                    sample: SampleId { cell: block.first_cell + u64::from(offset), clone },
+                    sample: SampleId {
+                        cell: block.first_cell + u64::from(offset),
+                        clone,
+                    },
                     shard: block.shard,
                     block: block.block,
                     cell_in_block: offset,
@@ -166,13 +204,25 @@ impl EpochPlan {
 
     /// The sample at `position` (random access; iterate with [`EpochPlan::range`] for speed).
     pub fn at(&self, position: u64) -> SampleLocation {
-        self.range(position..position + 1).next().expect("position inside the epoch")
+        self.range(position..position + 1)
+            .next()
+            .expect("position inside the epoch")
     }
 
     /// Iterates the samples at `positions`, in order.
     pub fn range(&self, positions: Range<u64>) -> PlanIter<'_> {
-        assert!(positions.end <= self.len(), "range {positions:?} is past the epoch end {}", self.len());
-        PlanIter { plan: self, next: positions.start, end: positions.end, window: usize::MAX, order: Vec::new() }
+        assert!(
+            positions.end <= self.len(),
+            "range {positions:?} is past the epoch end {}",
+            self.len()
+        );
+        PlanIter {
+            plan: self,
+            next: positions.start,
+            end: positions.end,
+            window: usize::MAX,
+            order: Vec::new(),
+        }
     }
 }
 
@@ -193,7 +243,10 @@ impl Iterator for PlanIter<'_> {
             return None;
         }
         let starts = &self.plan.window_starts;
-        if self.window == usize::MAX || self.next >= starts[self.window + 1] || self.next < starts[self.window] {
+        if self.window == usize::MAX
+            || self.next >= starts[self.window + 1]
+            || self.next < starts[self.window]
+        {
             self.window = starts.partition_point(|&s| s <= self.next) - 1;
             debug_assert!(self.window < self.plan.windows());
             self.order = self.plan.window_order(self.window);
@@ -235,7 +288,13 @@ impl Partitioner {
 /// Gene-token order of clone `clone` of cell `cell`: a permutation of `0..n_genes` written into `out`.
 /// Identity when augmentation is off; otherwise a Fisher-Yates shuffle drawn from the [`SampleRng`] keyed
 /// by Philox(seed, [0, cell, clone, ClonePermutation]).
-pub fn clone_order(seed: u64, augmentation: u32, sample: SampleId, n_genes: usize, out: &mut Vec<u16>) {
+pub fn clone_order(
+    seed: u64,
+    augmentation: u32,
+    sample: SampleId,
+    n_genes: usize,
+    out: &mut Vec<u16>,
+) {
     out.clear();
     out.extend(0..n_genes as u16);
     if augmentation > 1 {
@@ -245,7 +304,12 @@ pub fn clone_order(seed: u64, augmentation: u32, sample: SampleId, n_genes: usiz
 
 /// The generator behind [`clone_order`]; the batch builder shuffles (gene, bin) pairs with it directly.
 pub fn clone_rng(seed: u64, sample: SampleId) -> SampleRng {
-    SampleRng::new(seed, Domain::ClonePermutation, sample.cell as u32, sample.clone)
+    SampleRng::new(
+        seed,
+        Domain::ClonePermutation,
+        sample.cell as u32,
+        sample.clone,
+    )
 }
 
 #[cfg(test)]
@@ -259,7 +323,12 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &cells)| {
-                let b = BlockRef { shard: i as u32, block: 0, first_cell: first, cells };
+                let b = BlockRef {
+                    shard: i as u32,
+                    block: 0,
+                    first_cell: first,
+                    cells,
+                };
                 first += u64::from(cells);
                 b
             })
@@ -268,8 +337,9 @@ mod tests {
 
     fn all_samples(sizes: &[u32], augmentation: u32) -> Vec<SampleId> {
         let cells: u64 = sizes.iter().map(|&s| u64::from(s)).sum();
-        let mut v: Vec<SampleId> =
-            (0..cells).flat_map(|cell| (0..augmentation).map(move |clone| SampleId { cell, clone })).collect();
+        let mut v: Vec<SampleId> = (0..cells)
+            .flat_map(|cell| (0..augmentation).map(move |clone| SampleId { cell, clone }))
+            .collect();
         v.sort();
         v
     }
@@ -286,7 +356,16 @@ mod tests {
 
     #[test]
     fn random_access_equals_iteration() {
-        let plan = EpochPlan::from_blocks(blocks(&[5, 3, 8, 1]), OrderConfig { seed: 3, augmentation: 3, window_units: 2 }, 1).unwrap();
+        let plan = EpochPlan::from_blocks(
+            blocks(&[5, 3, 8, 1]),
+            OrderConfig {
+                seed: 3,
+                augmentation: 3,
+                window_units: 2,
+            },
+            1,
+        )
+        .unwrap();
         let iterated: Vec<_> = plan.range(0..plan.len()).collect();
         for (p, loc) in iterated.iter().enumerate() {
             assert_eq!(plan.at(p as u64), *loc);
@@ -295,7 +374,11 @@ mod tests {
 
     #[test]
     fn epochs_differ_and_are_reproducible() {
-        let cfg = OrderConfig { seed: 9, augmentation: 4, window_units: 4 };
+        let cfg = OrderConfig {
+            seed: 9,
+            augmentation: 4,
+            window_units: 4,
+        };
         let a = EpochPlan::from_blocks(blocks(&[64; 10]), cfg, 0).unwrap();
         let b = EpochPlan::from_blocks(blocks(&[64; 10]), cfg, 1).unwrap();
         let a2 = EpochPlan::from_blocks(blocks(&[64; 10]), cfg, 0).unwrap();

@@ -33,7 +33,12 @@ pub struct HvgAccumulator {
 
 impl HvgAccumulator {
     pub fn new(n_genes: usize, kind: ValueKind) -> Self {
-        Self { kind, sum: vec![0.0; n_genes], sum_sq: vec![0.0; n_genes], cells: 0 }
+        Self {
+            kind,
+            sum: vec![0.0; n_genes],
+            sum_sq: vec![0.0; n_genes],
+            cells: 0,
+        }
     }
 
     pub fn kind(&self) -> ValueKind {
@@ -95,13 +100,21 @@ impl HvgAccumulator {
         for g in 0..n_genes {
             let mean = self.sum[g] / n;
             // Sample variance (ddof = 1), as numpy/scanpy compute it.
-            let var = if n > 1.0 { (self.sum_sq[g] - n * mean * mean).max(0.0) / (n - 1.0) } else { 0.0 };
+            let var = if n > 1.0 {
+                (self.sum_sq[g] - n * mean * mean).max(0.0) / (n - 1.0)
+            } else {
+                0.0
+            };
             log_mean[g] = mean.ln_1p();
             if mean > 0.0 && var > 0.0 {
                 log_disp[g] = (var / mean).ln();
             }
         }
-        let (lo, hi) = log_mean.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+        let (lo, hi) = log_mean
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &m| {
+                (lo.min(m), hi.max(m))
+            });
         let width = (hi - lo) / HVG_MEAN_BINS as f64;
         let bin_of = |m: f64| -> usize {
             if width <= 0.0 {
@@ -188,22 +201,31 @@ impl BinRule {
     }
 }
 
-/// Bins one cell. `entries` holds (vocabulary position, value) for the cell's non-zero values; `out` is the
-/// cell's row over the whole vocabulary and must be zeroed by the caller. `scratch` is reused across cells.
-pub fn bin_cell(entries: &mut [(f32, u32)], n_bins: u16, out: &mut [u8]) {
-    let m = entries.len();
+/// Sort key of one non-zero value of a cell at vocabulary position `pos`. Positive floats order like
+/// their bit patterns, so (value bits, position) packs into one `u64` and an integer sort replaces a
+/// float comparison sort.
+#[inline]
+pub fn bin_key(value: f32, pos: u32) -> u64 {
+    debug_assert!(value > 0.0);
+    u64::from(value.to_bits()) << 32 | u64::from(pos)
+}
+
+/// Bins one cell. `keys` holds [`bin_key`]s of the cell's non-zero values (which must be positive);
+/// `emit(position, bin)` receives every non-zero bin (in value order).
+pub fn bin_cell(keys: &mut [u64], n_bins: u16, mut emit: impl FnMut(u32, u8)) {
+    let m = keys.len();
     if m == 0 {
         return;
     }
-    entries.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    keys.sort_unstable();
     let upper = u64::from(n_bins) - 1;
     let mut group_start = 0;
     for i in 0..m {
-        if entries[i].0 != entries[group_start].0 {
+        if keys[i] >> 32 != keys[group_start] >> 32 {
             group_start = i;
         }
         let bin = 1 + (group_start as u64 * upper) / m as u64;
-        out[entries[i].1 as usize] = bin as u8;
+        emit((keys[i] & 0xFFFF_FFFF) as u32, bin as u8);
     }
 }
 
@@ -214,17 +236,17 @@ mod tests {
     #[test]
     fn bins_follow_the_written_rule_with_ties() {
         // values: 0, 5, 1, 1, 3 -> non-zero sorted 1,1,3,5 (m = 4), 5 bins -> 1 + floor(r * 4 / 4)
-        let mut entries = vec![(5.0, 1), (1.0, 2), (1.0, 3), (3.0, 4)];
+        let mut keys = vec![bin_key(5.0, 1), bin_key(1.0, 2), bin_key(1.0, 3), bin_key(3.0, 4)];
         let mut out = vec![0u8; 5];
-        bin_cell(&mut entries, 5, &mut out);
+        bin_cell(&mut keys, 5, |p, b| out[p as usize] = b);
         assert_eq!(out, vec![0, 4, 1, 1, 3]);
     }
 
     #[test]
     fn bins_never_reach_n_bins() {
-        let mut entries: Vec<(f32, u32)> = (0..1000).map(|i| (i as f32 + 1.0, i)).collect();
+        let mut keys: Vec<u64> = (0..1000).map(|i| bin_key(i as f32 + 1.0, i)).collect();
         let mut out = vec![0u8; 1000];
-        bin_cell(&mut entries, 51, &mut out);
+        bin_cell(&mut keys, 51, |p, b| out[p as usize] = b);
         assert_eq!(*out.iter().max().unwrap(), 50);
         assert_eq!(*out.iter().min().unwrap(), 1);
     }

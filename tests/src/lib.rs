@@ -9,7 +9,10 @@ use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::store::S3Options;
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
 }
 
 /// `../shared/data` beside the checkout; panics with a clear message when it is absent.
@@ -35,10 +38,23 @@ pub fn cellfleet_bin() -> &'static Path {
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps layout").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps layout")
+            .to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-q", "-p", "cellfleet-worker", "--bin", "cellfleet"]).current_dir(workspace_root());
+        build
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "cellfleet-worker",
+                "--bin",
+                "cellfleet",
+            ])
+            .current_dir(workspace_root());
         if release {
             build.arg("--release");
         }
@@ -52,7 +68,11 @@ pub fn cellfleet_bin() -> &'static Path {
 
 /// Runs `cellfleet ARGS` and returns its output (no assertion on the exit status).
 pub fn cellfleet(args: &[&str]) -> Output {
-    Command::new(cellfleet_bin()).args(args).env("CELLFLEET_QUIET", "1").output().expect("cellfleet starts")
+    Command::new(cellfleet_bin())
+        .args(args)
+        .env("CELLFLEET_QUIET", "1")
+        .output()
+        .expect("cellfleet starts")
 }
 
 /// Runs `cellfleet ARGS`, panicking with its stderr when it fails; returns stdout.
@@ -73,8 +93,14 @@ pub fn python(script: &str, args: &[&str]) -> String {
         .arg(&path)
         .args(args)
         .output()
-        .expect("python3 must be installed (scripts/setup.sh installs it with anndata, h5py, numpy)");
-    assert!(out.status.success(), "python {script} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        .expect(
+            "python3 must be installed (scripts/setup.sh installs it with anndata, h5py, numpy)",
+        );
+    assert!(
+        out.status.success(),
+        "python {script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
@@ -93,7 +119,10 @@ pub fn decode_all(corpus: &Corpus) -> std::collections::HashMap<(u32, u64), (Vec
             let block = shard.read_block(b).expect("block decodes");
             for c in 0..block.cells {
                 let o = &origins[at];
-                cells.insert((o.source, o.row), (block.bins_of(c).to_vec(), block.labels_of(c).to_vec()));
+                cells.insert(
+                    (o.source, o.row),
+                    (block.bins_of(c).to_vec(), block.labels_of(c).to_vec()),
+                );
                 at += 1;
             }
         }

@@ -79,11 +79,18 @@ fn run_measured(cmd: &mut Command) -> anyhow::Result<ChildRun> {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let seconds = started.elapsed().as_secs_f64();
-    let (stdout, stderr) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+    let (stdout, stderr) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
     if reaped != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("benchmark child {cmd:?} failed:\n{stderr}");
     }
-    Ok(ChildRun { seconds, peak_mib: usage.ru_maxrss as f64 / 1024.0, stdout })
+    Ok(ChildRun {
+        seconds,
+        peak_mib: usage.ru_maxrss as f64 / 1024.0,
+        stdout,
+    })
 }
 
 fn python() -> String {
@@ -92,43 +99,87 @@ fn python() -> String {
 
 fn bench_dir() -> PathBuf {
     // The scripts live in the source tree's bench/ folder.
-    let candidates = [PathBuf::from("bench"), Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench")];
-    candidates.into_iter().find(|p| p.join("ingest_baseline.py").is_file()).unwrap_or_else(|| PathBuf::from("bench"))
+    let candidates = [
+        PathBuf::from("bench"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench"),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.join("ingest_baseline.py").is_file())
+        .unwrap_or_else(|| PathBuf::from("bench"))
 }
 
 pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     match which {
-        BenchCommand::Ingest { inputs, hvg, bins, baseline_cells, scratch } => bench_ingest(&inputs, hvg, bins, baseline_cells, &scratch),
-        BenchCommand::Stream { url, batch_size, seconds, augmentation } => bench_stream(&url, batch_size, seconds, augmentation),
+        BenchCommand::Ingest {
+            inputs,
+            hvg,
+            bins,
+            baseline_cells,
+            scratch,
+        } => bench_ingest(&inputs, hvg, bins, baseline_cells, &scratch),
+        BenchCommand::Stream {
+            url,
+            batch_size,
+            seconds,
+            augmentation,
+        } => bench_stream(&url, batch_size, seconds, augmentation),
     }
 }
 
-fn bench_ingest(inputs: &[PathBuf], hvg: usize, bins: u16, baseline_cells: Option<u64>, scratch: &Path) -> anyhow::Result<()> {
+fn bench_ingest(
+    inputs: &[PathBuf],
+    hvg: usize,
+    bins: u16,
+    baseline_cells: Option<u64>,
+    scratch: &Path,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("ingest benchmark ({cores} cores; cellfleet uses all of them, the Python baseline one)");
-    println!("{:<28} {:>9} {:>12} {:>10} {:>14} {:>12} {:>10} {:>8}", "input", "cells", "cellfleet/s", "peak MiB", "baseline/s", "peak MiB", "cells", "ratio");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "ingest benchmark ({cores} cores; cellfleet uses all of them, the Python baseline one)"
+    );
+    println!(
+        "{:<28} {:>9} {:>12} {:>10} {:>14} {:>12} {:>10} {:>8}",
+        "input", "cells", "cellfleet/s", "peak MiB", "baseline/s", "peak MiB", "cells", "ratio"
+    );
     for input in inputs {
-        let out = scratch.join(format!("ingest-{}", input.file_stem().unwrap_or_default().to_string_lossy()));
+        let out = scratch.join(format!(
+            "ingest-{}",
+            input.file_stem().unwrap_or_default().to_string_lossy()
+        ));
         if out.exists() {
-            std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
+            std::fs::remove_dir_all(&out)
+                .with_context(|| format!("cannot clear {}", out.display()))?;
         }
         let ours = run_measured(
             Command::new(&exe)
-                .args(["ingest", &input.display().to_string(), "--out", &out.display().to_string()])
+                .args([
+                    "ingest",
+                    &input.display().to_string(),
+                    "--out",
+                    &out.display().to_string(),
+                ])
                 .args(["--hvg", &hvg.to_string(), "--bins", &bins.to_string()])
                 .env("CELLFLEET_QUIET", "1"),
         )?;
-        let manifest: Manifest = serde_json::from_slice(&std::fs::read(out.join("manifest.json"))?)?;
+        let manifest: Manifest =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json"))?)?;
         let cells = manifest.total_cells;
         let matrix = manifest.sources[0].matrix.clone();
         let mut baseline_cmd = Command::new(python());
-        baseline_cmd.arg(bench_dir().join("ingest_baseline.py")).arg(input).args([&matrix, &hvg.to_string(), &bins.to_string()]);
+        baseline_cmd
+            .arg(bench_dir().join("ingest_baseline.py"))
+            .arg(input)
+            .args([&matrix, &hvg.to_string(), &bins.to_string()]);
         if let Some(cap) = baseline_cells {
             baseline_cmd.arg(cap.to_string());
         }
         let theirs = run_measured(&mut baseline_cmd)?;
-        let report: serde_json::Value = serde_json::from_str(theirs.stdout.trim()).context("baseline output")?;
+        let report: serde_json::Value =
+            serde_json::from_str(theirs.stdout.trim()).context("baseline output")?;
         let their_cells = report["cells"].as_u64().unwrap_or(0);
         // Rate over the baseline's own processing time would flatter it; use its wall time like ours.
         let our_rate = cells as f64 / ours.seconds;
@@ -151,15 +202,33 @@ fn bench_ingest(inputs: &[PathBuf], hvg: usize, bins: u16, baseline_cells: Optio
 fn bench_stream(url: &str, batch_size: u32, seconds: f64, augmentation: u32) -> anyhow::Result<()> {
     let corpus = Arc::new(Corpus::open(url, &S3Options::default())?);
     let n_genes = corpus.manifest.genes.len();
-    let plan = Arc::new(EpochPlan::new(&corpus.manifest, OrderConfig { seed: 1, augmentation, window_units: 16 }, 0)?);
-    let partitioner = Partitioner { epoch_len: plan.len() };
+    let plan = Arc::new(EpochPlan::new(
+        &corpus.manifest,
+        OrderConfig {
+            seed: 1,
+            augmentation,
+            window_units: 16,
+        },
+        0,
+    )?);
+    let partitioner = Partitioner {
+        epoch_len: plan.len(),
+    };
     println!("sample-stream benchmark: {} cells x {n_genes} genes, augmentation x{augmentation}, batch {batch_size}", corpus.total_cells());
     let measure = |threads: usize| -> anyhow::Result<f64> {
         let ranges: Vec<_> = (0..)
             .map(|i| partitioner.global_batch(i * u64::from(batch_size), 1, batch_size))
             .take_while(|r| !r.is_empty())
             .collect();
-        let loader = Loader::spawn(corpus.clone(), plan.clone(), ranges, LoaderConfig { threads, ..LoaderConfig::default() })?;
+        let loader = Loader::spawn(
+            corpus.clone(),
+            plan.clone(),
+            ranges,
+            LoaderConfig {
+                threads,
+                ..LoaderConfig::default()
+            },
+        )?;
         let started = Instant::now();
         let mut samples = 0u64;
         let mut warm = None;
@@ -187,33 +256,74 @@ fn bench_stream(url: &str, batch_size: u32, seconds: f64, augmentation: u32) -> 
         let layout = TokenLayout::new(corpus.manifest.bins.n_bins)?;
         let cell = corpus.fetch_shard(0)?.read_block(0)?.bins_of(0).to_vec();
         let mut writer = SampleWriter::default();
-        let (mut genes, mut inputs, mut targets) = (vec![0u16; n_genes + 1], vec![0u8; n_genes + 1], vec![0u8; n_genes + 1]);
+        let (mut genes, mut inputs, mut targets) = (
+            vec![0u16; n_genes + 1],
+            vec![0u8; n_genes + 1],
+            vec![0u8; n_genes + 1],
+        );
         let started = Instant::now();
         let mut samples = 0u64;
         while started.elapsed().as_secs_f64() < seconds.min(3.0) {
             for clone in 0..64 {
-                let sample = SampleId { cell: samples, clone };
-                writer.write(&plan, layout, MaskConfig { ratio: 0.15 }, sample, &cell, &mut genes, &mut inputs, &mut targets);
+                let sample = SampleId {
+                    cell: samples,
+                    clone,
+                };
+                writer.write(
+                    &plan,
+                    layout,
+                    MaskConfig { ratio: 0.15 },
+                    sample,
+                    &cell,
+                    &mut genes,
+                    &mut inputs,
+                    &mut targets,
+                );
             }
             samples += 64;
         }
         samples as f64 / started.elapsed().as_secs_f64()
     };
     let one = measure(1)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let all = measure(cores)?;
-    let baseline = run_measured(Command::new(python()).arg(bench_dir().join("stream_baseline.py")).args([
-        n_genes.to_string(),
-        corpus.manifest.bins.n_bins.to_string(),
-        seconds.to_string(),
-    ]))?;
-    let report: serde_json::Value = serde_json::from_str(baseline.stdout.trim()).context("baseline output")?;
-    let base_rate = report["samples"].as_f64().unwrap_or(0.0) / report["seconds"].as_f64().unwrap_or(1.0);
+    let baseline = run_measured(
+        Command::new(python())
+            .arg(bench_dir().join("stream_baseline.py"))
+            .args([
+                n_genes.to_string(),
+                corpus.manifest.bins.n_bins.to_string(),
+                seconds.to_string(),
+            ]),
+    )?;
+    let report: serde_json::Value =
+        serde_json::from_str(baseline.stdout.trim()).context("baseline output")?;
+    let base_rate =
+        report["samples"].as_f64().unwrap_or(0.0) / report["seconds"].as_f64().unwrap_or(1.0);
     println!("{:<44} {:>14}", "", "samples/s");
-    println!("{:<44} {:>14.0}", "token assembly only, in memory, 1 core", writer_rate);
-    println!("{:<44} {:>14.0}", "cellfleet loader, 1 thread (per core)", one);
-    println!("{:<44} {:>14.0}", format!("cellfleet loader, {cores} threads"), all);
-    println!("{:<44} {:>14.0}", "numpy per-sample baseline, 1 core", base_rate);
-    println!("per-core ratio vs baseline: {:.1}x; target 50,000 samples/s per core: {}", one / base_rate, if one >= 50_000.0 { "met" } else { "NOT met" });
+    println!(
+        "{:<44} {:>14.0}",
+        "token assembly only, in memory, 1 core", writer_rate
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "cellfleet loader, 1 thread (per core)", one
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        format!("cellfleet loader, {cores} threads"),
+        all
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "numpy per-sample baseline, 1 core", base_rate
+    );
+    println!(
+        "per-core ratio vs baseline: {:.1}x; target 50,000 samples/s per core: {}",
+        one / base_rate,
+        if one >= 50_000.0 { "met" } else { "NOT met" }
+    );
     Ok(())
 }

@@ -20,11 +20,11 @@ use hdf5_sys::h5a::{H5Aget_space, H5Aread};
 use hdf5_sys::h5d::{H5Dget_space, H5Dread};
 use hdf5_sys::h5i::hid_t;
 use hdf5_sys::h5p::H5P_DEFAULT;
-use hdf5_sys::h5s::{H5Sclose, H5Sget_simple_extent_npoints, H5S_ALL};
+use hdf5_sys::h5s::{H5S_seloper_t, H5Sclose, H5Screate_simple, H5Sget_simple_extent_npoints, H5Sselect_hyperslab, H5S_ALL};
 use hdf5_sys::h5t::{
-    H5T_class_t, H5T_str_t, H5Tclose, H5Tcopy, H5Tcreate, H5Tget_class, H5Tget_cset, H5Tget_member_index,
-    H5Tget_member_name, H5Tget_member_type, H5Tget_nmembers, H5Tget_size, H5Tinsert, H5Tis_variable_str,
-    H5Tset_cset, H5Tset_size, H5Tset_strpad, H5T_VARIABLE,
+    H5T_class_t, H5T_str_t, H5Tclose, H5Tcopy, H5Tcreate, H5Tget_class, H5Tget_cset,
+    H5Tget_member_index, H5Tget_member_name, H5Tget_member_type, H5Tget_nmembers, H5Tget_size,
+    H5Tinsert, H5Tis_variable_str, H5Tset_cset, H5Tset_size, H5Tset_strpad, H5T_VARIABLE,
 };
 
 /// An error about one input file; the message says what is wrong and, where it helps, what to do.
@@ -43,7 +43,10 @@ const HDF5_SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 #[derive(Debug, Clone, PartialEq)]
 pub enum Column {
     /// Codes index `categories`; negative codes are missing values.
-    Categorical { categories: Vec<String>, codes: Vec<i64> },
+    Categorical {
+        categories: Vec<String>,
+        codes: Vec<i64>,
+    },
     Strings(Vec<String>),
     Numeric(Vec<f64>),
 }
@@ -56,7 +59,10 @@ impl Column {
                 .iter()
                 .map(|&c| match usize::try_from(c) {
                     Ok(i) if i < categories.len() => Ok(Some(categories[i].clone())),
-                    Ok(i) => Err(format!("category code {i} is outside its {} categories", categories.len())),
+                    Ok(i) => Err(format!(
+                        "category code {i} is outside its {} categories",
+                        categories.len()
+                    )),
                     Err(_) => Ok(None),
                 })
                 .collect(),
@@ -92,7 +98,11 @@ impl CsrChunk {
 
 enum Storage {
     Dense(Dataset),
-    Csr { data: Dataset, indices: Dataset, indptr: Vec<u64> },
+    Csr {
+        data: Dataset,
+        indices: Dataset,
+        indptr: Vec<u64>,
+    },
     /// CSC matrices are transposed to CSR in memory on open.
     InMemory(CsrChunk),
 }
@@ -112,7 +122,10 @@ pub struct H5ad {
 }
 
 fn err(path: &Path, message: impl Into<String>) -> InputError {
-    InputError { file: path.to_path_buf(), message: message.into() }
+    InputError {
+        file: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 impl H5ad {
@@ -122,17 +135,29 @@ impl H5ad {
             .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
             .map_err(|e| err(path, format!("cannot read the file: {e}")))?;
         if read < 8 || &head != HDF5_SIGNATURE {
-            return Err(err(path, "not an HDF5 file (no HDF5 signature at the start); expected an AnnData .h5ad"));
+            return Err(err(
+                path,
+                "not an HDF5 file (no HDF5 signature at the start); expected an AnnData .h5ad",
+            ));
         }
         let file = File::open(path).map_err(|e| {
             let text = e.to_string();
             if text.contains("truncated") || text.contains("eof") || text.contains("EOF") {
-                err(path, format!("the HDF5 file is truncated (incomplete download or copy?): {text}"))
+                err(
+                    path,
+                    format!("the HDF5 file is truncated (incomplete download or copy?): {text}"),
+                )
             } else {
-                err(path, format!("HDF5 cannot open the file (damaged?): {text}"))
+                err(
+                    path,
+                    format!("HDF5 cannot open the file (damaged?): {text}"),
+                )
             }
         })?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     fn fail(&self, message: impl Into<String>) -> InputError {
@@ -181,22 +206,35 @@ impl H5ad {
     fn matrix_path(&self, which: &str) -> InputResult<String> {
         match which {
             "X" if self.exists("X") => Ok("X".into()),
-            "X" => Err(self.fail("has no X matrix (expected /X as a dataset or a sparse-matrix group)")),
+            "X" => {
+                Err(self
+                    .fail("has no X matrix (expected /X as a dataset or a sparse-matrix group)"))
+            }
             "raw" | "raw/X" | "raw.X" => {
                 if self.exists("raw/X") {
                     Ok("raw/X".into())
                 } else if self.exists("raw.X") {
                     Ok("raw.X".into())
                 } else {
-                    Err(self.fail(format!("has no raw matrix (raw/X); matrices present: {}", self.matrix_names().join(", "))))
+                    Err(self.fail(format!(
+                        "has no raw matrix (raw/X); matrices present: {}",
+                        self.matrix_names().join(", ")
+                    )))
                 }
             }
             layer => {
-                let path = if layer.starts_with("layers/") { layer.to_string() } else { format!("layers/{layer}") };
+                let path = if layer.starts_with("layers/") {
+                    layer.to_string()
+                } else {
+                    format!("layers/{layer}")
+                };
                 if self.exists(&path) {
                     Ok(path)
                 } else {
-                    Err(self.fail(format!("has no matrix '{which}'; matrices present: {}", self.matrix_names().join(", "))))
+                    Err(self.fail(format!(
+                        "has no matrix '{which}'; matrices present: {}",
+                        self.matrix_names().join(", ")
+                    )))
                 }
             }
         }
@@ -209,9 +247,17 @@ impl H5ad {
         if let Ok(ds) = self.file.dataset(&path) {
             let shape = ds.shape();
             if shape.len() != 2 {
-                return Err(self.fail(format!("{path} has {} dimensions, expected a 2-D cells x genes matrix", shape.len())));
+                return Err(self.fail(format!(
+                    "{path} has {} dimensions, expected a 2-D cells x genes matrix",
+                    shape.len()
+                )));
             }
-            return Ok(Matrix { name: path, n_obs: shape[0], n_vars: shape[1], storage: Storage::Dense(ds) });
+            return Ok(Matrix {
+                name: path,
+                n_obs: shape[0],
+                n_vars: shape[1],
+                storage: Storage::Dense(ds),
+            });
         }
         let group = self.file.group(&path).map_err(ctx)?;
         let format = read_string_attr(&group, "encoding-type")
@@ -220,7 +266,11 @@ impl H5ad {
         let shape: Vec<u64> = ["shape", "h5sparse_shape"]
             .iter()
             .find_map(|a| group.attr(a).ok().and_then(|a| a.read_raw::<u64>().ok()))
-            .ok_or_else(|| self.fail(format!("{path} is a group without a shape attribute; not a sparse matrix")))?;
+            .ok_or_else(|| {
+                self.fail(format!(
+                    "{path} is a group without a shape attribute; not a sparse matrix"
+                ))
+            })?;
         if shape.len() != 2 {
             return Err(self.fail(format!("{path} has shape {shape:?}, expected 2 dimensions")));
         }
@@ -237,7 +287,11 @@ impl H5ad {
         let csc = match format.as_str() {
             "csr" | "csr_matrix" => false,
             "csc" | "csc_matrix" => true,
-            other => return Err(self.fail(format!("{path} has sparse format '{other}', expected csr or csc"))),
+            other => {
+                return Err(self.fail(format!(
+                    "{path} has sparse format '{other}', expected csr or csc"
+                )))
+            }
         };
         let expected_ptr = if csc { n_vars + 1 } else { n_obs + 1 };
         if indptr.len() != expected_ptr || indptr.windows(2).any(|w| w[0] > w[1]) {
@@ -248,19 +302,36 @@ impl H5ad {
         }
         let nnz = *indptr.last().unwrap_or(&0) as usize;
         if data.size() < nnz || indices.size() < nnz {
-            return Err(self.fail(format!("{path}: indptr promises {nnz} values but data/indices hold fewer (truncated?)")));
+            return Err(self.fail(format!(
+                "{path}: indptr promises {nnz} values but data/indices hold fewer (truncated?)"
+            )));
         }
         if !csc {
-            return Ok(Matrix { name: path, n_obs, n_vars, storage: Storage::Csr { data, indices, indptr } });
+            return Ok(Matrix {
+                name: path,
+                n_obs,
+                n_vars,
+                storage: Storage::Csr {
+                    data,
+                    indices,
+                    indptr,
+                },
+            });
         }
         // Transpose CSC -> CSR with a counting sort over rows.
         let values: Vec<f32> = data.read_slice_1d::<f32, _>(0..nnz).map_err(ctx)?.to_vec();
-        let rows: Vec<i64> = indices.read_slice_1d::<i64, _>(0..nnz).map_err(ctx)?.to_vec();
+        let rows: Vec<i64> = indices
+            .read_slice_1d::<i64, _>(0..nnz)
+            .map_err(ctx)?
+            .to_vec();
         let mut counts = vec![0usize; n_obs + 1];
         for &r in &rows {
-            let r = usize::try_from(r).ok().filter(|&r| r < n_obs).ok_or_else(|| {
-                self.fail(format!("{path}/indices holds row {r}, outside 0..{n_obs}"))
-            })?;
+            let r = usize::try_from(r)
+                .ok()
+                .filter(|&r| r < n_obs)
+                .ok_or_else(|| {
+                    self.fail(format!("{path}/indices holds row {r}, outside 0..{n_obs}"))
+                })?;
             counts[r + 1] += 1;
         }
         for i in 0..n_obs {
@@ -281,13 +352,21 @@ impl H5ad {
             name: format!("{path} (CSC, transposed in memory)"),
             n_obs,
             n_vars,
-            storage: Storage::InMemory(CsrChunk { indptr: counts, indices: out_idx, values: out_val }),
+            storage: Storage::InMemory(CsrChunk {
+                indptr: counts,
+                indices: out_idx,
+                values: out_val,
+            }),
         })
     }
 
     /// Gene names of `X` (or of `raw` when `raw` is true).
     pub fn var_names(&self, raw: bool) -> InputResult<Vec<String>> {
-        let candidates: &[&str] = if raw { &["raw/var", "raw.var"] } else { &["var"] };
+        let candidates: &[&str] = if raw {
+            &["raw/var", "raw.var"]
+        } else {
+            &["var"]
+        };
         let path = candidates
             .iter()
             .find(|p| self.exists(p))
@@ -309,16 +388,23 @@ impl H5ad {
         }
         let group = self.file.group(path).map_err(|e| ctx(e.to_string()))?;
         let index = read_string_attr(&group, "_index").unwrap_or_else(|| "_index".to_string());
-        let ds = group.dataset(&index).map_err(|e| ctx(format!("index column '{index}': {e}")))?;
+        let ds = group
+            .dataset(&index)
+            .map_err(|e| ctx(format!("index column '{index}': {e}")))?;
         read_strings(&ds).map_err(ctx)
     }
 
     /// Names of obs columns.
     pub fn obs_columns(&self) -> InputResult<Vec<String>> {
         if let Ok(ds) = self.file.dataset("obs") {
-            return compound_fields(&ds).map(|f| f.into_iter().filter(|n| n != "index").collect()).map_err(|e| self.fail(e));
+            return compound_fields(&ds)
+                .map(|f| f.into_iter().filter(|n| n != "index").collect())
+                .map_err(|e| self.fail(e));
         }
-        let group = self.file.group("obs").map_err(|e| self.fail(format!("obs: {e}")))?;
+        let group = self
+            .file
+            .group("obs")
+            .map_err(|e| self.fail(format!("obs: {e}")))?;
         let index = read_string_attr(&group, "_index").unwrap_or_default();
         Ok(group
             .member_names()
@@ -332,7 +418,9 @@ impl H5ad {
     pub fn obs_column(&self, name: &str) -> InputResult<Column> {
         let missing = || {
             let available = self.obs_columns().map(|c| c.join(", ")).unwrap_or_default();
-            self.fail(format!("has no obs column '{name}'; available: {available}"))
+            self.fail(format!(
+                "has no obs column '{name}'; available: {available}"
+            ))
         };
         let ctx = |e: String| self.fail(format!("obs column '{name}': {e}"));
         if let Ok(ds) = self.file.dataset("obs") {
@@ -341,13 +429,25 @@ impl H5ad {
             }
             let uns_categories = format!("uns/{name}_categories");
             if self.exists(&uns_categories) {
-                let categories = read_strings(&self.file.dataset(&uns_categories).map_err(|e| ctx(e.to_string()))?).map_err(ctx)?;
-                let codes = read_compound_numbers(&ds, name).map_err(ctx)?.into_iter().map(|c| c as i64).collect();
+                let categories = read_strings(
+                    &self
+                        .file
+                        .dataset(&uns_categories)
+                        .map_err(|e| ctx(e.to_string()))?,
+                )
+                .map_err(ctx)?;
+                let codes = read_compound_numbers(&ds, name)
+                    .map_err(ctx)?
+                    .into_iter()
+                    .map(|c| c as i64)
+                    .collect();
                 return Ok(Column::Categorical { categories, codes });
             }
             return match read_compound_strings(&ds, name) {
                 Ok(strings) => Ok(Column::Strings(strings)),
-                Err(_) => read_compound_numbers(&ds, name).map(Column::Numeric).map_err(ctx),
+                Err(_) => read_compound_numbers(&ds, name)
+                    .map(Column::Numeric)
+                    .map_err(ctx),
             };
         }
         let group = self.file.group("obs").map_err(|e| ctx(e.to_string()))?;
@@ -356,21 +456,33 @@ impl H5ad {
         }
         if let Ok(sub) = group.group(name) {
             // Modern categorical: a group of categories + codes.
-            let categories = read_strings(&sub.dataset("categories").map_err(|e| ctx(e.to_string()))?).map_err(ctx)?;
-            let codes = sub.dataset("codes").and_then(|d| d.read_raw::<i64>()).map_err(|e| ctx(e.to_string()))?;
+            let categories =
+                read_strings(&sub.dataset("categories").map_err(|e| ctx(e.to_string()))?)
+                    .map_err(ctx)?;
+            let codes = sub
+                .dataset("codes")
+                .and_then(|d| d.read_raw::<i64>())
+                .map_err(|e| ctx(e.to_string()))?;
             return Ok(Column::Categorical { categories, codes });
         }
         let ds = group.dataset(name).map_err(|e| ctx(e.to_string()))?;
         let legacy_categories = format!("__categories/{name}");
         if group.link_exists("__categories") && self.exists(&format!("obs/{legacy_categories}")) {
-            let categories = read_strings(&group.dataset(&legacy_categories).map_err(|e| ctx(e.to_string()))?).map_err(ctx)?;
+            let categories = read_strings(
+                &group
+                    .dataset(&legacy_categories)
+                    .map_err(|e| ctx(e.to_string()))?,
+            )
+            .map_err(ctx)?;
             let codes = ds.read_raw::<i64>().map_err(|e| ctx(e.to_string()))?;
             return Ok(Column::Categorical { categories, codes });
         }
         if is_string_type(&ds) {
             return read_strings(&ds).map(Column::Strings).map_err(ctx);
         }
-        ds.read_raw::<f64>().map(Column::Numeric).map_err(|e| ctx(e.to_string()))
+        ds.read_raw::<f64>()
+            .map(Column::Numeric)
+            .map_err(|e| ctx(e.to_string()))
     }
 }
 
@@ -383,7 +495,9 @@ impl Matrix {
         out.indptr.push(0);
         match &self.storage {
             Storage::Dense(ds) => {
-                let block = ds.read_slice_2d::<f32, _>((rows.clone(), ..)).map_err(|e| e.to_string())?;
+                let block = ds
+                    .read_slice_2d::<f32, _>((rows.clone(), ..))
+                    .map_err(|e| e.to_string())?;
                 for row in block.rows() {
                     for (j, &v) in row.iter().enumerate() {
                         if v != 0.0 {
@@ -396,15 +510,27 @@ impl Matrix {
             }
             Storage::Csr { data, indices, indptr } => {
                 let (lo, hi) = (indptr[rows.start] as usize, indptr[rows.end] as usize);
-                if hi > lo {
-                    out.values = data.read_slice_1d::<f32, _>(lo..hi).map_err(|e| e.to_string())?.to_vec();
-                    let raw = indices.read_slice_1d::<i64, _>(lo..hi).map_err(|e| e.to_string())?;
-                    out.indices.reserve(raw.len());
-                    for &j in raw.iter() {
-                        if j < 0 || j as usize >= self.n_vars {
-                            return Err(format!("indices holds column {j}, outside 0..{}", self.n_vars));
-                        }
-                        out.indices.push(j as u32);
+                read_range_into(data, lo..hi, &mut out.values)?;
+                let n_vars = self.n_vars;
+                let check = |j: i64| -> Result<u32, String> {
+                    u32::try_from(j)
+                        .ok()
+                        .filter(|&j| (j as usize) < n_vars)
+                        .ok_or_else(|| format!("indices holds column {j}, outside 0..{n_vars}"))
+                };
+                if indices.dtype().map(|t| t.size() <= 4).unwrap_or(false) {
+                    // 32-bit indices land in the u32 buffer as stored (a negative one reads as a huge
+                    // value and fails the range check), sparing HDF5 a conversion pass.
+                    read_range_as::<i32, u32>(indices, lo..hi, &mut out.indices)?;
+                    if let Some(&bad) = out.indices.iter().find(|&&j| j as usize >= n_vars) {
+                        check(i64::from(bad as i32))?;
+                    }
+                } else {
+                    let mut raw: Vec<i64> = Vec::new();
+                    read_range_into(indices, lo..hi, &mut raw)?;
+                    out.indices.clear();
+                    for j in raw {
+                        out.indices.push(check(j)?);
                     }
                 }
                 out.indptr.extend(indptr[rows.start + 1..=rows.end].iter().map(|&p| p as usize - lo));
@@ -413,11 +539,54 @@ impl Matrix {
                 let (lo, hi) = (csr.indptr[rows.start], csr.indptr[rows.end]);
                 out.indices.extend_from_slice(&csr.indices[lo..hi]);
                 out.values.extend_from_slice(&csr.values[lo..hi]);
-                out.indptr.extend(csr.indptr[rows.start + 1..=rows.end].iter().map(|&p| p - lo));
+                out.indptr.extend(
+                    csr.indptr[rows.start + 1..=rows.end]
+                        .iter()
+                        .map(|&p| p - lo),
+                );
             }
         }
         Ok(())
     }
+}
+
+/// Reads elements `range` of a 1-D dataset into `out` (replacing its contents) as memory type `T`,
+/// straight into the reused buffer: no intermediate array, no copy.
+fn read_range_into<T: hdf5::H5Type + Copy>(ds: &Dataset, range: Range<usize>, out: &mut Vec<T>) -> Result<(), String> {
+    read_range_as::<T, T>(ds, range, out)
+}
+
+/// [`read_range_into`] with HDF5 memory type `M` stored in a buffer of the same-sized plain type `T`.
+fn read_range_as<M: hdf5::H5Type, T: Copy>(ds: &Dataset, range: Range<usize>, out: &mut Vec<T>) -> Result<(), String> {
+    assert_eq!(std::mem::size_of::<M>(), std::mem::size_of::<T>(), "memory type and buffer element differ in size");
+    out.clear();
+    let n = range.len();
+    if n == 0 {
+        return Ok(());
+    }
+    out.reserve(n);
+    let mem_type = hdf5::Datatype::from_type::<M>().map_err(|e| e.to_string())?;
+    let status = hdf5::sync::sync(|| unsafe {
+        let file_space = H5Dget_space(ds.id());
+        let start = [range.start as hdf5_sys::h5::hsize_t];
+        let count = [n as hdf5_sys::h5::hsize_t];
+        let selected = H5Sselect_hyperslab(file_space, H5S_seloper_t::H5S_SELECT_SET, start.as_ptr(), std::ptr::null(), count.as_ptr(), std::ptr::null());
+        let mem_space = H5Screate_simple(1, count.as_ptr(), std::ptr::null());
+        let status = if selected < 0 {
+            selected
+        } else {
+            H5Dread(ds.id(), mem_type.id(), mem_space, file_space, H5P_DEFAULT, out.as_mut_ptr().cast())
+        };
+        H5Sclose(mem_space);
+        H5Sclose(file_space);
+        status
+    });
+    if status < 0 {
+        return Err(format!("HDF5 could not read elements {range:?} of {}", ds.name()));
+    }
+    // SAFETY: H5Dread filled all n elements of the reserved buffer.
+    unsafe { out.set_len(n) };
+    Ok(())
 }
 
 fn read_string_attr(loc: &Location, name: &str) -> Option<String> {
@@ -459,7 +628,8 @@ unsafe fn string_memory_type(ftype: hid_t) -> hid_t {
 unsafe fn decode_strings(mem: hid_t, buf: &[u8], n: usize) -> Vec<String> {
     unsafe {
         if H5Tis_variable_str(mem) > 0 {
-            let ptrs = std::slice::from_raw_parts(buf.as_ptr() as *const *mut std::os::raw::c_char, n);
+            let ptrs =
+                std::slice::from_raw_parts(buf.as_ptr() as *const *mut std::os::raw::c_char, n);
             ptrs.iter()
                 .map(|&p| {
                     if p.is_null() {
@@ -486,12 +656,20 @@ unsafe fn decode_strings(mem: hid_t, buf: &[u8], n: usize) -> Vec<String> {
 
 fn read_strings_raw(id: hid_t, is_attr: bool) -> Result<Vec<String>, String> {
     hdf5::sync::sync(|| unsafe {
-        let ftype = if is_attr { hdf5_sys::h5a::H5Aget_type(id) } else { hdf5_sys::h5d::H5Dget_type(id) };
+        let ftype = if is_attr {
+            hdf5_sys::h5a::H5Aget_type(id)
+        } else {
+            hdf5_sys::h5d::H5Dget_type(id)
+        };
         if H5Tget_class(ftype) != H5T_class_t::H5T_STRING {
             H5Tclose(ftype);
             return Err("expected strings".to_string());
         }
-        let space = if is_attr { H5Aget_space(id) } else { H5Dget_space(id) };
+        let space = if is_attr {
+            H5Aget_space(id)
+        } else {
+            H5Dget_space(id)
+        };
         let n = H5Sget_simple_extent_npoints(space).max(0) as usize;
         H5Sclose(space);
         let mem = string_memory_type(ftype);
@@ -500,9 +678,20 @@ fn read_strings_raw(id: hid_t, is_attr: bool) -> Result<Vec<String>, String> {
         let status = if is_attr {
             H5Aread(id, mem, buf.as_mut_ptr().cast())
         } else {
-            H5Dread(id, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.as_mut_ptr().cast())
+            H5Dread(
+                id,
+                mem,
+                H5S_ALL,
+                H5S_ALL,
+                H5P_DEFAULT,
+                buf.as_mut_ptr().cast(),
+            )
         };
-        let out = if status < 0 { Err("HDF5 could not read the strings".to_string()) } else { Ok(decode_strings(mem, &buf, n)) };
+        let out = if status < 0 {
+            Err("HDF5 could not read the strings".to_string())
+        } else {
+            Ok(decode_strings(mem, &buf, n))
+        };
         H5Tclose(mem);
         out
     })
@@ -530,7 +719,11 @@ fn compound_fields(ds: &Dataset) -> Result<Vec<String>, String> {
 }
 
 /// Reads one member of a compound dataset through a one-member memory type (HDF5 converts by name).
-fn read_compound_member(ds: &Dataset, field: &str, make_mem: impl FnOnce(hid_t) -> Option<hid_t>) -> Result<(Vec<u8>, hid_t, usize), String> {
+fn read_compound_member(
+    ds: &Dataset,
+    field: &str,
+    make_mem: impl FnOnce(hid_t) -> Option<hid_t>,
+) -> Result<(Vec<u8>, hid_t, usize), String> {
     let cname = CString::new(field).map_err(|e| e.to_string())?;
     hdf5::sync::sync(|| unsafe {
         let ftype = hdf5_sys::h5d::H5Dget_type(ds.id());
@@ -551,7 +744,14 @@ fn read_compound_member(ds: &Dataset, field: &str, make_mem: impl FnOnce(hid_t) 
         H5Tinsert(compound, cname.as_ptr(), 0, mem_member);
         let n = ds.size();
         let mut buf = vec![0u8; n * size + 1];
-        let status = H5Dread(ds.id(), compound, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.as_mut_ptr().cast());
+        let status = H5Dread(
+            ds.id(),
+            compound,
+            H5S_ALL,
+            H5S_ALL,
+            H5P_DEFAULT,
+            buf.as_mut_ptr().cast(),
+        );
         H5Tclose(compound);
         if status < 0 {
             H5Tclose(mem_member);
@@ -574,9 +774,16 @@ fn read_compound_strings(ds: &Dataset, field: &str) -> Result<Vec<String>, Strin
 
 fn read_compound_numbers(ds: &Dataset, field: &str) -> Result<Vec<f64>, String> {
     let (buf, mem, n) = read_compound_member(ds, field, |member| unsafe {
-        matches!(H5Tget_class(member), H5T_class_t::H5T_INTEGER | H5T_class_t::H5T_FLOAT)
-            .then(|| H5Tcopy(*hdf5::globals::H5T_NATIVE_DOUBLE))
+        matches!(
+            H5Tget_class(member),
+            H5T_class_t::H5T_INTEGER | H5T_class_t::H5T_FLOAT
+        )
+        .then(|| H5Tcopy(*hdf5::globals::H5T_NATIVE_DOUBLE))
     })?;
     hdf5::sync::sync(|| unsafe { H5Tclose(mem) });
-    Ok(buf.chunks_exact(8).take(n).map(|c| f64::from_ne_bytes(c.try_into().unwrap())).collect())
+    Ok(buf
+        .chunks_exact(8)
+        .take(n)
+        .map(|c| f64::from_ne_bytes(c.try_into().unwrap()))
+        .collect())
 }

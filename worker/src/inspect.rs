@@ -13,23 +13,70 @@ pub fn summary(corpus: &Corpus) -> String {
     let mut out = String::new();
     let stored: u64 = m.shards.iter().map(|s| s.bytes).sum();
     let _ = writeln!(out, "corpus        {}", corpus.store.url());
-    let _ = writeln!(out, "format        v{}{}", m.format_version, if m.synthetic { "  (SYNTHETIC: for scale tests and benchmarks only)" } else { "" });
+    let _ = writeln!(
+        out,
+        "format        v{}{}",
+        m.format_version,
+        if m.synthetic {
+            "  (SYNTHETIC: for scale tests and benchmarks only)"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(out, "cells         {}", m.total_cells);
     let vocab = match &m.vocabulary {
-        VocabularySource::HighlyVariable { requested, candidates } => format!("top {requested} highly variable of {candidates} genes"),
-        VocabularySource::Fixed { file, missing_in_input } => format!("fixed list {file} ({missing_in_input} absent from input)"),
+        VocabularySource::HighlyVariable {
+            requested,
+            candidates,
+        } => format!("top {requested} highly variable of {candidates} genes"),
+        VocabularySource::Fixed {
+            file,
+            missing_in_input,
+        } => format!("fixed list {file} ({missing_in_input} absent from input)"),
     };
     let _ = writeln!(out, "genes         {} ({vocab})", m.genes.len());
     let preview: Vec<&str> = m.genes.iter().take(8).map(String::as_str).collect();
-    let _ = writeln!(out, "              {}{}", preview.join(", "), if m.genes.len() > 8 { ", ..." } else { "" });
+    let _ = writeln!(
+        out,
+        "              {}{}",
+        preview.join(", "),
+        if m.genes.len() > 8 { ", ..." } else { "" }
+    );
     let _ = writeln!(out, "bins          {} ({})", m.bins.n_bins, m.bins.rule);
-    let _ = writeln!(out, "shards        {} ({:.1} MiB stored, {} cells per block)", m.shards.len(), stored as f64 / (1 << 20) as f64, m.block_cells);
+    let _ = writeln!(
+        out,
+        "shards        {} ({:.1} MiB stored, {} cells per block)",
+        m.shards.len(),
+        stored as f64 / (1 << 20) as f64,
+        m.block_cells
+    );
     for col in &m.label_columns {
         let preview: Vec<&str> = col.categories.iter().take(6).map(String::as_str).collect();
-        let _ = writeln!(out, "label         {} ({} categories: {}{})", col.name, col.categories.len(), preview.join(", "), if col.categories.len() > 6 { ", ..." } else { "" });
+        let _ = writeln!(
+            out,
+            "label         {} ({} categories: {}{})",
+            col.name,
+            col.categories.len(),
+            preview.join(", "),
+            if col.categories.len() > 6 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
     }
     for s in &m.sources {
-        let _ = writeln!(out, "source        {} ({} cells x {} genes, {} via {}, {:?}; blake3 {}...)", s.path, s.cells, s.genes, s.matrix, s.matrix_reason, s.value_kind, &s.blake3[..12]);
+        let _ = writeln!(
+            out,
+            "source        {} ({} cells x {} genes, {} via {}, {:?}; blake3 {}...)",
+            s.path,
+            s.cells,
+            s.genes,
+            s.matrix,
+            s.matrix_reason,
+            s.value_kind,
+            &s.blake3[..12]
+        );
     }
     let _ = write!(out, "manifest hash {}", m.content_hash());
     out
@@ -69,8 +116,14 @@ pub fn stream_lines(corpus: Corpus, preview: &StreamPreview) -> anyhow::Result<V
     use cellfleet_shared::stream::{EpochPlan, Partitioner};
     use std::sync::Arc;
 
-    let plan = Arc::new(EpochPlan::new(&corpus.manifest, preview.order, preview.epoch)?);
-    let partitioner = Partitioner { epoch_len: plan.len() };
+    let plan = Arc::new(EpochPlan::new(
+        &corpus.manifest,
+        preview.order,
+        preview.epoch,
+    )?);
+    let partitioner = Partitioner {
+        epoch_len: plan.len(),
+    };
     let mut ranges = Vec::new();
     let mut cursor = preview.cursor;
     for _ in 0..preview.batches {
@@ -78,10 +131,19 @@ pub fn stream_lines(corpus: Corpus, preview: &StreamPreview) -> anyhow::Result<V
         if global.is_empty() {
             break;
         }
-        ranges.push(Partitioner::rank_slice(&global, preview.world, preview.rank));
+        ranges.push(Partitioner::rank_slice(
+            &global,
+            preview.world,
+            preview.rank,
+        ));
         cursor = global.end;
     }
-    let config = LoaderConfig { mask: MaskConfig { ratio: preview.mask_ratio }, ..LoaderConfig::default() };
+    let config = LoaderConfig {
+        mask: MaskConfig {
+            ratio: preview.mask_ratio,
+        },
+        ..LoaderConfig::default()
+    };
     let loader = Loader::spawn(Arc::new(corpus), plan.clone(), ranges, config)?;
     let mut lines = vec![format!(
         "epoch {} has {} samples (augmentation x{}); rank {}/{} from cursor {}",
@@ -100,8 +162,16 @@ pub fn stream_lines(corpus: Corpus, preview: &StreamPreview) -> anyhow::Result<V
         }
         digest.update(&batch.input_bins);
         digest.update(&batch.target_bins);
-        let masked = batch.target_bins.iter().filter(|&&t| t != IGNORE_TARGET).count();
-        let ids: Vec<String> = batch.sample_ids.iter().map(|s| format!("{}.{}", s.cell, s.clone)).collect();
+        let masked = batch
+            .target_bins
+            .iter()
+            .filter(|&&t| t != IGNORE_TARGET)
+            .count();
+        let ids: Vec<String> = batch
+            .sample_ids
+            .iter()
+            .map(|s| format!("{}.{}", s.cell, s.clone))
+            .collect();
         lines.push(format!(
             "positions {}..{} masked {masked}/{} tokens digest {} samples(cell.clone) {}",
             batch.positions.start,

@@ -12,7 +12,11 @@ use cellfleet_worker::{bench, inspect, synth};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cellfleet", version, about = "Pretrain single-cell foundation models on a cluster and run in-silico perturbation screens")]
+#[command(
+    name = "cellfleet",
+    version,
+    about = "Pretrain single-cell foundation models on a cluster and run in-silico perturbation screens"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,10 @@ struct S3Args {
 
 impl S3Args {
     fn options(&self) -> S3Options {
-        S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() }
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+        }
     }
 }
 
@@ -159,12 +166,26 @@ enum CorpusAction {
 }
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ingest { inputs, out, hvg, bins, layer, genes, label_cols, shard_cells, block_cells, threads, s3 } => {
+        Command::Ingest {
+            inputs,
+            out,
+            hvg,
+            bins,
+            layer,
+            genes,
+            label_cols,
+            shard_cells,
+            block_cells,
+            threads,
+            s3,
+        } => {
             let opts = IngestOptions {
                 inputs,
                 out,
@@ -193,30 +214,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.manifest.total_cells as f64 / secs
             );
         }
-        Command::Corpus { action: CorpusAction::Inspect { url, s3 } } => {
+        Command::Corpus {
+            action: CorpusAction::Inspect { url, s3 },
+        } => {
             let corpus = Corpus::open(&url, &s3.options())?;
             println!("{}", inspect::summary(&corpus));
         }
-        Command::Corpus { action: CorpusAction::Verify { url, s3 } } => {
+        Command::Corpus {
+            action: CorpusAction::Verify { url, s3 },
+        } => {
             let corpus = Corpus::open(&url, &s3.options())?;
             let bad = inspect::verify(&corpus);
             if !bad.is_empty() {
                 for (name, why) in &bad {
                     eprintln!("BAD {name}: {why}");
                 }
-                anyhow::bail!("{} of {} shards failed verification", bad.len(), corpus.manifest.shards.len());
+                anyhow::bail!(
+                    "{} of {} shards failed verification",
+                    bad.len(),
+                    corpus.manifest.shards.len()
+                );
             }
-            println!("ok: {} shards, {} cells verified", corpus.manifest.shards.len(), corpus.total_cells());
+            println!(
+                "ok: {} shards, {} cells verified",
+                corpus.manifest.shards.len(),
+                corpus.total_cells()
+            );
         }
         Command::Corpus {
-            action: CorpusAction::Stream { url, seed, epoch, augmentation, window_units, mask_ratio, world, rank, batch_size, batches, cursor, s3 },
+            action:
+                CorpusAction::Stream {
+                    url,
+                    seed,
+                    epoch,
+                    augmentation,
+                    window_units,
+                    mask_ratio,
+                    world,
+                    rank,
+                    batch_size,
+                    batches,
+                    cursor,
+                    s3,
+                },
         } => {
             if world == 0 || rank >= world {
                 anyhow::bail!("--rank {rank} must be below --world {world}");
             }
             let corpus = Corpus::open(&url, &s3.options())?;
             let preview = inspect::StreamPreview {
-                order: OrderConfig { seed, augmentation, window_units },
+                order: OrderConfig {
+                    seed,
+                    augmentation,
+                    window_units,
+                },
                 epoch,
                 mask_ratio,
                 world,
@@ -229,7 +280,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
-        Command::Synth { cells, from, out, hvg, bins, label_cols, seed, shard_cells, block_cells, threads, s3 } => {
+        Command::Synth {
+            cells,
+            from,
+            out,
+            hvg,
+            bins,
+            label_cols,
+            seed,
+            shard_cells,
+            block_cells,
+            threads,
+            s3,
+        } => {
             let opts = synth::SynthOptions {
                 cells,
                 sources: from,
@@ -252,7 +315,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CELLFLEET_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELLFLEET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {

@@ -33,7 +33,8 @@ pub fn write_shards<J: Send>(
     let written = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let result: anyhow::Result<Vec<ShardEntry>> = std::thread::scope(|scope| {
         for _ in 0..threads {
-            let (job_rx, out_tx, build, written) = (job_rx.clone(), out_tx.clone(), &build, written.clone());
+            let (job_rx, out_tx, build, written) =
+                (job_rx.clone(), out_tx.clone(), &build, written.clone());
             scope.spawn(move || {
                 for (index, job) in job_rx.iter() {
                     let outcome = build(job).and_then(|builder| {

@@ -14,11 +14,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use cellfleet_shared::manifest::{LabelColumn, Manifest, SourceFile, VocabularySource, FORMAT_VERSION, MANIFEST_NAME, MISSING_LABEL};
+use cellfleet_shared::manifest::{
+    LabelColumn, Manifest, SourceFile, VocabularySource, FORMAT_VERSION, MANIFEST_NAME,
+    MISSING_LABEL,
+};
 use cellfleet_shared::philox::{Domain, PhiloxStream};
 use cellfleet_shared::shard::{CellOrigin, ShardBuilder};
 use cellfleet_shared::store::{S3Options, Store};
-use cellfleet_shared::tokenize::{bin_cell, BinRule, HvgAccumulator, ValueKind};
+use cellfleet_shared::tokenize::{bin_cell, bin_key, BinRule, HvgAccumulator, ValueKind};
 
 use crate::h5ad::{CsrChunk, H5ad};
 use crate::progress;
@@ -54,27 +57,45 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
     let mut genes: Vec<String> = Vec::new();
     let mut index = std::collections::HashMap::new();
     let mut cells = Vec::new();
-    let mut label_columns: Vec<LabelColumn> = opts.label_cols.iter().map(|c| LabelColumn { name: c.clone(), categories: Vec::new() }).collect();
+    let mut label_columns: Vec<LabelColumn> = opts
+        .label_cols
+        .iter()
+        .map(|c| LabelColumn {
+            name: c.clone(),
+            categories: Vec::new(),
+        })
+        .collect();
     let mut labels: Vec<Vec<u32>> = vec![Vec::new(); opts.label_cols.len()];
     let mut sources = Vec::new();
     let mut per_file_stats = Vec::new();
     for path in &opts.sources {
         let h5 = H5ad::open(path)?;
         // Same preference as `ingest --layer auto`: a counts layer, else X, else raw when X is scaled.
-        let mut candidates: Vec<String> = h5.matrix_names().into_iter().filter(|n| n.starts_with("layers/") && n.contains("count")).collect();
+        let mut candidates: Vec<String> = h5
+            .matrix_names()
+            .into_iter()
+            .filter(|n| n.starts_with("layers/") && n.contains("count"))
+            .collect();
         candidates.extend(["X".to_string(), "raw".to_string()]);
         let mut loaded = None;
         for which in candidates {
-            let Ok(matrix) = h5.matrix(&which) else { continue };
+            let Ok(matrix) = h5.matrix(&which) else {
+                continue;
+            };
             let mut chunk = CsrChunk::default();
-            matrix.read_rows(0..matrix.n_obs, &mut chunk).map_err(|e| anyhow::anyhow!("{}: {}: {e}", path.display(), matrix.name))?;
+            matrix
+                .read_rows(0..matrix.n_obs, &mut chunk)
+                .map_err(|e| anyhow::anyhow!("{}: {}: {e}", path.display(), matrix.name))?;
             if chunk.values.iter().all(|v| v.is_finite() && *v >= 0.0) {
                 loaded = Some((which, matrix, chunk));
                 break;
             }
         }
         let Some((which, matrix, chunk)) = loaded else {
-            bail!("{}: no matrix with finite, non-negative expression to resample", path.display());
+            bail!(
+                "{}: no matrix with finite, non-negative expression to resample",
+                path.display()
+            );
         };
         let file_genes = h5.var_names(which == "raw")?;
         let to_union: Vec<u32> = file_genes
@@ -86,7 +107,11 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
                 })
             })
             .collect();
-        let kind = if chunk.values.iter().all(|v| v.fract() == 0.0) { ValueKind::Counts } else { ValueKind::LogNormalized };
+        let kind = if chunk.values.iter().all(|v| v.fract() == 0.0) {
+            ValueKind::Counts
+        } else {
+            ValueKind::LogNormalized
+        };
         let mut stats = HvgAccumulator::new(genes.len(), kind);
         let mut union_idx = Vec::new();
         for r in 0..chunk.rows() {
@@ -103,14 +128,23 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
                 ValueKind::Counts => total,
                 ValueKind::LogNormalized => 10.0 * idx.len() as f64,
             };
-            cells.push((idx.iter().zip(&linear).map(|(&j, &x)| (to_union[j as usize], x / total)).collect(), library));
+            cells.push((
+                idx.iter()
+                    .zip(&linear)
+                    .map(|(&j, &x)| (to_union[j as usize], x / total))
+                    .collect(),
+                library,
+            ));
             union_idx.clear();
             union_idx.extend(idx.iter().map(|&j| to_union[j as usize]));
             stats.add_cell(&union_idx, vals, total);
         }
         per_file_stats.push(stats);
         for (c, col) in opts.label_cols.iter().enumerate() {
-            let values = h5.obs_column(col)?.as_labels().map_err(|why| anyhow::anyhow!("{}: --label-col {col}: {why}", path.display()))?;
+            let values = h5
+                .obs_column(col)?
+                .as_labels()
+                .map_err(|why| anyhow::anyhow!("{}: --label-col {col}: {why}", path.display()))?;
             let cats = &mut label_columns[c].categories;
             for (r, v) in values.iter().enumerate() {
                 // Keep the labels of the rows that became profiles (rows with expression).
@@ -140,7 +174,9 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
             cells: matrix.n_obs as u64,
             genes: matrix.n_vars as u64,
             matrix: matrix.name.clone(),
-            matrix_reason: "synth resamples the first matrix with non-negative values (counts layer, X, raw)".into(),
+            matrix_reason:
+                "synth resamples the first matrix with non-negative values (counts layer, X, raw)"
+                    .into(),
             value_kind: kind,
             missing_vocabulary_genes: 0,
         });
@@ -155,7 +191,14 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
         }
         hvg.merge(s);
     }
-    Ok(Profiles { genes, cells, labels, label_columns, sources, hvg })
+    Ok(Profiles {
+        genes,
+        cells,
+        labels,
+        label_columns,
+        sources,
+        hvg,
+    })
 }
 
 /// Poisson draw: inversion for small means, rounded normal approximation for large ones.
@@ -185,7 +228,13 @@ fn standard_normal(rng: &mut PhiloxStream) -> f64 {
 
 /// The counts of synthetic cell `i`, over union genes, for genes kept by `keep` (u32::MAX = dropped).
 /// Returns the real cell it was drawn from.
-fn synth_cell(profiles: &Profiles, seed: u64, i: u64, keep: &[u32], out: &mut Vec<(u32, f32)>) -> usize {
+fn synth_cell(
+    profiles: &Profiles,
+    seed: u64,
+    i: u64,
+    keep: &[u32],
+    out: &mut Vec<(u32, f32)>,
+) -> usize {
     let mut rng = PhiloxStream::new(seed, Domain::Synth, i as u32, (i >> 32) as u32);
     let r = rng.below(profiles.cells.len() as u32) as usize;
     let (profile, library) = &profiles.cells[r];
@@ -222,14 +271,21 @@ pub fn run(opts: &SynthOptions) -> anyhow::Result<()> {
     } else {
         write_corpus(opts, &profiles)?;
     }
-    eprintln!("done in {:.1}s: {}", started.elapsed().as_secs_f64(), opts.out);
+    eprintln!(
+        "done in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        opts.out
+    );
     Ok(())
 }
 
 fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result<()> {
     let store = Store::open(&opts.out, &opts.s3)?;
     if store.exists(MANIFEST_NAME)? {
-        bail!("{} already holds a corpus; choose another --out or remove it first", opts.out);
+        bail!(
+            "{} already holds a corpus; choose another --out or remove it first",
+            opts.out
+        );
     }
     let vocab = profiles.hvg.select(opts.hvg);
     let mut keep = vec![u32::MAX; profiles.genes.len()];
@@ -239,37 +295,56 @@ fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result
     let n_vocab = vocab.len();
     let n_labels = profiles.label_columns.len();
     let bar = progress::bar(opts.cells, "synthesizing shards");
-    let jobs = (0..opts.cells).step_by(opts.shard_cells).map(|start| Ok(start..(start + opts.shard_cells as u64).min(opts.cells)));
-    let entries = write_shards(&store, jobs, opts.threads, opts.block_cells, &bar, |range: std::ops::Range<u64>| {
-        let mut builder = ShardBuilder::new(n_vocab, n_labels);
-        let mut counts = Vec::new();
-        let mut entries: Vec<(f32, u32)> = Vec::new();
-        let mut labels = vec![0u32; n_labels];
-        for i in range {
-            let r = synth_cell(profiles, opts.seed, i, &keep, &mut counts);
-            for (l, codes) in profiles.labels.iter().enumerate() {
-                labels[l] = codes[r];
+    let jobs = (0..opts.cells)
+        .step_by(opts.shard_cells)
+        .map(|start| Ok(start..(start + opts.shard_cells as u64).min(opts.cells)));
+    let entries = write_shards(
+        &store,
+        jobs,
+        opts.threads,
+        opts.block_cells,
+        &bar,
+        |range: std::ops::Range<u64>| {
+            let mut builder = ShardBuilder::new(n_vocab, n_labels);
+            let mut counts = Vec::new();
+            let mut keys: Vec<u64> = Vec::new();
+            let mut nonzero: Vec<(u16, u8)> = Vec::new();
+            let mut labels = vec![0u32; n_labels];
+            for i in range {
+                let r = synth_cell(profiles, opts.seed, i, &keep, &mut counts);
+                for (l, codes) in profiles.labels.iter().enumerate() {
+                    labels[l] = codes[r];
+                }
+                keys.clear();
+                keys.extend(counts.iter().map(|&(g, v)| bin_key(v, g)));
+                nonzero.clear();
+                bin_cell(&mut keys, opts.bins, |pos, bin| nonzero.push((pos as u16, bin)));
+                let origin = CellOrigin { source: 0, row: i, name: format!("synth-{i}-from-{r}") };
+                builder.push_sparse(origin, &labels, nonzero.iter().copied());
             }
-            let out = builder.push_cell(CellOrigin { source: 0, row: i, name: format!("synth-{i}-from-{r}") }, &labels);
-            entries.clear();
-            entries.extend(counts.iter().map(|&(g, v)| (v, g)));
-            bin_cell(&mut entries, opts.bins, out);
-        }
-        Ok(builder)
-    })?;
+            Ok(builder)
+        },
+    )?;
     bar.finish_and_clear();
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         synthetic: true,
         genes: vocab.iter().map(|&g| profiles.genes[g].clone()).collect(),
-        vocabulary: VocabularySource::HighlyVariable { requested: opts.hvg, candidates: profiles.genes.len() },
+        vocabulary: VocabularySource::HighlyVariable {
+            requested: opts.hvg,
+            candidates: profiles.genes.len(),
+        },
         bins: BinRule::per_cell_quantile(opts.bins),
         label_columns: profiles.label_columns.clone(),
         block_cells: opts.block_cells as u32,
         shards: entries,
         sources: profiles.sources.clone(),
         total_cells: opts.cells,
-        created_by: format!("cellfleet {} synth (seed {})", env!("CARGO_PKG_VERSION"), opts.seed),
+        created_by: format!(
+            "cellfleet {} synth (seed {})",
+            env!("CARGO_PKG_VERSION"),
+            opts.seed
+        ),
     };
     store.put(MANIFEST_NAME, serde_json::to_vec_pretty(&manifest)?.into())?;
     Ok(())
@@ -277,15 +352,28 @@ fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result
 
 fn str_attr(loc: &hdf5::Location, name: &str, value: &str) -> hdf5::Result<()> {
     let v: hdf5::types::VarLenUnicode = value.parse().expect("attribute text has no NUL");
-    loc.new_attr::<hdf5::types::VarLenUnicode>().create(name)?.write_scalar(&v)
+    loc.new_attr::<hdf5::types::VarLenUnicode>()
+        .create(name)?
+        .write_scalar(&v)
 }
 
 fn str_dataset(group: &hdf5::Group, name: &str, values: &[String]) -> hdf5::Result<hdf5::Dataset> {
-    let data: Vec<hdf5::types::VarLenUnicode> = values.iter().map(|v| v.parse().expect("no NUL")).collect();
+    let data: Vec<hdf5::types::VarLenUnicode> =
+        values.iter().map(|v| v.parse().expect("no NUL")).collect();
     let ds = group.new_dataset_builder().with_data(&data).create(name)?;
     str_attr(&ds, "encoding-type", "string-array")?;
     str_attr(&ds, "encoding-version", "0.2.0")?;
     Ok(ds)
+}
+
+/// CSR rows generated by one thread: column indices, counts, row lengths and the real cell each row
+/// was drawn from.
+#[derive(Default)]
+struct GeneratedRows {
+    indices: Vec<u32>,
+    values: Vec<f32>,
+    lengths: Vec<i64>,
+    drawn_from: Vec<usize>,
 }
 
 /// Writes raw counts over all union genes as an AnnData (>= 0.8 encoding) file with a CSR X.
@@ -295,17 +383,29 @@ fn write_h5ad(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result<(
         bail!("{} exists; remove it first", path.display());
     }
     let tmp = path.with_extension("h5ad.partial");
-    let file = hdf5::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let file =
+        hdf5::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     str_attr(&file, "encoding-type", "anndata")?;
     str_attr(&file, "encoding-version", "0.1.0")?;
     let x = file.create_group("X")?;
     str_attr(&x, "encoding-type", "csr_matrix")?;
     str_attr(&x, "encoding-version", "0.1.0")?;
     let n_genes = profiles.genes.len();
-    x.new_attr::<u64>().shape(2).create("shape")?.write(&[opts.cells, n_genes as u64])?;
+    x.new_attr::<u64>()
+        .shape(2)
+        .create("shape")?
+        .write(&[opts.cells, n_genes as u64])?;
     let chunk = 1 << 20;
-    let data = x.new_dataset::<f32>().chunk(chunk).shape(0..).create("data")?;
-    let indices = x.new_dataset::<i32>().chunk(chunk).shape(0..).create("indices")?;
+    let data = x
+        .new_dataset::<f32>()
+        .chunk(chunk)
+        .shape(0..)
+        .create("data")?;
+    let indices = x
+        .new_dataset::<i32>()
+        .chunk(chunk)
+        .shape(0..)
+        .create("indices")?;
     let keep: Vec<u32> = (0..n_genes as u32).collect();
     let mut indptr: Vec<i64> = Vec::with_capacity(opts.cells as usize + 1);
     indptr.push(0);
@@ -318,29 +418,39 @@ fn write_h5ad(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result<(
     while start < opts.cells {
         let end = (start + batch * threads).min(opts.cells);
         // Generate in parallel, write in order.
-        let parts: Vec<(Vec<u32>, Vec<f32>, Vec<i64>, Vec<usize>)> = std::thread::scope(|scope| {
+        let parts: Vec<GeneratedRows> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
                     let lo = (start + t * batch).min(end);
                     let hi = (lo + batch).min(end);
                     let keep = &keep;
                     scope.spawn(move || {
-                        let (mut idx, mut val, mut lens, mut from) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                        let mut rows = GeneratedRows::default();
                         let mut cell = Vec::new();
                         for i in lo..hi {
-                            from.push(synth_cell(profiles, opts.seed, i, keep, &mut cell));
+                            rows.drawn_from
+                                .push(synth_cell(profiles, opts.seed, i, keep, &mut cell));
                             cell.sort_unstable_by_key(|&(g, _)| g);
-                            idx.extend(cell.iter().map(|&(g, _)| g));
-                            val.extend(cell.iter().map(|&(_, v)| v));
-                            lens.push(cell.len() as i64);
+                            rows.indices.extend(cell.iter().map(|&(g, _)| g));
+                            rows.values.extend(cell.iter().map(|&(_, v)| v));
+                            rows.lengths.push(cell.len() as i64);
                         }
-                        (idx, val, lens, from)
+                        rows
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("synth thread panicked")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("synth thread panicked"))
+                .collect()
         });
-        for (idx, val, lens, from) in parts {
+        for GeneratedRows {
+            indices: idx,
+            values: val,
+            lengths: lens,
+            drawn_from: from,
+        } in parts
+        {
             let n = idx.len();
             data.resize(written + n)?;
             indices.resize(written + n)?;
@@ -357,7 +467,9 @@ fn write_h5ad(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result<(
         start = end;
     }
     bar.finish_and_clear();
-    x.new_dataset_builder().with_data(&indptr).create("indptr")?;
+    x.new_dataset_builder()
+        .with_data(&indptr)
+        .create("indptr")?;
 
     let obs = file.create_group("obs")?;
     str_attr(&obs, "_index", "_index")?;
@@ -365,25 +477,51 @@ fn write_h5ad(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result<(
     str_attr(&obs, "encoding-version", "0.2.0")?;
     let names: Vec<String> = (0..opts.cells).map(|i| format!("synth-{i}")).collect();
     str_dataset(&obs, "_index", &names)?;
-    let order: Vec<hdf5::types::VarLenUnicode> = profiles.label_columns.iter().map(|c| c.name.parse().expect("no NUL")).collect();
-    obs.new_attr::<hdf5::types::VarLenUnicode>().shape(order.len()).create("column-order")?.write(&order)?;
+    let order: Vec<hdf5::types::VarLenUnicode> = profiles
+        .label_columns
+        .iter()
+        .map(|c| c.name.parse().expect("no NUL"))
+        .collect();
+    obs.new_attr::<hdf5::types::VarLenUnicode>()
+        .shape(order.len())
+        .create("column-order")?
+        .write(&order)?;
     for (c, col) in profiles.label_columns.iter().enumerate() {
         let group = obs.create_group(&col.name)?;
         str_attr(&group, "encoding-type", "categorical")?;
         str_attr(&group, "encoding-version", "0.2.0")?;
-        group.new_attr::<bool>().create("ordered")?.write_scalar(&false)?;
+        group
+            .new_attr::<bool>()
+            .create("ordered")?
+            .write_scalar(&false)?;
         str_dataset(&group, "categories", &col.categories)?;
-        let codes: Vec<i32> = sources_of.iter().map(|&r| profiles.labels[c][r]).map(|code| if code == MISSING_LABEL { -1 } else { code as i32 }).collect();
-        group.new_dataset_builder().with_data(&codes).create("codes")?;
+        let codes: Vec<i32> = sources_of
+            .iter()
+            .map(|&r| profiles.labels[c][r])
+            .map(|code| {
+                if code == MISSING_LABEL {
+                    -1
+                } else {
+                    code as i32
+                }
+            })
+            .collect();
+        group
+            .new_dataset_builder()
+            .with_data(&codes)
+            .create("codes")?;
     }
     let var = file.create_group("var")?;
     str_attr(&var, "_index", "_index")?;
     str_attr(&var, "encoding-type", "dataframe")?;
     str_attr(&var, "encoding-version", "0.2.0")?;
-    var.new_attr::<hdf5::types::VarLenUnicode>().shape(0).create("column-order")?;
+    var.new_attr::<hdf5::types::VarLenUnicode>()
+        .shape(0)
+        .create("column-order")?;
     str_dataset(&var, "_index", &profiles.genes)?;
     drop((data, indices, x, obs, var));
     file.close()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot move {} into place", tmp.display()))?;
     Ok(())
 }
