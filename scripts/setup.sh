@@ -42,4 +42,13 @@ if ! py_ok; then
   "$PYTHON" -m pip install -q --disable-pip-version-check numpy h5py anndata "torch==2.11.0" 2>&1 | grep -v "Running pip as the 'root' user" || true
   py_ok || { say "Python packages did not install; see the pip output above"; exit 1; }
 fi
+# Garage, a real S3-compatible server for the object-store tests. A large Rust build (about 10 minutes),
+# so it is built once with only the features a single-node test server needs and cached.
+TOOLS=${CELLFLEET_TOOLS:-$HOME/.cache/cellfleet/tools}
+GARAGE_VERSION=2.5.0
+if ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+  say "building Garage $GARAGE_VERSION (S3 server for tests; cached in $TOOLS, takes ~10 minutes once)"
+  cargo install garage --version "$GARAGE_VERSION" --locked --no-default-features \
+    --features bundled-libs,lmdb --root "$TOOLS" --quiet
+fi
 say "ready"

@@ -423,7 +423,9 @@ impl Assembler<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{LabelColumn, Manifest, ShardEntry, VocabularySource, FORMAT_VERSION, MANIFEST_NAME};
+    use crate::manifest::{
+        LabelColumn, Manifest, ShardEntry, VocabularySource, FORMAT_VERSION, MANIFEST_NAME,
+    };
     use crate::shard::{CellOrigin, ShardBuilder};
     use crate::store::{S3Options, Store};
     use crate::stream::{clone_order, OrderConfig, Partitioner};
@@ -433,7 +435,9 @@ mod tests {
     const BINS: u16 = 10;
 
     fn stored_bins(cell: u64) -> Vec<u8> {
-        (0..GENES as u64).map(|g| ((cell * 7 + g * 3) % u64::from(BINS)) as u8).collect()
+        (0..GENES as u64)
+            .map(|g| ((cell * 7 + g * 3) % u64::from(BINS)) as u8)
+            .collect()
     }
 
     /// A small corpus of two shards written through the real store and shard format.
@@ -444,28 +448,49 @@ mod tests {
         for (i, cells) in [90u64, 61].into_iter().enumerate() {
             let mut builder = ShardBuilder::new(GENES, 1);
             for _ in 0..cells {
-                builder.push_dense(CellOrigin { source: 0, row: cell, name: format!("c{cell}") }, &[(cell % 3) as u32], &stored_bins(cell));
+                builder.push_dense(
+                    CellOrigin {
+                        source: 0,
+                        row: cell,
+                        name: format!("c{cell}"),
+                    },
+                    &[(cell % 3) as u32],
+                    &stored_bins(cell),
+                );
                 cell += 1;
             }
             let bytes = builder.encode(16).unwrap();
             let name = format!("shards/{i}.cfs");
-            shards.push(ShardEntry { name: name.clone(), cells: cells as u32, bytes: bytes.len() as u64, blake3: blake3::hash(&bytes).to_hex().to_string() });
+            shards.push(ShardEntry {
+                name: name.clone(),
+                cells: cells as u32,
+                bytes: bytes.len() as u64,
+                blake3: blake3::hash(&bytes).to_hex().to_string(),
+            });
             store.put(&name, bytes.into()).unwrap();
         }
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             synthetic: true,
             genes: (0..GENES).map(|g| format!("G{g}")).collect(),
-            vocabulary: VocabularySource::Fixed { file: "test".into(), missing_in_input: 0 },
+            vocabulary: VocabularySource::Fixed {
+                file: "test".into(),
+                missing_in_input: 0,
+            },
             bins: BinRule::per_cell_quantile(BINS),
-            label_columns: vec![LabelColumn { name: "kind".into(), categories: vec!["a".into(), "b".into(), "c".into()] }],
+            label_columns: vec![LabelColumn {
+                name: "kind".into(),
+                categories: vec!["a".into(), "b".into(), "c".into()],
+            }],
             block_cells: 16,
             shards,
             sources: Vec::new(),
             total_cells: cell,
             created_by: "test".into(),
         };
-        store.put(MANIFEST_NAME, serde_json::to_vec(&manifest).unwrap().into()).unwrap();
+        store
+            .put(MANIFEST_NAME, serde_json::to_vec(&manifest).unwrap().into())
+            .unwrap();
         Corpus::from_store(store).unwrap()
     }
 
@@ -473,11 +498,23 @@ mod tests {
     fn loader_batches_hold_the_clone_order_the_stored_bins_and_the_mask() {
         let dir = tempfile::tempdir().unwrap();
         let corpus = Arc::new(corpus(dir.path()));
-        let order = OrderConfig { seed: 5, augmentation: 2, window_units: 3 };
+        let order = OrderConfig {
+            seed: 5,
+            augmentation: 2,
+            window_units: 3,
+        };
         let plan = Arc::new(EpochPlan::new(&corpus.manifest, order, 1).unwrap());
-        let partitioner = Partitioner { epoch_len: plan.len() };
-        let ranges: Vec<_> = (0..).map(|i| partitioner.global_batch(i * 20, 1, 20)).take_while(|r| !r.is_empty()).collect();
-        let config = LoaderConfig { threads: 2, ..LoaderConfig::default() };
+        let partitioner = Partitioner {
+            epoch_len: plan.len(),
+        };
+        let ranges: Vec<_> = (0..)
+            .map(|i| partitioner.global_batch(i * 20, 1, 20))
+            .take_while(|r| !r.is_empty())
+            .collect();
+        let config = LoaderConfig {
+            threads: 2,
+            ..LoaderConfig::default()
+        };
         let layout = TokenLayout::new(BINS).unwrap();
         let (mut seen, mut masked, mut tokens) = (Vec::new(), 0usize, 0usize);
         let mut expected_order = Vec::new();
@@ -485,9 +522,22 @@ mod tests {
             let batch = batch.unwrap();
             for (s, id) in batch.sample_ids.iter().enumerate() {
                 let row = s * batch.seq_len..(s + 1) * batch.seq_len;
-                let (genes, inputs, targets) = (&batch.gene_ids[row.clone()], &batch.input_bins[row.clone()], &batch.target_bins[row]);
-                assert_eq!((genes[0], inputs[0], targets[0]), (CLS_GENE_ID, layout.cls_bin(), IGNORE_TARGET));
-                clone_order(order.seed, order.augmentation, *id, GENES, &mut expected_order);
+                let (genes, inputs, targets) = (
+                    &batch.gene_ids[row.clone()],
+                    &batch.input_bins[row.clone()],
+                    &batch.target_bins[row],
+                );
+                assert_eq!(
+                    (genes[0], inputs[0], targets[0]),
+                    (CLS_GENE_ID, layout.cls_bin(), IGNORE_TARGET)
+                );
+                clone_order(
+                    order.seed,
+                    order.augmentation,
+                    *id,
+                    GENES,
+                    &mut expected_order,
+                );
                 let bins = stored_bins(id.cell);
                 for k in 0..GENES {
                     let gene = expected_order[k];
@@ -496,7 +546,10 @@ mod tests {
                         assert_eq!(targets[k + 1], bins[gene as usize]);
                         masked += 1;
                     } else {
-                        assert_eq!((inputs[k + 1], targets[k + 1]), (bins[gene as usize], IGNORE_TARGET));
+                        assert_eq!(
+                            (inputs[k + 1], targets[k + 1]),
+                            (bins[gene as usize], IGNORE_TARGET)
+                        );
                     }
                     tokens += 1;
                 }
@@ -505,9 +558,14 @@ mod tests {
             }
         }
         seen.sort();
-        let all: Vec<SampleId> = (0..151).flat_map(|cell| (0..2).map(move |clone| SampleId { cell, clone })).collect();
+        let all: Vec<SampleId> = (0..151)
+            .flat_map(|cell| (0..2).map(move |clone| SampleId { cell, clone }))
+            .collect();
         assert_eq!(seen, all, "one epoch delivers every (cell, clone) once");
         let ratio = masked as f64 / tokens as f64;
-        assert!((0.12..0.18).contains(&ratio), "mask ratio {ratio} is far from 0.15");
+        assert!(
+            (0.12..0.18).contains(&ratio),
+            "mask ratio {ratio} is far from 0.15"
+        );
     }
 }

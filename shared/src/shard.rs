@@ -42,8 +42,16 @@ pub struct ShardBuilder {
 
 impl ShardBuilder {
     pub fn new(n_genes: usize, n_label_cols: usize) -> Self {
-        assert!(n_genes <= 1 << 16, "a vocabulary holds at most 65,536 genes");
-        Self { n_genes, n_label_cols, offsets: vec![0], ..Default::default() }
+        assert!(
+            n_genes <= 1 << 16,
+            "a vocabulary holds at most 65,536 genes"
+        );
+        Self {
+            n_genes,
+            n_label_cols,
+            offsets: vec![0],
+            ..Default::default()
+        }
     }
 
     pub fn cells(&self) -> usize {
@@ -51,7 +59,12 @@ impl ShardBuilder {
     }
 
     /// Appends a cell given by its non-zero (vocabulary position, bin) pairs.
-    pub fn push_sparse(&mut self, origin: CellOrigin, labels: &[u32], nonzero: impl IntoIterator<Item = (u16, u8)>) {
+    pub fn push_sparse(
+        &mut self,
+        origin: CellOrigin,
+        labels: &[u32],
+        nonzero: impl IntoIterator<Item = (u16, u8)>,
+    ) {
         debug_assert_eq!(labels.len(), self.n_label_cols);
         self.origins.push(origin);
         self.labels.extend_from_slice(labels);
@@ -66,7 +79,14 @@ impl ShardBuilder {
     /// Appends a cell given as a dense row of bins over the vocabulary.
     pub fn push_dense(&mut self, origin: CellOrigin, labels: &[u32], row: &[u8]) {
         debug_assert_eq!(row.len(), self.n_genes);
-        self.push_sparse(origin, labels, row.iter().enumerate().filter(|(_, &b)| b != 0).map(|(g, &b)| (g as u16, b)));
+        self.push_sparse(
+            origin,
+            labels,
+            row.iter()
+                .enumerate()
+                .filter(|(_, &b)| b != 0)
+                .map(|(g, &b)| (g as u16, b)),
+        );
     }
 
     /// Compresses into the shard byte format.
@@ -81,7 +101,9 @@ impl ShardBuilder {
             let (first, last) = (self.offsets[lo], self.offsets[hi]);
             raw.clear();
             for cell in lo..hi {
-                raw.extend_from_slice(&((self.offsets[cell + 1] - self.offsets[cell]) as u32).to_le_bytes());
+                raw.extend_from_slice(
+                    &((self.offsets[cell + 1] - self.offsets[cell]) as u32).to_le_bytes(),
+                );
             }
             for gene in &self.genes[first..last] {
                 raw.extend_from_slice(&gene.to_le_bytes());
@@ -235,9 +257,17 @@ impl Shard {
     }
 
     /// Decompresses one block into `out` (dense rows), reusing its buffers and the caller's zstd context.
-    pub fn read_block_into(&self, block: usize, out: &mut Block, zstd: &mut BlockDecompressor) -> Result<()> {
+    pub fn read_block_into(
+        &self,
+        block: usize,
+        out: &mut Block,
+        zstd: &mut BlockDecompressor,
+    ) -> Result<()> {
         let cells = self.block_len(block);
-        let bad = |what: String| Error::CorruptShard { name: String::new(), what: format!("block {block}: {what}") };
+        let bad = |what: String| Error::CorruptShard {
+            name: String::new(),
+            what: format!("block {block}: {what}"),
+        };
         let (start, len) = self.frames[block];
         let frame = &self.bytes[start..start + len];
         // The densest possible block bounds what a (possibly corrupt) frame header may ask for.
@@ -247,17 +277,26 @@ impl Shard {
             _ => return Err(bad("frame header is damaged".into())),
         };
         zstd.raw.resize(size, 0);
-        let got = zstd.context.decompress_to_buffer(frame, &mut zstd.raw[..]).map_err(Error::Compression)?;
+        let got = zstd
+            .context
+            .decompress_to_buffer(frame, &mut zstd.raw[..])
+            .map_err(Error::Compression)?;
         let raw = &zstd.raw[..got];
         if raw.len() < 4 * cells {
             return Err(bad("shorter than its per-cell counts".into()));
         }
         let (counts, rest) = raw.split_at(4 * cells);
-        let counts: Vec<usize> = counts.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize).collect();
+        let counts: Vec<usize> = counts
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize)
+            .collect();
         let total: usize = counts.iter().sum();
         let labels_len = 4 * cells * self.n_label_cols;
         if counts.iter().any(|&c| c > self.n_genes) || rest.len() != 3 * total + labels_len {
-            return Err(bad(format!("holds {} bytes for {total} non-zero bins", rest.len())));
+            return Err(bad(format!(
+                "holds {} bytes for {total} non-zero bins",
+                rest.len()
+            )));
         }
         let (genes, rest) = rest.split_at(2 * total);
         let (bins, labels) = rest.split_at(total);
@@ -271,12 +310,18 @@ impl Shard {
             let row = &mut out.bins[cell * self.n_genes..(cell + 1) * self.n_genes];
             for k in at..at + count {
                 let gene = usize::from(u16::from_le_bytes([genes[2 * k], genes[2 * k + 1]]));
-                *row.get_mut(gene).ok_or_else(|| bad(format!("gene index {gene} is outside the vocabulary")))? = bins[k];
+                *row.get_mut(gene)
+                    .ok_or_else(|| bad(format!("gene index {gene} is outside the vocabulary")))? =
+                    bins[k];
             }
             at += count;
         }
         out.labels.clear();
-        out.labels.extend(labels.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
+        out.labels.extend(
+            labels
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap())),
+        );
         Ok(())
     }
 
@@ -319,15 +364,12 @@ mod tests {
     fn round_trip_with_partial_last_block() {
         let mut builder = ShardBuilder::new(3, 1);
         for i in 0..5u8 {
-            let row = builder.push_cell(
-                CellOrigin {
-                    source: 0,
-                    row: u64::from(i),
-                    name: format!("c{i}"),
-                },
-                &[u32::from(i)],
-            );
-            row.copy_from_slice(&[i, i + 1, i + 2]);
+            let origin = CellOrigin {
+                source: 0,
+                row: u64::from(i),
+                name: format!("c{i}"),
+            };
+            builder.push_dense(origin, &[u32::from(i)], &[i, i + 1, i + 2]);
         }
         let bytes = builder.encode(2).unwrap();
         let shard = Shard::parse("t", bytes.into()).unwrap();
@@ -343,13 +385,14 @@ mod tests {
     #[test]
     fn truncation_is_reported() {
         let mut builder = ShardBuilder::new(2, 0);
-        builder.push_cell(
+        builder.push_dense(
             CellOrigin {
                 source: 0,
                 row: 0,
                 name: "a".into(),
             },
             &[],
+            &[0, 3],
         );
         let bytes = builder.encode(4).unwrap();
         let err = Shard::parse("s", bytes[..bytes.len() - 3].to_vec().into()).unwrap_err();

@@ -129,3 +129,143 @@ pub fn decode_all(corpus: &Corpus) -> std::collections::HashMap<(u32, u64), (Vec
     }
     cells
 }
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind loopback")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Path of the Garage binary that `scripts/setup.sh` installs; panics with the fix when it is missing.
+pub fn garage_bin() -> PathBuf {
+    let candidates = [
+        std::env::var_os("CELLFLEET_GARAGE").map(PathBuf::from),
+        std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cache/cellfleet/tools/bin/garage")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .expect("the Garage S3 server is missing: run scripts/setup.sh (or set CELLFLEET_GARAGE)")
+}
+
+/// A real single-node Garage S3 server on free loopback ports with its own temporary directories,
+/// one access key and one bucket. Killed on drop.
+pub struct GarageServer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    pub endpoint: String,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+impl GarageServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, s3) = (free_port(), free_port());
+        let secret_hex = |seed: u64| {
+            format!(
+                "{:016x}{:016x}{:016x}{:016x}",
+                seed,
+                seed ^ 0x5a5a,
+                seed.rotate_left(7),
+                !seed
+            )
+        };
+        let config = format!(
+            "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"lmdb\"\nreplication_factor = 1\n\
+             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n",
+            meta = dir.path().join("meta").display(),
+            data = dir.path().join("data").display(),
+            secret = secret_hex(u64::from(rpc) * 31 + 7),
+        );
+        let config_path = dir.path().join("garage.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
+        let key_id = format!("GK{:024x}", u128::from(s3) * 0x1234_5678_9abc);
+        let secret = secret_hex(u64::from(s3) * 97 + 3);
+        let bucket = "cellfleet-test".to_string();
+        let child = Command::new(garage_bin())
+            .args([
+                "-c",
+                config_path.to_str().unwrap(),
+                "server",
+                "--single-node",
+                "--default-bucket",
+            ])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &key_id)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &secret)
+            .env("GARAGE_DEFAULT_BUCKET", &bucket)
+            .env("RUST_LOG", "garage=warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("garage starts");
+        let server = Self {
+            child,
+            _dir: dir,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            bucket,
+            key_id,
+            secret,
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// Environment a client needs to reach this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", self.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_REGION", "garage".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// Polls until a request through cellfleet's own client gets a real answer (no corpus there yet).
+    fn wait_ready(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let out = self.cellfleet(&["corpus", "inspect", &self.url("readiness-probe")]);
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            if stderr.contains("no corpus at") {
+                return;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "Garage did not become ready within 30 s; last answer: {stderr}; log: {}",
+                std::fs::read_to_string(self._dir.path().join("garage.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Runs `cellfleet ARGS` with this server's credentials.
+    pub fn cellfleet(&self, args: &[&str]) -> Output {
+        Command::new(cellfleet_bin())
+            .args(args)
+            .envs(self.env())
+            .env("CELLFLEET_QUIET", "1")
+            .output()
+            .expect("cellfleet starts")
+    }
+}
+
+impl Drop for GarageServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -527,3 +527,67 @@ fn synth_builds_a_marked_synthetic_corpus_and_a_readable_h5ad() {
     // anndata reads the file and the reference binning agrees with ingest.
     assert_matches_reference(&h5ad, &corpus, &sample_rows(2500, 25));
 }
+
+#[test]
+fn ingest_writes_to_and_reads_from_a_real_s3_server() {
+    let garage = cellfleet_e2e::GarageServer::start();
+    let kang = data("kang_ifnb_pbmc.h5ad");
+    let url = garage.url("corpora/kang");
+    let ok = |args: &[&str]| {
+        let out = garage.cellfleet(args);
+        assert!(
+            out.status.success(),
+            "cellfleet {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    ok(&[
+        "ingest",
+        kang.to_str().unwrap(),
+        "--out",
+        &url,
+        "--label-col",
+        "condition",
+        "--shard-cells",
+        "700",
+    ]);
+    assert!(ok(&["corpus", "verify", &url]).starts_with("ok: 3 shards"));
+    // The same input written locally gives byte-identical shards (same hashes in both manifests).
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("kang");
+    cellfleet_ok(&[
+        "ingest",
+        kang.to_str().unwrap(),
+        "--out",
+        local.to_str().unwrap(),
+        "--label-col",
+        "condition",
+        "--shard-cells",
+        "700",
+    ]);
+    let inspect = ok(&["corpus", "inspect", &url]);
+    assert!(
+        inspect.contains(&read_manifest(&local).content_hash()),
+        "same manifest hash on S3 and locally:\n{inspect}"
+    );
+    let stream_args = ["--seed", "3", "--batch-size", "8", "--batches", "3"];
+    let remote = ok(&[&["corpus", "stream", url.as_str()][..], &stream_args].concat());
+    let here = cellfleet_ok(
+        &[
+            &["corpus", "stream", local.to_str().unwrap()][..],
+            &stream_args,
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        remote.lines().skip(1).collect::<Vec<_>>(),
+        here.lines().skip(1).collect::<Vec<_>>()
+    );
+    // A second ingest to the same prefix is refused and leaves the corpus as it was.
+    let again = garage.cellfleet(&["ingest", kang.to_str().unwrap(), "--out", &url]);
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("already holds a corpus")
+    );
+}

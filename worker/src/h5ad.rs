@@ -20,7 +20,10 @@ use hdf5_sys::h5a::{H5Aget_space, H5Aread};
 use hdf5_sys::h5d::{H5Dget_space, H5Dread};
 use hdf5_sys::h5i::hid_t;
 use hdf5_sys::h5p::H5P_DEFAULT;
-use hdf5_sys::h5s::{H5S_seloper_t, H5Sclose, H5Screate_simple, H5Sget_simple_extent_npoints, H5Sselect_hyperslab, H5S_ALL};
+use hdf5_sys::h5s::{
+    H5S_seloper_t, H5Sclose, H5Screate_simple, H5Sget_simple_extent_npoints, H5Sselect_hyperslab,
+    H5S_ALL,
+};
 use hdf5_sys::h5t::{
     H5T_class_t, H5T_str_t, H5Tclose, H5Tcopy, H5Tcreate, H5Tget_class, H5Tget_cset,
     H5Tget_member_index, H5Tget_member_name, H5Tget_member_type, H5Tget_nmembers, H5Tget_size,
@@ -508,7 +511,11 @@ impl Matrix {
                     out.indptr.push(out.values.len());
                 }
             }
-            Storage::Csr { data, indices, indptr } => {
+            Storage::Csr {
+                data,
+                indices,
+                indptr,
+            } => {
                 let (lo, hi) = (indptr[rows.start] as usize, indptr[rows.end] as usize);
                 read_range_into(data, lo..hi, &mut out.values)?;
                 let n_vars = self.n_vars;
@@ -533,7 +540,11 @@ impl Matrix {
                         out.indices.push(check(j)?);
                     }
                 }
-                out.indptr.extend(indptr[rows.start + 1..=rows.end].iter().map(|&p| p as usize - lo));
+                out.indptr.extend(
+                    indptr[rows.start + 1..=rows.end]
+                        .iter()
+                        .map(|&p| p as usize - lo),
+                );
             }
             Storage::InMemory(csr) => {
                 let (lo, hi) = (csr.indptr[rows.start], csr.indptr[rows.end]);
@@ -552,13 +563,25 @@ impl Matrix {
 
 /// Reads elements `range` of a 1-D dataset into `out` (replacing its contents) as memory type `T`,
 /// straight into the reused buffer: no intermediate array, no copy.
-fn read_range_into<T: hdf5::H5Type + Copy>(ds: &Dataset, range: Range<usize>, out: &mut Vec<T>) -> Result<(), String> {
+fn read_range_into<T: hdf5::H5Type + Copy>(
+    ds: &Dataset,
+    range: Range<usize>,
+    out: &mut Vec<T>,
+) -> Result<(), String> {
     read_range_as::<T, T>(ds, range, out)
 }
 
 /// [`read_range_into`] with HDF5 memory type `M` stored in a buffer of the same-sized plain type `T`.
-fn read_range_as<M: hdf5::H5Type, T: Copy>(ds: &Dataset, range: Range<usize>, out: &mut Vec<T>) -> Result<(), String> {
-    assert_eq!(std::mem::size_of::<M>(), std::mem::size_of::<T>(), "memory type and buffer element differ in size");
+fn read_range_as<M: hdf5::H5Type, T: Copy>(
+    ds: &Dataset,
+    range: Range<usize>,
+    out: &mut Vec<T>,
+) -> Result<(), String> {
+    assert_eq!(
+        std::mem::size_of::<M>(),
+        std::mem::size_of::<T>(),
+        "memory type and buffer element differ in size"
+    );
     out.clear();
     let n = range.len();
     if n == 0 {
@@ -570,19 +593,36 @@ fn read_range_as<M: hdf5::H5Type, T: Copy>(ds: &Dataset, range: Range<usize>, ou
         let file_space = H5Dget_space(ds.id());
         let start = [range.start as hdf5_sys::h5::hsize_t];
         let count = [n as hdf5_sys::h5::hsize_t];
-        let selected = H5Sselect_hyperslab(file_space, H5S_seloper_t::H5S_SELECT_SET, start.as_ptr(), std::ptr::null(), count.as_ptr(), std::ptr::null());
+        let selected = H5Sselect_hyperslab(
+            file_space,
+            H5S_seloper_t::H5S_SELECT_SET,
+            start.as_ptr(),
+            std::ptr::null(),
+            count.as_ptr(),
+            std::ptr::null(),
+        );
         let mem_space = H5Screate_simple(1, count.as_ptr(), std::ptr::null());
         let status = if selected < 0 {
             selected
         } else {
-            H5Dread(ds.id(), mem_type.id(), mem_space, file_space, H5P_DEFAULT, out.as_mut_ptr().cast())
+            H5Dread(
+                ds.id(),
+                mem_type.id(),
+                mem_space,
+                file_space,
+                H5P_DEFAULT,
+                out.as_mut_ptr().cast(),
+            )
         };
         H5Sclose(mem_space);
         H5Sclose(file_space);
         status
     });
     if status < 0 {
-        return Err(format!("HDF5 could not read elements {range:?} of {}", ds.name()));
+        return Err(format!(
+            "HDF5 could not read elements {range:?} of {}",
+            ds.name()
+        ));
     }
     // SAFETY: H5Dread filled all n elements of the reserved buffer.
     unsafe { out.set_len(n) };

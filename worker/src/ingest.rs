@@ -129,7 +129,9 @@ fn pass1(
     let (full_tx, full_rx) = crossbeam_channel::bounded::<Result<(usize, CsrChunk), String>>(2);
     let (empty_tx, empty_rx) = crossbeam_channel::bounded::<CsrChunk>(3);
     for _ in 0..3 {
-        empty_tx.send(CsrChunk::default()).expect("room for three buffers");
+        empty_tx
+            .send(CsrChunk::default())
+            .expect("room for three buffers");
     }
     // `move`: the channel ends owned here drop when validation stops early, which ends the reader.
     std::thread::scope(move |scope| {
@@ -137,8 +139,12 @@ fn pass1(
             let mut start = 0;
             while start < matrix.n_obs {
                 let end = (start + READ_ROWS).min(matrix.n_obs);
-                let Ok(mut chunk) = empty_rx.recv() else { return };
-                let read = matrix.read_rows(start..end, &mut chunk).map(|()| (start, chunk));
+                let Ok(mut chunk) = empty_rx.recv() else {
+                    return;
+                };
+                let read = matrix
+                    .read_rows(start..end, &mut chunk)
+                    .map(|()| (start, chunk));
                 let failed = read.is_err();
                 if full_tx.send(read).is_err() || failed {
                     return;
@@ -150,9 +156,16 @@ fn pass1(
         let mut stats: Option<HvgAccumulator> = None;
         let mut union_genes = Vec::new();
         for read in full_rx.iter() {
-            let (start, chunk) = read.map_err(|e| InputError { file: src_path.into(), message: format!("{}: {e}", matrix.name) })?;
+            let (start, chunk) = read.map_err(|e| InputError {
+                file: src_path.into(),
+                message: format!("{}: {e}", matrix.name),
+            })?;
             if kind.is_none() {
-                let k = if is_counts(&chunk) { ValueKind::Counts } else { ValueKind::LogNormalized };
+                let k = if is_counts(&chunk) {
+                    ValueKind::Counts
+                } else {
+                    ValueKind::LogNormalized
+                };
                 kind = Some(k);
                 if want_stats {
                     stats = Some(HvgAccumulator::new(n_union, k));
@@ -167,7 +180,11 @@ fn pass1(
                     library += f64::from(v);
                 }
                 if !clean {
-                    let (&j, &v) = idx.iter().zip(vals).find(|(_, v)| !v.is_finite() || **v < 0.0).expect("a bad value");
+                    let (&j, &v) = idx
+                        .iter()
+                        .zip(vals)
+                        .find(|(_, v)| !v.is_finite() || **v < 0.0)
+                        .expect("a bad value");
                     if !v.is_finite() {
                         bail!(InputError {
                             file: src_path.into(),
@@ -179,7 +196,11 @@ fn pass1(
                             ),
                         });
                     }
-                    return Ok(Pass1::Negative { row: start + row, gene: j as usize, value: v });
+                    return Ok(Pass1::Negative {
+                        row: start + row,
+                        gene: j as usize,
+                        value: v,
+                    });
                 }
                 if let Some(stats) = stats.as_mut() {
                     union_genes.clear();
@@ -190,7 +211,10 @@ fn pass1(
             progress.inc(chunk.rows() as u64);
             let _ = empty_tx.send(chunk);
         }
-        Ok(Pass1::Done { kind: kind.unwrap_or(ValueKind::Counts), stats })
+        Ok(Pass1::Done {
+            kind: kind.unwrap_or(ValueKind::Counts),
+            stats,
+        })
     })
 }
 
@@ -497,7 +521,11 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
         });
     }
     scan.finish_and_clear();
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), cells = scan.position(), "validation and HVG statistics done");
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        cells = scan.position(),
+        "validation and HVG statistics done"
+    );
 
     // HVG statistics need the final union, so they are a second streaming read (only without --genes).
     let n_union = union_names.len();
@@ -641,7 +669,11 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
         },
     )?;
     bar.finish_and_clear();
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), shards = entries.len(), "shards written");
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        shards = entries.len(),
+        "shards written"
+    );
 
     let hashes = hashing
         .into_iter()

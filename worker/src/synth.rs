@@ -318,8 +318,14 @@ fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result
                 keys.clear();
                 keys.extend(counts.iter().map(|&(g, v)| bin_key(v, g)));
                 nonzero.clear();
-                bin_cell(&mut keys, opts.bins, |pos, bin| nonzero.push((pos as u16, bin)));
-                let origin = CellOrigin { source: 0, row: i, name: format!("synth-{i}-from-{r}") };
+                bin_cell(&mut keys, opts.bins, |pos, bin| {
+                    nonzero.push((pos as u16, bin))
+                });
+                let origin = CellOrigin {
+                    source: 0,
+                    row: i,
+                    name: format!("synth-{i}-from-{r}"),
+                };
                 builder.push_sparse(origin, &labels, nonzero.iter().copied());
             }
             Ok(builder)
