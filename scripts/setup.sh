@@ -46,7 +46,7 @@ fi
 # so it is built once with only the features a single-node test server needs and cached.
 TOOLS=${CELLFLEET_TOOLS:-$HOME/.cache/cellfleet/tools}
 GARAGE_VERSION=2.5.0
-if ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+if ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
   say "building Garage $GARAGE_VERSION (S3 server for tests; cached in $TOOLS, takes ~10 minutes once)"
   cargo install garage --version "$GARAGE_VERSION" --locked --no-default-features \
     --features bundled-libs,lmdb --root "$TOOLS" --quiet
