@@ -201,9 +201,6 @@ impl BinRule {
     }
 }
 
-/// Largest integer value binned through the histogram path of [`bin_cell`].
-const SMALL_COUNT_LIMIT: usize = 1023;
-
 /// Sort key of one non-zero value of a cell at vocabulary position `pos`. Positive floats order like
 /// their bit patterns, so (value bits, position) packs into one `u64` and an integer sort replaces a
 /// float comparison sort.
@@ -221,28 +218,6 @@ pub fn bin_cell(keys: &mut [u64], n_bins: u16, mut emit: impl FnMut(u32, u8)) {
         return;
     }
     let upper = u64::from(n_bins) - 1;
-    // Raw counts are mostly small integers: then a histogram gives every value's rank without a sort.
-    let small_integer = |key: &u64| {
-        let v = f32::from_bits((key >> 32) as u32);
-        v <= SMALL_COUNT_LIMIT as f32 && v.fract() == 0.0
-    };
-    if keys.iter().all(small_integer) {
-        let mut below = [0u32; SMALL_COUNT_LIMIT + 2];
-        for key in keys.iter() {
-            below[f32::from_bits((key >> 32) as u32) as usize + 1] += 1;
-        }
-        for v in 1..below.len() {
-            below[v] += below[v - 1];
-        }
-        for key in keys.iter() {
-            let rank = below[f32::from_bits((key >> 32) as u32) as usize];
-            emit(
-                (key & 0xFFFF_FFFF) as u32,
-                (1 + u64::from(rank) * upper / m as u64) as u8,
-            );
-        }
-        return;
-    }
     keys.sort_unstable();
     let mut group_start = 0;
     for i in 0..m {
@@ -270,24 +245,6 @@ mod tests {
         let mut out = vec![0u8; 5];
         bin_cell(&mut keys, 5, |p, b| out[p as usize] = b);
         assert_eq!(out, vec![0, 4, 1, 1, 3]);
-    }
-
-    #[test]
-    fn histogram_and_sort_paths_agree() {
-        // Integer counts take the histogram path; the same values plus 0.5 (same ranks) take the sort.
-        let values: Vec<f32> = (0..300u32).map(|i| ((i * 7919) % 37 + 1) as f32).collect();
-        let bin_all = |vals: &[f32]| {
-            let mut keys: Vec<u64> = vals
-                .iter()
-                .enumerate()
-                .map(|(p, &v)| bin_key(v, p as u32))
-                .collect();
-            let mut out = vec![0u8; vals.len()];
-            bin_cell(&mut keys, 50, |p, b| out[p as usize] = b);
-            out
-        };
-        let shifted: Vec<f32> = values.iter().map(|v| v + 0.5).collect();
-        assert_eq!(bin_all(&values), bin_all(&shifted));
     }
 
     #[test]
