@@ -24,6 +24,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null 2>&1 || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest (test runner)"
+  cargo install cargo-nextest --locked --quiet
+fi
 
 # Python packages: anndata/h5py/numpy for the independent reference checks in tests and the ingest
 # baseline; torch 2.11.0 (the libtorch the model links against in later work).

@@ -218,10 +218,6 @@ fn pass1(
     })
 }
 
-fn m_kind(stats: &Option<HvgAccumulator>) -> Option<ValueKind> {
-    stats.as_ref().map(HvgAccumulator::kind)
-}
-
 fn counts_layer(h5: &H5ad) -> Option<String> {
     let names = h5.matrix_names();
     names
@@ -461,22 +457,23 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                     rejections.push(what);
                 }
                 Pass1::Done { kind, stats } => {
+                    let earlier_kind = merged_stats.as_ref().map(HvgAccumulator::kind);
                     if let Some(stats) = stats {
                         match merged_stats.as_mut() {
                             Some(m) if m.kind() == stats.kind() => m.merge(&stats),
                             Some(_) => bail!(InputError {
                                 file: path.clone(),
-                                message: format!("{} holds {kind:?} values but earlier inputs hold {:?}; ingest one kind together (--layer)", matrix.name, m_kind(&merged_stats)),
+                                message: format!("{} holds {kind:?} values but earlier inputs hold {:?}; ingest one kind together (--layer)", matrix.name, earlier_kind),
                             }),
                             None => merged_stats = Some(stats),
                         }
                     }
-                    chosen = Some((which, reason, matrix, to_union, kind));
+                    chosen = Some((reason, matrix, to_union, kind));
                     break;
                 }
             }
         }
-        let Some((which, reason, matrix, to_union, kind)) = chosen else {
+        let Some((reason, matrix, to_union, kind)) = chosen else {
             bail!(InputError {
                 file: path.clone(),
                 message: format!(
@@ -509,7 +506,6 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                 )
             });
         }
-        let _ = which;
         sources.push(Source {
             h5,
             matrix,
