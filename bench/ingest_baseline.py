@@ -3,7 +3,7 @@ cellfleet (rules in docs/corpus.md), written the way a Python user would, with a
 the matrix in row chunks (backed mode) so memory stays bounded. It does not compress or write shards.
 
 usage: ingest_baseline.py H5AD MATRIX N_HVG N_BINS [MAX_CELLS]
-prints JSON {"cells": N, "seconds": S, "genes": G}
+prints JSON {"cells": N, "seconds": S, "genes": [selected gene names]}
 """
 import json
 import sys
@@ -20,11 +20,11 @@ n_hvg, n_bins = int(n_hvg), int(n_bins)
 started = time.perf_counter()
 adata = anndata.read_h5ad(path, backed="r")
 if matrix == "X":
-    X = adata.X
+    X, names = adata.X, adata.var_names
 elif matrix in ("raw/X", "raw.X"):
-    X = adata.raw.X
+    X, names = adata.raw.X, adata.raw.var_names
 else:
-    X = adata.layers[matrix.split("/", 1)[1]]
+    X, names = adata.layers[matrix.split("/", 1)[1]], adata.var_names
 n = adata.n_obs if not rest else min(adata.n_obs, int(rest[0]))
 chunk = 4096
 
@@ -89,4 +89,5 @@ for lo in range(0, n, chunk):
         if m:
             rank = np.searchsorted(np.sort(val), val, side="left")
             out[i, idx] = 1 + (rank * (n_bins - 1)) // m
-print(json.dumps({"cells": n, "seconds": time.perf_counter() - started, "genes": int(len(vocab))}))
+seconds = time.perf_counter() - started
+print(json.dumps({"cells": n, "seconds": seconds, "genes": [str(names[g]) for g in vocab]}))

@@ -7,6 +7,4 @@ bash scripts/setup.sh
 export CELLFLEET_QUIET=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
-# The end-to-end tests run the real binary; build it first so their time is spent testing.
-cargo build --release -p cellfleet-worker --bin cellfleet
 cargo nextest run --workspace --release --no-fail-fast

@@ -1,9 +1,8 @@
-//! Harness for the end-to-end tests: locate (and build) the real `cellfleet` binary, the real datasets
+//! Harness for the end-to-end tests: run the real `cellfleet` binary, find the real datasets,
 //! and the Python reference scripts. Missing parts fail the test loudly; nothing is skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::store::S3Options;
@@ -32,43 +31,9 @@ pub fn data(name: &str) -> PathBuf {
     data_dir().join(name)
 }
 
-/// Path of the `cellfleet` binary of the same profile as this test, built once per test process.
-pub fn cellfleet_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps layout")
-            .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let mut build = Command::new(env!("CARGO"));
-        build
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "cellfleet-worker",
-                "--bin",
-                "cellfleet",
-            ])
-            .current_dir(workspace_root());
-        if release {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building the cellfleet binary failed");
-        let bin = profile_dir.join("cellfleet");
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
-    })
-}
-
-/// Runs `cellfleet ARGS` and returns its output (no assertion on the exit status).
-pub fn cellfleet(args: &[&str]) -> Output {
-    Command::new(cellfleet_bin())
+/// Runs `cellfleet ARGS` (the binary at `bin`) and returns its output, whatever the exit status.
+pub fn cellfleet(bin: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
         .args(args)
         .env("CELLFLEET_QUIET", "1")
         .output()
@@ -76,8 +41,8 @@ pub fn cellfleet(args: &[&str]) -> Output {
 }
 
 /// Runs `cellfleet ARGS`, panicking with its stderr when it fails; returns stdout.
-pub fn cellfleet_ok(args: &[&str]) -> String {
-    let out = cellfleet(args);
+pub fn cellfleet_ok(bin: &Path, args: &[&str]) -> String {
+    let out = cellfleet(bin, args);
     assert!(
         out.status.success(),
         "cellfleet {args:?} failed:\n{}",
@@ -157,6 +122,7 @@ pub fn garage_bin() -> PathBuf {
 /// one access key and one bucket. Killed on drop.
 pub struct GarageServer {
     child: std::process::Child,
+    bin: PathBuf,
     _dir: tempfile::TempDir,
     pub endpoint: String,
     pub bucket: String,
@@ -165,7 +131,8 @@ pub struct GarageServer {
 }
 
 impl GarageServer {
-    pub fn start() -> Self {
+    /// Starts the server; `bin` is the `cellfleet` binary used to probe readiness and run commands.
+    pub fn start(bin: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (rpc, s3) = (free_port(), free_port());
         let secret_hex = |seed: u64| {
@@ -209,6 +176,7 @@ impl GarageServer {
             .expect("garage starts");
         let server = Self {
             child,
+            bin: bin.to_path_buf(),
             _dir: dir,
             endpoint: format!("http://127.0.0.1:{s3}"),
             bucket,
@@ -254,7 +222,7 @@ impl GarageServer {
 
     /// Runs `cellfleet ARGS` with this server's credentials.
     pub fn cellfleet(&self, args: &[&str]) -> Output {
-        Command::new(cellfleet_bin())
+        Command::new(&self.bin)
             .args(args)
             .envs(self.env())
             .env("CELLFLEET_QUIET", "1")

@@ -3,8 +3,23 @@
 
 use std::path::Path;
 
-use cellfleet_e2e::{cellfleet, cellfleet_ok, data, decode_all, open_corpus, python};
+use std::process::Output;
+
+use cellfleet_e2e::{data, decode_all, open_corpus, python};
 use cellfleet_shared::manifest::{Manifest, MANIFEST_NAME, MISSING_LABEL};
+
+/// The `cellfleet` binary cargo built for these tests.
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cellfleet"))
+}
+
+fn cellfleet(args: &[&str]) -> Output {
+    cellfleet_e2e::cellfleet(bin(), args)
+}
+
+fn cellfleet_ok(args: &[&str]) -> String {
+    cellfleet_e2e::cellfleet_ok(bin(), args)
+}
 
 struct RealFile {
     name: &'static str,
@@ -530,7 +545,7 @@ fn synth_builds_a_marked_synthetic_corpus_and_a_readable_h5ad() {
 
 #[test]
 fn ingest_writes_to_and_reads_from_a_real_s3_server() {
-    let garage = cellfleet_e2e::GarageServer::start();
+    let garage = cellfleet_e2e::GarageServer::start(bin());
     let kang = data("kang_ifnb_pbmc.h5ad");
     let url = garage.url("corpora/kang");
     let ok = |args: &[&str]| {

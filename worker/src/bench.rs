@@ -142,8 +142,16 @@ fn bench_ingest(
         "ingest benchmark ({cores} cores; cellfleet uses all of them, the Python baseline one)"
     );
     println!(
-        "{:<28} {:>9} {:>12} {:>10} {:>14} {:>12} {:>10} {:>8}",
-        "input", "cells", "cellfleet/s", "peak MiB", "baseline/s", "peak MiB", "cells", "ratio"
+        "{:<28} {:>9} {:>12} {:>10} {:>14} {:>12} {:>10} {:>8} {:>10}",
+        "input",
+        "cells",
+        "cellfleet/s",
+        "peak MiB",
+        "baseline/s",
+        "peak MiB",
+        "cells",
+        "ratio",
+        "same HVGs"
     );
     for input in inputs {
         let out = scratch.join(format!(
@@ -181,11 +189,22 @@ fn bench_ingest(
         let report: serde_json::Value =
             serde_json::from_str(theirs.stdout.trim()).context("baseline output")?;
         let their_cells = report["cells"].as_u64().unwrap_or(0);
+        let their_genes: Vec<&str> = report["genes"]
+            .as_array()
+            .map(|g| g.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let same_vocabulary = their_cells == cells
+            && their_genes
+                == manifest
+                    .genes
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>();
         // Rate over the baseline's own processing time would flatter it; use its wall time like ours.
         let our_rate = cells as f64 / ours.seconds;
         let their_rate = their_cells as f64 / theirs.seconds;
         println!(
-            "{:<28} {:>9} {:>12.0} {:>10.0} {:>14.0} {:>12.0} {:>10} {:>7.1}x",
+            "{:<28} {:>9} {:>12.0} {:>10.0} {:>14.0} {:>12.0} {:>10} {:>7.1}x {:>10}",
             input.file_name().unwrap_or_default().to_string_lossy(),
             cells,
             our_rate,
@@ -193,7 +212,14 @@ fn bench_ingest(
             their_rate,
             theirs.peak_mib,
             their_cells,
-            our_rate / their_rate
+            our_rate / their_rate,
+            if same_vocabulary {
+                "yes"
+            } else if their_cells != cells {
+                "(subset)"
+            } else {
+                "NO"
+            }
         );
     }
     Ok(())
