@@ -1,5 +1,5 @@
-//! Harness for the end-to-end tests: run the real `cellfleet` binary, find the real datasets,
-//! and the Python reference scripts. Missing parts fail the test loudly; nothing is skipped.
+//! Harness for the end-to-end tests: run the real `cellfleet` binary, find the real datasets and the
+//! Python reference scripts, start a real Garage S3 server. Missing parts fail loudly; nothing is skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

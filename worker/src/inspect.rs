@@ -68,14 +68,14 @@ pub fn summary(corpus: &Corpus) -> String {
     for s in &m.sources {
         let _ = writeln!(
             out,
-            "source        {} ({} cells x {} genes, {} via {}, {:?}; blake3 {}...)",
+            "source        {} ({} cells x {} genes, blake3 {}...)\n              read {} as {:?} ({})",
             s.path,
             s.cells,
             s.genes,
+            &s.blake3[..12],
             s.matrix,
-            s.matrix_reason,
             s.value_kind,
-            &s.blake3[..12]
+            s.matrix_reason
         );
     }
     let _ = write!(out, "manifest hash {}", m.content_hash());
