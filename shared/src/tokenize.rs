@@ -5,6 +5,41 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The union of the gene names of several inputs: each input's genes map to union positions, new names
+/// appended in order of first appearance.
+#[derive(Debug, Clone, Default)]
+pub struct GeneUnion {
+    pub names: Vec<String>,
+    index: std::collections::HashMap<String, u32>,
+}
+
+impl GeneUnion {
+    /// Union positions of `genes`, adding the names not seen before.
+    pub fn add(&mut self, genes: &[String]) -> Vec<u32> {
+        genes
+            .iter()
+            .map(|g| {
+                *self.index.entry(g.clone()).or_insert_with(|| {
+                    self.names.push(g.clone());
+                    (self.names.len() - 1) as u32
+                })
+            })
+            .collect()
+    }
+
+    pub fn position(&self, gene: &str) -> Option<u32> {
+        self.index.get(gene).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
 /// What the numbers of the chosen matrix are; decides how HVG statistics normalize a cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -21,6 +21,15 @@ fn cellfleet_ok(args: &[&str]) -> String {
     cellfleet_e2e::cellfleet_ok(bin(), args)
 }
 
+/// Writes the h5ad variants and bad inputs derived from the real files (tests/py/make_inputs.py).
+fn make_inputs(dir: &Path) {
+    let data = cellfleet_e2e::data_dir();
+    python(
+        "make_inputs.py",
+        &[data.to_str().unwrap(), dir.to_str().unwrap()],
+    );
+}
+
 struct RealFile {
     name: &'static str,
     labels: &'static [&'static str],
@@ -160,13 +169,7 @@ fn every_real_file_ingests_with_auto_and_matches_the_reference_binning() {
 fn csc_and_dense_gzip_layouts_give_the_same_corpus_through_a_fixed_vocabulary() {
     let tmp = tempfile::tempdir().unwrap();
     let variants = tmp.path().join("variants");
-    python(
-        "make_inputs.py",
-        &[
-            cellfleet_e2e::data_dir().to_str().unwrap(),
-            variants.to_str().unwrap(),
-        ],
-    );
+    make_inputs(&variants);
     let base = tmp.path().join("base");
     cellfleet_ok(&[
         "ingest",
@@ -231,75 +234,44 @@ fn csc_and_dense_gzip_layouts_give_the_same_corpus_through_a_fixed_vocabulary() 
 fn bad_inputs_fail_with_one_clear_message_and_leave_no_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let inputs = tmp.path().join("inputs");
-    python(
-        "make_inputs.py",
-        &[
-            cellfleet_e2e::data_dir().to_str().unwrap(),
-            inputs.to_str().unwrap(),
-        ],
-    );
+    make_inputs(&inputs);
     let kang = data("kang_ifnb_pbmc.h5ad");
     let unknown = inputs.join("unknown_genes.txt");
-    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+    let bad_files = [
+        ("not_hdf5.h5ad", "not an HDF5 file"),
+        ("truncated.h5ad", "truncated"),
+        ("missing_x.h5ad", "has no X matrix"),
+        ("nan.h5ad", "holds NaN at cell 3"),
+        ("inf.h5ad", "holds inf at cell 3"),
         (
-            vec![inputs.join("not_hdf5.h5ad").display().to_string()],
-            "not_hdf5.h5ad",
-            "not an HDF5 file",
-        ),
-        (
-            vec![inputs.join("truncated.h5ad").display().to_string()],
-            "truncated.h5ad",
-            "truncated",
-        ),
-        (
-            vec![inputs.join("missing_x.h5ad").display().to_string()],
-            "missing_x.h5ad",
-            "has no X matrix",
-        ),
-        (
-            vec![inputs.join("nan.h5ad").display().to_string()],
-            "nan.h5ad",
-            "holds NaN at cell 3",
-        ),
-        (
-            vec![inputs.join("inf.h5ad").display().to_string()],
-            "inf.h5ad",
-            "holds inf at cell 3",
-        ),
-        (
-            vec![inputs.join("negative_counts.h5ad").display().to_string()],
             "negative_counts.h5ad",
             "counts layer must hold non-negative",
         ),
-        (
-            vec![inputs.join("duplicate_genes.h5ad").display().to_string()],
-            "duplicate_genes.h5ad",
-            "duplicate gene name",
-        ),
-        (
-            vec![inputs.join("zero_cells.h5ad").display().to_string()],
-            "zero_cells.h5ad",
-            "zero cells",
-        ),
-        (
-            vec![
-                kang.display().to_string(),
-                "--genes".into(),
-                unknown.display().to_string(),
-            ],
-            "unknown_genes.txt",
-            "none of its 2 genes occur in the input",
-        ),
-        (
-            vec![
-                kang.display().to_string(),
-                "--label-col".into(),
-                "no_such_column".into(),
-            ],
-            "kang_ifnb_pbmc.h5ad",
-            "has no obs column 'no_such_column'",
-        ),
+        ("duplicate_genes.h5ad", "duplicate gene name"),
+        ("zero_cells.h5ad", "zero cells"),
     ];
+    let mut cases: Vec<(Vec<String>, &str, &str)> = bad_files
+        .iter()
+        .map(|&(file, says)| (vec![inputs.join(file).display().to_string()], file, says))
+        .collect();
+    cases.push((
+        vec![
+            kang.display().to_string(),
+            "--genes".into(),
+            unknown.display().to_string(),
+        ],
+        "unknown_genes.txt",
+        "none of its 2 genes occur in the input",
+    ));
+    cases.push((
+        vec![
+            kang.display().to_string(),
+            "--label-col".into(),
+            "no_such_column".into(),
+        ],
+        "kang_ifnb_pbmc.h5ad",
+        "has no obs column 'no_such_column'",
+    ));
     for (i, (args, names, says)) in cases.iter().enumerate() {
         let out = tmp.path().join(format!("out-{i}"));
         let mut full: Vec<&str> = vec!["ingest"];

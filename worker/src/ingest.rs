@@ -15,7 +15,9 @@ use cellfleet_shared::manifest::{
 };
 use cellfleet_shared::shard::{CellOrigin, ShardBuilder};
 use cellfleet_shared::store::{S3Options, Store};
-use cellfleet_shared::tokenize::{bin_cell, bin_key, BinRule, HvgAccumulator, ValueKind};
+use cellfleet_shared::tokenize::{
+    bin_cell, bin_key, BinRule, GeneUnion, HvgAccumulator, ValueKind,
+};
 use indicatif::ProgressBar;
 
 use crate::h5ad::{Column, CsrChunk, H5ad, InputError, Matrix};
@@ -357,8 +359,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
         });
     }
 
-    let mut union_names: Vec<String> = Vec::new();
-    let mut union_index: HashMap<String, u32> = HashMap::new();
+    let mut union = GeneUnion::default();
     let mut sources = Vec::new();
     let scan = progress::bar(0, "validating + HVG statistics");
     let want_stats = fixed_genes.is_none();
@@ -414,15 +415,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                 });
             }
             check_unique(&path, &format!("the var names of {}", matrix.name), &genes)?;
-            let to_union: Vec<u32> = genes
-                .iter()
-                .map(|g| {
-                    *union_index.entry(g.clone()).or_insert_with(|| {
-                        union_names.push(g.clone());
-                        (union_names.len() - 1) as u32
-                    })
-                })
-                .collect();
+            let to_union = union.add(&genes);
             let before = scan.position();
             scan.inc_length(matrix.n_obs as u64);
             match pass1(
@@ -430,7 +423,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                 &matrix,
                 &genes,
                 &to_union,
-                union_names.len(),
+                union.len(),
                 want_stats,
                 &scan,
             )? {
@@ -524,16 +517,13 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
     );
 
     // HVG statistics need the final union, so they are a second streaming read (only without --genes).
-    let n_union = union_names.len();
+    let n_union = union.len();
     let (vocab_union, vocabulary): (Vec<Option<u32>>, VocabularySource) = match &fixed_genes {
         Some(genes) => {
-            let missing = genes
-                .iter()
-                .filter(|g| !union_index.contains_key(*g))
-                .count();
+            let missing = genes.iter().filter(|g| union.position(g).is_none()).count();
             if missing == genes.len() {
                 let file = opts.genes_file.as_ref().unwrap().display();
-                let sample: Vec<&str> = union_names.iter().take(3).map(String::as_str).collect();
+                let sample: Vec<&str> = union.names.iter().take(3).map(String::as_str).collect();
                 bail!("{file}: none of its {} genes occur in the input (input genes look like {sample:?}); is it the right vocabulary, with the same gene naming (symbols vs Ensembl ids)?", genes.len());
             }
             if missing > 0 {
@@ -542,7 +532,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                     genes.len()
                 ));
             }
-            let vocab = genes.iter().map(|g| union_index.get(g).copied()).collect();
+            let vocab = genes.iter().map(|g| union.position(g)).collect();
             (
                 vocab,
                 VocabularySource::Fixed {
@@ -569,7 +559,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
         Some(g) => g.clone(),
         None => vocab_union
             .iter()
-            .map(|u| union_names[u.unwrap() as usize].clone())
+            .map(|u| union.names[u.unwrap() as usize].clone())
             .collect(),
     };
     if genes.len() > usize::from(u16::MAX) - 1 {

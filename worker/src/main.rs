@@ -41,6 +41,39 @@ impl S3Args {
     }
 }
 
+/// How a corpus is laid out; shared by `ingest` and `synth`.
+#[derive(Args, Clone, Debug)]
+struct LayoutArgs {
+    /// Number of highly variable genes in the vocabulary
+    #[arg(long, default_value_t = 4096)]
+    hvg: usize,
+    /// Expression bins per cell, including bin 0 for zero
+    #[arg(long, default_value_t = 50)]
+    bins: u16,
+    /// obs columns to keep as labels (repeatable)
+    #[arg(long = "label-col")]
+    label_cols: Vec<String>,
+    /// Cells per shard
+    #[arg(long, default_value_t = 8192)]
+    shard_cells: usize,
+    /// Cells per compressed block inside a shard (the unit of random access)
+    #[arg(long, default_value_t = 64)]
+    block_cells: usize,
+    /// Binning/compression threads (default: all cores)
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl LayoutArgs {
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Tokenize AnnData .h5ad files into a sharded, compressed corpus
@@ -51,30 +84,14 @@ enum Command {
         /// Output location: a directory, file://PATH or s3://BUCKET/PREFIX
         #[arg(long)]
         out: String,
-        /// Number of highly variable genes in the vocabulary
-        #[arg(long, default_value_t = 4096)]
-        hvg: usize,
-        /// Expression bins per cell, including bin 0 for zero
-        #[arg(long, default_value_t = 50)]
-        bins: u16,
         /// Matrix to read: auto, X, raw, or a layer name
         #[arg(long, default_value = "auto")]
         layer: LayerChoice,
         /// Fixed vocabulary instead of HVG selection: one gene per line, or a corpus manifest.json
         #[arg(long)]
         genes: Option<PathBuf>,
-        /// obs columns to keep as labels (repeatable)
-        #[arg(long = "label-col")]
-        label_cols: Vec<String>,
-        /// Cells per shard
-        #[arg(long, default_value_t = 8192)]
-        shard_cells: usize,
-        /// Cells per compressed block inside a shard (the unit of random access)
-        #[arg(long, default_value_t = 64)]
-        block_cells: usize,
-        /// Binning/compression threads (default: all cores)
-        #[arg(long)]
-        threads: Option<usize>,
+        #[command(flatten)]
+        layout: LayoutArgs,
         #[command(flatten)]
         s3: S3Args,
     },
@@ -94,21 +111,11 @@ enum Command {
         /// Output: a corpus location, or a path ending in .h5ad to write an AnnData file instead
         #[arg(long)]
         out: String,
-        #[arg(long, default_value_t = 4096)]
-        hvg: usize,
-        #[arg(long, default_value_t = 50)]
-        bins: u16,
-        /// obs columns carried over from the sampled real cells (repeatable)
-        #[arg(long = "label-col")]
-        label_cols: Vec<String>,
+        /// Seed of the resampling
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, default_value_t = 8192)]
-        shard_cells: usize,
-        #[arg(long, default_value_t = 64)]
-        block_cells: usize,
-        #[arg(long)]
-        threads: Option<usize>,
+        #[command(flatten)]
+        layout: LayoutArgs,
         #[command(flatten)]
         s3: S3Args,
     },
@@ -165,39 +172,28 @@ enum CorpusAction {
     },
 }
 
-fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ingest {
             inputs,
             out,
-            hvg,
-            bins,
             layer,
             genes,
-            label_cols,
-            shard_cells,
-            block_cells,
-            threads,
+            layout,
             s3,
         } => {
             let opts = IngestOptions {
                 inputs,
                 out,
                 s3: s3.options(),
-                hvg,
-                bins,
+                hvg: layout.hvg,
+                bins: layout.bins,
                 layer,
                 genes_file: genes,
-                label_cols,
-                shard_cells,
-                block_cells,
-                threads: threads.unwrap_or_else(default_threads),
+                threads: layout.threads(),
+                label_cols: layout.label_cols,
+                shard_cells: layout.shard_cells,
+                block_cells: layout.block_cells,
             };
             let started = std::time::Instant::now();
             let report = ingest(&opts)?;
@@ -284,13 +280,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cells,
             from,
             out,
-            hvg,
-            bins,
-            label_cols,
             seed,
-            shard_cells,
-            block_cells,
-            threads,
+            layout,
             s3,
         } => {
             let opts = synth::SynthOptions {
@@ -298,13 +289,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sources: from,
                 out,
                 s3: s3.options(),
-                hvg,
-                bins,
-                label_cols,
+                hvg: layout.hvg,
+                bins: layout.bins,
                 seed,
-                shard_cells,
-                block_cells,
-                threads: threads.unwrap_or_else(default_threads),
+                threads: layout.threads(),
+                label_cols: layout.label_cols,
+                shard_cells: layout.shard_cells,
+                block_cells: layout.block_cells,
             };
             synth::run(&opts).context("synth failed")?;
         }

@@ -21,7 +21,9 @@ use cellfleet_shared::manifest::{
 use cellfleet_shared::philox::{Domain, PhiloxStream};
 use cellfleet_shared::shard::{CellOrigin, ShardBuilder};
 use cellfleet_shared::store::{S3Options, Store};
-use cellfleet_shared::tokenize::{bin_cell, bin_key, BinRule, HvgAccumulator, ValueKind};
+use cellfleet_shared::tokenize::{
+    bin_cell, bin_key, BinRule, GeneUnion, HvgAccumulator, ValueKind,
+};
 
 use crate::h5ad::{CsrChunk, H5ad};
 use crate::progress;
@@ -54,8 +56,7 @@ struct Profiles {
 }
 
 fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
-    let mut genes: Vec<String> = Vec::new();
-    let mut index = std::collections::HashMap::new();
+    let mut union = GeneUnion::default();
     let mut cells = Vec::new();
     let mut label_columns: Vec<LabelColumn> = opts
         .label_cols
@@ -98,21 +99,13 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
             );
         };
         let file_genes = h5.var_names(which == "raw")?;
-        let to_union: Vec<u32> = file_genes
-            .iter()
-            .map(|g| {
-                *index.entry(g.clone()).or_insert_with(|| {
-                    genes.push(g.clone());
-                    (genes.len() - 1) as u32
-                })
-            })
-            .collect();
+        let to_union = union.add(&file_genes);
         let kind = if chunk.values.iter().all(|v| v.fract() == 0.0) {
             ValueKind::Counts
         } else {
             ValueKind::LogNormalized
         };
-        let mut stats = HvgAccumulator::new(genes.len(), kind);
+        let mut stats = HvgAccumulator::new(union.len(), kind);
         let mut union_idx = Vec::new();
         for r in 0..chunk.rows() {
             let (idx, vals) = chunk.row(r);
@@ -192,7 +185,7 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
         hvg.merge(s);
     }
     Ok(Profiles {
-        genes,
+        genes: union.names,
         cells,
         labels,
         label_columns,
