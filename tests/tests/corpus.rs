@@ -69,6 +69,11 @@ fn read_manifest(dir: &Path) -> Manifest {
 
 /// Compares every sampled cell's decoded bins and labels with the reference computed from the h5ad.
 fn assert_matches_reference(h5ad: &Path, corpus_dir: &Path, rows: &[u64]) {
+    assert_source_matches_reference(0, h5ad, corpus_dir, rows);
+}
+
+/// [`assert_matches_reference`] for input number `source` of a multi-file ingest.
+fn assert_source_matches_reference(source: u32, h5ad: &Path, corpus_dir: &Path, rows: &[u64]) {
     let corpus = open_corpus(corpus_dir.to_str().unwrap());
     let manifest = &corpus.manifest;
     let cells = decode_all(&corpus);
@@ -83,7 +88,7 @@ fn assert_matches_reference(h5ad: &Path, corpus_dir: &Path, rows: &[u64]) {
     let n_bins = manifest.bins.n_bins.to_string();
     let mut args = vec![
         h5ad.to_str().unwrap(),
-        manifest.sources[0].matrix.as_str(),
+        manifest.sources[source as usize].matrix.as_str(),
         genes_json.to_str().unwrap(),
         n_bins.as_str(),
         rows_json.as_str(),
@@ -97,7 +102,7 @@ fn assert_matches_reference(h5ad: &Path, corpus_dir: &Path, rows: &[u64]) {
     let reference: serde_json::Value =
         serde_json::from_str(&python("reference.py", &args)).expect("reference JSON");
     for (i, &row) in rows.iter().enumerate() {
-        let (bins, labels) = &cells[&(0, row)];
+        let (bins, labels) = &cells[&(source, row)];
         let expected: Vec<u8> = reference["bins"][i]
             .as_array()
             .unwrap()
@@ -577,4 +582,35 @@ fn ingest_writes_to_and_reads_from_a_real_s3_server() {
         !again.status.success()
             && String::from_utf8_lossy(&again.stderr).contains("already holds a corpus")
     );
+}
+
+#[test]
+fn several_inputs_share_one_vocabulary_and_keep_their_own_matrices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("two");
+    let (kang, pbmc) = (data("kang_ifnb_pbmc.h5ad"), data("pbmc68k_reduced.h5ad"));
+    cellfleet_ok(&[
+        "ingest",
+        kang.to_str().unwrap(),
+        pbmc.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--hvg",
+        "3000",
+    ]);
+    let manifest = read_manifest(&out);
+    assert_eq!(manifest.total_cells, 1975 + 700);
+    assert_eq!(manifest.genes.len(), 3000);
+    assert_eq!(manifest.sources[0].matrix, "X");
+    assert_eq!(
+        manifest.sources[1].matrix, "raw.X",
+        "pbmc68k's scaled X is still replaced by raw"
+    );
+    // Each file lacks some vocabulary genes (they read as zero) and the counts are reported per file.
+    assert!(manifest
+        .sources
+        .iter()
+        .all(|s| s.missing_vocabulary_genes > 0 && s.missing_vocabulary_genes < 3000));
+    assert_source_matches_reference(0, &kang, &out, &sample_rows(1975, 20));
+    assert_source_matches_reference(1, &pbmc, &out, &sample_rows(700, 20));
 }
