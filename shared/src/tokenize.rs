@@ -246,21 +246,75 @@ pub fn bin_key(value: f32, pos: u32) -> u64 {
 }
 
 /// Bins one cell. `keys` holds [`bin_key`]s of the cell's non-zero values (which must be positive);
-/// `emit(position, bin)` receives every non-zero bin (in value order).
-pub fn bin_cell(keys: &mut [u64], n_bins: u16, mut emit: impl FnMut(u32, u8)) {
-    let m = keys.len();
-    if m == 0 {
-        return;
-    }
-    let upper = u64::from(n_bins) - 1;
-    keys.sort_unstable();
-    let mut group_start = 0;
-    for i in 0..m {
-        if keys[i] >> 32 != keys[group_start] >> 32 {
-            group_start = i;
+/// `emit(position, bin)` receives every non-zero bin, in value order.
+pub fn bin_cell(keys: &mut [u64], n_bins: u16, emit: impl FnMut(u32, u8)) {
+    Binner::default().bin(keys, n_bins, emit);
+}
+
+/// [`bin_cell`] with scratch buffers kept between cells.
+#[derive(Debug, Default)]
+pub struct Binner {
+    below: Vec<u32>,
+    next: Vec<u32>,
+    ordered: Vec<u64>,
+}
+
+/// Integer values up to this bound are ranked by counting instead of sorting.
+const COUNTING_LIMIT: u32 = 4096;
+
+impl Binner {
+    pub fn bin(&mut self, keys: &mut [u64], n_bins: u16, mut emit: impl FnMut(u32, u8)) {
+        let m = keys.len();
+        if m == 0 {
+            return;
         }
-        let bin = 1 + (group_start as u64 * upper) / m as u64;
-        emit((keys[i] & 0xFFFF_FFFF) as u32, bin as u8);
+        let upper = u64::from(n_bins) - 1;
+        let bin_of = |rank: u64| (1 + rank * upper / m as u64) as u8;
+        let value = |key: u64| f32::from_bits((key >> 32) as u32);
+        // Raw counts are mostly small integers: a counting sort then orders them in linear time.
+        let mut largest = 0u32;
+        let mut small_integers = true;
+        for &key in keys.iter() {
+            let v = value(key);
+            let as_int = v as u32;
+            small_integers &= as_int as f32 == v && as_int < COUNTING_LIMIT;
+            largest = largest.max(as_int);
+        }
+        if small_integers {
+            let (below, next, ordered) = (&mut self.below, &mut self.next, &mut self.ordered);
+            below.clear();
+            below.resize(largest as usize + 2, 0);
+            for &key in keys.iter() {
+                below[value(key) as usize + 1] += 1;
+            }
+            for v in 1..below.len() {
+                below[v] += below[v - 1];
+            }
+            next.clear();
+            next.extend_from_slice(below);
+            ordered.clear();
+            ordered.resize(m, 0);
+            for &key in keys.iter() {
+                let slot = &mut next[value(key) as usize];
+                ordered[*slot as usize] = key;
+                *slot += 1;
+            }
+            for &key in ordered.iter() {
+                emit(
+                    (key & 0xFFFF_FFFF) as u32,
+                    bin_of(u64::from(below[value(key) as usize])),
+                );
+            }
+            return;
+        }
+        keys.sort_unstable();
+        let mut group_start = 0;
+        for i in 0..m {
+            if keys[i] >> 32 != keys[group_start] >> 32 {
+                group_start = i;
+            }
+            emit((keys[i] & 0xFFFF_FFFF) as u32, bin_of(group_start as u64));
+        }
     }
 }
 
@@ -280,6 +334,32 @@ mod tests {
         let mut out = vec![0u8; 5];
         bin_cell(&mut keys, 5, |p, b| out[p as usize] = b);
         assert_eq!(out, vec![0, 4, 1, 1, 3]);
+    }
+
+    #[test]
+    fn counting_and_sorting_paths_agree() {
+        // Integer counts are ranked by counting; the same values plus 0.5 (same ranks) by sorting.
+        let values: Vec<f32> = (0..300u32).map(|i| ((i * 7919) % 37 + 1) as f32).collect();
+        let bin_all = |vals: &[f32]| {
+            let mut keys: Vec<u64> = vals
+                .iter()
+                .enumerate()
+                .map(|(p, &v)| bin_key(v, p as u32))
+                .collect();
+            let mut out = vec![0u8; vals.len()];
+            let mut order = Vec::new();
+            bin_cell(&mut keys, 50, |p, b| {
+                out[p as usize] = b;
+                order.push(p);
+            });
+            (out, order)
+        };
+        let shifted: Vec<f32> = values.iter().map(|v| v + 0.5).collect();
+        assert_eq!(
+            bin_all(&values),
+            bin_all(&shifted),
+            "same bins, emitted in the same order"
+        );
     }
 
     #[test]

@@ -15,9 +15,7 @@ use cellfleet_shared::manifest::{
 };
 use cellfleet_shared::shard::{CellOrigin, ShardBuilder};
 use cellfleet_shared::store::{S3Options, Store};
-use cellfleet_shared::tokenize::{
-    bin_cell, bin_key, BinRule, GeneUnion, HvgAccumulator, ValueKind,
-};
+use cellfleet_shared::tokenize::{bin_key, BinRule, Binner, GeneUnion, HvgAccumulator, ValueKind};
 use indicatif::ProgressBar;
 
 use crate::h5ad::{Column, CsrChunk, H5ad, InputError, Matrix};
@@ -629,6 +627,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
             let mut builder = ShardBuilder::new(n_vocab, n_labels);
             let mut keys: Vec<u64> = Vec::new();
             let mut nonzero: Vec<(u16, u8)> = Vec::new();
+            let mut binner = Binner::default();
             let mut labels = vec![0u32; n_labels];
             for r in 0..job.chunk.rows() {
                 let row = job.first_row + r;
@@ -647,7 +646,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                     (pos != u32::MAX && v != 0.0).then(|| bin_key(v, pos))
                 }));
                 nonzero.clear();
-                bin_cell(&mut keys, bins, |pos, bin| nonzero.push((pos as u16, bin)));
+                binner.bin(&mut keys, bins, |pos, bin| nonzero.push((pos as u16, bin)));
                 builder.push_sparse(origin, &labels, nonzero.iter().copied());
             }
             let _ = recycle_tx.send(job.chunk);

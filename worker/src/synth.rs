@@ -21,9 +21,7 @@ use cellfleet_shared::manifest::{
 use cellfleet_shared::philox::{Domain, PhiloxStream};
 use cellfleet_shared::shard::{CellOrigin, ShardBuilder};
 use cellfleet_shared::store::{S3Options, Store};
-use cellfleet_shared::tokenize::{
-    bin_cell, bin_key, BinRule, GeneUnion, HvgAccumulator, ValueKind,
-};
+use cellfleet_shared::tokenize::{bin_key, BinRule, Binner, GeneUnion, HvgAccumulator, ValueKind};
 
 use crate::h5ad::{CsrChunk, H5ad};
 use crate::progress;
@@ -302,6 +300,7 @@ fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result
             let mut counts = Vec::new();
             let mut keys: Vec<u64> = Vec::new();
             let mut nonzero: Vec<(u16, u8)> = Vec::new();
+            let mut binner = Binner::default();
             let mut labels = vec![0u32; n_labels];
             for i in range {
                 let r = synth_cell(profiles, opts.seed, i, &keep, &mut counts);
@@ -311,7 +310,7 @@ fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result
                 keys.clear();
                 keys.extend(counts.iter().map(|&(g, v)| bin_key(v, g)));
                 nonzero.clear();
-                bin_cell(&mut keys, opts.bins, |pos, bin| {
+                binner.bin(&mut keys, opts.bins, |pos, bin| {
                     nonzero.push((pos as u16, bin))
                 });
                 let origin = CellOrigin {
