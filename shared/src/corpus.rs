@@ -12,7 +12,6 @@ use crate::store::{S3Options, Store};
 pub struct Corpus {
     pub store: Store,
     pub manifest: Manifest,
-    offsets: Vec<u64>,
 }
 
 impl Corpus {
@@ -38,26 +37,16 @@ impl Corpus {
                 manifest.format_version
             )));
         }
-        let offsets = manifest.shard_offsets();
-        if offsets.last().copied() != Some(manifest.total_cells) {
+        if manifest.shard_offsets().last().copied() != Some(manifest.total_cells) {
             return Err(bad(
                 "total_cells does not equal the sum of the shards' cells".into(),
             ));
         }
-        Ok(Self {
-            store,
-            manifest,
-            offsets,
-        })
+        Ok(Self { store, manifest })
     }
 
     pub fn total_cells(&self) -> u64 {
         self.manifest.total_cells
-    }
-
-    /// First global cell index of each shard, with the total at the end.
-    pub fn shard_offsets(&self) -> &[u64] {
-        &self.offsets
     }
 
     /// Fetches shard `index`, checking size and blake3 against the manifest before parsing.

@@ -94,8 +94,4 @@ impl Manifest {
         let json = serde_json::to_vec(self).expect("a manifest always serializes");
         blake3::hash(&json).to_hex().to_string()
     }
-
-    pub fn label_column(&self, name: &str) -> Option<usize> {
-        self.label_columns.iter().position(|c| c.name == name)
-    }
 }

@@ -95,12 +95,6 @@ impl PhiloxStream {
         (product >> 32) as u32
     }
 
-    /// Uniform float in [0, 1) with 24 bits of precision.
-    #[inline]
-    pub fn unit_f32(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
-    }
-
     /// Uniform float in [0, 1) with 53 bits of precision.
     #[inline]
     pub fn unit_f64(&mut self) -> f64 {

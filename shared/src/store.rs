@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
@@ -155,23 +154,5 @@ impl Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.wrap(name, "delete", e)),
         }
-    }
-
-    /// Names (relative to the prefix) of every object under `dir`.
-    pub fn list(&self, dir: &str) -> Result<Vec<String>> {
-        let path = self.path(dir);
-        let metas: Vec<_> = self
-            .runtime
-            .block_on(self.inner.list(Some(&path)).try_collect())
-            .map_err(|e| self.wrap(dir, "list", e))?;
-        let base = self.prefix.as_ref().len();
-        Ok(metas
-            .into_iter()
-            .map(|m| {
-                m.location.as_ref()[base..]
-                    .trim_start_matches('/')
-                    .to_string()
-            })
-            .collect())
     }
 }
