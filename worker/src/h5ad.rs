@@ -206,7 +206,8 @@ impl H5ad {
         names
     }
 
-    fn matrix_path(&self, which: &str) -> InputResult<String> {
+    /// The HDF5 path of matrix `which` (`X`, `raw` or a layer), or why there is none.
+    pub fn matrix_path(&self, which: &str) -> InputResult<String> {
         match which {
             "X" if self.exists("X") => Ok("X".into()),
             "X" => {

@@ -373,7 +373,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                         format!("--layer auto: {layer} holds raw counts, the most faithful input"),
                     ));
                 }
-                h5.matrix("X")?; // a file without X is malformed even if it has layers
+                h5.matrix_path("X")?; // a file without X is malformed even if it has layers
                 c.push((
                     "X".into(),
                     "--layer auto: X holds non-negative expression".into(),
@@ -413,6 +413,8 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                 });
             }
             check_unique(&path, &format!("the var names of {}", matrix.name), &genes)?;
+            // A matrix rejected below must leave no genes behind in the union.
+            let union_before = union.clone();
             let to_union = union.add(&genes);
             let before = scan.position();
             scan.inc_length(matrix.n_obs as u64);
@@ -426,6 +428,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
                 &scan,
             )? {
                 Pass1::Negative { row, gene, value } => {
+                    union = union_before;
                     scan.set_position(before);
                     scan.set_length(before);
                     let what = format!(
