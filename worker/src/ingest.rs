@@ -81,7 +81,8 @@ struct Source {
     labels: Vec<Vec<u32>>,
 }
 
-fn hash_file(path: &Path) -> anyhow::Result<(u64, String)> {
+/// Size and blake3 of a file, read in 1 MiB pieces.
+pub(crate) fn hash_file(path: &Path) -> anyhow::Result<(u64, String)> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut hasher = blake3::Hasher::new();

@@ -1,8 +1,6 @@
 //! Parallel shard writing shared by `ingest` and `synth`: jobs become shards on worker threads, are hashed
 //! and stored; the manifest is written by the caller only after every shard is in place.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use cellfleet_shared::manifest::ShardEntry;
 use cellfleet_shared::shard::ShardBuilder;
@@ -30,11 +28,11 @@ pub fn write_shards<J: Send>(
     let threads = threads.max(1);
     let (job_tx, job_rx) = bounded::<(usize, J)>(threads);
     let (out_tx, out_rx) = bounded::<anyhow::Result<(usize, ShardEntry)>>(threads * 2);
-    let written = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let written = std::sync::Mutex::new(Vec::<String>::new());
     let result: anyhow::Result<Vec<ShardEntry>> = std::thread::scope(|scope| {
         for _ in 0..threads {
             let (job_rx, out_tx, build, written) =
-                (job_rx.clone(), out_tx.clone(), &build, written.clone());
+                (job_rx.clone(), out_tx.clone(), &build, &written);
             scope.spawn(move || {
                 for (index, job) in job_rx.iter() {
                     let outcome = build(job).and_then(|builder| {

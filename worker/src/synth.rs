@@ -24,6 +24,7 @@ use cellfleet_shared::store::{S3Options, Store};
 use cellfleet_shared::tokenize::{bin_key, BinRule, Binner, GeneUnion, HvgAccumulator, ValueKind};
 
 use crate::h5ad::{CsrChunk, H5ad};
+use crate::ingest::hash_file;
 use crate::progress;
 use crate::shards::write_shards;
 
@@ -156,8 +157,7 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
                 labels[c].push(code);
             }
         }
-        let bytes = std::fs::metadata(path)?.len();
-        let hash = blake3::hash(&std::fs::read(path)?).to_hex().to_string();
+        let (bytes, hash) = hash_file(path)?;
         sources.push(SourceFile {
             path: path.display().to_string(),
             bytes,
