@@ -46,6 +46,8 @@ pub enum Domain {
     WindowOrder = 4,
     /// Synthetic-corpus generation: `a` = synthetic cell, `b` = 0.
     Synth = 5,
+    /// Train / held-out assignment of one cell: `a` = cell, `b` = 0.
+    Split = 6,
 }
 
 /// A stream of random words for one (seed, domain, a, b).

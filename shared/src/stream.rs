@@ -60,12 +60,61 @@ pub struct SampleId {
     pub clone: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Which cells are held out for evaluation: cell c is held out when a Philox draw keyed by (seed, c) falls
+/// below `eval_fraction`. A pure function of the cell index, so every command and every rank agrees on it
+/// without storing a list.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CellSplit {
+    pub seed: u64,
+    pub eval_fraction: f64,
+}
+
+impl Default for CellSplit {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            eval_fraction: 0.1,
+        }
+    }
+}
+
+/// A side of a [`CellSplit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitPart {
+    Train,
+    Eval,
+}
+
+impl CellSplit {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(Error::Config(format!(
+                "eval fraction must be in [0, 1), got {}",
+                self.eval_fraction
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn part_of(&self, cell: u64) -> SplitPart {
+        let draw = PhiloxStream::new(self.seed, Domain::Split, cell as u32, 0).unit_f64();
+        if draw < self.eval_fraction {
+            SplitPart::Eval
+        } else {
+            SplitPart::Train
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 struct BlockRef {
     shard: u32,
     block: u32,
     first_cell: u64,
+    /// Cells of the block in the plan.
     cells: u32,
+    /// Rows of the block in the plan when a split leaves out some of them; `None` = all rows.
+    rows: Option<Box<[u32]>>,
 }
 
 /// Where a sample's cell is stored.
@@ -103,11 +152,26 @@ impl EpochPlan {
                     block,
                     first_cell: first_cell + u64::from(block * block_cells),
                     cells,
+                    rows: None,
                 });
             }
             first_cell += u64::from(entry.cells);
         }
         Self::from_blocks(blocks, config, epoch)
+    }
+
+    /// The plan of one side of `split`: the same unit and window construction over only that side's
+    /// cells (blocks left empty drop out).
+    pub fn for_part(
+        manifest: &Manifest,
+        config: OrderConfig,
+        epoch: u32,
+        split: CellSplit,
+        part: SplitPart,
+    ) -> Result<Self> {
+        split.validate()?;
+        let full = Self::new(manifest, config, epoch)?;
+        Self::from_blocks(restrict_blocks(full.blocks, split, part), config, epoch)
     }
 
     fn from_blocks(blocks: Vec<BlockRef>, config: OrderConfig, epoch: u32) -> Result<Self> {
@@ -187,14 +251,18 @@ impl EpochPlan {
         for &(b, clone) in self.window_units(window) {
             let block = &self.blocks[b as usize];
             if offset < block.cells {
+                let row = block
+                    .rows
+                    .as_ref()
+                    .map_or(offset, |rows| rows[offset as usize]);
                 return SampleLocation {
                     sample: SampleId {
-                        cell: block.first_cell + u64::from(offset),
+                        cell: block.first_cell + u64::from(row),
                         clone,
                     },
                     shard: block.shard,
                     block: block.block,
-                    cell_in_block: offset,
+                    cell_in_block: row,
                 };
             }
             offset -= block.cells;
@@ -224,6 +292,24 @@ impl EpochPlan {
             order: Vec::new(),
         }
     }
+}
+
+/// Keeps only the rows of `blocks` on `part` of `split`.
+fn restrict_blocks(blocks: Vec<BlockRef>, split: CellSplit, part: SplitPart) -> Vec<BlockRef> {
+    blocks
+        .into_iter()
+        .filter_map(|mut b| {
+            let rows: Vec<u32> = (0..b.cells)
+                .filter(|&r| split.part_of(b.first_cell + u64::from(r)) == part)
+                .collect();
+            if rows.is_empty() {
+                return None;
+            }
+            b.cells = rows.len() as u32;
+            b.rows = Some(rows.into_boxed_slice());
+            Some(b)
+        })
+        .collect()
 }
 
 /// Iterator over a range of epoch positions; caches the current window's permutation.
@@ -328,11 +414,49 @@ mod tests {
                     block: 0,
                     first_cell: first,
                     cells,
+                    rows: None,
                 };
                 first += u64::from(cells);
                 b
             })
             .collect()
+    }
+
+    #[test]
+    fn split_parts_tile_the_corpus() {
+        let sizes = [64, 64, 17, 64, 3];
+        let split = CellSplit {
+            seed: 9,
+            eval_fraction: 0.25,
+        };
+        let config = OrderConfig {
+            seed: 1,
+            augmentation: 2,
+            window_units: 3,
+        };
+        let mut seen = Vec::new();
+        let mut eval_cells = 0;
+        for part in [SplitPart::Train, SplitPart::Eval] {
+            let plan =
+                EpochPlan::from_blocks(restrict_blocks(blocks(&sizes), split, part), config, 0)
+                    .unwrap();
+            for loc in plan.range(0..plan.len()) {
+                assert_eq!(split.part_of(loc.sample.cell), part);
+                assert_eq!(
+                    loc.sample.cell,
+                    blocks(&sizes)[loc.shard as usize].first_cell + u64::from(loc.cell_in_block)
+                );
+                seen.push(loc.sample);
+            }
+            if part == SplitPart::Eval {
+                eval_cells = plan.len() / 2;
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, all_samples(&sizes, 2));
+        let total: u64 = sizes.iter().map(|&s| u64::from(s)).sum();
+        let fraction = eval_cells as f64 / total as f64;
+        assert!((0.12..0.38).contains(&fraction), "eval fraction {fraction}");
     }
 
     fn all_samples(sizes: &[u32], augmentation: u32) -> Vec<SampleId> {

@@ -8,7 +8,7 @@ use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::store::S3Options;
 use cellfleet_shared::stream::OrderConfig;
 use cellfleet_worker::ingest::{ingest, IngestOptions, LayerChoice};
-use cellfleet_worker::{bench, inspect, synth};
+use cellfleet_worker::{bench, inspect, modelcli, synth};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -116,6 +116,65 @@ enum Command {
         seed: u64,
         #[command(flatten)]
         layout: LayoutArgs,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Pretrain the masked-bin model on a corpus
+    Train {
+        /// Corpus location (directory, file://PATH or s3://BUCKET/PREFIX)
+        #[arg(long)]
+        corpus: String,
+        /// Train in this process (no coordinator)
+        #[arg(long)]
+        local: bool,
+        /// Output directory for model.safetensors, model.json and the step log
+        #[arg(long, default_value = "runs/model")]
+        out: PathBuf,
+        /// Also write the step records and the held-out report as JSON here
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        flags: modelcli::TrainFlags,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Fine-tune a pretrained model's [CLS] classifier on a label column and report held-out metrics
+    Finetune {
+        #[arg(long)]
+        corpus: String,
+        /// Pretrained model: its directory or its model.safetensors
+        #[arg(long)]
+        weights: PathBuf,
+        /// Label column to classify (e.g. cell_type)
+        #[arg(long = "label-col")]
+        label_col: String,
+        /// Train LoRA adapters of this rank with the base frozen (default: train everything)
+        #[arg(long)]
+        lora: Option<usize>,
+        #[arg(long, default_value = "runs/finetune")]
+        out: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        flags: modelcli::TrainFlags,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Evaluate a model on the held-out split of a corpus (masked bins; classes if fine-tuned)
+    Eval {
+        #[arg(long)]
+        corpus: String,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch_size: u32,
+        /// Fraction of gene tokens masked for the masked-bin report
+        #[arg(long, default_value_t = 0.15)]
+        mask_ratio: f32,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        runtime: modelcli::RuntimeFlags,
         #[command(flatten)]
         s3: S3Args,
     },
@@ -299,6 +358,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             synth::run(&opts).context("synth failed")?;
         }
+        Command::Train {
+            corpus,
+            local,
+            out,
+            json,
+            flags,
+            s3,
+        } => modelcli::train_command(&corpus, local, out, &flags, json.as_deref(), &s3.options())?,
+        Command::Finetune {
+            corpus,
+            weights,
+            label_col,
+            lora,
+            out,
+            json,
+            flags,
+            s3,
+        } => modelcli::finetune_command(
+            &corpus,
+            &weights,
+            &label_col,
+            lora,
+            out,
+            &flags,
+            json.as_deref(),
+            &s3.options(),
+        )?,
+        Command::Eval {
+            corpus,
+            weights,
+            batch_size,
+            mask_ratio,
+            json,
+            runtime,
+            s3,
+        } => modelcli::eval_command(
+            &corpus,
+            &weights,
+            batch_size,
+            mask_ratio,
+            &runtime,
+            json.as_deref(),
+            &s3.options(),
+        )?,
         Command::Bench { which } => bench::run(which)?,
     }
     Ok(())

@@ -21,3 +21,21 @@ pub fn bar(total: u64, what: &str) -> ProgressBar {
     bar.enable_steady_tick(Duration::from_millis(250));
     bar
 }
+
+/// A progress bar over `total` optimizer steps, its message carrying loss and throughput; hidden when
+/// `show` is false or under `CELLFLEET_QUIET`.
+pub fn step_bar(total: u64, what: &str, show: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if !show || std::env::var_os("CELLFLEET_QUIET").is_some() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>9} [{{bar:30}}] {{pos}}/{{len}} steps {{msg}} eta {{eta}}"
+        ))
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}

@@ -1,0 +1,299 @@
+//! The model commands of the `cellfleet` CLI: `train`, `finetune` and `eval`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::store::S3Options;
+use clap::Args;
+
+use crate::metrics::ClassificationReport;
+use crate::model::{parse_device, Preset};
+use crate::train::{
+    evaluate_classifier, evaluate_masked_bins, finetune, pretrain, ClassificationEval,
+    MaskedBinReport, RunOptions, SavedModel, StepRecord, TrainConfig,
+};
+
+/// Flags shared by `train` and `finetune`; each overrides the config file.
+#[derive(Args, Clone, Debug)]
+pub struct TrainFlags {
+    /// TOML or JSON file of training settings (see docs/model.md); flags override it
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model size preset (pretraining)
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Optimizer steps
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Samples per step
+    #[arg(long)]
+    pub batch_size: Option<u32>,
+    /// Peak learning rate
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of initialisation, sample order, masking and router noise
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub runtime: RuntimeFlags,
+}
+
+/// Where the tensors live.
+#[derive(Args, Clone, Debug)]
+pub struct RuntimeFlags {
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch CPU threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl RuntimeFlags {
+    fn run_options(&self, out: PathBuf) -> anyhow::Result<RunOptions> {
+        let threads = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        Ok(RunOptions {
+            device: parse_device(&self.device)?,
+            threads,
+            out,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            log_every: 50,
+        })
+    }
+}
+
+impl TrainFlags {
+    fn config(&self, defaults: TrainConfig) -> anyhow::Result<TrainConfig> {
+        let mut config = match &self.config {
+            Some(path) => TrainConfig::from_file(path)?,
+            None => defaults,
+        };
+        if let Some(p) = self.preset {
+            config.preset = p;
+        }
+        if let Some(s) = self.steps {
+            config.steps = s;
+        }
+        if let Some(b) = self.batch_size {
+            config.batch_size = b;
+        }
+        if let Some(lr) = self.lr {
+            config.lr = lr;
+        }
+        if let Some(seed) = self.seed {
+            config.seed = seed;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn open_corpus(url: &str, s3: &S3Options) -> anyhow::Result<Arc<Corpus>> {
+    Ok(Arc::new(
+        Corpus::open(url, s3).with_context(|| format!("cannot open corpus {url}"))?,
+    ))
+}
+
+fn summarize_steps(what: &str, records: &[StepRecord]) {
+    let Some(last) = records.last() else { return };
+    let tokens: u64 = records.iter().map(|r| r.tokens).sum();
+    let seconds: f64 = records.iter().map(|r| r.seconds).sum();
+    let first = &records[0];
+    println!(
+        "{what}: {} steps, loss {:.4} -> {:.4}, batch accuracy {:.3} -> {:.3}, {:.0} tokens/s",
+        records.len(),
+        first.loss,
+        last.loss,
+        first.accuracy,
+        last.accuracy,
+        tokens as f64 / seconds.max(1e-9)
+    );
+}
+
+fn print_masked(report: &MaskedBinReport) {
+    println!(
+        "held-out masked bins ({} cells, {} masked tokens):",
+        report.eval_cells, report.masked_tokens
+    );
+    println!("  {:<22} {:>13} {:>9}", "", "cross-entropy", "accuracy");
+    println!(
+        "  {:<22} {:>13.4} {:>9.4}",
+        "model", report.model_cross_entropy, report.model_accuracy
+    );
+    println!(
+        "  {:<22} {:>13.4} {:>9.4}",
+        "per-gene marginal", report.marginal_cross_entropy, report.marginal_accuracy
+    );
+}
+
+fn print_classification(eval: &ClassificationEval) {
+    println!(
+        "held-out `{}` classification ({} cells, {} classes):",
+        eval.label_column,
+        eval.model.cells,
+        eval.classes.len()
+    );
+    println!(
+        "  {:<22} {:>8} {:>8} {:>8} {:>10} {:>11} {:>7}",
+        "", "accuracy", "macro-F1", "kappa", "confidence", "uncertainty", "ECE"
+    );
+    let row = |name: &str, r: &ClassificationReport| {
+        println!(
+            "  {:<22} {:>8.4} {:>8.4} {:>8.4} {:>10.4} {:>11.4} {:>7.4}",
+            name, r.accuracy, r.macro_f1, r.cohen_kappa, r.mean_confidence, r.mean_entropy, r.ece
+        )
+    };
+    row("model", &eval.model);
+    row("logistic regression", &eval.logistic_regression);
+    println!("  {:<22} {:>8.4}", "majority class", eval.majority_accuracy);
+}
+
+fn write_json(path: Option<&Path>, value: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(value)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn train_command(
+    corpus: &str,
+    local: bool,
+    out: PathBuf,
+    flags: &TrainFlags,
+    json: Option<&Path>,
+    s3: &S3Options,
+) -> anyhow::Result<()> {
+    if !local {
+        bail!("cluster training through a coordinator is not available yet; pass --local to train in this process");
+    }
+    let config = flags.config(TrainConfig::default())?;
+    let run = flags.runtime.run_options(out)?;
+    let corpus = open_corpus(corpus, s3)?;
+    let (model, records) = pretrain(corpus.clone(), &config, &run)?;
+    println!(
+        "model: {} parameters ({:?} preset, {} genes, {} bins, {} experts)",
+        model.parameter_count(),
+        config.preset,
+        model.config.n_genes,
+        model.config.n_bins,
+        model.config.experts()
+    );
+    summarize_steps("pretrain", &records);
+    let report = evaluate_masked_bins(
+        &model,
+        corpus,
+        config.split,
+        config.seed,
+        config.mask_ratio,
+        config.batch_size,
+    )?;
+    print_masked(&report);
+    println!(
+        "weights: {}  (config: {})",
+        run.out.join(crate::train::WEIGHTS_FILE).display(),
+        run.out.join(crate::train::INFO_FILE).display()
+    );
+    write_json(
+        json,
+        &serde_json::json!({"config": config, "steps": records, "masked_bins": report}),
+    )
+}
+
+/// Defaults of fine-tuning: no masking, a shorter schedule.
+pub fn finetune_defaults() -> TrainConfig {
+    TrainConfig {
+        steps: 300,
+        lr: 5e-4,
+        warmup_steps: 20,
+        mask_ratio: 0.0,
+        ..TrainConfig::default()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_command(
+    corpus: &str,
+    weights: &Path,
+    label_col: &str,
+    lora: Option<usize>,
+    out: PathBuf,
+    flags: &TrainFlags,
+    json: Option<&Path>,
+    s3: &S3Options,
+) -> anyhow::Result<()> {
+    let config = flags.config(finetune_defaults())?;
+    let run = flags.runtime.run_options(out)?;
+    let base = SavedModel::open(weights)?;
+    let corpus = open_corpus(corpus, s3)?;
+    let (model, records, eval) = finetune(corpus, &base, label_col, lora, &config, &run)?;
+    println!(
+        "model: {} parameters, {} trained ({})",
+        model.parameter_count(),
+        model
+            .trainable_parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as i64)
+            .sum::<i64>(),
+        match lora {
+            Some(r) => format!("LoRA rank {r}, base frozen"),
+            None => "all parameters".into(),
+        }
+    );
+    summarize_steps("finetune", &records);
+    print_classification(&eval);
+    println!(
+        "weights: {}",
+        run.out.join(crate::train::WEIGHTS_FILE).display()
+    );
+    write_json(
+        json,
+        &serde_json::json!({"config": config, "steps": records, "classification": eval}),
+    )
+}
+
+pub fn eval_command(
+    corpus: &str,
+    weights: &Path,
+    batch_size: u32,
+    mask_ratio: f32,
+    runtime: &RuntimeFlags,
+    json: Option<&Path>,
+    s3: &S3Options,
+) -> anyhow::Result<()> {
+    let run = runtime.run_options(PathBuf::new())?;
+    tch::set_num_threads(run.threads as i32);
+    let saved = SavedModel::open(weights)?;
+    let corpus = open_corpus(corpus, s3)?;
+    saved.check_corpus(&corpus)?;
+    let model = saved.load(saved.info.config.clone(), run.device)?;
+    let masked = evaluate_masked_bins(
+        &model,
+        corpus.clone(),
+        saved.info.split,
+        saved.info.seed,
+        mask_ratio,
+        batch_size,
+    )?;
+    print_masked(&masked);
+    let classification = if saved.info.label_column.is_some() {
+        let eval = evaluate_classifier(&model, corpus, &saved.info, batch_size, saved.info.seed)?;
+        print_classification(&eval);
+        Some(eval)
+    } else {
+        None
+    };
+    write_json(
+        json,
+        &serde_json::json!({"masked_bins": masked, "classification": classification}),
+    )
+}

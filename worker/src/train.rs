@@ -1,0 +1,948 @@
+//! Single-process training: masked-bin pretraining, `[CLS]` fine-tuning (full or LoRA) and evaluation on
+//! the held-out split, with the baselines the results are read against (a per-gene marginal-frequency
+//! predictor for masked bins; majority class and multinomial logistic regression for cell states).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use cellfleet_shared::batch::{Batch, Loader, LoaderConfig, MaskConfig, IGNORE_TARGET};
+use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::manifest::MISSING_LABEL;
+use cellfleet_shared::stream::{CellSplit, EpochPlan, OrderConfig, Partitioner, SplitPart};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::metrics::{classification_report, ClassificationReport};
+use crate::model::{CellModel, FfnConfig, LoraConfig, Mode, ModelConfig, Preset, Tokens};
+use crate::optim::{AdamW, AdamWConfig, Schedule};
+
+/// Everything that shapes a training run; read from a TOML or JSON file over the defaults, then
+/// overridden by command-line flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub preset: Preset,
+    /// Overrides of the preset's shape.
+    pub d_model: Option<usize>,
+    pub n_layers: Option<usize>,
+    pub n_heads: Option<usize>,
+    pub ffn: Option<FfnConfig>,
+    pub seed: u64,
+    pub steps: u64,
+    /// Samples per optimizer step.
+    pub batch_size: u32,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    /// The cosine schedule ends at `lr * min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    pub optimizer: AdamWConfig,
+    /// Global gradient-norm clip; 0 disables it.
+    pub clip_norm: f64,
+    /// Weight of the MoE load-balancing loss.
+    pub aux_loss_weight: f64,
+    /// Fraction of gene tokens masked (pretraining); fine-tuning uses 0 unless set.
+    pub mask_ratio: f32,
+    /// Clones per cell (bootstrapped permutation).
+    pub augmentation: u32,
+    pub window_units: u32,
+    pub split: CellSplit,
+    /// Batch-assembly threads.
+    pub loader_threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            preset: Preset::Small,
+            d_model: None,
+            n_layers: None,
+            n_heads: None,
+            ffn: None,
+            seed: 0,
+            steps: 1000,
+            batch_size: 32,
+            lr: 1e-3,
+            warmup_steps: 50,
+            min_lr_ratio: 0.1,
+            optimizer: AdamWConfig::default(),
+            clip_norm: 1.0,
+            aux_loss_weight: 0.01,
+            mask_ratio: 0.15,
+            augmentation: 4,
+            window_units: 16,
+            split: CellSplit::default(),
+            loader_threads: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a `.toml` or `.json` config file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        if is_json {
+            serde_json::from_str(&text).with_context(|| format!("config {}", path.display()))
+        } else {
+            toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+        }
+    }
+
+    pub fn model_config(&self, n_genes: usize, n_bins: usize) -> ModelConfig {
+        let mut config = self.preset.config(n_genes, n_bins);
+        config.d_model = self.d_model.unwrap_or(config.d_model);
+        config.n_layers = self.n_layers.unwrap_or(config.n_layers);
+        config.n_heads = self.n_heads.unwrap_or(config.n_heads);
+        if let Some(ffn) = &self.ffn {
+            config.ffn = ffn.clone();
+        }
+        config
+    }
+
+    fn order(&self, augmentation: u32) -> OrderConfig {
+        OrderConfig {
+            seed: self.seed,
+            augmentation,
+            window_units: self.window_units,
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.steps == 0 || self.batch_size == 0 {
+            bail!("steps and batch_size must be positive");
+        }
+        if !(self.lr > 0.0) {
+            bail!("lr must be positive, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.mask_ratio) {
+            bail!("mask_ratio must be in [0, 1), got {}", self.mask_ratio);
+        }
+        self.split.validate()?;
+        Ok(())
+    }
+}
+
+/// Where and how a run executes (not part of the reproducible config).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub device: Device,
+    /// Intra-op CPU threads of libtorch.
+    pub threads: usize,
+    pub out: PathBuf,
+    /// Print a progress bar (otherwise a log line every `log_every` steps).
+    pub progress: bool,
+    pub log_every: u64,
+}
+
+/// What `model.json` beside the weights records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInfo {
+    pub format: String,
+    pub config: ModelConfig,
+    /// blake3 of the vocabulary (gene names joined by newlines): a corpus must match it.
+    pub vocabulary_hash: String,
+    pub genes: Vec<String>,
+    pub split: CellSplit,
+    pub seed: u64,
+    #[serde(default)]
+    pub label_column: Option<String>,
+    #[serde(default)]
+    pub classes: Vec<String>,
+}
+
+pub const MODEL_INFO_FORMAT: &str = "cellfleet-model/1";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const INFO_FILE: &str = "model.json";
+
+pub fn vocabulary_hash(genes: &[String]) -> String {
+    blake3::hash(genes.join("\n").as_bytes())
+        .to_hex()
+        .to_string()
+}
+
+/// A saved model: `DIR/model.safetensors` + `DIR/model.json`, or the path of the weights file itself.
+pub struct SavedModel {
+    pub weights: PathBuf,
+    pub info: ModelInfo,
+}
+
+impl SavedModel {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let (weights, info_path) = if path.is_dir() {
+            (path.join(WEIGHTS_FILE), path.join(INFO_FILE))
+        } else {
+            (path.to_path_buf(), path.with_file_name(INFO_FILE))
+        };
+        if !weights.exists() {
+            bail!(
+                "{}: no weights file here (expected {WEIGHTS_FILE} written by `cellfleet train`)",
+                weights.display()
+            );
+        }
+        let text = fs::read_to_string(&info_path).with_context(|| {
+            format!(
+                "{}: the model description that belongs beside the weights is missing",
+                info_path.display()
+            )
+        })?;
+        let info: ModelInfo = serde_json::from_str(&text).with_context(|| {
+            format!("{}: not a cellfleet model description", info_path.display())
+        })?;
+        if info.format != MODEL_INFO_FORMAT {
+            bail!(
+                "{}: format {:?}, expected {MODEL_INFO_FORMAT:?}",
+                info_path.display(),
+                info.format
+            );
+        }
+        Ok(Self { weights, info })
+    }
+
+    /// Checks that `corpus` uses this model's vocabulary.
+    pub fn check_corpus(&self, corpus: &Corpus) -> anyhow::Result<()> {
+        if vocabulary_hash(&corpus.manifest.genes) != self.info.vocabulary_hash {
+            bail!(
+                "corpus {} has a different gene vocabulary ({} genes) from the model ({} genes); ingest it with `--genes {}` so it uses the model's genes",
+                corpus.store.url(),
+                corpus.manifest.genes.len(),
+                self.info.genes.len(),
+                self.weights.with_file_name(INFO_FILE).display()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn load(&self, config: ModelConfig, device: Device) -> anyhow::Result<CellModel> {
+        let mut model = CellModel::new(config, device)?;
+        let missing = model.load(&self.weights, true)?;
+        if let Some(bad) = missing
+            .iter()
+            .find(|n| !(n.contains("lora_") || n.starts_with("classifier.")))
+        {
+            bail!("{}: parameter {bad} is missing", self.weights.display());
+        }
+        Ok(model)
+    }
+}
+
+fn write_model(model: &CellModel, info: &ModelInfo, out: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    model.save(&out.join(WEIGHTS_FILE))?;
+    fs::write(out.join(INFO_FILE), serde_json::to_string_pretty(info)?)
+        .with_context(|| format!("cannot write {}", out.join(INFO_FILE).display()))?;
+    Ok(())
+}
+
+/// Converts a batch into device tensors: (tokens, targets `[batch, seq]` int64).
+pub fn batch_tensors(batch: &Batch, device: Device) -> (Tokens, Tensor) {
+    let shape = [batch.samples as i64, batch.seq_len as i64];
+    let genes: Vec<i32> = batch.gene_ids.iter().map(|&g| i32::from(g)).collect();
+    let to = |t: Tensor| t.view(shape).to_kind(Kind::Int64).to_device(device);
+    (
+        Tokens {
+            gene_ids: to(Tensor::from_slice(&genes)),
+            bins: to(Tensor::from_slice(&batch.input_bins)),
+            valid: None,
+        },
+        to(Tensor::from_slice(&batch.target_bins)),
+    )
+}
+
+/// The batches of one side of the split, epoch after epoch, from a cursor.
+struct BatchStream {
+    corpus: Arc<Corpus>,
+    order: OrderConfig,
+    split: CellSplit,
+    part: SplitPart,
+    loader_config: LoaderConfig,
+    batch_size: u32,
+    epoch: u32,
+    cursor: u64,
+    loader: Option<Loader>,
+    /// Batches the current loader was asked for but not yet handed out.
+    pending: usize,
+}
+
+impl BatchStream {
+    fn new(
+        corpus: Arc<Corpus>,
+        order: OrderConfig,
+        split: CellSplit,
+        part: SplitPart,
+        mask_ratio: f32,
+        batch_size: u32,
+        threads: usize,
+    ) -> Self {
+        Self {
+            corpus,
+            order,
+            split,
+            part,
+            loader_config: LoaderConfig {
+                mask: MaskConfig { ratio: mask_ratio },
+                threads: threads.max(1),
+                ..LoaderConfig::default()
+            },
+            batch_size,
+            epoch: 0,
+            cursor: 0,
+            loader: None,
+            pending: 0,
+        }
+    }
+
+    /// The next batch; `limit` caps how many batches a new epoch's loader prepares.
+    fn next(&mut self, limit: usize) -> anyhow::Result<Batch> {
+        loop {
+            if self.pending > 0 {
+                self.pending -= 1;
+                let batch = self
+                    .loader
+                    .as_mut()
+                    .and_then(|l| l.next())
+                    .context("loader ended early")??;
+                return Ok(batch);
+            }
+            let plan = Arc::new(EpochPlan::for_part(
+                &self.corpus.manifest,
+                self.order,
+                self.epoch,
+                self.split,
+                self.part,
+            )?);
+            if plan.is_empty() {
+                bail!(
+                    "the {:?} split of {} is empty (eval fraction {})",
+                    self.part,
+                    self.corpus.store.url(),
+                    self.split.eval_fraction
+                );
+            }
+            let partitioner = Partitioner {
+                epoch_len: plan.len(),
+            };
+            let mut ranges = Vec::new();
+            while ranges.len() < limit.max(1) {
+                let range = partitioner.global_batch(self.cursor, 1, self.batch_size);
+                if range.is_empty() {
+                    break;
+                }
+                self.cursor = range.end;
+                ranges.push(range);
+            }
+            if ranges.is_empty() {
+                self.epoch += 1;
+                self.cursor = 0;
+                continue;
+            }
+            self.pending = ranges.len();
+            self.loader = None;
+            self.loader = Some(Loader::spawn(
+                self.corpus.clone(),
+                plan,
+                ranges,
+                self.loader_config,
+            )?);
+        }
+    }
+}
+
+/// One optimizer step's numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f64,
+    pub aux_loss: f64,
+    /// Masked-bin accuracy (pretraining) or class accuracy (fine-tuning) on the step's batch.
+    pub accuracy: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+fn setup_torch(config: &TrainConfig, run: &RunOptions) {
+    tch::set_num_threads(run.threads.max(1) as i32);
+    tch::manual_seed(config.seed as i64);
+    if let Device::Cuda(_) = run.device {
+        tch::Cuda::manual_seed_all(config.seed);
+    }
+}
+
+fn bf16(run: &RunOptions) -> bool {
+    matches!(run.device, Device::Cuda(_))
+}
+
+/// The masked-bin loss and accuracy of a forward pass.
+fn masked_bin_loss(
+    model: &CellModel,
+    hidden: &Tensor,
+    targets: &Tensor,
+    bf16: bool,
+) -> (Tensor, Tensor) {
+    let masked = targets.ne(i64::from(IGNORE_TARGET));
+    let rows = hidden.index(&[Some(masked.shallow_clone())]);
+    let logits = model.bin_logits(&rows, bf16);
+    let truth = targets.masked_select(&masked);
+    let loss = logits.cross_entropy_for_logits(&truth);
+    let correct = logits
+        .argmax(-1, false)
+        .eq_tensor(&truth)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float);
+    (loss, correct)
+}
+
+/// The loop shared by pretraining and fine-tuning: `loss_of` turns a batch into (loss, accuracy).
+fn train_loop(
+    model: &CellModel,
+    config: &TrainConfig,
+    run: &RunOptions,
+    stream: &mut BatchStream,
+    what: &str,
+    mut loss_of: impl FnMut(&Batch, &crate::model::Forward, &Tensor) -> (Tensor, Tensor),
+) -> anyhow::Result<Vec<StepRecord>> {
+    let mut optimizer = AdamW::new(model.trainable_parameters(), config.optimizer);
+    let schedule = Schedule {
+        peak: config.lr,
+        warmup: config.warmup_steps,
+        total: config.steps,
+        min_ratio: config.min_lr_ratio,
+    };
+    fs::create_dir_all(&run.out).with_context(|| format!("cannot create {}", run.out.display()))?;
+    let log_path = run.out.join(format!("{what}_log.jsonl"));
+    let mut log = fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let bar = crate::progress::step_bar(config.steps, what, run.progress);
+    let mut records = Vec::with_capacity(config.steps as usize);
+    let started = Instant::now();
+    let mut tokens_total = 0u64;
+    for step in 0..config.steps {
+        let batch = stream.next((config.steps - step) as usize)?;
+        let t0 = Instant::now();
+        let (tokens, targets) = batch_tensors(&batch, run.device);
+        let forward = model.forward(
+            &tokens,
+            Mode {
+                train: true,
+                bf16: bf16(run),
+            },
+        );
+        let (task_loss, accuracy) = loss_of(&batch, &forward, &targets);
+        let loss = &task_loss + &forward.aux_loss * config.aux_loss_weight;
+        optimizer.zero_grad();
+        loss.backward();
+        let grad_norm = optimizer.clip_grad_norm(config.clip_norm);
+        let lr = schedule.lr(step);
+        optimizer.step(lr);
+        let record = StepRecord {
+            step: step + 1,
+            loss: task_loss.double_value(&[]),
+            aux_loss: forward.aux_loss.double_value(&[]),
+            accuracy: accuracy.double_value(&[]),
+            lr,
+            grad_norm,
+            tokens: (batch.samples * batch.seq_len) as u64,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        if !record.loss.is_finite() {
+            bail!(
+                "{what}: loss became {} at step {} (try a lower lr than {})",
+                record.loss,
+                step + 1,
+                config.lr
+            );
+        }
+        tokens_total += record.tokens;
+        writeln!(log, "{}", serde_json::to_string(&record)?)?;
+        let rate = tokens_total as f64 / started.elapsed().as_secs_f64();
+        let message = format!(
+            "loss {:.4} acc {:.3} {:.0} tok/s",
+            record.loss, record.accuracy, rate
+        );
+        bar.set_message(message.clone());
+        bar.inc(1);
+        if !run.progress && (step + 1) % run.log_every.max(1) == 0 {
+            eprintln!("{what} step {}/{}: {message}", step + 1, config.steps);
+        }
+        records.push(record);
+    }
+    bar.finish_and_clear();
+    Ok(records)
+}
+
+/// Masked-bin pretraining. Writes `model.safetensors`, `model.json` and `pretrain_log.jsonl` to `run.out`.
+pub fn pretrain(
+    corpus: Arc<Corpus>,
+    config: &TrainConfig,
+    run: &RunOptions,
+) -> anyhow::Result<(CellModel, Vec<StepRecord>)> {
+    config.validate()?;
+    if config.mask_ratio <= 0.0 {
+        bail!("pretraining needs mask_ratio > 0");
+    }
+    setup_torch(config, run);
+    let manifest = &corpus.manifest;
+    let model_config = config.model_config(manifest.genes.len(), usize::from(manifest.bins.n_bins));
+    let model = CellModel::new(model_config, run.device)?;
+    let mut stream = BatchStream::new(
+        corpus.clone(),
+        config.order(config.augmentation),
+        config.split,
+        SplitPart::Train,
+        config.mask_ratio,
+        config.batch_size,
+        config.loader_threads,
+    );
+    let bf16 = bf16(run);
+    let records = train_loop(
+        &model,
+        config,
+        run,
+        &mut stream,
+        "pretrain",
+        |_, forward, targets| masked_bin_loss(&model, &forward.hidden, targets, bf16),
+    )?;
+    let info = ModelInfo {
+        format: MODEL_INFO_FORMAT.into(),
+        config: model.config.clone(),
+        vocabulary_hash: vocabulary_hash(&manifest.genes),
+        genes: manifest.genes.clone(),
+        split: config.split,
+        seed: config.seed,
+        label_column: None,
+        classes: Vec::new(),
+    };
+    write_model(&model, &info, &run.out)?;
+    Ok((model, records))
+}
+
+/// Masked-bin quality on the held-out cells next to the per-gene marginal-frequency predictor.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaskedBinReport {
+    pub eval_cells: u64,
+    pub masked_tokens: u64,
+    pub model_cross_entropy: f64,
+    pub model_accuracy: f64,
+    /// Per-gene bin frequencies of the training cells (add-one smoothed).
+    pub marginal_cross_entropy: f64,
+    pub marginal_accuracy: f64,
+}
+
+/// Evaluates masked-bin prediction on the held-out split (each held-out cell once, in vocabulary order,
+/// with the pretraining mask ratio).
+pub fn evaluate_masked_bins(
+    model: &CellModel,
+    corpus: Arc<Corpus>,
+    split: CellSplit,
+    seed: u64,
+    mask_ratio: f32,
+    batch_size: u32,
+) -> anyhow::Result<MaskedBinReport> {
+    let n_genes = corpus.manifest.genes.len();
+    let n_bins = usize::from(corpus.manifest.bins.n_bins);
+    let order = OrderConfig {
+        seed,
+        augmentation: 1,
+        window_units: 16,
+    };
+    // Marginal frequencies from every training cell.
+    let mut counts = vec![1.0f64; n_genes * n_bins];
+    for batch in split_pass(&corpus, order, split, SplitPart::Train, 0.0, batch_size)? {
+        let batch = batch?;
+        for (g, b) in batch.gene_ids.iter().zip(&batch.input_bins) {
+            if *g > 0 {
+                counts[(usize::from(*g) - 1) * n_bins + usize::from(*b)] += 1.0;
+            }
+        }
+    }
+    let mut log_marginal = vec![0.0f64; counts.len()];
+    let mut marginal_argmax = vec![0usize; n_genes];
+    for g in 0..n_genes {
+        let row = &counts[g * n_bins..(g + 1) * n_bins];
+        let total: f64 = row.iter().sum();
+        for (b, c) in row.iter().enumerate() {
+            log_marginal[g * n_bins + b] = (c / total).ln();
+        }
+        marginal_argmax[g] = (0..n_bins)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap_or(0);
+    }
+    let mut report = MaskedBinReport {
+        eval_cells: 0,
+        masked_tokens: 0,
+        model_cross_entropy: 0.0,
+        model_accuracy: 0.0,
+        marginal_cross_entropy: 0.0,
+        marginal_accuracy: 0.0,
+    };
+    let device = model.device();
+    for batch in split_pass(
+        &corpus,
+        order,
+        split,
+        SplitPart::Eval,
+        mask_ratio,
+        batch_size,
+    )? {
+        let batch = batch?;
+        report.eval_cells += batch.samples as u64;
+        let (tokens, targets) = batch_tensors(&batch, device);
+        let (nll, hits, count) = tch::no_grad(|| {
+            let hidden = model
+                .forward(
+                    &tokens,
+                    Mode {
+                        train: false,
+                        bf16: false,
+                    },
+                )
+                .hidden;
+            let masked = targets.ne(i64::from(IGNORE_TARGET));
+            let logits = model.bin_logits(&hidden.index(&[Some(masked.shallow_clone())]), false);
+            let truth = targets.masked_select(&masked);
+            let nll = logits
+                .log_softmax(-1, Kind::Float)
+                .gather(1, &truth.unsqueeze(1), false)
+                .sum(Kind::Double)
+                .double_value(&[]);
+            let hits = logits
+                .argmax(-1, false)
+                .eq_tensor(&truth)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            (-nll, hits, truth.size()[0])
+        });
+        report.model_cross_entropy += nll;
+        report.model_accuracy += hits as f64;
+        report.masked_tokens += count as u64;
+        for (g, t) in batch.gene_ids.iter().zip(&batch.target_bins) {
+            if *t != IGNORE_TARGET {
+                let g = usize::from(*g) - 1;
+                report.marginal_cross_entropy -= log_marginal[g * n_bins + usize::from(*t)];
+                report.marginal_accuracy +=
+                    f64::from(u8::from(marginal_argmax[g] == usize::from(*t)));
+            }
+        }
+    }
+    if report.masked_tokens == 0 {
+        bail!("no masked tokens in the held-out split; raise the eval fraction or the mask ratio");
+    }
+    let n = report.masked_tokens as f64;
+    report.model_cross_entropy /= n;
+    report.model_accuracy /= n;
+    report.marginal_cross_entropy /= n;
+    report.marginal_accuracy /= n;
+    Ok(report)
+}
+
+/// Every cell of one side of the split once, in vocabulary order.
+fn split_pass(
+    corpus: &Arc<Corpus>,
+    order: OrderConfig,
+    split: CellSplit,
+    part: SplitPart,
+    mask_ratio: f32,
+    batch_size: u32,
+) -> anyhow::Result<Loader> {
+    let plan = Arc::new(EpochPlan::for_part(
+        &corpus.manifest,
+        order,
+        0,
+        split,
+        part,
+    )?);
+    let partitioner = Partitioner {
+        epoch_len: plan.len(),
+    };
+    let mut ranges = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let range = partitioner.global_batch(cursor, 1, batch_size);
+        if range.is_empty() {
+            break;
+        }
+        cursor = range.end;
+        ranges.push(range);
+    }
+    let config = LoaderConfig {
+        mask: MaskConfig { ratio: mask_ratio },
+        ..LoaderConfig::default()
+    };
+    Ok(Loader::spawn(corpus.clone(), plan, ranges, config)?)
+}
+
+fn label_index(corpus: &Corpus, column: &str) -> anyhow::Result<(usize, Vec<String>)> {
+    let columns = &corpus.manifest.label_columns;
+    let index = columns
+        .iter()
+        .position(|c| c.name == column)
+        .with_context(|| {
+            format!(
+                "corpus {} has no label column `{column}` (it has: {})",
+                corpus.store.url(),
+                columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    Ok((index, columns[index].categories.clone()))
+}
+
+fn batch_labels(batch: &Batch, index: usize, columns: usize) -> Vec<i64> {
+    (0..batch.samples)
+        .map(|i| match batch.labels[i * columns + index] {
+            MISSING_LABEL => -100,
+            code => i64::from(code),
+        })
+        .collect()
+}
+
+/// Cell-state classification on the held-out split, with its baselines.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassificationEval {
+    pub label_column: String,
+    pub classes: Vec<String>,
+    pub model: ClassificationReport,
+    /// Accuracy of always predicting the most frequent training class.
+    pub majority_accuracy: f64,
+    /// Multinomial logistic regression on the same binned inputs (bin / n_bins per gene, standardised).
+    pub logistic_regression: ClassificationReport,
+}
+
+/// Fine-tunes a pretrained model's `[CLS]` classifier on `label_column` (LoRA adapters of `lora_rank`
+/// with the base frozen, or the whole network), then evaluates it on the held-out split.
+pub fn finetune(
+    corpus: Arc<Corpus>,
+    base: &SavedModel,
+    label_column: &str,
+    lora_rank: Option<usize>,
+    config: &TrainConfig,
+    run: &RunOptions,
+) -> anyhow::Result<(CellModel, Vec<StepRecord>, ClassificationEval)> {
+    config.validate()?;
+    base.check_corpus(&corpus)?;
+    let (label_idx, classes) = label_index(&corpus, label_column)?;
+    if classes.len() < 2 {
+        bail!(
+            "label column `{label_column}` has {} class(es); fine-tuning needs at least 2",
+            classes.len()
+        );
+    }
+    setup_torch(config, run);
+    let mut model_config = base.info.config.clone();
+    model_config.n_classes = classes.len();
+    model_config.lora = lora_rank.map(|rank| LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+    });
+    let model = base.load(model_config, run.device)?;
+    if lora_rank.is_some() {
+        model.freeze_base();
+    }
+    // The held-out cells are the base model's, so pretraining never saw the cells evaluated here.
+    let split = base.info.split;
+    let mut stream = BatchStream::new(
+        corpus.clone(),
+        config.order(config.augmentation),
+        split,
+        SplitPart::Train,
+        config.mask_ratio,
+        config.batch_size,
+        config.loader_threads,
+    );
+    let columns = corpus.manifest.label_columns.len();
+    let bf16 = bf16(run);
+    let device = run.device;
+    let records = train_loop(
+        &model,
+        config,
+        run,
+        &mut stream,
+        "finetune",
+        |batch, forward, _| {
+            let labels =
+                Tensor::from_slice(&batch_labels(batch, label_idx, columns)).to_device(device);
+            let logits = model
+                .class_logits(&forward.hidden, bf16)
+                .expect("classifier present");
+            let loss =
+                logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
+            let known = labels.ne(-100);
+            let hits = logits
+                .argmax(-1, false)
+                .eq_tensor(&labels)
+                .logical_and(&known);
+            let accuracy = hits.sum(Kind::Float) / known.sum(Kind::Float).clamp_min(1.0);
+            (loss, accuracy)
+        },
+    )?;
+    let info = ModelInfo {
+        format: MODEL_INFO_FORMAT.into(),
+        config: model.config.clone(),
+        vocabulary_hash: base.info.vocabulary_hash.clone(),
+        genes: base.info.genes.clone(),
+        split,
+        seed: config.seed,
+        label_column: Some(label_column.to_string()),
+        classes: classes.clone(),
+    };
+    write_model(&model, &info, &run.out)?;
+    let eval = evaluate_classifier(&model, corpus, &info, config.batch_size, config.seed)?;
+    Ok((model, records, eval))
+}
+
+/// Dense `[cells, genes]` features (bin / n_bins in vocabulary order) and labels of one split side.
+struct LabelledCells {
+    features: Vec<f32>,
+    labels: Vec<usize>,
+}
+
+/// Evaluates a fine-tuned model's classifier on the held-out cells of its split.
+pub fn evaluate_classifier(
+    model: &CellModel,
+    corpus: Arc<Corpus>,
+    info: &ModelInfo,
+    batch_size: u32,
+    seed: u64,
+) -> anyhow::Result<ClassificationEval> {
+    let column = info.label_column.as_deref().context(
+        "this model has no classifier; fine-tune it with `cellfleet finetune --label-col`",
+    )?;
+    let (label_idx, classes) = label_index(&corpus, column)?;
+    if classes != info.classes {
+        bail!(
+            "label column `{column}` of {} has other categories than the model was fine-tuned on",
+            corpus.store.url()
+        );
+    }
+    let n_classes = classes.len();
+    let n_genes = corpus.manifest.genes.len();
+    let n_bins = f32::from(corpus.manifest.bins.n_bins);
+    let order = OrderConfig {
+        seed,
+        augmentation: 1,
+        window_units: 16,
+    };
+    let columns = corpus.manifest.label_columns.len();
+    let gather = |part: SplitPart, probs: Option<&mut Vec<f32>>| -> anyhow::Result<LabelledCells> {
+        let mut cells = LabelledCells {
+            features: Vec::new(),
+            labels: Vec::new(),
+        };
+        let mut probs = probs;
+        for batch in split_pass(&corpus, order, info.split, part, 0.0, batch_size)? {
+            let batch = batch?;
+            let labels = batch_labels(&batch, label_idx, columns);
+            let keep: Vec<usize> = (0..batch.samples).filter(|&i| labels[i] >= 0).collect();
+            if let Some(out) = probs.as_deref_mut() {
+                let (tokens, _) = batch_tensors(&batch, model.device());
+                let p = tch::no_grad(|| {
+                    let hidden = model
+                        .forward(
+                            &tokens,
+                            Mode {
+                                train: false,
+                                bf16: false,
+                            },
+                        )
+                        .hidden;
+                    model
+                        .class_logits(&hidden, false)
+                        .map(|l| l.softmax(-1, Kind::Float))
+                })?;
+                let p = Vec::<f32>::try_from(p.to_device(Device::Cpu).flatten(0, -1))?;
+                for &i in &keep {
+                    out.extend_from_slice(&p[i * n_classes..(i + 1) * n_classes]);
+                }
+            }
+            for &i in &keep {
+                let row = i * batch.seq_len;
+                let mut features = vec![0.0f32; n_genes];
+                for t in 1..batch.seq_len {
+                    let gene = usize::from(batch.gene_ids[row + t]) - 1;
+                    features[gene] = f32::from(batch.input_bins[row + t]) / n_bins;
+                }
+                cells.features.extend(features);
+                cells.labels.push(labels[i] as usize);
+            }
+        }
+        Ok(cells)
+    };
+    let train = gather(SplitPart::Train, None)?;
+    let mut probs = Vec::new();
+    let held_out = gather(SplitPart::Eval, Some(&mut probs))?;
+    if held_out.labels.is_empty() || train.labels.is_empty() {
+        bail!("the split leaves no labelled cells on one side; change split.eval_fraction");
+    }
+    let report = classification_report(&probs, n_classes, &held_out.labels);
+    let mut frequency = vec![0usize; n_classes];
+    for &l in &train.labels {
+        frequency[l] += 1;
+    }
+    let majority = (0..n_classes).max_by_key(|&c| frequency[c]).unwrap_or(0);
+    let majority_accuracy = held_out.labels.iter().filter(|&&l| l == majority).count() as f64
+        / held_out.labels.len() as f64;
+    let lr_probs = logistic_regression(&train, &held_out, n_genes, n_classes, seed);
+    Ok(ClassificationEval {
+        label_column: column.to_string(),
+        classes,
+        model: report,
+        majority_accuracy,
+        logistic_regression: classification_report(&lr_probs, n_classes, &held_out.labels),
+    })
+}
+
+/// Full-batch multinomial logistic regression (standardised features, L2 0.01/cell-normalised, 300 Adam
+/// steps) fitted on `train`; returns class probabilities of `test`.
+fn logistic_regression(
+    train: &LabelledCells,
+    test: &LabelledCells,
+    n_genes: usize,
+    n_classes: usize,
+    seed: u64,
+) -> Vec<f32> {
+    tch::manual_seed(seed as i64);
+    let as_matrix = |c: &LabelledCells| {
+        Tensor::from_slice(&c.features).view([c.labels.len() as i64, n_genes as i64])
+    };
+    let x = as_matrix(train);
+    let mean = x.mean_dim(0, true, Kind::Float);
+    let std = x.std_dim(0, false, true).clamp_min(1e-6);
+    let x = (x - &mean) / &std;
+    let y = Tensor::from_slice(&train.labels.iter().map(|&l| l as i64).collect::<Vec<_>>());
+    let w = Tensor::zeros(
+        [n_genes as i64, n_classes as i64],
+        (Kind::Float, Device::Cpu),
+    )
+    .set_requires_grad(true);
+    let b = Tensor::zeros([n_classes as i64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut optimizer = AdamW::new(
+        vec![
+            ("w".into(), w.shallow_clone()),
+            ("b".into(), b.shallow_clone()),
+        ],
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    );
+    for _ in 0..300 {
+        let logits = x.matmul(&w) + &b;
+        let loss = logits.cross_entropy_for_logits(&y) + w.square().sum(Kind::Float) * 1e-3;
+        optimizer.zero_grad();
+        loss.backward();
+        optimizer.step(0.05);
+    }
+    let xt = (as_matrix(test) - &mean) / &std;
+    let probs = tch::no_grad(|| (xt.matmul(&w) + &b).softmax(-1, Kind::Float));
+    Vec::<f32>::try_from(probs.flatten(0, -1)).expect("f32 probabilities")
+}
