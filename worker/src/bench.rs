@@ -4,6 +4,9 @@
 //!   anndata + numpy baseline in `bench/ingest_baseline.py` doing the same HVG selection and binning.
 //! * `stream`: augmented, masked batches per second from one loader thread, against the numpy per-sample
 //!   baseline in `bench/stream_baseline.py`.
+//! * `train`: training-step throughput and peak memory of the model, against the same architecture in
+//!   plain eager PyTorch (`bench/train_baseline.py`), both as child processes on the same batch shape and
+//!   thread count.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +50,32 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 4)]
         augmentation: u32,
     },
+    /// Training tokens/s and peak memory vs the same model in eager PyTorch
+    Train {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: crate::model::Preset,
+        /// Vocabulary genes (sequence length = genes + 1)
+        #[arg(long, default_value_t = 1024)]
+        genes: usize,
+        #[arg(long, default_value_t = 50)]
+        bins: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Measured steps (after the warm-up steps)
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup_steps: usize,
+        /// CPU threads of both sides
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Skip the PyTorch baseline (e.g. to time only the large preset)
+        #[arg(long)]
+        no_baseline: bool,
+    },
+    /// (internal) the cellfleet side of `bench train`, given its spec file
+    #[command(hide = true)]
+    TrainChild { spec: PathBuf },
 }
 
 /// Peak resident memory (MiB) and wall time of a child process.
@@ -124,7 +153,167 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             seconds,
             augmentation,
         } => bench_stream(&url, batch_size, seconds, augmentation),
+        BenchCommand::Train {
+            preset,
+            genes,
+            bins,
+            batch_size,
+            steps,
+            warmup_steps,
+            threads,
+            no_baseline,
+        } => {
+            let spec = TrainBenchSpec {
+                model: preset.config(genes, bins),
+                batch_size,
+                steps,
+                warmup_steps,
+                threads,
+                seed: 7,
+                mask_ratio: 0.15,
+            };
+            bench_train(&spec, !no_baseline)
+        }
+        BenchCommand::TrainChild { spec } => {
+            let spec: TrainBenchSpec = serde_json::from_slice(
+                &std::fs::read(&spec).with_context(|| format!("cannot read {}", spec.display()))?,
+            )?;
+            println!("{}", serde_json::to_string(&train_child(&spec)?)?);
+            Ok(())
+        }
     }
+}
+
+/// What both sides of `bench train` run.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrainBenchSpec {
+    model: crate::model::ModelConfig,
+    batch_size: usize,
+    steps: usize,
+    warmup_steps: usize,
+    threads: usize,
+    seed: u64,
+    mask_ratio: f64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrainBenchResult {
+    parameters: i64,
+    step_seconds: f64,
+    tokens_per_s: f64,
+    final_loss: f64,
+}
+
+/// The cellfleet training step on one fixed random batch (the loop of `train::pretrain` without the
+/// loader, so both sides time the same work).
+fn train_child(spec: &TrainBenchSpec) -> anyhow::Result<TrainBenchResult> {
+    use crate::model::{CellModel, Mode, Tokens};
+    use crate::optim::{AdamW, AdamWConfig};
+    use tch::{Device, Kind, Tensor};
+    tch::set_num_threads(spec.threads as i32);
+    tch::manual_seed(spec.seed as i64);
+    let c = &spec.model;
+    let model = CellModel::new(c.clone(), Device::Cpu)?;
+    let mut optimizer = AdamW::new(model.trainable_parameters(), AdamWConfig::default());
+    let (b, l) = (spec.batch_size as i64, c.n_genes as i64 + 1);
+    let genes = Tensor::arange(l, (Kind::Int64, Device::Cpu)).repeat([b, 1]);
+    let bins = Tensor::randint(c.n_bins as i64, [b, l], (Kind::Int64, Device::Cpu));
+    let masked = Tensor::rand([b, l], (Kind::Float, Device::Cpu)).lt(spec.mask_ratio);
+    let _ = masked.select(1, 0).fill_(0);
+    let inputs = bins.masked_fill(&masked, c.n_bins as i64);
+    let _ = inputs.select(1, 0).fill_(c.n_bins as i64 + 1);
+    let tokens = Tokens {
+        gene_ids: genes,
+        bins: inputs,
+        valid: None,
+    };
+    let mut times = Vec::new();
+    let mut last = 0.0;
+    for step in 0..spec.warmup_steps + spec.steps {
+        let t0 = Instant::now();
+        let forward = model.forward(
+            &tokens,
+            Mode {
+                train: true,
+                bf16: false,
+            },
+        );
+        let rows = forward.hidden.index(&[Some(masked.shallow_clone())]);
+        let loss = model
+            .bin_logits(&rows, false)
+            .cross_entropy_for_logits(&bins.masked_select(&masked))
+            + &forward.aux_loss * 0.01;
+        optimizer.zero_grad();
+        loss.backward();
+        optimizer.clip_grad_norm(1.0);
+        optimizer.step(1e-4);
+        last = loss.double_value(&[]);
+        if step >= spec.warmup_steps {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let step_seconds = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    Ok(TrainBenchResult {
+        parameters: model.parameter_count(),
+        step_seconds,
+        tokens_per_s: (b * l) as f64 / step_seconds,
+        final_loss: last,
+    })
+}
+
+fn bench_train(spec: &TrainBenchSpec, baseline: bool) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("cellfleet-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let spec_path = dir.join("spec.json");
+    std::fs::write(&spec_path, serde_json::to_vec(spec)?)?;
+    let c = &spec.model;
+    println!(
+        "training-step benchmark: d_model {}, {} layers, {} heads, ffn {:?}; batch {} x {} tokens; {} threads; {} measured steps after {} warm-up",
+        c.d_model, c.n_layers, c.n_heads, c.ffn, spec.batch_size, c.n_genes + 1, spec.threads, spec.steps, spec.warmup_steps
+    );
+    let parse = |run: &ChildRun| -> anyhow::Result<TrainBenchResult> {
+        let line = run.stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(line)
+            .with_context(|| format!("benchmark child printed {:?}", run.stdout))
+    };
+    let exe = std::env::current_exe()?;
+    let ours_run = run_measured(
+        Command::new(&exe)
+            .args(["bench", "train-child"])
+            .arg(&spec_path),
+    )?;
+    let ours = parse(&ours_run)?;
+    println!(
+        "{:<28} {:>12} {:>12} {:>14} {:>10}",
+        "", "parameters", "step (s)", "tokens/s", "peak MiB"
+    );
+    let row = |name: &str, r: &TrainBenchResult, run: &ChildRun| {
+        println!(
+            "{:<28} {:>12} {:>12.4} {:>14.0} {:>10.0}",
+            name, r.parameters, r.step_seconds, r.tokens_per_s, run.peak_mib
+        )
+    };
+    row("cellfleet (tch/libtorch)", &ours, &ours_run);
+    if baseline {
+        let script = bench_dir().join("train_baseline.py");
+        let base_run = run_measured(Command::new(python()).arg(&script).arg(&spec_path))?;
+        let base = parse(&base_run)?;
+        row("PyTorch eager (Python)", &base, &base_run);
+        if base.parameters != ours.parameters {
+            bail!(
+                "the baseline model has {} parameters, cellfleet's {}: the architectures differ",
+                base.parameters,
+                ours.parameters
+            );
+        }
+        println!(
+            "ratio (cellfleet / PyTorch): throughput {:.2}x, peak memory {:.2}x",
+            ours.tokens_per_s / base.tokens_per_s,
+            ours_run.peak_mib / base_run.peak_mib
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 fn bench_ingest(

@@ -726,3 +726,208 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         _ => Ok(device),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::{AdamW, AdamWConfig};
+
+    fn tiny(n_genes: usize) -> ModelConfig {
+        Preset::Tiny.config(n_genes, 10)
+    }
+
+    fn tokens(batch: i64, n_genes: i64, n_bins: i64) -> Tokens {
+        let genes = Tensor::arange(n_genes + 1, (Kind::Int64, Device::Cpu)).repeat([batch, 1]);
+        let bins = Tensor::randint(n_bins, [batch, n_genes + 1], (Kind::Int64, Device::Cpu));
+        let _ = bins.select(1, 0).fill_(n_bins + 1);
+        Tokens {
+            gene_ids: genes,
+            bins,
+            valid: None,
+        }
+    }
+
+    fn eval_logits(model: &CellModel, t: &Tokens) -> Tensor {
+        tch::no_grad(|| {
+            let h = model
+                .forward(
+                    t,
+                    Mode {
+                        train: false,
+                        bf16: false,
+                    },
+                )
+                .hidden;
+            model.bin_logits(&h, false)
+        })
+    }
+
+    #[test]
+    fn save_then_load_gives_identical_outputs() {
+        tch::manual_seed(1);
+        let model = CellModel::new(tiny(12), Device::Cpu).unwrap();
+        let t = tokens(3, 12, 10);
+        let before = eval_logits(&model, &t);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        model.save(&path).unwrap();
+        tch::manual_seed(2);
+        let mut other = CellModel::new(tiny(12), Device::Cpu).unwrap();
+        assert!(!eval_logits(&other, &t).equal(&before));
+        other.load(&path, false).unwrap();
+        assert!(eval_logits(&other, &t).equal(&before));
+        // A model of another shape is refused with the tensor named.
+        let mut wider = CellModel::new(
+            ModelConfig {
+                d_model: 32,
+                ..tiny(12)
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let err = wider.load(&path, false).unwrap_err().to_string();
+        assert!(err.contains("shape"), "{err}");
+    }
+
+    #[test]
+    fn lora_starts_equal_to_the_base_and_freezing_leaves_only_adapters() {
+        tch::manual_seed(3);
+        let base = CellModel::new(tiny(8), Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        base.save(&path).unwrap();
+        let config = ModelConfig {
+            lora: Some(LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+            }),
+            n_classes: 3,
+            ..tiny(8)
+        };
+        let mut adapted = CellModel::new(config, Device::Cpu).unwrap();
+        let missing = adapted.load(&path, true).unwrap();
+        assert!(missing
+            .iter()
+            .all(|n| n.contains("lora_") || n.starts_with("classifier.")));
+        let t = tokens(2, 8, 10);
+        assert!(eval_logits(&adapted, &t).allclose(&eval_logits(&base, &t), 1e-6, 1e-6, false));
+        adapted.freeze_base();
+        let names: Vec<String> = adapted
+            .trainable_parameters()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| n.contains("lora_")).count(),
+            2 * 4 * 2
+        );
+        assert!(names
+            .iter()
+            .all(|n| n.contains("lora_") || n.starts_with("classifier.")));
+    }
+
+    #[test]
+    fn padding_does_not_change_real_tokens() {
+        tch::manual_seed(4);
+        let model = CellModel::new(tiny(6), Device::Cpu).unwrap();
+        let t = tokens(1, 6, 10);
+        let full = eval_logits(&model, &t);
+        // Append junk tokens marked invalid: the first 7 positions must not move.
+        let padded = Tokens {
+            gene_ids: Tensor::cat(&[&t.gene_ids, &t.gene_ids.narrow(1, 1, 3)], 1),
+            bins: Tensor::cat(&[&t.bins, &t.bins.narrow(1, 1, 3)], 1),
+            valid: Some(Tensor::cat(
+                &[
+                    Tensor::ones([1, 7], (Kind::Bool, Device::Cpu)),
+                    Tensor::zeros([1, 3], (Kind::Bool, Device::Cpu)),
+                ],
+                1,
+            )),
+        };
+        let mut bigger = model.config.clone();
+        bigger.max_seq_len = 10;
+        // Same weights in a model with a longer position table.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let mut long = CellModel::new(bigger, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            for ((name, dst), (_, src)) in long
+                .named_parameters()
+                .into_iter()
+                .zip(model.named_parameters())
+            {
+                if name == "position_embedding" {
+                    dst.narrow(0, 0, 7).shallow_clone().copy_(&src);
+                } else {
+                    dst.shallow_clone().copy_(&src);
+                }
+            }
+        });
+        long.save(&path).unwrap();
+        long.load(&path, false).unwrap();
+        let out = eval_logits(&long, &padded).narrow(1, 0, 7);
+        assert!(out.allclose(&full, 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn masked_conditionals_are_distributions_at_the_asked_positions() {
+        tch::manual_seed(5);
+        let model = CellModel::new(tiny(9), Device::Cpu).unwrap();
+        let t = tokens(2, 9, 10);
+        let positions = Tensor::zeros([2, 10], (Kind::Bool, Device::Cpu));
+        let _ = positions.get(0).get(3).fill_(1);
+        let _ = positions.get(1).get(5).fill_(1);
+        let _ = positions.get(1).get(7).fill_(1);
+        let probs = model.masked_conditional(&t, &positions, 2.0).unwrap();
+        assert_eq!(probs.size(), vec![3, 10]);
+        let sums = probs.sum_dim_intlist(1, false, Kind::Float);
+        assert!(sums.allclose(&sums.ones_like(), 1e-5, 1e-5, false));
+        // A higher temperature flattens the distribution (higher entropy).
+        let entropy = |p: &Tensor| -(p * p.log()).sum(Kind::Float).double_value(&[]);
+        let sharp = model.masked_conditional(&t, &positions, 0.5).unwrap();
+        assert!(entropy(&probs) > entropy(&sharp));
+        assert!(model.masked_conditional(&t, &positions, 0.0).is_err());
+    }
+
+    /// A router that sends almost every token to expert 0 has a large load-balancing loss; optimizing the
+    /// router on that loss alone spreads the load.
+    #[test]
+    fn aux_loss_falls_when_routing_is_imbalanced() {
+        tch::manual_seed(6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let experts = Experts::new(&vs.root(), 16, 4, 8, 2, false);
+        let direction = Tensor::randn([16], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([512, 16], (Kind::Float, Device::Cpu)) * 0.3 + &direction;
+        tch::no_grad(|| {
+            let _ = experts
+                .router
+                .get(0)
+                .shallow_clone()
+                .copy_(&(&direction * 0.25));
+        });
+        let mode = Mode {
+            train: true,
+            bf16: false,
+        };
+        let (_, aux_start, load_start) = experts.forward(&x, mode);
+        let mut opt = AdamW::new(
+            vec![("router".into(), experts.router.shallow_clone())],
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        );
+        for _ in 0..100 {
+            let (_, aux, _) = experts.forward(&x, mode);
+            opt.zero_grad();
+            aux.backward();
+            opt.step(0.05);
+        }
+        let (_, aux_end, load_end) = experts.forward(&x, mode);
+        let (start, end) = (aux_start.double_value(&[]), aux_end.double_value(&[]));
+        let max_share =
+            |l: &Tensor| l.max().double_value(&[]) / l.sum(Kind::Float).double_value(&[]);
+        assert!(start > 1.5 && end < 0.8 * start, "aux {start} -> {end}");
+        assert!(max_share(&load_end) < max_share(&load_start));
+    }
+}
