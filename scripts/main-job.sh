@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Sets up the machine, then runs the main job on the embedded default (local files, this machine):
-# ingest the real Kang IFN-beta PBMC data into a tokenized corpus, inspect and verify it, and stream
-# augmented, masked pretraining batches from it.
+# ingest the real Kang IFN-beta PBMC data into a tokenized corpus, inspect and verify it, stream augmented,
+# masked pretraining batches from it, pretrain a small MoE model on it, and fine-tune that on cell types.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release -p cellfleet-worker --bin cellfleet
 CELLFLEET=target/release/cellfleet
 DATA=${CELLFLEET_DATA:-../shared/data}
-OUT=${CELLFLEET_OUT:-runs/kang-corpus}
+RUNS=${CELLFLEET_RUNS:-runs}
+OUT=$RUNS/kang-corpus
 rm -rf "$OUT"
-"$CELLFLEET" ingest "$DATA/kang_ifnb_pbmc.h5ad" --out "$OUT" --label-col condition --label-col cell_type
+"$CELLFLEET" ingest "$DATA/kang_ifnb_pbmc.h5ad" --out "$OUT" --hvg 512 --label-col condition --label-col cell_type
 "$CELLFLEET" corpus inspect "$OUT"
 "$CELLFLEET" corpus verify "$OUT"
 "$CELLFLEET" corpus stream "$OUT" --batch-size 8 --batches 3
+"$CELLFLEET" train --corpus "$OUT" --local --preset tiny --steps 300 --batch-size 32 --lr 3e-3 --out "$RUNS/kang-model"
+"$CELLFLEET" finetune --corpus "$OUT" --weights "$RUNS/kang-model" --label-col cell_type --out "$RUNS/kang-celltype"

@@ -62,13 +62,13 @@ pub fn classification_report(
     let col_sum = |c: usize| confusion.iter().map(|r| r[c]).sum::<u64>();
     let mut f1s = Vec::new();
     let mut chance = 0.0;
-    for c in 0..n_classes {
+    for (c, row) in confusion.iter().enumerate() {
         let (actual, predicted) = (row_sum(c), col_sum(c));
         chance += actual as f64 * predicted as f64 / (total * total);
         if actual + predicted == 0 {
             continue;
         }
-        f1s.push(2.0 * confusion[c][c] as f64 / (actual + predicted) as f64);
+        f1s.push(2.0 * row[c] as f64 / (actual + predicted) as f64);
     }
     let macro_f1 = f1s.iter().sum::<f64>() / f1s.len().max(1) as f64;
     let cohen_kappa = if chance < 1.0 {

@@ -80,7 +80,7 @@ pub enum Preset {
     Tiny,
     /// 4 layers, d=128, 4 experts.
     Small,
-    /// About 26M parameters at 4,096 genes: 4 layers, d=512, 8 heads, 4 experts of 1,024.
+    /// About 25M parameters at 4,096 genes: 4 layers, d=512, 8 heads, 4 experts of 1,024.
     Cellxpert,
 }
 
@@ -125,7 +125,7 @@ impl ModelConfig {
                 self.max_seq_len, self.n_genes
             ));
         }
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return fail(format!(
                 "d_model {} must be a multiple of n_heads {}",
                 self.d_model, self.n_heads
@@ -135,7 +135,7 @@ impl ModelConfig {
             return fail("n_layers must be at least 1".into());
         }
         match self.ffn {
-            FfnConfig::Dense { hidden } if hidden == 0 => fail("ffn.hidden must be positive".into()),
+            FfnConfig::Dense { hidden: 0 } => fail("ffn.hidden must be positive".into()),
             FfnConfig::Moe {
                 experts,
                 hidden,
@@ -899,7 +899,7 @@ mod tests {
         let direction = Tensor::randn([16], (Kind::Float, Device::Cpu));
         let x = Tensor::randn([512, 16], (Kind::Float, Device::Cpu)) * 0.3 + &direction;
         tch::no_grad(|| {
-            let _ = experts
+            experts
                 .router
                 .get(0)
                 .shallow_clone()

@@ -212,8 +212,8 @@ pub fn train_command(
 /// Defaults of fine-tuning: no masking, a shorter schedule.
 pub fn finetune_defaults() -> TrainConfig {
     TrainConfig {
-        steps: 300,
-        lr: 5e-4,
+        steps: 600,
+        lr: 2e-3,
         warmup_steps: 20,
         mask_ratio: 0.0,
         ..TrainConfig::default()

@@ -116,7 +116,7 @@ impl TrainConfig {
         if self.steps == 0 || self.batch_size == 0 {
             bail!("steps and batch_size must be positive");
         }
-        if !(self.lr > 0.0) {
+        if self.lr.is_nan() || self.lr <= 0.0 {
             bail!("lr must be positive, got {}", self.lr);
         }
         if !(0.0..1.0).contains(&self.mask_ratio) {
