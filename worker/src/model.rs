@@ -174,6 +174,14 @@ pub struct Mode {
     pub bf16: bool,
 }
 
+impl Mode {
+    /// Inference in f32 with router noise off.
+    pub const EVAL: Mode = Mode {
+        train: false,
+        bf16: false,
+    };
+}
+
 /// How a cell embedding is pooled from the final hidden states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -586,16 +594,7 @@ impl CellModel {
 
     /// Cell embeddings `[batch, d_model]`: the `[CLS]` state, or the mean over real gene tokens.
     pub fn embed(&self, tokens: &Tokens, pooling: Pooling) -> Tensor {
-        let hidden = tch::no_grad(|| {
-            self.forward(
-                tokens,
-                Mode {
-                    train: false,
-                    bf16: false,
-                },
-            )
-            .hidden
-        });
+        let hidden = tch::no_grad(|| self.forward(tokens, Mode::EVAL).hidden);
         match pooling {
             Pooling::Cls => hidden.select(1, 0),
             Pooling::Mean => {
@@ -632,15 +631,7 @@ impl CellModel {
             valid: tokens.valid.as_ref().map(|v| v.shallow_clone()),
         };
         Ok(tch::no_grad(|| {
-            let hidden = self
-                .forward(
-                    &masked,
-                    Mode {
-                        train: false,
-                        bf16: false,
-                    },
-                )
-                .hidden;
+            let hidden = self.forward(&masked, Mode::EVAL).hidden;
             let rows = hidden.index(&[Some(positions.shallow_clone())]);
             (self.bin_logits(&rows, false) / temperature).softmax(-1, Kind::Float)
         }))
@@ -749,15 +740,7 @@ mod tests {
 
     fn eval_logits(model: &CellModel, t: &Tokens) -> Tensor {
         tch::no_grad(|| {
-            let h = model
-                .forward(
-                    t,
-                    Mode {
-                        train: false,
-                        bf16: false,
-                    },
-                )
-                .hidden;
+            let h = model.forward(t, Mode::EVAL).hidden;
             model.bin_logits(&h, false)
         })
     }

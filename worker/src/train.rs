@@ -616,15 +616,7 @@ pub fn evaluate_masked_bins(
         }
         let (tokens, targets) = batch_tensors(&batch, device);
         let (nll, hits, count) = tch::no_grad(|| {
-            let hidden = model
-                .forward(
-                    &tokens,
-                    Mode {
-                        train: false,
-                        bf16: false,
-                    },
-                )
-                .hidden;
+            let hidden = model.forward(&tokens, Mode::EVAL).hidden;
             let masked = targets.ne(i64::from(IGNORE_TARGET));
             let logits = model.bin_logits(&hidden.index(&[Some(masked.shallow_clone())]), false);
             let truth = targets.masked_select(&masked);
@@ -868,15 +860,7 @@ pub fn evaluate_classifier(
             if let Some(out) = probs.as_deref_mut() {
                 let (tokens, _) = batch_tensors(&batch, model.device());
                 let p = tch::no_grad(|| {
-                    let hidden = model
-                        .forward(
-                            &tokens,
-                            Mode {
-                                train: false,
-                                bf16: false,
-                            },
-                        )
-                        .hidden;
+                    let hidden = model.forward(&tokens, Mode::EVAL).hidden;
                     model
                         .class_logits(&hidden, false)
                         .map(|l| l.softmax(-1, Kind::Float))
