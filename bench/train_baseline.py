@@ -140,7 +140,14 @@ def main():
     torch.manual_seed(spec["seed"])
     model = CellModel(c)
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    # The decay rule of worker/src/optim.rs: matrices decay; biases, LayerNorm and embeddings do not.
+    def decays(name, p):
+        bias = name.endswith("bias") or name.endswith(".b1") or name.endswith(".b2")
+        return p.dim() >= 2 and not bias and "embedding" not in name
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": 0.01},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
     b, l = spec["batch_size"], c["n_genes"] + 1
     g = torch.Generator().manual_seed(spec["seed"])
     genes = torch.arange(l).repeat(b, 1)

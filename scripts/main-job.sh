@@ -11,7 +11,7 @@ DATA=${CELLFLEET_DATA:-../shared/data}
 RUNS=${CELLFLEET_RUNS:-runs}
 OUT=$RUNS/kang-corpus
 rm -rf "$OUT"
-"$CELLFLEET" ingest "$DATA/kang_ifnb_pbmc.h5ad" --out "$OUT" --hvg 512 --label-col condition --label-col cell_type
+"$CELLFLEET" ingest "$DATA/kang_ifnb_pbmc.h5ad" --out "$OUT" --hvg 256 --label-col condition --label-col cell_type
 "$CELLFLEET" corpus inspect "$OUT"
 "$CELLFLEET" corpus verify "$OUT"
 "$CELLFLEET" corpus stream "$OUT" --batch-size 8 --batches 3

@@ -236,13 +236,18 @@ fn read_genes_file(path: &Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the gene list", path.display()))?;
     let genes: Vec<String> = if path.extension().is_some_and(|e| e == "json") {
-        let manifest: Manifest = serde_json::from_str(&text).with_context(|| {
+        // A corpus manifest or a model's model.json: both list the vocabulary under `genes`.
+        #[derive(serde::Deserialize)]
+        struct Vocabulary {
+            genes: Vec<String>,
+        }
+        let vocabulary: Vocabulary = serde_json::from_str(&text).with_context(|| {
             format!(
-                "{}: not a cellfleet corpus manifest (a .json --genes file must be one)",
+                "{}: a .json --genes file must be a corpus manifest.json or a model.json (with a `genes` list)",
                 path.display()
             )
         })?;
-        manifest.genes
+        vocabulary.genes
     } else {
         text.lines()
             .map(str::trim)

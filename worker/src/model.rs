@@ -125,7 +125,7 @@ impl ModelConfig {
                 self.max_seq_len, self.n_genes
             ));
         }
-        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+        if self.n_heads == 0 || self.d_model == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return fail(format!(
                 "d_model {} must be a multiple of n_heads {}",
                 self.d_model, self.n_heads

@@ -74,7 +74,7 @@ impl RuntimeFlags {
 impl TrainFlags {
     fn config(&self, defaults: TrainConfig) -> anyhow::Result<TrainConfig> {
         let mut config = match &self.config {
-            Some(path) => TrainConfig::from_file(path)?,
+            Some(path) => TrainConfig::from_file(path, &defaults)?,
             None => defaults,
         };
         if let Some(p) = self.preset {
@@ -270,6 +270,12 @@ pub fn eval_command(
     json: Option<&Path>,
     s3: &S3Options,
 ) -> anyhow::Result<()> {
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if !(mask_ratio > 0.0 && mask_ratio < 1.0) {
+        bail!("--mask-ratio must be in (0, 1), got {mask_ratio}");
+    }
     let run = runtime.run_options(PathBuf::new())?;
     tch::set_num_threads(run.threads as i32);
     let saved = SavedModel::open(weights)?;

@@ -43,8 +43,11 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// Matrices decay; biases (including the stacked expert biases `b1`, `b2`), LayerNorm parameters and
+/// embedding tables do not.
 fn decays(name: &str, param: &Tensor) -> bool {
-    param.dim() >= 2 && !name.contains("embedding")
+    let bias = name.ends_with("bias") || name.ends_with(".b1") || name.ends_with(".b2");
+    param.dim() >= 2 && !bias && !name.contains("embedding")
 }
 
 impl AdamW {
@@ -142,7 +145,8 @@ impl Schedule {
         if step < self.warmup {
             return self.peak * (step + 1) as f64 / self.warmup as f64;
         }
-        let span = self.total.saturating_sub(self.warmup).max(1);
+        // The last update (step total - 1) lands exactly on the floor.
+        let span = self.total.saturating_sub(self.warmup + 1).max(1);
         let progress = ((step - self.warmup) as f64 / span as f64).min(1.0);
         let floor = self.peak * self.min_ratio;
         floor + (self.peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
@@ -158,7 +162,7 @@ mod tests {
         let s = Schedule {
             peak: 1.0,
             warmup: 10,
-            total: 110,
+            total: 111,
             min_ratio: 0.1,
         };
         assert!((s.lr(0) - 0.1).abs() < 1e-12);
