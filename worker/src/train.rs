@@ -568,14 +568,9 @@ pub fn evaluate_masked_bins(
 ) -> anyhow::Result<MaskedBinReport> {
     let n_genes = corpus.manifest.genes.len();
     let n_bins = usize::from(corpus.manifest.bins.n_bins);
-    let order = OrderConfig {
-        seed,
-        augmentation: 1,
-        window_units: 16,
-    };
     // Marginal frequencies from every training cell.
     let mut counts = vec![1.0f64; n_genes * n_bins];
-    for batch in split_pass(&corpus, order, split, SplitPart::Train, 0.0, batch_size, 0)? {
+    for batch in split_pass(&corpus, seed, split, SplitPart::Train, 0.0, batch_size, 0)? {
         let batch = batch?;
         for (g, b) in batch.gene_ids.iter().zip(&batch.input_bins) {
             if *g > 0 {
@@ -610,7 +605,7 @@ pub fn evaluate_masked_bins(
     for (pass, batch) in (0..passes).flat_map(|pass| {
         let loader = split_pass(
             &corpus,
-            order,
+            seed,
             split,
             SplitPart::Eval,
             mask_ratio,
@@ -679,13 +674,19 @@ pub fn evaluate_masked_bins(
 /// Every cell of one side of the split once, in vocabulary order.
 fn split_pass(
     corpus: &Arc<Corpus>,
-    order: OrderConfig,
+    seed: u64,
     split: CellSplit,
     part: SplitPart,
     mask_ratio: f32,
     batch_size: u32,
     epoch: u32,
 ) -> anyhow::Result<Loader> {
+    // No clones: evaluation reads every cell once, in vocabulary order.
+    let order = OrderConfig {
+        seed,
+        augmentation: 1,
+        window_units: 16,
+    };
     let plan = Arc::new(EpochPlan::for_part(
         &corpus.manifest,
         order,
@@ -865,11 +866,6 @@ pub fn evaluate_classifier(
     let n_classes = classes.len();
     let n_genes = corpus.manifest.genes.len();
     let n_bins = f32::from(corpus.manifest.bins.n_bins);
-    let order = OrderConfig {
-        seed,
-        augmentation: 1,
-        window_units: 16,
-    };
     let columns = corpus.manifest.label_columns.len();
     let gather = |part: SplitPart, probs: Option<&mut Vec<f32>>| -> anyhow::Result<LabelledCells> {
         let mut cells = LabelledCells {
@@ -877,7 +873,7 @@ pub fn evaluate_classifier(
             labels: Vec::new(),
         };
         let mut probs = probs;
-        for batch in split_pass(&corpus, order, info.split, part, 0.0, batch_size, 0)? {
+        for batch in split_pass(&corpus, seed, info.split, part, 0.0, batch_size, 0)? {
             // The logistic-regression baseline holds its training cells densely: cap them.
             if probs.is_none() && cells.labels.len() >= LOGREG_MAX_CELLS {
                 break;
