@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages: HDF5 for h5ad, protoc for gRPC code generation, pkg-config for -sys crates.
-DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler)
+# Debian packages: HDF5 for h5ad, protoc for gRPC code generation, pkg-config for -sys crates, Gloo (CPU
+# collectives; the worker compiles a small C++ shim against it) and etcd (membership; tests start their own).
+DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev etcd-server)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,0 +1,1 @@
+//! Collectives for data parallelism (filled in by the collective work: Gloo on CPU, NCCL on CUDA).
