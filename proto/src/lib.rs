@@ -1,4 +1,9 @@
-//! gRPC protocol of cellfleet: generated tonic/prost code only, nothing hand-written.
-//!
-//! The `.proto` files arrive with the cluster-training work; until then this crate is empty so the
-//! workspace layout is already the one the architecture describes.
+//! gRPC protocol of cellfleet (`proto/cellfleet.proto`): generated tonic/prost code only, nothing
+//! hand-written.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("cellfleet.v1");
+}
+
+pub use v1::*;

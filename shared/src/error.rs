@@ -38,6 +38,8 @@ pub enum Error {
     Config(String),
     #[error("sample loader stopped: {0}")]
     Loader(String),
+    #[error("metadata store {store}: {why}")]
+    Meta { store: String, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,10 +1,11 @@
-//! Library code both cellfleet roles use: the corpus format, tokenization, the augmented sample stream
-//! and object-store access. Nothing here links libtorch or HDF5.
+//! Library code both cellfleet roles use: the corpus format, tokenization, the augmented sample stream,
+//! object-store access and the metadata store (etcd or in memory). Nothing here links libtorch or HDF5.
 
 pub mod batch;
 pub mod corpus;
 pub mod error;
 pub mod manifest;
+pub mod meta;
 pub mod philox;
 pub mod shard;
 pub mod store;

@@ -371,6 +371,19 @@ impl Partitioner {
     }
 }
 
+/// The global data cursor (epoch, position in that epoch's order) at which optimizer step `step` (0-based)
+/// starts, when every epoch of `epoch_len` positions is cut into global batches of `batch` positions from
+/// its start (the last one of an epoch may be shorter). Any world size reads the same global batches.
+pub fn cursor_at_step(epoch_len: u64, batch: u32, step: u64) -> (u32, u64) {
+    assert!(
+        epoch_len > 0 && batch > 0,
+        "empty epoch or batch has no cursor"
+    );
+    let per_epoch = epoch_len.div_ceil(u64::from(batch));
+    let epoch = u32::try_from(step / per_epoch).expect("fewer than 2^32 epochs");
+    (epoch, (step % per_epoch) * u64::from(batch))
+}
+
 /// Gene-token order of clone `clone` of cell `cell`: a permutation of `0..n_genes` written into `out`.
 /// Identity when augmentation is off; otherwise a Fisher-Yates shuffle drawn from the [`SampleRng`] keyed
 /// by Philox(seed, [0, cell, clone, ClonePermutation]).
@@ -402,6 +415,14 @@ pub fn clone_rng(seed: u64, sample: SampleId) -> SampleRng {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cursor_at_step_cuts_each_epoch_from_its_start() {
+        // 10 positions, batches of 4: steps read [0,4) [4,8) [8,10) then epoch 1 from 0.
+        let cursors: Vec<_> = (0..5).map(|s| cursor_at_step(10, 4, s)).collect();
+        assert_eq!(cursors, [(0, 0), (0, 4), (0, 8), (1, 0), (1, 4)]);
+        assert_eq!(cursor_at_step(8, 4, 2), (1, 0));
+    }
 
     fn blocks(sizes: &[u32]) -> Vec<BlockRef> {
         let mut first = 0;

@@ -1,0 +1,906 @@
+//! The coordinator: membership (worker leases in the metadata store), the training-job state machine,
+//! generations and rank assignment, the global data cursor, and the key-value exchange of rendezvous.
+//!
+//! All state that must survive a restart lives in the [`MetaStore`] (`workers/<id>` under each worker's
+//! lease, `jobs/<id>` records, `kv/<job>/<generation>/<key>`); what is only in memory (open assignment
+//! streams, per-rank progress of the running generation) is rebuilt as workers reconnect and report.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Mutex, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use cellfleet_proto as pb;
+use cellfleet_shared::meta::{LeaseId, MetaStore};
+use cellfleet_shared::store::S3Options;
+use cellfleet_shared::stream::{cursor_at_step, EpochPlan, OrderConfig, SplitPart};
+
+use crate::spec::{JobSpec, OrderFields};
+
+/// Timing of membership.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// A worker whose lease is not renewed for this long stops being a member.
+    pub lease_ttl: Duration,
+    /// How often workers renew (a third of the TTL by default).
+    pub heartbeat_interval: Duration,
+    /// How often membership is reconciled with the jobs' needs.
+    pub tick: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn with_lease_ttl(lease_ttl: Duration) -> Self {
+        Self {
+            lease_ttl,
+            heartbeat_interval: lease_ttl / 3,
+            tick: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    fn name(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    fn is_active(self) -> bool {
+        matches!(self, JobState::Pending | JobState::Running)
+    }
+}
+
+/// A job as stored under `jobs/<id>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JobRecord {
+    id: String,
+    spec: JobSpec,
+    state: JobState,
+    /// Samples in one epoch of the training split (the cursor's modulus).
+    epoch_len: u64,
+    total_steps: u64,
+    batch_size: u32,
+    generation: u64,
+    /// Worker ids in rank order.
+    members: Vec<String>,
+    /// The step the current generation started from.
+    start_step: u64,
+    committed_step: u64,
+    last_loss: f64,
+    message: String,
+    reformations: u32,
+}
+
+impl JobRecord {
+    fn cursor(&self, step: u64) -> (u32, u64) {
+        cursor_at_step(self.epoch_len, self.batch_size, step)
+    }
+}
+
+/// A worker as stored under `workers/<id>` (attached to its lease).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WorkerRecord {
+    id: String,
+    hostname: String,
+    pid: u32,
+    device: String,
+    lease: LeaseId,
+}
+
+type AssignmentSender = mpsc::Sender<Result<pb::Assignment, Status>>;
+
+struct Connection {
+    tx: AssignmentSender,
+    id: u64,
+    sent: Option<pb::Assignment>,
+}
+
+/// Per-rank progress of a job's current generation (memory only: rebuilt from reports after a restart).
+#[derive(Default)]
+struct Progress {
+    generation: u64,
+    steps: HashMap<u32, u64>,
+    started: Option<Instant>,
+    started_step: u64,
+    /// A rank reported that a peer failed it; if membership does not change on its own, the job is
+    /// re-formed one lease TTL later (a hung peer that still renews its lease).
+    peer_error_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Runtime {
+    jobs: BTreeMap<String, JobRecord>,
+    connections: HashMap<String, Connection>,
+    leases: HashMap<String, LeaseId>,
+    progress: HashMap<String, Progress>,
+    next_connection: u64,
+}
+
+pub struct Coordinator {
+    store: Arc<dyn MetaStore>,
+    config: CoordinatorConfig,
+    runtime: Mutex<Runtime>,
+    kv_changed: Notify,
+    wake: Notify,
+}
+
+const JOBS: &str = "jobs/";
+const WORKERS: &str = "workers/";
+const KV: &str = "kv/";
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("metadata store: {e}"))
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
+}
+
+impl Coordinator {
+    /// Loads the jobs and worker leases the store already holds (a restarted coordinator continues them).
+    pub async fn start(
+        store: Arc<dyn MetaStore>,
+        config: CoordinatorConfig,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut runtime = Runtime::default();
+        for (key, entry) in store.list(JOBS).await? {
+            let job: JobRecord = serde_json::from_slice(&entry.value).map_err(|e| {
+                anyhow::anyhow!("{}: stored job {key} is unreadable: {e}", store.describe())
+            })?;
+            runtime.jobs.insert(job.id.clone(), job);
+        }
+        for (key, entry) in store.list(WORKERS).await? {
+            let worker: WorkerRecord = serde_json::from_slice(&entry.value).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: stored worker {key} is unreadable: {e}",
+                    store.describe()
+                )
+            })?;
+            runtime.leases.insert(worker.id, worker.lease);
+        }
+        let active = runtime
+            .jobs
+            .values()
+            .filter(|j| j.state.is_active())
+            .count();
+        if !runtime.jobs.is_empty() {
+            tracing::info!(
+                "{}: {} jobs ({active} active), {} workers with live leases",
+                store.describe(),
+                runtime.jobs.len(),
+                runtime.leases.len()
+            );
+        }
+        Ok(Arc::new(Self {
+            store,
+            config,
+            runtime: Mutex::new(runtime),
+            kv_changed: Notify::new(),
+            wake: Notify::new(),
+        }))
+    }
+
+    /// Reconciles membership with the jobs every tick (and whenever something changes) until dropped.
+    pub async fn run_reconciler(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!("reconcile: {e}");
+            }
+            let _ = tokio::time::timeout(self.config.tick, self.wake.notified()).await;
+        }
+    }
+
+    async fn save_job(&self, job: &JobRecord) -> Result<(), Status> {
+        let bytes = serde_json::to_vec(job).map_err(internal)?;
+        self.store
+            .put(&format!("{JOBS}{}", job.id), &bytes, None)
+            .await
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    async fn live_workers(&self) -> Result<HashSet<String>, Status> {
+        Ok(self
+            .store
+            .list(WORKERS)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|(k, _)| k[WORKERS.len()..].to_string())
+            .collect())
+    }
+
+    async fn reconcile(&self) -> Result<(), Status> {
+        let live = self.live_workers().await?;
+        let mut rt = self.runtime.lock().await;
+        rt.connections.retain(|id, _| live.contains(id));
+        rt.leases.retain(|id, _| live.contains(id));
+        let connected: Vec<String> = {
+            let mut ids: Vec<String> = rt.connections.keys().cloned().collect();
+            ids.sort();
+            ids
+        };
+        let mut busy: HashSet<String> = rt
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .flat_map(|j| j.members.iter().cloned())
+            .filter(|id| live.contains(id))
+            .collect();
+        let active: Vec<String> = rt
+            .jobs
+            .values()
+            .filter(|j| j.state.is_active())
+            .map(|j| j.id.clone())
+            .collect();
+        for id in active {
+            let job = rt.jobs[&id].clone();
+            let alive: Vec<String> = job
+                .members
+                .iter()
+                .filter(|m| live.contains(*m))
+                .cloned()
+                .collect();
+            let room = (job.spec.max_workers as usize).saturating_sub(alive.len());
+            let joiners: Vec<String> = connected
+                .iter()
+                .filter(|w| !busy.contains(*w))
+                .take(room)
+                .cloned()
+                .collect();
+            let reason = match job.state {
+                JobState::Running if alive.len() < job.members.len() => {
+                    let lost: Vec<&String> =
+                        job.members.iter().filter(|m| !live.contains(*m)).collect();
+                    Some(format!("lost {}", join(&lost)))
+                }
+                JobState::Running
+                    if rt.progress.get(&id).is_some_and(|p| {
+                        p.peer_error_at
+                            .is_some_and(|t| t.elapsed() >= self.config.lease_ttl)
+                    }) =>
+                {
+                    Some("a rank reported a failed peer".to_string())
+                }
+                JobState::Running if !joiners.is_empty() => {
+                    Some(format!("admitting {}", join(&joiners)))
+                }
+                JobState::Pending
+                    if alive.len() + joiners.len() >= job.spec.min_workers as usize =>
+                {
+                    Some("enough workers".to_string())
+                }
+                _ => None,
+            };
+            let Some(reason) = reason else { continue };
+            let mut members = alive;
+            members.extend(joiners);
+            busy.extend(members.iter().cloned());
+            self.form_generation(&mut rt, &id, members, &reason).await?;
+        }
+        self.send_assignments(&mut rt);
+        Ok(())
+    }
+
+    /// Starts a new generation of job `id` with `members` (rank order), or parks it when there are too few.
+    async fn form_generation(
+        &self,
+        rt: &mut Runtime,
+        id: &str,
+        members: Vec<String>,
+        reason: &str,
+    ) -> Result<(), Status> {
+        let job = rt.jobs.get_mut(id).expect("job exists");
+        let was_running = job.state == JobState::Running || job.generation > 0;
+        job.generation += 1;
+        // No checkpoints yet: a new generation restarts from the initial state (step 0). Parameters are
+        // re-initialized from the seed and broadcast from rank 0, so all ranks agree.
+        job.start_step = 0;
+        job.committed_step = job.start_step;
+        if members.len() < job.spec.min_workers as usize {
+            job.state = JobState::Pending;
+            job.message = format!(
+                "waiting for workers: {} available, at least {} needed ({reason})",
+                members.len(),
+                job.spec.min_workers
+            );
+            job.members = Vec::new();
+        } else {
+            if was_running && job.generation > 1 {
+                job.reformations += 1;
+            }
+            job.state = JobState::Running;
+            job.message = format!(
+                "generation {}: {} workers from step {} ({reason})",
+                job.generation,
+                members.len(),
+                job.start_step
+            );
+            job.members = members;
+        }
+        tracing::info!("job {id}: {}", job.message);
+        let job = job.clone();
+        rt.progress.insert(
+            id.to_string(),
+            Progress {
+                generation: job.generation,
+                started: Some(Instant::now()),
+                started_step: job.start_step,
+                ..Progress::default()
+            },
+        );
+        self.save_job(&job).await?;
+        self.store
+            .delete_prefix(&format!("{KV}{id}/"))
+            .await
+            .map_err(internal)?;
+        self.kv_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// What `worker` should be doing now.
+    fn desired(rt: &Runtime, worker: &str) -> pb::Assignment {
+        for job in rt.jobs.values() {
+            if job.state != JobState::Running {
+                continue;
+            }
+            if let Some(rank) = job.members.iter().position(|m| m == worker) {
+                let (epoch, position) = job.cursor(job.start_step);
+                return pb::Assignment {
+                    kind: Some(pb::assignment::Kind::Train(pb::TrainAssignment {
+                        job_id: job.id.clone(),
+                        generation: job.generation,
+                        rank: rank as u32,
+                        world_size: job.members.len() as u32,
+                        spec_json: serde_json::to_string(&job.spec).unwrap_or_default(),
+                        start_step: job.start_step,
+                        start_epoch: epoch,
+                        start_position: position,
+                    })),
+                };
+            }
+        }
+        pb::Assignment {
+            kind: Some(pb::assignment::Kind::Idle(pb::Idle {
+                reason: "no job needs this worker".into(),
+            })),
+        }
+    }
+
+    fn send_assignments(&self, rt: &mut Runtime) {
+        let ids: Vec<String> = rt.connections.keys().cloned().collect();
+        for id in ids {
+            let desired = Self::desired(rt, &id);
+            let connection = rt.connections.get_mut(&id).expect("listed");
+            if connection.sent.as_ref() == Some(&desired) {
+                continue;
+            }
+            match connection.tx.try_send(Ok(desired.clone())) {
+                Ok(()) => connection.sent = Some(desired),
+                Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    rt.connections.remove(&id);
+                }
+            }
+        }
+    }
+
+    async fn lease_of(&self, worker: &str) -> Result<Option<LeaseId>, Status> {
+        if let Some(lease) = self.runtime.lock().await.leases.get(worker) {
+            return Ok(Some(*lease));
+        }
+        let Some(entry) = self
+            .store
+            .get(&format!("{WORKERS}{worker}"))
+            .await
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let record: WorkerRecord = serde_json::from_slice(&entry.value).map_err(internal)?;
+        Ok(Some(record.lease))
+    }
+
+    fn lapsed(&self, worker: &str) -> Status {
+        Status::not_found(format!(
+            "worker {worker} is not a member (its lease lapsed after {:.1}s without a heartbeat, or it never registered); register again",
+            self.config.lease_ttl.as_secs_f64()
+        ))
+    }
+
+    /// Checks that (job, generation) is current and returns the job.
+    async fn current_job(&self, job_id: &str, generation: u64) -> Result<JobRecord, Status> {
+        let rt = self.runtime.lock().await;
+        let job = rt
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| Status::not_found(format!("unknown job {job_id:?}")))?;
+        if job.generation != generation {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} is at generation {}; generation {generation} was superseded (await the new assignment)",
+                job.generation
+            )));
+        }
+        if job.state != JobState::Running {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} is {}",
+                job.state.name()
+            )));
+        }
+        Ok(job.clone())
+    }
+
+    fn kv_key(job: &str, generation: u64, key: &str) -> String {
+        format!("{KV}{job}/{generation}/{key}")
+    }
+
+    fn status_of(job: &JobRecord, progress: Option<&Progress>) -> pb::JobStatusResponse {
+        let (epoch, position) = job.cursor(job.committed_step);
+        let rate = progress
+            .and_then(|p| {
+                let elapsed = p.started?.elapsed().as_secs_f64();
+                let steps = job.committed_step.saturating_sub(p.started_step);
+                (elapsed > 0.0 && steps > 0)
+                    .then(|| steps as f64 * f64::from(job.batch_size) / elapsed)
+            })
+            .unwrap_or(0.0);
+        pb::JobStatusResponse {
+            job_id: job.id.clone(),
+            state: job.state.name().into(),
+            generation: job.generation,
+            world_size: job.members.len() as u32,
+            committed_step: job.committed_step,
+            total_steps: job.total_steps,
+            last_loss: job.last_loss,
+            message: job.message.clone(),
+            members: job.members.clone(),
+            reformations: job.reformations,
+            epoch,
+            position,
+            samples_per_second: rate,
+        }
+    }
+}
+
+fn join<S: AsRef<str>>(items: &[S]) -> String {
+    items
+        .iter()
+        .map(|s| s.as_ref())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The gRPC face of a [`Coordinator`].
+#[derive(Clone)]
+pub struct Service(pub Arc<Coordinator>);
+
+impl std::ops::Deref for Service {
+    type Target = Coordinator;
+    fn deref(&self) -> &Coordinator {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let req = request.into_inner();
+        let mut resumed = None;
+        if !req.worker_id.is_empty() {
+            if let Some(lease) = self.lease_of(&req.worker_id).await? {
+                if self.store.keep_alive(lease).await.map_err(internal)? {
+                    resumed = Some((req.worker_id.clone(), lease));
+                }
+            }
+        }
+        let was_resumed = resumed.is_some();
+        let (id, lease) = match resumed {
+            Some(found) => found,
+            None => {
+                let host = if req.hostname.is_empty() {
+                    "worker"
+                } else {
+                    &req.hostname
+                };
+                let id = format!("{host}-{}-{:x}", req.pid, now_ms() & 0xffffff);
+                let lease = self
+                    .store
+                    .grant_lease(self.config.lease_ttl)
+                    .await
+                    .map_err(internal)?;
+                let record = WorkerRecord {
+                    id: id.clone(),
+                    hostname: req.hostname.clone(),
+                    pid: req.pid,
+                    device: req.device.clone(),
+                    lease,
+                };
+                self.store
+                    .put(
+                        &format!("{WORKERS}{id}"),
+                        &serde_json::to_vec(&record).map_err(internal)?,
+                        Some(lease),
+                    )
+                    .await
+                    .map_err(internal)?;
+                tracing::info!(
+                    "worker {id} registered ({} pid {}, {})",
+                    req.hostname,
+                    req.pid,
+                    req.device
+                );
+                (id, lease)
+            }
+        };
+        self.runtime.lock().await.leases.insert(id.clone(), lease);
+        self.wake.notify_one();
+        Ok(Response::new(pb::RegisterWorkerResponse {
+            worker_id: id,
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            lease_ttl_ms: self.config.lease_ttl.as_millis() as u64,
+            resumed: was_resumed,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker = request.into_inner().worker_id;
+        let lease = self
+            .lease_of(&worker)
+            .await?
+            .ok_or_else(|| self.lapsed(&worker))?;
+        if !self.store.keep_alive(lease).await.map_err(internal)? {
+            return Err(self.lapsed(&worker));
+        }
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    type AssignmentsStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Assignment, Status>> + Send>>;
+
+    async fn assignments(
+        &self,
+        request: Request<pb::AssignmentsRequest>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let worker = request.into_inner().worker_id;
+        let lease = self
+            .lease_of(&worker)
+            .await?
+            .ok_or_else(|| self.lapsed(&worker))?;
+        let (tx, rx) = mpsc::channel(16);
+        let connection = {
+            let mut rt = self.runtime.lock().await;
+            rt.next_connection += 1;
+            let id = rt.next_connection;
+            rt.connections.insert(
+                worker.clone(),
+                Connection {
+                    tx: tx.clone(),
+                    id,
+                    sent: None,
+                },
+            );
+            id
+        };
+        // A closed stream means the worker process is gone (a killed process closes its connection at
+        // once): end its membership now instead of waiting for the lease to lapse.
+        let this = self.0.clone();
+        tokio::spawn(async move {
+            tx.closed().await;
+            let mut rt = this.runtime.lock().await;
+            if rt
+                .connections
+                .get(&worker)
+                .is_some_and(|c| c.id == connection)
+            {
+                rt.connections.remove(&worker);
+                rt.leases.remove(&worker);
+                drop(rt);
+                tracing::info!("worker {worker} disconnected; ending its membership");
+                if let Err(e) = this.store.revoke(lease).await {
+                    tracing::warn!("revoking the lease of {worker}: {e}");
+                }
+                this.wake.notify_one();
+            }
+        });
+        self.wake.notify_one();
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_step(
+        &self,
+        request: Request<pb::StepReport>,
+    ) -> Result<Response<pb::StepReportResponse>, Status> {
+        let report = request.into_inner();
+        let job = self.current_job(&report.job_id, report.generation).await?;
+        if job.members.get(report.rank as usize) != Some(&report.worker_id) {
+            return Err(Status::failed_precondition(format!(
+                "worker {} is not rank {} of job {} generation {}",
+                report.worker_id, report.rank, report.job_id, report.generation
+            )));
+        }
+        let mut rt = self.runtime.lock().await;
+        let Some(job) = rt.jobs.get(&report.job_id).cloned() else {
+            return Err(Status::not_found(format!(
+                "unknown job {:?}",
+                report.job_id
+            )));
+        };
+        let mut job = job;
+        let progress = rt.progress.entry(job.id.clone()).or_default();
+        if progress.generation != job.generation {
+            *progress = Progress {
+                generation: job.generation,
+                started: Some(Instant::now()),
+                started_step: job.start_step,
+                ..Progress::default()
+            };
+        }
+        if !report.error.is_empty() {
+            if report.fatal {
+                job.state = JobState::Failed;
+                job.message = format!(
+                    "rank {} ({}) failed: {}",
+                    report.rank, report.worker_id, report.error
+                );
+                tracing::error!("job {}: {}", job.id, job.message);
+            } else {
+                tracing::warn!(
+                    "job {} generation {}: rank {} reports: {}",
+                    job.id,
+                    job.generation,
+                    report.rank,
+                    report.error
+                );
+                progress.peer_error_at.get_or_insert_with(Instant::now);
+            }
+        } else {
+            progress.steps.insert(report.rank, report.step);
+            let committed = (0..job.members.len() as u32)
+                .map(|r| progress.steps.get(&r).copied().unwrap_or(job.start_step))
+                .min()
+                .unwrap_or(job.start_step);
+            job.committed_step = committed;
+            if report.rank == 0 {
+                job.last_loss = report.loss;
+            }
+            if report.finished && report.rank == 0 {
+                job.state = JobState::Completed;
+                job.committed_step = job.total_steps;
+                job.message = format!(
+                    "finished {} steps in generation {}; model written to {}",
+                    job.total_steps, job.generation, job.spec.out
+                );
+                tracing::info!("job {}: {}", job.id, job.message);
+            }
+        }
+        let changed = rt.jobs.get(&job.id).map(|j| {
+            (j.committed_step, j.state, j.last_loss.to_bits())
+                != (job.committed_step, job.state, job.last_loss.to_bits())
+        });
+        rt.jobs.insert(job.id.clone(), job.clone());
+        if changed == Some(true) {
+            self.save_job(&job).await?;
+        }
+        if !job.state.is_active() {
+            self.send_assignments(&mut rt);
+        }
+        Ok(Response::new(pb::StepReportResponse {
+            current: job.state == JobState::Running,
+        }))
+    }
+
+    async fn kv_set(
+        &self,
+        request: Request<pb::KvSetRequest>,
+    ) -> Result<Response<pb::KvSetResponse>, Status> {
+        let req = request.into_inner();
+        self.current_job(&req.job_id, req.generation).await?;
+        self.store
+            .put(
+                &Coordinator::kv_key(&req.job_id, req.generation, &req.key),
+                &req.value,
+                None,
+            )
+            .await
+            .map_err(internal)?;
+        self.kv_changed.notify_waiters();
+        Ok(Response::new(pb::KvSetResponse {}))
+    }
+
+    async fn kv_get(
+        &self,
+        request: Request<pb::KvGetRequest>,
+    ) -> Result<Response<pb::KvGetResponse>, Status> {
+        let req = request.into_inner();
+        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
+        let key = Coordinator::kv_key(&req.job_id, req.generation, &req.key);
+        loop {
+            let changed = self.kv_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.current_job(&req.job_id, req.generation).await?;
+            if let Some(entry) = self.store.get(&key).await.map_err(internal)? {
+                return Ok(Response::new(pb::KvGetResponse { value: entry.value }));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Status::deadline_exceeded(format!(
+                    "key {:?} of job {} generation {} was not set within {} ms",
+                    req.key, req.job_id, req.generation, req.timeout_ms
+                )));
+            }
+            // Also re-check now and then: another coordinator process cannot notify us.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), changed).await;
+        }
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let (spec, order) =
+            JobSpec::parse(&request.into_inner().spec_json).map_err(Status::invalid_argument)?;
+        let epoch_len = epoch_length(&spec, order).await?;
+        let mut rt = self.runtime.lock().await;
+        let mut id = format!("job-{}", now_ms());
+        while rt.jobs.contains_key(&id) {
+            id.push('x');
+        }
+        let job = JobRecord {
+            id: id.clone(),
+            state: JobState::Pending,
+            epoch_len,
+            total_steps: order.steps,
+            batch_size: order.batch_size,
+            generation: 0,
+            members: Vec::new(),
+            start_step: 0,
+            committed_step: 0,
+            last_loss: f64::NAN,
+            message: format!("waiting for {} workers", spec.min_workers),
+            reformations: 0,
+            spec,
+        };
+        self.save_job(&job).await?;
+        tracing::info!(
+            "job {id} submitted: {} steps of {} samples over {} ({} samples per epoch), {}-{} workers",
+            job.total_steps,
+            job.batch_size,
+            job.spec.corpus,
+            epoch_len,
+            job.spec.min_workers,
+            job.spec.max_workers
+        );
+        rt.jobs.insert(id.clone(), job);
+        drop(rt);
+        self.wake.notify_one();
+        Ok(Response::new(pb::SubmitJobResponse { job_id: id }))
+    }
+
+    async fn job_status(
+        &self,
+        request: Request<pb::JobStatusRequest>,
+    ) -> Result<Response<pb::JobStatusResponse>, Status> {
+        let id = request.into_inner().job_id;
+        let rt = self.runtime.lock().await;
+        let job = rt
+            .jobs
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("unknown job {id:?}")))?;
+        Ok(Response::new(Coordinator::status_of(
+            job,
+            rt.progress.get(&id),
+        )))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = request.into_inner().job_id;
+        let mut rt = self.runtime.lock().await;
+        let job = rt
+            .jobs
+            .get_mut(&id)
+            .ok_or_else(|| Status::not_found(format!("unknown job {id:?}")))?;
+        if !job.state.is_active() {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is already {}",
+                job.state.name()
+            )));
+        }
+        job.state = JobState::Cancelled;
+        job.message = format!("cancelled at step {}", job.committed_step);
+        let job = job.clone();
+        self.save_job(&job).await?;
+        self.send_assignments(&mut rt);
+        Ok(Response::new(pb::CancelJobResponse {}))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let entries = self.store.list(WORKERS).await.map_err(internal)?;
+        let rt = self.runtime.lock().await;
+        let workers = entries
+            .into_iter()
+            .filter_map(|(_, e)| serde_json::from_slice::<WorkerRecord>(&e.value).ok())
+            .map(|w| pb::WorkerInfo {
+                job_id: rt
+                    .jobs
+                    .values()
+                    .find(|j| j.state == JobState::Running && j.members.contains(&w.id))
+                    .map(|j| j.id.clone())
+                    .unwrap_or_default(),
+                connected: rt.connections.contains_key(&w.id),
+                worker_id: w.id,
+                hostname: w.hostname,
+                pid: w.pid,
+                device: w.device,
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+}
+
+/// Opens the job's corpus to size an epoch of its training split (rejecting a corpus that cannot be read).
+async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<u64, Status> {
+    let url = spec.corpus.clone();
+    let s3 = S3Options {
+        endpoint: spec.s3_endpoint.clone(),
+        region: spec.s3_region.clone(),
+    };
+    let len = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let corpus =
+            cellfleet_shared::corpus::Corpus::open(&url, &s3).map_err(|e| e.to_string())?;
+        let config = OrderConfig {
+            seed: order.seed,
+            augmentation: order.augmentation,
+            window_units: order.window_units,
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        order.split.validate().map_err(|e| e.to_string())?;
+        let plan = EpochPlan::for_part(&corpus.manifest, config, 0, order.split, SplitPart::Train)
+            .map_err(|e| e.to_string())?;
+        Ok(plan.len())
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| Status::invalid_argument(format!("job corpus {}: {e}", spec.corpus)))?;
+    if len == 0 {
+        return Err(Status::invalid_argument(format!(
+            "job corpus {}: the training split is empty",
+            spec.corpus
+        )));
+    }
+    Ok(len)
+}

@@ -1,0 +1,122 @@
+//! What a client submits: a training job's specification, validated before the coordinator accepts it.
+
+use serde::{Deserialize, Serialize};
+
+use cellfleet_shared::stream::CellSplit;
+
+/// A training job. `config` is the worker's full training configuration (JSON); the coordinator reads only
+/// the fields that shape the data order and the step count, and the workers validate the rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default)]
+    pub name: String,
+    /// Corpus URL (`file://`, a path, or `s3://`).
+    pub corpus: String,
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_region: Option<String>,
+    pub config: serde_json::Value,
+    /// Directory where rank 0 writes the trained model.
+    pub out: String,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    /// Intra-op threads per worker (0: the worker's own setting).
+    #[serde(default)]
+    pub threads: u32,
+    /// How long a collective waits for a peer before the rank gives up on the generation.
+    #[serde(default = "default_collective_timeout_ms")]
+    pub collective_timeout_ms: u64,
+    /// Each rank appends the samples it trained on to `OUT/samples/g<generation>-r<rank>.jsonl`.
+    #[serde(default)]
+    pub sample_log: bool,
+}
+
+fn default_collective_timeout_ms() -> u64 {
+    10_000
+}
+
+/// The parts of the training configuration that the coordinator plans with.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct OrderFields {
+    pub seed: u64,
+    pub steps: u64,
+    pub batch_size: u32,
+    pub augmentation: u32,
+    pub window_units: u32,
+    pub split: CellSplit,
+}
+
+impl JobSpec {
+    /// Parses and checks a submitted specification; the error names the field and what was expected.
+    pub fn parse(json: &str) -> Result<(Self, OrderFields), String> {
+        let spec: JobSpec =
+            serde_json::from_str(json).map_err(|e| format!("job specification: {e}"))?;
+        let order = spec.order()?;
+        if spec.corpus.trim().is_empty() {
+            return Err("job specification: `corpus` is empty".into());
+        }
+        if spec.out.trim().is_empty() {
+            return Err("job specification: `out` is empty".into());
+        }
+        if spec.min_workers == 0 || spec.max_workers < spec.min_workers {
+            return Err(format!(
+                "job specification: need 1 <= min_workers <= max_workers, got min_workers {} and max_workers {}",
+                spec.min_workers, spec.max_workers
+            ));
+        }
+        if order.steps == 0 {
+            return Err("job specification: config.steps must be positive".into());
+        }
+        if order.batch_size < spec.max_workers {
+            return Err(format!(
+                "job specification: config.batch_size {} is the global batch and must be at least max_workers {} (every rank needs samples)",
+                order.batch_size, spec.max_workers
+            ));
+        }
+        if spec.collective_timeout_ms == 0 {
+            return Err("job specification: collective_timeout_ms must be positive".into());
+        }
+        Ok((spec, order))
+    }
+
+    pub fn order(&self) -> Result<OrderFields, String> {
+        serde_json::from_value(self.config.clone()).map_err(|e| {
+            format!("job specification: `config` must be a full training configuration: {e}")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(min: u32, max: u32, batch: u32) -> String {
+        serde_json::json!({
+            "corpus": "/data/c", "out": "/tmp/o", "min_workers": min, "max_workers": max,
+            "config": {"seed": 1, "steps": 10, "batch_size": batch, "augmentation": 4, "window_units": 16,
+                       "split": {"seed": 0, "eval_fraction": 0.1}}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn valid_specs_parse_and_bad_ones_say_why() {
+        let (parsed, order) = JobSpec::parse(&spec(1, 2, 8)).unwrap();
+        assert_eq!((parsed.max_workers, order.batch_size), (2, 8));
+        assert!(JobSpec::parse(&spec(3, 2, 8))
+            .unwrap_err()
+            .contains("min_workers 3 and max_workers 2"));
+        assert!(JobSpec::parse(&spec(1, 4, 2))
+            .unwrap_err()
+            .contains("batch_size 2"));
+        assert!(JobSpec::parse(r#"{"corpus": 1}"#)
+            .unwrap_err()
+            .starts_with("job specification"));
+        let no_steps = spec(1, 1, 8).replace("\"steps\":10,", "");
+        assert!(JobSpec::parse(&no_steps)
+            .unwrap_err()
+            .contains("missing field `steps`"));
+    }
+}
