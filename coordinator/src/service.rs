@@ -688,7 +688,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 .min()
                 .unwrap_or(job.start_step);
             job.committed_step = committed;
-            if report.rank == 0 {
+            if report.rank == 0 && !report.finished {
                 job.last_loss = report.loss;
             }
             if report.finished && report.rank == 0 {

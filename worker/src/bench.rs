@@ -7,6 +7,9 @@
 //! * `train`: training-step throughput and peak memory of the model, against the same architecture in
 //!   plain eager PyTorch (`bench/train_baseline.py`), both as child processes on the same batch shape and
 //!   thread count.
+//! * `allreduce`: bus bandwidth of `GlooCollective::all_reduce_sum` on an f32 tensor against Gloo's own
+//!   classic `AllreduceRing<float>` looping inside the C++ shim (no cellfleet code in its timed loop), each
+//!   as `--ranks` child processes over loopback TCP, at every size, in the same run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,6 +79,49 @@ pub enum BenchCommand {
     /// (internal) the cellfleet side of `bench train`, given its spec file
     #[command(hide = true)]
     TrainChild { spec: PathBuf },
+    /// Gloo all-reduce bus bandwidth: cellfleet's collective vs Gloo's own AllreduceRing<float>
+    Allreduce {
+        /// Message sizes in MiB (f32 tensors)
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
+        sizes: Vec<f64>,
+        /// Seconds to time each side at each size (after the warm-up)
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Cap on the timed iterations of each side at each size
+        #[arg(long, default_value_t = 2000)]
+        max_iters: usize,
+        /// Ranks (child processes) per group
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+    },
+    /// (internal) one rank of one side of `bench allreduce`
+    #[command(hide = true)]
+    AllreduceChild {
+        #[arg(long, value_enum)]
+        side: AllreduceSide,
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        world: usize,
+        #[arg(long)]
+        bytes: usize,
+        /// Rendezvous directory shared by the group
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long)]
+        max_iters: usize,
+    },
+}
+
+/// What one `bench allreduce` group runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllreduceSide {
+    /// `GlooCollective::all_reduce_sum`
+    Cellfleet,
+    /// Gloo's `AllreduceRing<float>` in the shim
+    GlooRing,
 }
 
 /// Peak resident memory (MiB) and wall time of a child process.
@@ -179,6 +225,25 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 &std::fs::read(&spec).with_context(|| format!("cannot read {}", spec.display()))?,
             )?;
             println!("{}", serde_json::to_string(&train_child(&spec)?)?);
+            Ok(())
+        }
+        BenchCommand::Allreduce {
+            sizes,
+            seconds,
+            max_iters,
+            ranks,
+        } => bench_allreduce(&sizes, seconds, max_iters, ranks),
+        BenchCommand::AllreduceChild {
+            side,
+            rank,
+            world,
+            bytes,
+            dir,
+            seconds,
+            max_iters,
+        } => {
+            let result = allreduce_child(side, rank, world, bytes, dir, seconds, max_iters)?;
+            println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
     }
@@ -540,5 +605,183 @@ fn bench_stream(url: &str, batch_size: u32, seconds: f64, augmentation: u32) -> 
         one / base_rate,
         if one >= 50_000.0 { "met" } else { "NOT met" }
     );
+    Ok(())
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AllreduceChildResult {
+    iters: usize,
+    seconds: f64,
+}
+
+/// One rank of one side: connects through a directory rendezvous, checks one sum, warms up, agrees with
+/// its peers on an iteration count that fills `seconds`, and times that many all-reduces.
+fn allreduce_child(
+    side: AllreduceSide,
+    rank: usize,
+    world: usize,
+    bytes: usize,
+    dir: PathBuf,
+    seconds: f64,
+    max_iters: usize,
+) -> anyhow::Result<AllreduceChildResult> {
+    use crate::collective::{
+        Collective, DirRendezvous, GlooCollective, GlooOptions, RendezvousStore,
+    };
+    use tch::{Device, Kind, Tensor};
+    tch::set_num_threads(1);
+    let timeout = Duration::from_secs(120);
+    let store: Arc<dyn RendezvousStore> = Arc::new(DirRendezvous::new(dir));
+    let options = GlooOptions {
+        timeout,
+        ..GlooOptions::default()
+    };
+    let mut gloo = GlooCollective::connect(store.clone(), "bench", rank, world, &options)?;
+    let count = (bytes / 4).max(1) as i64;
+    let mut tensor = Tensor::full([count], (rank + 1) as f64, (Kind::Float, Device::Cpu));
+    let mut run = |gloo: &mut GlooCollective, tensor: &mut Tensor, iters: usize| -> anyhow::Result<f64> {
+        Ok(match side {
+            AllreduceSide::Cellfleet => {
+                gloo.barrier()?;
+                let started = Instant::now();
+                for _ in 0..iters {
+                    gloo.all_reduce_sum(tensor)?;
+                }
+                started.elapsed().as_secs_f64()
+            }
+            AllreduceSide::GlooRing => gloo.baseline_allreduce_ring(tensor, iters)?,
+        })
+    };
+    // One checked sum, so a fast wrong answer cannot pass for bandwidth.
+    run(&mut gloo, &mut tensor, 1)?;
+    let expected = (world * (world + 1) / 2) as f64;
+    let (lo, hi) = (tensor.min().double_value(&[]), tensor.max().double_value(&[]));
+    if lo != expected || hi != expected {
+        bail!("{side:?} rank {rank}: all-reduce gave values in [{lo}, {hi}], expected {expected}");
+    }
+    let _ = tensor.zero_();
+    let warm_iters = 2;
+    let warm = run(&mut gloo, &mut tensor, warm_iters)?;
+    let iters_key = "bench/iters";
+    let iters = if rank == 0 {
+        let per_iter = (warm / warm_iters as f64).max(1e-6);
+        let iters = ((seconds / per_iter) as usize).clamp(3, max_iters.max(3));
+        store.set(iters_key, iters.to_string().as_bytes())?;
+        iters
+    } else {
+        String::from_utf8(store.get(iters_key, timeout)?)?.parse()?
+    };
+    let seconds = run(&mut gloo, &mut tensor, iters)?;
+    Ok(AllreduceChildResult { iters, seconds })
+}
+
+/// Runs one group of `ranks` children on one side and size; returns seconds per all-reduce (the
+/// slowest rank's).
+fn allreduce_group(
+    exe: &Path,
+    side: AllreduceSide,
+    ranks: usize,
+    bytes: usize,
+    seconds: f64,
+    max_iters: usize,
+) -> anyhow::Result<(f64, usize)> {
+    let dir = tempfile_dir(&format!("allreduce-{side:?}-{bytes}"))?;
+    let children: Vec<_> = (0..ranks)
+        .map(|rank| {
+            let mut cmd = Command::new(exe);
+            cmd.args(["bench", "allreduce-child", "--side"])
+                .arg(match side {
+                    AllreduceSide::Cellfleet => "cellfleet",
+                    AllreduceSide::GlooRing => "gloo-ring",
+                })
+                .args(["--rank", &rank.to_string(), "--world", &ranks.to_string()])
+                .args(["--bytes", &bytes.to_string(), "--seconds", &seconds.to_string()])
+                .args(["--max-iters", &max_iters.to_string(), "--dir"])
+                .arg(&dir);
+            std::thread::spawn(move || run_measured(&mut cmd))
+        })
+        .collect();
+    let mut per_iter: f64 = 0.0;
+    let mut iters = 0;
+    for child in children {
+        let run = child
+            .join()
+            .map_err(|_| anyhow::anyhow!("benchmark child thread panicked"))??;
+        let line = run.stdout.lines().last().unwrap_or_default();
+        let result: AllreduceChildResult = serde_json::from_str(line)
+            .with_context(|| format!("benchmark child printed {:?}", run.stdout))?;
+        per_iter = per_iter.max(result.seconds / result.iters as f64);
+        iters = result.iters;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((per_iter, iters))
+}
+
+fn tempfile_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "cellfleet-bench-{}-{name}",
+        std::process::id()
+    ));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn bench_allreduce(
+    sizes_mib: &[f64],
+    seconds: f64,
+    max_iters: usize,
+    ranks: usize,
+) -> anyhow::Result<()> {
+    if ranks < 2 {
+        bail!("an all-reduce benchmark needs at least 2 ranks");
+    }
+    let exe = std::env::current_exe()?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let bus_factor = 2.0 * (ranks as f64 - 1.0) / ranks as f64;
+    println!(
+        "all-reduce benchmark: {ranks} ranks (processes) over loopback TCP on {cores} cores, f32 sum; \
+         bus bandwidth = bytes / time x 2(n-1)/n; ~{seconds} s timed per side and size after a warm-up"
+    );
+    println!(
+        "{:>10} {:>16} {:>8} {:>16} {:>8} {:>8}",
+        "size", "cellfleet GB/s", "iters", "Gloo ring GB/s", "iters", "ratio"
+    );
+    let mut log_ratio_sum = 0.0;
+    let mut ratios = Vec::new();
+    for &mib in sizes_mib {
+        let bytes = ((mib * 1048576.0) as usize / 4).max(1) * 4;
+        let busbw = |per_iter: f64| bytes as f64 / per_iter * bus_factor / 1e9;
+        let (ours, ours_iters) =
+            allreduce_group(&exe, AllreduceSide::Cellfleet, ranks, bytes, seconds, max_iters)?;
+        let (ring, ring_iters) =
+            allreduce_group(&exe, AllreduceSide::GlooRing, ranks, bytes, seconds, max_iters)?;
+        let ratio = busbw(ours) / busbw(ring);
+        log_ratio_sum += ratio.ln();
+        ratios.push(ratio);
+        println!(
+            "{:>6} MiB {:>16.3} {:>8} {:>16.3} {:>8} {:>7.2}x",
+            mib,
+            busbw(ours),
+            ours_iters,
+            busbw(ring),
+            ring_iters,
+            ratio
+        );
+    }
+    if !ratios.is_empty() {
+        let geomean = (log_ratio_sum / ratios.len() as f64).exp();
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        println!(
+            "ratio (cellfleet / Gloo AllreduceRing<float>) bus bandwidth: geometric mean {geomean:.2}x \
+             (min {min:.2}x, max {max:.2}x over {} sizes)",
+            ratios.len()
+        );
+    }
     Ok(())
 }

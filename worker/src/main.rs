@@ -119,14 +119,16 @@ enum Command {
         #[command(flatten)]
         s3: S3Args,
     },
-    /// Pretrain the masked-bin model on a corpus
+    /// Pretrain the masked-bin model on a corpus (in this process, on local workers, or on a cluster)
     Train {
         /// Corpus location (directory, file://PATH or s3://BUCKET/PREFIX)
         #[arg(long)]
         corpus: String,
-        /// Train in this process (no coordinator)
-        #[arg(long)]
+        /// Train on this machine: in this process, or with --workers N through an embedded coordinator
+        #[arg(long, conflicts_with = "coordinator")]
         local: bool,
+        #[command(flatten)]
+        cluster: modelcli::ClusterFlags,
         /// Output directory for model.safetensors, model.json and the step log
         #[arg(long, default_value = "runs/model")]
         out: PathBuf,
@@ -177,6 +179,16 @@ enum Command {
         runtime: modelcli::RuntimeFlags,
         #[command(flatten)]
         s3: S3Args,
+    },
+    /// Run the control plane: membership, jobs and rendezvous over gRPC (also `cellfleet-coordinator`)
+    Coordinator {
+        #[command(flatten)]
+        args: cellfleet_coordinator::CoordinatorArgs,
+    },
+    /// Serve a coordinator as a training worker until killed
+    Worker {
+        #[command(flatten)]
+        args: cellfleet_worker::cluster::WorkerArgs,
     },
     /// Benchmarks that print a table with their baseline measured in the same run
     Bench {
@@ -361,11 +373,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train {
             corpus,
             local,
+            cluster,
             out,
             json,
             flags,
             s3,
-        } => modelcli::train_command(&corpus, local, out, &flags, json.as_deref(), &s3.options())?,
+        } => modelcli::train_command(
+            &corpus,
+            local,
+            &cluster,
+            out,
+            &flags,
+            json.as_deref(),
+            &s3.options(),
+        )?,
+        Command::Coordinator { args } => {
+            tokio::runtime::Runtime::new()?.block_on(cellfleet_coordinator::run(args))?
+        }
+        Command::Worker { args } => cellfleet_worker::cluster::run_worker(args)?,
         Command::Finetune {
             corpus,
             weights,

@@ -8,6 +8,7 @@ use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::store::S3Options;
 use clap::Args;
 
+use crate::cluster::{run_local, submit_and_follow, ClusterJob};
 use crate::metrics::ClassificationReport;
 use crate::model::{parse_device, Preset};
 use crate::train::{
@@ -38,6 +39,29 @@ pub struct TrainFlags {
     pub seed: Option<u64>,
     #[command(flatten)]
     pub runtime: RuntimeFlags,
+}
+
+/// How `train` spreads over workers.
+#[derive(Args, Clone, Debug)]
+pub struct ClusterFlags {
+    /// Submit the job to this coordinator (http://HOST:PORT) and follow it
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// With --local: start this many worker processes under an embedded coordinator
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// Fewest workers the job runs with (default: all of --workers, or 1)
+    #[arg(long)]
+    pub min_workers: Option<u32>,
+    /// Most workers the job uses (default: --workers, or --min-workers)
+    #[arg(long)]
+    pub max_workers: Option<u32>,
+    /// Seconds a collective waits for a peer before the group is re-formed
+    #[arg(long, default_value_t = 10.0)]
+    pub collective_timeout: f64,
+    /// Each rank logs the samples it trained on to OUT/samples/ (for auditing the data order)
+    #[arg(long)]
+    pub sample_log: bool,
 }
 
 /// Where the tensors live.
@@ -168,16 +192,20 @@ fn write_json(path: Option<&Path>, value: &serde_json::Value) -> anyhow::Result<
 pub fn train_command(
     corpus: &str,
     local: bool,
+    cluster: &ClusterFlags,
     out: PathBuf,
     flags: &TrainFlags,
     json: Option<&Path>,
     s3: &S3Options,
 ) -> anyhow::Result<()> {
-    if !local {
-        bail!("cluster training through a coordinator is not available yet; pass --local to train in this process");
+    if !local && cluster.coordinator.is_none() {
+        bail!("say where to train: --local (this machine; add --workers N for N worker processes) or --coordinator http://HOST:PORT");
     }
     let config = flags.config(TrainConfig::default())?;
     let run = flags.runtime.run_options(out)?;
+    if cluster.coordinator.is_some() || cluster.workers.is_some() {
+        return cluster_train(corpus, cluster, &config, &run, s3);
+    }
     let corpus = open_corpus(corpus, s3)?;
     let (model, records) = pretrain(corpus.clone(), &config, &run)?;
     println!(
@@ -207,6 +235,55 @@ pub fn train_command(
         json,
         &serde_json::json!({"config": config, "steps": records, "masked_bins": report}),
     )
+}
+
+fn cluster_train(
+    corpus: &str,
+    cluster: &ClusterFlags,
+    config: &TrainConfig,
+    run: &RunOptions,
+    s3: &S3Options,
+) -> anyhow::Result<()> {
+    if cluster.workers == Some(0) {
+        bail!("--workers must be at least 1");
+    }
+    if !(cluster.collective_timeout > 0.0) {
+        bail!("--collective-timeout must be positive");
+    }
+    let default_max = cluster.workers.or(cluster.min_workers).unwrap_or(1);
+    let max_workers = cluster.max_workers.unwrap_or(default_max);
+    let min_workers = cluster.min_workers.unwrap_or(cluster.workers.unwrap_or(1)).min(max_workers);
+    let job = ClusterJob {
+        corpus: corpus.to_string(),
+        s3: s3.clone(),
+        config: config.clone(),
+        out: run.out.clone(),
+        min_workers,
+        max_workers,
+        threads: run.threads as u32,
+        collective_timeout: std::time::Duration::from_secs_f64(cluster.collective_timeout),
+        sample_log: cluster.sample_log,
+    };
+    let status = match (&cluster.coordinator, cluster.workers) {
+        (Some(url), _) => submit_and_follow(url, &job, run.progress)?,
+        (None, Some(workers)) => run_local(&job, workers, run.progress)?,
+        (None, None) => unreachable!("checked by the caller"),
+    };
+    println!(
+        "job {}: {} steps, final loss {:.4}, {} workers in generation {} ({} re-formations)",
+        status.job_id,
+        status.total_steps,
+        status.last_loss,
+        status.world_size,
+        status.generation,
+        status.reformations
+    );
+    println!(
+        "weights: {}  (evaluate with `cellfleet eval --weights {}`)",
+        run.out.join(crate::train::WEIGHTS_FILE).display(),
+        run.out.display()
+    );
+    Ok(())
 }
 
 /// Defaults of fine-tuning: no masking, a shorter schedule.

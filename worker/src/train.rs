@@ -1,10 +1,12 @@
-//! Single-process training: masked-bin pretraining, `[CLS]` fine-tuning (full or LoRA) and evaluation on
-//! the held-out split, with the baselines the results are read against (a per-gene marginal-frequency
-//! predictor for masked bins; majority class and multinomial logistic regression for cell states).
+//! Training: masked-bin pretraining, `[CLS]` fine-tuning (full or LoRA) and evaluation on the held-out
+//! split, with the baselines the results are read against (a per-gene marginal-frequency predictor for
+//! masked bins; majority class and multinomial logistic regression for cell states). One loop serves a
+//! single process and every rank of a data-parallel group ([`Parallel`]).
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,10 +14,13 @@ use anyhow::{bail, Context};
 use cellfleet_shared::batch::{Batch, Loader, LoaderConfig, MaskConfig, IGNORE_TARGET};
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::manifest::MISSING_LABEL;
-use cellfleet_shared::stream::{CellSplit, EpochPlan, OrderConfig, Partitioner, SplitPart};
+use cellfleet_shared::stream::{
+    cursor_at_step, CellSplit, EpochPlan, OrderConfig, Partitioner, SplitPart,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::collective::{all_reduce_buckets, broadcast_tensors, Collective, Solo};
 use crate::metrics::{classification_report, ClassificationReport};
 use crate::model::{CellModel, FfnConfig, LoraConfig, Mode, ModelConfig, Preset, Tokens};
 use crate::optim::{AdamW, AdamWConfig, Schedule};
@@ -282,7 +287,10 @@ struct BatchStream {
     split: CellSplit,
     part: SplitPart,
     loader_config: LoaderConfig,
+    /// The global batch; this stream yields rank `rank`'s slice of each.
     batch_size: u32,
+    world: u32,
+    rank: u32,
     epoch: u32,
     cursor: u64,
     loader: Option<Loader>,
@@ -311,11 +319,42 @@ impl BatchStream {
                 ..LoaderConfig::default()
             },
             batch_size,
+            world: 1,
+            rank: 0,
             epoch: 0,
             cursor: 0,
             loader: None,
             pending: 0,
         }
+    }
+
+    /// Yields rank `rank` of `world`'s slice of every global batch from now on.
+    fn for_rank(mut self, world: u32, rank: u32) -> Self {
+        self.world = world;
+        self.rank = rank;
+        self
+    }
+
+    /// Continues from the global cursor at which optimizer step `step` starts.
+    fn seek_step(&mut self, step: u64) -> anyhow::Result<()> {
+        // Every epoch of a split has the same length; epoch 0's plan tells it.
+        let len = EpochPlan::for_part(
+            &self.corpus.manifest,
+            self.order,
+            0,
+            self.split,
+            self.part,
+        )?
+        .len();
+        if len == 0 {
+            bail!("the {:?} split of {} is empty", self.part, self.corpus.store.url());
+        }
+        let (epoch, position) = cursor_at_step(len, self.batch_size, step);
+        self.epoch = epoch;
+        self.cursor = position;
+        self.loader = None;
+        self.pending = 0;
+        Ok(())
     }
 
     /// The next batch; `limit` caps how many batches a new epoch's loader prepares.
@@ -355,7 +394,7 @@ impl BatchStream {
                     break;
                 }
                 self.cursor = range.end;
-                ranges.push(range);
+                ranges.push(Partitioner::rank_slice(&range, self.world, self.rank));
             }
             if ranges.is_empty() {
                 self.epoch += 1;
@@ -400,34 +439,62 @@ fn bf16(run: &RunOptions) -> bool {
     matches!(run.device, Device::Cuda(_))
 }
 
-/// The masked-bin loss and accuracy of a forward pass.
-fn masked_bin_loss(
-    model: &CellModel,
-    hidden: &Tensor,
-    targets: &Tensor,
-    bf16: bool,
-) -> (Tensor, Tensor) {
+/// A step's task loss before normalization: the summed loss (with grad), the number of correct predictions
+/// and the number of scored positions (masked tokens or labelled cells). Summed over ranks before dividing,
+/// so a data-parallel step equals the single-process step on the whole global batch.
+pub struct LossParts {
+    pub sum: Tensor,
+    pub correct: Tensor,
+    pub count: f64,
+}
+
+/// The masked-bin loss parts of a forward pass.
+fn masked_bin_loss(model: &CellModel, hidden: &Tensor, targets: &Tensor, bf16: bool) -> LossParts {
     let masked = targets.ne(i64::from(IGNORE_TARGET));
     let rows = hidden.index(&[Some(masked.shallow_clone())]);
     let logits = model.bin_logits(&rows, bf16);
     let truth = targets.masked_select(&masked);
-    // Sum / max(count, 1): a batch without masked positions (possible at small mask ratios) adds nothing
-    // instead of a NaN mean.
-    let count = truth.size()[0].max(1) as f64;
-    let loss =
-        logits.cross_entropy_loss::<Tensor>(&truth, None, tch::Reduction::Sum, -100, 0.0) / count;
-    let correct = logits.argmax(-1, false).eq_tensor(&truth).sum(Kind::Float) / count;
-    (loss, correct)
+    LossParts {
+        sum: logits.cross_entropy_loss::<Tensor>(&truth, None, tch::Reduction::Sum, -100, 0.0),
+        correct: logits.argmax(-1, false).eq_tensor(&truth).sum(Kind::Float),
+        count: truth.size()[0] as f64,
+    }
 }
 
-/// The loop shared by pretraining and fine-tuning: `loss_of` turns a batch into (loss, accuracy).
+/// Gradient buckets for the all-reduce (the size PyTorch DDP uses).
+const BUCKET_BYTES: usize = 25 << 20;
+
+/// How this process takes part in training: its collective group (`Solo` alone), where the generation
+/// starts, a flag that stops it between steps, and a hook called after every step.
+pub struct Parallel<'a> {
+    pub collective: &'a mut dyn Collective,
+    /// The optimizer step to start from; the data cursor is derived from it.
+    pub start_step: u64,
+    pub abort: Option<&'a AtomicBool>,
+    #[allow(clippy::type_complexity)]
+    pub on_step: Option<&'a mut dyn FnMut(&StepRecord, &Batch) -> anyhow::Result<()>>,
+}
+
+impl Parallel<'_> {
+    fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+}
+
+/// Returned (inside `anyhow::Error`) when the abort flag stopped the loop.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped: the generation was superseded")]
+pub struct Aborted;
+
+/// The loop shared by pretraining and fine-tuning: `loss_of` turns this rank's batch into loss parts.
 fn train_loop(
     model: &CellModel,
     config: &TrainConfig,
     run: &RunOptions,
     stream: &mut BatchStream,
     what: &str,
-    mut loss_of: impl FnMut(&Batch, &crate::model::Forward, &Tensor) -> (Tensor, Tensor),
+    parallel: &mut Parallel<'_>,
+    mut loss_of: impl FnMut(&Batch, &crate::model::Forward, &Tensor) -> LossParts,
 ) -> anyhow::Result<Vec<StepRecord>> {
     let mut optimizer = AdamW::new(model.trainable_parameters(), config.optimizer);
     let schedule = Schedule {
@@ -436,37 +503,96 @@ fn train_loop(
         total: config.steps,
         min_ratio: config.min_lr_ratio,
     };
+    let world = parallel.collective.world();
+    let lead = parallel.rank() == 0;
     fs::create_dir_all(&run.out).with_context(|| format!("cannot create {}", run.out.display()))?;
+    // One step log per run, written by rank 0 (the numbers are global).
     let log_path = run.out.join(format!("{what}_log.jsonl"));
-    let mut log = fs::File::create(&log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut log = if lead {
+        Some(
+            fs::File::create(&log_path)
+                .with_context(|| format!("cannot create {}", log_path.display()))?,
+        )
+    } else {
+        None
+    };
+    let grads: Vec<Tensor> = if world > 1 {
+        // Every rank must all-reduce every gradient, also one it did not touch this step (an empty
+        // slice, an expert no token reached): give all of them storage up front.
+        let params = model.trainable_parameters();
+        let zero = params
+            .iter()
+            .map(|(_, p)| p.sum(Kind::Float) * 0.0)
+            .fold(Tensor::zeros([], (Kind::Float, run.device)), |a, b| a + b);
+        zero.backward();
+        params.iter().map(|(_, p)| p.grad()).collect()
+    } else {
+        Vec::new()
+    };
+    if parallel.start_step > 0 {
+        // Same cursor arithmetic as the coordinator's: step s starts at cursor_at_step(s).
+        stream.seek_step(parallel.start_step)?;
+    }
     let bar = crate::progress::step_bar(config.steps, what, run.progress);
+    bar.set_position(parallel.start_step);
     let mut records = Vec::with_capacity(config.steps as usize);
     let started = Instant::now();
     let mut tokens_total = 0u64;
-    for step in 0..config.steps {
+    for step in parallel.start_step..config.steps {
+        if parallel.abort.is_some_and(|a| a.load(Ordering::Relaxed)) {
+            return Err(Aborted.into());
+        }
         let batch = stream.next((config.steps - step) as usize)?;
         let t0 = Instant::now();
-        let (tokens, targets) = batch_tensors(&batch, run.device);
-        let forward = model.forward(
-            &tokens,
-            Mode {
-                train: true,
-                bf16: bf16(run),
-            },
-        );
-        let (task_loss, accuracy) = loss_of(&batch, &forward, &targets);
-        let loss = &task_loss + &forward.aux_loss * config.aux_loss_weight;
         optimizer.zero_grad();
-        loss.backward();
+        let local_samples = batch.samples as f64;
+        let (parts, aux) = if batch.samples > 0 {
+            let (tokens, targets) = batch_tensors(&batch, run.device);
+            let forward = model.forward(
+                &tokens,
+                Mode {
+                    train: true,
+                    bf16: bf16(run),
+                },
+            );
+            (
+                Some(loss_of(&batch, &forward, &targets)),
+                forward.aux_loss,
+            )
+        } else {
+            (None, Tensor::zeros([], (Kind::Float, run.device)))
+        };
+        let aux_value = aux.double_value(&[]);
+        // [loss sum, correct, scored positions, samples, sample-weighted aux loss], summed over ranks.
+        let mut totals = Tensor::from_slice(&[
+            parts.as_ref().map_or(0.0, |p| p.sum.double_value(&[])) as f32,
+            parts.as_ref().map_or(0.0, |p| p.correct.double_value(&[])) as f32,
+            parts.as_ref().map_or(0.0, |p| p.count) as f32,
+            local_samples as f32,
+            (aux_value * local_samples) as f32,
+        ])
+        .to_device(run.device);
+        parallel.collective.all_reduce_sum(&mut totals)?;
+        let totals = Vec::<f64>::try_from(totals.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        let (scored, samples) = (totals[2].max(1.0), totals[3].max(1.0));
+        if let Some(parts) = &parts {
+            // Sum / max(count, 1): a step without scored positions adds nothing instead of a NaN mean.
+            // The MoE balance loss is each rank's own, weighted by its share of the global batch.
+            let loss = &parts.sum / scored
+                + &aux * (config.aux_loss_weight * local_samples / samples);
+            loss.backward();
+        }
+        if world > 1 {
+            all_reduce_buckets(&mut *parallel.collective, &grads, BUCKET_BYTES)?;
+        }
         let grad_norm = optimizer.clip_grad_norm(config.clip_norm);
         let lr = schedule.lr(step);
         optimizer.step(lr);
         let record = StepRecord {
             step: step + 1,
-            loss: task_loss.double_value(&[]),
-            aux_loss: forward.aux_loss.double_value(&[]),
-            accuracy: accuracy.double_value(&[]),
+            loss: totals[0] / scored,
+            aux_loss: totals[4] / samples,
+            accuracy: totals[1] / scored,
             lr,
             grad_norm,
             tokens: (batch.samples * batch.seq_len) as u64,
@@ -481,7 +607,12 @@ fn train_loop(
             );
         }
         tokens_total += record.tokens;
-        writeln!(log, "{}", serde_json::to_string(&record)?)?;
+        if let Some(log) = log.as_mut() {
+            writeln!(log, "{}", serde_json::to_string(&record)?)?;
+        }
+        if let Some(hook) = parallel.on_step.as_mut() {
+            hook(&record, &batch)?;
+        }
         let rate = tokens_total as f64 / started.elapsed().as_secs_f64();
         let message = format!(
             "loss {:.4} acc {:.3} {:.0} tok/s",
@@ -498,11 +629,33 @@ fn train_loop(
     Ok(records)
 }
 
-/// Masked-bin pretraining. Writes `model.safetensors`, `model.json` and `pretrain_log.jsonl` to `run.out`.
+/// Masked-bin pretraining in one process. Writes `model.safetensors`, `model.json` and
+/// `pretrain_log.jsonl` to `run.out`.
 pub fn pretrain(
     corpus: Arc<Corpus>,
     config: &TrainConfig,
     run: &RunOptions,
+) -> anyhow::Result<(CellModel, Vec<StepRecord>)> {
+    pretrain_parallel(
+        corpus,
+        config,
+        run,
+        &mut Parallel {
+            collective: &mut Solo,
+            start_step: 0,
+            abort: None,
+            on_step: None,
+        },
+    )
+}
+
+/// Masked-bin pretraining as one rank of a data-parallel group: every rank starts from rank 0's
+/// parameters, reads its slice of each global batch, and all-reduces gradients; rank 0 writes the model.
+pub fn pretrain_parallel(
+    corpus: Arc<Corpus>,
+    config: &TrainConfig,
+    run: &RunOptions,
+    parallel: &mut Parallel<'_>,
 ) -> anyhow::Result<(CellModel, Vec<StepRecord>)> {
     config.validate()?;
     if config.mask_ratio <= 0.0 {
@@ -512,6 +665,18 @@ pub fn pretrain(
     let manifest = &corpus.manifest;
     let model_config = config.model_config(manifest.genes.len(), usize::from(manifest.bins.n_bins));
     let model = CellModel::new(model_config, run.device)?;
+    let (world, rank) = (
+        parallel.collective.world() as u32,
+        parallel.collective.rank() as u32,
+    );
+    if world > 1 {
+        let params: Vec<Tensor> = model
+            .named_parameters()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        broadcast_tensors(&mut *parallel.collective, &params, 0)?;
+    }
     let mut stream = BatchStream::new(
         corpus.clone(),
         config.order(config.augmentation),
@@ -520,7 +685,8 @@ pub fn pretrain(
         config.mask_ratio,
         config.batch_size,
         config.loader_threads,
-    );
+    )
+    .for_rank(world, rank);
     let bf16 = bf16(run);
     let records = train_loop(
         &model,
@@ -528,19 +694,22 @@ pub fn pretrain(
         run,
         &mut stream,
         "pretrain",
+        parallel,
         |_, forward, targets| masked_bin_loss(&model, &forward.hidden, targets, bf16),
     )?;
-    let info = ModelInfo {
-        format: MODEL_INFO_FORMAT.into(),
-        config: model.config.clone(),
-        vocabulary_hash: vocabulary_hash(&manifest.genes),
-        genes: manifest.genes.clone(),
-        split: config.split,
-        seed: config.seed,
-        label_column: None,
-        classes: Vec::new(),
-    };
-    write_model(&model, &info, &run.out)?;
+    if rank == 0 {
+        let info = ModelInfo {
+            format: MODEL_INFO_FORMAT.into(),
+            config: model.config.clone(),
+            vocabulary_hash: vocabulary_hash(&manifest.genes),
+            genes: manifest.genes.clone(),
+            split: config.split,
+            seed: config.seed,
+            label_column: None,
+            classes: Vec::new(),
+        };
+        write_model(&model, &info, &run.out)?;
+    }
     Ok((model, records))
 }
 
@@ -804,24 +973,34 @@ pub fn finetune(
         run,
         &mut stream,
         "finetune",
+        &mut Parallel {
+            collective: &mut Solo,
+            start_step: 0,
+            abort: None,
+            on_step: None,
+        },
         |batch, forward, _| {
             let labels =
                 Tensor::from_slice(&batch_labels(batch, label_idx, columns)).to_device(device);
             let logits = model
                 .class_logits(&forward.hidden, bf16)
                 .expect("classifier present");
-            // Sum / max(labelled, 1): a batch of unlabelled cells adds nothing instead of a NaN mean.
             let known = labels.ne(-100);
-            let labelled = known.sum(Kind::Float).clamp_min(1.0);
-            let loss =
-                logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Sum, -100, 0.0)
-                    / &labelled;
             let hits = logits
                 .argmax(-1, false)
                 .eq_tensor(&labels)
                 .logical_and(&known);
-            let accuracy = hits.sum(Kind::Float) / labelled;
-            (loss, accuracy)
+            LossParts {
+                sum: logits.cross_entropy_loss::<Tensor>(
+                    &labels,
+                    None,
+                    tch::Reduction::Sum,
+                    -100,
+                    0.0,
+                ),
+                correct: hits.sum(Kind::Float),
+                count: known.sum(Kind::Float).double_value(&[]),
+            }
         },
     )?;
     let info = ModelInfo {

@@ -1,0 +1,688 @@
+//! Cluster training from the worker's side: `cellfleet worker` (register, heartbeat, follow assignments,
+//! train one generation at a time), `cellfleet train --coordinator` (submit a job and follow it), and the
+//! embedded default `cellfleet train --local --workers N` (an in-process coordinator with in-memory
+//! metadata and N worker processes of this binary).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cellfleet_coordinator::{CoordinatorConfig, JobSpec};
+use cellfleet_proto as pb;
+use cellfleet_proto::coordinator_client::CoordinatorClient;
+use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::meta::MemoryStore;
+use cellfleet_shared::store::S3Options;
+use cellfleet_shared::stream::{cursor_at_step, EpochPlan, SplitPart};
+use clap::Args;
+use serde::Serialize;
+use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::collective::{self, Collective, CollectiveError, RendezvousStore, Solo};
+use crate::model::parse_device;
+use crate::train::{pretrain_parallel, Aborted, Parallel, RunOptions, StepRecord, TrainConfig};
+
+/// `cellfleet worker` flags.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerArgs {
+    /// Coordinator address, e.g. http://10.0.0.2:7070
+    #[arg(long)]
+    pub coordinator: String,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch CPU threads (a job's `threads` setting overrides it)
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Address other workers reach this one at (the collectives' TCP transport)
+    #[arg(long, default_value = "127.0.0.1")]
+    pub advertise_host: String,
+    /// Give up when the coordinator cannot be reached for this many seconds
+    #[arg(long, default_value_t = 120.0)]
+    pub reconnect_timeout: f64,
+}
+
+fn channel(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("{url} is not a coordinator URL (expected http://HOST:PORT)"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    // Lazy: the channel reconnects by itself after the coordinator restarts.
+    Ok(endpoint.connect_lazy())
+}
+
+fn runtime() -> anyhow::Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Gloo's rendezvous store (and NCCL's unique id) over the coordinator's key-value exchange, scoped to one
+/// generation of one job.
+struct CoordinatorRendezvous {
+    client: CoordinatorClient<Channel>,
+    handle: tokio::runtime::Handle,
+    job: String,
+    generation: u64,
+}
+
+impl RendezvousStore for CoordinatorRendezvous {
+    fn set(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        let request = pb::KvSetRequest {
+            job_id: self.job.clone(),
+            generation: self.generation,
+            key: key.to_string(),
+            value: value.to_vec(),
+        };
+        self.handle
+            .block_on(self.client.clone().kv_set(request))
+            .with_context(|| format!("rendezvous: setting {key}"))?;
+        Ok(())
+    }
+
+    fn get(&self, key: &str, timeout: Duration) -> anyhow::Result<Vec<u8>> {
+        let request = pb::KvGetRequest {
+            job_id: self.job.clone(),
+            generation: self.generation,
+            key: key.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let response = self
+            .handle
+            .block_on(self.client.clone().kv_get(request))
+            .with_context(|| format!("rendezvous: waiting for {key}"))?;
+        Ok(response.into_inner().value)
+    }
+}
+
+/// One sample-log line: the samples a rank trained on in one step.
+#[derive(Serialize)]
+struct SampleLogLine<'a> {
+    step: u64,
+    generation: u64,
+    rank: u32,
+    /// (cell, clone) pairs.
+    samples: &'a [(u64, u32)],
+}
+
+struct Assigned {
+    train: pb::TrainAssignment,
+    worker_id: String,
+}
+
+/// A generation running on its own thread.
+struct RunningGeneration {
+    job: String,
+    generation: u64,
+    abort: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl RunningGeneration {
+    fn stop(self) {
+        self.abort.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// Sends step reports in order, retrying through coordinator outages; a superseded generation sets the
+/// abort flag.
+#[derive(Clone)]
+struct Reporter {
+    tx: mpsc::UnboundedSender<(pb::StepReport, Option<oneshot::Sender<()>>)>,
+}
+
+impl Reporter {
+    fn spawn(
+        handle: &tokio::runtime::Handle,
+        client: CoordinatorClient<Channel>,
+        abort: Arc<AtomicBool>,
+        give_up_after: Duration,
+    ) -> Self {
+        let (tx, mut rx) =
+            mpsc::unbounded_channel::<(pb::StepReport, Option<oneshot::Sender<()>>)>();
+        handle.spawn(async move {
+            while let Some((report, done)) = rx.recv().await {
+                let started = Instant::now();
+                loop {
+                    match client.clone().report_step(report.clone()).await {
+                        Ok(response) => {
+                            if !response.into_inner().current {
+                                abort.store(true, Ordering::Relaxed);
+                            }
+                            break;
+                        }
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument
+                            ) =>
+                        {
+                            tracing::info!("step report refused: {}", status.message());
+                            abort.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(status) => {
+                            if started.elapsed() > give_up_after {
+                                tracing::warn!("step report dropped: {}", status.message());
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    fn send(&self, report: pb::StepReport) {
+        let _ = self.tx.send((report, None));
+    }
+
+    /// Sends and waits until the coordinator took it (or the reporter gave up).
+    fn send_and_wait(&self, handle: &tokio::runtime::Handle, report: pb::StepReport) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send((report, Some(done))).is_ok() {
+            let _ = handle.block_on(wait);
+        }
+    }
+}
+
+/// Runs one generation of a training job as one rank; reports every step and the outcome.
+fn run_generation(
+    assigned: Assigned,
+    args: &WorkerArgs,
+    client: CoordinatorClient<Channel>,
+    handle: tokio::runtime::Handle,
+    abort: Arc<AtomicBool>,
+) {
+    let train = &assigned.train;
+    let give_up = Duration::from_secs_f64(args.reconnect_timeout);
+    let reporter = Reporter::spawn(&handle, client.clone(), abort.clone(), give_up);
+    let base = pb::StepReport {
+        worker_id: assigned.worker_id.clone(),
+        job_id: train.job_id.clone(),
+        generation: train.generation,
+        rank: train.rank,
+        ..pb::StepReport::default()
+    };
+    let outcome = train_generation(train, args, client, &handle, &abort, &reporter, &base);
+    match outcome {
+        Ok(last_step) => {
+            eprintln!(
+                "job {} generation {} rank {}: done at step {last_step}",
+                train.job_id, train.generation, train.rank
+            );
+            reporter.send_and_wait(
+                &handle,
+                pb::StepReport {
+                    step: last_step,
+                    finished: true,
+                    ..base
+                },
+            );
+        }
+        Err(e) if e.downcast_ref::<Aborted>().is_some() || abort.load(Ordering::Relaxed) => {
+            eprintln!(
+                "job {} generation {} rank {}: stopped (superseded)",
+                train.job_id, train.generation, train.rank
+            );
+        }
+        Err(e) => {
+            let peer = e.downcast_ref::<CollectiveError>().is_some()
+                || e.chain().any(|c| c.downcast_ref::<tonic::Status>().is_some());
+            eprintln!(
+                "job {} generation {} rank {}: {}{e:#}",
+                train.job_id,
+                train.generation,
+                train.rank,
+                if peer { "group failed: " } else { "failed: " }
+            );
+            reporter.send_and_wait(
+                &handle,
+                pb::StepReport {
+                    error: format!("{e:#}"),
+                    fatal: !peer,
+                    ..base
+                },
+            );
+        }
+    }
+}
+
+fn train_generation(
+    train: &pb::TrainAssignment,
+    args: &WorkerArgs,
+    client: CoordinatorClient<Channel>,
+    handle: &tokio::runtime::Handle,
+    abort: &Arc<AtomicBool>,
+    reporter: &Reporter,
+    base: &pb::StepReport,
+) -> anyhow::Result<u64> {
+    let spec: JobSpec =
+        serde_json::from_str(&train.spec_json).context("the job specification is unreadable")?;
+    let config: TrainConfig = serde_json::from_value(spec.config.clone())
+        .context("the job's training configuration is not one this worker understands")?;
+    let s3 = S3Options {
+        endpoint: spec.s3_endpoint.clone(),
+        region: spec.s3_region.clone(),
+    };
+    let corpus = Arc::new(
+        Corpus::open(&spec.corpus, &s3)
+            .with_context(|| format!("cannot open corpus {}", spec.corpus))?,
+    );
+    // The coordinator planned the cursor from its own reading of the manifest; a worker that sees another
+    // corpus must not train on it.
+    let epoch_len = EpochPlan::for_part(
+        &corpus.manifest,
+        cellfleet_shared::stream::OrderConfig {
+            seed: config.seed,
+            augmentation: config.augmentation,
+            window_units: config.window_units,
+        },
+        0,
+        config.split,
+        SplitPart::Train,
+    )?
+    .len();
+    let cursor = cursor_at_step(epoch_len.max(1), config.batch_size, train.start_step);
+    if cursor != (train.start_epoch, train.start_position) {
+        bail!(
+            "corpus {} differs from the coordinator's: step {} starts at epoch {} position {} here, {} {} there",
+            spec.corpus,
+            train.start_step,
+            cursor.0,
+            cursor.1,
+            train.start_epoch,
+            train.start_position
+        );
+    }
+    let threads = if spec.threads > 0 {
+        spec.threads as usize
+    } else {
+        args.threads.max(1)
+    };
+    let run = RunOptions {
+        device: parse_device(&args.device)?,
+        threads,
+        out: PathBuf::from(&spec.out),
+        progress: false,
+        log_every: 25,
+    };
+    let (rank, world) = (train.rank as usize, train.world_size as usize);
+    let timeout = Duration::from_millis(spec.collective_timeout_ms);
+    let started = Instant::now();
+    let mut group: Box<dyn Collective> = if world == 1 {
+        Box::new(Solo)
+    } else {
+        let store = Arc::new(CoordinatorRendezvous {
+            client,
+            handle: handle.clone(),
+            job: train.job_id.clone(),
+            generation: train.generation,
+        });
+        collective::connect(store, "", rank, world, run.device, timeout)?
+    };
+    eprintln!(
+        "job {} generation {}: rank {rank} of {world} ({} group ready in {:.2}s), from step {}",
+        train.job_id,
+        train.generation,
+        group.backend(),
+        started.elapsed().as_secs_f64(),
+        train.start_step
+    );
+    let mut sample_log = if spec.sample_log {
+        let dir = Path::new(&spec.out).join("samples");
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("g{}-r{rank}.jsonl", train.generation));
+        Some(
+            fs::File::create(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )
+    } else {
+        None
+    };
+    let mut last_step = train.start_step;
+    let mut on_step = |record: &StepRecord, batch: &cellfleet_shared::batch::Batch| {
+        last_step = record.step;
+        if let Some(log) = sample_log.as_mut() {
+            let samples: Vec<(u64, u32)> =
+                batch.sample_ids.iter().map(|s| (s.cell, s.clone)).collect();
+            let line = SampleLogLine {
+                step: record.step,
+                generation: train.generation,
+                rank: train.rank,
+                samples: &samples,
+            };
+            writeln!(log, "{}", serde_json::to_string(&line)?)?;
+            log.flush()?;
+        }
+        let (epoch, position) = cursor_at_step(epoch_len.max(1), config.batch_size, record.step);
+        reporter.send(pb::StepReport {
+            step: record.step,
+            loss: record.loss,
+            accuracy: record.accuracy,
+            grad_norm: record.grad_norm,
+            lr: record.lr,
+            samples: batch.samples as u64,
+            tokens: record.tokens,
+            seconds: record.seconds,
+            epoch,
+            position,
+            ..base.clone()
+        });
+        Ok(())
+    };
+    pretrain_parallel(
+        corpus,
+        &config,
+        &run,
+        &mut Parallel {
+            collective: group.as_mut(),
+            start_step: train.start_step,
+            abort: Some(abort),
+            on_step: Some(&mut on_step),
+        },
+    )?;
+    Ok(last_step.max(config.steps))
+}
+
+/// `cellfleet worker`: serves the coordinator until killed.
+pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    parse_device(&args.device)?;
+    let rt = runtime()?;
+    let handle = rt.handle().clone();
+    let _entered = rt.enter();
+    let client = CoordinatorClient::new(channel(&args.coordinator)?);
+    let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
+    let give_up = Duration::from_secs_f64(args.reconnect_timeout);
+    let mut worker_id = String::new();
+    let mut current: Option<RunningGeneration> = None;
+    loop {
+        // (Re)register: keeps the id (and membership) when the lease is still alive.
+        let started = Instant::now();
+        let registered = loop {
+            let request = pb::RegisterWorkerRequest {
+                worker_id: worker_id.clone(),
+                hostname: hostname.clone(),
+                pid: std::process::id(),
+                device: args.device.clone(),
+            };
+            match rt.block_on(client.clone().register_worker(request)) {
+                Ok(response) => break response.into_inner(),
+                Err(status) => {
+                    if started.elapsed() > give_up {
+                        bail!(
+                            "cannot reach the coordinator at {} for {:.0}s: {}",
+                            args.coordinator,
+                            give_up.as_secs_f64(),
+                            status.message()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+        };
+        if !registered.resumed {
+            if let Some(run) = current.take() {
+                eprintln!("membership lapsed; abandoning job {}", run.job);
+                run.stop();
+            }
+            eprintln!(
+                "registered with {} as {}",
+                args.coordinator, registered.worker_id
+            );
+        }
+        worker_id = registered.worker_id.clone();
+        let heartbeat = {
+            let (client, id) = (client.clone(), worker_id.clone());
+            let every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
+            handle.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let request = pb::HeartbeatRequest {
+                        worker_id: id.clone(),
+                    };
+                    if let Err(status) = client.clone().heartbeat(request).await {
+                        tracing::debug!("heartbeat: {}", status.message());
+                    }
+                }
+            })
+        };
+        let stream = rt.block_on(client.clone().assignments(pb::AssignmentsRequest {
+            worker_id: worker_id.clone(),
+        }));
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(status) => {
+                heartbeat.abort();
+                tracing::debug!("assignments: {}", status.message());
+                std::thread::sleep(Duration::from_millis(250));
+                continue;
+            }
+        };
+        loop {
+            let message = match rt.block_on(stream.message()) {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            match message.kind {
+                Some(pb::assignment::Kind::Train(train)) => {
+                    if current.as_ref().is_some_and(|r| {
+                        r.job == train.job_id
+                            && r.generation == train.generation
+                            && !r.thread.is_finished()
+                    }) {
+                        continue;
+                    }
+                    if let Some(run) = current.take() {
+                        run.stop();
+                    }
+                    let abort = Arc::new(AtomicBool::new(false));
+                    let assigned = Assigned {
+                        train: train.clone(),
+                        worker_id: worker_id.clone(),
+                    };
+                    let (args, client, handle, flag) = (
+                        args.clone(),
+                        client.clone(),
+                        handle.clone(),
+                        abort.clone(),
+                    );
+                    let thread = std::thread::Builder::new()
+                        .name(format!("cellfleet-train-g{}", train.generation))
+                        .spawn(move || run_generation(assigned, &args, client, handle, flag))?;
+                    current = Some(RunningGeneration {
+                        job: train.job_id,
+                        generation: train.generation,
+                        abort,
+                        thread,
+                    });
+                }
+                Some(pb::assignment::Kind::Idle(idle)) => {
+                    if let Some(run) = current.take() {
+                        eprintln!("idle ({}); stopping job {}", idle.reason, run.job);
+                        run.stop();
+                    }
+                }
+                None => {}
+            }
+        }
+        heartbeat.abort();
+        eprintln!("lost the coordinator's assignment stream; reconnecting");
+    }
+}
+
+/// Where and how `cellfleet train` runs a cluster job.
+pub struct ClusterJob {
+    pub corpus: String,
+    pub s3: S3Options,
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub threads: u32,
+    pub collective_timeout: Duration,
+    pub sample_log: bool,
+}
+
+impl ClusterJob {
+    fn spec(&self) -> anyhow::Result<JobSpec> {
+        fs::create_dir_all(&self.out)
+            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        // Workers may run elsewhere (another directory, another node on a shared filesystem).
+        let out = fs::canonicalize(&self.out)?;
+        let corpus = if Path::new(&self.corpus).exists() {
+            fs::canonicalize(&self.corpus)?.display().to_string()
+        } else {
+            self.corpus.clone()
+        };
+        Ok(JobSpec {
+            name: String::new(),
+            corpus,
+            s3_endpoint: self.s3.endpoint.clone(),
+            s3_region: self.s3.region.clone(),
+            config: serde_json::to_value(&self.config)?,
+            out: out.display().to_string(),
+            min_workers: self.min_workers,
+            max_workers: self.max_workers,
+            threads: self.threads,
+            collective_timeout_ms: self.collective_timeout.as_millis() as u64,
+            sample_log: self.sample_log,
+        })
+    }
+}
+
+/// Submits `job` to the coordinator at `url` and follows it to the end; returns the final status.
+pub fn submit_and_follow(
+    url: &str,
+    job: &ClusterJob,
+    progress: bool,
+) -> anyhow::Result<pb::JobStatusResponse> {
+    let rt = runtime()?;
+    let _entered = rt.enter();
+    let mut client = CoordinatorClient::new(channel(url)?);
+    let spec = serde_json::to_string(&job.spec()?)?;
+    let id = rt
+        .block_on(client.submit_job(pb::SubmitJobRequest { spec_json: spec }))
+        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused the job: {}", s.message()))?
+        .into_inner()
+        .job_id;
+    eprintln!("submitted job {id} to {url}");
+    follow(&rt, &mut client, &id, job.config.steps, progress)
+}
+
+fn follow(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+    steps: u64,
+    progress: bool,
+) -> anyhow::Result<pb::JobStatusResponse> {
+    let bar = crate::progress::step_bar(steps, "train", progress);
+    let mut last_message = String::new();
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let status = match rt.block_on(client.job_status(pb::JobStatusRequest {
+            job_id: id.to_string(),
+        })) {
+            Ok(s) => {
+                unreachable_since = None;
+                s.into_inner()
+            }
+            Err(s) if s.code() == Code::NotFound => bail!("{}", s.message()),
+            Err(s) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(120) {
+                    bail!("lost the coordinator for 2 minutes: {}", s.message());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        if status.message != last_message {
+            bar.suspend(|| eprintln!("job {id}: {}", status.message));
+            last_message = status.message.clone();
+        }
+        bar.set_position(status.committed_step);
+        bar.set_message(format!(
+            "loss {:.4} | {} workers, generation {} | {:.0} samples/s",
+            status.last_loss, status.world_size, status.generation, status.samples_per_second
+        ));
+        match status.state.as_str() {
+            "completed" => {
+                bar.finish_and_clear();
+                return Ok(status);
+            }
+            "failed" | "cancelled" => {
+                bar.finish_and_clear();
+                bail!("job {id} {}: {}", status.state, status.message);
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The embedded default: an in-process coordinator (memory metadata) and `workers` worker processes.
+pub fn run_local(job: &ClusterJob, workers: u32, progress: bool) -> anyhow::Result<pb::JobStatusResponse> {
+    let rt = runtime()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = rt.spawn(cellfleet_coordinator::serve(
+        listener,
+        Arc::new(MemoryStore::new()),
+        CoordinatorConfig::with_lease_ttl(Duration::from_secs(3)),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let url = format!("http://{address}");
+    let exe = std::env::current_exe().context("cannot find the cellfleet binary")?;
+    let threads = job.threads.max(1).to_string();
+    let logs = job.out.join("workers");
+    fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let mut children = Vec::new();
+    for i in 0..workers {
+        let log_path = logs.join(format!("worker-{i}.log"));
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        children.push(
+            std::process::Command::new(&exe)
+                .args(["worker", "--coordinator", &url, "--threads", &threads])
+                .env("CELLFLEET_QUIET", "1")
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("cannot start a worker process")?,
+        );
+    }
+    eprintln!(
+        "embedded coordinator on {url} with {workers} worker processes (logs in {})",
+        logs.display()
+    );
+    let outcome = submit_and_follow(&url, job, progress);
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = stop.send(());
+    let _ = rt.block_on(server);
+    outcome
+}
