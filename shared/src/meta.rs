@@ -368,23 +368,18 @@ impl MetaStore for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
-        let what = format!("{lease:x}");
-        let (mut keeper, mut stream) = self
-            .client
-            .clone()
-            .lease_keep_alive(lease)
-            .await
-            .map_err(|e| self.fail("keep lease alive", &what, e))?;
-        keeper
-            .keep_alive()
-            .await
-            .map_err(|e| self.fail("keep lease alive", &what, e))?;
-        let response = stream
-            .message()
-            .await
-            .map_err(|e| self.fail("keep lease alive", &what, e))?;
-        // etcd answers a lapsed lease with TTL 0.
-        Ok(response.is_some_and(|r| r.ttl() > 0))
+        let attempt = async {
+            let (mut keeper, mut stream) = self.client.clone().lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            // etcd answers a lapsed lease with TTL 0.
+            Ok::<_, etcd_client::Error>(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+        };
+        match attempt.await {
+            Ok(alive) => Ok(alive),
+            // ... or, depending on the version and timing, with "lease not found".
+            Err(e) if e.to_string().contains("lease not found") => Ok(false),
+            Err(e) => Err(self.fail("keep lease alive", &format!("{lease:x}"), e)),
+        }
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {

@@ -639,7 +639,7 @@ fn allreduce_child(
     let mut gloo = GlooCollective::connect(store.clone(), "bench", rank, world, &options)?;
     let count = (bytes / 4).max(1) as i64;
     let mut tensor = Tensor::full([count], (rank + 1) as f64, (Kind::Float, Device::Cpu));
-    let mut run = |gloo: &mut GlooCollective, tensor: &mut Tensor, iters: usize| -> anyhow::Result<f64> {
+    let run = |gloo: &mut GlooCollective, tensor: &mut Tensor, iters: usize| -> anyhow::Result<f64> {
         Ok(match side {
             AllreduceSide::Cellfleet => {
                 gloo.barrier()?;

@@ -126,7 +126,8 @@ fn bucketed_all_reduce_matches_per_tensor_sums() {
     });
     let expected: Vec<Vec<f32>> = mixed_tensors(0)
         .iter()
-        .map(|t| values(&(t * world as f64 + (0 + 1 + 2) as f64)))
+        // Every rank adds its rank to each value: 0 + 1 + 2 = 3.
+        .map(|t| values(&(t * world as f64 + 3.0)))
         .collect();
     for (tensors, transposed) in results {
         assert_eq!(tensors, expected);

@@ -1,0 +1,380 @@
+//! Cluster training with real processes: a coordinator (in-memory or on a real etcd), worker processes
+//! that all-reduce through Gloo over loopback, and the real pbmc68k_reduced data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cellfleet_e2e::{cellfleet_ok, data, free_port, read_safetensors, wait_for, EtcdServer, Process};
+use cellfleet_shared::meta::{conformance, EtcdStore};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// pbmc68k_reduced (700 real cells) over 128 genes: 630 training cells x 4 clones = an epoch of ~2.5k
+/// samples, small enough that a tiny model runs more than one epoch in seconds.
+fn small_corpus(dir: &Path) -> String {
+    let out = dir.join("corpus");
+    cellfleet_ok(
+        bin(),
+        &[
+            "ingest",
+            data("pbmc68k_reduced.h5ad").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--hvg",
+            "128",
+        ],
+    );
+    out.display().to_string()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[tokio::test]
+async fn etcd_store_passes_the_metadata_store_suite() {
+    let etcd = EtcdServer::start();
+    let store = EtcdStore::connect(
+        &[etcd.endpoint.clone()],
+        &format!("/test-{}/", std::process::id()),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("connects to the test etcd");
+    // etcd leases are whole seconds (and at least a couple); 2 s keeps the lapse check short.
+    conformance(&store, Duration::from_secs(2)).await;
+
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let error = EtcdStore::connect(&[nobody.clone()], "/x/", Duration::from_secs(1))
+        .await
+        .err()
+        .expect("no etcd there");
+    assert!(error.to_string().contains(&nobody), "{error}");
+}
+
+/// Per step (1-based), the samples every rank of `generation` logged, merged.
+fn samples_by_step(out: &Path, generation: u64) -> BTreeMap<u64, Vec<(u64, u32)>> {
+    let mut steps: BTreeMap<u64, Vec<(u64, u32)>> = BTreeMap::new();
+    for entry in std::fs::read_dir(out.join("samples")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with(&format!("g{generation}-")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let samples = v["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_u64().unwrap() as u32));
+            steps
+                .entry(v["step"].as_u64().unwrap())
+                .or_default()
+                .extend(samples);
+        }
+    }
+    steps
+}
+
+fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn highest_generation(out: &Path) -> u64 {
+    std::fs::read_dir(out.join("samples"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().to_string();
+            name.strip_prefix('g')?.split('-').next()?.parse().ok()
+        })
+        .max()
+        .expect("some generation logged samples")
+}
+
+/// Checks the committed training (every step 1..=steps of the final generation): each step logged once
+/// per rank, and every completed epoch consumed each training sample (cell, clone) exactly once.
+fn assert_epochs_exactly_once(out: &Path, generation: u64, steps: u64, corpus: &str) {
+    let by_step = samples_by_step(out, generation);
+    assert_eq!(
+        by_step.keys().copied().collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>(),
+        "generation {generation} logged every step once"
+    );
+    // The training side of the split, computed here from the corpus and the split rule.
+    let corpus = cellfleet_e2e::open_corpus(corpus);
+    let split = cellfleet_shared::stream::CellSplit::default();
+    let train_cells = (0..corpus.total_cells())
+        .filter(|&c| split.part_of(c) == cellfleet_shared::stream::SplitPart::Train)
+        .count();
+    let epoch_len = train_cells * 4;
+    let all: Vec<(u64, u32)> = by_step.values().flatten().copied().collect();
+    let complete_epochs = all.len() / epoch_len;
+    assert!(complete_epochs >= 1, "the run covers at least one epoch ({} samples, epoch {epoch_len})", all.len());
+    for epoch in 0..complete_epochs {
+        let mut seen: HashMap<(u64, u32), usize> = HashMap::new();
+        for sample in &all[epoch * epoch_len..(epoch + 1) * epoch_len] {
+            *seen.entry(*sample).or_default() += 1;
+        }
+        assert_eq!(seen.len(), epoch_len, "epoch {epoch}: every training sample appears");
+        assert!(seen.values().all(|&n| n == 1), "epoch {epoch}: no sample twice");
+        assert!(
+            seen.keys()
+                .all(|&(cell, clone)| clone < 4 && split.part_of(cell) == cellfleet_shared::stream::SplitPart::Train),
+            "epoch {epoch}: only training cells, clones 0..4"
+        );
+    }
+}
+
+fn coordinator(dir: &Path, port: u16, extra: &[&str], log: &str) -> Process {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["coordinator", "--listen", &listen];
+    args.extend_from_slice(extra);
+    let process = Process::spawn(bin(), &args, dir.join(log));
+    wait_for("the coordinator to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&listen).is_ok()
+    });
+    process
+}
+
+fn worker(dir: &Path, url: &str, name: &str) -> Process {
+    Process::spawn(
+        bin(),
+        &["worker", "--coordinator", url, "--threads", "1"],
+        dir.join(format!("{name}.log")),
+    )
+}
+
+/// `cellfleet train --coordinator` in the background (it submits and follows the job).
+fn submit(dir: &Path, url: &str, corpus: &str, out: &Path, steps: u64, workers: (u32, u32)) -> Process {
+    let (steps, min, max) = (steps.to_string(), workers.0.to_string(), workers.1.to_string());
+    Process::spawn(
+        bin(),
+        &[
+            "train", "--coordinator", url, "--corpus", corpus, "--out", &s(out), "--preset", "tiny",
+            "--steps", &steps, "--batch-size", "32", "--threads", "1", "--min-workers", &min,
+            "--max-workers", &max, "--sample-log", "--collective-timeout", "5",
+        ],
+        dir.join("client.log"),
+    )
+}
+
+#[test]
+fn late_joiner_is_admitted_and_a_killed_worker_is_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = coordinator(dir.path(), port, &["--lease-ttl", "2"], "coordinator.log");
+    let _first = worker(dir.path(), &url, "worker-a");
+    let out = dir.path().join("model");
+    let steps = 100;
+    let mut client = submit(dir.path(), &url, &corpus, &out, steps, (1, 2));
+
+    // Generation 1: the first worker alone. A second worker joins: generation 2 with both.
+    wait_for("generation 1 to train", Duration::from_secs(60), || {
+        lines_in(&out.join("samples/g1-r0.jsonl")) >= 5
+    });
+    let mut second = worker(dir.path(), &url, "worker-b");
+    wait_for("the joiner to train in generation 2", Duration::from_secs(60), || {
+        lines_in(&out.join("samples/g2-r1.jsonl")) >= 5
+    });
+    // SIGKILL the joiner mid-step: the survivor must notice, and the job re-forms without it.
+    let killed_at = std::time::Instant::now();
+    second.kill();
+    wait_for("generation 3 to train", Duration::from_secs(60), || {
+        lines_in(&out.join("samples/g3-r0.jsonl")) >= 1
+    });
+    let recovered = killed_at.elapsed();
+    let status = client.wait(Duration::from_secs(240));
+    let text = client.log_text();
+    assert!(status.success(), "the job finishes:\n{text}");
+    assert!(text.contains("admitting"), "{text}");
+    assert!(text.contains("lost"), "{text}");
+    assert!(
+        text.contains("1 workers in generation 3 (2 re-formations)"),
+        "{text}"
+    );
+    eprintln!("worker killed -> next completed step: {recovered:.2?}");
+    assert!(recovered < Duration::from_secs(15), "recovery took {recovered:?}");
+    assert!(out.join("model.safetensors").is_file());
+    assert_eq!(highest_generation(&out), 3);
+    assert_epochs_exactly_once(&out, 3, steps, &corpus);
+}
+
+#[test]
+fn the_job_continues_across_a_coordinator_restart_with_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let corpus = small_corpus(dir.path());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let flags = ["--etcd", etcd.endpoint.as_str(), "--lease-ttl", "5"];
+    let mut first = coordinator(dir.path(), port, &flags, "coordinator-1.log");
+    let _workers = [
+        worker(dir.path(), &url, "worker-a"),
+        worker(dir.path(), &url, "worker-b"),
+    ];
+    let out = dir.path().join("model");
+    let steps = 120;
+    let mut client = submit(dir.path(), &url, &corpus, &out, steps, (2, 2));
+    wait_for("training to start", Duration::from_secs(60), || {
+        lines_in(&out.join("samples/g1-r1.jsonl")) >= 10
+    });
+    first.kill();
+    let before = lines_in(&out.join("samples/g1-r0.jsonl"));
+    let _second = coordinator(dir.path(), port, &flags, "coordinator-2.log");
+    let status = client.wait(Duration::from_secs(240));
+    let text = client.log_text();
+    assert!(status.success(), "the job finishes after the restart:\n{text}");
+    // Same generation throughout: the restarted coordinator picked the job and both memberships up from
+    // etcd, and the workers never stopped.
+    assert!(text.contains("2 workers in generation 1 (0 re-formations)"), "{text}");
+    assert!(before < steps as usize, "the coordinator was killed mid-job");
+    assert_eq!(highest_generation(&out), 1);
+    assert_epochs_exactly_once(&out, 1, steps, &corpus);
+}
+
+/// Trains `steps` steps of a dense-FFN tiny model on `workers` local workers with global batch 16.
+fn train_local(dir: &Path, corpus: &str, workers: u32, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let config = dir.join("dense.toml");
+    std::fs::write(
+        &config,
+        "preset = \"tiny\"\nwarmup_steps = 2\n[ffn]\nkind = \"dense\"\nhidden = 64\n",
+    )
+    .unwrap();
+    let workers = workers.to_string();
+    cellfleet_ok(
+        bin(),
+        &[
+            "train", "--local", "--workers", &workers, "--corpus", corpus, "--config", &s(&config),
+            "--steps", "6", "--batch-size", "16", "--lr", "3e-3", "--threads", "1", "--out", &s(&out),
+        ],
+    );
+    out
+}
+
+#[test]
+fn two_workers_match_one_worker_with_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path());
+    let one = read_safetensors(&train_local(dir.path(), &corpus, 1, "one").join("model.safetensors"));
+    let two = read_safetensors(&train_local(dir.path(), &corpus, 2, "two").join("model.safetensors"));
+    let init = {
+        // The same seed without training: proves the comparison is not trivially of untouched weights.
+        let out = dir.path().join("init");
+        cellfleet_ok(
+            bin(),
+            &[
+                "train", "--local", "--corpus", &corpus, "--config", &s(&dir.path().join("dense.toml")),
+                "--steps", "1", "--batch-size", "16", "--lr", "1e-12", "--threads", "1", "--out", &s(&out),
+            ],
+        );
+        read_safetensors(&out.join("model.safetensors"))
+    };
+    assert_eq!(one.keys().collect::<Vec<_>>(), two.keys().collect::<Vec<_>>());
+    let (mut worst, mut moved) = (0f32, 0f32);
+    for (name, a) in &one {
+        let b = &two[name];
+        for ((x, y), z) in a.iter().zip(b).zip(&init[name]) {
+            worst = worst.max((x - y).abs());
+            moved = moved.max((x - z).abs());
+        }
+    }
+    eprintln!("6 steps, global batch 16: max |1 worker - 2 workers| = {worst:e}; max movement from init = {moved:e}");
+    // Float sums in a different order (two halves then all-reduce vs one batch) differ by rounding only.
+    assert!(worst < 1e-4, "parameters differ by {worst}");
+    assert!(moved > 1e-3, "training moved the parameters ({moved})");
+}
+
+#[tokio::test]
+async fn rejected_requests_get_clear_statuses() {
+    use cellfleet_proto as pb;
+    use cellfleet_proto::coordinator_client::CoordinatorClient;
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path());
+    let port = free_port();
+    let _coordinator = coordinator(dir.path(), port, &[], "coordinator.log");
+    let mut client = CoordinatorClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+
+    let status = client
+        .job_status(pb::JobStatusRequest { job_id: "job-nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(status.message().contains("unknown job \"job-nope\""), "{status:?}");
+
+    for (spec, expected) in [
+        ("not json".to_string(), "job specification"),
+        (
+            serde_json::json!({"corpus": corpus, "out": "/tmp/x", "min_workers": 2, "max_workers": 1, "config": {}}).to_string(),
+            "missing field `seed`",
+        ),
+        (
+            serde_json::json!({"corpus": "/no/such/corpus", "out": "/tmp/x", "min_workers": 1, "max_workers": 1,
+                "config": {"seed": 0, "steps": 5, "batch_size": 8, "augmentation": 4, "window_units": 16,
+                           "split": {"seed": 0, "eval_fraction": 0.1}}}).to_string(),
+            "/no/such/corpus",
+        ),
+    ] {
+        let status = client
+            .submit_job(pb::SubmitJobRequest { spec_json: spec })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(expected), "{status:?}");
+    }
+
+    // A worker that never registered, and a report for a job that does not exist.
+    let status = client
+        .heartbeat(pb::HeartbeatRequest { worker_id: "ghost".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(status.message().contains("register again"), "{status:?}");
+    let status = client
+        .report_step(pb::StepReport { job_id: "job-nope".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    // A real job at generation 0 (no workers): reports and rendezvous for another generation are refused.
+    let spec = serde_json::json!({"corpus": corpus, "out": s(&dir.path().join("m")), "min_workers": 1, "max_workers": 1,
+        "config": {"seed": 0, "steps": 5, "batch_size": 8, "augmentation": 4, "window_units": 16,
+                   "split": {"seed": 0, "eval_fraction": 0.1}}});
+    let id = client
+        .submit_job(pb::SubmitJobRequest { spec_json: spec.to_string() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let status = client
+        .kv_get(pb::KvGetRequest { job_id: id.clone(), generation: 7, key: "k".into(), timeout_ms: 10 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("generation 7 was superseded"), "{status:?}");
+    client.cancel_job(pb::CancelJobRequest { job_id: id.clone() }).await.unwrap();
+    let status = client.cancel_job(pb::CancelJobRequest { job_id: id }).await.unwrap_err();
+    assert!(status.message().contains("already cancelled"), "{status:?}");
+
+    // The CLI says what was wrong with a job the coordinator refused.
+    let out = cellfleet_e2e::cellfleet(
+        bin(),
+        &["train", "--coordinator", &format!("http://127.0.0.1:{port}"), "--corpus", &corpus,
+          "--batch-size", "1", "--max-workers", "2", "--out", &s(&dir.path().join("m2"))],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("refused the job") && stderr.contains("batch_size 1"), "{stderr}");
+}
