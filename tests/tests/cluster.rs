@@ -378,3 +378,41 @@ async fn rejected_requests_get_clear_statuses() {
     assert!(!out.status.success());
     assert!(stderr.contains("refused the job") && stderr.contains("batch_size 1"), "{stderr}");
 }
+
+#[test]
+fn a_hung_worker_is_dropped_when_its_lease_lapses() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = coordinator(dir.path(), port, &["--lease-ttl", "2"], "coordinator.log");
+    let _first = worker(dir.path(), &url, "worker-a");
+    let mut second = worker(dir.path(), &url, "worker-b");
+    let out = dir.path().join("model");
+    let steps = 100;
+    let mut client = submit(dir.path(), &url, &corpus, &out, steps, (1, 2));
+    // Both workers in one generation (1 if both registered before the job arrived, 2 otherwise).
+    let mut both = 0;
+    wait_for("both workers to train", Duration::from_secs(60), || {
+        both = (1..=2)
+            .find(|g| lines_in(&out.join(format!("samples/g{g}-r1.jsonl"))) >= 5)
+            .unwrap_or(0);
+        both > 0
+    });
+    // SIGSTOP: the process and its connections stay, but it neither heartbeats nor computes. Its lease
+    // lapses (2 s), and the survivor gives up on the stuck all-reduce (5 s collective timeout).
+    let hung_at = std::time::Instant::now();
+    let pid = second.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    wait_for("the survivor to train alone", Duration::from_secs(60), || {
+        lines_in(&out.join(format!("samples/g{}-r0.jsonl", both + 1))) >= 1
+    });
+    eprintln!("worker hung -> next completed step: {:.2?}", hung_at.elapsed());
+    let status = client.wait(Duration::from_secs(240));
+    let text = client.log_text();
+    second.kill();
+    assert!(status.success(), "the job finishes:\n{text}");
+    let summary = format!("1 workers in generation {} ({both} re-formations)", both + 1);
+    assert!(text.contains(&summary), "{text}");
+    assert_epochs_exactly_once(&out, both + 1, steps, &corpus);
+}

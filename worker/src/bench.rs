@@ -639,23 +639,27 @@ fn allreduce_child(
     let mut gloo = GlooCollective::connect(store.clone(), "bench", rank, world, &options)?;
     let count = (bytes / 4).max(1) as i64;
     let mut tensor = Tensor::full([count], (rank + 1) as f64, (Kind::Float, Device::Cpu));
-    let run = |gloo: &mut GlooCollective, tensor: &mut Tensor, iters: usize| -> anyhow::Result<f64> {
-        Ok(match side {
-            AllreduceSide::Cellfleet => {
-                gloo.barrier()?;
-                let started = Instant::now();
-                for _ in 0..iters {
-                    gloo.all_reduce_sum(tensor)?;
+    let run =
+        |gloo: &mut GlooCollective, tensor: &mut Tensor, iters: usize| -> anyhow::Result<f64> {
+            Ok(match side {
+                AllreduceSide::Cellfleet => {
+                    gloo.barrier()?;
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        gloo.all_reduce_sum(tensor)?;
+                    }
+                    started.elapsed().as_secs_f64()
                 }
-                started.elapsed().as_secs_f64()
-            }
-            AllreduceSide::GlooRing => gloo.baseline_allreduce_ring(tensor, iters)?,
-        })
-    };
+                AllreduceSide::GlooRing => gloo.baseline_allreduce_ring(tensor, iters)?,
+            })
+        };
     // One checked sum, so a fast wrong answer cannot pass for bandwidth.
     run(&mut gloo, &mut tensor, 1)?;
     let expected = (world * (world + 1) / 2) as f64;
-    let (lo, hi) = (tensor.min().double_value(&[]), tensor.max().double_value(&[]));
+    let (lo, hi) = (
+        tensor.min().double_value(&[]),
+        tensor.max().double_value(&[]),
+    );
     if lo != expected || hi != expected {
         bail!("{side:?} rank {rank}: all-reduce gave values in [{lo}, {hi}], expected {expected}");
     }
@@ -695,7 +699,12 @@ fn allreduce_group(
                     AllreduceSide::GlooRing => "gloo-ring",
                 })
                 .args(["--rank", &rank.to_string(), "--world", &ranks.to_string()])
-                .args(["--bytes", &bytes.to_string(), "--seconds", &seconds.to_string()])
+                .args([
+                    "--bytes",
+                    &bytes.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ])
                 .args(["--max-iters", &max_iters.to_string(), "--dir"])
                 .arg(&dir);
             std::thread::spawn(move || run_measured(&mut cmd))
@@ -718,10 +727,7 @@ fn allreduce_group(
 }
 
 fn tempfile_dir(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "cellfleet-bench-{}-{name}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("cellfleet-bench-{}-{name}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -756,10 +762,22 @@ fn bench_allreduce(
     for &mib in sizes_mib {
         let bytes = ((mib * 1048576.0) as usize / 4).max(1) * 4;
         let busbw = |per_iter: f64| bytes as f64 / per_iter * bus_factor / 1e9;
-        let (ours, ours_iters) =
-            allreduce_group(&exe, AllreduceSide::Cellfleet, ranks, bytes, seconds, max_iters)?;
-        let (ring, ring_iters) =
-            allreduce_group(&exe, AllreduceSide::GlooRing, ranks, bytes, seconds, max_iters)?;
+        let (ours, ours_iters) = allreduce_group(
+            &exe,
+            AllreduceSide::Cellfleet,
+            ranks,
+            bytes,
+            seconds,
+            max_iters,
+        )?;
+        let (ring, ring_iters) = allreduce_group(
+            &exe,
+            AllreduceSide::GlooRing,
+            ranks,
+            bytes,
+            seconds,
+            max_iters,
+        )?;
         let ratio = busbw(ours) / busbw(ring);
         log_ratio_sum += ratio.ln();
         ratios.push(ratio);

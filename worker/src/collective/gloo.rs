@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{check_rank, check_root, check_tensor, Collective, CollectiveError, RendezvousStore, Result};
+use super::{
+    check_rank, check_root, check_tensor, Collective, CollectiveError, RendezvousStore, Result,
+};
 
 /// The shim's return codes (`kOk` ... in gloo_shim.cc).
 const CODE_OK: c_int = 0;
@@ -69,7 +71,8 @@ type BroadcastFn = unsafe extern "C" fn(
     err: *mut c_char,
     err_cap: usize,
 ) -> c_int;
-type BarrierFn = unsafe extern "C" fn(handle: *mut c_void, err: *mut c_char, err_cap: usize) -> c_int;
+type BarrierFn =
+    unsafe extern "C" fn(handle: *mut c_void, err: *mut c_char, err_cap: usize) -> c_int;
 type BenchRingFn = unsafe extern "C" fn(
     handle: *mut c_void,
     data: *mut f32,
@@ -103,7 +106,9 @@ fn dlerror() -> String {
     if msg.is_null() {
         "unknown dynamic loader error".into()
     } else {
-        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -193,7 +198,11 @@ struct StoreBridge {
 impl StoreBridge {
     /// SAFETY: `user` is the `StoreBridge` that `GlooCollective::connect` keeps alive during the call;
     /// `key` points at `key_len` bytes.
-    unsafe fn from_raw<'a>(user: *mut c_void, key: *const c_char, key_len: usize) -> (&'a Self, String) {
+    unsafe fn from_raw<'a>(
+        user: *mut c_void,
+        key: *const c_char,
+        key_len: usize,
+    ) -> (&'a Self, String) {
         let bridge = unsafe { &*(user as *const StoreBridge) };
         let key = unsafe { std::slice::from_raw_parts(key as *const u8, key_len) };
         let key = format!("{}/gloo/{}", bridge.prefix, String::from_utf8_lossy(key));
@@ -279,8 +288,14 @@ unsafe extern "C" fn store_get(
             std::ptr::null_mut()
         } else {
             let buffer = unsafe { libc::malloc(value.len()) } as *mut c_char;
-            anyhow::ensure!(!buffer.is_null(), "out of memory for a {}-byte value", value.len());
-            unsafe { std::ptr::copy_nonoverlapping(value.as_ptr() as *const c_char, buffer, value.len()) };
+            anyhow::ensure!(
+                !buffer.is_null(),
+                "out of memory for a {}-byte value",
+                value.len()
+            );
+            unsafe {
+                std::ptr::copy_nonoverlapping(value.as_ptr() as *const c_char, buffer, value.len())
+            };
             buffer
         };
         unsafe {
@@ -313,7 +328,8 @@ impl GlooOptions {
     /// `$CELLFLEET_GLOO_HOSTNAME` (default 127.0.0.1) with the given timeout.
     pub fn from_env(timeout: Duration) -> Self {
         Self {
-            hostname: std::env::var("CELLFLEET_GLOO_HOSTNAME").unwrap_or_else(|_| "127.0.0.1".into()),
+            hostname: std::env::var("CELLFLEET_GLOO_HOSTNAME")
+                .unwrap_or_else(|_| "127.0.0.1".into()),
             timeout,
         }
     }

@@ -224,10 +224,7 @@ fn buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Range<usize>> {
 /// Runs `op` on one flat tensor holding `tensors`, then writes the result back into their storage. A
 /// single contiguous tensor is handed over directly (its detached alias shares the storage), saving the
 /// copies.
-fn through_bucket(
-    tensors: &[Tensor],
-    mut op: impl FnMut(&mut Tensor) -> Result<()>,
-) -> Result<()> {
+fn through_bucket(tensors: &[Tensor], mut op: impl FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
     if let [only] = tensors {
         if only.is_contiguous() {
             return op(&mut only.detach());

@@ -21,7 +21,9 @@ use cudarc::driver::{sys as cu, CudaContext};
 use cudarc::nccl::sys as nccl;
 use tch::{Device, Kind, Tensor};
 
-use super::{check_rank, check_root, check_tensor, Collective, CollectiveError, RendezvousStore, Result};
+use super::{
+    check_rank, check_root, check_tensor, Collective, CollectiveError, RendezvousStore, Result,
+};
 
 const NCCL_MISSING: &str = "cannot load NCCL: cudarc looks for libnccl.so (or libnccl.so.<cuda major>), \
      but pip's nvidia-nccl wheels ship only libnccl.so.2; symlink it as libnccl.so in a directory on \
@@ -187,7 +189,13 @@ impl NcclCollective {
     }
 
     /// Aborts the communicator and records why; a lost peer fails every later call as well.
-    fn fail(&mut self, op: &str, started: Instant, cause: String, peer_lost: bool) -> CollectiveError {
+    fn fail(
+        &mut self,
+        op: &str,
+        started: Instant,
+        cause: String,
+        peer_lost: bool,
+    ) -> CollectiveError {
         self.abort();
         let msg = format!(
             "nccl {op} on rank {} of {} (cuda:{}) failed after {} ms: {cause}",
@@ -243,7 +251,11 @@ impl NcclCollective {
         let mut state = nccl::ncclResult_t::ncclSuccess;
         // SAFETY: comm is live.
         let r = unsafe { nccl::ncclCommGetAsyncError(self.comm, &mut state) };
-        let state = if r != nccl::ncclResult_t::ncclSuccess { r } else { state };
+        let state = if r != nccl::ncclResult_t::ncclSuccess {
+            r
+        } else {
+            state
+        };
         match state {
             nccl::ncclResult_t::ncclSuccess => Ok(false),
             nccl::ncclResult_t::ncclInProgress => Ok(true),
@@ -277,9 +289,9 @@ impl NcclCollective {
                 self.rank, self.world
             )));
         }
-        self.context
-            .bind_to_thread()
-            .map_err(|e| CollectiveError::Backend(format!("cannot bind cuda:{}: {e:?}", self.device_index)))?;
+        self.context.bind_to_thread().map_err(|e| {
+            CollectiveError::Backend(format!("cannot bind cuda:{}: {e:?}", self.device_index))
+        })?;
         let started = Instant::now();
         let r = launch(self.comm);
         if r != nccl::ncclResult_t::ncclSuccess && r != nccl::ncclResult_t::ncclInProgress {

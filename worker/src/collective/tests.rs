@@ -40,7 +40,10 @@ fn with_group<T: Send + 'static>(
                 let mut gloo =
                     GlooCollective::connect(store, &prefix, rank, world, &options(timeout))
                         .expect("connect");
-                assert_eq!((gloo.rank(), gloo.world(), gloo.backend()), (rank, world, "gloo"));
+                assert_eq!(
+                    (gloo.rank(), gloo.world(), gloo.backend()),
+                    (rank, world, "gloo")
+                );
                 body(&mut gloo)
             })
         })
@@ -82,7 +85,10 @@ fn broadcast_from_root_one_and_barrier() {
         gloo.barrier().expect("barrier");
         let mut ints = Tensor::from_slice(&[rank as i64, 100]);
         gloo.broadcast(&mut ints, 2).expect("broadcast i64");
-        assert!(gloo.broadcast(&mut ints, 3).is_err(), "root outside the world");
+        assert!(
+            gloo.broadcast(&mut ints, 3).is_err(),
+            "root outside the world"
+        );
         (values(&t), Vec::<i64>::try_from(&ints).unwrap())
     });
     for (t, ints) in results {
@@ -209,7 +215,11 @@ fn missing_peer_fails_rendezvous_within_the_timeout() {
     .expect("rank 1 never comes");
     eprintln!("{err}");
     assert!(matches!(err, CollectiveError::Rendezvous(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Two ranks with a 2 s timeout; rank 1 runs `misbehave` after one good all-reduce, rank 0 then tries
@@ -232,7 +242,8 @@ fn peer_failure(
             misbehave(gloo, done_rx);
         })
     };
-    let mut gloo = GlooCollective::connect(store, &prefix, 0, 2, &options(timeout)).expect("connect");
+    let mut gloo =
+        GlooCollective::connect(store, &prefix, 0, 2, &options(timeout)).expect("connect");
     let mut t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
     gloo.all_reduce_sum(&mut t).expect("first all-reduce");
     let started = Instant::now();
@@ -250,7 +261,10 @@ fn assert_peer_lost(result: (Result<()>, Duration, Result<()>), limit: Duration)
     match lost {
         Err(CollectiveError::PeerLost(msg)) => {
             eprintln!("PeerLost after {elapsed:?}: {msg}");
-            assert!(msg.contains("rank 0") && msg.contains("all-reduce"), "{msg}")
+            assert!(
+                msg.contains("rank 0") && msg.contains("all-reduce"),
+                "{msg}"
+            )
         }
         other => panic!("expected PeerLost, got {other:?}"),
     }
@@ -275,7 +289,10 @@ fn hung_peer_is_lost_within_the_timeout() {
         drop(gloo);
     });
     let (_, elapsed, _) = &result;
-    assert!(*elapsed >= Duration::from_millis(1500), "gave up early: {elapsed:?}");
+    assert!(
+        *elapsed >= Duration::from_millis(1500),
+        "gave up early: {elapsed:?}"
+    );
     assert_peer_lost(result, Duration::from_secs(2) + Duration::from_secs(3));
 }
 
@@ -306,6 +323,11 @@ fn dir_rendezvous_round_trips_odd_keys() {
         store.get("gen/1/gloo/0", Duration::from_secs(1)).unwrap(),
         b"\x00\x01addr"
     );
-    assert_eq!(store.get("gen/1/gloo/1", Duration::from_secs(1)).unwrap(), b"");
-    assert!(store.get("gen/1/gloo/2", Duration::from_millis(50)).is_err());
+    assert_eq!(
+        store.get("gen/1/gloo/1", Duration::from_secs(1)).unwrap(),
+        b""
+    );
+    assert!(store
+        .get("gen/1/gloo/2", Duration::from_millis(50))
+        .is_err());
 }
