@@ -84,11 +84,17 @@ pub enum BenchCommand {
         /// Message sizes in MiB (f32 tensors)
         #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
         sizes: Vec<f64>,
-        /// Seconds to time each side at each size (after the warm-up)
+        /// Seconds to time each side at each size, over all rounds (after each group's warm-up)
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
-        /// Cap on the timed iterations of each side at each size
-        #[arg(long, default_value_t = 2000)]
+        /// Rounds per size; each starts fresh groups of both sides, alternating which goes first
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Timed repetitions per group; the fastest repetition of all rounds counts
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Cap on the iterations of one repetition
+        #[arg(long, default_value_t = 1000)]
         max_iters: usize,
         /// Ranks (child processes) per group
         #[arg(long, default_value_t = 2)]
@@ -108,8 +114,11 @@ pub enum BenchCommand {
         /// Rendezvous directory shared by the group
         #[arg(long)]
         dir: PathBuf,
+        /// Seconds of one timed repetition
         #[arg(long)]
         seconds: f64,
+        #[arg(long)]
+        reps: usize,
         #[arg(long)]
         max_iters: usize,
     },
@@ -230,9 +239,20 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Allreduce {
             sizes,
             seconds,
+            rounds,
+            reps,
             max_iters,
             ranks,
-        } => bench_allreduce(&sizes, seconds, max_iters, ranks),
+        } => bench_allreduce(
+            &sizes,
+            &AllreduceRounds {
+                seconds_per_rep: seconds / (rounds.max(1) * reps.max(1)) as f64,
+                rounds: rounds.max(1),
+                reps: reps.max(1),
+                max_iters,
+                ranks,
+            },
+        ),
         BenchCommand::AllreduceChild {
             side,
             rank,
@@ -240,9 +260,10 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             bytes,
             dir,
             seconds,
+            reps,
             max_iters,
         } => {
-            let result = allreduce_child(side, rank, world, bytes, dir, seconds, max_iters)?;
+            let result = allreduce_child(side, rank, world, bytes, dir, seconds, reps, max_iters)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
@@ -611,11 +632,14 @@ fn bench_stream(url: &str, batch_size: u32, seconds: f64, augmentation: u32) -> 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct AllreduceChildResult {
     iters: usize,
-    seconds: f64,
+    /// Seconds of each timed repetition of `iters` all-reduces.
+    rep_seconds: Vec<f64>,
 }
 
 /// One rank of one side: connects through a directory rendezvous, checks one sum, warms up, agrees with
-/// its peers on an iteration count that fills `seconds`, and times that many all-reduces.
+/// its peers on an iteration count that fills `seconds`, and times `reps` repetitions of that many
+/// all-reduces.
+#[allow(clippy::too_many_arguments)]
 fn allreduce_child(
     side: AllreduceSide,
     rank: usize,
@@ -623,6 +647,7 @@ fn allreduce_child(
     bytes: usize,
     dir: PathBuf,
     seconds: f64,
+    reps: usize,
     max_iters: usize,
 ) -> anyhow::Result<AllreduceChildResult> {
     use crate::collective::{
@@ -639,6 +664,8 @@ fn allreduce_child(
     let mut gloo = GlooCollective::connect(store.clone(), "bench", rank, world, &options)?;
     let count = (bytes / 4).max(1) as i64;
     let mut tensor = Tensor::full([count], (rank + 1) as f64, (Kind::Float, Device::Cpu));
+    // Seconds of `iters` all-reduces; the cellfleet side times its own loop, the baseline's loop and
+    // timer are inside the shim.
     let run =
         |gloo: &mut GlooCollective, tensor: &mut Tensor, iters: usize| -> anyhow::Result<f64> {
             Ok(match side {
@@ -669,28 +696,37 @@ fn allreduce_child(
     let iters_key = "bench/iters";
     let iters = if rank == 0 {
         let per_iter = (warm / warm_iters as f64).max(1e-6);
-        let iters = ((seconds / per_iter) as usize).clamp(3, max_iters.max(3));
+        let iters = ((seconds / per_iter) as usize).clamp(2, max_iters.max(2));
         store.set(iters_key, iters.to_string().as_bytes())?;
         iters
     } else {
         String::from_utf8(store.get(iters_key, timeout)?)?.parse()?
     };
-    let seconds = run(&mut gloo, &mut tensor, iters)?;
-    Ok(AllreduceChildResult { iters, seconds })
+    let rep_seconds = (0..reps)
+        .map(|_| run(&mut gloo, &mut tensor, iters))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(AllreduceChildResult { iters, rep_seconds })
 }
 
-/// Runs one group of `ranks` children on one side and size; returns seconds per all-reduce (the
-/// slowest rank's).
+/// How `bench allreduce` measures each size.
+struct AllreduceRounds {
+    seconds_per_rep: f64,
+    rounds: usize,
+    reps: usize,
+    max_iters: usize,
+    ranks: usize,
+}
+
+/// Runs one group of `ranks` children on one side and size; returns the seconds per all-reduce of its
+/// fastest repetition (a repetition lasts as long as its slowest rank) and the iterations per repetition.
 fn allreduce_group(
     exe: &Path,
     side: AllreduceSide,
-    ranks: usize,
     bytes: usize,
-    seconds: f64,
-    max_iters: usize,
+    plan: &AllreduceRounds,
 ) -> anyhow::Result<(f64, usize)> {
-    let dir = tempfile_dir(&format!("allreduce-{side:?}-{bytes}"))?;
-    let children: Vec<_> = (0..ranks)
+    let dir = scratch_dir(&format!("allreduce-{side:?}-{bytes}"))?;
+    let children: Vec<_> = (0..plan.ranks)
         .map(|rank| {
             let mut cmd = Command::new(exe);
             cmd.args(["bench", "allreduce-child", "--side"])
@@ -698,19 +734,18 @@ fn allreduce_group(
                     AllreduceSide::Cellfleet => "cellfleet",
                     AllreduceSide::GlooRing => "gloo-ring",
                 })
-                .args(["--rank", &rank.to_string(), "--world", &ranks.to_string()])
-                .args([
-                    "--bytes",
-                    &bytes.to_string(),
-                    "--seconds",
-                    &seconds.to_string(),
-                ])
-                .args(["--max-iters", &max_iters.to_string(), "--dir"])
+                .args(["--rank", &rank.to_string()])
+                .args(["--world", &plan.ranks.to_string()])
+                .args(["--bytes", &bytes.to_string()])
+                .args(["--seconds", &plan.seconds_per_rep.to_string()])
+                .args(["--reps", &plan.reps.to_string()])
+                .args(["--max-iters", &plan.max_iters.to_string()])
+                .arg("--dir")
                 .arg(&dir);
             std::thread::spawn(move || run_measured(&mut cmd))
         })
         .collect();
-    let mut per_iter: f64 = 0.0;
+    let mut rep_seconds = vec![0.0f64; plan.reps];
     let mut iters = 0;
     for child in children {
         let run = child
@@ -719,14 +754,17 @@ fn allreduce_group(
         let line = run.stdout.lines().last().unwrap_or_default();
         let result: AllreduceChildResult = serde_json::from_str(line)
             .with_context(|| format!("benchmark child printed {:?}", run.stdout))?;
-        per_iter = per_iter.max(result.seconds / result.iters as f64);
+        for (slowest, s) in rep_seconds.iter_mut().zip(&result.rep_seconds) {
+            *slowest = slowest.max(*s);
+        }
         iters = result.iters;
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((per_iter, iters))
+    let best = rep_seconds.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok((best / iters.max(1) as f64, iters))
 }
 
-fn tempfile_dir(name: &str) -> anyhow::Result<PathBuf> {
+fn scratch_dir(name: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("cellfleet-bench-{}-{name}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -735,64 +773,64 @@ fn tempfile_dir(name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn bench_allreduce(
-    sizes_mib: &[f64],
-    seconds: f64,
-    max_iters: usize,
-    ranks: usize,
-) -> anyhow::Result<()> {
-    if ranks < 2 {
+fn bench_allreduce(sizes_mib: &[f64], plan: &AllreduceRounds) -> anyhow::Result<()> {
+    if plan.ranks < 2 {
         bail!("an all-reduce benchmark needs at least 2 ranks");
     }
     let exe = std::env::current_exe()?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let bus_factor = 2.0 * (ranks as f64 - 1.0) / ranks as f64;
+    let n = plan.ranks as f64;
+    let bus_factor = 2.0 * (n - 1.0) / n;
     println!(
-        "all-reduce benchmark: {ranks} ranks (processes) over loopback TCP on {cores} cores, f32 sum; \
-         bus bandwidth = bytes / time x 2(n-1)/n; ~{seconds} s timed per side and size after a warm-up"
+        "all-reduce benchmark: {} ranks (processes) over loopback TCP on {cores} cores, f32 sum; bus \
+         bandwidth = bytes / time x 2(n-1)/n (GB = 1e9 bytes); best of {} rounds x {} repetitions of \
+         ~{:.2} s per side and size, after a warm-up",
+        plan.ranks, plan.rounds, plan.reps, plan.seconds_per_rep
     );
     println!(
         "{:>10} {:>16} {:>8} {:>16} {:>8} {:>8}",
         "size", "cellfleet GB/s", "iters", "Gloo ring GB/s", "iters", "ratio"
     );
-    let mut log_ratio_sum = 0.0;
     let mut ratios = Vec::new();
     for &mib in sizes_mib {
         let bytes = ((mib * 1048576.0) as usize / 4).max(1) * 4;
         let busbw = |per_iter: f64| bytes as f64 / per_iter * bus_factor / 1e9;
-        let (ours, ours_iters) = allreduce_group(
-            &exe,
-            AllreduceSide::Cellfleet,
-            ranks,
-            bytes,
-            seconds,
-            max_iters,
-        )?;
-        let (ring, ring_iters) = allreduce_group(
-            &exe,
-            AllreduceSide::GlooRing,
-            ranks,
-            bytes,
-            seconds,
-            max_iters,
-        )?;
-        let ratio = busbw(ours) / busbw(ring);
-        log_ratio_sum += ratio.ln();
+        let (mut ours, mut ring) = ((f64::INFINITY, 0), (f64::INFINITY, 0));
+        for round in 0..plan.rounds {
+            // Alternate which side goes first, so neither always runs on a warmer (or busier) machine.
+            let sides = if round % 2 == 0 {
+                [AllreduceSide::Cellfleet, AllreduceSide::GlooRing]
+            } else {
+                [AllreduceSide::GlooRing, AllreduceSide::Cellfleet]
+            };
+            for side in sides {
+                let measured = allreduce_group(&exe, side, bytes, plan)?;
+                let best = if side == AllreduceSide::Cellfleet {
+                    &mut ours
+                } else {
+                    &mut ring
+                };
+                if measured.0 < best.0 {
+                    *best = measured;
+                }
+            }
+        }
+        let ratio = busbw(ours.0) / busbw(ring.0);
         ratios.push(ratio);
         println!(
             "{:>6} MiB {:>16.3} {:>8} {:>16.3} {:>8} {:>7.2}x",
             mib,
-            busbw(ours),
-            ours_iters,
-            busbw(ring),
-            ring_iters,
+            busbw(ours.0),
+            ours.1,
+            busbw(ring.0),
+            ring.1,
             ratio
         );
     }
     if !ratios.is_empty() {
-        let geomean = (log_ratio_sum / ratios.len() as f64).exp();
+        let geomean = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
         let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let max = ratios.iter().copied().fold(0.0, f64::max);
         println!(
