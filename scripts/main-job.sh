@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the machine, then runs the main job on the embedded default (local files, this machine):
 # ingest the real Kang IFN-beta PBMC data into a tokenized corpus, inspect and verify it, stream augmented,
-# masked pretraining batches from it, pretrain a small MoE model on it, and fine-tune that on cell types.
+# masked pretraining batches from it, pretrain a small MoE model on it with 2 data-parallel worker processes
+# (embedded coordinator, Gloo all-reduce), evaluate it, and fine-tune it on cell types.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,5 +16,6 @@ rm -rf "$OUT"
 "$CELLFLEET" corpus inspect "$OUT"
 "$CELLFLEET" corpus verify "$OUT"
 "$CELLFLEET" corpus stream "$OUT" --batch-size 8 --batches 3
-"$CELLFLEET" train --corpus "$OUT" --local --preset tiny --steps 300 --batch-size 32 --lr 3e-3 --out "$RUNS/kang-model"
+"$CELLFLEET" train --corpus "$OUT" --local --workers 2 --threads 1 --preset tiny --steps 300 --batch-size 32 --lr 3e-3 --out "$RUNS/kang-model"
+"$CELLFLEET" eval --corpus "$OUT" --weights "$RUNS/kang-model"
 "$CELLFLEET" finetune --corpus "$OUT" --weights "$RUNS/kang-model" --label-col cell_type --out "$RUNS/kang-celltype"

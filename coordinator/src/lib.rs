@@ -69,7 +69,7 @@ pub async fn serve(
 
 /// Runs a coordinator from command-line flags until Ctrl-C / SIGTERM.
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
-    if !(args.lease_ttl > 0.0) {
+    if args.lease_ttl.is_nan() || args.lease_ttl <= 0.0 {
         anyhow::bail!("--lease-ttl must be positive, got {}", args.lease_ttl);
     }
     let store = open_store(&args).await?;

@@ -366,7 +366,10 @@ impl Drop for Process {
 pub fn wait_for(what: &str, limit: std::time::Duration, mut check: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + limit;
     while !check() {
-        assert!(std::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -382,7 +385,10 @@ pub fn read_safetensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f
         if name == "__metadata__" {
             continue;
         }
-        assert_eq!(info["dtype"], "F32", "{name}: only f32 tensors are compared");
+        assert_eq!(
+            info["dtype"], "F32",
+            "{name}: only f32 tensors are compared"
+        );
         let offsets = info["data_offsets"].as_array().unwrap();
         let (start, end) = (
             offsets[0].as_u64().unwrap() as usize,

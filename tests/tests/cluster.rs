@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cellfleet_e2e::{cellfleet_ok, data, free_port, read_safetensors, wait_for, EtcdServer, Process};
+use cellfleet_e2e::{
+    cellfleet_ok, data, free_port, read_safetensors, wait_for, EtcdServer, Process,
+};
 use cellfleet_shared::meta::{conformance, EtcdStore};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");
@@ -40,7 +42,7 @@ fn s(p: &Path) -> String {
 async fn etcd_store_passes_the_metadata_store_suite() {
     let etcd = EtcdServer::start();
     let store = EtcdStore::connect(
-        &[etcd.endpoint.clone()],
+        std::slice::from_ref(&etcd.endpoint),
         &format!("/test-{}/", std::process::id()),
         Duration::from_secs(5),
     )
@@ -50,7 +52,7 @@ async fn etcd_store_passes_the_metadata_store_suite() {
     conformance(&store, Duration::from_secs(2)).await;
 
     let nobody = format!("http://127.0.0.1:{}", free_port());
-    let error = EtcdStore::connect(&[nobody.clone()], "/x/", Duration::from_secs(1))
+    let error = EtcdStore::connect(std::slice::from_ref(&nobody), "/x/", Duration::from_secs(1))
         .await
         .err()
         .expect("no etcd there");
@@ -117,17 +119,28 @@ fn assert_epochs_exactly_once(out: &Path, generation: u64, steps: u64, corpus: &
     let epoch_len = train_cells * 4;
     let all: Vec<(u64, u32)> = by_step.values().flatten().copied().collect();
     let complete_epochs = all.len() / epoch_len;
-    assert!(complete_epochs >= 1, "the run covers at least one epoch ({} samples, epoch {epoch_len})", all.len());
+    assert!(
+        complete_epochs >= 1,
+        "the run covers at least one epoch ({} samples, epoch {epoch_len})",
+        all.len()
+    );
     for epoch in 0..complete_epochs {
         let mut seen: HashMap<(u64, u32), usize> = HashMap::new();
         for sample in &all[epoch * epoch_len..(epoch + 1) * epoch_len] {
             *seen.entry(*sample).or_default() += 1;
         }
-        assert_eq!(seen.len(), epoch_len, "epoch {epoch}: every training sample appears");
-        assert!(seen.values().all(|&n| n == 1), "epoch {epoch}: no sample twice");
+        assert_eq!(
+            seen.len(),
+            epoch_len,
+            "epoch {epoch}: every training sample appears"
+        );
         assert!(
-            seen.keys()
-                .all(|&(cell, clone)| clone < 4 && split.part_of(cell) == cellfleet_shared::stream::SplitPart::Train),
+            seen.values().all(|&n| n == 1),
+            "epoch {epoch}: no sample twice"
+        );
+        assert!(
+            seen.keys().all(|&(cell, clone)| clone < 4
+                && split.part_of(cell) == cellfleet_shared::stream::SplitPart::Train),
             "epoch {epoch}: only training cells, clones 0..4"
         );
     }
@@ -153,14 +166,44 @@ fn worker(dir: &Path, url: &str, name: &str) -> Process {
 }
 
 /// `cellfleet train --coordinator` in the background (it submits and follows the job).
-fn submit(dir: &Path, url: &str, corpus: &str, out: &Path, steps: u64, workers: (u32, u32)) -> Process {
-    let (steps, min, max) = (steps.to_string(), workers.0.to_string(), workers.1.to_string());
+fn submit(
+    dir: &Path,
+    url: &str,
+    corpus: &str,
+    out: &Path,
+    steps: u64,
+    workers: (u32, u32),
+) -> Process {
+    let (steps, min, max) = (
+        steps.to_string(),
+        workers.0.to_string(),
+        workers.1.to_string(),
+    );
     Process::spawn(
         bin(),
         &[
-            "train", "--coordinator", url, "--corpus", corpus, "--out", &s(out), "--preset", "tiny",
-            "--steps", &steps, "--batch-size", "32", "--threads", "1", "--min-workers", &min,
-            "--max-workers", &max, "--sample-log", "--collective-timeout", "5",
+            "train",
+            "--coordinator",
+            url,
+            "--corpus",
+            corpus,
+            "--out",
+            &s(out),
+            "--preset",
+            "tiny",
+            "--steps",
+            &steps,
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--min-workers",
+            &min,
+            "--max-workers",
+            &max,
+            "--sample-log",
+            "--collective-timeout",
+            "5",
         ],
         dir.join("client.log"),
     )
@@ -183,9 +226,11 @@ fn late_joiner_is_admitted_and_a_killed_worker_is_survived() {
         lines_in(&out.join("samples/g1-r0.jsonl")) >= 5
     });
     let mut second = worker(dir.path(), &url, "worker-b");
-    wait_for("the joiner to train in generation 2", Duration::from_secs(60), || {
-        lines_in(&out.join("samples/g2-r1.jsonl")) >= 5
-    });
+    wait_for(
+        "the joiner to train in generation 2",
+        Duration::from_secs(60),
+        || lines_in(&out.join("samples/g2-r1.jsonl")) >= 5,
+    );
     // SIGKILL the joiner mid-step: the survivor must notice, and the job re-forms without it.
     let killed_at = std::time::Instant::now();
     second.kill();
@@ -203,7 +248,10 @@ fn late_joiner_is_admitted_and_a_killed_worker_is_survived() {
         "{text}"
     );
     eprintln!("worker killed -> next completed step: {recovered:.2?}");
-    assert!(recovered < Duration::from_secs(15), "recovery took {recovered:?}");
+    assert!(
+        recovered < Duration::from_secs(15),
+        "recovery took {recovered:?}"
+    );
     assert!(out.join("model.safetensors").is_file());
     assert_eq!(highest_generation(&out), 3);
     assert_epochs_exactly_once(&out, 3, steps, &corpus);
@@ -233,11 +281,20 @@ fn the_job_continues_across_a_coordinator_restart_with_etcd() {
     let _second = coordinator(dir.path(), port, &flags, "coordinator-2.log");
     let status = client.wait(Duration::from_secs(240));
     let text = client.log_text();
-    assert!(status.success(), "the job finishes after the restart:\n{text}");
+    assert!(
+        status.success(),
+        "the job finishes after the restart:\n{text}"
+    );
     // Same generation throughout: the restarted coordinator picked the job and both memberships up from
     // etcd, and the workers never stopped.
-    assert!(text.contains("2 workers in generation 1 (0 re-formations)"), "{text}");
-    assert!(before < steps as usize, "the coordinator was killed mid-job");
+    assert!(
+        text.contains("2 workers in generation 1 (0 re-formations)"),
+        "{text}"
+    );
+    assert!(
+        before < steps as usize,
+        "the coordinator was killed mid-job"
+    );
     assert_eq!(highest_generation(&out), 1);
     assert_epochs_exactly_once(&out, 1, steps, &corpus);
 }
@@ -255,8 +312,24 @@ fn train_local(dir: &Path, corpus: &str, workers: u32, name: &str) -> PathBuf {
     cellfleet_ok(
         bin(),
         &[
-            "train", "--local", "--workers", &workers, "--corpus", corpus, "--config", &s(&config),
-            "--steps", "6", "--batch-size", "16", "--lr", "3e-3", "--threads", "1", "--out", &s(&out),
+            "train",
+            "--local",
+            "--workers",
+            &workers,
+            "--corpus",
+            corpus,
+            "--config",
+            &s(&config),
+            "--steps",
+            "6",
+            "--batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--threads",
+            "1",
+            "--out",
+            &s(&out),
         ],
     );
     out
@@ -266,21 +339,40 @@ fn train_local(dir: &Path, corpus: &str, workers: u32, name: &str) -> PathBuf {
 fn two_workers_match_one_worker_with_the_whole_batch() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = small_corpus(dir.path());
-    let one = read_safetensors(&train_local(dir.path(), &corpus, 1, "one").join("model.safetensors"));
-    let two = read_safetensors(&train_local(dir.path(), &corpus, 2, "two").join("model.safetensors"));
+    let one =
+        read_safetensors(&train_local(dir.path(), &corpus, 1, "one").join("model.safetensors"));
+    let two =
+        read_safetensors(&train_local(dir.path(), &corpus, 2, "two").join("model.safetensors"));
     let init = {
         // The same seed without training: proves the comparison is not trivially of untouched weights.
         let out = dir.path().join("init");
         cellfleet_ok(
             bin(),
             &[
-                "train", "--local", "--corpus", &corpus, "--config", &s(&dir.path().join("dense.toml")),
-                "--steps", "1", "--batch-size", "16", "--lr", "1e-12", "--threads", "1", "--out", &s(&out),
+                "train",
+                "--local",
+                "--corpus",
+                &corpus,
+                "--config",
+                &s(&dir.path().join("dense.toml")),
+                "--steps",
+                "1",
+                "--batch-size",
+                "16",
+                "--lr",
+                "1e-12",
+                "--threads",
+                "1",
+                "--out",
+                &s(&out),
             ],
         );
         read_safetensors(&out.join("model.safetensors"))
     };
-    assert_eq!(one.keys().collect::<Vec<_>>(), two.keys().collect::<Vec<_>>());
+    assert_eq!(
+        one.keys().collect::<Vec<_>>(),
+        two.keys().collect::<Vec<_>>()
+    );
     let (mut worst, mut moved) = (0f32, 0f32);
     for (name, a) in &one {
         let b = &two[name];
@@ -308,11 +400,16 @@ async fn rejected_requests_get_clear_statuses() {
         .unwrap();
 
     let status = client
-        .job_status(pb::JobStatusRequest { job_id: "job-nope".into() })
+        .job_status(pb::JobStatusRequest {
+            job_id: "job-nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
-    assert!(status.message().contains("unknown job \"job-nope\""), "{status:?}");
+    assert!(
+        status.message().contains("unknown job \"job-nope\""),
+        "{status:?}"
+    );
 
     for (spec, expected) in [
         ("not json".to_string(), "job specification"),
@@ -337,13 +434,18 @@ async fn rejected_requests_get_clear_statuses() {
 
     // A worker that never registered, and a report for a job that does not exist.
     let status = client
-        .heartbeat(pb::HeartbeatRequest { worker_id: "ghost".into() })
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: "ghost".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
     assert!(status.message().contains("register again"), "{status:?}");
     let status = client
-        .report_step(pb::StepReport { job_id: "job-nope".into(), ..Default::default() })
+        .report_step(pb::StepReport {
+            job_id: "job-nope".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
@@ -353,30 +455,60 @@ async fn rejected_requests_get_clear_statuses() {
         "config": {"seed": 0, "steps": 5, "batch_size": 8, "augmentation": 4, "window_units": 16,
                    "split": {"seed": 0, "eval_fraction": 0.1}}});
     let id = client
-        .submit_job(pb::SubmitJobRequest { spec_json: spec.to_string() })
+        .submit_job(pb::SubmitJobRequest {
+            spec_json: spec.to_string(),
+        })
         .await
         .unwrap()
         .into_inner()
         .job_id;
     let status = client
-        .kv_get(pb::KvGetRequest { job_id: id.clone(), generation: 7, key: "k".into(), timeout_ms: 10 })
+        .kv_get(pb::KvGetRequest {
+            job_id: id.clone(),
+            generation: 7,
+            key: "k".into(),
+            timeout_ms: 10,
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    assert!(status.message().contains("generation 7 was superseded"), "{status:?}");
-    client.cancel_job(pb::CancelJobRequest { job_id: id.clone() }).await.unwrap();
-    let status = client.cancel_job(pb::CancelJobRequest { job_id: id }).await.unwrap_err();
+    assert!(
+        status.message().contains("generation 7 was superseded"),
+        "{status:?}"
+    );
+    client
+        .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+        .await
+        .unwrap();
+    let status = client
+        .cancel_job(pb::CancelJobRequest { job_id: id })
+        .await
+        .unwrap_err();
     assert!(status.message().contains("already cancelled"), "{status:?}");
 
     // The CLI says what was wrong with a job the coordinator refused.
     let out = cellfleet_e2e::cellfleet(
         bin(),
-        &["train", "--coordinator", &format!("http://127.0.0.1:{port}"), "--corpus", &corpus,
-          "--batch-size", "1", "--max-workers", "2", "--out", &s(&dir.path().join("m2"))],
+        &[
+            "train",
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+            "--corpus",
+            &corpus,
+            "--batch-size",
+            "1",
+            "--max-workers",
+            "2",
+            "--out",
+            &s(&dir.path().join("m2")),
+        ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("refused the job") && stderr.contains("batch_size 1"), "{stderr}");
+    assert!(
+        stderr.contains("refused the job") && stderr.contains("batch_size 1"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -403,16 +535,28 @@ fn a_hung_worker_is_dropped_when_its_lease_lapses() {
     // lapses (2 s), and the survivor gives up on the stuck all-reduce (5 s collective timeout).
     let hung_at = std::time::Instant::now();
     let pid = second.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
-    wait_for("the survivor to train alone", Duration::from_secs(60), || {
-        lines_in(&out.join(format!("samples/g{}-r0.jsonl", both + 1))) >= 1
-    });
-    eprintln!("worker hung -> next completed step: {:.2?}", hung_at.elapsed());
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for(
+        "the survivor to train alone",
+        Duration::from_secs(60),
+        || lines_in(&out.join(format!("samples/g{}-r0.jsonl", both + 1))) >= 1,
+    );
+    eprintln!(
+        "worker hung -> next completed step: {:.2?}",
+        hung_at.elapsed()
+    );
     let status = client.wait(Duration::from_secs(240));
     let text = client.log_text();
     second.kill();
     assert!(status.success(), "the job finishes:\n{text}");
-    let summary = format!("1 workers in generation {} ({both} re-formations)", both + 1);
+    let summary = format!(
+        "1 workers in generation {} ({both} re-formations)",
+        both + 1
+    );
     assert!(text.contains(&summary), "{text}");
     assert_epochs_exactly_once(&out, both + 1, steps, &corpus);
 }

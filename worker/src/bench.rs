@@ -85,7 +85,7 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
         sizes: Vec<f64>,
         /// Seconds to time each side at each size, over all rounds (after each group's warm-up)
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 3.0)]
         seconds: f64,
         /// Rounds per size; each starts fresh groups of both sides, alternating which goes first
         #[arg(long, default_value_t = 2)]
@@ -99,6 +99,20 @@ pub enum BenchCommand {
         /// Ranks (child processes) per group
         #[arg(long, default_value_t = 2)]
         ranks: usize,
+    },
+    /// Cluster training throughput with 1 and 2 local workers, and recovery time after a worker's SIGKILL
+    Cluster {
+        /// Corpus location (e.g. one ingested from pbmc68k_reduced or Kang)
+        #[arg(long)]
+        corpus: String,
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: crate::model::Preset,
+        /// Optimizer steps per measured job
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        /// Global batch (samples per step)
+        #[arg(long, default_value_t = 32)]
+        batch_size: u32,
     },
     /// (internal) one rank of one side of `bench allreduce`
     #[command(hide = true)]
@@ -253,6 +267,24 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 ranks,
             },
         ),
+        BenchCommand::Cluster {
+            corpus,
+            preset,
+            steps,
+            batch_size,
+        } => {
+            let config = crate::train::TrainConfig {
+                preset,
+                steps,
+                batch_size,
+                ..crate::train::TrainConfig::default()
+            };
+            let dir = std::env::temp_dir()
+                .join(format!("cellfleet-bench-cluster-{}", std::process::id()));
+            let result = crate::cluster::bench_cluster(&corpus, &config, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
         BenchCommand::AllreduceChild {
             side,
             rank,

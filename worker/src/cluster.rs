@@ -26,7 +26,9 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::collective::{self, Collective, CollectiveError, RendezvousStore, Solo};
+use crate::collective::{
+    self, Collective, CollectiveError, GlooCollective, GlooOptions, RendezvousStore, Solo,
+};
 use crate::model::parse_device;
 use crate::train::{pretrain_parallel, Aborted, Parallel, RunOptions, StepRecord, TrainConfig};
 
@@ -243,7 +245,8 @@ fn run_generation(
         }
         Err(e) => {
             let peer = e.downcast_ref::<CollectiveError>().is_some()
-                || e.chain().any(|c| c.downcast_ref::<tonic::Status>().is_some());
+                || e.chain()
+                    .any(|c| c.downcast_ref::<tonic::Status>().is_some());
             eprintln!(
                 "job {} generation {} rank {}: {}{e:#}",
                 train.job_id,
@@ -334,7 +337,20 @@ fn train_generation(
             job: train.job_id.clone(),
             generation: train.generation,
         });
-        collective::connect(store, "", rank, world, run.device, timeout)?
+        match run.device {
+            // Gloo listens on the address the other workers reach this one at.
+            tch::Device::Cpu => Box::new(GlooCollective::connect(
+                store,
+                "",
+                rank,
+                world,
+                &GlooOptions {
+                    hostname: args.advertise_host.clone(),
+                    timeout,
+                },
+            )?),
+            device => collective::connect(store, "", rank, world, device, timeout)?,
+        }
     };
     eprintln!(
         "job {} generation {}: rank {rank} of {world} ({} group ready in {:.2}s), from step {}",
@@ -348,10 +364,7 @@ fn train_generation(
         let dir = Path::new(&spec.out).join("samples");
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("g{}-r{rank}.jsonl", train.generation));
-        Some(
-            fs::File::create(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?,
-        )
+        Some(fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?)
     } else {
         None
     };
@@ -449,8 +462,11 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             );
         }
         worker_id = registered.worker_id.clone();
+        // A heartbeat refused because the lease lapsed (this process was stalled, or partitioned) ends the
+        // stream below, so the worker registers again as a new member.
+        let lapsed = Arc::new(tokio::sync::Notify::new());
         let heartbeat = {
-            let (client, id) = (client.clone(), worker_id.clone());
+            let (client, id, lapsed) = (client.clone(), worker_id.clone(), lapsed.clone());
             let every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
             handle.spawn(async move {
                 loop {
@@ -458,8 +474,14 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                     let request = pb::HeartbeatRequest {
                         worker_id: id.clone(),
                     };
-                    if let Err(status) = client.clone().heartbeat(request).await {
-                        tracing::debug!("heartbeat: {}", status.message());
+                    match client.clone().heartbeat(request).await {
+                        Ok(_) => {}
+                        Err(status) if status.code() == Code::NotFound => {
+                            eprintln!("{}", status.message());
+                            lapsed.notify_one();
+                            return;
+                        }
+                        Err(status) => tracing::debug!("heartbeat: {}", status.message()),
                     }
                 }
             })
@@ -477,10 +499,13 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             }
         };
         loop {
-            let message = match rt.block_on(stream.message()) {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => break,
-            };
+            let next = rt.block_on(async {
+                tokio::select! {
+                    message = stream.message() => message.ok().flatten(),
+                    _ = lapsed.notified() => None,
+                }
+            });
+            let Some(message) = next else { break };
             match message.kind {
                 Some(pb::assignment::Kind::Train(train)) => {
                     if current.as_ref().is_some_and(|r| {
@@ -498,12 +523,8 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                         train: train.clone(),
                         worker_id: worker_id.clone(),
                     };
-                    let (args, client, handle, flag) = (
-                        args.clone(),
-                        client.clone(),
-                        handle.clone(),
-                        abort.clone(),
-                    );
+                    let (args, client, handle, flag) =
+                        (args.clone(), client.clone(), handle.clone(), abort.clone());
                     let thread = std::thread::Builder::new()
                         .name(format!("cellfleet-train-g{}", train.generation))
                         .spawn(move || run_generation(assigned, &args, client, handle, flag))?;
@@ -639,50 +660,190 @@ fn follow(
     }
 }
 
-/// The embedded default: an in-process coordinator (memory metadata) and `workers` worker processes.
-pub fn run_local(job: &ClusterJob, workers: u32, progress: bool) -> anyhow::Result<pb::JobStatusResponse> {
-    let rt = runtime()?;
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let address = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = rt.spawn(cellfleet_coordinator::serve(
-        listener,
-        Arc::new(MemoryStore::new()),
-        CoordinatorConfig::with_lease_ttl(Duration::from_secs(3)),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let url = format!("http://{address}");
-    let exe = std::env::current_exe().context("cannot find the cellfleet binary")?;
-    let threads = job.threads.max(1).to_string();
-    let logs = job.out.join("workers");
-    fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let mut children = Vec::new();
-    for i in 0..workers {
-        let log_path = logs.join(format!("worker-{i}.log"));
-        let log = fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        children.push(
-            std::process::Command::new(&exe)
-                .args(["worker", "--coordinator", &url, "--threads", &threads])
-                .env("CELLFLEET_QUIET", "1")
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("cannot start a worker process")?,
-        );
+/// An in-process coordinator (memory metadata) and worker processes of this binary.
+pub struct EmbeddedCluster {
+    rt: Runtime,
+    pub url: String,
+    children: Vec<std::process::Child>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl EmbeddedCluster {
+    /// Starts the coordinator and `workers` workers of `threads` threads each, logging to `logs/`.
+    pub fn start(workers: u32, threads: u32, logs: &Path) -> anyhow::Result<Self> {
+        let rt = runtime()?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let address = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = rt.spawn(cellfleet_coordinator::serve(
+            listener,
+            Arc::new(MemoryStore::new()),
+            CoordinatorConfig::with_lease_ttl(Duration::from_secs(3)),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let url = format!("http://{address}");
+        let exe = std::env::current_exe().context("cannot find the cellfleet binary")?;
+        let threads = threads.max(1).to_string();
+        fs::create_dir_all(logs).with_context(|| format!("cannot create {}", logs.display()))?;
+        let mut children = Vec::new();
+        for i in 0..workers {
+            let log_path = logs.join(format!("worker-{i}.log"));
+            let log = fs::File::create(&log_path)
+                .with_context(|| format!("cannot create {}", log_path.display()))?;
+            children.push(
+                std::process::Command::new(&exe)
+                    .args(["worker", "--coordinator", &url, "--threads", &threads])
+                    .env("CELLFLEET_QUIET", "1")
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()
+                    .context("cannot start a worker process")?,
+            );
+        }
+        Ok(Self {
+            rt,
+            url,
+            children,
+            stop: Some(stop),
+            server: Some(server),
+        })
     }
+
+    /// SIGKILLs worker `index`.
+    pub fn kill_worker(&mut self, index: usize) {
+        let _ = self.children[index].kill();
+        let _ = self.children[index].wait();
+    }
+
+    pub fn status(&self, job: &str) -> anyhow::Result<pb::JobStatusResponse> {
+        let _entered = self.rt.enter();
+        let mut client = CoordinatorClient::new(channel(&self.url)?);
+        Ok(self
+            .rt
+            .block_on(client.job_status(pb::JobStatusRequest {
+                job_id: job.to_string(),
+            }))?
+            .into_inner())
+    }
+
+    pub fn submit(&self, job: &ClusterJob) -> anyhow::Result<String> {
+        let _entered = self.rt.enter();
+        let mut client = CoordinatorClient::new(channel(&self.url)?);
+        let spec = serde_json::to_string(&job.spec()?)?;
+        Ok(self
+            .rt
+            .block_on(client.submit_job(pb::SubmitJobRequest { spec_json: spec }))
+            .map_err(|s| anyhow::anyhow!("the coordinator refused the job: {}", s.message()))?
+            .into_inner()
+            .job_id)
+    }
+}
+
+impl Drop for EmbeddedCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = self.rt.block_on(server);
+        }
+    }
+}
+
+/// The embedded default: an in-process coordinator (memory metadata) and `workers` worker processes.
+pub fn run_local(
+    job: &ClusterJob,
+    workers: u32,
+    progress: bool,
+) -> anyhow::Result<pb::JobStatusResponse> {
+    let logs = job.out.join("workers");
+    let cluster = EmbeddedCluster::start(workers, job.threads, &logs)?;
     eprintln!(
-        "embedded coordinator on {url} with {workers} worker processes (logs in {})",
+        "embedded coordinator on {} with {workers} worker processes (logs in {})",
+        cluster.url,
         logs.display()
     );
-    let outcome = submit_and_follow(&url, job, progress);
-    for child in &mut children {
-        let _ = child.kill();
-        let _ = child.wait();
+    submit_and_follow(&cluster.url, job, progress)
+}
+
+/// `cellfleet bench cluster`: training throughput with 1 and 2 workers on this machine, and the time from
+/// a worker's SIGKILL to the next completed step.
+pub fn bench_cluster(corpus: &str, config: &TrainConfig, out: &Path) -> anyhow::Result<()> {
+    let job = |workers: u32, threads: u32, steps: u64, name: &str| ClusterJob {
+        corpus: corpus.to_string(),
+        s3: S3Options::default(),
+        config: TrainConfig {
+            steps,
+            ..config.clone()
+        },
+        out: out.join(name),
+        min_workers: 1,
+        max_workers: workers,
+        threads,
+        collective_timeout: Duration::from_secs(10),
+        sample_log: false,
+    };
+    let wait_done =
+        |cluster: &EmbeddedCluster, id: &str| -> anyhow::Result<pb::JobStatusResponse> {
+            loop {
+                let status = cluster.status(id)?;
+                match status.state.as_str() {
+                    "completed" => return Ok(status),
+                    "failed" | "cancelled" => bail!("bench job {id}: {}", status.message),
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        };
+    println!(
+        "cluster training throughput ({:?} preset, global batch {}, {} steps, corpus {corpus})",
+        config.preset, config.batch_size, config.steps
+    );
+    println!("{:<28} {:>12} {:>8}", "", "samples/s", "ratio");
+    let mut baseline = None;
+    for (workers, threads) in [(1u32, 1u32), (1, 2), (2, 1)] {
+        let name = format!("w{workers}t{threads}");
+        let cluster = EmbeddedCluster::start(workers, threads, &out.join(&name).join("workers"))?;
+        let id = cluster.submit(&job(workers, threads, config.steps, &name))?;
+        let status = wait_done(&cluster, &id)?;
+        let rate = status.samples_per_second;
+        let base = *baseline.get_or_insert(rate);
+        println!(
+            "{:<28} {:>12.0} {:>7.2}x",
+            format!("{workers} worker(s) x {threads} thread(s)"),
+            rate,
+            rate / base
+        );
     }
-    let _ = stop.send(());
-    let _ = rt.block_on(server);
-    outcome
+    // Recovery: 2 workers, kill one after a few steps, time until the re-formed job completes a step.
+    let mut cluster = EmbeddedCluster::start(2, 1, &out.join("recovery").join("workers"))?;
+    let id = cluster.submit(&job(2, 1, config.steps.max(1000), "recovery"))?;
+    loop {
+        let status = cluster.status(&id)?;
+        if status.world_size == 2 && status.committed_step >= 5 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generation = cluster.status(&id)?.generation;
+    let killed = Instant::now();
+    cluster.kill_worker(1);
+    let step = loop {
+        let status = cluster.status(&id)?;
+        if status.generation > generation && status.committed_step >= 1 {
+            break killed.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    println!(
+        "SIGKILL of 1 of 2 workers -> next completed step (re-formed with 1 worker, from step 0): {:.2}s",
+        step.as_secs_f64()
+    );
+    Ok(())
 }

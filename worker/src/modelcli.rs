@@ -247,12 +247,15 @@ fn cluster_train(
     if cluster.workers == Some(0) {
         bail!("--workers must be at least 1");
     }
-    if !(cluster.collective_timeout > 0.0) {
+    if cluster.collective_timeout.is_nan() || cluster.collective_timeout <= 0.0 {
         bail!("--collective-timeout must be positive");
     }
     let default_max = cluster.workers.or(cluster.min_workers).unwrap_or(1);
     let max_workers = cluster.max_workers.unwrap_or(default_max);
-    let min_workers = cluster.min_workers.unwrap_or(cluster.workers.unwrap_or(1)).min(max_workers);
+    let min_workers = cluster
+        .min_workers
+        .unwrap_or(cluster.workers.unwrap_or(1))
+        .min(max_workers);
     let job = ClusterJob {
         corpus: corpus.to_string(),
         s3: s3.clone(),

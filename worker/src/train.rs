@@ -338,16 +338,14 @@ impl BatchStream {
     /// Continues from the global cursor at which optimizer step `step` starts.
     fn seek_step(&mut self, step: u64) -> anyhow::Result<()> {
         // Every epoch of a split has the same length; epoch 0's plan tells it.
-        let len = EpochPlan::for_part(
-            &self.corpus.manifest,
-            self.order,
-            0,
-            self.split,
-            self.part,
-        )?
-        .len();
+        let len =
+            EpochPlan::for_part(&self.corpus.manifest, self.order, 0, self.split, self.part)?.len();
         if len == 0 {
-            bail!("the {:?} split of {} is empty", self.part, self.corpus.store.url());
+            bail!(
+                "the {:?} split of {} is empty",
+                self.part,
+                self.corpus.store.url()
+            );
         }
         let (epoch, position) = cursor_at_step(len, self.batch_size, step);
         self.epoch = epoch;
@@ -555,10 +553,7 @@ fn train_loop(
                     bf16: bf16(run),
                 },
             );
-            (
-                Some(loss_of(&batch, &forward, &targets)),
-                forward.aux_loss,
-            )
+            (Some(loss_of(&batch, &forward, &targets)), forward.aux_loss)
         } else {
             (None, Tensor::zeros([], (Kind::Float, run.device)))
         };
@@ -578,8 +573,8 @@ fn train_loop(
         if let Some(parts) = &parts {
             // Sum / max(count, 1): a step without scored positions adds nothing instead of a NaN mean.
             // The MoE balance loss is each rank's own, weighted by its share of the global batch.
-            let loss = &parts.sum / scored
-                + &aux * (config.aux_loss_weight * local_samples / samples);
+            let loss =
+                &parts.sum / scored + &aux * (config.aux_loss_weight * local_samples / samples);
             loss.backward();
         }
         if world > 1 {

@@ -170,9 +170,14 @@ fn open_embedded_shim() -> std::result::Result<*mut c_void, String> {
     if fd >= 0 {
         // SAFETY: fd is ours alone; File closes it (after dlopen has mapped the object).
         let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-        file.write_all(SHIM_OBJECT)
-            .map_err(|e| format!("cannot write the shim to a memfd: {e}"))?;
-        return open(&format!("/proc/self/fd/{fd}"));
+        let loaded = file
+            .write_all(SHIM_OBJECT)
+            .map_err(|e| format!("cannot write the shim to a memfd: {e}"))
+            .and_then(|()| open(&format!("/proc/self/fd/{fd}")));
+        if let Ok(handle) = loaded {
+            return Ok(handle);
+        }
+        // Without /proc (or with a noexec memfd policy) the temporary file below still works.
     }
     let path = std::env::temp_dir().join(format!(
         "cellfleet-gloo-shim-{}-{}.so",

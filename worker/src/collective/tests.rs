@@ -77,6 +77,23 @@ fn all_reduce_sums_exactly_across_three_ranks() {
 }
 
 #[test]
+fn two_ranks_sum_exactly_over_several_exchange_chunks() {
+    // Two ranks use the direct exchange, pipelined in 256 Ki-element chunks: 2 full chunks and a tail.
+    let n = 2 * 256 * 1024 + 123;
+    let results = with_group(2, Duration::from_secs(10), move |gloo| {
+        let rank = gloo.rank() as f64;
+        let mut t = Tensor::arange(n, (Kind::Float, Device::Cpu)) + rank;
+        gloo.all_reduce_sum(&mut t).expect("all-reduce");
+        gloo.all_reduce_sum(&mut t).expect("all-reduce again");
+        values(&t)
+    });
+    let expected: Vec<f32> = (0..n).map(|i| (4 * i + 2) as f32).collect();
+    for sums in results {
+        assert_eq!(sums, expected);
+    }
+}
+
+#[test]
 fn broadcast_from_root_one_and_barrier() {
     let results = with_group(3, Duration::from_secs(10), |gloo| {
         let rank = gloo.rank() as f32;
