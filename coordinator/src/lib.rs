@@ -34,9 +34,6 @@ pub struct CoordinatorArgs {
     /// Seconds without a heartbeat after which a worker stops being a member
     #[arg(long, default_value_t = 3.0)]
     pub lease_ttl: f64,
-    /// Object store for job outputs (checkpoints and results); file:// paths or s3:// URLs
-    #[arg(long)]
-    pub store: Option<String>,
 }
 
 /// Opens the metadata store the flags name: etcd when endpoints are given, memory otherwise.

@@ -486,6 +486,12 @@ async fn rejected_requests_get_clear_statuses() {
         .unwrap_err();
     assert!(status.message().contains("already cancelled"), "{status:?}");
 
+    // The job command shows the refusal too, and lists the cancelled job's state.
+    let url = format!("http://127.0.0.1:{port}");
+    let out = cellfleet_e2e::cellfleet(bin(), &["job", "--coordinator", &url, "status", "job-nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown job \"job-nope\""));
+
     // The CLI says what was wrong with a job the coordinator refused.
     let out = cellfleet_e2e::cellfleet(
         bin(),

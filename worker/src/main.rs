@@ -185,6 +185,14 @@ enum Command {
         #[command(flatten)]
         args: cellfleet_coordinator::CoordinatorArgs,
     },
+    /// Look at and steer jobs on a coordinator
+    Job {
+        /// Coordinator address
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        coordinator: String,
+        #[command(subcommand)]
+        action: cellfleet_worker::cluster::JobAction,
+    },
     /// Serve a coordinator as a training worker until killed
     Worker {
         #[command(flatten)]
@@ -390,6 +398,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Coordinator { args } => {
             tokio::runtime::Runtime::new()?.block_on(cellfleet_coordinator::run(args))?
         }
+        Command::Job {
+            coordinator,
+            action,
+        } => cellfleet_worker::cluster::job_command(&coordinator, action)?,
         Command::Worker { args } => cellfleet_worker::cluster::run_worker(args)?,
         Command::Finetune {
             corpus,
