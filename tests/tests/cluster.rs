@@ -299,92 +299,97 @@ fn the_job_continues_across_a_coordinator_restart_with_etcd() {
     assert_epochs_exactly_once(&out, 1, steps, &corpus);
 }
 
-/// Trains `steps` steps of a dense-FFN tiny model on `workers` local workers with global batch 16.
-fn train_local(dir: &Path, corpus: &str, workers: u32, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let config = dir.join("dense.toml");
+const DENSE: &str = "[ffn]\nkind = \"dense\"\nhidden = 64\n";
+/// MoE without router noise: the noise is drawn per rank, so only the noiseless router can match exactly.
+const MOE: &str =
+    "[ffn]\nkind = \"moe\"\nexperts = 4\nhidden = 64\ntop_k = 2\nnoisy_gating = false\n";
+
+/// Trains a tiny model (`ffn` table) for `steps` steps of global batch `batch` on `workers` local
+/// workers; returns its parameters.
+fn train_local(
+    dir: &Path,
+    corpus: &str,
+    ffn: &str,
+    (workers, steps, batch, lr): (u32, u64, u32, &str),
+) -> BTreeMap<String, Vec<f32>> {
+    let name = format!(
+        "{}-w{workers}-s{steps}-b{batch}-lr{lr}",
+        if ffn == DENSE { "dense" } else { "moe" }
+    );
+    let out = dir.join(&name);
+    let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
-        "preset = \"tiny\"\nwarmup_steps = 2\n[ffn]\nkind = \"dense\"\nhidden = 64\n",
+        format!("preset = \"tiny\"\nwarmup_steps = 2\n{ffn}"),
     )
     .unwrap();
-    let workers = workers.to_string();
-    cellfleet_ok(
-        bin(),
-        &[
-            "train",
-            "--local",
-            "--workers",
-            &workers,
-            "--corpus",
-            corpus,
-            "--config",
-            &s(&config),
-            "--steps",
-            "6",
-            "--batch-size",
-            "16",
-            "--lr",
-            "3e-3",
-            "--threads",
-            "1",
-            "--out",
-            &s(&out),
-        ],
-    );
-    out
+    let (workers, steps, batch) = (workers.to_string(), steps.to_string(), batch.to_string());
+    let mut args = vec![
+        "train",
+        "--local",
+        "--corpus",
+        corpus,
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--batch-size",
+        &batch,
+        "--lr",
+        lr,
+        "--threads",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if workers != "0" {
+        args.extend(["--workers", workers.as_str()]);
+    }
+    cellfleet_ok(bin(), &args);
+    read_safetensors(&out.join("model.safetensors"))
+}
+
+/// Largest |a - b| over all parameters (same names required).
+fn max_difference(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .flat_map(|(name, x)| x.iter().zip(&b[name]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn two_workers_match_one_worker_with_the_whole_batch() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = small_corpus(dir.path());
-    let one =
-        read_safetensors(&train_local(dir.path(), &corpus, 1, "one").join("model.safetensors"));
-    let two =
-        read_safetensors(&train_local(dir.path(), &corpus, 2, "two").join("model.safetensors"));
-    let init = {
-        // The same seed without training: proves the comparison is not trivially of untouched weights.
-        let out = dir.path().join("init");
-        cellfleet_ok(
-            bin(),
-            &[
-                "train",
-                "--local",
-                "--corpus",
-                &corpus,
-                "--config",
-                &s(&dir.path().join("dense.toml")),
-                "--steps",
-                "1",
-                "--batch-size",
-                "16",
-                "--lr",
-                "1e-12",
-                "--threads",
-                "1",
-                "--out",
-                &s(&out),
-            ],
-        );
-        read_safetensors(&out.join("model.safetensors"))
-    };
-    assert_eq!(
-        one.keys().collect::<Vec<_>>(),
-        two.keys().collect::<Vec<_>>()
-    );
-    let (mut worst, mut moved) = (0f32, 0f32);
-    for (name, a) in &one {
-        let b = &two[name];
-        for ((x, y), z) in a.iter().zip(b).zip(&init[name]) {
-            worst = worst.max((x - y).abs());
-            moved = moved.max((x - z).abs());
-        }
+    for ffn in [DENSE, MOE] {
+        // "workers 0": the plain single-process loop, trained with a vanishing lr (the initial weights).
+        let init = train_local(dir.path(), &corpus, ffn, (0, 1, 16, "1e-12"));
+        let one = train_local(dir.path(), &corpus, ffn, (1, 6, 16, "3e-3"));
+        let two = train_local(dir.path(), &corpus, ffn, (2, 6, 16, "3e-3"));
+        let (worst, moved) = (max_difference(&one, &two), max_difference(&one, &init));
+        eprintln!("6 steps, global batch 16 ({}): max |1 worker - 2 workers| = {worst:e}; max movement from init = {moved:e}", ffn.lines().nth(1).unwrap());
+        // Two halves summed by the all-reduce vs one batch: float rounding only.
+        assert!(worst < 1e-4, "parameters differ by {worst}");
+        assert!(moved > 1e-3, "training moved the parameters ({moved})");
     }
-    eprintln!("6 steps, global batch 16: max |1 worker - 2 workers| = {worst:e}; max movement from init = {moved:e}");
-    // Float sums in a different order (two halves then all-reduce vs one batch) differ by rounding only.
-    assert!(worst < 1e-4, "parameters differ by {worst}");
-    assert!(moved > 1e-3, "training moved the parameters ({moved})");
+
+    // Across an epoch end whose last global batch is shorter than the world (a rank with nothing to
+    // read), with MoE: 3 workers vs 1.
+    let corpus_handle = cellfleet_e2e::open_corpus(&corpus);
+    let split = cellfleet_shared::stream::CellSplit::default();
+    let epoch_len = 4
+        * (0..corpus_handle.total_cells())
+            .filter(|&c| split.part_of(c) == cellfleet_shared::stream::SplitPart::Train)
+            .count() as u64;
+    let batch = (40..200u64)
+        .find(|b| matches!(epoch_len % b, 1 | 2))
+        .expect("a batch size whose epoch ends with 1 or 2 samples");
+    let steps = epoch_len.div_ceil(batch) + 2;
+    let one = train_local(dir.path(), &corpus, MOE, (1, steps, batch as u32, "1e-3"));
+    let three = train_local(dir.path(), &corpus, MOE, (3, steps, batch as u32, "1e-3"));
+    let worst = max_difference(&one, &three);
+    eprintln!("{steps} steps of {batch} over an epoch of {epoch_len} (last batch {}), MoE: max |1 worker - 3 workers| = {worst:e}", epoch_len % batch);
+    assert!(worst < 1e-3, "parameters differ by {worst}");
 }
 
 #[tokio::test]
@@ -488,7 +493,8 @@ async fn rejected_requests_get_clear_statuses() {
 
     // The job command shows the refusal too, and lists the cancelled job's state.
     let url = format!("http://127.0.0.1:{port}");
-    let out = cellfleet_e2e::cellfleet(bin(), &["job", "--coordinator", &url, "status", "job-nope"]);
+    let out =
+        cellfleet_e2e::cellfleet(bin(), &["job", "--coordinator", &url, "status", "job-nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown job \"job-nope\""));
 

@@ -206,6 +206,9 @@ pub struct Forward {
     pub aux_loss: Tensor,
     /// Per MoE layer, `[experts]` counts of token slots routed to each expert.
     pub expert_load: Vec<Tensor>,
+    /// Per MoE layer, `[experts]` mean router probability over this batch's tokens (with grad): with the
+    /// loads, what a data-parallel step needs to build the balance loss from the global routing fractions.
+    pub router_probs: Vec<Tensor>,
 }
 
 fn cast(x: &Tensor, bf16: bool) -> Tensor {
@@ -358,7 +361,7 @@ impl Experts {
 
     /// Routes the `[tokens, d]` rows of `x`; returns the mixed expert outputs, the Switch-style
     /// load-balancing loss `E * sum_e f_e * P_e` and the per-expert slot counts.
-    fn forward(&self, x: &Tensor, mode: Mode) -> (Tensor, Tensor, Tensor) {
+    fn forward(&self, x: &Tensor, mode: Mode) -> (Tensor, Tensor, Tensor, Tensor) {
         let (n, d) = x.size2().expect("[tokens, d_model]");
         let logits = x.linear::<Tensor>(&self.router, None);
         let routed = match (&self.noise, mode.train) {
@@ -376,7 +379,7 @@ impl Experts {
         let mean_prob = logits
             .softmax(-1, Kind::Float)
             .mean_dim(0, false, Kind::Float);
-        let aux = (fraction * mean_prob).sum(Kind::Float) * self.experts as f64;
+        let aux = (fraction * &mean_prob).sum(Kind::Float) * self.experts as f64;
 
         // Group the (token, slot) pairs by expert so each expert runs one dense matmul over its rows.
         let order = flat_experts.argsort(0, false);
@@ -402,7 +405,7 @@ impl Experts {
         let weights = gates.flatten(0, -1).index_select(0, &order).unsqueeze(1);
         let mixed = Tensor::cat(&outputs, 0).to_kind(Kind::Float) * weights;
         let out = Tensor::zeros([n, d], (Kind::Float, x.device())).index_add(0, &rows, &mixed);
-        (out, aux, counts)
+        (out, aux, counts, mean_prob)
     }
 }
 
@@ -548,6 +551,7 @@ impl CellModel {
         let mask = tokens.valid.as_ref().map(|v| v.unsqueeze(1).unsqueeze(1));
         let mut aux_loss = Tensor::zeros([], (Kind::Float, self.device()));
         let mut expert_load = Vec::new();
+        let mut router_probs = Vec::new();
         for block in &self.blocks {
             x = &x
                 + block
@@ -560,9 +564,10 @@ impl CellModel {
                 }
                 FeedForward::Moe(experts) => {
                     let (b, l, d) = h.size3().expect("[batch, seq, d_model]");
-                    let (out, aux, counts) = experts.forward(&h.view([b * l, d]), mode);
+                    let (out, aux, counts, probs) = experts.forward(&h.view([b * l, d]), mode);
                     aux_loss += aux;
                     expert_load.push(counts);
+                    router_probs.push(probs);
                     out.view([b, l, d])
                 }
             };
@@ -572,6 +577,7 @@ impl CellModel {
             hidden: self.ln_final.forward(&x),
             aux_loss,
             expert_load,
+            router_probs,
         }
     }
 
@@ -892,7 +898,7 @@ mod tests {
             train: true,
             bf16: false,
         };
-        let (_, aux_start, load_start) = experts.forward(&x, mode);
+        let (_, aux_start, load_start, _) = experts.forward(&x, mode);
         let mut opt = AdamW::new(
             vec![("router".into(), experts.router.shallow_clone())],
             AdamWConfig {
@@ -901,12 +907,12 @@ mod tests {
             },
         );
         for _ in 0..100 {
-            let (_, aux, _) = experts.forward(&x, mode);
+            let (_, aux, _, _) = experts.forward(&x, mode);
             opt.zero_grad();
             aux.backward();
             opt.step(0.05);
         }
-        let (_, aux_end, load_end) = experts.forward(&x, mode);
+        let (_, aux_end, load_end, _) = experts.forward(&x, mode);
         let (start, end) = (aux_start.double_value(&[]), aux_end.double_value(&[]));
         let max_share =
             |l: &Tensor| l.max().double_value(&[]) / l.sum(Kind::Float).double_value(&[]);

@@ -503,6 +503,12 @@ fn train_loop(
     };
     let world = parallel.collective.world();
     let lead = parallel.rank() == 0;
+    let experts = model.config.experts();
+    let moe_layers = if experts > 0 {
+        model.config.n_layers
+    } else {
+        0
+    };
     fs::create_dir_all(&run.out).with_context(|| format!("cannot create {}", run.out.display()))?;
     // One step log per run, written by rank 0 (the numbers are global).
     let log_path = run.out.join(format!("{what}_log.jsonl"));
@@ -544,7 +550,7 @@ fn train_loop(
         let t0 = Instant::now();
         optimizer.zero_grad();
         let local_samples = batch.samples as f64;
-        let (parts, aux) = if batch.samples > 0 {
+        let (parts, forward) = if batch.samples > 0 {
             let (tokens, targets) = batch_tensors(&batch, run.device);
             let forward = model.forward(
                 &tokens,
@@ -553,29 +559,69 @@ fn train_loop(
                     bf16: bf16(run),
                 },
             );
-            (Some(loss_of(&batch, &forward, &targets)), forward.aux_loss)
+            (Some(loss_of(&batch, &forward, &targets)), Some(forward))
         } else {
-            (None, Tensor::zeros([], (Kind::Float, run.device)))
+            (None, None)
         };
-        let aux_value = aux.double_value(&[]);
-        // [loss sum, correct, scored positions, samples, sample-weighted aux loss], summed over ranks.
-        let mut totals = Tensor::from_slice(&[
+        let aux_value = forward
+            .as_ref()
+            .map_or(0.0, |f| f.aux_loss.double_value(&[]));
+        // [loss sum, correct, scored positions, samples, sample-weighted aux loss], then (data-parallel MoE)
+        // every layer's per-expert routed-slot counts: all summed over ranks in one all-reduce.
+        let mut stats = vec![
             parts.as_ref().map_or(0.0, |p| p.sum.double_value(&[])) as f32,
             parts.as_ref().map_or(0.0, |p| p.correct.double_value(&[])) as f32,
             parts.as_ref().map_or(0.0, |p| p.count) as f32,
             local_samples as f32,
             (aux_value * local_samples) as f32,
-        ])
-        .to_device(run.device);
+        ];
+        let global_routing = world > 1 && moe_layers > 0;
+        if global_routing {
+            match &forward {
+                Some(f) => {
+                    for load in &f.expert_load {
+                        stats.extend(Vec::<i64>::try_from(load)?.iter().map(|&c| c as f32));
+                    }
+                }
+                None => stats.extend(std::iter::repeat_n(0.0, moe_layers * experts)),
+            }
+        }
+        let mut totals = Tensor::from_slice(&stats).to_device(run.device);
         parallel.collective.all_reduce_sum(&mut totals)?;
         let totals = Vec::<f64>::try_from(totals.to_kind(Kind::Double).to_device(Device::Cpu))?;
         let (scored, samples) = (totals[2].max(1.0), totals[3].max(1.0));
-        if let Some(parts) = &parts {
+        let share = local_samples / samples;
+        let mut aux_loss = totals[4] / samples;
+        if let (Some(parts), Some(forward)) = (&parts, &forward) {
+            // The MoE balance loss E * sum_e f_e * P_e with f the routing fractions of the whole global
+            // batch: summed over ranks (weighted by their share) it equals the single-process loss.
+            let aux = if global_routing {
+                let mut aux = Tensor::zeros([], (Kind::Float, run.device));
+                for (layer, probs) in forward.router_probs.iter().enumerate() {
+                    let counts = &totals[5 + layer * experts..5 + (layer + 1) * experts];
+                    let slots: f64 = counts.iter().sum::<f64>().max(1.0);
+                    let fractions: Vec<f32> = counts.iter().map(|&c| (c / slots) as f32).collect();
+                    let fractions = Tensor::from_slice(&fractions).to_device(run.device);
+                    aux += (fractions * probs).sum(Kind::Float) * experts as f64;
+                }
+                aux
+            } else {
+                forward.aux_loss.shallow_clone()
+            };
+            if global_routing {
+                aux_loss = aux.double_value(&[]) * share;
+            }
             // Sum / max(count, 1): a step without scored positions adds nothing instead of a NaN mean.
-            // The MoE balance loss is each rank's own, weighted by its share of the global batch.
-            let loss =
-                &parts.sum / scored + &aux * (config.aux_loss_weight * local_samples / samples);
+            let loss = &parts.sum / scored + aux * (config.aux_loss_weight * share);
             loss.backward();
+        } else if global_routing {
+            aux_loss = 0.0;
+        }
+        if global_routing {
+            // The reported balance loss is the global one: sum of the ranks' shares.
+            let mut total = Tensor::from_slice(&[aux_loss as f32]).to_device(run.device);
+            parallel.collective.all_reduce_sum(&mut total)?;
+            aux_loss = total.double_value(&[0]);
         }
         if world > 1 {
             all_reduce_buckets(&mut *parallel.collective, &grads, BUCKET_BYTES)?;
@@ -586,7 +632,7 @@ fn train_loop(
         let record = StepRecord {
             step: step + 1,
             loss: totals[0] / scored,
-            aux_loss: totals[4] / samples,
+            aux_loss,
             accuracy: totals[1] / scored,
             lr,
             grad_norm,
