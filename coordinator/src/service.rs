@@ -88,7 +88,16 @@ struct JobRecord {
     last_loss: f64,
     message: String,
     reformations: u32,
+    /// Generations in a row that ended before completing a step; too many fail the job.
+    #[serde(default)]
+    stalled_generations: u32,
+    /// Genes in the corpus vocabulary (workers check they read the same corpus).
+    #[serde(default)]
+    n_genes: u64,
 }
+
+/// A job whose generations keep failing before their first step is failed instead of retried forever.
+const MAX_STALLED_GENERATIONS: u32 = 5;
 
 impl JobRecord {
     fn cursor(&self, step: u64) -> (u32, u64) {
@@ -130,7 +139,6 @@ struct Progress {
 struct Runtime {
     jobs: BTreeMap<String, JobRecord>,
     connections: HashMap<String, Connection>,
-    leases: HashMap<String, LeaseId>,
     progress: HashMap<String, Progress>,
     next_connection: u64,
 }
@@ -139,6 +147,8 @@ pub struct Coordinator {
     store: Arc<dyn MetaStore>,
     config: CoordinatorConfig,
     runtime: Mutex<Runtime>,
+    /// Worker leases, under their own (never awaited) lock so heartbeats never wait behind job updates.
+    leases: std::sync::Mutex<HashMap<String, LeaseId>>,
     kv_changed: Notify,
     wake: Notify,
 }
@@ -165,6 +175,7 @@ impl Coordinator {
         config: CoordinatorConfig,
     ) -> anyhow::Result<Arc<Self>> {
         let mut runtime = Runtime::default();
+        let mut leases = HashMap::new();
         for (key, entry) in store.list(JOBS).await? {
             let job: JobRecord = serde_json::from_slice(&entry.value).map_err(|e| {
                 anyhow::anyhow!("{}: stored job {key} is unreadable: {e}", store.describe())
@@ -178,7 +189,7 @@ impl Coordinator {
                     store.describe()
                 )
             })?;
-            runtime.leases.insert(worker.id, worker.lease);
+            leases.insert(worker.id, worker.lease);
         }
         let active = runtime
             .jobs
@@ -190,13 +201,14 @@ impl Coordinator {
                 "{}: {} jobs ({active} active), {} workers with live leases",
                 store.describe(),
                 runtime.jobs.len(),
-                runtime.leases.len()
+                leases.len()
             );
         }
         Ok(Arc::new(Self {
             store,
             config,
             runtime: Mutex::new(runtime),
+            leases: std::sync::Mutex::new(leases),
             kv_changed: Notify::new(),
             wake: Notify::new(),
         }))
@@ -210,6 +222,10 @@ impl Coordinator {
             }
             let _ = tokio::time::timeout(self.config.tick, self.wake.notified()).await;
         }
+    }
+
+    fn lease_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, LeaseId>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn save_job(&self, job: &JobRecord) -> Result<(), Status> {
@@ -236,7 +252,7 @@ impl Coordinator {
         let live = self.live_workers().await?;
         let mut rt = self.runtime.lock().await;
         rt.connections.retain(|id, _| live.contains(id));
-        rt.leases.retain(|id, _| live.contains(id));
+        self.lease_table().retain(|id, _| live.contains(id));
         let connected: Vec<String> = {
             let mut ids: Vec<String> = rt.connections.keys().cloned().collect();
             ids.sort();
@@ -314,6 +330,24 @@ impl Coordinator {
     ) -> Result<(), Status> {
         let job = rt.jobs.get_mut(id).expect("job exists");
         let was_running = job.state == JobState::Running || job.generation > 0;
+        if job.state == JobState::Running {
+            if job.committed_step > job.start_step {
+                job.stalled_generations = 0;
+            } else {
+                job.stalled_generations += 1;
+            }
+            if job.stalled_generations >= MAX_STALLED_GENERATIONS {
+                job.state = JobState::Failed;
+                job.message = format!(
+                    "{} generations in a row ended before completing a step (last: {reason}); the workers' logs say why",
+                    job.stalled_generations
+                );
+                tracing::error!("job {id}: {}", job.message);
+                let job = job.clone();
+                self.save_job(&job).await?;
+                return self.clear_exchange(id).await;
+            }
+        }
         job.generation += 1;
         // No checkpoints yet: a new generation restarts from the initial state (step 0). Parameters are
         // re-initialized from the seed and broadcast from rank 0, so all ranks agree.
@@ -352,6 +386,11 @@ impl Coordinator {
             },
         );
         self.save_job(&job).await?;
+        self.clear_exchange(id).await
+    }
+
+    /// Deletes a job's rendezvous keys (of every generation) and wakes anyone waiting on them.
+    async fn clear_exchange(&self, id: &str) -> Result<(), Status> {
         self.store
             .delete_prefix(&format!("{KV}{id}/"))
             .await
@@ -378,6 +417,8 @@ impl Coordinator {
                         start_step: job.start_step,
                         start_epoch: epoch,
                         start_position: position,
+                        epoch_len: job.epoch_len,
+                        n_genes: job.n_genes,
                     })),
                 };
             }
@@ -408,7 +449,7 @@ impl Coordinator {
     }
 
     async fn lease_of(&self, worker: &str) -> Result<Option<LeaseId>, Status> {
-        if let Some(lease) = self.runtime.lock().await.leases.get(worker) {
+        if let Some(lease) = self.lease_table().get(worker) {
             return Ok(Some(*lease));
         }
         let Some(entry) = self
@@ -432,14 +473,23 @@ impl Coordinator {
 
     /// Checks that (job, generation) is current and returns the job.
     async fn current_job(&self, job_id: &str, generation: u64) -> Result<JobRecord, Status> {
-        let rt = self.runtime.lock().await;
+        Self::check_current(&*self.runtime.lock().await, job_id, generation)
+    }
+
+    fn check_current(rt: &Runtime, job_id: &str, generation: u64) -> Result<JobRecord, Status> {
         let job = rt
             .jobs
             .get(job_id)
             .ok_or_else(|| Status::not_found(format!("unknown job {job_id:?}")))?;
-        if job.generation != generation {
+        if generation < job.generation {
             return Err(Status::failed_precondition(format!(
                 "job {job_id} is at generation {}; generation {generation} was superseded (await the new assignment)",
+                job.generation
+            )));
+        }
+        if generation > job.generation {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} is at generation {}; generation {generation} does not exist",
                 job.generation
             )));
         }
@@ -527,12 +577,15 @@ impl pb::coordinator_server::Coordinator for Service {
                 } else {
                     &req.hostname
                 };
-                let id = format!("{host}-{}-{:x}", req.pid, now_ms() & 0xffffff);
                 let lease = self
                     .store
                     .grant_lease(self.config.lease_ttl)
                     .await
                     .map_err(internal)?;
+                // Unique even for containers that share a hostname and pid: the lease id is unique in the
+                // store, and the key is created only if absent.
+                let nonce = blake3::hash(format!("{}-{lease}-{}", now_ms(), req.pid).as_bytes());
+                let id = format!("{host}-{}-{}", req.pid, &nonce.to_hex()[..8]);
                 let record = WorkerRecord {
                     id: id.clone(),
                     hostname: req.hostname.clone(),
@@ -540,14 +593,22 @@ impl pb::coordinator_server::Coordinator for Service {
                     device: req.device.clone(),
                     lease,
                 };
-                self.store
-                    .put(
+                let created = self
+                    .store
+                    .compare_and_put(
                         &format!("{WORKERS}{id}"),
+                        None,
                         &serde_json::to_vec(&record).map_err(internal)?,
                         Some(lease),
                     )
                     .await
                     .map_err(internal)?;
+                if created.is_none() {
+                    let _ = self.store.revoke(lease).await;
+                    return Err(Status::aborted(format!(
+                        "worker id {id} is taken; register again"
+                    )));
+                }
                 tracing::info!(
                     "worker {id} registered ({} pid {}, {})",
                     req.hostname,
@@ -557,7 +618,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 (id, lease)
             }
         };
-        self.runtime.lock().await.leases.insert(id.clone(), lease);
+        self.lease_table().insert(id.clone(), lease);
         self.wake.notify_one();
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id,
@@ -621,7 +682,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 .is_some_and(|c| c.id == connection)
             {
                 rt.connections.remove(&worker);
-                rt.leases.remove(&worker);
+                this.lease_table().remove(&worker);
                 drop(rt);
                 tracing::info!("worker {worker} disconnected; ending its membership");
                 if let Err(e) = this.store.revoke(lease).await {
@@ -639,21 +700,22 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::StepReport>,
     ) -> Result<Response<pb::StepReportResponse>, Status> {
         let report = request.into_inner();
-        let job = self.current_job(&report.job_id, report.generation).await?;
+        // Checked and applied under one lock: a report must never land on a generation formed after the
+        // check.
+        let mut rt = self.runtime.lock().await;
+        let mut job = Coordinator::check_current(&rt, &report.job_id, report.generation)?;
         if job.members.get(report.rank as usize) != Some(&report.worker_id) {
             return Err(Status::failed_precondition(format!(
                 "worker {} is not rank {} of job {} generation {}",
                 report.worker_id, report.rank, report.job_id, report.generation
             )));
         }
-        let mut rt = self.runtime.lock().await;
-        let Some(job) = rt.jobs.get(&report.job_id).cloned() else {
-            return Err(Status::not_found(format!(
-                "unknown job {:?}",
-                report.job_id
+        if report.step > job.total_steps {
+            return Err(Status::invalid_argument(format!(
+                "step {} is past the job's {} steps",
+                report.step, job.total_steps
             )));
-        };
-        let mut job = job;
+        }
         let progress = rt.progress.entry(job.id.clone()).or_default();
         if progress.generation != job.generation {
             *progress = Progress {
@@ -711,6 +773,7 @@ impl pb::coordinator_server::Coordinator for Service {
         }
         if !job.state.is_active() {
             self.send_assignments(&mut rt);
+            self.clear_exchange(&job.id).await?;
         }
         Ok(Response::new(pb::StepReportResponse {
             current: job.state == JobState::Running,
@@ -768,7 +831,14 @@ impl pb::coordinator_server::Coordinator for Service {
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let (spec, order) =
             JobSpec::parse(&request.into_inner().spec_json).map_err(Status::invalid_argument)?;
-        let epoch_len = epoch_length(&spec, order).await?;
+        let (epoch_len, n_genes) = epoch_length(&spec, order).await?;
+        let per_epoch = epoch_len.div_ceil(u64::from(order.batch_size));
+        if order.steps / per_epoch >= u64::from(u32::MAX) {
+            return Err(Status::invalid_argument(format!(
+                "job specification: config.steps {} is more than 2^32 epochs of this corpus",
+                order.steps
+            )));
+        }
         let mut rt = self.runtime.lock().await;
         let mut id = format!("job-{}", now_ms());
         while rt.jobs.contains_key(&id) {
@@ -787,6 +857,8 @@ impl pb::coordinator_server::Coordinator for Service {
             last_loss: f64::NAN,
             message: format!("waiting for {} workers", spec.min_workers),
             reformations: 0,
+            stalled_generations: 0,
+            n_genes,
             spec,
         };
         self.save_job(&job).await?;
@@ -842,6 +914,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let job = job.clone();
         self.save_job(&job).await?;
         self.send_assignments(&mut rt);
+        self.clear_exchange(&id).await?;
         Ok(Response::new(pb::CancelJobResponse {}))
     }
 
@@ -873,13 +946,13 @@ impl pb::coordinator_server::Coordinator for Service {
 }
 
 /// Opens the job's corpus to size an epoch of its training split (rejecting a corpus that cannot be read).
-async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<u64, Status> {
+async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<(u64, u64), Status> {
     let url = spec.corpus.clone();
     let s3 = S3Options {
         endpoint: spec.s3_endpoint.clone(),
         region: spec.s3_region.clone(),
     };
-    let len = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+    let (len, genes) = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
         let corpus =
             cellfleet_shared::corpus::Corpus::open(&url, &s3).map_err(|e| e.to_string())?;
         let config = OrderConfig {
@@ -891,10 +964,15 @@ async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<u64, Status>
         order.split.validate().map_err(|e| e.to_string())?;
         let plan = EpochPlan::for_part(&corpus.manifest, config, 0, order.split, SplitPart::Train)
             .map_err(|e| e.to_string())?;
-        Ok(plan.len())
+        Ok((plan.len(), corpus.manifest.genes.len() as u64))
     })
     .await
-    .map_err(internal)?
+    .map_err(|e| {
+        Status::internal(format!(
+            "reading the job's corpus {} failed: {e}",
+            spec.corpus
+        ))
+    })?
     .map_err(|e| Status::invalid_argument(format!("job corpus {}: {e}", spec.corpus)))?;
     if len == 0 {
         return Err(Status::invalid_argument(format!(
@@ -902,5 +980,5 @@ async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<u64, Status>
             spec.corpus
         )));
     }
-    Ok(len)
+    Ok((len, genes))
 }

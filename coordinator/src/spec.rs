@@ -75,8 +75,11 @@ impl JobSpec {
                 order.batch_size, spec.max_workers
             ));
         }
-        if spec.collective_timeout_ms == 0 {
-            return Err("job specification: collective_timeout_ms must be positive".into());
+        if spec.collective_timeout_ms == 0 || spec.collective_timeout_ms > 3_600_000 {
+            return Err(format!(
+                "job specification: collective_timeout_ms must be between 1 and 3600000 (an hour), got {}",
+                spec.collective_timeout_ms
+            ));
         }
         Ok((spec, order))
     }

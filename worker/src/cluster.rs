@@ -56,7 +56,12 @@ fn channel(url: &str) -> anyhow::Result<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("{url} is not a coordinator URL (expected http://HOST:PORT)"))?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A coordinator host that vanishes without a reset is noticed within seconds, not at the TCP
+        // timeout.
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     // Lazy: the channel reconnects by itself after the coordinator restarts.
     Ok(endpoint.connect_lazy())
 }
@@ -85,6 +90,8 @@ impl RendezvousStore for CoordinatorRendezvous {
             key: key.to_string(),
             value: value.to_vec(),
         };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(Duration::from_secs(10));
         self.handle
             .block_on(self.client.clone().kv_set(request))
             .with_context(|| format!("rendezvous: setting {key}"))?;
@@ -98,6 +105,8 @@ impl RendezvousStore for CoordinatorRendezvous {
             key: key.to_string(),
             timeout_ms: timeout.as_millis() as u64,
         };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout + Duration::from_secs(5));
         let response = self
             .handle
             .block_on(self.client.clone().kv_get(request))
@@ -156,7 +165,9 @@ impl Reporter {
             while let Some((report, done)) = rx.recv().await {
                 let started = Instant::now();
                 loop {
-                    match client.clone().report_step(report.clone()).await {
+                    let mut request = tonic::Request::new(report.clone());
+                    request.set_timeout(Duration::from_secs(10));
+                    match client.clone().report_step(request).await {
                         Ok(response) => {
                             if !response.into_inner().current {
                                 abort.store(true, Ordering::Relaxed);
@@ -221,7 +232,19 @@ fn run_generation(
         rank: train.rank,
         ..pb::StepReport::default()
     };
-    let outcome = train_generation(train, args, client, &handle, &abort, &reporter, &base);
+    // A panic inside libtorch calls (shape errors, out of memory) must still reach the coordinator, or a
+    // one-worker job would wait for this rank forever.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_generation(train, args, client, &handle, &abort, &reporter, &base)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(anyhow::anyhow!("training panicked: {what}"))
+    });
     match outcome {
         Ok(last_step) => {
             eprintln!(
@@ -302,15 +325,15 @@ fn train_generation(
     )?
     .len();
     let cursor = cursor_at_step(epoch_len.max(1), config.batch_size, train.start_step);
-    if cursor != (train.start_epoch, train.start_position) {
+    let genes = corpus.manifest.genes.len() as u64;
+    if (epoch_len, genes) != (train.epoch_len, train.n_genes)
+        || cursor != (train.start_epoch, train.start_position)
+    {
         bail!(
-            "corpus {} differs from the coordinator's: step {} starts at epoch {} position {} here, {} {} there",
+            "corpus {} differs from the coordinator's: here {epoch_len} training samples per epoch and {genes} genes, there {} and {}",
             spec.corpus,
-            train.start_step,
-            cursor.0,
-            cursor.1,
-            train.start_epoch,
-            train.start_position
+            train.epoch_len,
+            train.n_genes
         );
     }
     let threads = if spec.threads > 0 {
@@ -508,11 +531,12 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             let Some(message) = next else { break };
             match message.kind {
                 Some(pb::assignment::Kind::Train(train)) => {
-                    if current.as_ref().is_some_and(|r| {
-                        r.job == train.job_id
-                            && r.generation == train.generation
-                            && !r.thread.is_finished()
-                    }) {
+                    // The same assignment again (the coordinator restarted and re-sent it): the generation
+                    // runs or already ran here; never start it twice.
+                    if current
+                        .as_ref()
+                        .is_some_and(|r| r.job == train.job_id && r.generation == train.generation)
+                    {
                         continue;
                     }
                     if let Some(run) = current.take() {
