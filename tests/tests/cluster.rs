@@ -2,7 +2,7 @@
 //! that all-reduce through Gloo over loopback, and the real pbmc68k_reduced data.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use cellfleet_e2e::{
