@@ -643,6 +643,7 @@ fn follow(
 ) -> anyhow::Result<pb::JobStatusResponse> {
     let bar = crate::progress::step_bar(steps, "train", progress);
     let mut last_message = String::new();
+    let mut logged_step = 0u64;
     let mut unreachable_since: Option<Instant> = None;
     loop {
         let status = match rt.block_on(client.job_status(pb::JobStatusRequest {
@@ -667,10 +668,17 @@ fn follow(
             last_message = status.message.clone();
         }
         bar.set_position(status.committed_step);
-        bar.set_message(format!(
+        let summary = format!(
             "loss {:.4} | {} workers, generation {} | {:.0} samples/s",
             status.last_loss, status.world_size, status.generation, status.samples_per_second
-        ));
+        );
+        // Without a terminal (no bar), a line every tenth of the job.
+        let tenth = (steps / 10).max(1);
+        if !progress && status.committed_step / tenth > logged_step / tenth {
+            eprintln!("job {id} step {}/{steps}: {summary}", status.committed_step);
+            logged_step = status.committed_step;
+        }
+        bar.set_message(summary);
         match status.state.as_str() {
             "completed" => {
                 bar.finish_and_clear();
