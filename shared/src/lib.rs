@@ -2,6 +2,7 @@
 //! object-store access and the metadata store (etcd or in memory). Nothing here links libtorch or HDF5.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod corpus;
 pub mod error;
 pub mod manifest;

@@ -148,6 +148,42 @@ impl Store {
         }
     }
 
+    /// Names of the immediate "folders" under `prefix` (`""`: the store's top level), sorted.
+    pub fn list_folders(&self, prefix: &str) -> Result<Vec<String>> {
+        let path = if prefix.is_empty() {
+            self.prefix.clone()
+        } else {
+            self.path(prefix)
+        };
+        let listed = self
+            .runtime
+            .block_on(self.inner.list_with_delimiter(Some(&path)))
+            .map_err(|e| self.wrap(prefix, "list", e))?;
+        let mut names: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Names of the objects directly under the folder `prefix`, sorted.
+    pub fn list_objects(&self, prefix: &str) -> Result<Vec<String>> {
+        let path = self.path(prefix);
+        let listed = self
+            .runtime
+            .block_on(self.inner.list_with_delimiter(Some(&path)))
+            .map_err(|e| self.wrap(prefix, "list", e))?;
+        let mut names: Vec<String> = listed
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     pub fn delete(&self, name: &str) -> Result<()> {
         let path = self.path(name);
         match self.runtime.block_on(self.inner.delete(&path)) {
