@@ -135,6 +135,18 @@ struct Progress {
     peer_error_at: Option<Instant>,
 }
 
+impl Progress {
+    /// Progress of `job`'s current generation, starting now.
+    fn of(job: &JobRecord) -> Self {
+        Self {
+            generation: job.generation,
+            started: Some(Instant::now()),
+            started_step: job.start_step,
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Default)]
 struct Runtime {
     jobs: BTreeMap<String, JobRecord>,
@@ -376,15 +388,7 @@ impl Coordinator {
         }
         tracing::info!("job {id}: {}", job.message);
         let job = job.clone();
-        rt.progress.insert(
-            id.to_string(),
-            Progress {
-                generation: job.generation,
-                started: Some(Instant::now()),
-                started_step: job.start_step,
-                ..Progress::default()
-            },
-        );
+        rt.progress.insert(id.to_string(), Progress::of(&job));
         self.save_job(&job).await?;
         self.clear_exchange(id).await
     }
@@ -718,12 +722,7 @@ impl pb::coordinator_server::Coordinator for Service {
         }
         let progress = rt.progress.entry(job.id.clone()).or_default();
         if progress.generation != job.generation {
-            *progress = Progress {
-                generation: job.generation,
-                started: Some(Instant::now()),
-                started_step: job.start_step,
-                ..Progress::default()
-            };
+            *progress = Progress::of(&job);
         }
         if !report.error.is_empty() {
             if report.fatal {
@@ -961,10 +960,9 @@ async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<(u64, u64), 
             window_units: order.window_units,
         };
         config.validate().map_err(|e| e.to_string())?;
-        order.split.validate().map_err(|e| e.to_string())?;
-        let plan = EpochPlan::for_part(&corpus.manifest, config, 0, order.split, SplitPart::Train)
+        let len = EpochPlan::part_len(&corpus.manifest, config, order.split, SplitPart::Train)
             .map_err(|e| e.to_string())?;
-        Ok((plan.len(), corpus.manifest.genes.len() as u64))
+        Ok((len, corpus.manifest.genes.len() as u64))
     })
     .await
     .map_err(|e| {

@@ -9,8 +9,6 @@ use cellfleet_shared::stream::CellSplit;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    #[serde(default)]
-    pub name: String,
     /// Corpus URL (`file://`, a path, or `s3://`).
     pub corpus: String,
     #[serde(default)]

@@ -174,6 +174,17 @@ impl EpochPlan {
         Self::from_blocks(restrict_blocks(full.blocks, split, part), config, epoch)
     }
 
+    /// Positions in each epoch of one side of `split` (every epoch has the same length): the modulus of
+    /// the global cursor.
+    pub fn part_len(
+        manifest: &Manifest,
+        config: OrderConfig,
+        split: CellSplit,
+        part: SplitPart,
+    ) -> Result<u64> {
+        Ok(Self::for_part(manifest, config, 0, split, part)?.len())
+    }
+
     fn from_blocks(blocks: Vec<BlockRef>, config: OrderConfig, epoch: u32) -> Result<Self> {
         if blocks
             .iter()

@@ -26,9 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::collective::{
-    self, Collective, CollectiveError, GlooCollective, GlooOptions, RendezvousStore, Solo,
-};
+use crate::collective::{self, CollectiveError, RendezvousStore};
 use crate::model::parse_device;
 use crate::train::{pretrain_parallel, Aborted, Parallel, RunOptions, StepRecord, TrainConfig};
 
@@ -312,18 +310,12 @@ fn train_generation(
     );
     // The coordinator planned the cursor from its own reading of the manifest; a worker that sees another
     // corpus must not train on it.
-    let epoch_len = EpochPlan::for_part(
+    let epoch_len = EpochPlan::part_len(
         &corpus.manifest,
-        cellfleet_shared::stream::OrderConfig {
-            seed: config.seed,
-            augmentation: config.augmentation,
-            window_units: config.window_units,
-        },
-        0,
+        config.order(config.augmentation),
         config.split,
         SplitPart::Train,
-    )?
-    .len();
+    )?;
     let cursor = cursor_at_step(epoch_len.max(1), config.batch_size, train.start_step);
     let genes = corpus.manifest.genes.len() as u64;
     if (epoch_len, genes) != (train.epoch_len, train.n_genes)
@@ -351,30 +343,21 @@ fn train_generation(
     let (rank, world) = (train.rank as usize, train.world_size as usize);
     let timeout = Duration::from_millis(spec.collective_timeout_ms);
     let started = Instant::now();
-    let mut group: Box<dyn Collective> = if world == 1 {
-        Box::new(Solo)
-    } else {
-        let store = Arc::new(CoordinatorRendezvous {
-            client,
-            handle: handle.clone(),
-            job: train.job_id.clone(),
-            generation: train.generation,
-        });
-        match run.device {
-            // Gloo listens on the address the other workers reach this one at.
-            tch::Device::Cpu => Box::new(GlooCollective::connect(
-                store,
-                "",
-                rank,
-                world,
-                &GlooOptions {
-                    hostname: args.advertise_host.clone(),
-                    timeout,
-                },
-            )?),
-            device => collective::connect(store, "", rank, world, device, timeout)?,
-        }
-    };
+    let store = Arc::new(CoordinatorRendezvous {
+        client,
+        handle: handle.clone(),
+        job: train.job_id.clone(),
+        generation: train.generation,
+    });
+    let mut group = collective::connect(
+        store,
+        "",
+        rank,
+        world,
+        run.device,
+        &args.advertise_host,
+        timeout,
+    )?;
     eprintln!(
         "job {} generation {}: rank {rank} of {world} ({} group ready in {:.2}s), from step {}",
         train.job_id,
@@ -391,9 +374,7 @@ fn train_generation(
     } else {
         None
     };
-    let mut last_step = train.start_step;
     let mut on_step = |record: &StepRecord, batch: &cellfleet_shared::batch::Batch| {
-        last_step = record.step;
         if let Some(log) = sample_log.as_mut() {
             let samples: Vec<(u64, u32)> =
                 batch.sample_ids.iter().map(|s| (s.cell, s.clone)).collect();
@@ -406,7 +387,6 @@ fn train_generation(
             writeln!(log, "{}", serde_json::to_string(&line)?)?;
             log.flush()?;
         }
-        let (epoch, position) = cursor_at_step(epoch_len.max(1), config.batch_size, record.step);
         reporter.send(pb::StepReport {
             step: record.step,
             loss: record.loss,
@@ -416,8 +396,6 @@ fn train_generation(
             samples: batch.samples as u64,
             tokens: record.tokens,
             seconds: record.seconds,
-            epoch,
-            position,
             ..base.clone()
         });
         Ok(())
@@ -433,7 +411,7 @@ fn train_generation(
             on_step: Some(&mut on_step),
         },
     )?;
-    Ok(last_step.max(config.steps))
+    Ok(config.steps)
 }
 
 /// `cellfleet worker`: serves the coordinator until killed.
@@ -598,7 +576,6 @@ impl ClusterJob {
             self.corpus.clone()
         };
         Ok(JobSpec {
-            name: String::new(),
             corpus,
             s3_endpoint: self.s3.endpoint.clone(),
             s3_region: self.s3.region.clone(),
@@ -613,6 +590,21 @@ impl ClusterJob {
     }
 }
 
+/// Submits `job`; the error carries the coordinator's reason for refusing it.
+fn submit(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    url: &str,
+    job: &ClusterJob,
+) -> anyhow::Result<String> {
+    let spec = serde_json::to_string(&job.spec()?)?;
+    Ok(rt
+        .block_on(client.submit_job(pb::SubmitJobRequest { spec_json: spec }))
+        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused the job: {}", s.message()))?
+        .into_inner()
+        .job_id)
+}
+
 /// Submits `job` to the coordinator at `url` and follows it to the end; returns the final status.
 pub fn submit_and_follow(
     url: &str,
@@ -622,12 +614,7 @@ pub fn submit_and_follow(
     let rt = runtime()?;
     let _entered = rt.enter();
     let mut client = CoordinatorClient::new(channel(url)?);
-    let spec = serde_json::to_string(&job.spec()?)?;
-    let id = rt
-        .block_on(client.submit_job(pb::SubmitJobRequest { spec_json: spec }))
-        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused the job: {}", s.message()))?
-        .into_inner()
-        .job_id;
+    let id = submit(&rt, &mut client, url, job)?;
     eprintln!(
         "submitted job {id} to {url} (Ctrl-C stops following, not the job; `cellfleet job cancel {id} --coordinator {url}` stops it)"
     );
@@ -766,13 +753,7 @@ impl EmbeddedCluster {
     pub fn submit(&self, job: &ClusterJob) -> anyhow::Result<String> {
         let _entered = self.rt.enter();
         let mut client = CoordinatorClient::new(channel(&self.url)?);
-        let spec = serde_json::to_string(&job.spec()?)?;
-        Ok(self
-            .rt
-            .block_on(client.submit_job(pb::SubmitJobRequest { spec_json: spec }))
-            .map_err(|s| anyhow::anyhow!("the coordinator refused the job: {}", s.message()))?
-            .into_inner()
-            .job_id)
+        submit(&self.rt, &mut client, &self.url, job)
     }
 }
 

@@ -113,7 +113,7 @@ impl TrainConfig {
         config
     }
 
-    fn order(&self, augmentation: u32) -> OrderConfig {
+    pub fn order(&self, augmentation: u32) -> OrderConfig {
         OrderConfig {
             seed: self.seed,
             augmentation,
@@ -337,9 +337,7 @@ impl BatchStream {
 
     /// Continues from the global cursor at which optimizer step `step` starts.
     fn seek_step(&mut self, step: u64) -> anyhow::Result<()> {
-        // Every epoch of a split has the same length; epoch 0's plan tells it.
-        let len =
-            EpochPlan::for_part(&self.corpus.manifest, self.order, 0, self.split, self.part)?.len();
+        let len = EpochPlan::part_len(&self.corpus.manifest, self.order, self.split, self.part)?;
         if len == 0 {
             bail!(
                 "the {:?} split of {} is empty",

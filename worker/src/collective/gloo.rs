@@ -329,17 +329,6 @@ impl Default for GlooOptions {
     }
 }
 
-impl GlooOptions {
-    /// `$CELLFLEET_GLOO_HOSTNAME` (default 127.0.0.1) with the given timeout.
-    pub fn from_env(timeout: Duration) -> Self {
-        Self {
-            hostname: std::env::var("CELLFLEET_GLOO_HOSTNAME")
-                .unwrap_or_else(|_| "127.0.0.1".into()),
-            timeout,
-        }
-    }
-}
-
 /// One rank of a Gloo group: a full TCP mesh, ring all-reduce.
 pub struct GlooCollective {
     shim: &'static Shim,

@@ -89,14 +89,15 @@ impl Collective for Solo {
 }
 
 /// Picks `Solo` for world 1, NCCL for a CUDA device (an error naming the `cuda` feature when built
-/// without it), Gloo for the CPU. Gloo binds and advertises `$CELLFLEET_GLOO_HOSTNAME` (default
-/// 127.0.0.1, which only reaches ranks on the same machine).
+/// without it), Gloo for the CPU. Gloo binds and advertises `hostname` (127.0.0.1 only reaches ranks on the
+/// same machine).
 pub fn connect(
     store: Arc<dyn RendezvousStore>,
     prefix: &str,
     rank: usize,
     world: usize,
     device: Device,
+    hostname: &str,
     timeout: Duration,
 ) -> Result<Box<dyn Collective>> {
     check_rank(rank, world)?;
@@ -106,7 +107,10 @@ pub fn connect(
     match device {
         Device::Cuda(index) => connect_nccl(store, prefix, rank, world, index, timeout),
         Device::Cpu => {
-            let options = GlooOptions::from_env(timeout);
+            let options = GlooOptions {
+                hostname: hostname.to_string(),
+                timeout,
+            };
             Ok(Box::new(GlooCollective::connect(
                 store, prefix, rank, world, &options,
             )?))

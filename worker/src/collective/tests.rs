@@ -189,7 +189,16 @@ fn broadcast_tensors_copies_root_parameters() {
 #[test]
 fn solo_is_a_no_op_and_connect_picks_it_for_world_one() {
     let store = MemoryRendezvous::new();
-    let mut solo = connect(store, "solo", 0, 1, Device::Cpu, Duration::from_secs(1)).unwrap();
+    let mut solo = connect(
+        store,
+        "solo",
+        0,
+        1,
+        Device::Cpu,
+        "127.0.0.1",
+        Duration::from_secs(1),
+    )
+    .unwrap();
     assert_eq!((solo.rank(), solo.world(), solo.backend()), (0, 1, "solo"));
     let tensors = mixed_tensors(3);
     all_reduce_buckets(solo.as_mut(), &tensors, 64).unwrap();
@@ -205,16 +214,33 @@ fn solo_is_a_no_op_and_connect_picks_it_for_world_one() {
 #[test]
 fn cuda_without_the_feature_names_it() {
     let store = MemoryRendezvous::new();
-    let err = connect(store, "cuda", 0, 2, Device::Cuda(0), Duration::from_secs(1))
-        .err()
-        .expect("no NCCL without the cuda feature");
+    let err = connect(
+        store,
+        "cuda",
+        0,
+        2,
+        Device::Cuda(0),
+        "127.0.0.1",
+        Duration::from_secs(1),
+    )
+    .err()
+    .expect("no NCCL without the cuda feature");
     assert!(err.to_string().contains("`cuda` feature"), "{err}");
 }
 
 #[test]
 fn rank_outside_the_world_is_rejected() {
     let store = MemoryRendezvous::new();
-    assert!(connect(store, "bad", 2, 2, Device::Cpu, Duration::from_secs(1)).is_err());
+    assert!(connect(
+        store,
+        "bad",
+        2,
+        2,
+        Device::Cpu,
+        "127.0.0.1",
+        Duration::from_secs(1)
+    )
+    .is_err());
 }
 
 #[test]
