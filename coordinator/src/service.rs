@@ -950,6 +950,7 @@ async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<(u64, u64), 
     let s3 = S3Options {
         endpoint: spec.s3_endpoint.clone(),
         region: spec.s3_region.clone(),
+        ..S3Options::default()
     };
     let (len, genes) = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
         let corpus =

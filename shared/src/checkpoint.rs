@@ -111,6 +111,20 @@ impl Checkpoints {
         meta: serde_json::Value,
         level: i32,
     ) -> Result<CheckpointManifest> {
+        let entries = self.write_objects(step, objects, level)?;
+        let manifest = self.write_manifest(step, entries, meta)?;
+        self.move_latest(step)?;
+        Ok(manifest)
+    }
+
+    /// Phase 1 of a commit: compresses, hashes and stores every object of checkpoint `step`. Nothing is
+    /// visible to readers yet.
+    pub fn write_objects(
+        &self,
+        step: u64,
+        objects: &[(&str, &[u8])],
+        level: i32,
+    ) -> Result<Vec<ObjectEntry>> {
         let folder = step_folder(step);
         let mut entries = Vec::with_capacity(objects.len());
         for (name, raw) in objects {
@@ -129,19 +143,36 @@ impl Checkpoints {
             self.store
                 .put(&format!("{folder}/{name}.zst"), Bytes::from(stored))?;
         }
+        Ok(entries)
+    }
+
+    /// Phase 2: the manifest, written only after every object it lists is stored. From here on the
+    /// checkpoint exists for readers that list the run.
+    pub fn write_manifest(
+        &self,
+        step: u64,
+        objects: Vec<ObjectEntry>,
+        meta: serde_json::Value,
+    ) -> Result<CheckpointManifest> {
         let manifest = CheckpointManifest {
             format: CHECKPOINT_FORMAT.into(),
             step,
-            objects: entries,
+            objects,
             meta,
         };
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::Config(format!("checkpoint manifest: {e}")))?;
-        self.store
-            .put(&format!("{folder}/{MANIFEST_FILE}"), Bytes::from(bytes))?;
-        self.store
-            .put(LATEST_FILE, Bytes::from(step.to_string().into_bytes()))?;
+        self.store.put(
+            &format!("{}/{MANIFEST_FILE}", step_folder(step)),
+            Bytes::from(bytes),
+        )?;
         Ok(manifest)
+    }
+
+    /// Phase 3: moves the run's `latest` pointer to `step` (only the run's single committer calls this).
+    pub fn move_latest(&self, step: u64) -> Result<()> {
+        self.store
+            .put(LATEST_FILE, Bytes::from(step.to_string().into_bytes()))
     }
 
     /// Steps that have stored objects (committed or not), ascending.

@@ -17,6 +17,10 @@ use crate::error::{Error, Result};
 pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    /// How long one request keeps retrying a server that fails or does not answer before the operation
+    /// fails (default: object_store's 3 minutes). Checkpoint uploads use a bounded value so a dead server
+    /// fails one save instead of stalling the next.
+    pub retry_timeout: Option<std::time::Duration>,
 }
 
 /// A location in an object store: the store plus a prefix that every name is relative to.
@@ -60,6 +64,18 @@ impl Store {
             }
             if let Some(region) = &s3.region {
                 builder = builder.with_region(region);
+            }
+            if let Some(limit) = s3.retry_timeout {
+                builder = builder
+                    .with_retry(object_store::RetryConfig {
+                        retry_timeout: limit,
+                        ..Default::default()
+                    })
+                    .with_client_options(
+                        object_store::ClientOptions::new()
+                            .with_connect_timeout(limit.min(std::time::Duration::from_secs(5)))
+                            .with_timeout(limit.max(std::time::Duration::from_secs(30))),
+                    );
             }
             let store = builder
                 .build()

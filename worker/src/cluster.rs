@@ -303,6 +303,7 @@ fn train_generation(
     let s3 = S3Options {
         endpoint: spec.s3_endpoint.clone(),
         region: spec.s3_region.clone(),
+        ..S3Options::default()
     };
     let corpus = Arc::new(
         Corpus::open(&spec.corpus, &s3)

@@ -37,6 +37,7 @@ impl S3Args {
         S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
+            ..S3Options::default()
         }
     }
 }
