@@ -24,6 +24,27 @@ pub const CHECKPOINT_FORMAT: &str = "cellfleet-checkpoint/1";
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
 pub const LATEST_FILE: &str = "latest";
 
+/// How a checkpoint's objects are compressed and uploaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// zstd level (1 is fast and already shrinks optimizer moments well).
+    pub level: i32,
+    /// Objects larger than this are uploaded in parts of this size (S3 multipart).
+    pub part_bytes: usize,
+    /// Upload bandwidth cap, so checkpoint traffic leaves room for training traffic (None: unlimited).
+    pub max_bytes_per_sec: Option<u64>,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            level: 1,
+            part_bytes: 16 << 20,
+            max_bytes_per_sec: None,
+        }
+    }
+}
+
 /// One stored object of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,7 +122,7 @@ impl Checkpoints {
         self.store.url()
     }
 
-    /// Stores `objects` (compressed at zstd `level`, hashed), then the manifest, then moves `latest`.
+    /// Stores `objects` (compressed, hashed), then the manifest, then moves `latest`.
     /// Until the manifest is written nothing of this checkpoint is visible to readers; a failure before it
     /// leaves at most unreferenced objects, which the next commit of the same step overwrites.
     pub fn commit(
@@ -109,9 +130,9 @@ impl Checkpoints {
         step: u64,
         objects: &[(&str, &[u8])],
         meta: serde_json::Value,
-        level: i32,
+        options: &WriteOptions,
     ) -> Result<CheckpointManifest> {
-        let entries = self.write_objects(step, objects, level)?;
+        let entries = self.write_objects(step, objects, options)?;
         let manifest = self.write_manifest(step, entries, meta)?;
         self.move_latest(step)?;
         Ok(manifest)
@@ -123,7 +144,7 @@ impl Checkpoints {
         &self,
         step: u64,
         objects: &[(&str, &[u8])],
-        level: i32,
+        options: &WriteOptions,
     ) -> Result<Vec<ObjectEntry>> {
         let folder = step_folder(step);
         let mut entries = Vec::with_capacity(objects.len());
@@ -133,7 +154,7 @@ impl Checkpoints {
                     "checkpoint object name {name:?} must be a plain file name other than {MANIFEST_FILE}"
                 )));
             }
-            let stored = zstd::bulk::compress(raw, level).map_err(Error::Compression)?;
+            let stored = zstd::bulk::compress(raw, options.level).map_err(Error::Compression)?;
             entries.push(ObjectEntry {
                 name: name.to_string(),
                 raw_bytes: raw.len() as u64,
@@ -371,7 +392,7 @@ mod tests {
             step,
             &[("weights", &weights), ("optimizer", b"moments")],
             serde_json::json!({"world": 2}),
-            3,
+            &WriteOptions::default(),
         )
         .unwrap()
     }
@@ -393,7 +414,12 @@ mod tests {
         );
         assert!(c.verify(200).unwrap().is_empty());
         assert!(c
-            .commit(1, &[("a/b", b"x")], serde_json::Value::Null, 3)
+            .commit(
+                1,
+                &[("a/b", b"x")],
+                serde_json::Value::Null,
+                &WriteOptions::default()
+            )
             .is_err());
     }
 

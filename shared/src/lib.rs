@@ -8,6 +8,7 @@ pub mod error;
 pub mod manifest;
 pub mod meta;
 pub mod philox;
+pub mod safetensors;
 pub mod shard;
 pub mod store;
 pub mod stream;
