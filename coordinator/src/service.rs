@@ -20,7 +20,7 @@ use cellfleet_shared::meta::{LeaseId, MetaStore};
 use cellfleet_shared::store::S3Options;
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, OrderConfig, SplitPart};
 
-use crate::spec::{JobSpec, OrderFields};
+use crate::spec::{JobSpec, OrderFields, RestorePoint};
 
 /// Timing of membership.
 #[derive(Debug, Clone)]
@@ -94,6 +94,9 @@ struct JobRecord {
     /// Genes in the corpus vocabulary (workers check they read the same corpus).
     #[serde(default)]
     n_genes: u64,
+    /// The newest committed checkpoint: where a new generation starts (step 0 without one).
+    #[serde(default)]
+    restore: Option<RestorePoint>,
 }
 
 /// A job whose generations keep failing before their first step is failed instead of retried forever.
@@ -102,6 +105,14 @@ const MAX_STALLED_GENERATIONS: u32 = 5;
 impl JobRecord {
     fn cursor(&self, step: u64) -> (u32, u64) {
         cursor_at_step(self.epoch_len, self.batch_size, step)
+    }
+
+    /// The step the job ends at (`stop_after`, or the end of the schedule).
+    fn end_step(&self) -> u64 {
+        self.spec
+            .stop_after
+            .unwrap_or(self.total_steps)
+            .min(self.total_steps)
     }
 }
 
@@ -361,9 +372,9 @@ impl Coordinator {
             }
         }
         job.generation += 1;
-        // No checkpoints yet: a new generation restarts from the initial state (step 0). Parameters are
-        // re-initialized from the seed and broadcast from rank 0, so all ranks agree.
-        job.start_step = 0;
+        // A new generation restarts from the newest committed checkpoint (every rank restores it), or
+        // without one from the initial state: re-initialized from the seed and broadcast from rank 0.
+        job.start_step = job.restore.as_ref().map_or(0, |r| r.step);
         job.committed_step = job.start_step;
         if members.len() < job.spec.min_workers as usize {
             job.state = JobState::Pending;
@@ -423,6 +434,11 @@ impl Coordinator {
                         start_position: position,
                         epoch_len: job.epoch_len,
                         n_genes: job.n_genes,
+                        restore_url: job
+                            .restore
+                            .as_ref()
+                            .map(|r| r.url.clone())
+                            .unwrap_or_default(),
                     })),
                 };
             }
@@ -534,6 +550,14 @@ impl Coordinator {
             epoch,
             position,
             samples_per_second: rate,
+            has_checkpoint: job.restore.is_some(),
+            checkpoint_step: job.restore.as_ref().map_or(0, |r| r.step),
+            checkpoint_url: job
+                .restore
+                .as_ref()
+                .map(|r| r.url.clone())
+                .unwrap_or_default(),
+            end_step: job.end_step(),
         }
     }
 }
@@ -699,6 +723,94 @@ impl pb::coordinator_server::Coordinator for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn commit_checkpoint(
+        &self,
+        request: Request<pb::CheckpointCommit>,
+    ) -> Result<Response<pb::CheckpointCommitResponse>, Status> {
+        let commit = request.into_inner();
+        let refuse = |reason: String| {
+            tracing::info!(
+                "job {}: checkpoint step {} not recorded: {reason}",
+                commit.job_id,
+                commit.step
+            );
+            Ok(Response::new(pb::CheckpointCommitResponse {
+                accepted: false,
+                reason,
+            }))
+        };
+        // Under the job lock: a generation formed after this check cannot also commit.
+        let mut rt = self.runtime.lock().await;
+        let mut job = match Coordinator::check_current(&rt, &commit.job_id, commit.generation) {
+            Ok(job) => job,
+            Err(status) => return refuse(status.message().to_string()),
+        };
+        if job.members.first() != Some(&commit.worker_id) {
+            return refuse(format!(
+                "worker {} is not rank 0 of generation {}",
+                commit.worker_id, commit.generation
+            ));
+        }
+        let Some(spec) = &job.spec.checkpoint else {
+            return refuse("the job has no checkpoint location".into());
+        };
+        if commit.url != spec.url {
+            return refuse(format!(
+                "the job checkpoints to {}, not {}",
+                spec.url, commit.url
+            ));
+        }
+        if let Some(current) = &job.restore {
+            if commit.step <= current.step && current.url == commit.url {
+                return refuse(format!(
+                    "step {} is not newer than the recorded checkpoint step {}",
+                    commit.step, current.step
+                ));
+            }
+        }
+        // Compare-and-swap on the stored job record: if another coordinator process wrote the job since
+        // this one loaded it, nothing is recorded and the committer must not move `latest`.
+        let key = format!("{JOBS}{}", job.id);
+        let stored = self.store.get(&key).await.map_err(internal)?;
+        let same_generation = |e: &cellfleet_shared::meta::Entry| {
+            serde_json::from_slice::<JobRecord>(&e.value).is_ok_and(|r| {
+                r.generation == commit.generation
+                    && r.restore.as_ref().is_none_or(|p| p.step < commit.step)
+            })
+        };
+        let Some(entry) = stored.filter(same_generation) else {
+            return refuse(
+                "the stored job record is of another generation (another coordinator?)".into(),
+            );
+        };
+        job.restore = Some(RestorePoint {
+            url: commit.url.clone(),
+            step: commit.step,
+        });
+        let bytes = serde_json::to_vec(&job).map_err(internal)?;
+        if self
+            .store
+            .compare_and_put(&key, Some(entry.revision), &bytes, None)
+            .await
+            .map_err(internal)?
+            .is_none()
+        {
+            return refuse("the stored job record changed underneath this coordinator".into());
+        }
+        tracing::info!(
+            "job {}: checkpoint step {} committed in {} (manifest {})",
+            job.id,
+            commit.step,
+            commit.url,
+            &commit.manifest_blake3[..commit.manifest_blake3.len().min(12)]
+        );
+        rt.jobs.insert(job.id.clone(), job);
+        Ok(Response::new(pb::CheckpointCommitResponse {
+            accepted: true,
+            reason: String::new(),
+        }))
+    }
+
     async fn report_step(
         &self,
         request: Request<pb::StepReport>,
@@ -714,10 +826,11 @@ impl pb::coordinator_server::Coordinator for Service {
                 report.worker_id, report.rank, report.job_id, report.generation
             )));
         }
-        if report.step > job.total_steps {
+        if report.step > job.end_step() {
             return Err(Status::invalid_argument(format!(
-                "step {} is past the job's {} steps",
-                report.step, job.total_steps
+                "step {} is past the job's last step {}",
+                report.step,
+                job.end_step()
             )));
         }
         let progress = rt.progress.entry(job.id.clone()).or_default();
@@ -754,11 +867,25 @@ impl pb::coordinator_server::Coordinator for Service {
             }
             if report.finished && report.rank == 0 {
                 job.state = JobState::Completed;
-                job.committed_step = job.total_steps;
-                job.message = format!(
-                    "finished {} steps in generation {}; model written to {}",
-                    job.total_steps, job.generation, job.spec.out
-                );
+                job.committed_step = job.end_step();
+                job.message = if job.end_step() < job.total_steps {
+                    format!(
+                        "stopped after step {} of {} in generation {} as asked; model written to {}{}",
+                        job.end_step(),
+                        job.total_steps,
+                        job.generation,
+                        job.spec.out,
+                        match &job.restore {
+                            Some(r) => format!(", resume from checkpoint step {} in {}", r.step, r.url),
+                            None => String::new(),
+                        }
+                    )
+                } else {
+                    format!(
+                        "finished {} steps in generation {}; model written to {}",
+                        job.total_steps, job.generation, job.spec.out
+                    )
+                };
                 tracing::info!("job {}: {}", job.id, job.message);
             }
         }
@@ -858,6 +985,7 @@ impl pb::coordinator_server::Coordinator for Service {
             reformations: 0,
             stalled_generations: 0,
             n_genes,
+            restore: spec.resume.clone(),
             spec,
         };
         self.save_job(&job).await?;

@@ -29,6 +29,48 @@ pub struct JobSpec {
     /// Each rank appends the samples it trained on to `OUT/samples/g<generation>-r<rank>.jsonl`.
     #[serde(default)]
     pub sample_log: bool,
+    /// Where and how often rank 0 checkpoints; recovery restarts from the newest committed checkpoint.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointSpec>,
+    /// A verified checkpoint to start from instead of step 0 (resolved by the client before submitting).
+    #[serde(default)]
+    pub resume: Option<RestorePoint>,
+    /// Stop after this step (with a checkpoint) although the schedule spans `config.steps`.
+    #[serde(default)]
+    pub stop_after: Option<u64>,
+}
+
+/// Checkpointing of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// The run's checkpoint location (`file://`, a path, or `s3://bucket/prefix`).
+    pub url: String,
+    /// Steps between saves (0: only at the end).
+    pub every: u64,
+    /// Retention: the newest `keep_last` checkpoints ...
+    pub keep_last: u32,
+    /// ... plus every one whose step is a multiple of `keep_every` (0: none).
+    #[serde(default)]
+    pub keep_every: u64,
+    /// Upload bandwidth cap in bytes per second.
+    #[serde(default)]
+    pub max_upload_bytes_per_sec: Option<u64>,
+    /// How long one object-store request retries before the save fails (the next save tries again).
+    #[serde(default = "default_store_retry_ms")]
+    pub store_retry_ms: u64,
+}
+
+fn default_store_retry_ms() -> u64 {
+    60_000
+}
+
+/// A committed checkpoint: the run location and the step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestorePoint {
+    pub url: String,
+    pub step: u64,
 }
 
 fn default_collective_timeout_ms() -> u64 {
@@ -79,7 +121,38 @@ impl JobSpec {
                 spec.collective_timeout_ms
             ));
         }
+        if let Some(ckpt) = &spec.checkpoint {
+            if ckpt.url.trim().is_empty() {
+                return Err("job specification: `checkpoint.url` is empty".into());
+            }
+            if ckpt.keep_last == 0 {
+                return Err("job specification: `checkpoint.keep_last` must be at least 1".into());
+            }
+        }
+        if let Some(resume) = &spec.resume {
+            if resume.step == 0 || resume.step >= order.steps {
+                return Err(format!(
+                    "job specification: `resume.step` {} must be between 1 and config.steps - 1 ({})",
+                    resume.step,
+                    order.steps - 1
+                ));
+            }
+        }
+        if let Some(stop) = spec.stop_after {
+            let from = spec.resume.as_ref().map_or(0, |r| r.step);
+            if stop <= from || stop > order.steps {
+                return Err(format!(
+                    "job specification: `stop_after` {stop} must be after the start step {from} and at most config.steps {}",
+                    order.steps
+                ));
+            }
+        }
         Ok((spec, order))
+    }
+
+    /// The step the job ends at: `stop_after`, or the end of the schedule.
+    pub fn end_step(&self, order: &OrderFields) -> u64 {
+        self.stop_after.unwrap_or(order.steps).min(order.steps)
     }
 
     pub fn order(&self) -> Result<OrderFields, String> {

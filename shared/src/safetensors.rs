@@ -44,11 +44,20 @@ pub fn dtype_size(dtype: &str) -> Option<usize> {
     })
 }
 
-/// Serializes `tensors` (in the given order) with optional string `metadata`.
-pub fn serialize(
-    tensors: &[TensorRef<'_>],
+/// A tensor's place in a file being laid out: name, dtype and shape (its bytes come later).
+pub struct TensorSpec<'a> {
+    pub name: &'a str,
+    pub dtype: &'a str,
+    pub shape: &'a [usize],
+}
+
+/// Lays out a file of `tensors` (in order): returns a buffer of the full file size whose header is
+/// written and whose data is zero, and each tensor's byte range in it, for the caller to fill in place
+/// (one copy from tensor memory into the file image, nothing in between).
+pub fn layout(
+    tensors: &[TensorSpec<'_>],
     metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>> {
+) -> Result<(Vec<u8>, Vec<std::ops::Range<usize>>)> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -57,10 +66,69 @@ pub fn serialize(
         );
     }
     let mut offset = 0usize;
+    let mut ranges = Vec::with_capacity(tensors.len());
     for t in tensors {
         let elements: usize = t.shape.iter().product();
-        let expected = dtype_size(t.dtype).map(|s| s * elements);
-        if expected != Some(t.data.len()) {
+        let size = dtype_size(t.dtype).ok_or_else(|| {
+            Error::Config(format!(
+                "tensor {}: unknown safetensors dtype {}",
+                t.name, t.dtype
+            ))
+        })?;
+        let bytes = size * elements;
+        let entry = HeaderEntry {
+            dtype: t.dtype.to_string(),
+            shape: t.shape.to_vec(),
+            data_offsets: [offset, offset + bytes],
+        };
+        if header
+            .insert(
+                t.name.to_string(),
+                serde_json::to_value(entry).expect("plain"),
+            )
+            .is_some()
+        {
+            return Err(Error::Config(format!(
+                "tensor name {} appears twice",
+                t.name
+            )));
+        }
+        ranges.push(offset..offset + bytes);
+        offset += bytes;
+    }
+    let mut json = serde_json::to_vec(&header).expect("plain");
+    // The data start is kept 8-byte aligned, as the reference writer does.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let start = 8 + json.len();
+    let mut out = Vec::with_capacity(start + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.resize(start + offset, 0);
+    let ranges = ranges
+        .into_iter()
+        .map(|r| r.start + start..r.end + start)
+        .collect();
+    Ok((out, ranges))
+}
+
+/// Serializes `tensors` (in the given order) with optional string `metadata`.
+pub fn serialize(
+    tensors: &[TensorRef<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let specs: Vec<TensorSpec<'_>> = tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+        })
+        .collect();
+    let (mut out, ranges) = layout(&specs, metadata)?;
+    for (t, range) in tensors.iter().zip(ranges) {
+        if range.len() != t.data.len() {
             return Err(Error::Config(format!(
                 "tensor {}: {} bytes of dtype {} do not fill shape {:?}",
                 t.name,
@@ -69,27 +137,7 @@ pub fn serialize(
                 t.shape
             )));
         }
-        let entry = HeaderEntry {
-            dtype: t.dtype.to_string(),
-            shape: t.shape.to_vec(),
-            data_offsets: [offset, offset + t.data.len()],
-        };
-        header.insert(
-            t.name.to_string(),
-            serde_json::to_value(entry).expect("plain"),
-        );
-        offset += t.data.len();
-    }
-    let mut json = serde_json::to_vec(&header).expect("plain");
-    // The data start is kept 8-byte aligned, as the reference writer does.
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    for t in tensors {
-        out.extend_from_slice(t.data);
+        out[range].copy_from_slice(t.data);
     }
     Ok(out)
 }

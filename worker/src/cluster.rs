@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
 use cellfleet_coordinator::{CoordinatorConfig, JobSpec};
 use cellfleet_proto as pb;
 use cellfleet_proto::coordinator_client::CoordinatorClient;
@@ -28,7 +29,13 @@ use tonic::Code;
 
 use crate::collective::{self, CollectiveError, RendezvousStore};
 use crate::model::parse_device;
-use crate::train::{pretrain_parallel, Aborted, Parallel, RunOptions, StepRecord, TrainConfig};
+use crate::checkpointing::{
+    open_run, resolve, CheckpointPolicy, CheckpointWriter, CommitGate, Restored, ResumeTarget,
+};
+use crate::train::{
+    pretrain_parallel, Aborted, Checkpointing, Parallel, RunOptions, StepRecord, TrainConfig,
+};
+use cellfleet_shared::checkpoint::{CheckpointManifest, WriteOptions};
 
 /// `cellfleet worker` flags.
 #[derive(Args, Clone, Debug)]
@@ -344,6 +351,7 @@ fn train_generation(
     let (rank, world) = (train.rank as usize, train.world_size as usize);
     let timeout = Duration::from_millis(spec.collective_timeout_ms);
     let started = Instant::now();
+    let checkpoint_client = client.clone();
     let store = Arc::new(CoordinatorRendezvous {
         client,
         handle: handle.clone(),
@@ -401,6 +409,19 @@ fn train_generation(
         });
         Ok(())
     };
+    let checkpointing = generation_checkpointing(
+        train,
+        &spec,
+        &s3,
+        &checkpoint_client,
+        &base.worker_id,
+        handle,
+        abort,
+    )?;
+    let end_step = checkpointing
+        .stop_after
+        .unwrap_or(config.steps)
+        .min(config.steps);
     pretrain_parallel(
         corpus,
         &config,
@@ -410,9 +431,111 @@ fn train_generation(
             start_step: train.start_step,
             abort: Some(abort),
             on_step: Some(&mut on_step),
+            checkpointing,
         },
     )?;
-    Ok(config.steps)
+    Ok(end_step)
+}
+
+/// What a generation restores (every rank reads the checkpoint the coordinator names) and saves (rank 0,
+/// committing each checkpoint through the coordinator before moving `latest`).
+fn generation_checkpointing(
+    train: &pb::TrainAssignment,
+    spec: &JobSpec,
+    s3: &S3Options,
+    client: &CoordinatorClient<Channel>,
+    worker_id: &str,
+    handle: &tokio::runtime::Handle,
+    abort: &Arc<AtomicBool>,
+) -> anyhow::Result<Checkpointing> {
+    let resume = if train.start_step > 0 {
+        if train.restore_url.is_empty() {
+            bail!(
+                "the coordinator asked to start at step {} without naming a checkpoint",
+                train.start_step
+            );
+        }
+        let started = Instant::now();
+        let (checkpoints, manifest) = resolve(
+            &ResumeTarget::Step(train.start_step),
+            Some(&train.restore_url),
+            s3,
+        )?;
+        let restored = Restored::read(&checkpoints, &manifest)?;
+        eprintln!(
+            "job {} generation {}: restored checkpoint step {} from {} in {:.2}s",
+            train.job_id,
+            train.generation,
+            train.start_step,
+            train.restore_url,
+            started.elapsed().as_secs_f64()
+        );
+        Some(restored)
+    } else {
+        None
+    };
+    let writer = match &spec.checkpoint {
+        Some(ckpt) if train.rank == 0 => {
+            let store_options = S3Options {
+                retry_timeout: Some(Duration::from_millis(ckpt.store_retry_ms.max(1))),
+                ..s3.clone()
+            };
+            let checkpoints = open_run(&ckpt.url, &store_options)?;
+            let (client, handle) = (client.clone(), handle.clone());
+            let (job_id, generation, worker_id, url) = (
+                train.job_id.clone(),
+                train.generation,
+                worker_id.to_string(),
+                ckpt.url.clone(),
+            );
+            let gate: CommitGate = Arc::new(move |manifest: &CheckpointManifest| {
+                let bytes = serde_json::to_vec_pretty(manifest)?;
+                let mut request = tonic::Request::new(pb::CheckpointCommit {
+                    worker_id: worker_id.clone(),
+                    job_id: job_id.clone(),
+                    generation,
+                    step: manifest.step,
+                    url: url.clone(),
+                    manifest_blake3: blake3::hash(&bytes).to_hex().to_string(),
+                });
+                request.set_timeout(Duration::from_secs(30));
+                let answer = handle
+                    .block_on(client.clone().commit_checkpoint(request))
+                    .map_err(|s| {
+                        anyhow::anyhow!("the coordinator did not record the checkpoint: {}", s.message())
+                    })?
+                    .into_inner();
+                if !answer.accepted {
+                    eprintln!(
+                        "checkpoint step {} not committed: {}",
+                        manifest.step, answer.reason
+                    );
+                }
+                Ok(answer.accepted)
+            });
+            Some(CheckpointWriter::new(
+                checkpoints,
+                CheckpointPolicy {
+                    every: ckpt.every,
+                    keep_last: ckpt.keep_last as usize,
+                    keep_every: ckpt.keep_every,
+                    write: WriteOptions {
+                        max_bytes_per_sec: ckpt.max_upload_bytes_per_sec,
+                        ..WriteOptions::default()
+                    },
+                },
+                Some(gate),
+                Some(abort.clone()),
+            ))
+        }
+        _ => None,
+    };
+    Ok(Checkpointing {
+        resume,
+        writer,
+        stop_after: spec.stop_after,
+        generation: train.generation,
+    })
 }
 
 /// `cellfleet worker`: serves the coordinator until killed.
@@ -563,6 +686,9 @@ pub struct ClusterJob {
     pub threads: u32,
     pub collective_timeout: Duration,
     pub sample_log: bool,
+    pub checkpoint: Option<CheckpointSpec>,
+    pub resume: Option<RestorePoint>,
+    pub stop_after: Option<u64>,
 }
 
 impl ClusterJob {
@@ -587,8 +713,25 @@ impl ClusterJob {
             threads: self.threads,
             collective_timeout_ms: self.collective_timeout.as_millis() as u64,
             sample_log: self.sample_log,
+            checkpoint: self.checkpoint.clone().map(|c| CheckpointSpec {
+                url: absolute_location(&c.url),
+                ..c
+            }),
+            resume: self.resume.clone().map(|r| RestorePoint {
+                url: absolute_location(&r.url),
+                ..r
+            }),
+            stop_after: self.stop_after,
         })
     }
+}
+
+/// A store location as workers elsewhere see it: relative paths are made absolute.
+fn absolute_location(url: &str) -> String {
+    if url.contains("://") {
+        return url.to_string();
+    }
+    std::path::absolute(url).map_or_else(|_| url.to_string(), |p| p.display().to_string())
 }
 
 /// Submits `job`; the error carries the coordinator's reason for refusing it.
@@ -805,6 +948,9 @@ pub fn bench_cluster(corpus: &str, config: &TrainConfig, out: &Path) -> anyhow::
         threads,
         collective_timeout: Duration::from_secs(10),
         sample_log: false,
+        checkpoint: None,
+        resume: None,
+        stop_after: None,
     };
     let wait_done =
         |cluster: &EmbeddedCluster, id: &str| -> anyhow::Result<pb::JobStatusResponse> {

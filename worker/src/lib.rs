@@ -2,6 +2,7 @@
 //! its training loop, benchmarks. Later issues add collectives and screen execution here.
 
 pub mod bench;
+pub mod checkpointing;
 pub mod cluster;
 pub mod collective;
 pub mod h5ad;

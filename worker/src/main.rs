@@ -130,6 +130,8 @@ enum Command {
         local: bool,
         #[command(flatten)]
         cluster: modelcli::ClusterFlags,
+        #[command(flatten)]
+        checkpoint: modelcli::CheckpointFlags,
         /// Output directory for model.safetensors, model.json and the step log
         #[arg(long, default_value = "runs/model")]
         out: PathBuf,
@@ -383,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             corpus,
             local,
             cluster,
+            checkpoint,
             out,
             json,
             flags,
@@ -391,6 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &corpus,
             local,
             &cluster,
+            &checkpoint,
             out,
             &flags,
             json.as_deref(),

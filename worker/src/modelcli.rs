@@ -8,7 +8,13 @@ use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::store::S3Options;
 use clap::Args;
 
+use crate::checkpointing::{
+    open_run, read_state, resolve, CheckpointPolicy, CheckpointWriter, Restored, ResumeTarget,
+};
 use crate::cluster::{run_local, submit_and_follow, ClusterJob};
+use crate::train::{pretrain_parallel, Checkpointing, Parallel};
+use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
+use cellfleet_shared::checkpoint::WriteOptions;
 use crate::metrics::ClassificationReport;
 use crate::model::{parse_device, Preset};
 use crate::train::{
@@ -62,6 +68,63 @@ pub struct ClusterFlags {
     /// Each rank logs the samples it trained on to OUT/samples/ (for auditing the data order)
     #[arg(long)]
     pub sample_log: bool,
+}
+
+/// Checkpoints of a pretraining run.
+#[derive(Args, Clone, Debug)]
+pub struct CheckpointFlags {
+    /// Save checkpoints here: a directory, file://PATH or s3://BUCKET/PREFIX (one location per run)
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// Steps between checkpoints (0: only at the end; a checkpoint is always saved at the end)
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Keep the newest K checkpoints ...
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: u32,
+    /// ... and every one whose step is a multiple of M (0: none)
+    #[arg(long, default_value_t = 0)]
+    pub keep_every: u64,
+    /// Continue a run: `latest` or a STEP of --checkpoint, or a checkpoint URL (a run location or one
+    /// step-NNNNNNNNNNNN folder). Settings come from the checkpoint; flags that change them are refused
+    #[arg(long, value_name = "latest|STEP|URL")]
+    pub resume: Option<ResumeTarget>,
+    /// Stop after this step with a checkpoint (the learning-rate schedule still spans --steps); resume
+    /// later with --resume latest
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<u64>,
+    /// Cap checkpoint uploads at this many MB/s (leave bandwidth to training traffic)
+    #[arg(long, value_name = "MB/s")]
+    pub upload_limit: Option<f64>,
+    /// Seconds an object-store request retries before a save fails (the next save tries again)
+    #[arg(long, default_value_t = 60.0)]
+    pub store_retry: f64,
+}
+
+impl CheckpointFlags {
+    fn spec(&self, url: String) -> anyhow::Result<CheckpointSpec> {
+        if self.keep_last == 0 {
+            bail!("--keep-last must be at least 1 (the newest checkpoint is what a resume uses)");
+        }
+        if self.store_retry.is_nan() || self.store_retry <= 0.0 {
+            bail!("--store-retry must be positive, got {}", self.store_retry);
+        }
+        let max_upload_bytes_per_sec = match self.upload_limit {
+            Some(mbps) if mbps.is_nan() || mbps <= 0.0 => {
+                bail!("--upload-limit must be positive, got {mbps}")
+            }
+            Some(mbps) => Some((mbps * 1e6) as u64),
+            None => None,
+        };
+        Ok(CheckpointSpec {
+            url,
+            every: self.checkpoint_every,
+            keep_last: self.keep_last,
+            keep_every: self.keep_every,
+            max_upload_bytes_per_sec,
+            store_retry_ms: (self.store_retry * 1000.0) as u64,
+        })
+    }
 }
 
 /// Where the tensors live.
@@ -189,10 +252,12 @@ fn write_json(path: Option<&Path>, value: &serde_json::Value) -> anyhow::Result<
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn train_command(
     corpus: &str,
     local: bool,
     cluster: &ClusterFlags,
+    ckpt: &CheckpointFlags,
     out: PathBuf,
     flags: &TrainFlags,
     json: Option<&Path>,
@@ -201,13 +266,111 @@ pub fn train_command(
     if !local && cluster.coordinator.is_none() {
         bail!("say where to train: --local (this machine; add --workers N for N worker processes) or --coordinator http://HOST:PORT");
     }
-    let config = flags.config(TrainConfig::default())?;
+    // A resumed run takes its settings from the checkpoint; flags and --config layer over them, and any
+    // change is refused before training starts.
+    let resume = match &ckpt.resume {
+        Some(target) => {
+            let started = std::time::Instant::now();
+            let (checkpoints, manifest) = resolve(target, ckpt.checkpoint.as_deref(), s3)?;
+            let state = read_state(&checkpoints, &manifest)?;
+            eprintln!(
+                "resuming from checkpoint step {} of {} in {} (verified in {:.2}s)",
+                manifest.step,
+                state.config.steps,
+                checkpoints.url(),
+                started.elapsed().as_secs_f64()
+            );
+            Some((checkpoints, manifest, state))
+        }
+        None => None,
+    };
+    let config = match &resume {
+        Some((_, _, state)) => {
+            let config = flags.config(state.config.clone())?;
+            let differences = crate::checkpointing::config_differences(&state.config, &config);
+            if !differences.is_empty() {
+                bail!(
+                    "checkpoint step {} was trained with other settings ({}); drop those flags to resume, or start a new run",
+                    state.step,
+                    differences.join(", ")
+                );
+            }
+            config
+        }
+        None => flags.config(TrainConfig::default())?,
+    };
+    let checkpoint_url = ckpt.checkpoint.clone().or_else(|| {
+        // Resuming from a location without --checkpoint keeps saving there.
+        resume.as_ref().map(|(c, _, _)| c.url().to_string())
+    });
+    if let Some(stop) = ckpt.stop_after {
+        let from = resume.as_ref().map_or(0, |(_, m, _)| m.step);
+        if stop <= from || stop > config.steps {
+            bail!(
+                "--stop-after {stop} must be after the start step {from} and at most --steps {}",
+                config.steps
+            );
+        }
+        if checkpoint_url.is_none() {
+            bail!("--stop-after needs --checkpoint (where to save the run to resume it)");
+        }
+    }
+    if resume.as_ref().is_some_and(|(_, m, _)| m.step >= config.steps) {
+        bail!(
+            "the checkpoint is of step {}, the end of the run: nothing left to train",
+            config.steps
+        );
+    }
+    let spec = checkpoint_url.map(|url| ckpt.spec(url)).transpose()?;
     let run = flags.runtime.run_options(out)?;
     if cluster.coordinator.is_some() || cluster.workers.is_some() {
-        return cluster_train(corpus, cluster, &config, &run, s3);
+        let resume = resume.map(|(c, m, _)| RestorePoint {
+            url: c.url().to_string(),
+            step: m.step,
+        });
+        return cluster_train(corpus, cluster, &config, &run, s3, spec, resume, ckpt.stop_after);
     }
     let corpus = open_corpus(corpus, s3)?;
-    let (model, records) = pretrain(corpus.clone(), &config, &run)?;
+    let (model, records) = match (spec, resume) {
+        (None, None) => pretrain(corpus.clone(), &config, &run)?,
+        (spec, resume) => {
+            let resume = resume
+                .map(|(checkpoints, manifest, _)| Restored::read(&checkpoints, &manifest))
+                .transpose()?;
+            let writer = spec
+                .map(|spec| -> anyhow::Result<CheckpointWriter> {
+                    let store_options = S3Options {
+                        retry_timeout: Some(std::time::Duration::from_millis(spec.store_retry_ms)),
+                        ..s3.clone()
+                    };
+                    Ok(CheckpointWriter::new(
+                        open_run(&spec.url, &store_options)?,
+                        policy_of(&spec),
+                        None,
+                        None,
+                    ))
+                })
+                .transpose()?;
+            let start_step = resume.as_ref().map_or(0, |r| r.state.step);
+            pretrain_parallel(
+                corpus.clone(),
+                &config,
+                &run,
+                &mut Parallel {
+                    collective: &mut crate::collective::Solo,
+                    start_step,
+                    abort: None,
+                    on_step: None,
+                    checkpointing: Checkpointing {
+                        resume,
+                        writer,
+                        stop_after: ckpt.stop_after,
+                        generation: 0,
+                    },
+                },
+            )?
+        }
+    };
     println!(
         "model: {} parameters ({:?} preset, {} genes, {} bins, {} experts)",
         model.parameter_count(),
@@ -237,12 +400,29 @@ pub fn train_command(
     )
 }
 
+/// The training loop's view of a job's checkpoint settings.
+pub fn policy_of(spec: &CheckpointSpec) -> CheckpointPolicy {
+    CheckpointPolicy {
+        every: spec.every,
+        keep_last: spec.keep_last as usize,
+        keep_every: spec.keep_every,
+        write: WriteOptions {
+            max_bytes_per_sec: spec.max_upload_bytes_per_sec,
+            ..WriteOptions::default()
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn cluster_train(
     corpus: &str,
     cluster: &ClusterFlags,
     config: &TrainConfig,
     run: &RunOptions,
     s3: &S3Options,
+    checkpoint: Option<CheckpointSpec>,
+    resume: Option<RestorePoint>,
+    stop_after: Option<u64>,
 ) -> anyhow::Result<()> {
     if cluster.workers == Some(0) {
         bail!("--workers must be at least 1");
@@ -266,6 +446,9 @@ fn cluster_train(
         threads: run.threads as u32,
         collective_timeout: std::time::Duration::from_secs_f64(cluster.collective_timeout),
         sample_log: cluster.sample_log,
+        checkpoint,
+        resume,
+        stop_after,
     };
     let status = match (&cluster.coordinator, cluster.workers) {
         (Some(url), _) => submit_and_follow(url, &job, run.progress)?,

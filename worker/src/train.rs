@@ -20,10 +20,14 @@ use cellfleet_shared::stream::{
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpointing::{
+    schedule_of, step_seed, unix_ms, CheckpointWriter, Restored, Snapshot, TrainState,
+    RNG_SCHEME, STATE_FORMAT,
+};
 use crate::collective::{all_reduce_buckets, broadcast_tensors, Collective, Solo};
 use crate::metrics::{classification_report, ClassificationReport};
 use crate::model::{CellModel, FfnConfig, LoraConfig, Mode, ModelConfig, Preset, Tokens};
-use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::optim::{AdamW, AdamWConfig};
 
 /// Everything that shapes a training run; read from a TOML or JSON file over the defaults, then
 /// overridden by command-line flags.
@@ -421,6 +425,16 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub tokens: u64,
     pub seconds: f64,
+    /// Seconds this step's end spent taking a checkpoint snapshot (the blocking part of a save).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub checkpoint_stall: f64,
+    /// A checkpoint upload ran in the background during this step.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub upload_in_flight: bool,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn setup_torch(config: &TrainConfig, run: &RunOptions) {
@@ -461,14 +475,29 @@ fn masked_bin_loss(model: &CellModel, hidden: &Tensor, targets: &Tensor, bf16: b
 const BUCKET_BYTES: usize = 25 << 20;
 
 /// How this process takes part in training: its collective group (`Solo` alone), where the generation
-/// starts, a flag that stops it between steps, and a hook called after every step.
+/// starts, a flag that stops it between steps, a hook called after every step, and checkpointing.
 pub struct Parallel<'a> {
     pub collective: &'a mut dyn Collective,
-    /// The optimizer step to start from; the data cursor is derived from it.
+    /// The optimizer step to start from; the data cursor is derived from it. With a checkpoint to
+    /// resume, it must be the checkpoint's step.
     pub start_step: u64,
     pub abort: Option<&'a AtomicBool>,
     #[allow(clippy::type_complexity)]
     pub on_step: Option<&'a mut dyn FnMut(&StepRecord, &Batch) -> anyhow::Result<()>>,
+    pub checkpointing: Checkpointing,
+}
+
+/// Resuming and saving checkpoints (pretraining only).
+#[derive(Default)]
+pub struct Checkpointing {
+    /// A verified checkpoint to continue from.
+    pub resume: Option<Restored>,
+    /// Saves checkpoints (rank 0 only; `None` elsewhere and when the run does not checkpoint).
+    pub writer: Option<CheckpointWriter>,
+    /// Stop after this step (saving a checkpoint there) although the schedule spans `config.steps`.
+    pub stop_after: Option<u64>,
+    /// Recorded in the checkpoints (the cluster generation; 0 outside a cluster).
+    pub generation: u64,
 }
 
 impl Parallel<'_> {
@@ -493,12 +522,27 @@ fn train_loop(
     mut loss_of: impl FnMut(&Batch, &crate::model::Forward, &Tensor) -> LossParts,
 ) -> anyhow::Result<Vec<StepRecord>> {
     let mut optimizer = AdamW::new(model.trainable_parameters(), config.optimizer);
-    let schedule = Schedule {
-        peak: config.lr,
-        warmup: config.warmup_steps,
-        total: config.steps,
-        min_ratio: config.min_lr_ratio,
-    };
+    let schedule = schedule_of(config);
+    let mut start_step = parallel.start_step;
+    if let Some(restored) = &parallel.checkpointing.resume {
+        if start_step != 0 && start_step != restored.state.step {
+            bail!(
+                "asked to start at step {start_step} but the checkpoint to resume is of step {}",
+                restored.state.step
+            );
+        }
+        start_step = restored.state.step;
+        restored.apply(model, &mut optimizer)?;
+    } else if start_step > 0 {
+        bail!("starting at step {start_step} needs a checkpoint of that step to restore");
+    }
+    let end_step = parallel
+        .checkpointing
+        .stop_after
+        .unwrap_or(config.steps)
+        .min(config.steps);
+    let epoch_len = EpochPlan::part_len(&stream.corpus.manifest, stream.order, stream.split, stream.part)?;
+    let corpus_hash = stream.corpus.manifest.content_hash();
     let world = parallel.collective.world();
     let lead = parallel.rank() == 0;
     let experts = model.config.experts();
@@ -531,21 +575,29 @@ fn train_loop(
     } else {
         Vec::new()
     };
-    if parallel.start_step > 0 {
+    if start_step > 0 {
         // Same cursor arithmetic as the coordinator's: step s starts at cursor_at_step(s).
-        stream.seek_step(parallel.start_step)?;
+        stream.seek_step(start_step)?;
     }
-    let bar = crate::progress::step_bar(config.steps, what, run.progress);
-    bar.set_position(parallel.start_step);
-    let mut records = Vec::with_capacity(config.steps as usize);
+    let bar = crate::progress::step_bar(end_step, what, run.progress);
+    bar.set_position(start_step);
+    let mut records = Vec::with_capacity(end_step.saturating_sub(start_step) as usize);
     let started = Instant::now();
     let mut tokens_total = 0u64;
-    for step in parallel.start_step..config.steps {
+    let rank = parallel.rank();
+    for step in start_step..end_step {
         if parallel.abort.is_some_and(|a| a.load(Ordering::Relaxed)) {
             return Err(Aborted.into());
         }
-        let batch = stream.next((config.steps - step) as usize)?;
+        let batch = stream.next((end_step - step) as usize)?;
         let t0 = Instant::now();
+        // Every random draw of the step follows from (seed, step, rank): a resumed run draws the same.
+        tch::manual_seed(step_seed(config.seed, step, rank));
+        let upload_in_flight = parallel
+            .checkpointing
+            .writer
+            .as_mut()
+            .is_some_and(|w| w.busy());
         optimizer.zero_grad();
         let local_samples = batch.samples as f64;
         let (parts, forward) = if batch.samples > 0 {
@@ -627,7 +679,7 @@ fn train_loop(
         let grad_norm = optimizer.clip_grad_norm(config.clip_norm);
         let lr = schedule.lr(step);
         optimizer.step(lr);
-        let record = StepRecord {
+        let mut record = StepRecord {
             step: step + 1,
             loss: totals[0] / scored,
             aux_loss,
@@ -636,6 +688,8 @@ fn train_loop(
             grad_norm,
             tokens: (batch.samples * batch.seq_len) as u64,
             seconds: t0.elapsed().as_secs_f64(),
+            checkpoint_stall: 0.0,
+            upload_in_flight,
         };
         if !record.loss.is_finite() {
             bail!(
@@ -644,6 +698,44 @@ fn train_loop(
                 step + 1,
                 config.lr
             );
+        }
+        if let Some(writer) = parallel.checkpointing.writer.as_mut() {
+            let done = step + 1;
+            let last = done == end_step;
+            if last || writer.due(done) {
+                if last {
+                    // The final checkpoint is never skipped; a failed earlier save was already reported.
+                    let _ = writer.wait();
+                }
+                if writer.busy() {
+                    writer.skip(done);
+                } else {
+                    let t = Instant::now();
+                    let (epoch, position) = cursor_at_step(epoch_len, config.batch_size, done);
+                    let state = TrainState {
+                        format: STATE_FORMAT.into(),
+                        step: done,
+                        optimizer_step: optimizer.step,
+                        epoch,
+                        position,
+                        epoch_len,
+                        schedule,
+                        next_lr: schedule.lr(done),
+                        rng_scheme: RNG_SCHEME.into(),
+                        config: config.clone(),
+                        model: model.config.clone(),
+                        genes: stream.corpus.manifest.genes.clone(),
+                        corpus_url: stream.corpus.store.url().to_string(),
+                        corpus_manifest_blake3: corpus_hash.clone(),
+                        world_size: world as u32,
+                        generation: parallel.checkpointing.generation,
+                        saved_unix_ms: unix_ms(),
+                    };
+                    let snapshot = Snapshot::take(model, &optimizer, state)?;
+                    record.checkpoint_stall = t.elapsed().as_secs_f64();
+                    writer.start(snapshot, record.checkpoint_stall);
+                }
+            }
         }
         tokens_total += record.tokens;
         if let Some(log) = log.as_mut() {
@@ -660,7 +752,7 @@ fn train_loop(
         bar.set_message(message.clone());
         bar.inc(1);
         if !run.progress && (step + 1) % run.log_every.max(1) == 0 {
-            eprintln!("{what} step {}/{}: {message}", step + 1, config.steps);
+            eprintln!("{what} step {}/{}: {message}", step + 1, end_step);
         }
         records.push(record);
     }
@@ -684,6 +776,7 @@ pub fn pretrain(
             start_step: 0,
             abort: None,
             on_step: None,
+            checkpointing: Checkpointing::default(),
         },
     )
 }
@@ -702,6 +795,9 @@ pub fn pretrain_parallel(
     }
     setup_torch(config, run);
     let manifest = &corpus.manifest;
+    if let Some(restored) = &parallel.checkpointing.resume {
+        restored.check_run(config, &manifest.content_hash())?;
+    }
     let model_config = config.model_config(manifest.genes.len(), usize::from(manifest.bins.n_bins));
     let model = CellModel::new(model_config, run.device)?;
     let (world, rank) = (
@@ -748,6 +844,10 @@ pub fn pretrain_parallel(
             classes: Vec::new(),
         };
         write_model(&model, &info, &run.out)?;
+    }
+    // The final checkpoint uploads while the model file is written; the run is done when it is stored.
+    if let Some(writer) = parallel.checkpointing.writer.as_mut() {
+        writer.wait()?;
     }
     Ok((model, records))
 }
@@ -1017,6 +1117,7 @@ pub fn finetune(
             start_step: 0,
             abort: None,
             on_step: None,
+            checkpointing: Checkpointing::default(),
         },
         |batch, forward, _| {
             let labels =
