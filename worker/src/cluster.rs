@@ -27,11 +27,11 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::collective::{self, CollectiveError, RendezvousStore};
-use crate::model::parse_device;
 use crate::checkpointing::{
     open_run, resolve, CheckpointPolicy, CheckpointWriter, CommitGate, Restored, ResumeTarget,
 };
+use crate::collective::{self, CollectiveError, RendezvousStore};
+use crate::model::parse_device;
 use crate::train::{
     pretrain_parallel, Aborted, Checkpointing, Parallel, RunOptions, StepRecord, TrainConfig,
 };
@@ -502,7 +502,10 @@ fn generation_checkpointing(
                 let answer = handle
                     .block_on(client.clone().commit_checkpoint(request))
                     .map_err(|s| {
-                        anyhow::anyhow!("the coordinator did not record the checkpoint: {}", s.message())
+                        anyhow::anyhow!(
+                            "the coordinator did not record the checkpoint: {}",
+                            s.message()
+                        )
                     })?
                     .into_inner();
                 if !answer.accepted {
@@ -1101,4 +1104,10 @@ fn print_status(s: &pb::JobStatusResponse) {
         s.world_size,
         s.members.join(", ")
     );
+    if s.has_checkpoint {
+        println!(
+            "  newest checkpoint: step {} in {}",
+            s.checkpoint_step, s.checkpoint_url
+        );
+    }
 }

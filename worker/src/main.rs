@@ -201,6 +201,13 @@ enum Command {
         #[command(flatten)]
         args: cellfleet_worker::cluster::WorkerArgs,
     },
+    /// List, inspect, verify and export checkpoints
+    Ckpt {
+        #[command(subcommand)]
+        action: cellfleet_worker::ckptcli::CkptAction,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// Benchmarks that print a table with their baseline measured in the same run
     Bench {
         #[command(subcommand)]
@@ -444,6 +451,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json.as_deref(),
             &s3.options(),
         )?,
+        Command::Ckpt { action, s3 } => {
+            cellfleet_worker::ckptcli::ckpt_command(action, &s3.options())?
+        }
         Command::Bench { which } => bench::run(which)?,
     }
     Ok(())

@@ -12,15 +12,15 @@ use crate::checkpointing::{
     open_run, read_state, resolve, CheckpointPolicy, CheckpointWriter, Restored, ResumeTarget,
 };
 use crate::cluster::{run_local, submit_and_follow, ClusterJob};
-use crate::train::{pretrain_parallel, Checkpointing, Parallel};
-use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
-use cellfleet_shared::checkpoint::WriteOptions;
 use crate::metrics::ClassificationReport;
 use crate::model::{parse_device, Preset};
 use crate::train::{
     evaluate_classifier, evaluate_masked_bins, finetune, pretrain, ClassificationEval,
     MaskedBinReport, RunOptions, SavedModel, StepRecord, TrainConfig,
 };
+use crate::train::{pretrain_parallel, Checkpointing, Parallel};
+use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
+use cellfleet_shared::checkpoint::WriteOptions;
 
 /// Flags shared by `train` and `finetune`; each overrides the config file.
 #[derive(Args, Clone, Debug)]
@@ -315,7 +315,10 @@ pub fn train_command(
             bail!("--stop-after needs --checkpoint (where to save the run to resume it)");
         }
     }
-    if resume.as_ref().is_some_and(|(_, m, _)| m.step >= config.steps) {
+    if resume
+        .as_ref()
+        .is_some_and(|(_, m, _)| m.step >= config.steps)
+    {
         bail!(
             "the checkpoint is of step {}, the end of the run: nothing left to train",
             config.steps
@@ -328,7 +331,16 @@ pub fn train_command(
             url: c.url().to_string(),
             step: m.step,
         });
-        return cluster_train(corpus, cluster, &config, &run, s3, spec, resume, ckpt.stop_after);
+        return cluster_train(
+            corpus,
+            cluster,
+            &config,
+            &run,
+            s3,
+            spec,
+            resume,
+            ckpt.stop_after,
+        );
     }
     let corpus = open_corpus(corpus, s3)?;
     let (model, records) = match (spec, resume) {
@@ -456,14 +468,27 @@ fn cluster_train(
         (None, None) => unreachable!("checked by the caller"),
     };
     println!(
-        "job {}: {} steps, final loss {:.4}, {} workers in generation {} ({} re-formations)",
+        "job {}: {} of {} steps, final loss {:.4}, {} workers in generation {} ({} re-formations)",
         status.job_id,
+        status.end_step,
         status.total_steps,
         status.last_loss,
         status.world_size,
         status.generation,
         status.reformations
     );
+    if status.has_checkpoint {
+        println!(
+            "checkpoint: step {} in {}{}",
+            status.checkpoint_step,
+            status.checkpoint_url,
+            if status.end_step < status.total_steps {
+                "  (continue with --resume latest)"
+            } else {
+                ""
+            }
+        );
+    }
     println!(
         "weights: {}  (evaluate with `cellfleet eval --weights {}`)",
         run.out.join(crate::train::WEIGHTS_FILE).display(),
