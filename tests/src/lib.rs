@@ -122,8 +122,10 @@ pub fn garage_bin() -> PathBuf {
 /// one access key and one bucket. Killed on drop.
 pub struct GarageServer {
     child: std::process::Child,
-    bin: PathBuf,
+    /// The `cellfleet` binary that probes readiness and runs commands; `None`: probed in process.
+    bin: Option<PathBuf>,
     _dir: tempfile::TempDir,
+    config_path: PathBuf,
     pub endpoint: String,
     pub bucket: String,
     pub key_id: String,
@@ -133,6 +135,16 @@ pub struct GarageServer {
 impl GarageServer {
     /// Starts the server; `bin` is the `cellfleet` binary used to probe readiness and run commands.
     pub fn start(bin: &Path) -> Self {
+        Self::launch(Some(bin.to_path_buf()))
+    }
+
+    /// Starts the server for tests without a `cellfleet` binary: readiness is probed through the shared
+    /// library's own S3 client, and clients connect with [`GarageServer::s3_options`].
+    pub fn start_without_cellfleet() -> Self {
+        Self::launch(None)
+    }
+
+    fn launch(bin: Option<PathBuf>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (rpc, s3) = (free_port(), free_port());
         let secret_hex = |seed: u64| {
@@ -154,30 +166,21 @@ impl GarageServer {
         );
         let config_path = dir.path().join("garage.toml");
         std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
         let key_id = format!("GK{:024x}", u128::from(s3) * 0x1234_5678_9abc);
         let secret = secret_hex(u64::from(s3) * 97 + 3);
         let bucket = "cellfleet-test".to_string();
-        let child = Command::new(garage_bin())
-            .args([
-                "-c",
-                config_path.to_str().unwrap(),
-                "server",
-                "--single-node",
-                "--default-bucket",
-            ])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", &key_id)
-            .env("GARAGE_DEFAULT_SECRET_KEY", &secret)
-            .env("GARAGE_DEFAULT_BUCKET", &bucket)
-            .env("RUST_LOG", "garage=warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("garage starts");
+        let child = Self::spawn(
+            &config_path,
+            &dir.path().join("garage.log"),
+            &key_id,
+            &secret,
+            &bucket,
+        );
         let server = Self {
             child,
-            bin: bin.to_path_buf(),
+            bin,
             _dir: dir,
+            config_path,
             endpoint: format!("http://127.0.0.1:{s3}"),
             bucket,
             key_id,
@@ -185,6 +188,84 @@ impl GarageServer {
         };
         server.wait_ready();
         server
+    }
+
+    /// Runs `garage server` on `config`, appending to `log` (a restart keeps the first run's log).
+    fn spawn(
+        config: &Path,
+        log: &Path,
+        key_id: &str,
+        secret: &str,
+        bucket: &str,
+    ) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(garage_bin())
+            .args([
+                "-c",
+                config.to_str().unwrap(),
+                "server",
+                "--single-node",
+                "--default-bucket",
+            ])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", key_id)
+            .env("GARAGE_DEFAULT_SECRET_KEY", secret)
+            .env("GARAGE_DEFAULT_BUCKET", bucket)
+            .env("RUST_LOG", "garage=warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("garage starts")
+    }
+
+    /// SIGKILL, like a crashed machine or the OOM killer; the data and metadata directories stay.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again (after [`GarageServer::kill`]) on the same ports, directories and
+    /// credentials, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(
+            &self.config_path,
+            &self.log_path(),
+            &self.key_id,
+            &self.secret,
+            &self.bucket,
+        );
+        self.wait_ready();
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self._dir.path().join("garage.log")
+    }
+
+    /// The server's log so far (for assertion messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Bytes in the server's data directory: grows as parts of an upload are stored.
+    pub fn data_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|entry| match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => walk(&entry.path()),
+                    Ok(_) => entry.metadata().map(|m| m.len()).unwrap_or(0),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self._dir.path().join("data"))
     }
 
     /// Environment a client needs to reach this server.
@@ -198,6 +279,17 @@ impl GarageServer {
         ]
     }
 
+    /// Options that reach this server from this process without touching the environment (so tests
+    /// with their own servers can run in parallel).
+    pub fn s3_options(&self) -> S3Options {
+        S3Options {
+            endpoint: Some(self.endpoint.clone()),
+            region: Some("garage".into()),
+            credentials: Some((self.key_id.clone(), self.secret.clone())),
+            ..S3Options::default()
+        }
+    }
+
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{}/{prefix}", self.bucket)
     }
@@ -206,23 +298,46 @@ impl GarageServer {
     fn wait_ready(&self) {
         let started = std::time::Instant::now();
         loop {
-            let out = self.cellfleet(&["corpus", "inspect", &self.url("readiness-probe")]);
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            if stderr.contains("no corpus at") {
-                return;
-            }
+            let answer = match &self.bin {
+                Some(_) => {
+                    let out = self.cellfleet(&["corpus", "inspect", &self.url("readiness-probe")]);
+                    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                    if stderr.contains("no corpus at") {
+                        return;
+                    }
+                    stderr
+                }
+                None => match self.probe_in_process() {
+                    Ok(()) => return,
+                    Err(e) => e.to_string(),
+                },
+            };
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(30),
-                "Garage did not become ready within 30 s; last answer: {stderr}; log: {}",
-                std::fs::read_to_string(self._dir.path().join("garage.log")).unwrap_or_default()
+                "Garage did not become ready within 30 s; last answer: {answer}; log: {}",
+                self.log_text()
             );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
 
+    fn probe_in_process(&self) -> cellfleet_shared::Result<()> {
+        let options = S3Options {
+            retry_timeout: Some(std::time::Duration::from_secs(1)),
+            ..self.s3_options()
+        };
+        let store = cellfleet_shared::store::Store::open(&self.url("readiness-probe"), &options)?;
+        store.list_folders("")?;
+        Ok(())
+    }
+
     /// Runs `cellfleet ARGS` with this server's credentials.
     pub fn cellfleet(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
+        let bin = self
+            .bin
+            .as_ref()
+            .expect("this server was started without a cellfleet binary");
+        Command::new(bin)
             .args(args)
             .envs(self.env())
             .env("CELLFLEET_QUIET", "1")
@@ -320,6 +435,25 @@ impl Process {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
+            .env("CELLFLEET_QUIET", "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("cellfleet starts");
+        Self { child, log }
+    }
+
+    /// Like [`Process::spawn`], with extra environment (e.g. [`GarageServer::env`]).
+    pub fn spawn_with_env(
+        bin: &Path,
+        args: &[&str],
+        env: &[(&'static str, String)],
+        log: PathBuf,
+    ) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("CELLFLEET_QUIET", "1")
             .stdout(file.try_clone().unwrap())
             .stderr(file)

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cellfleet_e2e::{
-    cellfleet_ok, data, free_port, read_safetensors, wait_for, EtcdServer, Process,
+    cellfleet, cellfleet_ok, data, free_port, read_safetensors, wait_for, EtcdServer, Process,
 };
 use cellfleet_shared::meta::{conformance, EtcdStore};
 
@@ -105,10 +105,25 @@ fn highest_generation(out: &Path) -> u64 {
 /// per rank, and every completed epoch consumed each training sample (cell, clone) exactly once.
 fn assert_epochs_exactly_once(out: &Path, generation: u64, steps: u64, corpus: &str) {
     let by_step = samples_by_step(out, generation);
+    assert_epochs_of_steps_exactly_once(
+        &by_step,
+        steps,
+        corpus,
+        &format!("generation {generation}"),
+    );
+}
+
+/// The same audit over steps joined from several generations.
+fn assert_epochs_of_steps_exactly_once(
+    by_step: &BTreeMap<u64, Vec<(u64, u32)>>,
+    steps: u64,
+    corpus: &str,
+    what: &str,
+) {
     assert_eq!(
         by_step.keys().copied().collect::<Vec<_>>(),
         (1..=steps).collect::<Vec<_>>(),
-        "generation {generation} logged every step once"
+        "{what} logged every step once"
     );
     // The training side of the split, computed here from the corpus and the split rule.
     let corpus = cellfleet_e2e::open_corpus(corpus);
@@ -256,6 +271,112 @@ fn late_joiner_is_admitted_and_a_killed_worker_is_survived() {
     assert!(out.join("model.safetensors").is_file());
     assert_eq!(highest_generation(&out), 3);
     assert_epochs_exactly_once(&out, 3, steps, &corpus);
+}
+
+#[test]
+fn a_lost_worker_is_recovered_from_the_newest_checkpoint_recorded_in_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let corpus = small_corpus(dir.path());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let flags = ["--etcd", etcd.endpoint.as_str(), "--lease-ttl", "2"];
+    let _coordinator = coordinator(dir.path(), port, &flags, "coordinator.log");
+    let first = worker(dir.path(), &url, "worker-a");
+    let mut second = worker(dir.path(), &url, "worker-b");
+    // Both registered before the job arrives, so generation 1 has both.
+    wait_for("both workers to register", Duration::from_secs(30), || {
+        let listed = cellfleet(bin(), &["job", "--coordinator", &url, "workers"]);
+        String::from_utf8_lossy(&listed.stdout)
+            .matches(" yes ")
+            .count()
+            == 2
+    });
+    let out = dir.path().join("model");
+    let ckpt = dir.path().join("ckpt");
+    let steps = 200u64;
+    let mut client = Process::spawn(
+        bin(),
+        &[
+            "train",
+            "--coordinator",
+            &url,
+            "--corpus",
+            &corpus,
+            "--out",
+            &s(&out),
+            "--preset",
+            "tiny",
+            "--steps",
+            "200",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--min-workers",
+            "1",
+            "--max-workers",
+            "2",
+            "--sample-log",
+            "--collective-timeout",
+            "5",
+            "--checkpoint",
+            &s(&ckpt),
+            "--checkpoint-every",
+            "20",
+        ],
+        dir.path().join("client.log"),
+    );
+    let latest = || {
+        std::fs::read_to_string(ckpt.join("latest"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    wait_for(
+        "checkpoint 40 to be committed",
+        Duration::from_secs(120),
+        || latest() >= 40,
+    );
+    second.kill();
+    let status = client.wait(Duration::from_secs(240));
+    let text = client.log_text();
+    assert!(status.success(), "the job finishes:\n{text}");
+    assert!(
+        text.contains("1 workers in generation 2 (1 re-formations)"),
+        "{text}"
+    );
+    // The survivor restored the newest committed checkpoint instead of starting over.
+    let survivor = first.log_text();
+    let restored: u64 = survivor
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("restored checkpoint step ").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("the survivor restored a checkpoint:\n{survivor}"));
+    assert!(restored >= 40 && restored % 20 == 0, "{survivor}");
+    // Generation 1's steps up to the checkpoint and generation 2's after it are one run: every step
+    // once, every completed epoch each sample once.
+    let mut joined: BTreeMap<u64, Vec<(u64, u32)>> = samples_by_step(&out, 1)
+        .into_iter()
+        .filter(|(step, _)| *step <= restored)
+        .collect();
+    let resumed = samples_by_step(&out, 2);
+    assert_eq!(
+        resumed.keys().next(),
+        Some(&(restored + 1)),
+        "generation 2 starts after the checkpoint"
+    );
+    joined.extend(resumed);
+    assert_epochs_of_steps_exactly_once(&joined, steps, &corpus, "generations 1 and 2");
+    let listing = cellfleet_ok(bin(), &["ckpt", "ls", &s(&ckpt)]);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.trim_start().starts_with("200 ") && l.contains("<- latest")),
+        "{listing}"
+    );
 }
 
 #[test]
