@@ -125,11 +125,7 @@ pub fn safetensors_image(tensors: &[(String, &Tensor)]) -> anyhow::Result<Vec<u8
         .iter()
         .zip(&shapes)
         .zip(&dtypes)
-        .map(|(((name, _), shape), dtype)| TensorSpec {
-            name,
-            dtype,
-            shape,
-        })
+        .map(|(((name, _), shape), dtype)| TensorSpec { name, dtype, shape })
         .collect();
     let (mut image, ranges) = safetensors::layout(&specs, &BTreeMap::new())?;
     for ((_, tensor), range) in tensors.iter().zip(ranges) {
@@ -184,14 +180,34 @@ impl Snapshot {
     }
 }
 
+/// A checkpoint object that fails its manifest's size or hash check (or is missing): the checkpoint is
+/// unusable, an older one may not be.
+#[derive(Debug)]
+pub struct Unusable(pub Problem);
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Unusable {}
+
+/// Reads object `name`, size- and hash-checked.
+fn read_object(
+    checkpoints: &Checkpoints,
+    manifest: &CheckpointManifest,
+    name: &str,
+) -> anyhow::Result<Vec<u8>> {
+    Ok(checkpoints.read(manifest, name)?.map_err(Unusable)?)
+}
+
 /// Reads (and verifies) only the state object of a checkpoint: its settings and position.
 pub fn read_state(
     checkpoints: &Checkpoints,
     manifest: &CheckpointManifest,
 ) -> anyhow::Result<TrainState> {
-    let bytes = checkpoints
-        .read(manifest, STATE_OBJECT)?
-        .map_err(|p| anyhow::anyhow!("{p}"))?;
+    let bytes = read_object(checkpoints, manifest, STATE_OBJECT)?;
     let state: TrainState = serde_json::from_slice(&bytes).with_context(|| {
         format!(
             "{}/{}/{STATE_OBJECT} is unreadable",
@@ -224,11 +240,7 @@ pub struct Restored {
 impl Restored {
     /// Reads checkpoint `manifest.step` of `checkpoints`: every object's size and hash is checked first.
     pub fn read(checkpoints: &Checkpoints, manifest: &CheckpointManifest) -> anyhow::Result<Self> {
-        let object = |name: &str| -> anyhow::Result<Vec<u8>> {
-            checkpoints
-                .read(manifest, name)?
-                .map_err(|p| anyhow::anyhow!("{p}"))
-        };
+        let object = |name: &str| read_object(checkpoints, manifest, name);
         let what = |name: &str| {
             format!(
                 "{}/{}/{name}",
@@ -325,7 +337,12 @@ pub fn config_differences(saved: &TrainConfig, now: &TrainConfig) -> Vec<String>
                     } else {
                         format!("{prefix}.{key}")
                     };
-                    walk(&path, x.get(key).unwrap_or(&null), y.get(key).unwrap_or(&null), out);
+                    walk(
+                        &path,
+                        x.get(key).unwrap_or(&null),
+                        y.get(key).unwrap_or(&null),
+                        out,
+                    );
                 }
             }
             _ if a != b => out.push(format!("{prefix}: {a} -> {b}")),
@@ -388,9 +405,9 @@ pub fn split_step_url(url: &str) -> (String, Option<u64>) {
 
 /// Opens the checkpoints of the run at `url`.
 pub fn open_run(url: &str, s3: &S3Options) -> anyhow::Result<Checkpoints> {
-    Ok(Checkpoints::new(Store::open(url, s3).with_context(|| {
-        format!("cannot open checkpoint location {url}")
-    })?))
+    Ok(Checkpoints::new(Store::open(url, s3).with_context(
+        || format!("cannot open checkpoint location {url}"),
+    )?))
 }
 
 /// Finds the checkpoint `target` names (the run location `run` for `latest` and a step) and verifies it.
@@ -428,7 +445,9 @@ pub fn resolve(
                     }
                 );
             }
-            let manifest = checkpoints.manifest(step)?.map_err(|p| anyhow::anyhow!("{p}"))?;
+            let manifest = checkpoints
+                .manifest(step)?
+                .map_err(|p| anyhow::anyhow!("{p}"))?;
             Ok((checkpoints, manifest))
         }
         None => {
@@ -441,6 +460,63 @@ pub fn resolve(
             }
         }
     }
+}
+
+/// Reads the checkpoint `target` names, downloading each object once: every object is size- and
+/// hash-checked before use. For `latest` (or a run URL) a broken newest checkpoint is reported on stderr
+/// and the previous one tried; a named step that does not verify is an error naming the object at fault.
+pub fn restore(
+    target: &ResumeTarget,
+    run: Option<&str>,
+    s3: &S3Options,
+) -> anyhow::Result<Restored> {
+    let (url, step) = match target {
+        ResumeTarget::Url(url) => split_step_url(url),
+        ResumeTarget::Latest | ResumeTarget::Step(_) => {
+            let Some(run) = run else {
+                bail!("--resume latest or STEP needs --checkpoint URL (where the run's checkpoints are); or pass the checkpoint URL to --resume");
+            };
+            let step = match target {
+                ResumeTarget::Step(s) => Some(*s),
+                _ => None,
+            };
+            (run.trim_end_matches('/').to_string(), step)
+        }
+    };
+    let checkpoints = open_run(&url, s3)?;
+    if let Some(step) = step {
+        let manifest = checkpoints
+            .manifest(step)?
+            .map_err(|p| anyhow::anyhow!("cannot resume from {url}: {p}"))?;
+        return Restored::read(&checkpoints, &manifest)
+            .with_context(|| format!("cannot resume from {url}"));
+    }
+    let mut steps = checkpoints.steps()?;
+    if let Some(latest) = checkpoints.latest_pointer()? {
+        if !steps.contains(&latest) {
+            steps.push(latest);
+            steps.sort_unstable();
+        }
+    }
+    let mut skipped = 0;
+    for step in steps.into_iter().rev() {
+        let problem = match checkpoints.manifest(step)? {
+            Ok(manifest) => match Restored::read(&checkpoints, &manifest) {
+                Ok(restored) => return Ok(restored),
+                Err(e) => match e.downcast::<Unusable>() {
+                    Ok(Unusable(problem)) => problem,
+                    Err(other) => return Err(other),
+                },
+            },
+            Err(problem) => problem,
+        };
+        skipped += 1;
+        report_skipped(std::slice::from_ref(&problem));
+    }
+    if skipped == 0 {
+        bail!("no checkpoint in {url}");
+    }
+    bail!("no valid checkpoint in {url} (every one has a problem, see above)")
 }
 
 fn report_skipped(skipped: &[Problem]) {
@@ -576,7 +652,9 @@ impl CheckpointWriter {
             }
             Err(e) => {
                 self.stats.failed += 1;
-                eprintln!("warning: checkpoint step {step} failed: {e:#}; the next save tries again");
+                eprintln!(
+                    "warning: checkpoint step {step} failed: {e:#}; the next save tries again"
+                );
                 Err(e.context(format!("checkpoint step {step}")))
             }
         }
@@ -699,10 +777,7 @@ mod tests {
         assert_eq!(split_step_url("/tmp/run"), ("/tmp/run".to_string(), None));
         assert_eq!("latest".parse(), Ok(ResumeTarget::Latest));
         assert_eq!("40".parse(), Ok(ResumeTarget::Step(40)));
-        assert_eq!(
-            "s3://b/r".parse(),
-            Ok(ResumeTarget::Url("s3://b/r".into()))
-        );
+        assert_eq!("s3://b/r".parse(), Ok(ResumeTarget::Url("s3://b/r".into())));
     }
 
     #[test]

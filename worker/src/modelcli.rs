@@ -9,7 +9,7 @@ use cellfleet_shared::store::S3Options;
 use clap::Args;
 
 use crate::checkpointing::{
-    open_run, read_state, resolve, CheckpointPolicy, CheckpointWriter, Restored, ResumeTarget,
+    open_run, read_state, resolve, restore, CheckpointPolicy, CheckpointWriter, ResumeTarget,
 };
 use crate::cluster::{run_local, submit_and_follow, ClusterJob};
 use crate::metrics::ClassificationReport;
@@ -268,24 +268,31 @@ pub fn train_command(
     }
     // A resumed run takes its settings from the checkpoint; flags and --config layer over them, and any
     // change is refused before training starts.
+    // Local runs read the checkpoint once (verified); a cluster client verifies it and the workers read it.
+    let cluster_run = cluster.coordinator.is_some() || cluster.workers.is_some();
     let resume = match &ckpt.resume {
         Some(target) => {
             let started = std::time::Instant::now();
-            let (checkpoints, manifest) = resolve(target, ckpt.checkpoint.as_deref(), s3)?;
-            let state = read_state(&checkpoints, &manifest)?;
+            let (url, step, state, restored) = if cluster_run {
+                let (checkpoints, manifest) = resolve(target, ckpt.checkpoint.as_deref(), s3)?;
+                let state = read_state(&checkpoints, &manifest)?;
+                (checkpoints.url().to_string(), manifest.step, state, None)
+            } else {
+                let restored = restore(target, ckpt.checkpoint.as_deref(), s3)?;
+                let state = restored.state.clone();
+                (restored.url.clone(), state.step, state, Some(restored))
+            };
             eprintln!(
-                "resuming from checkpoint step {} of {} in {} (verified in {:.2}s)",
-                manifest.step,
+                "resuming from checkpoint step {step} of {} in {url} (read and verified in {:.2}s)",
                 state.config.steps,
-                checkpoints.url(),
                 started.elapsed().as_secs_f64()
             );
-            Some((checkpoints, manifest, state))
+            Some((url, step, state, restored))
         }
         None => None,
     };
     let config = match &resume {
-        Some((_, _, state)) => {
+        Some((_, _, state, _)) => {
             let config = flags.config(state.config.clone())?;
             let differences = crate::checkpointing::config_differences(&state.config, &config);
             if !differences.is_empty() {
@@ -301,10 +308,10 @@ pub fn train_command(
     };
     let checkpoint_url = ckpt.checkpoint.clone().or_else(|| {
         // Resuming from a location without --checkpoint keeps saving there.
-        resume.as_ref().map(|(c, _, _)| c.url().to_string())
+        resume.as_ref().map(|(url, _, _, _)| url.clone())
     });
     if let Some(stop) = ckpt.stop_after {
-        let from = resume.as_ref().map_or(0, |(_, m, _)| m.step);
+        let from = resume.as_ref().map_or(0, |(_, step, _, _)| *step);
         if stop <= from || stop > config.steps {
             bail!(
                 "--stop-after {stop} must be after the start step {from} and at most --steps {}",
@@ -317,7 +324,7 @@ pub fn train_command(
     }
     if resume
         .as_ref()
-        .is_some_and(|(_, m, _)| m.step >= config.steps)
+        .is_some_and(|(_, step, _, _)| *step >= config.steps)
     {
         bail!(
             "the checkpoint is of step {}, the end of the run: nothing left to train",
@@ -326,11 +333,8 @@ pub fn train_command(
     }
     let spec = checkpoint_url.map(|url| ckpt.spec(url)).transpose()?;
     let run = flags.runtime.run_options(out)?;
-    if cluster.coordinator.is_some() || cluster.workers.is_some() {
-        let resume = resume.map(|(c, m, _)| RestorePoint {
-            url: c.url().to_string(),
-            step: m.step,
-        });
+    if cluster_run {
+        let resume = resume.map(|(url, step, _, _)| RestorePoint { url, step });
         return cluster_train(
             corpus,
             cluster,
@@ -346,9 +350,7 @@ pub fn train_command(
     let (model, records) = match (spec, resume) {
         (None, None) => pretrain(corpus.clone(), &config, &run)?,
         (spec, resume) => {
-            let resume = resume
-                .map(|(checkpoints, manifest, _)| Restored::read(&checkpoints, &manifest))
-                .transpose()?;
+            let resume = resume.and_then(|(_, _, _, restored)| restored);
             let writer = spec
                 .map(|spec| -> anyhow::Result<CheckpointWriter> {
                     let store_options = S3Options {
