@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod checkpointing;
+pub mod ckptbench;
 pub mod ckptcli;
 pub mod cluster;
 pub mod collective;

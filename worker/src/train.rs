@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpointing::{
-    schedule_of, step_seed, unix_ms, CheckpointWriter, Restored, Snapshot, TrainState,
-    RNG_SCHEME, STATE_FORMAT,
+    schedule_of, step_seed, unix_ms, CheckpointWriter, Restored, Snapshot, TrainState, RNG_SCHEME,
+    STATE_FORMAT,
 };
 use crate::collective::{all_reduce_buckets, broadcast_tensors, Collective, Solo};
 use crate::metrics::{classification_report, ClassificationReport};
@@ -541,7 +541,12 @@ fn train_loop(
         .stop_after
         .unwrap_or(config.steps)
         .min(config.steps);
-    let epoch_len = EpochPlan::part_len(&stream.corpus.manifest, stream.order, stream.split, stream.part)?;
+    let epoch_len = EpochPlan::part_len(
+        &stream.corpus.manifest,
+        stream.order,
+        stream.split,
+        stream.part,
+    )?;
     let corpus_hash = stream.corpus.manifest.content_hash();
     let world = parallel.collective.world();
     let lead = parallel.rank() == 0;
