@@ -2,7 +2,8 @@
 # Sets up the machine, then runs the main job on the embedded default (local files, this machine):
 # ingest the real Kang IFN-beta PBMC data into a tokenized corpus, inspect and verify it, stream augmented,
 # masked pretraining batches from it, pretrain a small MoE model on it with 2 data-parallel worker processes
-# (embedded coordinator, Gloo all-reduce), evaluate it, and fine-tune it on cell types.
+# (embedded coordinator, Gloo all-reduce) in two legs (stop with a checkpoint at step 150, resume from it),
+# evaluate it, and fine-tune it on cell types.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,6 +17,12 @@ rm -rf "$OUT"
 "$CELLFLEET" corpus inspect "$OUT"
 "$CELLFLEET" corpus verify "$OUT"
 "$CELLFLEET" corpus stream "$OUT" --batch-size 8 --batches 3
-"$CELLFLEET" train --corpus "$OUT" --local --workers 2 --threads 1 --preset tiny --steps 300 --batch-size 32 --lr 3e-3 --out "$RUNS/kang-model"
+CKPT=$RUNS/kang-ckpt
+rm -rf "$CKPT"
+"$CELLFLEET" train --corpus "$OUT" --local --workers 2 --threads 1 --preset tiny --steps 300 --batch-size 32 --lr 3e-3 --out "$RUNS/kang-model" \
+  --checkpoint "$CKPT" --checkpoint-every 50 --stop-after 150
+"$CELLFLEET" ckpt ls "$CKPT"
+"$CELLFLEET" train --corpus "$OUT" --local --workers 2 --threads 1 --out "$RUNS/kang-model" --checkpoint "$CKPT" --resume latest
+"$CELLFLEET" ckpt verify "$CKPT"
 "$CELLFLEET" eval --corpus "$OUT" --weights "$RUNS/kang-model"
 "$CELLFLEET" finetune --corpus "$OUT" --weights "$RUNS/kang-model" --label-col cell_type --out "$RUNS/kang-celltype"
