@@ -603,6 +603,37 @@ async fn rejected_requests_get_clear_statuses() {
         status.message().contains("generation 7 does not exist"),
         "{status:?}"
     );
+    // A checkpoint commit from a generation that is not current is refused (the committer must not move
+    // `latest`), as is one for an unknown job.
+    for (job_id, generation, expected) in [
+        (id.clone(), 3, "generation 3 does not exist"),
+        ("job-nope".to_string(), 1, "unknown job"),
+    ] {
+        let answer = client
+            .commit_checkpoint(pb::CheckpointCommit {
+                worker_id: "w".into(),
+                job_id,
+                generation,
+                step: 10,
+                url: "/tmp/ckpt".into(),
+                manifest_blake3: "00".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!answer.accepted);
+        assert!(answer.reason.contains(expected), "{answer:?}");
+    }
+    // Resume and stop points are checked against the schedule.
+    let mut bad = spec.clone();
+    bad["resume"] = serde_json::json!({"url": "/tmp/ckpt", "step": 5});
+    let status = client
+        .submit_job(pb::SubmitJobRequest {
+            spec_json: bad.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("`resume.step` 5"), "{status:?}");
     client
         .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
         .await
