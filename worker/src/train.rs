@@ -511,6 +511,31 @@ impl Parallel<'_> {
 #[error("stopped: the generation was superseded")]
 pub struct Aborted;
 
+/// Opens the step log for a run starting after `start_step`: a resumed run keeps the lines of the steps
+/// up to its checkpoint (and drops any its predecessor logged past it), so the log is the run's history.
+fn open_step_log(path: &Path, start_step: u64) -> anyhow::Result<fs::File> {
+    let kept: String = if start_step > 0 {
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|step| step <= start_step)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect()
+    } else {
+        String::new()
+    };
+    fs::write(path, kept).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
 /// The loop shared by pretraining and fine-tuning: `loss_of` turns this rank's batch into loss parts.
 fn train_loop(
     model: &CellModel,
@@ -560,10 +585,7 @@ fn train_loop(
     // One step log per run, written by rank 0 (the numbers are global).
     let log_path = run.out.join(format!("{what}_log.jsonl"));
     let mut log = if lead {
-        Some(
-            fs::File::create(&log_path)
-                .with_context(|| format!("cannot create {}", log_path.display()))?,
-        )
+        Some(open_step_log(&log_path, start_step)?)
     } else {
         None
     };
