@@ -98,7 +98,7 @@ pub fn layout(
     }
     let mut json = serde_json::to_vec(&header).expect("plain");
     // The data start is kept 8-byte aligned, as the reference writer does.
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let start = 8 + json.len();

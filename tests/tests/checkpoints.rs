@@ -352,7 +352,8 @@ fn exported_weights_give_the_same_cell_embeddings_in_pytorch() {
         mask: MaskConfig { ratio: 0.0 },
         ..LoaderConfig::default()
     };
-    let batch = Loader::spawn(corpus, plan, vec![0..6], config)
+    let first_six = std::iter::once(0..6).collect();
+    let batch = Loader::spawn(corpus, plan, first_six, config)
         .unwrap()
         .next()
         .unwrap()

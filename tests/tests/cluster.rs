@@ -355,7 +355,7 @@ fn a_lost_worker_is_recovered_from_the_newest_checkpoint_recorded_in_etcd() {
             rest.split_whitespace().next()?.parse().ok()
         })
         .unwrap_or_else(|| panic!("the survivor restored a checkpoint:\n{survivor}"));
-    assert!(restored >= 40 && restored % 20 == 0, "{survivor}");
+    assert!(restored >= 40 && restored.is_multiple_of(20), "{survivor}");
     // Generation 1's steps up to the checkpoint and generation 2's after it are one run: every step
     // once, every completed epoch each sample once.
     let mut joined: BTreeMap<u64, Vec<(u64, u32)>> = samples_by_step(&out, 1)

@@ -597,7 +597,7 @@ impl CheckpointWriter {
 
     /// Whether a periodic save is due after `step` steps.
     pub fn due(&self, step: u64) -> bool {
-        self.policy.every > 0 && step % self.policy.every == 0
+        self.policy.every > 0 && step.is_multiple_of(self.policy.every)
     }
 
     /// True while a save is uploading; a finished one is collected (and logged) first.

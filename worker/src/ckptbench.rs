@@ -14,7 +14,9 @@ use tch::Device;
 use crate::checkpointing::{open_run, restore, CheckpointPolicy, CheckpointWriter, ResumeTarget};
 use crate::collective::Solo;
 use crate::model::Preset;
-use crate::train::{pretrain_parallel, Checkpointing, Parallel, RunOptions, StepRecord, TrainConfig};
+use crate::train::{
+    pretrain_parallel, Checkpointing, Parallel, RunOptions, StepRecord, TrainConfig,
+};
 
 /// What to run.
 pub struct TrainingSaveBench {
@@ -46,7 +48,11 @@ fn run(
     config: &TrainConfig,
     out: &std::path::Path,
     checkpointing: Checkpointing,
-) -> anyhow::Result<(Vec<StepRecord>, Option<crate::checkpointing::SaveStats>, f64)> {
+) -> anyhow::Result<(
+    Vec<StepRecord>,
+    Option<crate::checkpointing::SaveStats>,
+    f64,
+)> {
     let options = RunOptions {
         device: Device::Cpu,
         threads: bench.threads,
@@ -68,7 +74,11 @@ fn run(
         checkpointing,
     };
     let (_, records) = pretrain_parallel(corpus.clone(), config, &options, &mut parallel)?;
-    let stats = parallel.checkpointing.writer.as_ref().map(|w| w.stats.clone());
+    let stats = parallel
+        .checkpointing
+        .writer
+        .as_ref()
+        .map(|w| w.stats.clone());
     drop(parallel);
     Ok((records, stats, first_step.unwrap_or(f64::NAN)))
 }

@@ -22,7 +22,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args, Clone, Debug, Default)]
+#[derive(Args, Clone, Default)]
 struct S3Args {
     /// S3 endpoint URL for s3:// locations (default: AWS_ENDPOINT_URL / AWS_ENDPOINT)
     #[arg(long, global = true)]
@@ -30,6 +30,12 @@ struct S3Args {
     /// S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)
     #[arg(long, global = true)]
     s3_region: Option<String>,
+    /// S3 access key id (default: AWS_ACCESS_KEY_ID); needs --s3-secret-access-key
+    #[arg(long, global = true, requires = "s3_secret_access_key")]
+    s3_access_key_id: Option<String>,
+    /// S3 secret access key (default: AWS_SECRET_ACCESS_KEY; the variable keeps it out of `ps`)
+    #[arg(long, global = true, requires = "s3_access_key_id")]
+    s3_secret_access_key: Option<String>,
 }
 
 impl S3Args {
@@ -37,6 +43,10 @@ impl S3Args {
         S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
+            credentials: self
+                .s3_access_key_id
+                .clone()
+                .zip(self.s3_secret_access_key.clone()),
             ..S3Options::default()
         }
     }
