@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checkpoint save/restore throughput against raw PUT/GET of the same bytes, on a throwaway single-node
 # Garage S3 server (the binary scripts/setup.sh caches), configured like the tests' GarageServer. Extra
-# arguments go to `cellfleet bench ckpt` (e.g. --preset small --rounds 5).
+# arguments go to `cellfleet bench ckpt` (e.g. --preset small --rounds 5), or, after a first argument
+# `ckpt-training`, to `cellfleet bench ckpt-training` (e.g. ckpt-training --corpus runs/kang-corpus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,4 +71,10 @@ if [ -z "${ready:-}" ]; then
   exit 1
 fi
 
-"$CELLFLEET" bench ckpt --store "s3://$bucket/bench" "$@"
+# `bench-ckpt.sh ckpt-training --corpus URL ...` runs the training-side benchmark against the same server.
+if [ "${1:-}" = "ckpt-training" ]; then
+  shift
+  "$CELLFLEET" bench ckpt-training --store "s3://$bucket/training" "$@"
+else
+  "$CELLFLEET" bench ckpt --store "s3://$bucket/bench" "$@"
+fi

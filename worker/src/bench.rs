@@ -139,6 +139,30 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         part_mib: usize,
     },
+    /// What checkpointing costs a training run, against the same run without checkpoints: the blocking
+    /// snapshot per save, step time while an upload runs, and --resume to the first completed step
+    CkptTraining {
+        /// Corpus to train on (e.g. the main job's Kang corpus)
+        #[arg(long)]
+        corpus: String,
+        /// Checkpoint location (e.g. s3://bucket/bench); each run writes under a fresh prefix
+        #[arg(long)]
+        store: String,
+        #[arg(long, value_enum, default_value = "small")]
+        preset: crate::model::Preset,
+        #[arg(long, default_value_t = 16)]
+        batch_size: u32,
+        #[arg(long, default_value_t = 60)]
+        steps: u64,
+        /// Steps between checkpoints
+        #[arg(long, default_value_t = 10)]
+        every: u64,
+        /// libtorch threads (the upload runs beside them)
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value = "runs/bench-ckpt-training")]
+        out: PathBuf,
+    },
     /// (internal) one rank of one side of `bench allreduce`
     #[command(hide = true)]
     AllreduceChild {
@@ -309,6 +333,31 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             let result = crate::cluster::bench_cluster(&corpus, &config, &dir);
             let _ = std::fs::remove_dir_all(&dir);
             result
+        }
+        BenchCommand::CkptTraining {
+            corpus,
+            store,
+            preset,
+            batch_size,
+            steps,
+            every,
+            threads,
+            out,
+        } => {
+            if every == 0 || steps < every + 2 {
+                anyhow::bail!("need --every >= 1 and --steps >= --every + 2");
+            }
+            crate::ckptbench::bench_training_saves(&crate::ckptbench::TrainingSaveBench {
+                corpus,
+                store,
+                s3: cellfleet_shared::store::S3Options::default(),
+                preset,
+                batch_size,
+                steps,
+                every,
+                threads: threads.max(1),
+                out,
+            })
         }
         BenchCommand::Ckpt {
             store,
