@@ -403,7 +403,19 @@ pub fn split_step_url(url: &str) -> (String, Option<u64>) {
     (trimmed.to_string(), None)
 }
 
-/// Opens the checkpoints of the run at `url`.
+/// Opens the checkpoints of an existing run for reading: a local location that does not exist is an
+/// error (opening it for writing would create it).
+pub fn open_existing_run(url: &str, s3: &S3Options) -> anyhow::Result<Checkpoints> {
+    if !url.contains("://") || url.starts_with("file://") {
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        if !std::path::Path::new(path).is_dir() {
+            bail!("no checkpoints at {url}: the directory does not exist");
+        }
+    }
+    open_run(url, s3)
+}
+
+/// Opens the checkpoints of the run at `url` (a local directory is created when missing).
 pub fn open_run(url: &str, s3: &S3Options) -> anyhow::Result<Checkpoints> {
     Ok(Checkpoints::new(Store::open(url, s3).with_context(
         || format!("cannot open checkpoint location {url}"),
@@ -431,7 +443,7 @@ pub fn resolve(
             (run.trim_end_matches('/').to_string(), step)
         }
     };
-    let checkpoints = open_run(&url, s3)?;
+    let checkpoints = open_existing_run(&url, s3)?;
     match step {
         Some(step) => {
             let problems = checkpoints.verify(step)?;
@@ -483,7 +495,7 @@ pub fn restore(
             (run.trim_end_matches('/').to_string(), step)
         }
     };
-    let checkpoints = open_run(&url, s3)?;
+    let checkpoints = open_existing_run(&url, s3)?;
     if let Some(step) = step {
         let manifest = checkpoints
             .manifest(step)?

@@ -7,7 +7,7 @@ use cellfleet_shared::checkpoint::{step_folder, CheckpointManifest, Checkpoints}
 use cellfleet_shared::store::S3Options;
 use clap::Subcommand;
 
-use crate::checkpointing::{open_run, read_state, split_step_url, MODEL_OBJECT};
+use crate::checkpointing::{open_existing_run, read_state, split_step_url, MODEL_OBJECT};
 use crate::train::{vocabulary_hash, ModelInfo, INFO_FILE, MODEL_INFO_FORMAT};
 
 #[derive(Subcommand, Debug)]
@@ -57,7 +57,7 @@ fn locate(
             bail!("--step {a} contradicts the URL's {}", step_folder(b));
         }
     }
-    Ok((open_run(&run, s3)?, step.or(in_url)))
+    Ok((open_existing_run(&run, s3)?, step.or(in_url)))
 }
 
 /// The manifest of `step`, or of the newest checkpoint with a manifest.
