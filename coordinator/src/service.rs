@@ -439,6 +439,11 @@ impl Coordinator {
                             .as_ref()
                             .map(|r| r.url.clone())
                             .unwrap_or_default(),
+                        restore_manifest_blake3: job
+                            .restore
+                            .as_ref()
+                            .map(|r| r.manifest_blake3.clone())
+                            .unwrap_or_default(),
                     })),
                 };
             }
@@ -786,6 +791,7 @@ impl pb::coordinator_server::Coordinator for Service {
         job.restore = Some(RestorePoint {
             url: commit.url.clone(),
             step: commit.step,
+            manifest_blake3: commit.manifest_blake3.clone(),
         });
         let bytes = serde_json::to_vec(&job).map_err(internal)?;
         if self

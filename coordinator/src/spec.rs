@@ -71,6 +71,9 @@ fn default_store_retry_ms() -> u64 {
 pub struct RestorePoint {
     pub url: String,
     pub step: u64,
+    /// blake3 of the manifest rank 0 committed (empty when the client named the checkpoint).
+    #[serde(default)]
+    pub manifest_blake3: String,
 }
 
 fn default_collective_timeout_ms() -> u64 {

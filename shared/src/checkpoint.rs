@@ -109,7 +109,8 @@ impl Inflater {
     fn new(raw_bytes: u64) -> std::io::Result<Self> {
         Ok(Self {
             decoder: zstd::stream::raw::Decoder::new()?,
-            raw: Vec::with_capacity(raw_bytes as usize),
+            // The manifest is not itself hashed: a corrupt size must not reserve absurd memory up front.
+            raw: Vec::with_capacity(raw_bytes.min(1 << 30) as usize),
             raw_bytes,
             inside_frame: false,
             failure: None,
@@ -124,6 +125,15 @@ impl Inflater {
         let mut input = InBuffer::around(stored);
         while input.pos() < stored.len() {
             let before = (input.pos(), self.raw.len());
+            // Grow in steps up to the manifest's size, never past it: output beyond it stalls the decoder,
+            // which is reported below.
+            let want = (self.raw_bytes as usize)
+                .saturating_sub(self.raw.len())
+                .min(64 << 20);
+            let spare = self.raw.capacity() - self.raw.len();
+            if spare < want {
+                self.raw.reserve_exact(want - spare);
+            }
             let at = self.raw.len();
             let mut output = OutBuffer::around_pos(&mut self.raw, at);
             match self.decoder.run(&mut input, &mut output) {
@@ -565,15 +575,7 @@ impl Checkpoints {
     /// The newest checkpoint that verifies, with the problems of every newer one that was passed over.
     pub fn newest_valid(&self) -> Result<(Option<CheckpointManifest>, Vec<Problem>)> {
         let mut skipped = Vec::new();
-        let mut steps = self.steps()?;
-        // The pointer may name a step whose folder a listing has not caught up with yet; try it as well.
-        if let Some(latest) = self.latest_pointer()? {
-            if !steps.contains(&latest) {
-                steps.push(latest);
-                steps.sort_unstable();
-            }
-        }
-        for &step in steps.iter().rev() {
+        for step in self.committed_steps()? {
             let problems = self.verify(step)?;
             if problems.is_empty() {
                 if let Ok(manifest) = self.manifest(step)? {
@@ -585,14 +587,37 @@ impl Checkpoints {
         Ok((None, skipped))
     }
 
+    /// The steps readers may use, newest first: `latest` and the steps below it. A folder above `latest`
+    /// was never committed (a save still writing or abandoned, a commit the coordinator refused, or the
+    /// rest of a branch a run resumed from an older step replaced). Without a readable pointer, every step.
+    pub fn committed_steps(&self) -> Result<Vec<u64>> {
+        let mut steps = self.steps()?;
+        if let Some(latest) = self.latest_pointer()? {
+            // The pointer may name a step a listing has not caught up with yet.
+            if !steps.contains(&latest) {
+                steps.push(latest);
+                steps.sort_unstable();
+            }
+            steps.retain(|&s| s <= latest);
+        }
+        steps.reverse();
+        Ok(steps)
+    }
+
     /// Deletes committed checkpoints except the newest `keep_last` and every one whose step is a multiple of
-    /// `keep_every` (0: none kept that way). Folders without a manifest older than the newest committed
-    /// checkpoint (abandoned saves) are deleted too. Returns the deleted steps.
+    /// `keep_every` (0: none kept that way), and every folder that is not a committed checkpoint: above
+    /// `latest`, or without a manifest below the newest committed one. Only the run's committer calls this,
+    /// right after moving `latest`, when none of its own saves is in flight. Returns the deleted steps.
     pub fn retain(&self, keep_last: usize, keep_every: u64) -> Result<Vec<u64>> {
         let steps = self.steps()?;
+        let latest = self.latest_pointer()?;
         let mut committed = Vec::new();
         let mut abandoned = Vec::new();
         for &step in &steps {
+            if latest.is_some_and(|l| step > l) {
+                abandoned.push(step);
+                continue;
+            }
             match self.manifest(step)? {
                 Ok(m) => committed.push((step, m)),
                 Err(_) => abandoned.push(step),
@@ -616,8 +641,10 @@ impl Checkpoints {
             deleted.push(*step);
         }
         for step in abandoned {
-            if newest.is_some_and(|n| step < n) {
-                // Without a manifest the object names are unknown; a failed save writes only these.
+            if newest.is_some_and(|n| step < n) || latest.is_some_and(|l| step > l) {
+                // The manifest (if any) goes first; then whatever objects the folder holds.
+                self.store
+                    .delete(&format!("{}/{MANIFEST_FILE}", step_folder(step)))?;
                 for name in self.store.list_objects(&step_folder(step))? {
                     self.store
                         .delete(&format!("{}/{name}", step_folder(step)))?;
@@ -712,15 +739,21 @@ mod tests {
         assert_eq!(c.latest_pointer().unwrap(), Some(500));
         let (newest, skipped) = c.newest_valid().unwrap();
         assert_eq!(newest.unwrap().step, 500);
-        assert_eq!(skipped[0].object, MANIFEST_FILE);
-        // Keep the last 2 and every 200th: 100 and 300 go; the unfinished 600 is newer than every
-        // committed checkpoint, so it stays (a save may still be writing it).
-        assert_eq!(c.retain(2, 200).unwrap(), [100, 300]);
-        assert_eq!(c.steps().unwrap(), [200, 400, 500, 600]);
-        // Once 700 is committed the unfinished 600 is abandoned; 400 stays as a multiple of 200.
-        save(&c, 700);
-        assert_eq!(c.retain(2, 200).unwrap(), [600]);
-        assert_eq!(c.steps().unwrap(), [200, 400, 500, 700]);
+        assert!(
+            skipped.is_empty(),
+            "a folder above `latest` is not a candidate"
+        );
+        // Keep the last 2 and every 200th: 100 and 300 go, and so does the unfinished 600 above `latest`
+        // (retention runs in the committer when none of its saves is in flight).
+        assert_eq!(c.retain(2, 200).unwrap(), [100, 300, 600]);
+        assert_eq!(c.steps().unwrap(), [200, 400, 500]);
+        // A run resumed from 400 commits 450: 500 (the replaced branch) is no longer readable, and goes.
+        c.move_latest(400).unwrap();
+        save(&c, 450);
+        assert_eq!(c.committed_steps().unwrap(), [450, 400, 200]);
+        assert_eq!(c.newest_valid().unwrap().0.unwrap().step, 450);
+        assert_eq!(c.retain(1, 0).unwrap(), [200, 400, 500]);
+        assert_eq!(c.steps().unwrap(), [450]);
     }
 
     /// Bytes zstd cannot shrink (so the stored size, and with it the part count, is predictable), with a

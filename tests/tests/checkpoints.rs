@@ -409,8 +409,9 @@ fn the_s3_server_dying_during_an_upload_fails_one_save_and_training_goes_on() {
     let mut garage = GarageServer::start(bin());
     let run_url = garage.url("runs/outage");
     let out = s(&dir.path().join("out"));
-    // Saves every 100 steps capped at 1 MB/s (a 2.3 MB checkpoint takes ~2 s to upload), requests give
-    // up after 3 s; 300 steps leave ~100 steps between the failed save and the next.
+    // Saves every 100 steps capped at 0.3 MB/s (a 2.3 MB checkpoint takes ~8 s to upload, so the kill
+    // lands mid-upload with room to spare), requests give up after 3 s; 300 steps leave ~100 steps
+    // between the failed save and the final one (which also retries an unreachable store).
     let mut args = train_args(&corpus, "300", "64", &out);
     args.extend([
         "--checkpoint",
@@ -418,7 +419,7 @@ fn the_s3_server_dying_during_an_upload_fails_one_save_and_training_goes_on() {
         "--checkpoint-every",
         "100",
         "--upload-limit",
-        "1",
+        "0.3",
         "--store-retry",
         "3",
     ]);

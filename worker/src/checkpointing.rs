@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use cellfleet_shared::checkpoint::{
@@ -446,6 +446,7 @@ pub fn resolve(
     let checkpoints = open_existing_run(&url, s3)?;
     match step {
         Some(step) => {
+            named_step(&checkpoints, &url, step)?;
             let problems = checkpoints.verify(step)?;
             if let Some(first) = problems.first() {
                 bail!(
@@ -497,21 +498,12 @@ pub fn restore(
     };
     let checkpoints = open_existing_run(&url, s3)?;
     if let Some(step) = step {
-        let manifest = checkpoints
-            .manifest(step)?
-            .map_err(|p| anyhow::anyhow!("cannot resume from {url}: {p}"))?;
+        let manifest = named_step(&checkpoints, &url, step)?;
         return Restored::read(&checkpoints, &manifest)
             .with_context(|| format!("cannot resume from {url}"));
     }
-    let mut steps = checkpoints.steps()?;
-    if let Some(latest) = checkpoints.latest_pointer()? {
-        if !steps.contains(&latest) {
-            steps.push(latest);
-            steps.sort_unstable();
-        }
-    }
     let mut skipped = 0;
-    for step in steps.into_iter().rev() {
+    for step in checkpoints.committed_steps()? {
         let problem = match checkpoints.manifest(step)? {
             Ok(manifest) => match Restored::read(&checkpoints, &manifest) {
                 Ok(restored) => return Ok(restored),
@@ -529,6 +521,37 @@ pub fn restore(
         bail!("no checkpoint in {url}");
     }
     bail!("no valid checkpoint in {url} (every one has a problem, see above)")
+}
+
+/// The manifest of a step named explicitly; a step that does not exist is named with the ones that do.
+fn named_step(
+    checkpoints: &Checkpoints,
+    url: &str,
+    step: u64,
+) -> anyhow::Result<CheckpointManifest> {
+    match checkpoints.manifest(step)? {
+        Ok(manifest) => Ok(manifest),
+        Err(problem) => {
+            let steps = checkpoints.steps()?;
+            if steps.contains(&step) {
+                bail!("cannot resume from {url}: {problem}");
+            }
+            let listed: Vec<String> = checkpoints
+                .committed_steps()?
+                .iter()
+                .rev()
+                .map(u64::to_string)
+                .collect();
+            bail!(
+                "there is no checkpoint of step {step} in {url} (committed steps: {})",
+                if listed.is_empty() {
+                    "none".to_string()
+                } else {
+                    listed.join(", ")
+                }
+            )
+        }
+    }
 }
 
 fn report_skipped(skipped: &[Problem]) {
@@ -576,6 +599,8 @@ pub struct SaveStats {
 }
 
 /// Saves checkpoints in the background: at most one save in flight, so memory holds at most one snapshot.
+/// Dropping the writer waits for the save in flight: a superseded generation's save must end before its
+/// worker starts the next generation (it stops before writing its manifest).
 pub struct CheckpointWriter {
     checkpoints: Arc<Checkpoints>,
     pub policy: CheckpointPolicy,
@@ -673,7 +698,10 @@ impl CheckpointWriter {
     }
 
     /// Starts saving `snapshot` in the background (the caller checked `busy()`).
-    pub fn start(&mut self, snapshot: Snapshot, stall_seconds: f64) {
+    /// Starts saving `snapshot` in the background (the caller checked `busy()`), trying up to `attempts`
+    /// times: periodic saves try once (the next one comes soon), the final one retries an unreachable
+    /// store with a growing pause.
+    pub fn start(&mut self, snapshot: Snapshot, stall_seconds: f64, attempts: u32) {
         self.stats.stall_seconds += stall_seconds;
         self.stats.max_stall_seconds = self.stats.max_stall_seconds.max(stall_seconds);
         let step = snapshot.state.step;
@@ -683,7 +711,26 @@ impl CheckpointWriter {
         let abort = self.abort.clone();
         let handle = std::thread::Builder::new()
             .name(format!("checkpoint-{step}"))
-            .spawn(move || save(&checkpoints, snapshot, &policy, gate, abort))
+            .spawn(move || {
+                let mut attempt = 1;
+                loop {
+                    match save(&checkpoints, &snapshot, &policy, gate.clone(), abort.clone()) {
+                        Err(e)
+                            if attempt < attempts
+                                && !abort.as_ref().is_some_and(|a| a.load(Ordering::Relaxed)) =>
+                        {
+                            let pause = Duration::from_secs(2u64 << attempt.min(5));
+                            eprintln!(
+                                "warning: checkpoint step {step} attempt {attempt} of {attempts} failed: {e:#}; retrying in {}s",
+                                pause.as_secs()
+                            );
+                            std::thread::sleep(pause);
+                            attempt += 1;
+                        }
+                        outcome => return outcome,
+                    }
+                }
+            })
             .expect("cannot spawn a thread");
         self.in_flight = Some((step, handle));
     }
@@ -698,9 +745,15 @@ impl CheckpointWriter {
     }
 }
 
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        let _ = self.collect();
+    }
+}
+
 fn save(
     checkpoints: &Checkpoints,
-    snapshot: Snapshot,
+    snapshot: &Snapshot,
     policy: &CheckpointPolicy,
     gate: Option<CommitGate>,
     abort: Option<Arc<AtomicBool>>,

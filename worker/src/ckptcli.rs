@@ -66,7 +66,7 @@ fn manifest_of(checkpoints: &Checkpoints, step: Option<u64>) -> anyhow::Result<C
         Some(step) => step,
         None => {
             let mut newest = None;
-            for step in checkpoints.steps()?.into_iter().rev() {
+            for step in checkpoints.committed_steps()? {
                 if checkpoints.manifest(step)?.is_ok() {
                     newest = Some(step);
                     break;
@@ -104,12 +104,17 @@ pub fn ckpt_command(action: CkptAction, s3: &S3Options) -> anyhow::Result<()> {
                 } else {
                     ""
                 };
+                let status = if latest.is_some_and(|l| step > l) {
+                    "not committed (above latest)"
+                } else {
+                    "committed"
+                };
                 match checkpoints.manifest(step)? {
                     Ok(m) => {
                         let raw: u64 = m.objects.iter().map(|o| o.raw_bytes).sum();
                         let field = |k: &str| m.meta.get(k).and_then(|v| v.as_u64());
                         println!(
-                            "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  committed{marker}",
+                            "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  {status}{marker}",
                             step,
                             mb(raw),
                             mb(m.stored_bytes()),
@@ -178,18 +183,31 @@ pub fn ckpt_command(action: CkptAction, s3: &S3Options) -> anyhow::Result<()> {
                     o.name,
                     mb(o.raw_bytes),
                     mb(o.stored_bytes),
-                    &o.blake3[..16]
+                    o.blake3.get(..16).unwrap_or(&o.blake3)
                 );
             }
         }
         CkptAction::Verify { url, step } => {
             let (checkpoints, step) = locate(&url, step, s3)?;
+            // A run's committed checkpoints are checked; folders above `latest` (a save in progress, or
+            // abandoned) are only mentioned, as they are never read.
             let steps = match step {
                 Some(step) => vec![step],
-                None => checkpoints.steps()?,
+                None => {
+                    let committed = checkpoints.committed_steps()?;
+                    for other in checkpoints.steps()? {
+                        if !committed.contains(&other) {
+                            println!(
+                                "{}: not committed (a save in progress or abandoned), skipped",
+                                step_folder(other)
+                            );
+                        }
+                    }
+                    committed.into_iter().rev().collect()
+                }
             };
             if steps.is_empty() {
-                bail!("no checkpoints in {}", checkpoints.url());
+                bail!("no committed checkpoints in {}", checkpoints.url());
             }
             let mut bad = 0;
             for step in &steps {

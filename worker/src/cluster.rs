@@ -28,7 +28,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::checkpointing::{
-    open_run, resolve, CheckpointPolicy, CheckpointWriter, CommitGate, Restored, ResumeTarget,
+    open_run, restore, CheckpointPolicy, CheckpointWriter, CommitGate, ResumeTarget,
 };
 use crate::collective::{self, CollectiveError, RendezvousStore};
 use crate::model::parse_device;
@@ -350,14 +350,24 @@ fn train_generation(
     };
     let (rank, world) = (train.rank as usize, train.world_size as usize);
     let timeout = Duration::from_millis(spec.collective_timeout_ms);
+    // Restoring a checkpoint can take long (and longer on some ranks than others): it happens before the
+    // group forms, and the ranks wait for each other at a barrier whose wait is not the collective
+    // timeout. A rank that dies meanwhile re-forms the generation, which ends the wait with an error.
+    let checkpointing =
+        generation_checkpointing(train, &spec, &s3, &client, &base.worker_id, handle, abort)?;
     let started = Instant::now();
-    let checkpoint_client = client.clone();
     let store = Arc::new(CoordinatorRendezvous {
         client,
         handle: handle.clone(),
         job: train.job_id.clone(),
         generation: train.generation,
     });
+    if world > 1 && train.start_step > 0 {
+        store.set(&format!("restored/{rank}"), b"1")?;
+        for peer in 0..world {
+            store.get(&format!("restored/{peer}"), RESTORE_BARRIER_TIMEOUT)?;
+        }
+    }
     let mut group = collective::connect(
         store,
         "",
@@ -409,15 +419,6 @@ fn train_generation(
         });
         Ok(())
     };
-    let checkpointing = generation_checkpointing(
-        train,
-        &spec,
-        &s3,
-        &checkpoint_client,
-        &base.worker_id,
-        handle,
-        abort,
-    )?;
     let end_step = checkpointing
         .stop_after
         .unwrap_or(config.steps)
@@ -436,6 +437,13 @@ fn train_generation(
     )?;
     Ok(end_step)
 }
+
+/// How long rank 0 keeps asking an unreachable coordinator to record a checkpoint.
+const COMMIT_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// How long ranks wait for each other to finish restoring a checkpoint (a rank lost meanwhile ends the
+/// wait sooner: the generation is re-formed).
+const RESTORE_BARRIER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a generation restores (every rank reads the checkpoint the coordinator names) and saves (rank 0,
 /// committing each checkpoint through the coordinator before moving `latest`).
@@ -456,12 +464,27 @@ fn generation_checkpointing(
             );
         }
         let started = Instant::now();
-        let (checkpoints, manifest) = resolve(
+        if !train.restore_manifest_blake3.is_empty() {
+            let manifest = open_run(&train.restore_url, s3)?
+                .manifest(train.start_step)?
+                .map_err(|p| anyhow::anyhow!("{p}"))?;
+            let hash = blake3::hash(&serde_json::to_vec_pretty(&manifest)?)
+                .to_hex()
+                .to_string();
+            if hash != train.restore_manifest_blake3 {
+                bail!(
+                    "checkpoint step {} in {} is not the one the coordinator recorded (manifest blake3 {hash}, recorded {}): it was overwritten",
+                    train.start_step,
+                    train.restore_url,
+                    train.restore_manifest_blake3
+                );
+            }
+        }
+        let restored = restore(
             &ResumeTarget::Step(train.start_step),
             Some(&train.restore_url),
             s3,
         )?;
-        let restored = Restored::read(&checkpoints, &manifest)?;
         eprintln!(
             "job {} generation {}: restored checkpoint step {} from {} in {:.2}s",
             train.job_id,
@@ -490,24 +513,31 @@ fn generation_checkpointing(
             );
             let gate: CommitGate = Arc::new(move |manifest: &CheckpointManifest| {
                 let bytes = serde_json::to_vec_pretty(manifest)?;
-                let mut request = tonic::Request::new(pb::CheckpointCommit {
+                let commit = pb::CheckpointCommit {
                     worker_id: worker_id.clone(),
                     job_id: job_id.clone(),
                     generation,
                     step: manifest.step,
                     url: url.clone(),
                     manifest_blake3: blake3::hash(&bytes).to_hex().to_string(),
-                });
-                request.set_timeout(Duration::from_secs(30));
-                let answer = handle
-                    .block_on(client.clone().commit_checkpoint(request))
-                    .map_err(|s| {
-                        anyhow::anyhow!(
+                };
+                // Retried through a coordinator restart, like step reports; a refusal is an answer.
+                let started = Instant::now();
+                let answer = loop {
+                    let mut request = tonic::Request::new(commit.clone());
+                    request.set_timeout(Duration::from_secs(10));
+                    match handle.block_on(client.clone().commit_checkpoint(request)) {
+                        Ok(answer) => break answer.into_inner(),
+                        Err(status) if started.elapsed() < COMMIT_RETRY_FOR => {
+                            tracing::info!("checkpoint commit retried: {}", status.message());
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                        Err(status) => bail!(
                             "the coordinator did not record the checkpoint: {}",
-                            s.message()
-                        )
-                    })?
-                    .into_inner();
+                            status.message()
+                        ),
+                    }
+                };
                 if !answer.accepted {
                     eprintln!(
                         "checkpoint step {} not committed: {}",

@@ -76,15 +76,15 @@ pub struct CheckpointFlags {
     /// Save checkpoints here: a directory, file://PATH or s3://BUCKET/PREFIX (one location per run)
     #[arg(long)]
     pub checkpoint: Option<String>,
-    /// Steps between checkpoints (0: only at the end; a checkpoint is always saved at the end)
-    #[arg(long, default_value_t = 0)]
-    pub checkpoint_every: u64,
-    /// Keep the newest K checkpoints ...
-    #[arg(long, default_value_t = 3)]
-    pub keep_last: u32,
-    /// ... and every one whose step is a multiple of M (0: none)
-    #[arg(long, default_value_t = 0)]
-    pub keep_every: u64,
+    /// Steps between checkpoints [default: 0, only at the end; a checkpoint is always saved at the end]
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Keep the newest K checkpoints ... [default: 3]
+    #[arg(long)]
+    pub keep_last: Option<u32>,
+    /// ... and every one whose step is a multiple of M [default: 0, none]
+    #[arg(long)]
+    pub keep_every: Option<u64>,
     /// Continue a run: `latest` or a STEP of --checkpoint, or a checkpoint URL (a run location or one
     /// step-NNNNNNNNNNNN folder). Settings come from the checkpoint; flags that change them are refused
     #[arg(long, value_name = "latest|STEP|URL")]
@@ -97,17 +97,33 @@ pub struct CheckpointFlags {
     #[arg(long, value_name = "MB/s")]
     pub upload_limit: Option<f64>,
     /// Seconds an object-store request retries before a save fails (the next save tries again)
-    #[arg(long, default_value_t = 60.0)]
-    pub store_retry: f64,
+    /// [default: 60]
+    #[arg(long)]
+    pub store_retry: Option<f64>,
 }
 
 impl CheckpointFlags {
+    /// Settings that only mean something with a checkpoint location.
+    fn given(&self) -> Option<&'static str> {
+        [
+            (self.checkpoint_every.is_some(), "--checkpoint-every"),
+            (self.keep_last.is_some(), "--keep-last"),
+            (self.keep_every.is_some(), "--keep-every"),
+            (self.upload_limit.is_some(), "--upload-limit"),
+            (self.store_retry.is_some(), "--store-retry"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
     fn spec(&self, url: String) -> anyhow::Result<CheckpointSpec> {
-        if self.keep_last == 0 {
+        let keep_last = self.keep_last.unwrap_or(3);
+        if keep_last == 0 {
             bail!("--keep-last must be at least 1 (the newest checkpoint is what a resume uses)");
         }
-        if self.store_retry.is_nan() || self.store_retry <= 0.0 {
-            bail!("--store-retry must be positive, got {}", self.store_retry);
+        let store_retry = self.store_retry.unwrap_or(60.0);
+        if store_retry.is_nan() || store_retry <= 0.0 {
+            bail!("--store-retry must be positive, got {store_retry}");
         }
         let max_upload_bytes_per_sec = match self.upload_limit {
             Some(mbps) if mbps.is_nan() || mbps <= 0.0 => {
@@ -118,11 +134,11 @@ impl CheckpointFlags {
         };
         Ok(CheckpointSpec {
             url,
-            every: self.checkpoint_every,
-            keep_last: self.keep_last,
-            keep_every: self.keep_every,
+            every: self.checkpoint_every.unwrap_or(0),
+            keep_last,
+            keep_every: self.keep_every.unwrap_or(0),
             max_upload_bytes_per_sec,
-            store_retry_ms: (self.store_retry * 1000.0) as u64,
+            store_retry_ms: (store_retry * 1000.0) as u64,
         })
     }
 }
@@ -310,6 +326,9 @@ pub fn train_command(
         // Resuming from a location without --checkpoint keeps saving there.
         resume.as_ref().map(|(url, _, _, _)| url.clone())
     });
+    if let (None, Some(flag)) = (&checkpoint_url, ckpt.given()) {
+        bail!("{flag} needs --checkpoint URL (where to save the checkpoints)");
+    }
     if let Some(stop) = ckpt.stop_after {
         let from = resume.as_ref().map_or(0, |(_, step, _, _)| *step);
         if stop <= from || stop > config.steps {
@@ -334,7 +353,11 @@ pub fn train_command(
     let spec = checkpoint_url.map(|url| ckpt.spec(url)).transpose()?;
     let run = flags.runtime.run_options(out)?;
     if cluster_run {
-        let resume = resume.map(|(url, step, _, _)| RestorePoint { url, step });
+        let resume = resume.map(|(url, step, _, _)| RestorePoint {
+            url,
+            step,
+            manifest_blake3: String::new(),
+        });
         return cluster_train(
             corpus,
             cluster,

@@ -760,7 +760,9 @@ fn train_loop(
                     };
                     let snapshot = Snapshot::take(model, &optimizer, state)?;
                     record.checkpoint_stall = t.elapsed().as_secs_f64();
-                    writer.start(snapshot, record.checkpoint_stall);
+                    // The final checkpoint is what a follow-up run resumes: retry an unreachable store.
+                    let attempts = if last { 3 } else { 1 };
+                    writer.start(snapshot, record.checkpoint_stall, attempts);
                 }
             }
         }
