@@ -432,15 +432,7 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(bin: &Path, args: &[&str], log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
-            .args(args)
-            .env("CELLFLEET_QUIET", "1")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("cellfleet starts");
-        Self { child, log }
+        Self::spawn_with_env(bin, args, &[], log)
     }
 
     /// Like [`Process::spawn`], with extra environment (e.g. [`GarageServer::env`]).

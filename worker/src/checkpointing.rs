@@ -30,6 +30,7 @@ use tch::{Device, Kind, Tensor};
 use crate::model::{CellModel, ModelConfig};
 use crate::optim::{AdamW, Schedule};
 use crate::train::TrainConfig;
+use cellfleet_coordinator::spec::CheckpointSpec;
 
 pub const MODEL_OBJECT: &str = "model.safetensors";
 pub const OPTIMIZER_OBJECT: &str = "optimizer.safetensors";
@@ -388,6 +389,22 @@ impl std::str::FromStr for ResumeTarget {
     }
 }
 
+impl ResumeTarget {
+    /// The run location and (for a step) the step it names; `run` is `--checkpoint`, needed for `latest`
+    /// and a bare step.
+    pub fn location(&self, run: Option<&str>) -> anyhow::Result<(String, Option<u64>)> {
+        let step = match self {
+            ResumeTarget::Url(url) => return Ok(split_step_url(url)),
+            ResumeTarget::Step(step) => Some(*step),
+            ResumeTarget::Latest => None,
+        };
+        let Some(run) = run else {
+            bail!("--resume latest or STEP needs --checkpoint URL (where the run's checkpoints are); or pass the checkpoint URL to --resume");
+        };
+        Ok((run.trim_end_matches('/').to_string(), step))
+    }
+}
+
 /// Splits `RUN/step-000000000100` into the run location and the step; any other URL is a run location.
 pub fn split_step_url(url: &str) -> (String, Option<u64>) {
     let trimmed = url.trim_end_matches('/');
@@ -430,19 +447,7 @@ pub fn resolve(
     run: Option<&str>,
     s3: &S3Options,
 ) -> anyhow::Result<(Checkpoints, CheckpointManifest)> {
-    let (url, step) = match target {
-        ResumeTarget::Url(url) => split_step_url(url),
-        ResumeTarget::Latest | ResumeTarget::Step(_) => {
-            let Some(run) = run else {
-                bail!("--resume latest or STEP needs --checkpoint URL (where the run's checkpoints are); or pass the checkpoint URL to --resume");
-            };
-            let step = match target {
-                ResumeTarget::Step(s) => Some(*s),
-                _ => None,
-            };
-            (run.trim_end_matches('/').to_string(), step)
-        }
-    };
+    let (url, step) = target.location(run)?;
     let checkpoints = open_existing_run(&url, s3)?;
     match step {
         Some(step) => {
@@ -483,19 +488,7 @@ pub fn restore(
     run: Option<&str>,
     s3: &S3Options,
 ) -> anyhow::Result<Restored> {
-    let (url, step) = match target {
-        ResumeTarget::Url(url) => split_step_url(url),
-        ResumeTarget::Latest | ResumeTarget::Step(_) => {
-            let Some(run) = run else {
-                bail!("--resume latest or STEP needs --checkpoint URL (where the run's checkpoints are); or pass the checkpoint URL to --resume");
-            };
-            let step = match target {
-                ResumeTarget::Step(s) => Some(*s),
-                _ => None,
-            };
-            (run.trim_end_matches('/').to_string(), step)
-        }
-    };
+    let (url, step) = target.location(run)?;
     let checkpoints = open_existing_run(&url, s3)?;
     if let Some(step) = step {
         let manifest = named_step(&checkpoints, &url, step)?;
@@ -568,6 +561,21 @@ pub struct CheckpointPolicy {
     pub keep_last: usize,
     pub keep_every: u64,
     pub write: WriteOptions,
+}
+
+impl CheckpointPolicy {
+    /// The policy of a job's checkpoint settings.
+    pub fn of(spec: &CheckpointSpec) -> Self {
+        Self {
+            every: spec.every,
+            keep_last: spec.keep_last as usize,
+            keep_every: spec.keep_every,
+            write: WriteOptions {
+                max_bytes_per_sec: spec.max_upload_bytes_per_sec,
+                ..WriteOptions::default()
+            },
+        }
+    }
 }
 
 /// Asked after a checkpoint's manifest is stored: may this writer move `latest`? (Cluster mode: the

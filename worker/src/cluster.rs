@@ -35,7 +35,7 @@ use crate::model::parse_device;
 use crate::train::{
     pretrain_parallel, Aborted, Checkpointing, Parallel, RunOptions, StepRecord, TrainConfig,
 };
-use cellfleet_shared::checkpoint::{CheckpointManifest, WriteOptions};
+use cellfleet_shared::checkpoint::CheckpointManifest;
 
 /// `cellfleet worker` flags.
 #[derive(Args, Clone, Debug)]
@@ -548,15 +548,7 @@ fn generation_checkpointing(
             });
             Some(CheckpointWriter::new(
                 checkpoints,
-                CheckpointPolicy {
-                    every: ckpt.every,
-                    keep_last: ckpt.keep_last as usize,
-                    keep_every: ckpt.keep_every,
-                    write: WriteOptions {
-                        max_bytes_per_sec: ckpt.max_upload_bytes_per_sec,
-                        ..WriteOptions::default()
-                    },
-                },
+                CheckpointPolicy::of(ckpt),
                 Some(gate),
                 Some(abort.clone()),
             ))

@@ -20,7 +20,6 @@ use crate::train::{
 };
 use crate::train::{pretrain_parallel, Checkpointing, Parallel};
 use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
-use cellfleet_shared::checkpoint::WriteOptions;
 
 /// Flags shared by `train` and `finetune`; each overrides the config file.
 #[derive(Args, Clone, Debug)]
@@ -382,7 +381,7 @@ pub fn train_command(
                     };
                     Ok(CheckpointWriter::new(
                         open_run(&spec.url, &store_options)?,
-                        policy_of(&spec),
+                        CheckpointPolicy::of(&spec),
                         None,
                         None,
                     ))
@@ -435,19 +434,6 @@ pub fn train_command(
         json,
         &serde_json::json!({"config": config, "steps": records, "masked_bins": report}),
     )
-}
-
-/// The training loop's view of a job's checkpoint settings.
-pub fn policy_of(spec: &CheckpointSpec) -> CheckpointPolicy {
-    CheckpointPolicy {
-        every: spec.every,
-        keep_last: spec.keep_last as usize,
-        keep_every: spec.keep_every,
-        write: WriteOptions {
-            max_bytes_per_sec: spec.max_upload_bytes_per_sec,
-            ..WriteOptions::default()
-        },
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
