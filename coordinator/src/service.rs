@@ -97,7 +97,14 @@ struct JobRecord {
     /// The newest committed checkpoint: where a new generation starts (step 0 without one).
     #[serde(default)]
     restore: Option<RestorePoint>,
+    /// Checkpoints committed before `restore`, oldest first (a few): where to fall back when the newest
+    /// turns out unusable.
+    #[serde(default)]
+    restore_history: Vec<RestorePoint>,
 }
+
+/// Earlier checkpoints a job remembers for falling back (retention usually keeps fewer).
+const RESTORE_HISTORY: usize = 8;
 
 /// A job whose generations keep failing before their first step is failed instead of retried forever.
 const MAX_STALLED_GENERATIONS: u32 = 5;
@@ -144,6 +151,8 @@ struct Progress {
     /// A rank reported that a peer failed it; if membership does not change on its own, the job is
     /// re-formed one lease TTL later (a hung peer that still renews its lease).
     peer_error_at: Option<Instant>,
+    /// Re-form at the next tick, for this reason (the generation cannot go on as it is).
+    reform: Option<String>,
 }
 
 impl Progress {
@@ -314,6 +323,14 @@ impl Coordinator {
                     let lost: Vec<&String> =
                         job.members.iter().filter(|m| !live.contains(*m)).collect();
                     Some(format!("lost {}", join(&lost)))
+                }
+                JobState::Running
+                    if rt
+                        .progress
+                        .get(&id)
+                        .is_some_and(|p| p.generation == job.generation && p.reform.is_some()) =>
+                {
+                    rt.progress.get(&id).and_then(|p| p.reform.clone())
                 }
                 JobState::Running
                     if rt.progress.get(&id).is_some_and(|p| {
@@ -788,6 +805,11 @@ impl pb::coordinator_server::Coordinator for Service {
                 "the stored job record is of another generation (another coordinator?)".into(),
             );
         };
+        if let Some(previous) = job.restore.take() {
+            job.restore_history.push(previous);
+            let excess = job.restore_history.len().saturating_sub(RESTORE_HISTORY);
+            job.restore_history.drain(..excess);
+        }
         job.restore = Some(RestorePoint {
             url: commit.url.clone(),
             step: commit.step,
@@ -843,7 +865,40 @@ impl pb::coordinator_server::Coordinator for Service {
         if progress.generation != job.generation {
             *progress = Progress::of(&job);
         }
-        if !report.error.is_empty() {
+        if !report.error.is_empty() && report.checkpoint_unusable {
+            // Every rank may report it; the first report falls back, later ones find it done.
+            if job
+                .restore
+                .as_ref()
+                .is_some_and(|r| r.step == job.start_step)
+                && progress.reform.is_none()
+            {
+                let bad = job.restore.take().expect("checked");
+                match job.restore_history.pop() {
+                    Some(previous) => {
+                        job.message = format!(
+                            "checkpoint step {} is unusable ({}); falling back to step {}",
+                            bad.step, report.error, previous.step
+                        );
+                        progress.reform = Some(format!(
+                            "checkpoint step {} unusable, restoring step {}",
+                            bad.step, previous.step
+                        ));
+                        job.restore = Some(previous);
+                        tracing::warn!("job {}: {}", job.id, job.message);
+                    }
+                    None => {
+                        job.state = JobState::Failed;
+                        job.message = format!(
+                            "checkpoint step {} is unusable ({}) and no earlier checkpoint is recorded; resume with `cellfleet train --resume latest`, which falls back past it",
+                            bad.step, report.error
+                        );
+                        tracing::error!("job {}: {}", job.id, job.message);
+                    }
+                }
+                self.save_job(&job).await?;
+            }
+        } else if !report.error.is_empty() {
             if report.fatal {
                 job.state = JobState::Failed;
                 job.message = format!(
@@ -992,6 +1047,7 @@ impl pb::coordinator_server::Coordinator for Service {
             stalled_generations: 0,
             n_genes,
             restore: spec.resume.clone(),
+            restore_history: Vec::new(),
             spec,
         };
         self.save_job(&job).await?;

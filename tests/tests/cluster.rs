@@ -379,6 +379,134 @@ fn a_lost_worker_is_recovered_from_the_newest_checkpoint_recorded_in_etcd() {
     );
 }
 
+fn signal(process: &Process, signal: &str) {
+    let pid = process.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn recovery_falls_back_past_a_corrupt_recorded_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = coordinator(dir.path(), port, &["--lease-ttl", "5"], "coordinator.log");
+    let first = worker(dir.path(), &url, "worker-a");
+    let mut second = worker(dir.path(), &url, "worker-b");
+    wait_for("both workers to register", Duration::from_secs(30), || {
+        let listed = cellfleet(bin(), &["job", "--coordinator", &url, "workers"]);
+        String::from_utf8_lossy(&listed.stdout)
+            .matches(" yes ")
+            .count()
+            == 2
+    });
+    let out = dir.path().join("model");
+    let ckpt = dir.path().join("ckpt");
+    let steps = 200u64;
+    let mut client = Process::spawn(
+        bin(),
+        &[
+            "train",
+            "--coordinator",
+            &url,
+            "--corpus",
+            &corpus,
+            "--out",
+            &s(&out),
+            "--preset",
+            "tiny",
+            "--steps",
+            "200",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--min-workers",
+            "1",
+            "--max-workers",
+            "2",
+            "--sample-log",
+            "--collective-timeout",
+            "5",
+            "--checkpoint",
+            &s(&ckpt),
+            "--checkpoint-every",
+            "20",
+            "--keep-last",
+            "4",
+        ],
+        dir.path().join("client.log"),
+    );
+    let latest = || {
+        std::fs::read_to_string(ckpt.join("latest"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    wait_for(
+        "checkpoint 60 to be committed",
+        Duration::from_secs(120),
+        || latest() >= 60,
+    );
+    // Freeze both workers (shorter than the lease), corrupt every committed checkpoint from `latest` up
+    // (the coordinator may have recorded one more than `latest` shows), then lose a worker.
+    signal(&first, "-STOP");
+    signal(&second, "-STOP");
+    let newest = latest();
+    let mut corrupted = Vec::new();
+    for entry in std::fs::read_dir(&ckpt).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(step) = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let object = path.join("optimizer.safetensors.zst");
+        if step >= newest && path.join("MANIFEST.json").exists() && object.exists() {
+            let mut bytes = std::fs::read(&object).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x10;
+            std::fs::write(&object, bytes).unwrap();
+            corrupted.push(step);
+        }
+    }
+    second.kill();
+    signal(&first, "-CONT");
+    assert!(!corrupted.is_empty());
+    let status = client.wait(Duration::from_secs(240));
+    let text = client.log_text();
+    assert!(status.success(), "the job finishes:\n{text}");
+    let survivor = first.log_text();
+    assert!(
+        survivor.contains("the checkpoint to restore is unusable"),
+        "{survivor}"
+    );
+    let restored: u64 = survivor
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("restored checkpoint step ").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("the survivor restored a checkpoint:\n{survivor}"));
+    let oldest_bad = *corrupted.iter().min().unwrap();
+    assert!(
+        restored < oldest_bad && restored >= 20,
+        "restored {restored}, corrupted {corrupted:?}"
+    );
+    let last = highest_generation(&out);
+    let mut joined: BTreeMap<u64, Vec<(u64, u32)>> = samples_by_step(&out, 1)
+        .into_iter()
+        .filter(|(step, _)| *step <= restored)
+        .collect();
+    joined.extend(samples_by_step(&out, last));
+    assert_epochs_of_steps_exactly_once(&joined, steps, &corpus, "generation 1 and the last");
+}
+
 #[test]
 fn the_job_continues_across_a_coordinator_restart_with_etcd() {
     let dir = tempfile::tempdir().unwrap();

@@ -527,7 +527,8 @@ fn named_step(
         Err(problem) => {
             let steps = checkpoints.steps()?;
             if steps.contains(&step) {
-                bail!("cannot resume from {url}: {problem}");
+                return Err(anyhow::Error::new(Unusable(problem))
+                    .context(format!("cannot resume from {url}")));
             }
             let listed: Vec<String> = checkpoints
                 .committed_steps()?

@@ -28,14 +28,14 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::checkpointing::{
-    open_run, restore, CheckpointPolicy, CheckpointWriter, CommitGate, ResumeTarget,
+    open_run, restore, CheckpointPolicy, CheckpointWriter, CommitGate, ResumeTarget, Unusable,
 };
 use crate::collective::{self, CollectiveError, RendezvousStore};
 use crate::model::parse_device;
 use crate::train::{
     pretrain_parallel, Aborted, Checkpointing, Parallel, RunOptions, StepRecord, TrainConfig,
 };
-use cellfleet_shared::checkpoint::CheckpointManifest;
+use cellfleet_shared::checkpoint::{CheckpointManifest, Problem, MANIFEST_FILE};
 
 /// `cellfleet worker` flags.
 #[derive(Args, Clone, Debug)]
@@ -271,6 +271,20 @@ fn run_generation(
                 train.job_id, train.generation, train.rank
             );
         }
+        Err(e) if e.chain().any(|c| c.downcast_ref::<Unusable>().is_some()) => {
+            eprintln!(
+                "job {} generation {} rank {}: the checkpoint to restore is unusable: {e:#}",
+                train.job_id, train.generation, train.rank
+            );
+            reporter.send_and_wait(
+                &handle,
+                pb::StepReport {
+                    error: format!("{e:#}"),
+                    checkpoint_unusable: true,
+                    ..base
+                },
+            );
+        }
         Err(e) => {
             let peer = e.downcast_ref::<CollectiveError>().is_some()
                 || e.chain()
@@ -472,12 +486,15 @@ fn generation_checkpointing(
                 .to_hex()
                 .to_string();
             if hash != train.restore_manifest_blake3 {
-                bail!(
-                    "checkpoint step {} in {} is not the one the coordinator recorded (manifest blake3 {hash}, recorded {}): it was overwritten",
-                    train.start_step,
-                    train.restore_url,
-                    train.restore_manifest_blake3
-                );
+                return Err(Unusable(Problem {
+                    step: train.start_step,
+                    object: MANIFEST_FILE.into(),
+                    what: format!(
+                        "blake3 {hash}, but the coordinator recorded {} (overwritten since)",
+                        train.restore_manifest_blake3
+                    ),
+                })
+                .into());
             }
         }
         let restored = restore(
