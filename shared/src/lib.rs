@@ -10,6 +10,7 @@ pub mod meta;
 pub mod philox;
 pub mod safetensors;
 pub mod shard;
+pub mod stats;
 pub mod store;
 pub mod stream;
 pub mod tokenize;
