@@ -59,9 +59,12 @@ async fn etcd_store_passes_the_metadata_store_suite() {
     assert!(error.to_string().contains(&nobody), "{error}");
 }
 
+/// Per step (1-based), the (cell, clone) samples trained on.
+type SamplesByStep = BTreeMap<u64, Vec<(u64, u32)>>;
+
 /// Per step (1-based), the samples every rank of `generation` logged, merged.
-fn samples_by_step(out: &Path, generation: u64) -> BTreeMap<u64, Vec<(u64, u32)>> {
-    let mut steps: BTreeMap<u64, Vec<(u64, u32)>> = BTreeMap::new();
+fn samples_by_step(out: &Path, generation: u64) -> SamplesByStep {
+    let mut steps = SamplesByStep::new();
     for entry in std::fs::read_dir(out.join("samples")).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
@@ -115,7 +118,7 @@ fn assert_epochs_exactly_once(out: &Path, generation: u64, steps: u64, corpus: &
 
 /// The same audit over steps joined from several generations.
 fn assert_epochs_of_steps_exactly_once(
-    by_step: &BTreeMap<u64, Vec<(u64, u32)>>,
+    by_step: &SamplesByStep,
     steps: u64,
     corpus: &str,
     what: &str,
@@ -273,110 +276,92 @@ fn late_joiner_is_admitted_and_a_killed_worker_is_survived() {
     assert_epochs_exactly_once(&out, 3, steps, &corpus);
 }
 
-#[test]
-fn a_lost_worker_is_recovered_from_the_newest_checkpoint_recorded_in_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdServer::start();
-    let corpus = small_corpus(dir.path());
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let flags = ["--etcd", etcd.endpoint.as_str(), "--lease-ttl", "2"];
-    let _coordinator = coordinator(dir.path(), port, &flags, "coordinator.log");
-    let first = worker(dir.path(), &url, "worker-a");
-    let mut second = worker(dir.path(), &url, "worker-b");
-    // Both registered before the job arrives, so generation 1 has both.
+/// Starts two workers and waits until both are registered, so a job submitted next gets both in
+/// generation 1.
+fn two_registered_workers(dir: &Path, url: &str) -> (Process, Process) {
+    let workers = (worker(dir, url, "worker-a"), worker(dir, url, "worker-b"));
     wait_for("both workers to register", Duration::from_secs(30), || {
-        let listed = cellfleet(bin(), &["job", "--coordinator", &url, "workers"]);
+        let listed = cellfleet(bin(), &["job", "--coordinator", url, "workers"]);
         String::from_utf8_lossy(&listed.stdout)
             .matches(" yes ")
             .count()
             == 2
     });
-    let out = dir.path().join("model");
-    let ckpt = dir.path().join("ckpt");
-    let steps = 200u64;
-    let mut client = Process::spawn(
-        bin(),
-        &[
-            "train",
-            "--coordinator",
-            &url,
-            "--corpus",
-            &corpus,
-            "--out",
-            &s(&out),
-            "--preset",
-            "tiny",
-            "--steps",
-            "200",
-            "--batch-size",
-            "32",
-            "--threads",
-            "1",
-            "--min-workers",
-            "1",
-            "--max-workers",
-            "2",
-            "--sample-log",
-            "--collective-timeout",
-            "5",
-            "--checkpoint",
-            &s(&ckpt),
-            "--checkpoint-every",
-            "20",
-        ],
-        dir.path().join("client.log"),
-    );
-    let latest = || {
-        std::fs::read_to_string(ckpt.join("latest"))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    wait_for(
-        "checkpoint 40 to be committed",
-        Duration::from_secs(120),
-        || latest() >= 40,
-    );
-    second.kill();
-    let status = client.wait(Duration::from_secs(240));
-    let text = client.log_text();
-    assert!(status.success(), "the job finishes:\n{text}");
-    assert!(
-        text.contains("1 workers in generation 2 (1 re-formations)"),
-        "{text}"
-    );
-    // The survivor restored the newest committed checkpoint instead of starting over.
-    let survivor = first.log_text();
-    let restored: u64 = survivor
-        .lines()
+    workers
+}
+
+/// `cellfleet train --coordinator` in the background: 200 tiny steps on 1-2 workers with sample logs,
+/// checkpointing every 20 steps to `ckpt`, plus `extra` flags.
+fn submit_checkpointed(
+    dir: &Path,
+    url: &str,
+    corpus: &str,
+    out: &Path,
+    ckpt: &Path,
+    extra: &[&str],
+) -> Process {
+    let (out, ckpt) = (s(out), s(ckpt));
+    let mut args = vec![
+        "train",
+        "--coordinator",
+        url,
+        "--corpus",
+        corpus,
+        "--out",
+        &out,
+        "--preset",
+        "tiny",
+        "--steps",
+        "200",
+        "--batch-size",
+        "32",
+        "--threads",
+        "1",
+        "--min-workers",
+        "1",
+        "--max-workers",
+        "2",
+        "--sample-log",
+        "--collective-timeout",
+        "5",
+        "--checkpoint",
+        &ckpt,
+        "--checkpoint-every",
+        "20",
+    ];
+    args.extend_from_slice(extra);
+    Process::spawn(bin(), &args, dir.join("client.log"))
+}
+
+/// The step a local checkpoint location's `latest` names (0 before the first commit).
+fn latest_step(ckpt: &Path) -> u64 {
+    std::fs::read_to_string(ckpt.join("latest"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// The step a worker's log says it restored.
+fn restored_step(log: &str) -> u64 {
+    log.lines()
         .find_map(|l| {
             let rest = l.split("restored checkpoint step ").nth(1)?;
             rest.split_whitespace().next()?.parse().ok()
         })
-        .unwrap_or_else(|| panic!("the survivor restored a checkpoint:\n{survivor}"));
-    assert!(restored >= 40 && restored.is_multiple_of(20), "{survivor}");
-    // Generation 1's steps up to the checkpoint and generation 2's after it are one run: every step
-    // once, every completed epoch each sample once.
-    let mut joined: BTreeMap<u64, Vec<(u64, u32)>> = samples_by_step(&out, 1)
+        .unwrap_or_else(|| panic!("the worker restored a checkpoint:\n{log}"))
+}
+
+/// Generation 1's steps up to the checkpoint `restored` joined with generation `last`'s, and the first
+/// step generation `last` logged.
+fn joined_at_checkpoint(out: &Path, restored: u64, last: u64) -> (SamplesByStep, Option<u64>) {
+    let mut joined: SamplesByStep = samples_by_step(out, 1)
         .into_iter()
         .filter(|(step, _)| *step <= restored)
         .collect();
-    let resumed = samples_by_step(&out, 2);
-    assert_eq!(
-        resumed.keys().next(),
-        Some(&(restored + 1)),
-        "generation 2 starts after the checkpoint"
-    );
+    let resumed = samples_by_step(out, last);
+    let first_resumed = resumed.keys().next().copied();
     joined.extend(resumed);
-    assert_epochs_of_steps_exactly_once(&joined, steps, &corpus, "generations 1 and 2");
-    let listing = cellfleet_ok(bin(), &["ckpt", "ls", &s(&ckpt)]);
-    assert!(
-        listing
-            .lines()
-            .any(|l| l.trim_start().starts_with("200 ") && l.contains("<- latest")),
-        "{listing}"
-    );
+    (joined, first_resumed)
 }
 
 fn signal(process: &Process, signal: &str) {
@@ -389,74 +374,83 @@ fn signal(process: &Process, signal: &str) {
 }
 
 #[test]
+fn a_lost_worker_is_recovered_from_the_newest_checkpoint_recorded_in_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let corpus = small_corpus(dir.path());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let flags = ["--etcd", etcd.endpoint.as_str(), "--lease-ttl", "2"];
+    let _coordinator = coordinator(dir.path(), port, &flags, "coordinator.log");
+    let (first, mut second) = two_registered_workers(dir.path(), &url);
+    let out = dir.path().join("model");
+    let ckpt = dir.path().join("ckpt");
+    let steps = 200u64;
+    let mut client = submit_checkpointed(dir.path(), &url, &corpus, &out, &ckpt, &[]);
+    wait_for(
+        "checkpoint 40 to be committed",
+        Duration::from_secs(120),
+        || latest_step(&ckpt) >= 40,
+    );
+    second.kill();
+    let status = client.wait(Duration::from_secs(240));
+    let text = client.log_text();
+    assert!(status.success(), "the job finishes:\n{text}");
+    assert!(
+        text.contains("1 workers in generation 2 (1 re-formations)"),
+        "{text}"
+    );
+    // The survivor restored the newest committed checkpoint instead of starting over.
+    let survivor = first.log_text();
+    let restored = restored_step(&survivor);
+    assert!(restored >= 40 && restored.is_multiple_of(20), "{survivor}");
+    // Generation 1's steps up to the checkpoint and generation 2's after it are one run: every step
+    // once, every completed epoch each sample once.
+    let (joined, first_resumed) = joined_at_checkpoint(&out, restored, 2);
+    assert_eq!(
+        first_resumed,
+        Some(restored + 1),
+        "generation 2 starts after the checkpoint"
+    );
+    assert_epochs_of_steps_exactly_once(&joined, steps, &corpus, "generations 1 and 2");
+    let listing = cellfleet_ok(bin(), &["ckpt", "ls", &s(&ckpt)]);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.trim_start().starts_with("200 ") && l.contains("<- latest")),
+        "{listing}"
+    );
+}
+
+#[test]
 fn recovery_falls_back_past_a_corrupt_recorded_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = small_corpus(dir.path());
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let _coordinator = coordinator(dir.path(), port, &["--lease-ttl", "5"], "coordinator.log");
-    let first = worker(dir.path(), &url, "worker-a");
-    let mut second = worker(dir.path(), &url, "worker-b");
-    wait_for("both workers to register", Duration::from_secs(30), || {
-        let listed = cellfleet(bin(), &["job", "--coordinator", &url, "workers"]);
-        String::from_utf8_lossy(&listed.stdout)
-            .matches(" yes ")
-            .count()
-            == 2
-    });
+    let (first, mut second) = two_registered_workers(dir.path(), &url);
     let out = dir.path().join("model");
     let ckpt = dir.path().join("ckpt");
     let steps = 200u64;
-    let mut client = Process::spawn(
-        bin(),
-        &[
-            "train",
-            "--coordinator",
-            &url,
-            "--corpus",
-            &corpus,
-            "--out",
-            &s(&out),
-            "--preset",
-            "tiny",
-            "--steps",
-            "200",
-            "--batch-size",
-            "32",
-            "--threads",
-            "1",
-            "--min-workers",
-            "1",
-            "--max-workers",
-            "2",
-            "--sample-log",
-            "--collective-timeout",
-            "5",
-            "--checkpoint",
-            &s(&ckpt),
-            "--checkpoint-every",
-            "20",
-            "--keep-last",
-            "4",
-        ],
-        dir.path().join("client.log"),
+    let mut client = submit_checkpointed(
+        dir.path(),
+        &url,
+        &corpus,
+        &out,
+        &ckpt,
+        &["--keep-last", "4"],
     );
-    let latest = || {
-        std::fs::read_to_string(ckpt.join("latest"))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     wait_for(
         "checkpoint 60 to be committed",
         Duration::from_secs(120),
-        || latest() >= 60,
+        || latest_step(&ckpt) >= 60,
     );
     // Freeze both workers (shorter than the lease), corrupt every committed checkpoint from `latest` up
     // (the coordinator may have recorded one more than `latest` shows), then lose a worker.
     signal(&first, "-STOP");
     signal(&second, "-STOP");
-    let newest = latest();
+    let newest = latest_step(&ckpt);
     let mut corrupted = Vec::new();
     for entry in std::fs::read_dir(&ckpt).unwrap() {
         let path = entry.unwrap().path();
@@ -486,24 +480,13 @@ fn recovery_falls_back_past_a_corrupt_recorded_checkpoint() {
         survivor.contains("the checkpoint to restore is unusable"),
         "{survivor}"
     );
-    let restored: u64 = survivor
-        .lines()
-        .find_map(|l| {
-            let rest = l.split("restored checkpoint step ").nth(1)?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("the survivor restored a checkpoint:\n{survivor}"));
+    let restored = restored_step(&survivor);
     let oldest_bad = *corrupted.iter().min().unwrap();
     assert!(
         restored < oldest_bad && restored >= 20,
         "restored {restored}, corrupted {corrupted:?}"
     );
-    let last = highest_generation(&out);
-    let mut joined: BTreeMap<u64, Vec<(u64, u32)>> = samples_by_step(&out, 1)
-        .into_iter()
-        .filter(|(step, _)| *step <= restored)
-        .collect();
-    joined.extend(samples_by_step(&out, last));
+    let (joined, _) = joined_at_checkpoint(&out, restored, highest_generation(&out));
     assert_epochs_of_steps_exactly_once(&joined, steps, &corpus, "generation 1 and the last");
 }
 
@@ -827,12 +810,7 @@ fn a_hung_worker_is_dropped_when_its_lease_lapses() {
     // SIGSTOP: the process and its connections stay, but it neither heartbeats nor computes. Its lease
     // lapses (2 s), and the survivor gives up on the stuck all-reduce (5 s collective timeout).
     let hung_at = std::time::Instant::now();
-    let pid = second.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&second, "-STOP");
     wait_for(
         "the survivor to train alone",
         Duration::from_secs(60),

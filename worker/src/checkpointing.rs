@@ -451,7 +451,7 @@ pub fn resolve(
     let checkpoints = open_existing_run(&url, s3)?;
     match step {
         Some(step) => {
-            named_step(&checkpoints, &url, step)?;
+            let manifest = named_step(&checkpoints, &url, step)?;
             let problems = checkpoints.verify(step)?;
             if let Some(first) = problems.first() {
                 bail!(
@@ -463,9 +463,6 @@ pub fn resolve(
                     }
                 );
             }
-            let manifest = checkpoints
-                .manifest(step)?
-                .map_err(|p| anyhow::anyhow!("{p}"))?;
             Ok((checkpoints, manifest))
         }
         None => {

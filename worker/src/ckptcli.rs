@@ -62,22 +62,17 @@ fn locate(
 
 /// The manifest of `step`, or of the newest checkpoint with a manifest.
 fn manifest_of(checkpoints: &Checkpoints, step: Option<u64>) -> anyhow::Result<CheckpointManifest> {
-    let step = match step {
-        Some(step) => step,
-        None => {
-            let mut newest = None;
-            for step in checkpoints.committed_steps()? {
-                if checkpoints.manifest(step)?.is_ok() {
-                    newest = Some(step);
-                    break;
-                }
-            }
-            newest.with_context(|| format!("no committed checkpoint in {}", checkpoints.url()))?
+    if let Some(step) = step {
+        return checkpoints
+            .manifest(step)?
+            .map_err(|p| anyhow::anyhow!("{p}"));
+    }
+    for step in checkpoints.committed_steps()? {
+        if let Ok(manifest) = checkpoints.manifest(step)? {
+            return Ok(manifest);
         }
-    };
-    checkpoints
-        .manifest(step)?
-        .map_err(|p| anyhow::anyhow!("{p}"))
+    }
+    bail!("no committed checkpoint in {}", checkpoints.url())
 }
 
 fn mb(bytes: u64) -> String {

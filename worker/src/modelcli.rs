@@ -267,6 +267,14 @@ fn write_json(path: Option<&Path>, value: &serde_json::Value) -> anyhow::Result<
     Ok(())
 }
 
+/// The checkpoint a `train --resume` continues: where it is, its state, and (for a local run, which
+/// reads it once) its tensors.
+struct ResumeFrom {
+    url: String,
+    state: crate::checkpointing::TrainState,
+    restored: Option<crate::checkpointing::Restored>,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn train_command(
     corpus: &str,
@@ -288,26 +296,34 @@ pub fn train_command(
     let resume = match &ckpt.resume {
         Some(target) => {
             let started = std::time::Instant::now();
-            let (url, step, state, restored) = if cluster_run {
+            let from = if cluster_run {
                 let (checkpoints, manifest) = resolve(target, ckpt.checkpoint.as_deref(), s3)?;
-                let state = read_state(&checkpoints, &manifest)?;
-                (checkpoints.url().to_string(), manifest.step, state, None)
+                ResumeFrom {
+                    url: checkpoints.url().to_string(),
+                    state: read_state(&checkpoints, &manifest)?,
+                    restored: None,
+                }
             } else {
                 let restored = restore(target, ckpt.checkpoint.as_deref(), s3)?;
-                let state = restored.state.clone();
-                (restored.url.clone(), state.step, state, Some(restored))
+                ResumeFrom {
+                    url: restored.url.clone(),
+                    state: restored.state.clone(),
+                    restored: Some(restored),
+                }
             };
             eprintln!(
-                "resuming from checkpoint step {step} of {} in {url} (read and verified in {:.2}s)",
-                state.config.steps,
+                "resuming from checkpoint step {} of {} in {} (read and verified in {:.2}s)",
+                from.state.step,
+                from.state.config.steps,
+                from.url,
                 started.elapsed().as_secs_f64()
             );
-            Some((url, step, state, restored))
+            Some(from)
         }
         None => None,
     };
     let config = match &resume {
-        Some((_, _, state, _)) => {
+        Some(ResumeFrom { state, .. }) => {
             let config = flags.config(state.config.clone())?;
             let differences = crate::checkpointing::config_differences(&state.config, &config);
             if !differences.is_empty() {
@@ -323,13 +339,13 @@ pub fn train_command(
     };
     let checkpoint_url = ckpt.checkpoint.clone().or_else(|| {
         // Resuming from a location without --checkpoint keeps saving there.
-        resume.as_ref().map(|(url, _, _, _)| url.clone())
+        resume.as_ref().map(|from| from.url.clone())
     });
     if let (None, Some(flag)) = (&checkpoint_url, ckpt.given()) {
         bail!("{flag} needs --checkpoint URL (where to save the checkpoints)");
     }
     if let Some(stop) = ckpt.stop_after {
-        let from = resume.as_ref().map_or(0, |(_, step, _, _)| *step);
+        let from = resume.as_ref().map_or(0, |from| from.state.step);
         if stop <= from || stop > config.steps {
             bail!(
                 "--stop-after {stop} must be after the start step {from} and at most --steps {}",
@@ -342,7 +358,7 @@ pub fn train_command(
     }
     if resume
         .as_ref()
-        .is_some_and(|(_, step, _, _)| *step >= config.steps)
+        .is_some_and(|from| from.state.step >= config.steps)
     {
         bail!(
             "the checkpoint is of step {}, the end of the run: nothing left to train",
@@ -352,9 +368,9 @@ pub fn train_command(
     let spec = checkpoint_url.map(|url| ckpt.spec(url)).transpose()?;
     let run = flags.runtime.run_options(out)?;
     if cluster_run {
-        let resume = resume.map(|(url, step, _, _)| RestorePoint {
-            url,
-            step,
+        let resume = resume.map(|from| RestorePoint {
+            url: from.url,
+            step: from.state.step,
             manifest_blake3: String::new(),
         });
         return cluster_train(
@@ -372,7 +388,7 @@ pub fn train_command(
     let (model, records) = match (spec, resume) {
         (None, None) => pretrain(corpus.clone(), &config, &run)?,
         (spec, resume) => {
-            let resume = resume.and_then(|(_, _, _, restored)| restored);
+            let resume = resume.and_then(|from| from.restored);
             let writer = spec
                 .map(|spec| -> anyhow::Result<CheckpointWriter> {
                     let store_options = S3Options {

@@ -500,7 +500,18 @@ pub struct Checkpointing {
     pub generation: u64,
 }
 
-impl Parallel<'_> {
+impl<'a> Parallel<'a> {
+    /// A single process from step 0, without checkpoints.
+    pub fn alone(solo: &'a mut Solo) -> Self {
+        Self {
+            collective: solo,
+            start_step: 0,
+            abort: None,
+            on_step: None,
+            checkpointing: Checkpointing::default(),
+        }
+    }
+
     fn rank(&self) -> usize {
         self.collective.rank()
     }
@@ -796,18 +807,7 @@ pub fn pretrain(
     config: &TrainConfig,
     run: &RunOptions,
 ) -> anyhow::Result<(CellModel, Vec<StepRecord>)> {
-    pretrain_parallel(
-        corpus,
-        config,
-        run,
-        &mut Parallel {
-            collective: &mut Solo,
-            start_step: 0,
-            abort: None,
-            on_step: None,
-            checkpointing: Checkpointing::default(),
-        },
-    )
+    pretrain_parallel(corpus, config, run, &mut Parallel::alone(&mut Solo))
 }
 
 /// Masked-bin pretraining as one rank of a data-parallel group: every rank starts from rank 0's
@@ -1141,13 +1141,7 @@ pub fn finetune(
         run,
         &mut stream,
         "finetune",
-        &mut Parallel {
-            collective: &mut Solo,
-            start_step: 0,
-            abort: None,
-            on_step: None,
-            checkpointing: Checkpointing::default(),
-        },
+        &mut Parallel::alone(&mut Solo),
         |batch, forward, _| {
             let labels =
                 Tensor::from_slice(&batch_labels(batch, label_idx, columns)).to_device(device);
