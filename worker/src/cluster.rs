@@ -703,6 +703,9 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                         thread,
                     });
                 }
+                Some(pb::assignment::Kind::Screen(_screen)) => {
+                    // Screens are wired in by the screen module (work in progress).
+                }
                 Some(pb::assignment::Kind::Idle(idle)) => {
                     if let Some(run) = current.take() {
                         eprintln!("idle ({}); stopping job {}", idle.reason, run.job);
