@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod meta;
 pub mod philox;
 pub mod safetensors;
+pub mod screen;
 pub mod shard;
 pub mod stats;
 pub mod store;
