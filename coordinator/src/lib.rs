@@ -1,8 +1,9 @@
 //! The cellfleet control plane: membership and rendezvous, the training-job state machine, the global data
-//! cursor, and (later) screen leasing, served over gRPC (`proto/cellfleet.proto`).
+//! cursor, and the leasing of screens' work units, served over gRPC (`proto/cellfleet.proto`).
 //!
 //! Architecture invariant: this crate never touches tensors and never links libtorch.
 
+pub mod screens;
 pub mod service;
 pub mod spec;
 
@@ -15,7 +16,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use cellfleet_shared::meta::{EtcdStore, MemoryStore, MetaStore};
 pub use cellfleet_shared::stream::{EpochPlan, Partitioner};
-pub use service::{Coordinator, CoordinatorConfig, JobState};
+pub use screens::{DoneUnit, ScreenRecord, UnitLease};
+pub use service::{Coordinator, CoordinatorConfig, JobState, Service};
 pub use spec::JobSpec;
 
 /// `cellfleet coordinator` / `cellfleet-coordinator` flags.

@@ -2,8 +2,9 @@
 //! generations and rank assignment, the global data cursor, and the key-value exchange of rendezvous.
 //!
 //! All state that must survive a restart lives in the [`MetaStore`] (`workers/<id>` under each worker's
-//! lease, `jobs/<id>` records, `kv/<job>/<generation>/<key>`); what is only in memory (open assignment
-//! streams, per-rank progress of the running generation) is rebuilt as workers reconnect and report.
+//! lease, `jobs/<id>` records, `kv/<job>/<generation>/<key>`, and the screens' keys of [`crate::screens`]);
+//! what is only in memory (open assignment streams, per-rank progress of the running generation, screen
+//! rates) is rebuilt as workers reconnect and report.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -20,6 +21,7 @@ use cellfleet_shared::meta::{LeaseId, MetaStore};
 use cellfleet_shared::store::S3Options;
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, OrderConfig, SplitPart};
 
+use crate::screens::Screens;
 use crate::spec::{JobSpec, OrderFields, RestorePoint};
 
 /// Timing of membership.
@@ -54,7 +56,7 @@ pub enum JobState {
 }
 
 impl JobState {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             JobState::Pending => "pending",
             JobState::Running => "running",
@@ -64,7 +66,7 @@ impl JobState {
         }
     }
 
-    fn is_active(self) -> bool {
+    pub(crate) fn is_active(self) -> bool {
         matches!(self, JobState::Pending | JobState::Running)
     }
 }
@@ -168,32 +170,33 @@ impl Progress {
 }
 
 #[derive(Default)]
-struct Runtime {
+pub(crate) struct Runtime {
     jobs: BTreeMap<String, JobRecord>,
     connections: HashMap<String, Connection>,
     progress: HashMap<String, Progress>,
     next_connection: u64,
+    pub(crate) screens: Screens,
 }
 
 pub struct Coordinator {
-    store: Arc<dyn MetaStore>,
+    pub(crate) store: Arc<dyn MetaStore>,
     config: CoordinatorConfig,
-    runtime: Mutex<Runtime>,
+    pub(crate) runtime: Mutex<Runtime>,
     /// Worker leases, under their own (never awaited) lock so heartbeats never wait behind job updates.
     leases: std::sync::Mutex<HashMap<String, LeaseId>>,
     kv_changed: Notify,
-    wake: Notify,
+    pub(crate) wake: Notify,
 }
 
 const JOBS: &str = "jobs/";
 const WORKERS: &str = "workers/";
 const KV: &str = "kv/";
 
-fn internal(e: impl std::fmt::Display) -> Status {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("metadata store: {e}"))
 }
 
-fn now_ms() -> u128 {
+pub(crate) fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -201,7 +204,8 @@ fn now_ms() -> u128 {
 }
 
 impl Coordinator {
-    /// Loads the jobs and worker leases the store already holds (a restarted coordinator continues them).
+    /// Loads the jobs, screens and worker leases the store already holds (a restarted coordinator continues
+    /// them).
     pub async fn start(
         store: Arc<dyn MetaStore>,
         config: CoordinatorConfig,
@@ -223,6 +227,7 @@ impl Coordinator {
             })?;
             leases.insert(worker.id, worker.lease);
         }
+        runtime.screens = Screens::load(&*store).await?;
         let active = runtime
             .jobs
             .values()
@@ -269,7 +274,7 @@ impl Coordinator {
         Ok(())
     }
 
-    async fn live_workers(&self) -> Result<HashSet<String>, Status> {
+    pub(crate) async fn live_workers(&self) -> Result<HashSet<String>, Status> {
         Ok(self
             .store
             .list(WORKERS)
@@ -465,6 +470,12 @@ impl Coordinator {
                 };
             }
         }
+        // Training takes precedence: a worker on a screen is not busy for a job that needs it.
+        if let Some(screen) = rt.screens.assigned() {
+            return pb::Assignment {
+                kind: Some(pb::assignment::Kind::Screen(screen.assignment())),
+            };
+        }
         pb::Assignment {
             kind: Some(pb::assignment::Kind::Idle(pb::Idle {
                 reason: "no job needs this worker".into(),
@@ -472,7 +483,7 @@ impl Coordinator {
         }
     }
 
-    fn send_assignments(&self, rt: &mut Runtime) {
+    pub(crate) fn send_assignments(&self, rt: &mut Runtime) {
         let ids: Vec<String> = rt.connections.keys().cloned().collect();
         for id in ids {
             let desired = Self::desired(rt, &id);
@@ -506,7 +517,7 @@ impl Coordinator {
         Ok(Some(record.lease))
     }
 
-    fn lapsed(&self, worker: &str) -> Status {
+    pub(crate) fn lapsed(&self, worker: &str) -> Status {
         Status::not_found(format!(
             "worker {worker} is not a member (its lease lapsed after {:.1}s without a heartbeat, or it never registered); register again",
             self.config.lease_ttl.as_secs_f64()
@@ -1122,6 +1133,12 @@ impl pb::coordinator_server::Coordinator for Service {
                     .values()
                     .find(|j| j.state == JobState::Running && j.members.contains(&w.id))
                     .map(|j| j.id.clone())
+                    .or_else(|| {
+                        let screen = rt.screens.assigned()?;
+                        rt.connections
+                            .contains_key(&w.id)
+                            .then(|| screen.record.id.clone())
+                    })
                     .unwrap_or_default(),
                 connected: rt.connections.contains_key(&w.id),
                 worker_id: w.id,
@@ -1131,6 +1148,66 @@ impl pb::coordinator_server::Coordinator for Service {
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn submit_screen(
+        &self,
+        request: Request<pb::SubmitScreenRequest>,
+    ) -> Result<Response<pb::SubmitScreenResponse>, Status> {
+        self.0
+            .submit_screen(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn screen_status(
+        &self,
+        request: Request<pb::ScreenStatusRequest>,
+    ) -> Result<Response<pb::ScreenStatusResponse>, Status> {
+        self.0
+            .screen_status(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn cancel_screen(
+        &self,
+        request: Request<pb::CancelScreenRequest>,
+    ) -> Result<Response<pb::CancelScreenResponse>, Status> {
+        self.0
+            .cancel_screen(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn lease_unit(
+        &self,
+        request: Request<pb::LeaseUnitRequest>,
+    ) -> Result<Response<pb::LeaseUnitResponse>, Status> {
+        self.0
+            .lease_unit(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn renew_unit(
+        &self,
+        request: Request<pb::RenewUnitRequest>,
+    ) -> Result<Response<pb::RenewUnitResponse>, Status> {
+        self.0
+            .renew_unit(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn complete_unit(
+        &self,
+        request: Request<pb::CompleteUnitRequest>,
+    ) -> Result<Response<pb::CompleteUnitResponse>, Status> {
+        self.0
+            .complete_unit(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

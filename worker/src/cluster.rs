@@ -32,6 +32,7 @@ use crate::checkpointing::{
 };
 use crate::collective::{self, CollectiveError, RendezvousStore};
 use crate::model::parse_device;
+use crate::screen::serve_screen;
 use crate::train::{
     pretrain_parallel, Aborted, Checkpointing, Parallel, RunOptions, StepRecord, TrainConfig,
 };
@@ -703,8 +704,45 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                         thread,
                     });
                 }
-                Some(pb::assignment::Kind::Screen(_screen)) => {
-                    // Screens are wired in by the screen module (work in progress).
+                Some(pb::assignment::Kind::Screen(screen)) => {
+                    // Generation 0 marks screen work; the same screen again (re-sent after a coordinator
+                    // restart) goes on where it is.
+                    if current
+                        .as_ref()
+                        .is_some_and(|r| r.job == screen.screen_id && r.generation == 0)
+                    {
+                        continue;
+                    }
+                    if let Some(run) = current.take() {
+                        run.stop();
+                    }
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let device = parse_device(&args.device)?;
+                    let (worker, client, handle, flag) = (
+                        worker_id.clone(),
+                        client.clone(),
+                        handle.clone(),
+                        stop.clone(),
+                    );
+                    let id = screen.screen_id.clone();
+                    let thread = std::thread::Builder::new()
+                        .name("cellfleet-screen".into())
+                        .spawn(move || {
+                            if screen.threads > 0 {
+                                tch::set_num_threads(screen.threads as i32);
+                            }
+                            if let Err(e) =
+                                serve_screen(screen, &worker, device, client, handle, flag)
+                            {
+                                eprintln!("screen work stopped: {e:#}");
+                            }
+                        })?;
+                    current = Some(RunningGeneration {
+                        job: id,
+                        generation: 0,
+                        abort: stop,
+                        thread,
+                    });
                 }
                 Some(pb::assignment::Kind::Idle(idle)) => {
                     if let Some(run) = current.take() {

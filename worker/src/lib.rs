@@ -15,6 +15,8 @@ pub mod model;
 pub mod modelcli;
 pub mod optim;
 pub mod progress;
+pub mod screen;
+pub mod screencli;
 pub mod shards;
 pub mod synth;
 pub mod train;

@@ -218,6 +218,13 @@ enum Command {
         #[command(flatten)]
         s3: S3Args,
     },
+    /// In-silico perturbation screens: plan, run on a fleet, follow, merge into Parquet
+    Screen {
+        #[command(subcommand)]
+        action: cellfleet_worker::screencli::ScreenAction,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// Benchmarks that print a table with their baseline measured in the same run
     Bench {
         #[command(subcommand)]
@@ -463,6 +470,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         )?,
         Command::Ckpt { action, s3 } => {
             cellfleet_worker::ckptcli::ckpt_command(action, &s3.options())?
+        }
+        Command::Screen { action, s3 } => {
+            cellfleet_worker::screencli::screen_command(action, &s3.options())?
         }
         Command::Bench { which } => bench::run(which)?,
     }

@@ -1,0 +1,880 @@
+//! Screen work-unit leasing. A screen's plan (which genes x cells each numbered unit holds) is an object
+//! the client wrote to the object store; the coordinator never reads it. It hands the units out under
+//! renewable leases, records each unit's result once, and counts.
+//!
+//! Store keys (three prefixes, so that listing `screens/` never returns the per-unit keys and none of them
+//! falls under `jobs/`, `workers/` or `kv/`):
+//! * `screens/<id>`: the [`ScreenRecord`];
+//! * `screen-leases/<id>/<unit>`: the [`UnitLease`] of a unit being computed;
+//! * `screen-done/<id>/<unit>`: the [`DoneUnit`] of a completed unit.
+//!
+//! A lease is *live* while its deadline has not passed and its holder is still a member (under
+//! `workers/`). Liveness is evaluated when leasing and in status, so no timer is needed, and since the
+//! coordinator ends the membership of a worker whose assignment stream closes, a killed worker's units are
+//! free again at once rather than at their deadline. Completions are accepted with a stale token: a unit's
+//! object sits under a deterministic key, so any holder's result is equally valid, and the first one
+//! recorded wins.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+use cellfleet_proto as pb;
+use cellfleet_shared::meta::MetaStore;
+
+use crate::service::{internal, now_ms, Coordinator, JobState};
+
+pub const SCREENS: &str = "screens/";
+pub const SCREEN_LEASES: &str = "screen-leases/";
+pub const SCREEN_DONE: &str = "screen-done/";
+
+/// Lease length when a submission asks for none.
+pub const DEFAULT_LEASE_MS: u64 = 30_000;
+/// Shorter leases would expire between a worker's renewals under ordinary scheduling jitter.
+pub const MIN_LEASE_MS: u64 = 1_000;
+/// A unit that fails this often fails deterministically (bad plan, bad cell), so retrying it is futile.
+pub const MAX_UNIT_FAILURES: u32 = 3;
+/// How long a worker waits before asking again when every remaining unit is leased to someone else.
+pub const RETRY_AFTER_MS: u64 = 300;
+
+/// A screen as stored under `screens/<id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenRecord {
+    pub id: String,
+    pub location: String,
+    pub plan_blake3: String,
+    pub summary: String,
+    pub units_total: u32,
+    pub pairs_total: u64,
+    pub lease_ms: u64,
+    pub threads: u32,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub state: JobState,
+    pub message: String,
+    pub created_unix_ms: u64,
+    /// Units taken over after their holder was lost or let the lease expire.
+    pub releases: u32,
+    /// Failures per unit, only for units that failed at least once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failures: BTreeMap<u32, u32>,
+}
+
+/// A unit's lease as stored under `screen-leases/<id>/<unit>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitLease {
+    pub worker_id: String,
+    pub token: u64,
+    pub deadline_unix_ms: u64,
+}
+
+impl UnitLease {
+    /// Whether nobody else may take the unit: the deadline is ahead and the holder is still a member.
+    pub fn is_live(&self, now_ms: u64, members: &HashSet<String>) -> bool {
+        self.deadline_unix_ms > now_ms && members.contains(&self.worker_id)
+    }
+}
+
+/// A completed unit as stored under `screen-done/<id>/<unit>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DoneUnit {
+    pub unit: u32,
+    pub key: String,
+    pub blake3: String,
+    pub bytes: u64,
+    pub pairs: u64,
+    pub worker_id: String,
+    pub seconds: f64,
+}
+
+impl From<&DoneUnit> for pb::CompletedUnit {
+    fn from(d: &DoneUnit) -> Self {
+        pb::CompletedUnit {
+            unit: d.unit,
+            key: d.key.clone(),
+            blake3: d.blake3.clone(),
+            bytes: d.bytes,
+            pairs: d.pairs,
+            worker_id: d.worker_id.clone(),
+            seconds: d.seconds,
+        }
+    }
+}
+
+fn lease_key(id: &str, unit: u32) -> String {
+    format!("{SCREEN_LEASES}{id}/{unit}")
+}
+
+fn done_key(id: &str, unit: u32) -> String {
+    format!("{SCREEN_DONE}{id}/{unit}")
+}
+
+/// `screen-leases/<id>/<unit>` -> (id, unit).
+fn split_unit_key<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, u32)> {
+    let (id, unit) = key.strip_prefix(prefix)?.rsplit_once('/')?;
+    Some((id, unit.parse().ok()?))
+}
+
+/// One screen in memory: its record, live and stale leases, and completed units.
+#[derive(Debug, Clone)]
+pub struct Screen {
+    pub record: ScreenRecord,
+    pub leases: BTreeMap<u32, UnitLease>,
+    pub done: BTreeMap<u32, DoneUnit>,
+    pairs_done: u64,
+    /// When this process first leased a unit of the screen, and the pairs done by then: the rate is
+    /// measured from there (a restarted coordinator does not know how long the earlier units took).
+    rate_origin: Option<(Instant, u64)>,
+    /// When the screen stopped running in this process, which freezes its rate.
+    ended: Option<Instant>,
+}
+
+impl Screen {
+    pub fn new(record: ScreenRecord) -> Self {
+        Self {
+            record,
+            leases: BTreeMap::new(),
+            done: BTreeMap::new(),
+            pairs_done: 0,
+            rate_origin: None,
+            ended: None,
+        }
+    }
+
+    pub fn pairs_done(&self) -> u64 {
+        self.pairs_done
+    }
+
+    fn record_done(&mut self, done: DoneUnit) {
+        self.leases.remove(&done.unit);
+        self.pairs_done += done.pairs;
+        self.done.insert(done.unit, done);
+    }
+
+    pub fn all_done(&self) -> bool {
+        self.done.len() as u64 >= u64::from(self.record.units_total)
+    }
+
+    /// The lowest unit neither done nor under a live lease.
+    pub fn free_unit(&self, now_ms: u64, members: &HashSet<String>) -> Option<u32> {
+        // Ends after at most (done + live leases + 1) steps, however many units the screen has.
+        (0..self.record.units_total).find(|u| {
+            !self.done.contains_key(u)
+                && !self
+                    .leases
+                    .get(u)
+                    .is_some_and(|l| l.is_live(now_ms, members))
+        })
+    }
+
+    pub fn live_leases<'a>(
+        &'a self,
+        now_ms: u64,
+        members: &'a HashSet<String>,
+    ) -> impl Iterator<Item = (u32, &'a UnitLease)> + 'a {
+        self.leases
+            .iter()
+            .filter(move |(_, l)| l.is_live(now_ms, members))
+            .map(|(u, l)| (*u, l))
+    }
+
+    /// Pairs per second since this process first leased a unit (0 before any completion).
+    pub fn rate(&self) -> f64 {
+        let Some((since, base)) = self.rate_origin else {
+            return 0.0;
+        };
+        let seconds = self
+            .ended
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(since)
+            .as_secs_f64();
+        let pairs = self.pairs_done.saturating_sub(base);
+        if seconds > 0.0 && pairs > 0 {
+            pairs as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn end(&mut self, state: JobState, message: String) {
+        self.record.state = state;
+        self.record.message = message;
+        self.leases.clear();
+        self.ended = Some(Instant::now());
+    }
+
+    /// The message of a screen whose last unit was just recorded.
+    pub fn completion_message(&self, now_ms: u64) -> String {
+        let seconds = now_ms.saturating_sub(self.record.created_unix_ms) as f64 / 1000.0;
+        let rate = if seconds > 0.0 {
+            self.pairs_done as f64 / seconds
+        } else {
+            0.0
+        };
+        let releases = match self.record.releases {
+            0 => String::new(),
+            1 => ", 1 unit re-leased".to_string(),
+            n => format!(", {n} units re-leased"),
+        };
+        format!(
+            "completed: {} units, {} pairs in {seconds:.1} s ({rate:.0} pairs/s){releases}",
+            self.record.units_total,
+            thousands(self.pairs_done)
+        )
+    }
+
+    pub fn assignment(&self) -> pb::ScreenAssignment {
+        let r = &self.record;
+        pb::ScreenAssignment {
+            screen_id: r.id.clone(),
+            location: r.location.clone(),
+            plan_blake3: r.plan_blake3.clone(),
+            s3_endpoint: r.s3_endpoint.clone(),
+            s3_region: r.s3_region.clone(),
+            threads: r.threads,
+        }
+    }
+
+    pub fn status(
+        &self,
+        include_units: bool,
+        now_ms: u64,
+        members: &HashSet<String>,
+    ) -> pb::ScreenStatusResponse {
+        let r = &self.record;
+        let live: Vec<(u32, &UnitLease)> = self.live_leases(now_ms, members).collect();
+        let workers: Vec<String> = live
+            .iter()
+            .map(|(_, l)| l.worker_id.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let rate = self.rate();
+        let eta = match r.state {
+            JobState::Completed => 0.0,
+            JobState::Running if rate > 0.0 => {
+                r.pairs_total.saturating_sub(self.pairs_done) as f64 / rate
+            }
+            _ => -1.0,
+        };
+        pb::ScreenStatusResponse {
+            screen_id: r.id.clone(),
+            state: r.state.name().into(),
+            message: r.message.clone(),
+            location: r.location.clone(),
+            plan_blake3: r.plan_blake3.clone(),
+            summary: r.summary.clone(),
+            units_total: r.units_total,
+            units_done: self.done.len() as u32,
+            units_leased: live.len() as u32,
+            pairs_total: r.pairs_total,
+            pairs_done: self.pairs_done,
+            pairs_per_second: rate,
+            eta_seconds: eta,
+            releases: r.releases,
+            units: if include_units {
+                self.done.values().map(pb::CompletedUnit::from).collect()
+            } else {
+                Vec::new()
+            },
+            workers,
+        }
+    }
+}
+
+/// `12345` -> `12,345`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let head = match digits.len() % 3 {
+        0 => 3,
+        r => r,
+    };
+    let mut out = digits[..head].to_string();
+    for group in digits.as_bytes()[head..].chunks(3) {
+        out.push(',');
+        out.push_str(std::str::from_utf8(group).expect("ASCII digits"));
+    }
+    out
+}
+
+/// Every screen the coordinator knows, in id (= submission) order.
+#[derive(Debug, Default)]
+pub struct Screens {
+    pub by_id: BTreeMap<String, Screen>,
+    /// The last lease token handed out (or loaded): tokens grow across restarts.
+    last_token: u64,
+}
+
+impl Screens {
+    /// The screen an idle worker should work on: the oldest running one with units left.
+    pub fn assigned(&self) -> Option<&Screen> {
+        self.by_id
+            .values()
+            .find(|s| s.record.state == JobState::Running && !s.all_done())
+    }
+
+    /// A token unique across restarts: microseconds of wall-clock time, or one more than the last one.
+    fn next_token(&mut self, now_ms: u64) -> u64 {
+        self.last_token = (self.last_token + 1).max(now_ms.saturating_mul(1000));
+        self.last_token
+    }
+
+    /// Reads the screens, their leases and completed units from the store.
+    pub async fn load(store: &dyn MetaStore) -> anyhow::Result<Self> {
+        let unreadable = |key: &str, e: serde_json::Error| {
+            anyhow::anyhow!("{}: stored {key} is unreadable: {e}", store.describe())
+        };
+        let mut screens = Screens::default();
+        for (key, entry) in store.list(SCREENS).await? {
+            let record: ScreenRecord =
+                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+            screens.by_id.insert(record.id.clone(), Screen::new(record));
+        }
+        for (key, entry) in store.list(SCREEN_LEASES).await? {
+            let lease: UnitLease =
+                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+            let Some((id, unit)) = split_unit_key(SCREEN_LEASES, &key) else {
+                tracing::warn!("ignoring the malformed lease key {key}");
+                continue;
+            };
+            screens.last_token = screens.last_token.max(lease.token);
+            match screens.by_id.get_mut(id) {
+                Some(screen) => {
+                    screen.leases.insert(unit, lease);
+                }
+                None => tracing::warn!("ignoring lease {key} of an unknown screen"),
+            }
+        }
+        for (key, entry) in store.list(SCREEN_DONE).await? {
+            let done: DoneUnit =
+                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+            match screens
+                .by_id
+                .get_mut(split_unit_key(SCREEN_DONE, &key).map_or("", |k| k.0))
+            {
+                Some(screen) if done.unit < screen.record.units_total => screen.record_done(done),
+                _ => tracing::warn!("ignoring completed unit {key} of no known screen unit"),
+            }
+        }
+        let now = now_ms() as u64;
+        for screen in screens.by_id.values_mut() {
+            // The coordinator stopped between recording the last unit and the screen's new state.
+            if screen.record.state == JobState::Running && screen.all_done() {
+                let message = screen.completion_message(now);
+                screen.end(JobState::Completed, message);
+                let bytes = serde_json::to_vec(&screen.record)?;
+                store
+                    .put(&format!("{SCREENS}{}", screen.record.id), &bytes, None)
+                    .await?;
+            }
+        }
+        let running = screens
+            .by_id
+            .values()
+            .filter(|s| s.record.state == JobState::Running)
+            .count();
+        if !screens.by_id.is_empty() {
+            tracing::info!(
+                "{}: {} screens ({running} running)",
+                store.describe(),
+                screens.by_id.len()
+            );
+        }
+        Ok(screens)
+    }
+}
+
+fn unknown(id: &str) -> Status {
+    Status::not_found(format!("unknown screen {id:?}"))
+}
+
+/// The screen RPCs. Each holds the runtime lock from its checks to its last write, so two workers never
+/// take the same unit and a completion never races a cancellation.
+impl Coordinator {
+    async fn save_screen(&self, record: &ScreenRecord) -> Result<(), Status> {
+        let bytes = serde_json::to_vec(record).map_err(internal)?;
+        self.store
+            .put(&format!("{SCREENS}{}", record.id), &bytes, None)
+            .await
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    pub(crate) async fn submit_screen(
+        &self,
+        req: pb::SubmitScreenRequest,
+    ) -> Result<pb::SubmitScreenResponse, Status> {
+        if req.units == 0 {
+            return Err(Status::invalid_argument("screen units must be positive"));
+        }
+        let lease_ms = match req.lease_ms {
+            0 => DEFAULT_LEASE_MS,
+            ms if ms < MIN_LEASE_MS => {
+                return Err(Status::invalid_argument(format!(
+                    "screen lease_ms {ms} is below the minimum {MIN_LEASE_MS} (0: the default {DEFAULT_LEASE_MS})"
+                )))
+            }
+            ms => ms,
+        };
+        if req.location.is_empty() {
+            return Err(Status::invalid_argument("screen location is empty"));
+        }
+        if req.plan_blake3.is_empty() {
+            return Err(Status::invalid_argument("screen plan_blake3 is empty"));
+        }
+        let mut rt = self.runtime.lock().await;
+        let now = now_ms() as u64;
+        let mut id = format!("screen-{now}");
+        while rt.screens.by_id.contains_key(&id) {
+            id.push('x');
+        }
+        let record = ScreenRecord {
+            id: id.clone(),
+            location: req.location,
+            plan_blake3: req.plan_blake3,
+            summary: req.summary,
+            units_total: req.units,
+            pairs_total: req.pairs,
+            lease_ms,
+            threads: req.threads,
+            s3_endpoint: req.s3_endpoint,
+            s3_region: req.s3_region,
+            state: JobState::Running,
+            message: format!(
+                "running: {} units, {} pairs",
+                req.units,
+                thousands(req.pairs)
+            ),
+            created_unix_ms: now,
+            releases: 0,
+            failures: BTreeMap::new(),
+        };
+        self.save_screen(&record).await?;
+        tracing::info!(
+            "screen {id} submitted: {} units, {} pairs, plan {}/plan.json{}",
+            record.units_total,
+            record.pairs_total,
+            record.location,
+            if record.summary.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", record.summary)
+            }
+        );
+        rt.screens.by_id.insert(id.clone(), Screen::new(record));
+        self.send_assignments(&mut rt);
+        drop(rt);
+        self.wake.notify_one();
+        Ok(pb::SubmitScreenResponse { screen_id: id })
+    }
+
+    pub(crate) async fn screen_status(
+        &self,
+        req: pb::ScreenStatusRequest,
+    ) -> Result<pb::ScreenStatusResponse, Status> {
+        let members = self.live_workers().await?;
+        let rt = self.runtime.lock().await;
+        let screen = rt
+            .screens
+            .by_id
+            .get(&req.screen_id)
+            .ok_or_else(|| unknown(&req.screen_id))?;
+        Ok(screen.status(req.include_units, now_ms() as u64, &members))
+    }
+
+    pub(crate) async fn cancel_screen(
+        &self,
+        req: pb::CancelScreenRequest,
+    ) -> Result<pb::CancelScreenResponse, Status> {
+        let id = req.screen_id;
+        let mut rt = self.runtime.lock().await;
+        let screen = rt.screens.by_id.get_mut(&id).ok_or_else(|| unknown(&id))?;
+        if !screen.record.state.is_active() {
+            return Err(Status::failed_precondition(format!(
+                "screen {id} is already {}",
+                screen.record.state.name()
+            )));
+        }
+        let mut ended = screen.clone();
+        ended.end(
+            JobState::Cancelled,
+            format!(
+                "cancelled with {} of {} units done",
+                screen.done.len(),
+                screen.record.units_total
+            ),
+        );
+        self.save_screen(&ended.record).await?;
+        tracing::info!("screen {id}: {}", ended.record.message);
+        *screen = ended;
+        self.store
+            .delete_prefix(&format!("{SCREEN_LEASES}{id}/"))
+            .await
+            .map_err(internal)?;
+        self.send_assignments(&mut rt);
+        Ok(pb::CancelScreenResponse {})
+    }
+
+    pub(crate) async fn lease_unit(
+        &self,
+        req: pb::LeaseUnitRequest,
+    ) -> Result<pb::LeaseUnitResponse, Status> {
+        // Membership from the store, not the lease table: a lapsed holder must free its units now.
+        let members = self.live_workers().await?;
+        if !members.contains(&req.worker_id) {
+            return Err(self.lapsed(&req.worker_id));
+        }
+        let mut rt = self.runtime.lock().await;
+        let now = now_ms() as u64;
+        let screen = rt
+            .screens
+            .by_id
+            .get(&req.screen_id)
+            .ok_or_else(|| unknown(&req.screen_id))?;
+        let state = screen.record.state;
+        let refused = |retry_after_ms| pb::LeaseUnitResponse {
+            leased: false,
+            state: state.name().into(),
+            retry_after_ms,
+            ..Default::default()
+        };
+        if state != JobState::Running {
+            return Ok(refused(0));
+        }
+        let Some(unit) = screen.free_unit(now, &members) else {
+            return Ok(refused(RETRY_AFTER_MS));
+        };
+        let previous = screen.leases.get(&unit).cloned();
+        let lease_ms = screen.record.lease_ms;
+        let token = rt.screens.next_token(now);
+        let screen = rt.screens.by_id.get_mut(&req.screen_id).expect("found");
+        let lease = UnitLease {
+            worker_id: req.worker_id.clone(),
+            token,
+            deadline_unix_ms: now + lease_ms,
+        };
+        if let Some(previous) = &previous {
+            let mut record = screen.record.clone();
+            record.releases += 1;
+            self.save_screen(&record).await?;
+            screen.record = record;
+            let why = if members.contains(&previous.worker_id) {
+                "its lease expired"
+            } else {
+                "it is no longer a member"
+            };
+            tracing::info!(
+                "screen {}: unit {unit} re-leased to {} ({} held it; {why})",
+                req.screen_id,
+                req.worker_id,
+                previous.worker_id
+            );
+        }
+        self.store
+            .put(
+                &lease_key(&req.screen_id, unit),
+                &serde_json::to_vec(&lease).map_err(internal)?,
+                None,
+            )
+            .await
+            .map_err(internal)?;
+        screen.leases.insert(unit, lease);
+        let pairs_done = screen.pairs_done;
+        screen
+            .rate_origin
+            .get_or_insert_with(|| (Instant::now(), pairs_done));
+        Ok(pb::LeaseUnitResponse {
+            leased: true,
+            unit,
+            token,
+            lease_ms,
+            state: state.name().into(),
+            retry_after_ms: 0,
+        })
+    }
+
+    pub(crate) async fn renew_unit(
+        &self,
+        req: pb::RenewUnitRequest,
+    ) -> Result<pb::RenewUnitResponse, Status> {
+        let mut rt = self.runtime.lock().await;
+        let lost = |reason: String| {
+            Ok(pb::RenewUnitResponse {
+                held: false,
+                reason,
+            })
+        };
+        let Some(screen) = rt.screens.by_id.get_mut(&req.screen_id) else {
+            return lost(format!("unknown screen {:?}", req.screen_id));
+        };
+        let (id, unit) = (&screen.record.id, req.unit);
+        if screen.record.state != JobState::Running {
+            return lost(format!("screen {id} is {}", screen.record.state.name()));
+        }
+        if let Some(done) = screen.done.get(&unit) {
+            return lost(format!(
+                "unit {unit} is already completed (by {})",
+                done.worker_id
+            ));
+        }
+        let lease = match screen.leases.get(&unit) {
+            Some(lease) if lease.token == req.token => lease,
+            Some(lease) => {
+                return lost(format!(
+                    "the lease of unit {unit} was given to another worker ({})",
+                    lease.worker_id
+                ))
+            }
+            None => return lost(format!("unit {unit} is not leased")),
+        };
+        let renewed = UnitLease {
+            deadline_unix_ms: now_ms() as u64 + screen.record.lease_ms,
+            ..lease.clone()
+        };
+        self.store
+            .put(
+                &lease_key(id, unit),
+                &serde_json::to_vec(&renewed).map_err(internal)?,
+                None,
+            )
+            .await
+            .map_err(internal)?;
+        screen.leases.insert(unit, renewed);
+        Ok(pb::RenewUnitResponse {
+            held: true,
+            reason: String::new(),
+        })
+    }
+
+    pub(crate) async fn complete_unit(
+        &self,
+        req: pb::CompleteUnitRequest,
+    ) -> Result<pb::CompleteUnitResponse, Status> {
+        let mut rt = self.runtime.lock().await;
+        let refuse = |reason: String| {
+            Ok(pb::CompleteUnitResponse {
+                accepted: false,
+                reason,
+            })
+        };
+        let Some(screen) = rt.screens.by_id.get_mut(&req.screen_id) else {
+            return refuse(format!("unknown screen {:?}", req.screen_id));
+        };
+        let (id, unit) = (screen.record.id.clone(), req.unit);
+        if unit >= screen.record.units_total {
+            return Err(Status::invalid_argument(format!(
+                "screen {id} has units 0..{}, not {unit}",
+                screen.record.units_total
+            )));
+        }
+        if screen.record.state != JobState::Running {
+            return refuse(format!("screen {id} is {}", screen.record.state.name()));
+        }
+        if let Some(done) = screen.done.get(&unit) {
+            return refuse(format!(
+                "unit {unit} already recorded (by {})",
+                done.worker_id
+            ));
+        }
+        // Only the current holder's report ends the lease: a late report from an earlier holder must not
+        // free a unit someone else is computing.
+        let holds = screen
+            .leases
+            .get(&unit)
+            .is_some_and(|l| l.token == req.token);
+
+        if !req.error.is_empty() {
+            let mut after = screen.clone();
+            let failures = after.record.failures.entry(unit).or_insert(0);
+            *failures += 1;
+            let failures = *failures;
+            tracing::warn!(
+                "screen {id}: unit {unit} failed on {} ({failures} of {MAX_UNIT_FAILURES}): {}",
+                req.worker_id,
+                req.error
+            );
+            if holds {
+                after.leases.remove(&unit);
+            }
+            let failed = failures >= MAX_UNIT_FAILURES;
+            if failed {
+                after.end(
+                    JobState::Failed,
+                    format!(
+                        "unit {unit} failed {failures} times; last error (on {}): {}",
+                        req.worker_id, req.error
+                    ),
+                );
+                tracing::error!("screen {id}: {}", after.record.message);
+            }
+            self.save_screen(&after.record).await?;
+            if failed {
+                self.store
+                    .delete_prefix(&format!("{SCREEN_LEASES}{id}/"))
+                    .await
+                    .map_err(internal)?;
+            } else if holds {
+                self.store
+                    .delete(&lease_key(&id, unit))
+                    .await
+                    .map_err(internal)?;
+            }
+            let reason = if failed {
+                after.record.message.clone()
+            } else {
+                format!("failure {failures} of {MAX_UNIT_FAILURES} of unit {unit} recorded")
+            };
+            *screen = after;
+            if failed {
+                self.send_assignments(&mut rt);
+            }
+            return refuse(reason);
+        }
+
+        if req.key.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "completion of screen {id} unit {unit} names no object key"
+            )));
+        }
+        let done = DoneUnit {
+            unit,
+            key: req.key,
+            blake3: req.blake3,
+            bytes: req.bytes,
+            pairs: req.pairs,
+            worker_id: req.worker_id,
+            seconds: req.seconds,
+        };
+        self.store
+            .put(
+                &done_key(&id, unit),
+                &serde_json::to_vec(&done).map_err(internal)?,
+                None,
+            )
+            .await
+            .map_err(internal)?;
+        if screen.leases.contains_key(&unit) {
+            self.store
+                .delete(&lease_key(&id, unit))
+                .await
+                .map_err(internal)?;
+        }
+        if !holds {
+            tracing::info!(
+                "screen {id}: unit {unit} completed by {} after its lease was lost (accepted: the result is the same)",
+                done.worker_id
+            );
+        }
+        screen.record_done(done);
+        if screen.all_done() {
+            let mut after = screen.clone();
+            after.end(
+                JobState::Completed,
+                after.completion_message(now_ms() as u64),
+            );
+            self.save_screen(&after.record).await?;
+            tracing::info!("screen {id}: {}", after.record.message);
+            *screen = after;
+            self.send_assignments(&mut rt);
+            drop(rt);
+            self.wake.notify_one();
+        }
+        Ok(pb::CompleteUnitResponse {
+            accepted: true,
+            reason: String::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(units: u32) -> ScreenRecord {
+        ScreenRecord {
+            id: "screen-1".into(),
+            location: "/s".into(),
+            plan_blake3: "ab".into(),
+            summary: String::new(),
+            units_total: units,
+            pairs_total: 100,
+            lease_ms: 1000,
+            threads: 0,
+            s3_endpoint: String::new(),
+            s3_region: String::new(),
+            state: JobState::Running,
+            message: String::new(),
+            created_unix_ms: 0,
+            releases: 0,
+            failures: BTreeMap::new(),
+        }
+    }
+
+    fn lease(worker: &str, deadline: u64) -> UnitLease {
+        UnitLease {
+            worker_id: worker.into(),
+            token: 1,
+            deadline_unix_ms: deadline,
+        }
+    }
+
+    #[test]
+    fn free_unit_skips_done_and_live_leases_only() {
+        let members: HashSet<String> = ["a".to_string()].into();
+        let mut s = Screen::new(record(4));
+        s.leases.insert(0, lease("a", 2000));
+        s.leases.insert(1, lease("gone", 2000));
+        s.leases.insert(2, lease("a", 500));
+        assert_eq!(s.free_unit(1000, &members), Some(1), "holder not a member");
+        s.leases.remove(&1);
+        s.done.insert(
+            1,
+            DoneUnit {
+                unit: 1,
+                key: "k".into(),
+                blake3: "b".into(),
+                bytes: 1,
+                pairs: 1,
+                worker_id: "a".into(),
+                seconds: 0.0,
+            },
+        );
+        assert_eq!(s.free_unit(1000, &members), Some(2), "deadline passed");
+        assert_eq!(s.free_unit(400, &members), Some(3));
+        s.leases.insert(3, lease("a", 2000));
+        assert_eq!(s.free_unit(400, &members), None);
+        assert_eq!(s.live_leases(400, &members).count(), 3);
+    }
+
+    #[test]
+    fn records_round_trip_and_keys_parse() {
+        let mut r = record(3);
+        r.failures.insert(2, 1);
+        let back: ScreenRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert!(serde_json::to_string(&record(1))
+            .unwrap()
+            .contains("\"state\":\"running\""));
+        assert_eq!(
+            split_unit_key(SCREEN_LEASES, &lease_key("screen-5x", 17)),
+            Some(("screen-5x", 17))
+        );
+        assert!(!lease_key("a", 1).starts_with(SCREENS));
+        assert!(!done_key("a", 1).starts_with(SCREENS));
+    }
+
+    #[test]
+    fn tokens_grow_and_numbers_read_well() {
+        let mut screens = Screens::default();
+        let a = screens.next_token(5);
+        let b = screens.next_token(5);
+        let c = screens.next_token(4);
+        assert!(a == 5000 && b == 5001 && c == 5002, "{a} {b} {c}");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(12345), "12,345");
+        assert_eq!(thousands(1234567), "1,234,567");
+    }
+}

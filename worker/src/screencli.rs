@@ -1,0 +1,826 @@
+//! `cellfleet screen run|submit|status|results|cancel`: plan a screen on the client (every check that can
+//! fail runs before anything is submitted), follow it on a coordinator, and merge its unit results into
+//! Parquet tables beside the screen's specification and checkpoint id.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use cellfleet_proto as pb;
+use cellfleet_proto::coordinator_client::CoordinatorClient;
+use cellfleet_shared::screen::{GeneEffect, Merger, ScreenPlan, ScreenResults, UnitResult};
+use cellfleet_shared::store::S3Options;
+use clap::Subcommand;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::data_type::{
+    BoolType, ByteArray, ByteArrayType, DoubleType, FloatType, Int32Type, Int64Type,
+};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+use serde::Serialize;
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::cluster::EmbeddedCluster;
+use crate::screen::{load_plan, open_location, read_spec, resolve_plan, store_plan};
+
+#[derive(Subcommand, Debug)]
+pub enum ScreenAction {
+    /// Plan a screen and run it on the embedded default: an in-process coordinator and N worker processes
+    Run {
+        /// The screen specification (TOML, or JSON for .json)
+        spec: PathBuf,
+        /// Required: the embedded default (use `submit --coordinator` for a cluster)
+        #[arg(long)]
+        local: bool,
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Where the results go (default: SPEC's `out`/results for a local `out`)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the per-(gene, cell) table
+        #[arg(long)]
+        per_cell: bool,
+    },
+    /// Plan a screen, store its plan at its `out` location and submit it to a coordinator
+    Submit {
+        spec: PathBuf,
+        #[arg(long)]
+        coordinator: String,
+        /// Follow it to the end (then `screen results` fetches the tables)
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print a screen's progress: units, pairs per second, ETA
+    Status {
+        id: String,
+        #[arg(long)]
+        coordinator: String,
+    },
+    /// Merge a completed screen's unit results into Parquet tables in DIR
+    Results {
+        id: String,
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the per-(gene, cell) table
+        #[arg(long)]
+        per_cell: bool,
+    },
+    /// Stop a screen: workers drop its units
+    Cancel {
+        id: String,
+        #[arg(long)]
+        coordinator: String,
+    },
+}
+
+fn runtime() -> anyhow::Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
+fn connect(rt: &Runtime, url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let _entered = rt.enter();
+    let channel = Channel::from_shared(url.to_string())
+        .map_err(|e| anyhow!("--coordinator {url}: not a URL ({e})"))?
+        .connect_lazy();
+    Ok(CoordinatorClient::new(channel))
+}
+
+pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()> {
+    match action {
+        ScreenAction::Run {
+            spec,
+            local,
+            workers,
+            out,
+            per_cell,
+        } => {
+            if !local {
+                bail!("`screen run` runs on the embedded default: pass --local (or use `screen submit --coordinator URL`)");
+            }
+            run_local(&spec, workers, out, per_cell, s3).map(|_| ())
+        }
+        ScreenAction::Submit {
+            spec,
+            coordinator,
+            follow: follow_it,
+        } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            let id = plan_and_submit(&rt, &mut client, &coordinator, &spec, s3)?;
+            println!("{id}");
+            if follow_it {
+                let status = follow(&rt, &mut client, &id)?;
+                eprintln!("{}", status.message);
+                eprintln!(
+                    "results: cellfleet screen results {id} --coordinator {coordinator} --out DIR"
+                );
+            }
+            Ok(())
+        }
+        ScreenAction::Status { id, coordinator } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            let status = status(&rt, &mut client, &id, false)?;
+            print_status(&status);
+            Ok(())
+        }
+        ScreenAction::Results {
+            id,
+            coordinator,
+            out,
+            per_cell,
+        } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            let status = status(&rt, &mut client, &id, true)?;
+            let written = write_results(&status, &out, per_cell, s3)?;
+            print_top(&written, 15);
+            Ok(())
+        }
+        ScreenAction::Cancel { id, coordinator } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            rt.block_on(client.cancel_screen(pb::CancelScreenRequest {
+                screen_id: id.clone(),
+            }))
+            .map_err(|s| anyhow!("{}", s.message()))?;
+            eprintln!("screen {id} cancelled");
+            Ok(())
+        }
+    }
+}
+
+/// Plans `spec`, stores the plan at its location and submits the screen; returns its id.
+fn plan_and_submit(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    coordinator: &str,
+    spec_path: &Path,
+    s3: &S3Options,
+) -> anyhow::Result<String> {
+    let mut spec = read_spec(spec_path)?;
+    let spec_dir = spec_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    // Workers run elsewhere: relative locations are resolved against the spec's directory.
+    for location in [&mut spec.checkpoint, &mut spec.corpus, &mut spec.out] {
+        if !location.contains("://") && Path::new(location.as_str()).is_relative() {
+            let joined = spec_dir.join(&*location);
+            *location = std::path::absolute(&joined)
+                .unwrap_or(joined)
+                .display()
+                .to_string();
+        }
+    }
+    let s3 = S3Options {
+        endpoint: spec.s3_endpoint.clone().or_else(|| s3.endpoint.clone()),
+        region: spec.s3_region.clone().or_else(|| s3.region.clone()),
+        ..s3.clone()
+    };
+    let started = Instant::now();
+    let plan = resolve_plan(&spec, &spec_dir, &s3)
+        .with_context(|| format!("{}: the screen cannot run", spec_path.display()))?;
+    let store = open_location(&spec.out, &s3)?;
+    let plan_blake3 = store_plan(&plan, &store)?;
+    eprintln!(
+        "planned {} in {:.1}s: {} units, {} (gene, cell) pairs; plan at {}/plan.json",
+        plan.summary(),
+        started.elapsed().as_secs_f64(),
+        plan.unit_count(),
+        plan.total_pairs(),
+        spec.out.trim_end_matches('/')
+    );
+    let request = pb::SubmitScreenRequest {
+        location: spec.out.clone(),
+        plan_blake3,
+        units: plan.unit_count() as u32,
+        pairs: plan.total_pairs(),
+        lease_ms: u64::from(spec.execution.lease_seconds) * 1000,
+        threads: spec.execution.threads,
+        s3_endpoint: s3.endpoint.clone().unwrap_or_default(),
+        s3_region: s3.region.clone().unwrap_or_default(),
+        summary: plan.summary(),
+    };
+    let id = rt
+        .block_on(client.submit_screen(request))
+        .map_err(|s| {
+            anyhow!(
+                "the coordinator at {coordinator} refused the screen: {}",
+                s.message()
+            )
+        })?
+        .into_inner()
+        .screen_id;
+    eprintln!("submitted screen {id} to {coordinator}");
+    Ok(id)
+}
+
+fn status(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+    include_units: bool,
+) -> anyhow::Result<pb::ScreenStatusResponse> {
+    Ok(rt
+        .block_on(client.screen_status(pb::ScreenStatusRequest {
+            screen_id: id.to_string(),
+            include_units,
+        }))
+        .map_err(|s| anyhow!("{}", s.message()))?
+        .into_inner())
+}
+
+fn print_status(s: &pb::ScreenStatusResponse) {
+    println!("screen {}: {} ({})", s.screen_id, s.state, s.summary);
+    println!(
+        "  units {}/{} done, {} leased ({}); pairs {}/{}; {:.0} pairs/s; eta {}",
+        s.units_done,
+        s.units_total,
+        s.units_leased,
+        if s.workers.is_empty() {
+            "no worker".to_string()
+        } else {
+            s.workers.join(", ")
+        },
+        s.pairs_done,
+        s.pairs_total,
+        s.pairs_per_second,
+        if s.eta_seconds < 0.0 {
+            "unknown".to_string()
+        } else {
+            format!("{:.0}s", s.eta_seconds)
+        }
+    );
+    if s.releases > 0 {
+        println!(
+            "  {} units leased again after a lost worker or lease",
+            s.releases
+        );
+    }
+    println!("  {}", s.message);
+    println!("  location {}", s.location);
+}
+
+/// Follows a screen to its end with a progress bar over pairs; an unsuccessful end is an error.
+fn follow(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+) -> anyhow::Result<pb::ScreenStatusResponse> {
+    let mut bar = None;
+    let mut unreachable_since: Option<Instant> = None;
+    let mut last_message = String::new();
+    let mut logged = Instant::now();
+    loop {
+        let s = match rt.block_on(client.screen_status(pb::ScreenStatusRequest {
+            screen_id: id.to_string(),
+            include_units: false,
+        })) {
+            Ok(s) => {
+                unreachable_since = None;
+                s.into_inner()
+            }
+            Err(s) if s.code() == Code::NotFound => bail!("{}", s.message()),
+            Err(s) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(120) {
+                    bail!("lost the coordinator for 2 minutes: {}", s.message());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        let bar = bar.get_or_insert_with(|| crate::progress::bar(s.pairs_total, "screen"));
+        bar.set_position(s.pairs_done);
+        if s.message != last_message {
+            bar.suspend(|| eprintln!("screen {id}: {}", s.message));
+            last_message = s.message.clone();
+        }
+        if std::env::var_os("CELLFLEET_QUIET").is_some()
+            || logged.elapsed() > Duration::from_secs(10)
+        {
+            if logged.elapsed() > Duration::from_secs(10) {
+                eprintln!(
+                    "screen {id}: {}/{} units, {}/{} pairs, {:.0} pairs/s, eta {}",
+                    s.units_done,
+                    s.units_total,
+                    s.pairs_done,
+                    s.pairs_total,
+                    s.pairs_per_second,
+                    if s.eta_seconds < 0.0 {
+                        "unknown".into()
+                    } else {
+                        format!("{:.0}s", s.eta_seconds)
+                    }
+                );
+                logged = Instant::now();
+            }
+        }
+        match s.state.as_str() {
+            "completed" => {
+                bar.finish_and_clear();
+                return Ok(s);
+            }
+            "failed" | "cancelled" => {
+                bar.finish_and_clear();
+                bail!("screen {id} {}: {}", s.state, s.message);
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `screen run --local`: an embedded coordinator and `workers` worker processes; returns the results.
+pub fn run_local(
+    spec_path: &Path,
+    workers: u32,
+    out: Option<PathBuf>,
+    per_cell: bool,
+    s3: &S3Options,
+) -> anyhow::Result<WrittenResults> {
+    let spec = read_spec(spec_path)?;
+    let out = match out {
+        Some(out) => out,
+        None if !spec.out.contains("://") => spec_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&spec.out)
+            .join("results"),
+        None => bail!(
+            "`out` = {} is not a local directory: pass --out DIR for the results",
+            spec.out
+        ),
+    };
+    let logs = out.join("workers");
+    let cluster = EmbeddedCluster::start(workers, spec.execution.threads, &logs)?;
+    eprintln!(
+        "embedded coordinator on {} with {workers} worker processes (logs in {})",
+        cluster.url,
+        logs.display()
+    );
+    let rt = runtime()?;
+    let mut client = connect(&rt, &cluster.url)?;
+    let id = plan_and_submit(&rt, &mut client, &cluster.url, spec_path, s3)?;
+    let done = follow(&rt, &mut client, &id)?;
+    eprintln!("screen {id}: {}", done.message);
+    let status = status(&rt, &mut client, &id, true)?;
+    let written = write_results(&status, &out, per_cell, s3)?;
+    print_top(&written, 15);
+    drop(cluster);
+    Ok(written)
+}
+
+/// What `screen.json` beside the tables records.
+#[derive(Serialize)]
+struct ScreenRecord<'a> {
+    format: &'static str,
+    screen_id: &'a str,
+    location: &'a str,
+    plan_blake3: &'a str,
+    spec: &'a cellfleet_shared::screen::ScreenSpec,
+    checkpoint: &'a cellfleet_shared::screen::CheckpointId,
+    corpus: &'a str,
+    corpus_manifest_blake3: &'a str,
+    genes_screened: usize,
+    null_genes: Vec<&'a str>,
+    cells: usize,
+    states: Vec<(&'a str, usize)>,
+    units: usize,
+    pairs: u64,
+    units_released: u32,
+    pairs_per_second: f64,
+    message: &'a str,
+    tables: Vec<String>,
+}
+
+/// The merged screen and where its tables are.
+pub struct WrittenResults {
+    pub plan: ScreenPlan,
+    pub results: ScreenResults,
+    pub dir: PathBuf,
+}
+
+/// Reads every completed unit (each exactly once, checked against its recorded hash), merges them and
+/// writes `genes.parquet` (+ `cells.parquet`) and `screen.json` to `out`.
+pub fn write_results(
+    status: &pb::ScreenStatusResponse,
+    out: &Path,
+    per_cell: bool,
+    s3: &S3Options,
+) -> anyhow::Result<WrittenResults> {
+    if status.state != "completed" {
+        bail!(
+            "screen {} is {} ({}/{} units done): results are merged once every unit is done",
+            status.screen_id,
+            status.state,
+            status.units_done,
+            status.units_total
+        );
+    }
+    let store = open_location(&status.location, s3)?;
+    let plan = load_plan(&store, &status.plan_blake3)?;
+    let mut merger = Merger::new(&plan, &status.plan_blake3);
+    for unit in &status.units {
+        let bytes = store.get(&unit.key)?;
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        if hash != unit.blake3 {
+            // A unit re-run after a lost lease rewrites its key; identical computations give identical
+            // bytes, so a different hash means another computation (or damage): still a whole result of
+            // the same unit if it decodes and matches the plan, which `add` checks.
+            eprintln!(
+                "warning: {} has blake3 {}, the coordinator recorded {} (rewritten by a re-run of unit {})",
+                unit.key, hash, unit.blake3, unit.unit
+            );
+        }
+        let result = UnitResult::decode(&unit.key, &bytes)?;
+        if result.unit != unit.unit {
+            bail!(
+                "{} holds unit {}, expected {}",
+                unit.key,
+                result.unit,
+                unit.unit
+            );
+        }
+        merger.add(&unit.key, result)?;
+    }
+    let per_cell = per_cell || plan.spec.execution.per_cell;
+    let results = merger.finish(per_cell)?;
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut tables = vec![write_gene_table(
+        &plan,
+        &results.genes,
+        &out.join("genes.parquet"),
+    )?];
+    if let Some(pairs) = &results.pairs {
+        tables.push(write_pair_table(&plan, pairs, &out.join("cells.parquet"))?);
+    }
+    let record = ScreenRecord {
+        format: "cellfleet-screen-results/1",
+        screen_id: &status.screen_id,
+        location: &status.location,
+        plan_blake3: &status.plan_blake3,
+        spec: &plan.spec,
+        checkpoint: &plan.checkpoint,
+        corpus: &plan.corpus_url,
+        corpus_manifest_blake3: &plan.corpus_manifest_blake3,
+        genes_screened: plan.genes.len(),
+        null_genes: plan
+            .null_genes
+            .iter()
+            .map(|&g| plan.vocabulary[g as usize].as_str())
+            .collect(),
+        cells: plan.cells.len(),
+        states: plan
+            .states
+            .iter()
+            .map(|s| (s.name.as_str(), s.cells.len()))
+            .collect(),
+        units: plan.unit_count(),
+        pairs: results.total_pairs,
+        units_released: status.releases,
+        pairs_per_second: status.pairs_per_second,
+        message: &status.message,
+        tables: tables.iter().map(|p| p.display().to_string()).collect(),
+    };
+    fs::write(out.join("screen.json"), serde_json::to_vec_pretty(&record)?)
+        .with_context(|| format!("cannot write {}", out.join("screen.json").display()))?;
+    eprintln!(
+        "wrote {} (+ screen.json: spec, checkpoint {} step {})",
+        tables
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.checkpoint.url,
+        plan.checkpoint.step
+    );
+    Ok(WrittenResults {
+        plan,
+        results,
+        dir: out.to_path_buf(),
+    })
+}
+
+/// A Parquet column name for a state (`goal_shift` for the goal, `shift_to_<value>` for alternatives).
+pub fn state_columns(plan: &ScreenPlan) -> Vec<String> {
+    plan.states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if i == 0 {
+                "goal_shift".to_string()
+            } else {
+                let safe: String = s
+                    .name
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                format!("shift_to_{safe}")
+            }
+        })
+        .collect()
+}
+
+/// Typed column values of a flat table.
+enum Column {
+    Text(Vec<ByteArray>),
+    Int32(Vec<i32>),
+    Int64(Vec<i64>),
+    Float(Vec<f32>),
+    Double(Vec<f64>),
+    Bool(Vec<bool>),
+    /// A list per row (`values`, and where each row's list starts).
+    TextList(Vec<ByteArray>, Vec<usize>),
+    DoubleList(Vec<f64>, Vec<usize>),
+}
+
+impl Column {
+    fn schema(&self, name: &str) -> String {
+        match self {
+            Column::Text(_) => format!("required binary {name} (UTF8);"),
+            Column::Int32(_) => format!("required int32 {name};"),
+            Column::Int64(_) => format!("required int64 {name};"),
+            Column::Float(_) => format!("required float {name};"),
+            Column::Double(_) => format!("required double {name};"),
+            Column::Bool(_) => format!("required boolean {name};"),
+            Column::TextList(..) => format!(
+                "required group {name} (LIST) {{ repeated group list {{ required binary element (UTF8); }} }}"
+            ),
+            Column::DoubleList(..) => format!(
+                "required group {name} (LIST) {{ repeated group list {{ required double element; }} }}"
+            ),
+        }
+    }
+}
+
+/// Definition and repetition levels of a required list of required elements (an empty list is a
+/// definition level of 0 with no value).
+fn list_levels(starts: &[usize], total: usize) -> (Vec<i16>, Vec<i16>) {
+    let (mut def, mut rep) = (Vec::new(), Vec::new());
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(total);
+        if start == end {
+            def.push(0);
+            rep.push(0);
+        }
+        for k in start..end {
+            def.push(1);
+            rep.push(i16::from(k > start));
+        }
+    }
+    (def, rep)
+}
+
+fn write_table(
+    path: &Path,
+    table: &str,
+    columns: Vec<(String, Column)>,
+) -> anyhow::Result<PathBuf> {
+    let message = format!(
+        "message {table} {{ {} }}",
+        columns
+            .iter()
+            .map(|(n, c)| c.schema(n))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let schema = Arc::new(parse_message_type(&message).context("Parquet schema")?);
+    let properties = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .build(),
+    );
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut writer = SerializedFileWriter::new(file, schema, properties)?;
+    let mut group = writer.next_row_group()?;
+    let mut index = 0;
+    while let Some(mut column) = group.next_column()? {
+        match &columns[index].1 {
+            Column::Text(v) => {
+                column.typed::<ByteArrayType>().write_batch(v, None, None)?;
+            }
+            Column::Int32(v) => {
+                column.typed::<Int32Type>().write_batch(v, None, None)?;
+            }
+            Column::Int64(v) => {
+                column.typed::<Int64Type>().write_batch(v, None, None)?;
+            }
+            Column::Float(v) => {
+                column.typed::<FloatType>().write_batch(v, None, None)?;
+            }
+            Column::Double(v) => {
+                column.typed::<DoubleType>().write_batch(v, None, None)?;
+            }
+            Column::Bool(v) => {
+                column.typed::<BoolType>().write_batch(v, None, None)?;
+            }
+            Column::TextList(v, starts) => {
+                let (def, rep) = list_levels(starts, v.len());
+                column
+                    .typed::<ByteArrayType>()
+                    .write_batch(v, Some(&def), Some(&rep))?;
+            }
+            Column::DoubleList(v, starts) => {
+                let (def, rep) = list_levels(starts, v.len());
+                column
+                    .typed::<DoubleType>()
+                    .write_batch(v, Some(&def), Some(&rep))?;
+            }
+        }
+        column.close()?;
+        index += 1;
+    }
+    group.close()?;
+    writer.close()?;
+    Ok(path.to_path_buf())
+}
+
+fn text(s: &str) -> ByteArray {
+    ByteArray::from(s.as_bytes().to_vec())
+}
+
+/// `genes.parquet`: one row per screened gene, by rank (the columns are documented in docs/screens.md).
+fn write_gene_table(
+    plan: &ScreenPlan,
+    genes: &[GeneEffect],
+    path: &Path,
+) -> anyhow::Result<PathBuf> {
+    let mut columns = vec![
+        (
+            "rank".to_string(),
+            Column::Int32(genes.iter().map(|g| g.rank as i32).collect()),
+        ),
+        (
+            "gene".to_string(),
+            Column::Text(genes.iter().map(|g| text(&g.gene)).collect()),
+        ),
+        (
+            "gene_id".to_string(),
+            Column::Int32(genes.iter().map(|g| g.gene_id as i32).collect()),
+        ),
+        (
+            "n_cells".to_string(),
+            Column::Int64(genes.iter().map(|g| g.n_cells as i64).collect()),
+        ),
+        (
+            "cosine_shift".to_string(),
+            Column::Double(genes.iter().map(|g| g.cosine_shift).collect()),
+        ),
+    ];
+    for (s, name) in state_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Double(genes.iter().map(|g| g.state_shift[s]).collect()),
+        ));
+    }
+    columns.push((
+        "p_value".into(),
+        Column::Double(genes.iter().map(|g| g.p_value).collect()),
+    ));
+    columns.push((
+        "fdr".into(),
+        Column::Double(genes.iter().map(|g| g.fdr).collect()),
+    ));
+    columns.push((
+        "null_gene".into(),
+        Column::Bool(genes.iter().map(|g| g.null_gene).collect()),
+    ));
+    let mut starts = Vec::with_capacity(genes.len());
+    let (mut names, mut deltas) = (Vec::new(), Vec::new());
+    for g in genes {
+        starts.push(names.len());
+        for (name, delta) in &g.top_affected {
+            names.push(text(name));
+            deltas.push(*delta);
+        }
+    }
+    columns.push((
+        "top_affected".into(),
+        Column::TextList(names, starts.clone()),
+    ));
+    columns.push((
+        "top_affected_delta_bin".into(),
+        Column::DoubleList(deltas, starts),
+    ));
+    write_table(path, "screen_genes", columns)
+}
+
+/// `cells.parquet`: one row per perturbed (gene, cell) pair.
+fn write_pair_table(
+    plan: &ScreenPlan,
+    pairs: &[cellfleet_shared::screen::PairEffect],
+    path: &Path,
+) -> anyhow::Result<PathBuf> {
+    let names: std::collections::HashMap<u64, &str> = plan
+        .cells
+        .iter()
+        .zip(&plan.cell_names)
+        .map(|(&c, n)| (c, n.as_str()))
+        .collect();
+    let mut columns = vec![
+        (
+            "gene".to_string(),
+            Column::Text(
+                pairs
+                    .iter()
+                    .map(|p| text(&plan.vocabulary[p.gene_id as usize]))
+                    .collect(),
+            ),
+        ),
+        (
+            "gene_id".to_string(),
+            Column::Int32(pairs.iter().map(|p| p.gene_id as i32).collect()),
+        ),
+        (
+            "cell".to_string(),
+            Column::Int64(pairs.iter().map(|p| p.cell as i64).collect()),
+        ),
+        (
+            "cell_name".to_string(),
+            Column::Text(
+                pairs
+                    .iter()
+                    .map(|p| text(names.get(&p.cell).copied().unwrap_or("")))
+                    .collect(),
+            ),
+        ),
+        (
+            "cosine_shift".to_string(),
+            Column::Float(pairs.iter().map(|p| p.cosine_shift).collect()),
+        ),
+    ];
+    for (s, name) in state_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Float(pairs.iter().map(|p| p.state_shift[s]).collect()),
+        ));
+    }
+    write_table(path, "screen_cells", columns)
+}
+
+/// Prints the `n` top-ranked genes and where the full tables are.
+pub fn print_top(written: &WrittenResults, n: usize) {
+    let plan = &written.plan;
+    let goal = plan.goal();
+    println!(
+        "\ntop {} of {} genes ({}; ranked by {}):",
+        n.min(written.results.genes.len()),
+        written.results.genes.len(),
+        plan.summary(),
+        match goal {
+            Some(g) => format!("shift toward {g}"),
+            None => "cosine shift".into(),
+        }
+    );
+    println!(
+        "{:>5}  {:<14} {:>7} {:>12} {:>12} {:>10} {:>10}  top affected genes (mean change of expected bin)",
+        "rank", "gene", "cells", "goal shift", "cos shift", "p", "FDR"
+    );
+    for g in written.results.genes.iter().take(n) {
+        println!(
+            "{:>5}  {:<14} {:>7} {:>12} {:>12.5} {:>10.2e} {:>10.2e}  {}",
+            g.rank,
+            g.gene,
+            g.n_cells,
+            g.state_shift
+                .first()
+                .map_or("-".to_string(), |s| format!("{s:+.5}")),
+            g.cosine_shift,
+            g.p_value,
+            g.fdr,
+            g.top_affected
+                .iter()
+                .take(3)
+                .map(|(name, d)| format!("{name} {d:+.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let significant = written
+        .results
+        .genes
+        .iter()
+        .filter(|g| g.fdr < 0.05)
+        .count();
+    println!(
+        "{significant} genes at FDR < 0.05 against {} random null genes; full results in {}",
+        plan.null_genes.len(),
+        written.dir.display()
+    );
+}
