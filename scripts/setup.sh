@@ -32,11 +32,12 @@ fi
 
 # Python packages: anndata/h5py/numpy for the independent reference checks in tests and the ingest
 # baseline; torch 2.11.0, the libtorch the model links against (tch 0.24 is built for it), and safetensors to
-# check that weight files load in PyTorch.
+# check that weight files load in PyTorch; pyarrow so tests read screen results the way pandas users do.
 PYTHON=${PYTHON:-python3}
 py_ok() { "$PYTHON" - <<'PY' 2>/dev/null
 import importlib, sys
-need = {"numpy": None, "h5py": None, "anndata": None, "safetensors": None, "torch": "2.11.0"}
+need = {"numpy": None, "h5py": None, "anndata": None, "safetensors": None, "pyarrow": None, "pandas": None,
+        "torch": "2.11.0"}
 for mod, version in need.items():
     m = importlib.import_module(mod)
     if version and not m.__version__.startswith(version):
@@ -44,8 +45,8 @@ for mod, version in need.items():
 PY
 }
 if ! py_ok; then
-  say "installing Python packages (numpy, h5py, anndata, safetensors, torch==2.11.0; the torch download is large but cached)"
-  "$PYTHON" -m pip install -q --disable-pip-version-check numpy h5py anndata safetensors "torch==2.11.0" 2>&1 | grep -v "Running pip as the 'root' user" || true
+  say "installing Python packages (numpy, h5py, anndata, safetensors, pyarrow, pandas, torch==2.11.0; the torch download is large but cached)"
+  "$PYTHON" -m pip install -q --disable-pip-version-check numpy h5py anndata safetensors pyarrow pandas "torch==2.11.0" 2>&1 | grep -v "Running pip as the 'root' user" || true
   py_ok || { say "Python packages did not install; see the pip output above"; exit 1; }
 fi
 # Garage, a real S3-compatible server for the object-store tests. A large Rust build (about 10 minutes),

@@ -47,6 +47,9 @@ pub struct ScreenSpec {
     pub genes: GeneSelection,
     #[serde(default)]
     pub perturbation: Perturbation,
+    /// Which representation of a cell the shifts compare.
+    #[serde(default)]
+    pub embedding: CellEmbedding,
     #[serde(default)]
     pub goal: Option<GoalSpec>,
     #[serde(default)]
@@ -136,6 +139,28 @@ impl PerturbationKind {
     }
 }
 
+/// The representation of a cell that effects are measured in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CellEmbedding {
+    /// The expression the model reads out for every vocabulary gene: its expected bin at each gene token
+    /// (the bin head's softmax times the bin values). Shifts then read in the units of the data, and the
+    /// model's context effects appear as changed expectations of the other genes.
+    #[default]
+    Expression,
+    /// The mean of the final hidden states over gene tokens (Geneformer's cell embedding).
+    Hidden,
+}
+
+impl CellEmbedding {
+    pub fn name(self) -> &'static str {
+        match self {
+            CellEmbedding::Expression => "expression",
+            CellEmbedding::Hidden => "hidden",
+        }
+    }
+}
+
 /// The phenotype the screen looks for moves toward: the embedding centroid of these cells.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +173,11 @@ pub struct GoalSpec {
     /// Cells per centroid at most (a seeded sample).
     #[serde(default = "default_centroid_cells")]
     pub max_cells: u64,
+    /// Compare each cell with the states' centroids among cells of its own kind (e.g. `cell_type`): a
+    /// stimulated B cell moves toward control B cells, not toward the average control cell, so knocking
+    /// out a cell-type marker does not pass for a move toward the goal.
+    #[serde(default)]
+    pub match_column: Option<String>,
 }
 
 fn default_centroid_cells() -> u64 {
@@ -308,6 +338,9 @@ pub struct CheckpointId {
 pub struct StateCells {
     pub name: String,
     pub cells: Vec<u64>,
+    /// Per cell, its stratum (index into [`ScreenPlan::strata`]); empty without matching.
+    #[serde(default)]
+    pub strata: Vec<u32>,
 }
 
 /// The resolved screen, stored as `plan.json` at the screen's location: everything a worker needs.
@@ -332,6 +365,11 @@ pub struct ScreenPlan {
     pub cell_names: Vec<String>,
     /// The goal state first, then the alternatives (empty without a goal).
     pub states: Vec<StateCells>,
+    /// With `goal.match_column`: its categories, and each perturbed cell's (index here).
+    #[serde(default)]
+    pub strata: Vec<String>,
+    #[serde(default)]
+    pub cell_strata: Vec<u32>,
     /// (gene, cell) pairs the perturbation applies to, per unit.
     pub unit_pairs: Vec<u64>,
 }
@@ -383,14 +421,11 @@ impl ScreenPlan {
     /// A one-line description for logs and status.
     pub fn summary(&self) -> String {
         format!(
-            "{} of {} genes (+{} null) in {} cells{}",
+            "{} of {} genes in {} cells, null of {} random genes{}",
             self.spec.perturbation.kind.name(),
             self.genes.len(),
-            self.null_genes
-                .iter()
-                .filter(|g| self.genes.binary_search(g).is_err())
-                .count(),
             self.cells.len(),
+            self.null_genes.len(),
             self.goal()
                 .map(|g| format!(", goal {g}"))
                 .unwrap_or_default()
@@ -419,6 +454,9 @@ pub struct UnitResult {
     pub cosine_shift: Vec<f32>,
     /// Per pair, per state: cos(perturbed, state) - cos(original, state) (`pairs x n_states`).
     pub state_shift: Vec<f32>,
+    /// Per pair, per state: how far the perturbation moves the cell along the axis from the perturbed
+    /// population's centroid to the state's, as a fraction of that axis (`pairs x n_states`).
+    pub state_progress: Vec<f32>,
     /// Per unit gene, per vocabulary gene: the sum over this unit's cells of (perturbed - original)
     /// expected bin (`genes x n_vocabulary`; the perturbed gene's own entry is 0).
     pub delta_bin_sum: Vec<f32>,
@@ -468,6 +506,7 @@ impl UnitResult {
         put_le(&mut raw, &self.pair_cell, |v| v.to_le_bytes().to_vec());
         put_le(&mut raw, &self.cosine_shift, |v| v.to_le_bytes().to_vec());
         put_le(&mut raw, &self.state_shift, |v| v.to_le_bytes().to_vec());
+        put_le(&mut raw, &self.state_progress, |v| v.to_le_bytes().to_vec());
         put_le(&mut raw, &self.delta_bin_sum, |v| v.to_le_bytes().to_vec());
         zstd::bulk::compress(&raw, 3).expect("compressing to memory cannot fail")
     }
@@ -509,6 +548,7 @@ impl UnitResult {
         };
         let cosine_shift = floats(take(pairs * 4)?);
         let state_shift = floats(take(pairs * states * 4)?);
+        let state_progress = floats(take(pairs * states * 4)?);
         let delta_bin_sum = floats(take(header.genes.len() * header.n_vocabulary as usize * 4)?);
         if at != rest.len() {
             return Err(bad(format!(
@@ -526,6 +566,7 @@ impl UnitResult {
             pair_cell,
             cosine_shift,
             state_shift,
+            state_progress,
             delta_bin_sum,
         })
     }
@@ -544,12 +585,15 @@ pub struct GeneEffect {
     /// Mean shift toward each state (goal first, then alternatives): cos(perturbed, state) -
     /// cos(original, state).
     pub state_shift: Vec<f64>,
-    /// Two-sided rank-sum p-value of the per-cell effect (the goal shift with a goal, otherwise the cosine
-    /// shift) against the random-gene null; NaN when untestable.
+    /// Mean progress toward each state: the move along the axis from the perturbed cells' centroid to the
+    /// state's centroid (within the cell's stratum), as a fraction of the axis.
+    pub state_progress: Vec<f64>,
+    /// Two-sided rank-sum p-value of the per-cell effect (the goal progress with a goal, otherwise the
+    /// cosine shift) against the random-gene null; NaN when untestable.
     pub p_value: f64,
     /// Benjamini-Hochberg q-value over the screened genes with a p-value.
     pub fdr: f64,
-    /// 1 = strongest: by goal shift (toward the goal) with a goal, otherwise by cosine shift.
+    /// 1 = strongest: by goal progress (toward the goal) with a goal, otherwise by cosine shift.
     pub rank: u32,
     /// Also one of the null's random genes.
     pub null_gene: bool,
@@ -564,6 +608,7 @@ pub struct PairEffect {
     pub cell: u64,
     pub cosine_shift: f32,
     pub state_shift: Vec<f32>,
+    pub state_progress: Vec<f32>,
 }
 
 /// The merged screen.
@@ -582,6 +627,7 @@ struct GeneAccumulator {
     cosine: Vec<f32>,
     /// `states x cells`, state-major.
     states: Vec<Vec<f32>>,
+    progress: Vec<Vec<f32>>,
     delta_bin: Vec<f64>,
 }
 
@@ -681,6 +727,7 @@ impl<'a> Merger<'a> {
                         cells: Vec::new(),
                         cosine: Vec::new(),
                         states: vec![Vec::new(); n_states],
+                        progress: vec![Vec::new(); n_states],
                         delta_bin: vec![0.0; n_vocab],
                     },
                 )
@@ -695,6 +742,9 @@ impl<'a> Merger<'a> {
                 a.cosine.push(result.cosine_shift[i]);
                 for (s, values) in a.states.iter_mut().enumerate() {
                     values.push(result.state_shift[i * n_states + s]);
+                }
+                for (s, values) in a.progress.iter_mut().enumerate() {
+                    values.push(result.state_progress[i * n_states + s]);
                 }
                 total += 1;
             }
@@ -720,13 +770,14 @@ impl<'a> Merger<'a> {
                         cell,
                         cosine_shift: a.cosine[i],
                         state_shift: a.states.iter().map(|s| s[i]).collect(),
+                        state_progress: a.progress.iter().map(|s| s[i]).collect(),
                     });
                 }
             }
         }
         // The per-cell statistic tested against the null.
         let primary = |a: &GeneAccumulator| -> Vec<f64> {
-            match a.states.first() {
+            match a.progress.first() {
                 Some(goal) => goal.iter().map(|&v| f64::from(v)).collect(),
                 None => a.cosine.iter().map(|&v| f64::from(v)).collect(),
             }
@@ -772,6 +823,7 @@ impl<'a> Merger<'a> {
                     n_cells: a.cells.len() as u64,
                     cosine_shift: mean(&a.cosine),
                     state_shift: a.states.iter().map(|s| mean(s)).collect(),
+                    state_progress: a.progress.iter().map(|s| mean(s)).collect(),
                     p_value,
                     fdr: f64::NAN,
                     rank: 0,
@@ -792,7 +844,7 @@ impl<'a> Merger<'a> {
             rows[i].fdr = q;
         }
         let score = |r: &GeneEffect| -> f64 {
-            let s = r.state_shift.first().copied().unwrap_or(r.cosine_shift);
+            let s = r.state_progress.first().copied().unwrap_or(r.cosine_shift);
             if s.is_nan() {
                 f64::NEG_INFINITY
             } else {
@@ -839,6 +891,7 @@ mod tests {
                 cells: CellSelection::default(),
                 genes: GeneSelection::Keyword("all".into()),
                 perturbation: Perturbation::default(),
+                embedding: CellEmbedding::default(),
                 goal: None,
                 null: NullSpec::default(),
                 execution: Execution {
@@ -866,7 +919,10 @@ mod tests {
             states: vec![StateCells {
                 name: "goal".into(),
                 cells: vec![0],
+                strata: Vec::new(),
             }],
+            strata: Vec::new(),
+            cell_strata: Vec::new(),
             unit_pairs: Vec::new(),
         };
         plan.unit_pairs = (0..plan.unit_count())
@@ -892,6 +948,7 @@ mod tests {
             pair_cell: Vec::new(),
             cosine_shift: Vec::new(),
             state_shift: Vec::new(),
+            state_progress: Vec::new(),
             delta_bin_sum: vec![0.0; genes.len() * plan.vocabulary.len()],
         };
         for (k, &g) in genes.iter().enumerate() {
@@ -900,6 +957,7 @@ mod tests {
                 r.pair_cell.push(c);
                 r.cosine_shift.push(0.01 * g as f32);
                 r.state_shift.push(g as f32 + (c % 7) as f32 * 0.1);
+                r.state_progress.push(g as f32 + (c % 5) as f32 * 0.1);
                 r.delta_bin_sum[k * plan.vocabulary.len() + (g as usize + 1) % 6] += 0.5;
             }
         }

@@ -163,6 +163,28 @@ pub enum BenchCommand {
         #[arg(long, default_value = "runs/bench-ckpt-training")]
         out: PathBuf,
     },
+    /// In-silico knockout screen pairs/s with 1..N local workers vs a Geneformer-style eager PyTorch
+    /// loop on the same weights and cells, and a genome-wide H200 extrapolation (see screenbench.rs)
+    Screen {
+        /// The screen specification (a knockout screen)
+        #[arg(long)]
+        spec: PathBuf,
+        /// Cap on the screened cells (overrides the spec's cells.max_cells)
+        #[arg(long)]
+        cells: Option<u64>,
+        /// Measure 1, 2, 4, ... up to this many worker processes
+        #[arg(long, default_value_t = 2)]
+        workers_max: u32,
+        /// Scratch directory (spec copies, screen locations, exported weights, cell bins)
+        #[arg(long, default_value = "runs/bench-screen")]
+        scratch: PathBuf,
+        /// Time cap of the Python baseline's screening loop
+        #[arg(long, default_value_t = 60.0)]
+        baseline_seconds: f64,
+        /// Assumed fraction of the H200's dense BF16 peak in the genome-wide extrapolation
+        #[arg(long, default_value_t = 0.35)]
+        utilization: f64,
+    },
     /// (internal) one rank of one side of `bench allreduce`
     #[command(hide = true)]
     AllreduceChild {
@@ -377,6 +399,21 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 max_bytes_per_sec: None,
             },
         ),
+        BenchCommand::Screen {
+            spec,
+            cells,
+            workers_max,
+            scratch,
+            baseline_seconds,
+            utilization,
+        } => crate::screenbench::bench_screen(&crate::screenbench::ScreenBench {
+            spec,
+            cells,
+            workers_max,
+            scratch,
+            baseline_seconds,
+            utilization,
+        }),
         BenchCommand::AllreduceChild {
             side,
             rank,

@@ -16,6 +16,7 @@ pub mod modelcli;
 pub mod optim;
 pub mod progress;
 pub mod screen;
+pub mod screenbench;
 pub mod screencli;
 pub mod shards;
 pub mod synth;

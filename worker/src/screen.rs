@@ -7,6 +7,7 @@
 //! the final hidden states over gene tokens. A perturbed cell is embedded the same way; for a deletion the
 //! original embedding leaves the deleted gene out too, so both sides average the same genes.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,8 +22,8 @@ use cellfleet_shared::checkpoint::{CheckpointManifest, Checkpoints};
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::manifest::MISSING_LABEL;
 use cellfleet_shared::screen::{
-    unit_key, CheckpointId, GeneSelection, PerturbationKind, ScreenPlan, ScreenSpec, StateCells,
-    UnitResult, PLAN_FILE, PLAN_FORMAT,
+    unit_key, CellEmbedding, CheckpointId, GeneSelection, PerturbationKind, ScreenPlan, ScreenSpec,
+    StateCells, UnitResult, PLAN_FILE, PLAN_FORMAT,
 };
 use cellfleet_shared::store::{S3Options, Store};
 use tch::{Device, Kind, Tensor};
@@ -301,6 +302,23 @@ pub fn resolve_plan(
     work_genes.dedup();
 
     let mut states = Vec::new();
+    let (mut strata, mut cell_strata) = (Vec::new(), Vec::new());
+    let mut match_col = None;
+    if let Some(name) = spec.goal.as_ref().and_then(|g| g.match_column.as_ref()) {
+        let (col, categories) = column("goal.match_column", name)?;
+        for &c in &cells {
+            let code = index.labels[c as usize * index.columns + col];
+            if code == MISSING_LABEL {
+                bail!(
+                    "goal.match_column: cell {:?} has no {name} value; filter such cells out (cells.filter) or drop match_column",
+                    index.names[c as usize]
+                );
+            }
+            cell_strata.push(code);
+        }
+        strata = categories;
+        match_col = Some((col, name.clone()));
+    }
     if let Some(goal) = &spec.goal {
         let (col, categories) = column("goal.column", &goal.column)?;
         for (i, value) in std::iter::once(&goal.value)
@@ -314,12 +332,45 @@ pub fn resolve_plan(
             };
             let c = code(&field, &goal.column, &categories, value)?;
             let members = cells_matching(&[(col, vec![c])]);
-            let members = SplitMix::new(spec.seed, &format!("state {value}"))
-                .sample(members, goal.max_cells as usize);
-            states.push(StateCells {
-                name: value.clone(),
-                cells: members,
-            });
+            let mut rng = SplitMix::new(spec.seed, &format!("state {value}"));
+            let state = match &match_col {
+                None => StateCells {
+                    name: value.clone(),
+                    cells: rng.sample(members, goal.max_cells as usize),
+                    strata: Vec::new(),
+                },
+                Some((match_idx, match_name)) => {
+                    // Up to max_cells per stratum; every stratum with screened cells needs some.
+                    let mut pairs = Vec::new();
+                    for (stratum, stratum_name) in strata.iter().enumerate() {
+                        let of_stratum: Vec<u64> = members
+                            .iter()
+                            .copied()
+                            .filter(|&m| {
+                                index.labels[m as usize * index.columns + match_idx]
+                                    == stratum as u32
+                            })
+                            .collect();
+                        let screened = cell_strata.iter().filter(|&&s| s == stratum as u32).count();
+                        if screened > 0 && of_stratum.is_empty() {
+                            bail!(
+                                "{field}: no cell has {} = {value:?} and {match_name} = {stratum_name:?}, but {screened} screened cells are {stratum_name:?}; leave them out (cells.filter) or drop goal.match_column",
+                                goal.column
+                            );
+                        }
+                        for m in rng.sample(of_stratum, goal.max_cells as usize) {
+                            pairs.push((m, stratum as u32));
+                        }
+                    }
+                    pairs.sort_unstable();
+                    StateCells {
+                        name: value.clone(),
+                        cells: pairs.iter().map(|p| p.0).collect(),
+                        strata: pairs.iter().map(|p| p.1).collect(),
+                    }
+                }
+            };
+            states.push(state);
         }
     }
     let mut plan = ScreenPlan {
@@ -340,6 +391,8 @@ pub fn resolve_plan(
         cells,
         cell_names,
         states,
+        strata,
+        cell_strata,
         unit_pairs: Vec::new(),
     };
     let bins = read_cells(&corpus, &plan.cells)?;
@@ -453,8 +506,17 @@ pub struct Screener {
     pub plan: ScreenPlan,
     plan_blake3: String,
     bins: HashMap<u64, Vec<u8>>,
-    /// `[states, d_model]`, unit length.
+    /// `[strata * states, d_model]`: the centroid of each state within each stratum (one stratum without
+    /// matching), unit length; row `stratum * states + state`.
     centroids: Option<Tensor>,
+    /// `[strata * states, d_model]`: the axis from the perturbed cells' centroid to each state's centroid
+    /// (per stratum), divided by its squared length, so its dot product with a move is the fraction of
+    /// the axis the move covers.
+    axes: Option<Tensor>,
+    /// Each perturbed cell's unperturbed hidden-state sum and expected bins, once computed.
+    originals: RefCell<HashMap<u64, (Tensor, Vec<f32>)>>,
+    /// Per screened cell (by corpus position): its stratum.
+    stratum_of: HashMap<u64, usize>,
     layout: TokenLayout,
 }
 
@@ -492,23 +554,71 @@ impl Screener {
         }
         let bins = read_cells(&corpus, &wanted)?;
         let layout = TokenLayout::new(plan.n_bins)?;
+        let strata = plan.strata.len().max(1);
+        let stratum_of = plan
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (c, plan.cell_strata.get(i).map_or(0, |&s| s as usize)))
+            .collect();
         let mut screener = Self {
             model,
             plan,
             plan_blake3: plan_blake3.to_string(),
             bins,
             centroids: None,
+            axes: None,
+            originals: RefCell::new(HashMap::new()),
+            stratum_of,
             layout,
         };
         if !screener.plan.states.is_empty() {
-            let rows: Vec<Tensor> = screener
-                .plan
-                .states
-                .iter()
-                .map(|s| screener.centroid(&s.cells))
-                .collect();
-            let stacked = Tensor::stack(&rows, 0);
-            screener.centroids = Some(unit_rows(&stacked));
+            let d = screener.model.config.d_model as i64;
+            let mut rows = Vec::with_capacity(strata * screener.plan.states.len());
+            let mut axes = Vec::with_capacity(rows.capacity());
+            for stratum in 0..strata {
+                let screened: Vec<u64> = screener
+                    .plan
+                    .cells
+                    .iter()
+                    .copied()
+                    .filter(|c| screener.stratum_of[c] == stratum)
+                    .collect();
+                let start = (!screened.is_empty()).then(|| screener.centroid(&screened));
+                for state in &screener.plan.states {
+                    let members: Vec<u64> = state
+                        .cells
+                        .iter()
+                        .zip(
+                            state
+                                .strata
+                                .iter()
+                                .map(|&s| s as usize)
+                                .chain(std::iter::repeat(0)),
+                        )
+                        .filter(|&(_, s)| s == stratum)
+                        .map(|(&c, _)| c)
+                        .collect();
+                    // A stratum without screened cells needs no centroid (planning refuses a stratum
+                    // that has screened cells but no cells of a state).
+                    let (row, axis) = match (&start, members.is_empty()) {
+                        (Some(start), false) => {
+                            let row = screener.centroid(&members);
+                            let axis = &row - start;
+                            let length2 = axis.dot(&axis).clamp_min(1e-12);
+                            (row, axis / length2)
+                        }
+                        _ => {
+                            let zero = Tensor::zeros([d], (Kind::Float, device));
+                            (zero.shallow_clone(), zero)
+                        }
+                    };
+                    rows.push(row);
+                    axes.push(axis);
+                }
+            }
+            screener.centroids = Some(unit_rows(&Tensor::stack(&rows, 0)));
+            screener.axes = Some(Tensor::stack(&axes, 0));
         }
         Ok(screener)
     }
@@ -546,7 +656,15 @@ impl Screener {
         bins.extend(self.bins[&cell].iter().map(|&b| i64::from(b)));
     }
 
-    /// Mean embedding of `cells` (chunks of the plan's batch), unit length.
+    /// The representation of each unperturbed cell in a chunk (`[rows, dim]`), from its gene states.
+    fn representation(&self, states: &Tensor) -> Tensor {
+        match self.plan.spec.embedding {
+            CellEmbedding::Hidden => states.mean_dim(1, false, Kind::Float),
+            CellEmbedding::Expression => self.expected_bins(states),
+        }
+    }
+
+    /// Mean representation of `cells` (chunks of the plan's batch).
     fn centroid(&self, cells: &[u64]) -> Tensor {
         let batch = self.plan.spec.execution.batch as usize;
         let mut sum: Option<Tensor> = None;
@@ -555,13 +673,12 @@ impl Screener {
             for &c in chunk {
                 self.original_tokens(c, &mut ids, &mut bins);
             }
-            let emb = self
-                .gene_states(&ids, &bins, chunk.len())
-                .mean_dim(1, false, Kind::Float)
+            let reps = self
+                .representation(&self.gene_states(&ids, &bins, chunk.len()))
                 .sum_dim_intlist(0, false, Kind::Float);
             sum = Some(match sum {
-                Some(s) => s + emb,
-                None => emb,
+                Some(s) => s + reps,
+                None => reps,
             });
         }
         sum.expect("a state has cells") / cells.len() as f64
@@ -578,6 +695,60 @@ impl Screener {
         probs.matmul(&bins).view([r, t])
     }
 
+    /// The unperturbed forward of every cell of a unit: hidden-state sums `[cells, d]`, expected bins
+    /// (row-major `cells x genes`), and for deletions in the hidden embedding the unit genes' own states
+    /// `[cells, unit genes, d]`. Whole cell blocks are cached, so a cell is embedded once per worker and
+    /// its batches are the same whichever worker computes it.
+    fn originals(
+        &self,
+        cells: &[u64],
+        own_genes: Option<&Tensor>,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Tensor, Vec<f32>, Option<Tensor>)> {
+        let batch = self.plan.spec.execution.batch as usize;
+        let cached = own_genes.is_none()
+            && cells
+                .iter()
+                .all(|c| self.originals.borrow().contains_key(c));
+        let mut own = Vec::new();
+        if !cached {
+            for chunk in cells.chunks(batch) {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(Interrupted.into());
+                }
+                let (mut ids, mut bins) = (Vec::new(), Vec::new());
+                for &c in chunk {
+                    self.original_tokens(c, &mut ids, &mut bins);
+                }
+                let states = self.gene_states(&ids, &bins, chunk.len());
+                let sums = states.sum_dim_intlist(1, false, Kind::Float);
+                let expected = self.expected_bins(&states).to_device(Device::Cpu);
+                if let Some(index) = own_genes {
+                    own.push(states.index_select(1, index));
+                }
+                let mut cache = self.originals.borrow_mut();
+                for (row, &c) in chunk.iter().enumerate() {
+                    let profile = Vec::<f32>::try_from(expected.get(row as i64))?;
+                    cache.insert(c, (sums.get(row as i64), profile));
+                }
+            }
+        }
+        let cache = self.originals.borrow();
+        let sums = Tensor::stack(
+            &cells
+                .iter()
+                .map(|c| cache[c].0.shallow_clone())
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let expected = cells
+            .iter()
+            .flat_map(|c| cache[c].1.iter().copied())
+            .collect();
+        let own = own_genes.map(|_| Tensor::cat(&own, 0));
+        Ok((sums, expected, own))
+    }
+
     /// Computes unit `unit`; `stop` is checked between forward passes.
     pub fn compute_unit(&self, unit: usize, stop: &AtomicBool) -> anyhow::Result<UnitResult> {
         let plan = &self.plan;
@@ -588,34 +759,18 @@ impl Screener {
         let n_states = plan.states.len();
         let batch = plan.spec.execution.batch as usize;
         let kind = plan.spec.perturbation.kind;
+        let embedding = plan.spec.embedding;
         let d = self.model.config.d_model as i64;
 
-        // Originals: embedding sums, expected bins, and the unit genes' own states (deletions leave them
-        // out of the original embedding).
-        let mut original_sum = Vec::new();
-        let mut original_expected = Vec::new();
-        let mut original_own = Vec::new();
-        let gene_index =
-            Tensor::from_slice(&unit_genes.iter().map(|&g| i64::from(g)).collect::<Vec<_>>())
-                .to_device(self.device());
-        for chunk in unit_cells.chunks(batch) {
-            if stop.load(Ordering::Relaxed) {
-                return Err(Interrupted.into());
-            }
-            let (mut ids, mut bins) = (Vec::new(), Vec::new());
-            for &c in chunk {
-                self.original_tokens(c, &mut ids, &mut bins);
-            }
-            let states = self.gene_states(&ids, &bins, chunk.len());
-            original_sum.push(states.sum_dim_intlist(1, false, Kind::Float));
-            original_expected.push(self.expected_bins(&states));
-            original_own.push(states.index_select(1, &gene_index));
-        }
-        let original_sum = Tensor::cat(&original_sum, 0); // [cells, d]
-        let original_expected_t = Tensor::cat(&original_expected, 0); // [cells, n]
-        let original_own = Tensor::cat(&original_own, 0); // [cells, genes, d]
-        let original_expected: Vec<f32> =
-            Vec::<f32>::try_from(original_expected_t.to_device(Device::Cpu).flatten(0, -1))?;
+        // A deletion in the hidden embedding leaves the deleted gene's own state out of the original
+        // embedding too, so both sides average the same genes.
+        let own_index = (kind == PerturbationKind::Delete && embedding == CellEmbedding::Hidden)
+            .then(|| {
+                Tensor::from_slice(&unit_genes.iter().map(|&g| i64::from(g)).collect::<Vec<_>>())
+                    .to_device(self.device())
+            });
+        let (original_sum, original_expected, original_own) =
+            self.originals(&unit_cells, own_index.as_ref(), stop)?;
 
         let mut pairs = Vec::new();
         for (k, &g) in unit_genes.iter().enumerate() {
@@ -635,6 +790,7 @@ impl Screener {
             pair_cell: Vec::with_capacity(pairs.len()),
             cosine_shift: Vec::with_capacity(pairs.len()),
             state_shift: Vec::with_capacity(pairs.len() * n_states),
+            state_progress: Vec::with_capacity(pairs.len() * n_states),
             delta_bin_sum: Vec::new(),
         };
         let mut delta_sum = vec![0f64; unit_genes.len() * n];
@@ -650,6 +806,7 @@ impl Screener {
                 let cell_bins = &self.bins[&unit_cells[ci]];
                 ids.push(0);
                 bins.push(cls);
+                let others = (0..n).filter(|&j| j != g);
                 match kind {
                     PerturbationKind::Knockout => {
                         ids.extend(1..=n as i64);
@@ -662,75 +819,123 @@ impl Screener {
                         }));
                     }
                     PerturbationKind::Delete => {
-                        ids.extend((0..n).filter(|&j| j != g).map(|j| j as i64 + 1));
-                        bins.extend((0..n).filter(|&j| j != g).map(|j| i64::from(cell_bins[j])));
+                        ids.extend(others.clone().map(|j| j as i64 + 1));
+                        bins.extend(others.map(|j| i64::from(cell_bins[j])));
                     }
                     PerturbationKind::Overexpress => {
                         ids.push(g as i64 + 1);
                         bins.push(top);
-                        ids.extend((0..n).filter(|&j| j != g).map(|j| j as i64 + 1));
-                        bins.extend((0..n).filter(|&j| j != g).map(|j| i64::from(cell_bins[j])));
+                        ids.extend(others.clone().map(|j| j as i64 + 1));
+                        bins.extend(others.map(|j| i64::from(cell_bins[j])));
                     }
                 }
             }
             let states = self.gene_states(&ids, &bins, chunk.len());
-            let tokens = states.size()[1];
-            let perturbed = states.mean_dim(1, false, Kind::Float);
-            let cell_rows =
-                Tensor::from_slice(&chunk.iter().map(|&(_, ci)| ci as i64).collect::<Vec<_>>())
-                    .to_device(self.device());
-            let gene_rows =
-                Tensor::from_slice(&chunk.iter().map(|&(k, _)| k as i64).collect::<Vec<_>>())
-                    .to_device(self.device());
-            let sums = original_sum.index_select(0, &cell_rows);
-            let original = match kind {
-                PerturbationKind::Delete => {
-                    let own = original_own
-                        .index_select(0, &cell_rows)
-                        .gather(
-                            1,
-                            &gene_rows.view([-1, 1, 1]).expand([-1, 1, d], false),
-                            false,
-                        )
-                        .squeeze_dim(1);
-                    (sums - own) / (n as f64 - 1.0)
-                }
-                _ => sums / n as f64,
-            };
-            let cos = |a: &Tensor, b: &Tensor| Tensor::cosine_similarity(a, b, 1, 1e-12);
-            let cosine_shift = cos(&perturbed, &original).neg() + 1.0;
-            result
-                .cosine_shift
-                .extend(Vec::<f32>::try_from(cosine_shift.to_device(Device::Cpu))?);
-            if let Some(centroids) = &self.centroids {
-                let shift = unit_rows(&perturbed).matmul(&centroids.tr())
-                    - unit_rows(&original).matmul(&centroids.tr());
-                result.state_shift.extend(Vec::<f32>::try_from(
-                    shift.to_device(Device::Cpu).flatten(0, -1),
-                )?);
-            }
+            let tokens = states.size()[1] as usize;
             let expected: Vec<f32> = Vec::<f32>::try_from(
                 self.expected_bins(&states)
                     .to_device(Device::Cpu)
                     .flatten(0, -1),
             )?;
-            let tokens = tokens as usize;
+            // Expected bins in vocabulary order, perturbed and original, per pair; a deleted gene is
+            // left out of both (0).
+            let mut perturbed_profile = Vec::with_capacity(chunk.len() * n);
+            let mut original_profile = Vec::with_capacity(chunk.len() * n);
             for (row, &(k, ci)) in chunk.iter().enumerate() {
                 let g = unit_genes[k] as usize;
                 let before = &original_expected[ci * n..(ci + 1) * n];
                 let after = &expected[row * tokens..(row + 1) * tokens];
                 let sums = &mut delta_sum[k * n..(k + 1) * n];
-                for j in (0..n).filter(|&j| j != g) {
-                    // Where gene j sits in the perturbed sequence's gene tokens.
+                for j in 0..n {
+                    // Where gene j sits among the perturbed sequence's gene tokens.
                     let at = match kind {
-                        PerturbationKind::Knockout => j,
-                        PerturbationKind::Delete => j - usize::from(j > g),
-                        PerturbationKind::Overexpress => j + usize::from(j < g),
+                        PerturbationKind::Knockout => Some(j),
+                        PerturbationKind::Delete if j == g => None,
+                        PerturbationKind::Delete => Some(j - usize::from(j > g)),
+                        PerturbationKind::Overexpress if j == g => Some(0),
+                        PerturbationKind::Overexpress => Some(j + usize::from(j < g)),
                     };
-                    sums[j] += f64::from(after[at] - before[j]);
+                    let value = at.map_or(0.0, |at| after[at]);
+                    perturbed_profile.push(value);
+                    original_profile.push(if at.is_some() { before[j] } else { 0.0 });
+                    if j != g {
+                        sums[j] += f64::from(value - before[j]);
+                    }
                 }
                 result.pair_gene.push(unit_genes[k]);
                 result.pair_cell.push(unit_cells[ci]);
+            }
+            let cell_rows =
+                Tensor::from_slice(&chunk.iter().map(|&(_, ci)| ci as i64).collect::<Vec<_>>())
+                    .to_device(self.device());
+            let (perturbed, original) = match embedding {
+                CellEmbedding::Expression => {
+                    let as_tensor = |v: &[f32]| {
+                        Tensor::from_slice(v)
+                            .view([chunk.len() as i64, n as i64])
+                            .to_device(self.device())
+                    };
+                    (as_tensor(&perturbed_profile), as_tensor(&original_profile))
+                }
+                CellEmbedding::Hidden => {
+                    let sums = original_sum.index_select(0, &cell_rows);
+                    let original = match &original_own {
+                        Some(own) => {
+                            let gene_rows = Tensor::from_slice(
+                                &chunk.iter().map(|&(k, _)| k as i64).collect::<Vec<_>>(),
+                            )
+                            .to_device(self.device());
+                            let own = own
+                                .index_select(0, &cell_rows)
+                                .gather(
+                                    1,
+                                    &gene_rows.view([-1, 1, 1]).expand([-1, 1, d], false),
+                                    false,
+                                )
+                                .squeeze_dim(1);
+                            (sums - own) / (n as f64 - 1.0)
+                        }
+                        None => sums / n as f64,
+                    };
+                    (states.mean_dim(1, false, Kind::Float), original)
+                }
+            };
+            let dim = perturbed.size()[1];
+            let cosine_shift =
+                Tensor::cosine_similarity(&perturbed, &original, 1, 1e-12).neg() + 1.0;
+            result
+                .cosine_shift
+                .extend(Vec::<f32>::try_from(cosine_shift.to_device(Device::Cpu))?);
+            if let (Some(centroids), Some(axes)) = (&self.centroids, &self.axes) {
+                // Each pair against its stratum's state centroids: [rows, states, dim].
+                let states_n = n_states as i64;
+                let rows = Tensor::from_slice(
+                    &chunk
+                        .iter()
+                        .flat_map(|&(_, ci)| {
+                            let base = (self.stratum_of[&unit_cells[ci]] * n_states) as i64;
+                            (0..states_n).map(move |s| base + s)
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .to_device(self.device());
+                let targets = centroids.index_select(0, &rows).view([-1, states_n, dim]);
+                let toward = |x: &Tensor| {
+                    (unit_rows(x).unsqueeze(1) * &targets).sum_dim_intlist(2, false, Kind::Float)
+                };
+                let shift = toward(&perturbed) - toward(&original);
+                result.state_shift.extend(Vec::<f32>::try_from(
+                    shift.to_device(Device::Cpu).flatten(0, -1),
+                )?);
+                let axes = axes.index_select(0, &rows).view([-1, states_n, dim]);
+                let progress = ((&perturbed - &original).unsqueeze(1) * axes).sum_dim_intlist(
+                    2,
+                    false,
+                    Kind::Float,
+                );
+                result.state_progress.extend(Vec::<f32>::try_from(
+                    progress.to_device(Device::Cpu).flatten(0, -1),
+                )?);
             }
         }
         result.delta_bin_sum = delta_sum.into_iter().map(|v| v as f32).collect();

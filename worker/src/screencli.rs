@@ -60,6 +60,9 @@ pub enum ScreenAction {
         id: String,
         #[arg(long)]
         coordinator: String,
+        /// Print the status as one JSON object (for scripts)
+        #[arg(long)]
+        json: bool,
     },
     /// Merge a completed screen's unit results into Parquet tables in DIR
     Results {
@@ -116,22 +119,30 @@ pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()
         } => {
             let rt = runtime()?;
             let mut client = connect(&rt, &coordinator)?;
-            let id = plan_and_submit(&rt, &mut client, &coordinator, &spec, s3)?;
+            let planned = plan(&spec, s3)?;
+            let id = submit(&rt, &mut client, &coordinator, &planned)?;
             println!("{id}");
             if follow_it {
-                let status = follow(&rt, &mut client, &id)?;
-                eprintln!("{}", status.message);
+                follow(&rt, &mut client, &id)?;
                 eprintln!(
                     "results: cellfleet screen results {id} --coordinator {coordinator} --out DIR"
                 );
             }
             Ok(())
         }
-        ScreenAction::Status { id, coordinator } => {
+        ScreenAction::Status {
+            id,
+            coordinator,
+            json,
+        } => {
             let rt = runtime()?;
             let mut client = connect(&rt, &coordinator)?;
             let status = status(&rt, &mut client, &id, false)?;
-            print_status(&status);
+            if json {
+                println!("{}", status_json(&status));
+            } else {
+                print_status(&status);
+            }
             Ok(())
         }
         ScreenAction::Results {
@@ -160,17 +171,18 @@ pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()
     }
 }
 
-/// Plans `spec`, stores the plan at its location and submits the screen; returns its id.
-fn plan_and_submit(
-    rt: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
-    coordinator: &str,
-    spec_path: &Path,
-    s3: &S3Options,
-) -> anyhow::Result<String> {
+/// A screen planned on the client: every check that can fail has run.
+struct Planned {
+    spec: cellfleet_shared::screen::ScreenSpec,
+    plan: ScreenPlan,
+    s3: S3Options,
+}
+
+/// Reads and plans `spec_path` (relative locations are resolved against the spec's directory, because
+/// workers run elsewhere).
+fn plan(spec_path: &Path, s3: &S3Options) -> anyhow::Result<Planned> {
     let mut spec = read_spec(spec_path)?;
     let spec_dir = spec_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    // Workers run elsewhere: relative locations are resolved against the spec's directory.
     for location in [&mut spec.checkpoint, &mut spec.corpus, &mut spec.out] {
         if !location.contains("://") && Path::new(location.as_str()).is_relative() {
             let joined = spec_dir.join(&*location);
@@ -188,16 +200,26 @@ fn plan_and_submit(
     let started = Instant::now();
     let plan = resolve_plan(&spec, &spec_dir, &s3)
         .with_context(|| format!("{}: the screen cannot run", spec_path.display()))?;
-    let store = open_location(&spec.out, &s3)?;
-    let plan_blake3 = store_plan(&plan, &store)?;
     eprintln!(
-        "planned {} in {:.1}s: {} units, {} (gene, cell) pairs; plan at {}/plan.json",
+        "planned {} in {:.1}s: {} units, {} (gene, cell) pairs",
         plan.summary(),
         started.elapsed().as_secs_f64(),
         plan.unit_count(),
         plan.total_pairs(),
-        spec.out.trim_end_matches('/')
     );
+    Ok(Planned { spec, plan, s3 })
+}
+
+/// Stores the plan at the screen's location and submits the screen; returns its id.
+fn submit(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    coordinator: &str,
+    planned: &Planned,
+) -> anyhow::Result<String> {
+    let Planned { spec, plan, s3 } = planned;
+    let store = open_location(&spec.out, s3)?;
+    let plan_blake3 = store_plan(plan, &store)?;
     let request = pb::SubmitScreenRequest {
         location: spec.out.clone(),
         plan_blake3,
@@ -219,7 +241,10 @@ fn plan_and_submit(
         })?
         .into_inner()
         .screen_id;
-    eprintln!("submitted screen {id} to {coordinator}");
+    eprintln!(
+        "submitted screen {id} to {coordinator} (plan at {}/plan.json)",
+        spec.out.trim_end_matches('/')
+    );
     Ok(id)
 }
 
@@ -236,6 +261,26 @@ fn status(
         }))
         .map_err(|s| anyhow!("{}", s.message()))?
         .into_inner())
+}
+
+fn status_json(s: &pb::ScreenStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "screen_id": s.screen_id,
+        "state": s.state,
+        "message": s.message,
+        "summary": s.summary,
+        "location": s.location,
+        "plan_blake3": s.plan_blake3,
+        "units_total": s.units_total,
+        "units_done": s.units_done,
+        "units_leased": s.units_leased,
+        "pairs_total": s.pairs_total,
+        "pairs_done": s.pairs_done,
+        "pairs_per_second": s.pairs_per_second,
+        "eta_seconds": s.eta_seconds,
+        "releases": s.releases,
+        "workers": s.workers,
+    })
 }
 
 fn print_status(s: &pb::ScreenStatusResponse) {
@@ -347,14 +392,14 @@ pub fn run_local(
     per_cell: bool,
     s3: &S3Options,
 ) -> anyhow::Result<WrittenResults> {
-    let spec = read_spec(spec_path)?;
+    // Planned first: a bad specification starts no worker.
+    let planned = plan(spec_path, s3)?;
+    let spec = &planned.spec;
     let out = match out {
         Some(out) => out,
-        None if !spec.out.contains("://") => spec_path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(&spec.out)
-            .join("results"),
+        None if !spec.out.contains("://") => {
+            Path::new(spec.out.strip_prefix("file://").unwrap_or(&spec.out)).join("results")
+        }
         None => bail!(
             "`out` = {} is not a local directory: pass --out DIR for the results",
             spec.out
@@ -369,9 +414,8 @@ pub fn run_local(
     );
     let rt = runtime()?;
     let mut client = connect(&rt, &cluster.url)?;
-    let id = plan_and_submit(&rt, &mut client, &cluster.url, spec_path, s3)?;
-    let done = follow(&rt, &mut client, &id)?;
-    eprintln!("screen {id}: {}", done.message);
+    let id = submit(&rt, &mut client, &cluster.url, &planned)?;
+    follow(&rt, &mut client, &id)?;
     let status = status(&rt, &mut client, &id, true)?;
     let written = write_results(&status, &out, per_cell, s3)?;
     print_top(&written, 15);
@@ -536,6 +580,20 @@ pub fn state_columns(plan: &ScreenPlan) -> Vec<String> {
         .collect()
 }
 
+/// Progress columns: `goal_progress`, `progress_to_<value>`.
+pub fn progress_columns(plan: &ScreenPlan) -> Vec<String> {
+    state_columns(plan)
+        .into_iter()
+        .map(|c| {
+            if c == "goal_shift" {
+                "goal_progress".to_string()
+            } else {
+                c.replacen("shift_to_", "progress_to_", 1)
+            }
+        })
+        .collect()
+}
+
 /// Typed column values of a flat table.
 enum Column {
     Text(Vec<ByteArray>),
@@ -689,6 +747,12 @@ fn write_gene_table(
             Column::Double(genes.iter().map(|g| g.state_shift[s]).collect()),
         ));
     }
+    for (s, name) in progress_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Double(genes.iter().map(|g| g.state_progress[s]).collect()),
+        ));
+    }
     columns.push((
         "p_value".into(),
         Column::Double(genes.iter().map(|g| g.p_value).collect()),
@@ -769,6 +833,12 @@ fn write_pair_table(
         columns.push((
             name,
             Column::Float(pairs.iter().map(|p| p.state_shift[s]).collect()),
+        ));
+    }
+    for (s, name) in progress_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Float(pairs.iter().map(|p| p.state_progress[s]).collect()),
         ));
     }
     write_table(path, "screen_cells", columns)
