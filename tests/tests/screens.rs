@@ -25,7 +25,8 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A model pretrained on Kang (256 HVGs, labels `condition` and `cell_type`) with its checkpoints.
+/// A model pretrained on Kang (the 256 most expressed genes, labels `condition` and `cell_type`) with its
+/// checkpoints.
 struct Trained {
     corpus: String,
     checkpoint: String,
@@ -49,6 +50,22 @@ fn trained_kang() -> Trained {
     if !dir.join("ready").exists() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // The vocabulary: the 256 most expressed genes, chosen without looking at the conditions. (The
+        // 256 most variable genes by normalized dispersion miss nearly every interferon-response gene.)
+        let genes = dir.join("genes.txt");
+        let listed = std::process::Command::new(
+            std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()),
+        )
+        .arg(cellfleet_e2e::workspace_root().join("scripts/top_expressed.py"))
+        .args([data("kang_ifnb_pbmc.h5ad").to_str().unwrap(), "256"])
+        .output()
+        .expect("python3 runs (scripts/setup.sh installs it with anndata)");
+        assert!(
+            listed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+        std::fs::write(&genes, &listed.stdout).unwrap();
         cellfleet_ok(
             bin(),
             &[
@@ -56,8 +73,8 @@ fn trained_kang() -> Trained {
                 data("kang_ifnb_pbmc.h5ad").to_str().unwrap(),
                 "--out",
                 &trained.corpus,
-                "--hvg",
-                "256",
+                "--genes",
+                &s(&genes),
                 "--label-col",
                 "condition",
                 "--label-col",
@@ -118,6 +135,7 @@ max_cells = {cells}
 column = "condition"
 value = "control"
 alternatives = ["stimulated"]
+match_column = "cell_type"
 max_cells = 200
 
 [null]
@@ -221,7 +239,8 @@ fn bad_specs_are_refused_before_any_work_starts() {
             base.replace("\"stimulated\" }", "\"sleeping\" }"),
             vec![
                 "no cell has condition = \"sleeping\"",
-                "control, stimulated",
+                "values in the corpus: ",
+                "control",
             ],
         ),
         (
@@ -309,7 +328,7 @@ fn bad_specs_are_refused_before_any_work_starts() {
 fn one_and_two_workers_give_identical_results() {
     let trained = trained_kang();
     let dir = tempfile::tempdir().unwrap();
-    let body = stimulated_toward_control(96, 64, 24);
+    let body = stimulated_toward_control(48, 64, 16);
     let mut results = Vec::new();
     for workers in ["1", "2"] {
         let spec = write_spec(dir.path(), &format!("w{workers}"), &trained, &body);
@@ -431,7 +450,7 @@ fn killed_worker_and_restarted_coordinator_lose_and_repeat_nothing() {
             )
         })
         .collect();
-    let body = stimulated_toward_control(160, 32, 16);
+    let body = stimulated_toward_control(96, 32, 16);
     let spec = write_spec(dir.path(), "screen", &trained, &body);
     let id = cellfleet_ok(
         bin(),
@@ -550,7 +569,7 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
     let trained = trained_kang();
     let dir = tempfile::tempdir().unwrap();
     let body =
-        stimulated_toward_control(2000, 64, 128).replace("per_cell = true", "per_cell = false");
+        stimulated_toward_control(200, 64, 50).replace("per_cell = true", "per_cell = false");
     let spec = write_spec(dir.path(), "ifnb", &trained, &body);
     let out = dir.path().join("results");
     cellfleet_ok(
@@ -600,21 +619,34 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
     assert_eq!(up.len(), 50);
     let up: HashSet<&str> = up.iter().map(String::as_str).collect();
 
-    // The screen's ranking: goal shift (toward control); genes expressed in no stimulated cell last.
-    let scores: Vec<f64> = genes
-        .iter()
-        .map(|g| g["goal_shift"].as_f64().unwrap_or(f64::NEG_INFINITY))
-        .collect();
+    // The screen's two goal measures: its ranking (goal progress, the `rank` column) and the cosine goal
+    // shift; genes expressed in no screened cell rank last.
     let positive: Vec<bool> = genes
         .iter()
         .map(|g| up.contains(g["gene"].as_str().unwrap()))
         .collect();
-    let screen_auroc = auroc(&scores, &positive).unwrap();
+    let scores_of = |column: &str| -> Vec<f64> {
+        genes
+            .iter()
+            .map(|g| g[column].as_f64().unwrap_or(f64::NEG_INFINITY))
+            .collect()
+    };
+    let ranking: Vec<f64> = genes
+        .iter()
+        .map(|g| -(g["rank"].as_u64().unwrap() as f64))
+        .collect();
+    let progress_auroc = auroc(&ranking, &positive).unwrap();
+    assert_eq!(
+        progress_auroc,
+        auroc(&scores_of("goal_progress"), &positive).unwrap(),
+        "the rank column orders genes by goal progress"
+    );
+    let shift_auroc = auroc(&scores_of("goal_shift"), &positive).unwrap();
     // Random rankings of the same genes: a seeded shuffle, 2,000 times.
     let mut state = 0x5eed_u64;
     let mut random: Vec<f64> = (0..2000)
         .map(|_| {
-            let shuffled: Vec<f64> = (0..scores.len())
+            let shuffled: Vec<f64> = (0..genes.len())
                 .map(|_| {
                     state = state
                         .wrapping_mul(6364136223846793005)
@@ -633,11 +665,17 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
         .map(|g| (g["rank"].as_u64().unwrap(), g["gene"].as_str().unwrap()))
         .collect();
     eprintln!(
-        "goal-shift AUROC for the top-50 stimulated-up genes: {screen_auroc:.3} (random rankings: median {median:.3}, 99th percentile {p99:.3}); top 10: {top:?}"
+        "AUROC for the top-50 stimulated-up genes: screen ranking (goal progress) {progress_auroc:.3}, cosine goal shift {shift_auroc:.3}; random rankings: median {median:.3}, 99th percentile {p99:.3}; top 10: {top:?}"
     );
+    // Both beat the best 1% of random rankings by a stated margin.
     const MARGIN: f64 = 0.05;
-    assert!(
-        screen_auroc >= p99 && screen_auroc >= 0.5 + MARGIN,
-        "AUROC {screen_auroc:.3} does not beat random rankings (99th percentile {p99:.3}) and 0.5 + {MARGIN}"
-    );
+    for (what, value) in [
+        ("goal progress", progress_auroc),
+        ("goal shift", shift_auroc),
+    ] {
+        assert!(
+            value >= p99 + MARGIN,
+            "{what}: AUROC {value:.3} does not beat random rankings' 99th percentile {p99:.3} by {MARGIN}"
+        );
+    }
 }
