@@ -1177,3 +1177,49 @@ pub fn gene_names(plan: &ScreenPlan) -> BTreeMap<u32, &str> {
         .map(|(i, g)| (i as u32, g.as_str()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_screen_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configs/screen-kang.toml");
+        let spec = read_spec(&path).unwrap();
+        assert_eq!(spec.genes, GeneSelection::Keyword("all".into()));
+        assert_eq!(spec.embedding, CellEmbedding::Expression);
+        let goal = spec.goal.unwrap();
+        assert_eq!(goal.match_column.as_deref(), Some("cell_type"));
+        assert_eq!(spec.cells.filter["condition"].values(), vec!["stimulated"]);
+    }
+
+    #[test]
+    fn spec_errors_name_the_file_and_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "checkpoint = \"c\"\ncorpus = \"k\"\nout = \"o\"\ngenes = \"some\"\n",
+        )
+        .unwrap();
+        let err = read_spec(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("s.toml") && err.contains("genes = \"some\""),
+            "{err}"
+        );
+        std::fs::write(&path, "checkpoint = \"c\"\ncorpus = \"k\"\nout = \"o\"\ngenes = \"all\"\n[execution]\nbatch = 0\n").unwrap();
+        let err = read_spec(&path).unwrap_err().to_string();
+        assert!(err.contains("execution.batch = 0"), "{err}");
+    }
+
+    #[test]
+    fn samples_are_seeded_sorted_and_capped() {
+        let items: Vec<u64> = (0..1000).collect();
+        let a = SplitMix::new(7, "cells").sample(items.clone(), 10);
+        assert_eq!(a, SplitMix::new(7, "cells").sample(items.clone(), 10));
+        assert_ne!(a, SplitMix::new(8, "cells").sample(items.clone(), 10));
+        assert_ne!(a, SplitMix::new(7, "genes").sample(items.clone(), 10));
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a.len() == 10);
+        assert_eq!(SplitMix::new(7, "cells").sample(items.clone(), 5000), items);
+    }
+}

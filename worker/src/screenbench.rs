@@ -644,6 +644,9 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
     }
     spec.execution.threads = 1;
     spec.execution.per_cell = false;
+    // The Geneformer-style loop embeds cells as the mean hidden state; compare like with like (cellfleet
+    // computes the expected bins for top affected genes either way).
+    spec.embedding = cellfleet_shared::screen::CellEmbedding::Hidden;
     std::fs::create_dir_all(&args.scratch)
         .with_context(|| format!("cannot create --scratch {}", args.scratch.display()))?;
 

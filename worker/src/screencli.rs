@@ -349,10 +349,9 @@ fn follow(
             bar.suspend(|| eprintln!("screen {id}: {}", s.message));
             last_message = s.message.clone();
         }
-        if std::env::var_os("CELLFLEET_QUIET").is_some()
-            || logged.elapsed() > Duration::from_secs(10)
-        {
-            if logged.elapsed() > Duration::from_secs(10) {
+        // A line every 10 seconds besides the bar (the only progress without a terminal).
+        if logged.elapsed() > Duration::from_secs(10) {
+            bar.suspend(|| {
                 eprintln!(
                     "screen {id}: {}/{} units, {}/{} pairs, {:.0} pairs/s, eta {}",
                     s.units_done,
@@ -365,9 +364,9 @@ fn follow(
                     } else {
                         format!("{:.0}s", s.eta_seconds)
                     }
-                );
-                logged = Instant::now();
-            }
+                )
+            });
+            logged = Instant::now();
         }
         match s.state.as_str() {
             "completed" => {
