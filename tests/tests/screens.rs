@@ -560,6 +560,51 @@ fn killed_worker_and_restarted_coordinator_lose_and_repeat_nothing() {
     let refused = cellfleet(bin(), &["screen", "cancel", &id, "--coordinator", &url]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("completed"));
+
+    // A running screen is cancelled: no unit is leased afterwards and its results are refused.
+    let second = write_spec(dir.path(), "second", &trained, &body);
+    let second_id = cellfleet_ok(
+        bin(),
+        &["screen", "submit", &s(&second), "--coordinator", &url],
+    )
+    .trim()
+    .to_string();
+    wait_for(
+        "the second screen to start",
+        Duration::from_secs(120),
+        || {
+            status_json(&url, &second_id)["units_done"]
+                .as_u64()
+                .unwrap()
+                >= 1
+        },
+    );
+    cellfleet_ok(
+        bin(),
+        &["screen", "cancel", &second_id, "--coordinator", &url],
+    );
+    let cancelled = status_json(&url, &second_id);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert!(cancelled["units_done"].as_u64() < cancelled["units_total"].as_u64());
+    wait_for(
+        "workers to drop the cancelled screen",
+        Duration::from_secs(30),
+        || status_json(&url, &second_id)["units_leased"].as_u64() == Some(0),
+    );
+    let partial = cellfleet(
+        bin(),
+        &[
+            "screen",
+            "results",
+            &second_id,
+            "--coordinator",
+            &url,
+            "--out",
+            &s(&dir.path().join("partial")),
+        ],
+    );
+    assert!(!partial.status.success());
+    assert!(String::from_utf8_lossy(&partial.stderr).contains("is cancelled"));
     drop(workers);
     drop(coordinator);
 }

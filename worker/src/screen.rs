@@ -8,7 +8,7 @@
 //! original embedding leaves the deleted gene out too, so both sides average the same genes.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -1081,16 +1081,24 @@ pub fn serve_screen(
             };
             let every = Duration::from_millis((answer.lease_ms / 3).max(100));
             handle.spawn(async move {
+                let mut renewed = Instant::now();
                 loop {
+                    // Checks the stop flag often, so an Idle order interrupts the unit within a batch.
                     tokio::select! {
                         _ = done.notified() => return,
-                        _ = tokio::time::sleep(every) => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     }
                     if stop.load(Ordering::Relaxed) {
                         lost.store(true, Ordering::Relaxed);
                         return;
                     }
-                    match client.clone().renew_unit(request.clone()).await {
+                    if renewed.elapsed() < every {
+                        continue;
+                    }
+                    renewed = Instant::now();
+                    let mut call = tonic::Request::new(request.clone());
+                    call.set_timeout(Duration::from_secs(10));
+                    match client.clone().renew_unit(call).await {
                         Ok(r) if !r.get_ref().held => {
                             eprintln!("unit {} lease lost: {}", request.unit, r.get_ref().reason);
                             lost.store(true, Ordering::Relaxed);
@@ -1167,15 +1175,6 @@ pub fn serve_screen(
         );
     }
     Ok(())
-}
-
-/// Genes by name, for reports.
-pub fn gene_names(plan: &ScreenPlan) -> BTreeMap<u32, &str> {
-    plan.vocabulary
-        .iter()
-        .enumerate()
-        .map(|(i, g)| (i as u32, g.as_str()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -853,20 +853,23 @@ pub fn print_top(written: &WrittenResults, n: usize) {
         written.results.genes.len(),
         plan.summary(),
         match goal {
-            Some(g) => format!("shift toward {g}"),
+            Some(g) => format!("progress toward {g}"),
             None => "cosine shift".into(),
         }
     );
     println!(
-        "{:>5}  {:<14} {:>7} {:>12} {:>12} {:>10} {:>10}  top affected genes (mean change of expected bin)",
-        "rank", "gene", "cells", "goal shift", "cos shift", "p", "FDR"
+        "{:>5}  {:<14} {:>7} {:>9} {:>11} {:>10} {:>10} {:>10}  top affected genes (mean change of expected bin)",
+        "rank", "gene", "cells", "progress", "goal shift", "cos shift", "p", "FDR"
     );
     for g in written.results.genes.iter().take(n) {
         println!(
-            "{:>5}  {:<14} {:>7} {:>12} {:>12.5} {:>10.2e} {:>10.2e}  {}",
+            "{:>5}  {:<14} {:>7} {:>9} {:>11} {:>10.5} {:>10.2e} {:>10.2e}  {}",
             g.rank,
             g.gene,
             g.n_cells,
+            g.state_progress
+                .first()
+                .map_or("-".to_string(), |s| format!("{s:+.4}")),
             g.state_shift
                 .first()
                 .map_or("-".to_string(), |s| format!("{s:+.5}")),
