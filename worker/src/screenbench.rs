@@ -656,16 +656,8 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         .with_context(|| format!("{}: the screen cannot run", args.spec.display()))?;
     let plan_seconds = planned.elapsed().as_secs_f64();
     let seq = plan.vocabulary.len() + 1;
-    let gene_blocks = plan
-        .work_genes
-        .len()
-        .div_ceil(plan.spec.execution.gene_block as usize);
     let expressed = plan.total_pairs() as f64 / (plan.work_genes.len() * plan.cells.len()) as f64;
     let cores = cores();
-    let experiments: Vec<String> = std::env::vars_os()
-        .filter_map(|(k, _)| k.into_string().ok())
-        .filter(|k| k.starts_with("CELLFLEET_SCREEN_"))
-        .collect();
 
     println!(
         "screen benchmark: {}; {} work genes x {} cells, {} perturbed (gene, cell) pairs ({:.1}% expressed); \
@@ -688,12 +680,6 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         plan.corpus_url,
         args.scratch.display()
     );
-    if !experiments.is_empty() {
-        println!(
-            "note: {} set: the workers compute with these experimental switches",
-            experiments.join(", ")
-        );
-    }
     if args.workers_max as usize > cores {
         println!(
             "note: {} worker processes on {cores} cores: the largest runs are oversubscribed",
@@ -844,12 +830,6 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
             );
         }
     }
-    if !experiments.is_empty() {
-        println!(
-            "  (with {} set the two sides need not agree)",
-            experiments.join(", ")
-        );
-    }
 
     // The FLOP model, validated on this CPU.
     let model = load_model(&plan, &s3, Device::Cpu)?;
@@ -902,8 +882,9 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         );
     }
     if let Some(one) = sides.iter().find(|s| s.processes == 1) {
-        // Per worker: perturbed sequences plus one original per cell and unit (gene block).
-        let forwards = plan.total_pairs() as f64 + (plan.cells.len() * gene_blocks) as f64;
+        // One worker: perturbed sequences plus one original per cell (a worker caches its cells'
+        // originals across units).
+        let forwards = plan.total_pairs() as f64 + plan.cells.len() as f64;
         let per_pair = forwards / plan.total_pairs() as f64;
         println!(
             "  cellfleet worker (compute rate x {:.3} forwards per pair x {:.3} GFLOP): {:.2} GFLOP/s",
@@ -926,8 +907,7 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
     let big_seq = GENOME_GENES + 1;
     let f = forward_flops(&big, big_seq, true);
     let sustained = H200_BF16_DENSE_FLOPS * args.utilization;
-    let big_gene_blocks = GENOME_GENES.div_ceil(plan.spec.execution.gene_block as usize) as f64;
-    let originals = GENOME_CELLS * big_gene_blocks;
+    let originals = GENOME_CELLS;
     println!();
     println!(
         "genome-wide screen on one H200: {} cells x {} genes, cellxpert preset ({}), L = {} tokens",
@@ -949,12 +929,11 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
     );
     println!(
         "  assumed: H200 dense BF16 peak {:.0} TFLOP/s at {:.0}% utilization = {:.0} TFLOP/s sustained; {} originals \
-         (1 per cell per unit of {} genes, as cellfleet's units compute them)",
+         (1 per cell: a worker caches its cells' unperturbed forward across units)",
         H200_BF16_DENSE_FLOPS / 1e12,
         100.0 * args.utilization,
         sustained / 1e12,
         thousands(originals),
-        plan.spec.execution.gene_block
     );
     for (label, fraction) in [
         ("every gene perturbed", 1.0),
@@ -980,19 +959,6 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
             duration_words(total / (cpu[0].flops_per_sequence / cpu[0].seconds_per_sequence)),
         );
     }
-    println!(
-        "  originals: cellfleet's units embed each cell once per unit ({} per cell at {} genes in blocks of {}; {:.2} forwards per pair in this plan); \
-         a Geneformer-style loop embeds it once ({} in all), which matters once knockouts are few per cell: expressed-only \
-         with 1 original per cell would be {}",
-        big_gene_blocks,
-        thousands(GENOME_GENES as f64),
-        plan.spec.execution.gene_block,
-        (plan.total_pairs() as f64 + (plan.cells.len() * gene_blocks) as f64) / plan.total_pairs() as f64,
-        thousands(GENOME_CELLS),
-        duration_words(
-            (GENOME_CELLS * GENOME_GENES as f64 * expressed + GENOME_CELLS) * f.total() / sustained
-        )
-    );
     println!(
         "  caveats: the expressed fraction is measured on this plan's {} genes of {} cells (a 4,096-gene vocabulary has \
          its own); Geneformer's figure is another model (its own size and rank-value sequences of up to 2,048 \
