@@ -17,7 +17,8 @@ rm -rf "$OUT"
 mkdir -p "$RUNS"
 # The vocabulary: the 256 most expressed genes (chosen without looking at the conditions; the most
 # variable genes by normalized dispersion would miss the interferon-response genes).
-"${PYTHON:-python3}" scripts/top_expressed.py "$DATA/kang_ifnb_pbmc.h5ad" 256 > "$RUNS/kang-genes.txt" 2>/dev/null
+"${PYTHON:-python3}" scripts/top_expressed.py "$DATA/kang_ifnb_pbmc.h5ad" 256 > "$RUNS/kang-genes.txt" 2> "$RUNS/kang-genes.log" \
+  || { cat "$RUNS/kang-genes.log"; exit 1; }
 "$CELLFLEET" ingest "$DATA/kang_ifnb_pbmc.h5ad" --out "$OUT" --genes "$RUNS/kang-genes.txt" --label-col condition --label-col cell_type
 "$CELLFLEET" corpus inspect "$OUT"
 "$CELLFLEET" corpus verify "$OUT"

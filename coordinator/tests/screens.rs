@@ -381,13 +381,15 @@ async fn workers_get_screen_assignments_and_then_go_idle() {
 
 #[tokio::test]
 async fn a_lapsed_holders_unit_is_leased_again_and_counted() {
-    let (_, s) = fresh(Duration::from_millis(300)).await;
+    // A membership TTL long enough that b (registered after a lapsed) stays a member while it leases,
+    // even on a loaded machine.
+    let (_, s) = fresh(Duration::from_millis(1000)).await;
     let a = register(&s, "a").await;
     let id = submit(&s, 2, 30_000).await;
     let la = lease(&s, &a, &id).await;
     assert_eq!(la.unit, 0);
     // a stops heartbeating: its membership lapses long before the unit's deadline.
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     let b = register(&s, "b").await;
     let lb = lease(&s, &b, &id).await;
     assert_eq!((lb.leased, lb.unit), (true, 0), "{lb:?}");

@@ -297,6 +297,15 @@ impl ScreenSpec {
             }
         }
         if let Some(goal) = &self.goal {
+            let mut suffixes = std::collections::BTreeSet::new();
+            for alternative in &goal.alternatives {
+                if !suffixes.insert(column_suffix(alternative)) {
+                    return bad(format!(
+                        "goal.alternatives: {alternative:?} repeats another alternative or gives the same column name (shift_to_{})",
+                        column_suffix(alternative)
+                    ));
+                }
+            }
             if goal.alternatives.contains(&goal.value) {
                 return bad(format!(
                     "goal.alternatives repeats the goal value {:?}",
@@ -321,6 +330,21 @@ impl ScreenSpec {
         }
         Ok(())
     }
+}
+
+/// A state's value as it appears in column names (`shift_to_<suffix>`): lower-case ASCII letters and
+/// digits, anything else `_`.
+pub fn column_suffix(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The checkpoint a screen reads, identified so results can be traced to it.
@@ -677,6 +701,22 @@ impl<'a> Merger<'a> {
                 "unit {unit} holds other genes than the plan says"
             )));
         }
+        let (states, vocabulary) = (self.plan.states.len(), self.plan.vocabulary.len());
+        if result.n_states as usize != states || result.n_vocabulary as usize != vocabulary {
+            return Err(bad(format!(
+                "unit {unit} has {} states and {} genes, the plan {states} and {vocabulary}",
+                result.n_states, result.n_vocabulary
+            )));
+        }
+        let pairs = result.pairs();
+        if result.pair_cell.len() != pairs
+            || result.cosine_shift.len() != pairs
+            || result.state_shift.len() != pairs * states
+            || result.state_progress.len() != pairs * states
+            || result.delta_bin_sum.len() != result.genes.len() * vocabulary
+        {
+            return Err(bad(format!("unit {unit}: its arrays disagree in length")));
+        }
         if result.pairs() as u64 != self.plan.unit_pairs[unit] {
             return Err(bad(format!(
                 "unit {unit} holds {} pairs, the plan says {}",
@@ -691,6 +731,17 @@ impl<'a> Merger<'a> {
         {
             return Err(bad(format!(
                 "pair (gene {}, cell {}) is outside unit {unit}",
+                result.pair_gene[i], result.pair_cell[i]
+            )));
+        }
+        // Pairs come gene-major in cell order: strictly increasing, so none repeats.
+        let position = |i: usize| {
+            let gene = result.genes.iter().position(|&g| g == result.pair_gene[i]);
+            (gene, result.pair_cell[i])
+        };
+        if let Some(i) = (1..pairs).find(|&i| position(i - 1) >= position(i)) {
+            return Err(bad(format!(
+                "unit {unit}: pair (gene {}, cell {}) is out of order or repeated",
                 result.pair_gene[i], result.pair_cell[i]
             )));
         }
@@ -965,6 +1016,21 @@ mod tests {
     }
 
     #[test]
+    fn alternatives_must_give_distinct_columns() {
+        let mut spec = plan(vec![0], vec![], vec![0], 1, 1).spec;
+        spec.goal = Some(GoalSpec {
+            column: "cell_type".into(),
+            value: "T".into(),
+            alternatives: vec!["B cell".into(), "B-cell".into()],
+            max_cells: 10,
+            match_column: None,
+        });
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("shift_to_b_cell"), "{err}");
+        assert_eq!(column_suffix("CD14+ Mono"), "cd14__mono");
+    }
+
+    #[test]
     fn units_cover_every_pair_once() {
         let p = plan(vec![0, 1, 2, 3, 4], vec![1, 5], (0..10).collect(), 2, 4);
         assert_eq!(p.work_genes, vec![0, 1, 2, 3, 4, 5]);
@@ -1047,6 +1113,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("outside unit 2"));
+        let mut repeated = result(&p, 3);
+        repeated.pair_cell[1] = repeated.pair_cell[0];
+        let err = m.add("u3", repeated).unwrap_err().to_string();
+        assert!(err.contains("out of order or repeated"), "{err}");
         let err = m.finish(false).unwrap_err().to_string();
         assert!(err.contains("3 of 4 units have no result"), "{err}");
     }

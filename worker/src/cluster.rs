@@ -707,10 +707,9 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 Some(pb::assignment::Kind::Screen(screen)) => {
                     // Generation 0 marks screen work; the same screen again (re-sent after a coordinator
                     // restart) goes on where it is.
-                    if current
-                        .as_ref()
-                        .is_some_and(|r| r.job == screen.screen_id && r.generation == 0)
-                    {
+                    if current.as_ref().is_some_and(|r| {
+                        r.job == screen.screen_id && r.generation == 0 && !r.thread.is_finished()
+                    }) {
                         continue;
                     }
                     if let Some(run) = current.take() {

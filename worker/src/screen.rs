@@ -3,9 +3,10 @@
 //! is submitted), computing one work unit with the model, and serving a screen's units as a fleet worker.
 //!
 //! A cell is the token sequence `[CLS]` + every vocabulary gene in vocabulary order with its expression
-//! bin (the unpermuted order the model saw as clone 0 during pretraining). Its embedding is the mean of
-//! the final hidden states over gene tokens. A perturbed cell is embedded the same way; for a deletion the
-//! original embedding leaves the deleted gene out too, so both sides average the same genes.
+//! bin. Pretraining permutes every clone's gene order (bootstrapped-permutation augmentation), so the
+//! model reads a cell as a set of (gene, bin) tokens and an order carries no expression meaning. Effects
+//! are measured in the model's expected expression (default) or the mean final hidden state, see
+//! `docs/screens.md`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -301,6 +302,9 @@ pub fn resolve_plan(
     work_genes.sort_unstable();
     work_genes.dedup();
 
+    if spec.perturbation.kind == PerturbationKind::Delete && vocabulary.len() < 2 {
+        bail!("perturbation.kind = \"delete\" needs a vocabulary of at least 2 genes (a cell without genes has no embedding)");
+    }
     let mut states = Vec::new();
     let (mut strata, mut cell_strata) = (Vec::new(), Vec::new());
     let mut match_col = None;
@@ -332,6 +336,12 @@ pub fn resolve_plan(
             };
             let c = code(&field, &goal.column, &categories, value)?;
             let members = cells_matching(&[(col, vec![c])]);
+            if members.is_empty() {
+                bail!(
+                    "{field}: no cell has {} = {value:?} (it is a category of the column, but no cell carries it)",
+                    goal.column
+                );
+            }
             let mut rng = SplitMix::new(spec.seed, &format!("state {value}"));
             let state = match &match_col {
                 None => StateCells {
@@ -604,9 +614,15 @@ impl Screener {
                     let (row, axis) = match (&start, members.is_empty()) {
                         (Some(start), false) => {
                             let row = screener.centroid(&members);
-                            let axis = &row - start;
-                            let length2 = axis.dot(&axis).clamp_min(1e-12);
-                            (row, axis / length2)
+                            let axis = if screened_state(&screener.plan.spec, &state.name) {
+                                // The screened cells' own state: no axis to progress along.
+                                Tensor::full([row.size()[0]], f64::NAN, (Kind::Float, device))
+                            } else {
+                                let axis = &row - start;
+                                let length2 = axis.dot(&axis).clamp_min(1e-12);
+                                axis / length2
+                            };
+                            (row, axis)
                         }
                         _ => {
                             let zero = Tensor::zeros([d], (Kind::Float, device));
@@ -943,6 +959,17 @@ impl Screener {
     }
 }
 
+/// Whether `state` (a value of the goal column) is what the screened cells were selected by: progress
+/// toward their own state is undefined (NaN), its shift is still reported.
+fn screened_state(spec: &ScreenSpec, state: &str) -> bool {
+    spec.goal.as_ref().is_some_and(|goal| {
+        spec.cells
+            .filter
+            .get(&goal.column)
+            .is_some_and(|values| values.values().iter().any(|v| v == state))
+    })
+}
+
 /// Rows scaled to unit length.
 fn unit_rows(x: &Tensor) -> Tensor {
     x / x
@@ -1007,31 +1034,40 @@ pub fn serve_screen(
         }
     };
     let started = Instant::now();
-    let loaded = (|| -> anyhow::Result<(Screener, Store)> {
+    let load = || -> anyhow::Result<(Screener, Store)> {
         let store = open_location(&assignment.location, &s3)?;
         let plan = load_plan(&store, &assignment.plan_blake3)?;
         Ok((
             Screener::load(plan, &assignment.plan_blake3, &s3, device)?,
             store,
         ))
-    })();
-    let (screener, store) = match loaded {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            let message = format!("{e:#}");
-            eprintln!("{}", call(&format!("cannot load: {message}")));
-            let answer = lease()?;
-            if answer.leased {
-                complete(pb::CompleteUnitRequest {
-                    worker_id: worker_id.to_string(),
-                    screen_id: id.clone(),
-                    unit: answer.unit,
-                    token: answer.token,
-                    error: format!("worker {worker_id} cannot load the screen: {message}"),
-                    ..Default::default()
-                })?;
+    };
+    // A failed load is reported against a leased unit and tried again: three reports fail the screen,
+    // so a screen no worker can load ends with the reason instead of waiting forever.
+    let (screener, store) = loop {
+        match load() {
+            Ok(loaded) => break loaded,
+            Err(e) => {
+                let message = format!("{e:#}");
+                eprintln!("{}", call(&format!("cannot load: {message}")));
+                let answer = lease()?;
+                if answer.leased {
+                    complete(pb::CompleteUnitRequest {
+                        worker_id: worker_id.to_string(),
+                        screen_id: id.clone(),
+                        unit: answer.unit,
+                        token: answer.token,
+                        error: format!("worker {worker_id} cannot load the screen: {message}"),
+                        ..Default::default()
+                    })?;
+                } else if answer.state != "running" {
+                    return Err(e);
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_secs(2));
             }
-            return Err(e);
         }
     };
     eprintln!(
@@ -1114,14 +1150,36 @@ pub fn serve_screen(
         };
         let unit_started = Instant::now();
         let computed = screener.compute_unit(unit, &lost);
-        done.notify_one();
-        let _ = handle.block_on(renewer);
-        let result = match computed {
-            Ok(result) => result,
-            Err(e) if e.is::<Interrupted>() => continue,
-            Err(e) => {
-                let message = format!("{e:#}");
-                eprintln!("{}", call(&format!("unit {unit} failed: {message}")));
+        // The lease stays renewed through the upload and the completion.
+        let stop_renewing = || {
+            done.notify_one();
+            let _ = handle.block_on(renewer);
+        };
+        let outcome = (|| -> anyhow::Result<()> {
+            let result = match computed {
+                Ok(result) => result,
+                Err(e) if e.is::<Interrupted>() => return Ok(()),
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    eprintln!("{}", call(&format!("unit {unit} failed: {message}")));
+                    complete(pb::CompleteUnitRequest {
+                        worker_id: worker_id.to_string(),
+                        screen_id: id.clone(),
+                        unit: answer.unit,
+                        token: answer.token,
+                        error: message,
+                        ..Default::default()
+                    })?;
+                    return Ok(());
+                }
+            };
+            let bytes = result.encode();
+            let key = unit_key(unit);
+            let blake3 = blake3::hash(&bytes).to_hex().to_string();
+            let size = bytes.len() as u64;
+            if let Err(e) = store.put(&key, bytes.into()) {
+                let message = format!("storing {key}: {e}");
+                eprintln!("{}", call(&message));
                 complete(pb::CompleteUnitRequest {
                     worker_id: worker_id.to_string(),
                     screen_id: id.clone(),
@@ -1130,49 +1188,36 @@ pub fn serve_screen(
                     error: message,
                     ..Default::default()
                 })?;
-                continue;
+                return Ok(());
             }
-        };
-        let bytes = result.encode();
-        let key = unit_key(unit);
-        let blake3 = blake3::hash(&bytes).to_hex().to_string();
-        let size = bytes.len() as u64;
-        if let Err(e) = store.put(&key, bytes.into()) {
-            let message = format!("storing {key}: {e}");
-            eprintln!("{}", call(&message));
-            complete(pb::CompleteUnitRequest {
+            let seconds = unit_started.elapsed().as_secs_f64();
+            let answer = complete(pb::CompleteUnitRequest {
                 worker_id: worker_id.to_string(),
                 screen_id: id.clone(),
                 unit: answer.unit,
                 token: answer.token,
-                error: message,
-                ..Default::default()
+                key,
+                blake3,
+                bytes: size,
+                pairs: result.pairs() as u64,
+                seconds,
+                error: String::new(),
             })?;
-            continue;
-        }
-        let seconds = unit_started.elapsed().as_secs_f64();
-        let answer = complete(pb::CompleteUnitRequest {
-            worker_id: worker_id.to_string(),
-            screen_id: id.clone(),
-            unit: answer.unit,
-            token: answer.token,
-            key,
-            blake3,
-            bytes: size,
-            pairs: result.pairs() as u64,
-            seconds,
-            error: String::new(),
-        })?;
-        eprintln!(
-            "screen {id} unit {unit}/{units}: {} pairs in {seconds:.2}s ({:.0} pairs/s){}",
-            result.pairs(),
-            result.pairs() as f64 / seconds.max(1e-9),
-            if answer.accepted {
-                String::new()
-            } else {
-                format!(" (not recorded: {})", answer.reason)
-            }
-        );
+            eprintln!(
+                "screen {id} unit {unit}/{units}: {} pairs in {seconds:.2}s ({:.0} pairs/s){}",
+                result.pairs(),
+                result.pairs() as f64 / seconds.max(1e-9),
+                if answer.accepted {
+                    String::new()
+                } else {
+                    format!(" (not recorded: {})", answer.reason)
+                }
+            );
+
+            Ok(())
+        })();
+        stop_renewing();
+        outcome?;
     }
     Ok(())
 }

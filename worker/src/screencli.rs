@@ -396,7 +396,7 @@ pub fn run_local(
     let spec = &planned.spec;
     let out = match out {
         Some(out) => out,
-        None if !spec.out.contains("://") => {
+        None if !spec.out.contains("://") || spec.out.starts_with("file://") => {
             Path::new(spec.out.strip_prefix("file://").unwrap_or(&spec.out)).join("results")
         }
         None => bail!(
@@ -562,17 +562,7 @@ pub fn state_columns(plan: &ScreenPlan) -> Vec<String> {
             if i == 0 {
                 "goal_shift".to_string()
             } else {
-                let safe: String = s
-                    .name
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() {
-                            c.to_ascii_lowercase()
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
+                let safe = cellfleet_shared::screen::column_suffix(&s.name);
                 format!("shift_to_{safe}")
             }
         })
