@@ -1155,40 +1155,31 @@ pub fn serve_screen(
             done.notify_one();
             let _ = handle.block_on(renewer);
         };
+        // A failed unit is reported with the reason (three failures of one unit fail the screen).
+        let report_failure = |message: String| -> anyhow::Result<()> {
+            eprintln!("{}", call(&format!("unit {unit} failed: {message}")));
+            complete(pb::CompleteUnitRequest {
+                worker_id: worker_id.to_string(),
+                screen_id: id.clone(),
+                unit: answer.unit,
+                token: answer.token,
+                error: message,
+                ..Default::default()
+            })?;
+            Ok(())
+        };
         let outcome = (|| -> anyhow::Result<()> {
             let result = match computed {
                 Ok(result) => result,
                 Err(e) if e.is::<Interrupted>() => return Ok(()),
-                Err(e) => {
-                    let message = format!("{e:#}");
-                    eprintln!("{}", call(&format!("unit {unit} failed: {message}")));
-                    complete(pb::CompleteUnitRequest {
-                        worker_id: worker_id.to_string(),
-                        screen_id: id.clone(),
-                        unit: answer.unit,
-                        token: answer.token,
-                        error: message,
-                        ..Default::default()
-                    })?;
-                    return Ok(());
-                }
+                Err(e) => return report_failure(format!("{e:#}")),
             };
             let bytes = result.encode();
             let key = unit_key(unit);
             let blake3 = blake3::hash(&bytes).to_hex().to_string();
             let size = bytes.len() as u64;
             if let Err(e) = store.put(&key, bytes.into()) {
-                let message = format!("storing {key}: {e}");
-                eprintln!("{}", call(&message));
-                complete(pb::CompleteUnitRequest {
-                    worker_id: worker_id.to_string(),
-                    screen_id: id.clone(),
-                    unit: answer.unit,
-                    token: answer.token,
-                    error: message,
-                    ..Default::default()
-                })?;
-                return Ok(());
+                return report_failure(format!("storing {key}: {e}"));
             }
             let seconds = unit_started.elapsed().as_secs_f64();
             let answer = complete(pb::CompleteUnitRequest {
