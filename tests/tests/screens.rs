@@ -151,6 +151,23 @@ per_cell = true
     )
 }
 
+/// `cellfleet screen run SPEC --local --workers N --out OUT`; returns stdout (the top hits).
+fn screen_run(spec: &Path, workers: &str, out: &Path) -> String {
+    cellfleet_ok(
+        bin(),
+        &[
+            "screen",
+            "run",
+            &s(spec),
+            "--local",
+            "--workers",
+            workers,
+            "--out",
+            &s(out),
+        ],
+    )
+}
+
 /// The tables of a results directory as pandas reads them.
 fn read_results(dir: &Path) -> Value {
     serde_json::from_str(&python("read_screen.py", &[&s(dir)])).unwrap()
@@ -333,19 +350,7 @@ fn one_and_two_workers_give_identical_results() {
     for workers in ["1", "2"] {
         let spec = write_spec(dir.path(), &format!("w{workers}"), &trained, &body);
         let out = dir.path().join(format!("results-{workers}"));
-        let stdout = cellfleet_ok(
-            bin(),
-            &[
-                "screen",
-                "run",
-                &s(&spec),
-                "--local",
-                "--workers",
-                workers,
-                "--out",
-                &s(&out),
-            ],
-        );
+        let stdout = screen_run(&spec, workers, &out);
         assert!(stdout.contains("top 15 of 256 genes"), "{stdout}");
         let record: Value =
             serde_json::from_slice(&std::fs::read(out.join("screen.json")).unwrap()).unwrap();
@@ -521,19 +526,7 @@ fn killed_worker_and_restarted_coordinator_lose_and_repeat_nothing() {
     // The same screen, undisturbed, on the embedded default.
     let quiet_spec = write_spec(dir.path(), "undisturbed", &trained, &body);
     let quiet_out = dir.path().join("undisturbed-results");
-    cellfleet_ok(
-        bin(),
-        &[
-            "screen",
-            "run",
-            &s(&quiet_spec),
-            "--local",
-            "--workers",
-            "1",
-            "--out",
-            &s(&quiet_out),
-        ],
-    );
+    screen_run(&quiet_spec, "1", &quiet_out);
     let undisturbed = read_results(&quiet_out);
     assert_eq!(
         disturbed["genes"], undisturbed["genes"],
@@ -602,19 +595,7 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
         stimulated_toward_control(200, 64, 50).replace("per_cell = true", "per_cell = false");
     let spec = write_spec(dir.path(), "ifnb", &trained, &body);
     let out = dir.path().join("results");
-    cellfleet_ok(
-        bin(),
-        &[
-            "screen",
-            "run",
-            &s(&spec),
-            "--local",
-            "--workers",
-            "2",
-            "--out",
-            &s(&out),
-        ],
-    );
+    screen_run(&spec, "2", &out);
     let results = read_results(&out);
     let genes = rows(&results, "genes");
     assert_eq!(genes.len(), 256);

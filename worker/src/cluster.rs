@@ -58,7 +58,7 @@ pub struct WorkerArgs {
     pub reconnect_timeout: f64,
 }
 
-fn channel(url: &str) -> anyhow::Result<Channel> {
+pub(crate) fn channel(url: &str) -> anyhow::Result<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("{url} is not a coordinator URL (expected http://HOST:PORT)"))?
         .connect_timeout(Duration::from_secs(2))
@@ -72,7 +72,7 @@ fn channel(url: &str) -> anyhow::Result<Channel> {
     Ok(endpoint.connect_lazy())
 }
 
-fn runtime() -> anyhow::Result<Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -857,25 +857,13 @@ fn follow(
     let bar = crate::progress::step_bar(steps, "train", progress);
     let mut last_message = String::new();
     let mut logged_step = 0u64;
-    let mut unreachable_since: Option<Instant> = None;
     loop {
-        let status = match rt.block_on(client.job_status(pb::JobStatusRequest {
-            job_id: id.to_string(),
-        })) {
-            Ok(s) => {
-                unreachable_since = None;
-                s.into_inner()
-            }
-            Err(s) if s.code() == Code::NotFound => bail!("{}", s.message()),
-            Err(s) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_secs(120) {
-                    bail!("lost the coordinator for 2 minutes: {}", s.message());
-                }
-                std::thread::sleep(Duration::from_millis(500));
-                continue;
-            }
-        };
+        let status = ask_coordinator(|| {
+            rt.block_on(client.job_status(pb::JobStatusRequest {
+                job_id: id.to_string(),
+            }))
+            .map(tonic::Response::into_inner)
+        })?;
         if status.message != last_message {
             bar.suspend(|| eprintln!("job {id}: {}", status.message));
             last_message = status.message.clone();
@@ -904,6 +892,28 @@ fn follow(
             _ => {}
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Makes `request` until the coordinator answers, for clients following a job or a screen: an unknown id
+/// is an error at once; any other failure (a coordinator restarting) is retried every half second for up
+/// to 2 minutes.
+pub(crate) fn ask_coordinator<T>(
+    mut request: impl FnMut() -> Result<T, tonic::Status>,
+) -> anyhow::Result<T> {
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        match request() {
+            Ok(answer) => return Ok(answer),
+            Err(s) if s.code() == Code::NotFound => bail!("{}", s.message()),
+            Err(s) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(120) {
+                    bail!("lost the coordinator for 2 minutes: {}", s.message());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
     }
 }
 

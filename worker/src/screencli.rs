@@ -23,9 +23,8 @@ use parquet::schema::parser::parse_message_type;
 use serde::Serialize;
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
-use tonic::Code;
 
-use crate::cluster::EmbeddedCluster;
+use crate::cluster::{ask_coordinator, channel, runtime, EmbeddedCluster};
 use crate::screen::{load_plan, open_location, read_spec, resolve_plan, store_plan};
 
 #[derive(Subcommand, Debug)]
@@ -83,19 +82,10 @@ pub enum ScreenAction {
     },
 }
 
-fn runtime() -> anyhow::Result<Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?)
-}
-
+/// A client of the coordinator at `url` (the channel's background task runs on `rt`).
 fn connect(rt: &Runtime, url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
     let _entered = rt.enter();
-    let channel = Channel::from_shared(url.to_string())
-        .map_err(|e| anyhow!("--coordinator {url}: not a URL ({e})"))?
-        .connect_lazy();
-    Ok(CoordinatorClient::new(channel))
+    Ok(CoordinatorClient::new(channel(url)?))
 }
 
 pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()> {
@@ -321,28 +311,16 @@ fn follow(
     id: &str,
 ) -> anyhow::Result<pb::ScreenStatusResponse> {
     let mut bar = None;
-    let mut unreachable_since: Option<Instant> = None;
     let mut last_message = String::new();
     let mut logged = Instant::now();
     loop {
-        let s = match rt.block_on(client.screen_status(pb::ScreenStatusRequest {
-            screen_id: id.to_string(),
-            include_units: false,
-        })) {
-            Ok(s) => {
-                unreachable_since = None;
-                s.into_inner()
-            }
-            Err(s) if s.code() == Code::NotFound => bail!("{}", s.message()),
-            Err(s) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_secs(120) {
-                    bail!("lost the coordinator for 2 minutes: {}", s.message());
-                }
-                std::thread::sleep(Duration::from_millis(500));
-                continue;
-            }
-        };
+        let s = ask_coordinator(|| {
+            rt.block_on(client.screen_status(pb::ScreenStatusRequest {
+                screen_id: id.to_string(),
+                include_units: false,
+            }))
+            .map(tonic::Response::into_inner)
+        })?;
         let bar = bar.get_or_insert_with(|| crate::progress::bar(s.pairs_total, "screen"));
         bar.set_position(s.pairs_done);
         if s.message != last_message {
