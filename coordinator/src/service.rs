@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use cellfleet_proto as pb;
 use cellfleet_shared::meta::{LeaseId, MetaStore};
-use cellfleet_shared::store::S3Options;
+use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, OrderConfig, SplitPart};
 
 use crate::screens::Screens;

@@ -1,19 +1,21 @@
-//! Library code both cellfleet roles use: the corpus format, tokenization, the augmented sample stream,
-//! object-store access and the metadata store (etcd or in memory). Nothing here links libtorch or HDF5.
+//! Library code both cellfleet roles use, grouped by what it is about:
+//!
+//! * `corpus`: the tokenized corpus (manifest, shard format, binning) and opening one;
+//! * `stream`: the deterministic, augmented sample order and the batch loader over it;
+//! * `storage` and `checkpoint`: object stores by URL, and checkpoints in them (with safetensors images);
+//! * `meta`: the metadata store (etcd or memory) that holds membership, jobs and screens;
+//! * `screen`: screen specifications, plans, unit results, their merge and its statistics;
+//! * `philox`: the root of all randomness.
+//!
+//! Nothing here links libtorch or HDF5.
 
-pub mod batch;
 pub mod checkpoint;
 pub mod corpus;
 pub mod error;
-pub mod manifest;
 pub mod meta;
 pub mod philox;
-pub mod safetensors;
 pub mod screen;
-pub mod shard;
-pub mod stats;
-pub mod store;
+pub mod storage;
 pub mod stream;
-pub mod tokenize;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cellfleet_shared::corpus::Corpus;
-use cellfleet_shared::store::S3Options;
+use cellfleet_shared::storage::S3Options;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -326,7 +326,7 @@ impl GarageServer {
             retry_timeout: Some(std::time::Duration::from_secs(1)),
             ..self.s3_options()
         };
-        let store = cellfleet_shared::store::Store::open(&self.url("readiness-probe"), &options)?;
+        let store = cellfleet_shared::storage::Store::open(&self.url("readiness-probe"), &options)?;
         store.list_folders("")?;
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cellfleet_e2e::GarageServer;
 use cellfleet_shared::checkpoint::{Checkpoints, WriteOptions, MANIFEST_FILE};
-use cellfleet_shared::store::{S3Options, Store};
+use cellfleet_shared::storage::{S3Options, Store};
 
 /// Bytes zstd barely shrinks, like optimizer moments (a third is a compressible run, so the stored size
 /// differs from the raw size and both are checked).

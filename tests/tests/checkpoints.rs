@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellfleet_e2e::{cellfleet, cellfleet_ok, data, python, wait_for, GarageServer, Process};
-use cellfleet_shared::batch::{Loader, LoaderConfig, MaskConfig};
+use cellfleet_shared::stream::batch::{Loader, LoaderConfig, MaskConfig};
 use cellfleet_shared::stream::{EpochPlan, OrderConfig};
 use cellfleet_worker::model::Pooling;
-use cellfleet_worker::train::{batch_tensors, SavedModel};
+use cellfleet_worker::train::batches::batch_tensors;
+use cellfleet_worker::train::saved_model::SavedModel;
 use tch::{Device, Tensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Output;
 
 use cellfleet_e2e::{data, decode_all, open_corpus, python};
-use cellfleet_shared::manifest::{Manifest, MANIFEST_NAME, MISSING_LABEL};
+use cellfleet_shared::corpus::manifest::{Manifest, MANIFEST_NAME, MISSING_LABEL};
 
 /// The `cellfleet` binary cargo built for these tests.
 fn bin() -> &'static Path {

@@ -7,7 +7,8 @@ use std::path::Path;
 use cellfleet_e2e::{data, decode_all, open_corpus, python};
 use cellfleet_shared::stream::{CellSplit, SplitPart};
 use cellfleet_worker::model::{Mode, Pooling, Tokens};
-use cellfleet_worker::train::{batch_tensors, SavedModel};
+use cellfleet_worker::train::batches::batch_tensors;
+use cellfleet_worker::train::saved_model::SavedModel;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -144,11 +145,11 @@ fn pretrain_then_finetune_on_kang() {
         )
         .unwrap(),
     );
-    let batch = cellfleet_shared::batch::Loader::spawn(
+    let batch = cellfleet_shared::stream::batch::Loader::spawn(
         corpus_handle,
         plan,
         std::iter::once(0..64).collect(),
-        cellfleet_shared::batch::LoaderConfig::default(),
+        cellfleet_shared::stream::batch::LoaderConfig::default(),
     )
     .unwrap()
     .next()

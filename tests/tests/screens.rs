@@ -11,8 +11,8 @@ use std::time::Duration;
 use cellfleet_e2e::{
     cellfleet, cellfleet_ok, data, open_corpus, python, wait_for, EtcdServer, Process,
 };
+use cellfleet_shared::screen::stats::auroc;
 use cellfleet_shared::screen::ScreenPlan;
-use cellfleet_shared::stats::auroc;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");

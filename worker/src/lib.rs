@@ -1,23 +1,19 @@
-//! The cellfleet data plane and command-line tool: h5ad ingest, synthetic scale corpora, the model and
-//! its training loop, benchmarks. Later issues add collectives and screen execution here.
+//! The cellfleet data plane and the `cellfleet` command-line tool, in layers that depend downward only:
+//!
+//! * `cli` and `bench` on top: the command families and the benchmarks; nothing imports them.
+//! * `cluster`: the worker daemon, the job and screen clients, the embedded cluster.
+//! * `screen`: screen planning, unit computation, a worker's loop over units, result tables.
+//! * `train`: the config, the training loop, fine-tuning, evaluation, checkpoint contents.
+//! * `collective`: Gloo, NCCL and single-process collectives with their rendezvous.
+//! * `model`: the MoE transformer; `corpus`: h5ad reading, ingest, shard writing, synthetic corpora.
+//! * `progress`: progress bars and log lines.
 
 pub mod bench;
-pub mod checkpointing;
-pub mod ckptbench;
-pub mod ckptcli;
+pub mod cli;
 pub mod cluster;
 pub mod collective;
-pub mod h5ad;
-pub mod ingest;
-pub mod inspect;
-pub mod metrics;
+pub mod corpus;
 pub mod model;
-pub mod modelcli;
-pub mod optim;
 pub mod progress;
 pub mod screen;
-pub mod screenbench;
-pub mod screencli;
-pub mod shards;
-pub mod synth;
 pub mod train;

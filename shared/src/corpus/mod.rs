@@ -1,0 +1,97 @@
+//! Opening a corpus: its manifest, and its shards with every byte checked against the manifest's hash.
+
+pub mod manifest;
+pub mod shard;
+pub mod tokenize;
+
+use bytes::Bytes;
+
+use crate::corpus::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
+use crate::corpus::shard::Shard;
+use crate::error::{Error, Result};
+use crate::storage::{S3Options, Store};
+
+/// A corpus whose manifest has been read.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    pub store: Store,
+    pub manifest: Manifest,
+}
+
+impl Corpus {
+    pub fn open(url: &str, s3: &S3Options) -> Result<Self> {
+        Self::from_store(Store::open(url, s3)?)
+    }
+
+    pub fn from_store(store: Store) -> Result<Self> {
+        let bytes = store
+            .get_opt(MANIFEST_NAME)?
+            .ok_or_else(|| Error::NoManifest {
+                url: store.url().to_string(),
+            })?;
+        let bad = |why: String| Error::BadManifest {
+            url: store.url().to_string(),
+            name: MANIFEST_NAME.into(),
+            why,
+        };
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                manifest.format_version
+            )));
+        }
+        if manifest.shard_offsets().last().copied() != Some(manifest.total_cells) {
+            return Err(bad(
+                "total_cells does not equal the sum of the shards' cells".into(),
+            ));
+        }
+        Ok(Self { store, manifest })
+    }
+
+    pub fn total_cells(&self) -> u64 {
+        self.manifest.total_cells
+    }
+
+    /// Fetches shard `index`, checking size and blake3 against the manifest before parsing.
+    pub fn fetch_shard(&self, index: usize) -> Result<Shard> {
+        let bytes = self.fetch_verified(index)?;
+        let entry = &self.manifest.shards[index];
+        let shard = Shard::parse(&entry.name, bytes)?;
+        if shard.n_cells != entry.cells as usize || shard.n_genes != self.manifest.genes.len() {
+            return Err(Error::CorruptShard {
+                name: entry.name.clone(),
+                what: format!(
+                    "holds {} cells x {} genes, the manifest says {} x {}",
+                    shard.n_cells,
+                    shard.n_genes,
+                    entry.cells,
+                    self.manifest.genes.len()
+                ),
+            });
+        }
+        Ok(shard)
+    }
+
+    /// The stored bytes of shard `index`, verified.
+    pub fn fetch_verified(&self, index: usize) -> Result<Bytes> {
+        let entry = &self.manifest.shards[index];
+        let bytes = self.store.get(&entry.name)?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(Error::SizeMismatch {
+                name: entry.name.clone(),
+                expected: entry.bytes,
+                actual: bytes.len() as u64,
+            });
+        }
+        let actual = blake3::hash(&bytes).to_hex().to_string();
+        if actual != entry.blake3 {
+            return Err(Error::HashMismatch {
+                name: entry.name.clone(),
+                expected: entry.blake3.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,194 @@
+//! `cellfleet screen run|submit|status|results|cancel`: the command family over `cluster::screen_client`
+//! (plan, submit, follow) and `screen::tables` (the Parquet results).
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail};
+use cellfleet_proto as pb;
+use cellfleet_shared::storage::S3Options;
+use clap::Subcommand;
+
+use crate::cluster::client::runtime;
+
+use crate::cluster::screen_client::{connect, follow, plan, run_local, status, submit};
+use crate::screen::tables::{print_top, write_results};
+
+#[derive(Subcommand, Debug)]
+pub enum ScreenAction {
+    /// Plan a screen and run it on the embedded default: an in-process coordinator and N worker processes
+    Run {
+        /// The screen specification (TOML, or JSON for .json)
+        spec: PathBuf,
+        /// Required: the embedded default (use `submit --coordinator` for a cluster)
+        #[arg(long)]
+        local: bool,
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Where the results go (default: SPEC's `out`/results for a local `out`)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the per-(gene, cell) table
+        #[arg(long)]
+        per_cell: bool,
+    },
+    /// Plan a screen, store its plan at its `out` location and submit it to a coordinator
+    Submit {
+        spec: PathBuf,
+        #[arg(long)]
+        coordinator: String,
+        /// Follow it to the end (then `screen results` fetches the tables)
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print a screen's progress: units, pairs per second, ETA
+    Status {
+        id: String,
+        #[arg(long)]
+        coordinator: String,
+        /// Print the status as one JSON object (for scripts)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge a completed screen's unit results into Parquet tables in DIR
+    Results {
+        id: String,
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the per-(gene, cell) table
+        #[arg(long)]
+        per_cell: bool,
+    },
+    /// Stop a screen: workers drop its units
+    Cancel {
+        id: String,
+        #[arg(long)]
+        coordinator: String,
+    },
+}
+
+/// A client of the coordinator at `url` (the channel's background task runs on `rt`).
+pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()> {
+    match action {
+        ScreenAction::Run {
+            spec,
+            local,
+            workers,
+            out,
+            per_cell,
+        } => {
+            if !local {
+                bail!("`screen run` runs on the embedded default: pass --local (or use `screen submit --coordinator URL`)");
+            }
+            run_local(&spec, workers, out, per_cell, s3).map(|_| ())
+        }
+        ScreenAction::Submit {
+            spec,
+            coordinator,
+            follow: follow_it,
+        } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            let planned = plan(&spec, s3)?;
+            let id = submit(&rt, &mut client, &coordinator, &planned)?;
+            println!("{id}");
+            if follow_it {
+                follow(&rt, &mut client, &id)?;
+                eprintln!(
+                    "results: cellfleet screen results {id} --coordinator {coordinator} --out DIR"
+                );
+            }
+            Ok(())
+        }
+        ScreenAction::Status {
+            id,
+            coordinator,
+            json,
+        } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            let status = status(&rt, &mut client, &id, false)?;
+            if json {
+                println!("{}", status_json(&status));
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        ScreenAction::Results {
+            id,
+            coordinator,
+            out,
+            per_cell,
+        } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            let status = status(&rt, &mut client, &id, true)?;
+            let written = write_results(&status, &out, per_cell, s3)?;
+            print_top(&written, 15);
+            Ok(())
+        }
+        ScreenAction::Cancel { id, coordinator } => {
+            let rt = runtime()?;
+            let mut client = connect(&rt, &coordinator)?;
+            rt.block_on(client.cancel_screen(pb::CancelScreenRequest {
+                screen_id: id.clone(),
+            }))
+            .map_err(|s| anyhow!("{}", s.message()))?;
+            eprintln!("screen {id} cancelled");
+            Ok(())
+        }
+    }
+}
+
+fn status_json(s: &pb::ScreenStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "screen_id": s.screen_id,
+        "state": s.state,
+        "message": s.message,
+        "summary": s.summary,
+        "location": s.location,
+        "plan_blake3": s.plan_blake3,
+        "units_total": s.units_total,
+        "units_done": s.units_done,
+        "units_leased": s.units_leased,
+        "pairs_total": s.pairs_total,
+        "pairs_done": s.pairs_done,
+        "pairs_per_second": s.pairs_per_second,
+        "eta_seconds": s.eta_seconds,
+        "releases": s.releases,
+        "workers": s.workers,
+    })
+}
+
+fn print_status(s: &pb::ScreenStatusResponse) {
+    println!("screen {}: {} ({})", s.screen_id, s.state, s.summary);
+    println!(
+        "  units {}/{} done, {} leased ({}); pairs {}/{}; {:.0} pairs/s; eta {}",
+        s.units_done,
+        s.units_total,
+        s.units_leased,
+        if s.workers.is_empty() {
+            "no worker".to_string()
+        } else {
+            s.workers.join(", ")
+        },
+        s.pairs_done,
+        s.pairs_total,
+        s.pairs_per_second,
+        if s.eta_seconds < 0.0 {
+            "unknown".to_string()
+        } else {
+            format!("{:.0}s", s.eta_seconds)
+        }
+    );
+    if s.releases > 0 {
+        println!(
+            "  {} units leased again after a lost worker or lease",
+            s.releases
+        );
+    }
+    println!("  {}", s.message);
+    println!("  location {}", s.location);
+}

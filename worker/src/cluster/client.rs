@@ -1,0 +1,199 @@
+//! The client side of a cluster: the gRPC channel and runtime every client uses, one rule for asking a
+//! coordinator that may be restarting, and `cellfleet train --coordinator` (submit a job and follow it).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
+use cellfleet_coordinator::JobSpec;
+use cellfleet_proto as pb;
+use cellfleet_proto::coordinator_client::CoordinatorClient;
+use cellfleet_shared::storage::S3Options;
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::train::config::TrainConfig;
+
+pub(crate) fn channel(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("{url} is not a coordinator URL (expected http://HOST:PORT)"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        // A coordinator host that vanishes without a reset is noticed within seconds, not at the TCP
+        // timeout.
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    // Lazy: the channel reconnects by itself after the coordinator restarts.
+    Ok(endpoint.connect_lazy())
+}
+
+pub(crate) fn runtime() -> anyhow::Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Where and how `cellfleet train` runs a cluster job.
+pub struct ClusterJob {
+    pub corpus: String,
+    pub s3: S3Options,
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub threads: u32,
+    pub collective_timeout: Duration,
+    pub sample_log: bool,
+    pub checkpoint: Option<CheckpointSpec>,
+    pub resume: Option<RestorePoint>,
+    pub stop_after: Option<u64>,
+}
+
+impl ClusterJob {
+    fn spec(&self) -> anyhow::Result<JobSpec> {
+        fs::create_dir_all(&self.out)
+            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        // Workers may run elsewhere (another directory, another node on a shared filesystem).
+        let out = fs::canonicalize(&self.out)?;
+        let corpus = if Path::new(&self.corpus).exists() {
+            fs::canonicalize(&self.corpus)?.display().to_string()
+        } else {
+            self.corpus.clone()
+        };
+        Ok(JobSpec {
+            corpus,
+            s3_endpoint: self.s3.endpoint.clone(),
+            s3_region: self.s3.region.clone(),
+            config: serde_json::to_value(&self.config)?,
+            out: out.display().to_string(),
+            min_workers: self.min_workers,
+            max_workers: self.max_workers,
+            threads: self.threads,
+            collective_timeout_ms: self.collective_timeout.as_millis() as u64,
+            sample_log: self.sample_log,
+            checkpoint: self.checkpoint.clone().map(|c| CheckpointSpec {
+                url: absolute_location(&c.url),
+                ..c
+            }),
+            resume: self.resume.clone().map(|r| RestorePoint {
+                url: absolute_location(&r.url),
+                ..r
+            }),
+            stop_after: self.stop_after,
+        })
+    }
+}
+
+/// A store location as workers elsewhere see it: relative paths are made absolute.
+fn absolute_location(url: &str) -> String {
+    if url.contains("://") {
+        return url.to_string();
+    }
+    std::path::absolute(url).map_or_else(|_| url.to_string(), |p| p.display().to_string())
+}
+
+/// Submits `job`; the error carries the coordinator's reason for refusing it.
+pub(crate) fn submit(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    url: &str,
+    job: &ClusterJob,
+) -> anyhow::Result<String> {
+    let spec = serde_json::to_string(&job.spec()?)?;
+    Ok(rt
+        .block_on(client.submit_job(pb::SubmitJobRequest { spec_json: spec }))
+        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused the job: {}", s.message()))?
+        .into_inner()
+        .job_id)
+}
+
+/// Submits `job` to the coordinator at `url` and follows it to the end; returns the final status.
+pub fn submit_and_follow(
+    url: &str,
+    job: &ClusterJob,
+    progress: bool,
+) -> anyhow::Result<pb::JobStatusResponse> {
+    let rt = runtime()?;
+    let _entered = rt.enter();
+    let mut client = CoordinatorClient::new(channel(url)?);
+    let id = submit(&rt, &mut client, url, job)?;
+    eprintln!(
+        "submitted job {id} to {url} (Ctrl-C stops following, not the job; `cellfleet job cancel {id} --coordinator {url}` stops it)"
+    );
+    follow(&rt, &mut client, &id, job.config.steps, progress)
+}
+
+pub(crate) fn follow(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+    steps: u64,
+    progress: bool,
+) -> anyhow::Result<pb::JobStatusResponse> {
+    let bar = crate::progress::step_bar(steps, "train", progress);
+    let mut last_message = String::new();
+    let mut logged_step = 0u64;
+    loop {
+        let status = ask_coordinator(|| {
+            rt.block_on(client.job_status(pb::JobStatusRequest {
+                job_id: id.to_string(),
+            }))
+            .map(tonic::Response::into_inner)
+        })?;
+        if status.message != last_message {
+            bar.suspend(|| eprintln!("job {id}: {}", status.message));
+            last_message = status.message.clone();
+        }
+        bar.set_position(status.committed_step);
+        let summary = format!(
+            "loss {:.4} | {} workers, generation {} | {:.0} samples/s",
+            status.last_loss, status.world_size, status.generation, status.samples_per_second
+        );
+        // Without a terminal (no bar), a line every tenth of the job.
+        let tenth = (steps / 10).max(1);
+        if !progress && status.committed_step / tenth > logged_step / tenth {
+            eprintln!("job {id} step {}/{steps}: {summary}", status.committed_step);
+            logged_step = status.committed_step;
+        }
+        bar.set_message(summary);
+        match status.state.as_str() {
+            "completed" => {
+                bar.finish_and_clear();
+                return Ok(status);
+            }
+            "failed" | "cancelled" => {
+                bar.finish_and_clear();
+                bail!("job {id} {}: {}", status.state, status.message);
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Makes `request` until the coordinator answers, for clients following a job or a screen: an unknown id
+/// is an error at once; any other failure (a coordinator restarting) is retried every half second for up
+/// to 2 minutes.
+pub(crate) fn ask_coordinator<T>(
+    mut request: impl FnMut() -> Result<T, tonic::Status>,
+) -> anyhow::Result<T> {
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        match request() {
+            Ok(answer) => return Ok(answer),
+            Err(s) if s.code() == Code::NotFound => bail!("{}", s.message()),
+            Err(s) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(120) {
+                    bail!("lost the coordinator for 2 minutes: {}", s.message());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}

@@ -1,0 +1,739 @@
+//! `cellfleet worker`: registers with the coordinator, heartbeats, follows the assignment stream and runs
+//! one thread at a time: a training generation (collectives bootstrapped through the coordinator's
+//! key-value exchange, checkpoints committed through it) or a screen's work units.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cellfleet_coordinator::JobSpec;
+use cellfleet_proto as pb;
+use cellfleet_proto::coordinator_client::CoordinatorClient;
+use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::storage::S3Options;
+use cellfleet_shared::stream::{cursor_at_step, EpochPlan, SplitPart};
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::collective::{self, CollectiveError, RendezvousStore};
+use crate::model::parse_device;
+use crate::screen::serve::serve_screen;
+use crate::train::checkpoint_state::{
+    open_run, restore, CheckpointPolicy, CheckpointWriter, CommitGate, ResumeTarget, Unusable,
+};
+
+use super::client::{channel, runtime};
+use crate::train::config::RunOptions;
+use crate::train::config::TrainConfig;
+use crate::train::training_loop::pretrain_with;
+use crate::train::training_loop::Aborted;
+use crate::train::training_loop::Checkpointing;
+use crate::train::training_loop::Participation;
+use crate::train::training_loop::StepRecord;
+use cellfleet_shared::checkpoint::{CheckpointManifest, Problem, MANIFEST_FILE};
+
+/// `cellfleet worker` flags.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerArgs {
+    /// Coordinator address, e.g. http://10.0.0.2:7070
+    #[arg(long)]
+    pub coordinator: String,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch CPU threads (a job's `threads` setting overrides it)
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Address other workers reach this one at (the collectives' TCP transport)
+    #[arg(long, default_value = "127.0.0.1")]
+    pub advertise_host: String,
+    /// Give up when the coordinator cannot be reached for this many seconds
+    #[arg(long, default_value_t = 120.0)]
+    pub reconnect_timeout: f64,
+}
+
+/// Gloo's rendezvous store (and NCCL's unique id) over the coordinator's key-value exchange, scoped to one
+/// generation of one job.
+struct CoordinatorRendezvous {
+    client: CoordinatorClient<Channel>,
+    handle: tokio::runtime::Handle,
+    job: String,
+    generation: u64,
+}
+
+impl RendezvousStore for CoordinatorRendezvous {
+    fn set(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        let request = pb::KvSetRequest {
+            job_id: self.job.clone(),
+            generation: self.generation,
+            key: key.to_string(),
+            value: value.to_vec(),
+        };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(Duration::from_secs(10));
+        self.handle
+            .block_on(self.client.clone().kv_set(request))
+            .with_context(|| format!("rendezvous: setting {key}"))?;
+        Ok(())
+    }
+
+    fn get(&self, key: &str, timeout: Duration) -> anyhow::Result<Vec<u8>> {
+        let request = pb::KvGetRequest {
+            job_id: self.job.clone(),
+            generation: self.generation,
+            key: key.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout + Duration::from_secs(5));
+        let response = self
+            .handle
+            .block_on(self.client.clone().kv_get(request))
+            .with_context(|| format!("rendezvous: waiting for {key}"))?;
+        Ok(response.into_inner().value)
+    }
+}
+
+/// One sample-log line: the samples a rank trained on in one step.
+#[derive(Serialize)]
+struct SampleLogLine<'a> {
+    step: u64,
+    generation: u64,
+    rank: u32,
+    /// (cell, clone) pairs.
+    samples: &'a [(u64, u32)],
+}
+
+struct Assigned {
+    train: pb::TrainAssignment,
+    worker_id: String,
+}
+
+/// A generation running on its own thread.
+struct RunningGeneration {
+    job: String,
+    generation: u64,
+    abort: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl RunningGeneration {
+    fn stop(self) {
+        self.abort.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// Sends step reports in order, retrying through coordinator outages; a superseded generation sets the
+/// abort flag.
+#[derive(Clone)]
+struct Reporter {
+    tx: mpsc::UnboundedSender<(pb::StepReport, Option<oneshot::Sender<()>>)>,
+}
+
+impl Reporter {
+    fn spawn(
+        handle: &tokio::runtime::Handle,
+        client: CoordinatorClient<Channel>,
+        abort: Arc<AtomicBool>,
+        give_up_after: Duration,
+    ) -> Self {
+        let (tx, mut rx) =
+            mpsc::unbounded_channel::<(pb::StepReport, Option<oneshot::Sender<()>>)>();
+        handle.spawn(async move {
+            while let Some((report, done)) = rx.recv().await {
+                let started = Instant::now();
+                loop {
+                    let mut request = tonic::Request::new(report.clone());
+                    request.set_timeout(Duration::from_secs(10));
+                    match client.clone().report_step(request).await {
+                        Ok(response) => {
+                            if !response.into_inner().current {
+                                abort.store(true, Ordering::Relaxed);
+                            }
+                            break;
+                        }
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument
+                            ) =>
+                        {
+                            tracing::info!("step report refused: {}", status.message());
+                            abort.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(status) => {
+                            if started.elapsed() > give_up_after {
+                                tracing::warn!("step report dropped: {}", status.message());
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    fn send(&self, report: pb::StepReport) {
+        let _ = self.tx.send((report, None));
+    }
+
+    /// Sends and waits until the coordinator took it (or the reporter gave up).
+    fn send_and_wait(&self, handle: &tokio::runtime::Handle, report: pb::StepReport) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send((report, Some(done))).is_ok() {
+            let _ = handle.block_on(wait);
+        }
+    }
+}
+
+/// Runs one generation of a training job as one rank; reports every step and the outcome.
+fn run_generation(
+    assigned: Assigned,
+    args: &WorkerArgs,
+    client: CoordinatorClient<Channel>,
+    handle: tokio::runtime::Handle,
+    abort: Arc<AtomicBool>,
+) {
+    let train = &assigned.train;
+    let give_up = Duration::from_secs_f64(args.reconnect_timeout);
+    let reporter = Reporter::spawn(&handle, client.clone(), abort.clone(), give_up);
+    let base = pb::StepReport {
+        worker_id: assigned.worker_id.clone(),
+        job_id: train.job_id.clone(),
+        generation: train.generation,
+        rank: train.rank,
+        ..pb::StepReport::default()
+    };
+    // A panic inside libtorch calls (shape errors, out of memory) must still reach the coordinator, or a
+    // one-worker job would wait for this rank forever.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_generation(train, args, client, &handle, &abort, &reporter, &base)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(anyhow::anyhow!("training panicked: {what}"))
+    });
+    match outcome {
+        Ok(last_step) => {
+            eprintln!(
+                "job {} generation {} rank {}: done at step {last_step}",
+                train.job_id, train.generation, train.rank
+            );
+            reporter.send_and_wait(
+                &handle,
+                pb::StepReport {
+                    step: last_step,
+                    finished: true,
+                    ..base
+                },
+            );
+        }
+        Err(e) if e.downcast_ref::<Aborted>().is_some() || abort.load(Ordering::Relaxed) => {
+            eprintln!(
+                "job {} generation {} rank {}: stopped (superseded)",
+                train.job_id, train.generation, train.rank
+            );
+        }
+        Err(e) if e.chain().any(|c| c.downcast_ref::<Unusable>().is_some()) => {
+            eprintln!(
+                "job {} generation {} rank {}: the checkpoint to restore is unusable: {e:#}",
+                train.job_id, train.generation, train.rank
+            );
+            reporter.send_and_wait(
+                &handle,
+                pb::StepReport {
+                    error: format!("{e:#}"),
+                    checkpoint_unusable: true,
+                    ..base
+                },
+            );
+        }
+        Err(e) => {
+            let peer = e.downcast_ref::<CollectiveError>().is_some()
+                || e.chain()
+                    .any(|c| c.downcast_ref::<tonic::Status>().is_some());
+            eprintln!(
+                "job {} generation {} rank {}: {}{e:#}",
+                train.job_id,
+                train.generation,
+                train.rank,
+                if peer { "group failed: " } else { "failed: " }
+            );
+            reporter.send_and_wait(
+                &handle,
+                pb::StepReport {
+                    error: format!("{e:#}"),
+                    fatal: !peer,
+                    ..base
+                },
+            );
+        }
+    }
+}
+
+fn train_generation(
+    train: &pb::TrainAssignment,
+    args: &WorkerArgs,
+    client: CoordinatorClient<Channel>,
+    handle: &tokio::runtime::Handle,
+    abort: &Arc<AtomicBool>,
+    reporter: &Reporter,
+    base: &pb::StepReport,
+) -> anyhow::Result<u64> {
+    let spec: JobSpec =
+        serde_json::from_str(&train.spec_json).context("the job specification is unreadable")?;
+    let config: TrainConfig = serde_json::from_value(spec.config.clone())
+        .context("the job's training configuration is not one this worker understands")?;
+    let s3 = S3Options {
+        endpoint: spec.s3_endpoint.clone(),
+        region: spec.s3_region.clone(),
+        ..S3Options::default()
+    };
+    let corpus = Arc::new(
+        Corpus::open(&spec.corpus, &s3)
+            .with_context(|| format!("cannot open corpus {}", spec.corpus))?,
+    );
+    // The coordinator planned the cursor from its own reading of the manifest; a worker that sees another
+    // corpus must not train on it.
+    let epoch_len = EpochPlan::part_len(
+        &corpus.manifest,
+        config.order(config.augmentation),
+        config.split,
+        SplitPart::Train,
+    )?;
+    let cursor = cursor_at_step(epoch_len.max(1), config.batch_size, train.start_step);
+    let genes = corpus.manifest.genes.len() as u64;
+    if (epoch_len, genes) != (train.epoch_len, train.n_genes)
+        || cursor != (train.start_epoch, train.start_position)
+    {
+        bail!(
+            "corpus {} differs from the coordinator's: here {epoch_len} training samples per epoch and {genes} genes, there {} and {}",
+            spec.corpus,
+            train.epoch_len,
+            train.n_genes
+        );
+    }
+    let threads = if spec.threads > 0 {
+        spec.threads as usize
+    } else {
+        args.threads.max(1)
+    };
+    let run = RunOptions {
+        device: parse_device(&args.device)?,
+        threads,
+        out: PathBuf::from(&spec.out),
+        progress: false,
+        log_every: 25,
+    };
+    let (rank, world) = (train.rank as usize, train.world_size as usize);
+    let timeout = Duration::from_millis(spec.collective_timeout_ms);
+    // Restoring a checkpoint can take long (and longer on some ranks than others): it happens before the
+    // group forms, and the ranks wait for each other at a barrier whose wait is not the collective
+    // timeout. A rank that dies meanwhile re-forms the generation, which ends the wait with an error.
+    let checkpointing =
+        generation_checkpointing(train, &spec, &s3, &client, &base.worker_id, handle, abort)?;
+    let started = Instant::now();
+    let store = Arc::new(CoordinatorRendezvous {
+        client,
+        handle: handle.clone(),
+        job: train.job_id.clone(),
+        generation: train.generation,
+    });
+    if world > 1 && train.start_step > 0 {
+        store.set(&format!("restored/{rank}"), b"1")?;
+        for peer in 0..world {
+            store.get(&format!("restored/{peer}"), RESTORE_BARRIER_TIMEOUT)?;
+        }
+    }
+    let mut group = collective::connect(
+        store,
+        "",
+        rank,
+        world,
+        run.device,
+        &args.advertise_host,
+        timeout,
+    )?;
+    eprintln!(
+        "job {} generation {}: rank {rank} of {world} ({} group ready in {:.2}s), from step {}",
+        train.job_id,
+        train.generation,
+        group.backend(),
+        started.elapsed().as_secs_f64(),
+        train.start_step
+    );
+    let mut sample_log = if spec.sample_log {
+        let dir = Path::new(&spec.out).join("samples");
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("g{}-r{rank}.jsonl", train.generation));
+        Some(fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?)
+    } else {
+        None
+    };
+    let mut on_step = |record: &StepRecord, batch: &cellfleet_shared::stream::batch::Batch| {
+        if let Some(log) = sample_log.as_mut() {
+            let samples: Vec<(u64, u32)> =
+                batch.sample_ids.iter().map(|s| (s.cell, s.clone)).collect();
+            let line = SampleLogLine {
+                step: record.step,
+                generation: train.generation,
+                rank: train.rank,
+                samples: &samples,
+            };
+            writeln!(log, "{}", serde_json::to_string(&line)?)?;
+            log.flush()?;
+        }
+        reporter.send(pb::StepReport {
+            step: record.step,
+            loss: record.loss,
+            accuracy: record.accuracy,
+            grad_norm: record.grad_norm,
+            lr: record.lr,
+            samples: batch.samples as u64,
+            tokens: record.tokens,
+            seconds: record.seconds,
+            ..base.clone()
+        });
+        Ok(())
+    };
+    let end_step = checkpointing
+        .stop_after
+        .unwrap_or(config.steps)
+        .min(config.steps);
+    pretrain_with(
+        corpus,
+        &config,
+        &run,
+        &mut Participation {
+            collective: group.as_mut(),
+            start_step: train.start_step,
+            abort: Some(abort),
+            on_step: Some(&mut on_step),
+            checkpointing,
+        },
+    )?;
+    Ok(end_step)
+}
+
+/// How long rank 0 keeps asking an unreachable coordinator to record a checkpoint.
+const COMMIT_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// How long ranks wait for each other to finish restoring a checkpoint (a rank lost meanwhile ends the
+/// wait sooner: the generation is re-formed).
+const RESTORE_BARRIER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What a generation restores (every rank reads the checkpoint the coordinator names) and saves (rank 0,
+/// committing each checkpoint through the coordinator before moving `latest`).
+fn generation_checkpointing(
+    train: &pb::TrainAssignment,
+    spec: &JobSpec,
+    s3: &S3Options,
+    client: &CoordinatorClient<Channel>,
+    worker_id: &str,
+    handle: &tokio::runtime::Handle,
+    abort: &Arc<AtomicBool>,
+) -> anyhow::Result<Checkpointing> {
+    let resume = if train.start_step > 0 {
+        if train.restore_url.is_empty() {
+            bail!(
+                "the coordinator asked to start at step {} without naming a checkpoint",
+                train.start_step
+            );
+        }
+        let started = Instant::now();
+        if !train.restore_manifest_blake3.is_empty() {
+            let manifest = open_run(&train.restore_url, s3)?
+                .manifest(train.start_step)?
+                .map_err(|p| anyhow::anyhow!("{p}"))?;
+            let hash = blake3::hash(&serde_json::to_vec_pretty(&manifest)?)
+                .to_hex()
+                .to_string();
+            if hash != train.restore_manifest_blake3 {
+                return Err(Unusable(Problem {
+                    step: train.start_step,
+                    object: MANIFEST_FILE.into(),
+                    what: format!(
+                        "blake3 {hash}, but the coordinator recorded {} (overwritten since)",
+                        train.restore_manifest_blake3
+                    ),
+                })
+                .into());
+            }
+        }
+        let restored = restore(
+            &ResumeTarget::Step(train.start_step),
+            Some(&train.restore_url),
+            s3,
+        )?;
+        eprintln!(
+            "job {} generation {}: restored checkpoint step {} from {} in {:.2}s",
+            train.job_id,
+            train.generation,
+            train.start_step,
+            train.restore_url,
+            started.elapsed().as_secs_f64()
+        );
+        Some(restored)
+    } else {
+        None
+    };
+    let writer = match &spec.checkpoint {
+        Some(ckpt) if train.rank == 0 => {
+            let store_options = S3Options {
+                retry_timeout: Some(Duration::from_millis(ckpt.store_retry_ms.max(1))),
+                ..s3.clone()
+            };
+            let checkpoints = open_run(&ckpt.url, &store_options)?;
+            let (client, handle) = (client.clone(), handle.clone());
+            let (job_id, generation, worker_id, url) = (
+                train.job_id.clone(),
+                train.generation,
+                worker_id.to_string(),
+                ckpt.url.clone(),
+            );
+            let gate: CommitGate = Arc::new(move |manifest: &CheckpointManifest| {
+                let bytes = serde_json::to_vec_pretty(manifest)?;
+                let commit = pb::CheckpointCommit {
+                    worker_id: worker_id.clone(),
+                    job_id: job_id.clone(),
+                    generation,
+                    step: manifest.step,
+                    url: url.clone(),
+                    manifest_blake3: blake3::hash(&bytes).to_hex().to_string(),
+                };
+                // Retried through a coordinator restart, like step reports; a refusal is an answer.
+                let started = Instant::now();
+                let answer = loop {
+                    let mut request = tonic::Request::new(commit.clone());
+                    request.set_timeout(Duration::from_secs(10));
+                    match handle.block_on(client.clone().commit_checkpoint(request)) {
+                        Ok(answer) => break answer.into_inner(),
+                        Err(status) if started.elapsed() < COMMIT_RETRY_FOR => {
+                            tracing::info!("checkpoint commit retried: {}", status.message());
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                        Err(status) => bail!(
+                            "the coordinator did not record the checkpoint: {}",
+                            status.message()
+                        ),
+                    }
+                };
+                if !answer.accepted {
+                    eprintln!(
+                        "checkpoint step {} not committed: {}",
+                        manifest.step, answer.reason
+                    );
+                }
+                Ok(answer.accepted)
+            });
+            Some(CheckpointWriter::new(
+                checkpoints,
+                CheckpointPolicy::of(ckpt),
+                Some(gate),
+                Some(abort.clone()),
+            ))
+        }
+        _ => None,
+    };
+    Ok(Checkpointing {
+        resume,
+        writer,
+        stop_after: spec.stop_after,
+        generation: train.generation,
+    })
+}
+
+/// `cellfleet worker`: serves the coordinator until killed.
+pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    parse_device(&args.device)?;
+    let rt = runtime()?;
+    let handle = rt.handle().clone();
+    let _entered = rt.enter();
+    let client = CoordinatorClient::new(channel(&args.coordinator)?);
+    let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
+    let give_up = Duration::from_secs_f64(args.reconnect_timeout);
+    let mut worker_id = String::new();
+    let mut current: Option<RunningGeneration> = None;
+    loop {
+        // (Re)register: keeps the id (and membership) when the lease is still alive.
+        let started = Instant::now();
+        let registered = loop {
+            let request = pb::RegisterWorkerRequest {
+                worker_id: worker_id.clone(),
+                hostname: hostname.clone(),
+                pid: std::process::id(),
+                device: args.device.clone(),
+            };
+            match rt.block_on(client.clone().register_worker(request)) {
+                Ok(response) => break response.into_inner(),
+                Err(status) => {
+                    if started.elapsed() > give_up {
+                        bail!(
+                            "cannot reach the coordinator at {} for {:.0}s: {}",
+                            args.coordinator,
+                            give_up.as_secs_f64(),
+                            status.message()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+        };
+        if !registered.resumed {
+            if let Some(run) = current.take() {
+                eprintln!("membership lapsed; abandoning job {}", run.job);
+                run.stop();
+            }
+            eprintln!(
+                "registered with {} as {}",
+                args.coordinator, registered.worker_id
+            );
+        }
+        worker_id = registered.worker_id.clone();
+        // A heartbeat refused because the lease lapsed (this process was stalled, or partitioned) ends the
+        // stream below, so the worker registers again as a new member.
+        let lapsed = Arc::new(tokio::sync::Notify::new());
+        let heartbeat = {
+            let (client, id, lapsed) = (client.clone(), worker_id.clone(), lapsed.clone());
+            let every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
+            handle.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let request = pb::HeartbeatRequest {
+                        worker_id: id.clone(),
+                    };
+                    match client.clone().heartbeat(request).await {
+                        Ok(_) => {}
+                        Err(status) if status.code() == Code::NotFound => {
+                            eprintln!("{}", status.message());
+                            lapsed.notify_one();
+                            return;
+                        }
+                        Err(status) => tracing::debug!("heartbeat: {}", status.message()),
+                    }
+                }
+            })
+        };
+        let stream = rt.block_on(client.clone().assignments(pb::AssignmentsRequest {
+            worker_id: worker_id.clone(),
+        }));
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(status) => {
+                heartbeat.abort();
+                tracing::debug!("assignments: {}", status.message());
+                std::thread::sleep(Duration::from_millis(250));
+                continue;
+            }
+        };
+        loop {
+            let next = rt.block_on(async {
+                tokio::select! {
+                    message = stream.message() => message.ok().flatten(),
+                    _ = lapsed.notified() => None,
+                }
+            });
+            let Some(message) = next else { break };
+            match message.kind {
+                Some(pb::assignment::Kind::Train(train)) => {
+                    // The same assignment again (the coordinator restarted and re-sent it): the generation
+                    // runs or already ran here; never start it twice.
+                    if current
+                        .as_ref()
+                        .is_some_and(|r| r.job == train.job_id && r.generation == train.generation)
+                    {
+                        continue;
+                    }
+                    if let Some(run) = current.take() {
+                        run.stop();
+                    }
+                    let abort = Arc::new(AtomicBool::new(false));
+                    let assigned = Assigned {
+                        train: train.clone(),
+                        worker_id: worker_id.clone(),
+                    };
+                    let (args, client, handle, flag) =
+                        (args.clone(), client.clone(), handle.clone(), abort.clone());
+                    let thread = std::thread::Builder::new()
+                        .name(format!("cellfleet-train-g{}", train.generation))
+                        .spawn(move || run_generation(assigned, &args, client, handle, flag))?;
+                    current = Some(RunningGeneration {
+                        job: train.job_id,
+                        generation: train.generation,
+                        abort,
+                        thread,
+                    });
+                }
+                Some(pb::assignment::Kind::Screen(screen)) => {
+                    // Generation 0 marks screen work; the same screen again (re-sent after a coordinator
+                    // restart) goes on where it is.
+                    if current.as_ref().is_some_and(|r| {
+                        r.job == screen.screen_id && r.generation == 0 && !r.thread.is_finished()
+                    }) {
+                        continue;
+                    }
+                    if let Some(run) = current.take() {
+                        run.stop();
+                    }
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let device = parse_device(&args.device)?;
+                    let (worker, client, handle, flag) = (
+                        worker_id.clone(),
+                        client.clone(),
+                        handle.clone(),
+                        stop.clone(),
+                    );
+                    let id = screen.screen_id.clone();
+                    let thread = std::thread::Builder::new()
+                        .name("cellfleet-screen".into())
+                        .spawn(move || {
+                            if screen.threads > 0 {
+                                tch::set_num_threads(screen.threads as i32);
+                            }
+                            if let Err(e) =
+                                serve_screen(screen, &worker, device, client, handle, flag)
+                            {
+                                eprintln!("screen work stopped: {e:#}");
+                            }
+                        })?;
+                    current = Some(RunningGeneration {
+                        job: id,
+                        generation: 0,
+                        abort: stop,
+                        thread,
+                    });
+                }
+                Some(pb::assignment::Kind::Idle(idle)) => {
+                    if let Some(run) = current.take() {
+                        eprintln!("idle ({}); stopping job {}", idle.reason, run.job);
+                        run.stop();
+                    }
+                }
+                None => {}
+            }
+        }
+        heartbeat.abort();
+        eprintln!("lost the coordinator's assignment stream; reconnecting");
+    }
+}

@@ -1,0 +1,501 @@
+//! Resolving a screen specification into a plan against the checkpoint and the corpus: every check that
+//! can fail happens here, before any work is submitted; the plan is stored as `plan.json` beside the
+//! results and read back by every worker against its blake3.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context};
+use cellfleet_shared::checkpoint::CheckpointManifest;
+use cellfleet_shared::corpus::manifest::MISSING_LABEL;
+use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::screen::{
+    CheckpointId, GeneSelection, PerturbationKind, ScreenPlan, ScreenSpec, StateCells, PLAN_FILE,
+    PLAN_FORMAT,
+};
+use cellfleet_shared::storage::{S3Options, Store};
+
+use crate::train::checkpoint_state::{read_state, resolve, ResumeTarget};
+
+/// Reads a screen specification: TOML, or JSON for a `.json` file.
+pub fn read_spec(path: &Path) -> anyhow::Result<ScreenSpec> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the screen specification {}", path.display()))?;
+    let spec: ScreenSpec = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: not a valid screen specification: {e}", path.display()))?
+    } else {
+        toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: not a valid screen specification: {e}", path.display()))?
+    };
+    spec.validate()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(spec)
+}
+
+/// blake3 of a checkpoint manifest as the coordinator records it.
+pub fn manifest_blake3(manifest: &CheckpointManifest) -> anyhow::Result<String> {
+    Ok(blake3::hash(&serde_json::to_vec_pretty(manifest)?)
+        .to_hex()
+        .to_string())
+}
+
+/// A deterministic generator for sampling cells and genes (SplitMix64).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn new(seed: u64, domain: &str) -> Self {
+        let salt = u64::from_le_bytes(
+            blake3::hash(domain.as_bytes()).as_bytes()[..8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        Self(seed ^ salt)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// `k` of `items` (all when `k >= len`), returned in ascending order.
+    fn sample<T: Copy + Ord>(&mut self, mut items: Vec<T>, k: usize) -> Vec<T> {
+        let k = k.min(items.len());
+        for i in 0..k {
+            let j = i + (self.next() % (items.len() - i) as u64) as usize;
+            items.swap(i, j);
+        }
+        items.truncate(k);
+        items.sort_unstable();
+        items
+    }
+}
+
+/// Every cell's label codes and name.
+struct CorpusIndex {
+    labels: Vec<u32>,
+    columns: usize,
+    names: Vec<String>,
+}
+
+fn index_corpus(corpus: &Corpus) -> anyhow::Result<CorpusIndex> {
+    let columns = corpus.manifest.label_columns.len();
+    let mut index = CorpusIndex {
+        labels: Vec::with_capacity(corpus.total_cells() as usize * columns),
+        columns,
+        names: Vec::with_capacity(corpus.total_cells() as usize),
+    };
+    for s in 0..corpus.manifest.shards.len() {
+        let shard = corpus.fetch_shard(s)?;
+        for b in 0..shard.n_blocks() {
+            index.labels.extend(shard.read_block(b)?.labels);
+        }
+        index
+            .names
+            .extend(shard.origins()?.into_iter().map(|o| o.name));
+    }
+    Ok(index)
+}
+
+/// The bins of `cells` (corpus positions), read block by block.
+pub fn read_cells(corpus: &Corpus, cells: &[u64]) -> anyhow::Result<HashMap<u64, Vec<u8>>> {
+    let offsets = corpus.manifest.shard_offsets();
+    let block_cells = corpus.manifest.block_cells as usize;
+    let mut sorted = cells.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = HashMap::with_capacity(sorted.len());
+    let mut i = 0;
+    while i < sorted.len() {
+        if sorted[i] >= corpus.total_cells() {
+            bail!(
+                "cell {} is beyond the corpus's {} cells",
+                sorted[i],
+                corpus.total_cells()
+            );
+        }
+        let s = offsets.partition_point(|&o| o <= sorted[i]) - 1;
+        let shard = corpus.fetch_shard(s)?;
+        let mut block: Option<(usize, cellfleet_shared::corpus::shard::Block)> = None;
+        while i < sorted.len() && sorted[i] < offsets[s + 1] {
+            let local = (sorted[i] - offsets[s]) as usize;
+            let b = local / block_cells;
+            if block.as_ref().map(|(k, _)| *k) != Some(b) {
+                block = Some((b, shard.read_block(b)?));
+            }
+            let (_, data) = block.as_ref().expect("just read");
+            out.insert(sorted[i], data.bins_of(local % block_cells).to_vec());
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves `spec` (read from a file in `spec_dir`) into a plan: opens and verifies the checkpoint, checks
+/// the corpus uses its vocabulary, applies the cell filters, resolves genes, the null and the goal states.
+/// Every error names the field, the value and what would be accepted.
+pub fn resolve_plan(
+    spec: &ScreenSpec,
+    spec_dir: &Path,
+    s3: &S3Options,
+) -> anyhow::Result<ScreenPlan> {
+    spec.validate()?;
+    let (checkpoints, manifest) = resolve(&ResumeTarget::Url(spec.checkpoint.clone()), None, s3)
+        .with_context(|| format!("checkpoint = {:?}", spec.checkpoint))?;
+    let state = read_state(&checkpoints, &manifest)?;
+    let corpus =
+        Corpus::open(&spec.corpus, s3).with_context(|| format!("corpus = {:?}", spec.corpus))?;
+    let vocabulary = state.genes.clone();
+    if corpus.manifest.genes != vocabulary {
+        let shared = corpus
+            .manifest
+            .genes
+            .iter()
+            .filter(|g| vocabulary.contains(g))
+            .count();
+        bail!(
+            "corpus {} does not use the checkpoint's gene vocabulary ({} genes, {} of them shared with the checkpoint's {}); ingest the cells with `--genes {}/manifest.json` (the pretraining corpus) so they are tokenized like the model's",
+            spec.corpus,
+            corpus.manifest.genes.len(),
+            shared,
+            vocabulary.len(),
+            state.corpus_url.trim_end_matches('/')
+        );
+    }
+    if corpus.manifest.bins.n_bins != state.model.n_bins as u16 {
+        bail!(
+            "corpus {} has {} bins, the checkpoint's model {}",
+            spec.corpus,
+            corpus.manifest.bins.n_bins,
+            state.model.n_bins
+        );
+    }
+    let index = index_corpus(&corpus)?;
+    let column = |field: &str, name: &str| -> anyhow::Result<(usize, Vec<String>)> {
+        let columns = &corpus.manifest.label_columns;
+        let Some(i) = columns.iter().position(|c| c.name == name) else {
+            let known: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+            bail!(
+                "{field}: the corpus has no obs column {name:?} (its label columns: {}); ingest with `--label-col {name}` to filter on it",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            );
+        };
+        Ok((i, columns[i].categories.clone()))
+    };
+    let code =
+        |field: &str, col: &str, categories: &[String], value: &str| -> anyhow::Result<u32> {
+            categories
+                .iter()
+                .position(|c| c == value)
+                .map(|p| p as u32)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{field}: no cell has {col} = {value:?} (values in the corpus: {})",
+                        categories.join(", ")
+                    )
+                })
+        };
+    let cells_matching = |conditions: &[(usize, Vec<u32>)]| -> Vec<u64> {
+        (0..index.names.len() as u64)
+            .filter(|&c| {
+                conditions.iter().all(|(col, codes)| {
+                    let v = index.labels[c as usize * index.columns + col];
+                    v != MISSING_LABEL && codes.contains(&v)
+                })
+            })
+            .collect()
+    };
+    let mut conditions = Vec::new();
+    for (name, values) in &spec.cells.filter {
+        let field = format!("cells.filter.{name}");
+        let (col, categories) = column(&field, name)?;
+        let codes = values
+            .values()
+            .iter()
+            .map(|v| code(&field, name, &categories, v))
+            .collect::<anyhow::Result<Vec<u32>>>()?;
+        conditions.push((col, codes));
+    }
+    let matching = cells_matching(&conditions);
+    if matching.is_empty() {
+        bail!("cells.filter: no cell matches every condition");
+    }
+    let cap = spec.cells.max_cells.unwrap_or(u64::MAX) as usize;
+    let cells = SplitMix::new(spec.seed, "cells").sample(matching, cap);
+    let cell_names = cells
+        .iter()
+        .map(|&c| index.names[c as usize].clone())
+        .collect();
+
+    let position: HashMap<&str, u32> = vocabulary
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.as_str(), i as u32))
+        .collect();
+    let named = |names: Vec<String>, field: &str| -> anyhow::Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(names.len());
+        for name in names {
+            let id = position.get(name.as_str()).ok_or_else(|| {
+                anyhow!(
+                    "{field}: gene {name:?} is not in the checkpoint's vocabulary of {} genes",
+                    vocabulary.len()
+                )
+            })?;
+            ids.push(*id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    };
+    let genes = match &spec.genes {
+        GeneSelection::Keyword(_) => (0..vocabulary.len() as u32).collect(),
+        GeneSelection::List(list) => named(list.clone(), "genes")?,
+        GeneSelection::File { file } => {
+            let path = spec_dir.join(file);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("genes.file: cannot read {}", path.display()))?;
+            let names: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
+            if names.is_empty() {
+                bail!("genes.file: {} lists no genes", path.display());
+            }
+            named(names, &format!("genes.file {}", path.display()))?
+        }
+    };
+    if spec.null.genes as usize > vocabulary.len() {
+        bail!(
+            "null.genes = {}: the vocabulary has only {} genes",
+            spec.null.genes,
+            vocabulary.len()
+        );
+    }
+    let null_genes = SplitMix::new(spec.seed, "null genes").sample(
+        (0..vocabulary.len() as u32).collect(),
+        spec.null.genes as usize,
+    );
+    let mut work_genes: Vec<u32> = genes.iter().chain(&null_genes).copied().collect();
+    work_genes.sort_unstable();
+    work_genes.dedup();
+
+    if spec.perturbation.kind == PerturbationKind::Delete && vocabulary.len() < 2 {
+        bail!("perturbation.kind = \"delete\" needs a vocabulary of at least 2 genes (a cell without genes has no embedding)");
+    }
+    let mut states = Vec::new();
+    let (mut strata, mut cell_strata) = (Vec::new(), Vec::new());
+    let mut match_col = None;
+    if let Some(name) = spec.goal.as_ref().and_then(|g| g.match_column.as_ref()) {
+        let (col, categories) = column("goal.match_column", name)?;
+        for &c in &cells {
+            let code = index.labels[c as usize * index.columns + col];
+            if code == MISSING_LABEL {
+                bail!(
+                    "goal.match_column: cell {:?} has no {name} value; filter such cells out (cells.filter) or drop match_column",
+                    index.names[c as usize]
+                );
+            }
+            cell_strata.push(code);
+        }
+        strata = categories;
+        match_col = Some((col, name.clone()));
+    }
+    if let Some(goal) = &spec.goal {
+        let (col, categories) = column("goal.column", &goal.column)?;
+        for (i, value) in std::iter::once(&goal.value)
+            .chain(&goal.alternatives)
+            .enumerate()
+        {
+            let field = if i == 0 {
+                "goal.value".to_string()
+            } else {
+                format!("goal.alternatives[{}]", i - 1)
+            };
+            let c = code(&field, &goal.column, &categories, value)?;
+            let members = cells_matching(&[(col, vec![c])]);
+            if members.is_empty() {
+                bail!(
+                    "{field}: no cell has {} = {value:?} (it is a category of the column, but no cell carries it)",
+                    goal.column
+                );
+            }
+            let mut rng = SplitMix::new(spec.seed, &format!("state {value}"));
+            let state = match &match_col {
+                None => StateCells {
+                    name: value.clone(),
+                    cells: rng.sample(members, goal.max_cells as usize),
+                    strata: Vec::new(),
+                },
+                Some((match_idx, match_name)) => {
+                    // Up to max_cells per stratum; every stratum with screened cells needs some.
+                    let mut pairs = Vec::new();
+                    for (stratum, stratum_name) in strata.iter().enumerate() {
+                        let of_stratum: Vec<u64> = members
+                            .iter()
+                            .copied()
+                            .filter(|&m| {
+                                index.labels[m as usize * index.columns + match_idx]
+                                    == stratum as u32
+                            })
+                            .collect();
+                        let screened = cell_strata.iter().filter(|&&s| s == stratum as u32).count();
+                        if screened > 0 && of_stratum.is_empty() {
+                            bail!(
+                                "{field}: no cell has {} = {value:?} and {match_name} = {stratum_name:?}, but {screened} screened cells are {stratum_name:?}; leave them out (cells.filter) or drop goal.match_column",
+                                goal.column
+                            );
+                        }
+                        for m in rng.sample(of_stratum, goal.max_cells as usize) {
+                            pairs.push((m, stratum as u32));
+                        }
+                    }
+                    pairs.sort_unstable();
+                    StateCells {
+                        name: value.clone(),
+                        cells: pairs.iter().map(|p| p.0).collect(),
+                        strata: pairs.iter().map(|p| p.1).collect(),
+                    }
+                }
+            };
+            states.push(state);
+        }
+    }
+    let mut plan = ScreenPlan {
+        format: PLAN_FORMAT.into(),
+        spec: spec.clone(),
+        checkpoint: CheckpointId {
+            url: checkpoints.url().trim_end_matches('/').to_string(),
+            step: manifest.step,
+            manifest_blake3: manifest_blake3(&manifest)?,
+        },
+        corpus_url: spec.corpus.clone(),
+        corpus_manifest_blake3: corpus.manifest.content_hash(),
+        vocabulary,
+        n_bins: corpus.manifest.bins.n_bins,
+        genes,
+        null_genes,
+        work_genes,
+        cells,
+        cell_names,
+        states,
+        strata,
+        cell_strata,
+        unit_pairs: Vec::new(),
+    };
+    let bins = read_cells(&corpus, &plan.cells)?;
+    plan.unit_pairs = (0..plan.unit_count())
+        .map(|u| applicable_pairs(&plan, &bins, u).len() as u64)
+        .collect();
+    if plan.total_pairs() == 0 {
+        bail!(
+            "no gene of the screen is expressed in any selected cell: a {} changes nothing",
+            spec.perturbation.kind.name()
+        );
+    }
+    Ok(plan)
+}
+
+/// The (unit gene index, unit cell index) pairs of `unit` the perturbation applies to, gene-major.
+fn applicable_pairs(
+    plan: &ScreenPlan,
+    bins: &HashMap<u64, Vec<u8>>,
+    unit: usize,
+) -> Vec<(usize, usize)> {
+    let span = plan.unit(unit);
+    let kind = plan.spec.perturbation.kind;
+    let mut pairs = Vec::new();
+    for (k, &g) in plan.work_genes[span.genes].iter().enumerate() {
+        for (ci, cell) in plan.cells[span.cells.clone()].iter().enumerate() {
+            if kind.applies(bins[cell][g as usize]) {
+                pairs.push((k, ci));
+            }
+        }
+    }
+    pairs
+}
+
+/// Opens the store location of a screen.
+pub fn open_location(location: &str, s3: &S3Options) -> anyhow::Result<Store> {
+    Store::open(location, s3).with_context(|| format!("cannot open the screen location {location}"))
+}
+
+/// Writes the plan to the screen's location; returns its blake3.
+pub fn store_plan(plan: &ScreenPlan, store: &Store) -> anyhow::Result<String> {
+    let bytes = serde_json::to_vec_pretty(plan)?;
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    store.put(PLAN_FILE, bytes.into())?;
+    Ok(hash)
+}
+
+/// Reads the plan at a screen's location and checks it is the one submitted.
+pub fn load_plan(store: &Store, expected_blake3: &str) -> anyhow::Result<ScreenPlan> {
+    let bytes = store.get(PLAN_FILE)?;
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    if !expected_blake3.is_empty() && hash != expected_blake3 {
+        bail!(
+            "{}/{PLAN_FILE} has blake3 {hash}, the screen was submitted with {expected_blake3} (replaced since)",
+            store.url().trim_end_matches('/')
+        );
+    }
+    let plan: ScreenPlan = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}/{PLAN_FILE} is not a screen plan", store.url()))?;
+    if plan.format != PLAN_FORMAT {
+        bail!(
+            "{PLAN_FILE} is format {:?}, expected {PLAN_FORMAT:?}",
+            plan.format
+        );
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellfleet_shared::screen::CellEmbedding;
+
+    #[test]
+    fn the_example_screen_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configs/screen-kang.toml");
+        let spec = read_spec(&path).unwrap();
+        assert_eq!(spec.genes, GeneSelection::Keyword("all".into()));
+        assert_eq!(spec.embedding, CellEmbedding::Expression);
+        let goal = spec.goal.unwrap();
+        assert_eq!(goal.match_column.as_deref(), Some("cell_type"));
+        assert_eq!(spec.cells.filter["condition"].values(), vec!["stimulated"]);
+    }
+
+    #[test]
+    fn spec_errors_name_the_file_and_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "checkpoint = \"c\"\ncorpus = \"k\"\nout = \"o\"\ngenes = \"some\"\n",
+        )
+        .unwrap();
+        let err = read_spec(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("s.toml") && err.contains("genes = \"some\""),
+            "{err}"
+        );
+        std::fs::write(&path, "checkpoint = \"c\"\ncorpus = \"k\"\nout = \"o\"\ngenes = \"all\"\n[execution]\nbatch = 0\n").unwrap();
+        let err = read_spec(&path).unwrap_err().to_string();
+        assert!(err.contains("execution.batch = 0"), "{err}");
+    }
+
+    #[test]
+    fn samples_are_seeded_sorted_and_capped() {
+        let items: Vec<u64> = (0..1000).collect();
+        let a = SplitMix::new(7, "cells").sample(items.clone(), 10);
+        assert_eq!(a, SplitMix::new(7, "cells").sample(items.clone(), 10));
+        assert_ne!(a, SplitMix::new(8, "cells").sample(items.clone(), 10));
+        assert_ne!(a, SplitMix::new(7, "genes").sample(items.clone(), 10));
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a.len() == 10);
+        assert_eq!(SplitMix::new(7, "cells").sample(items.clone(), 5000), items);
+    }
+}

@@ -1,0 +1,488 @@
+//! A finished screen's tables: `genes.parquet` (one row per gene and state, with statistics), the optional
+//! `cells.parquet` (one row per (gene, cell) pair) and `screen.json` beside them, written for pandas/polars
+//! users; and the short top-hits summary printed after a run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use cellfleet_proto as pb;
+use cellfleet_shared::screen::{GeneEffect, Merger, ScreenPlan, ScreenResults, UnitResult};
+use cellfleet_shared::storage::S3Options;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::data_type::{
+    BoolType, ByteArray, ByteArrayType, DoubleType, FloatType, Int32Type, Int64Type,
+};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+use serde::Serialize;
+
+use crate::screen::plan::load_plan;
+use crate::screen::plan::open_location;
+
+/// What `screen.json` beside the tables records.
+#[derive(Serialize)]
+struct ScreenRecord<'a> {
+    format: &'static str,
+    screen_id: &'a str,
+    location: &'a str,
+    plan_blake3: &'a str,
+    spec: &'a cellfleet_shared::screen::ScreenSpec,
+    checkpoint: &'a cellfleet_shared::screen::CheckpointId,
+    corpus: &'a str,
+    corpus_manifest_blake3: &'a str,
+    genes_screened: usize,
+    null_genes: Vec<&'a str>,
+    cells: usize,
+    states: Vec<(&'a str, usize)>,
+    units: usize,
+    pairs: u64,
+    units_released: u32,
+    pairs_per_second: f64,
+    message: &'a str,
+    tables: Vec<String>,
+}
+
+/// The merged screen and where its tables are.
+pub struct WrittenResults {
+    pub plan: ScreenPlan,
+    pub results: ScreenResults,
+    pub dir: PathBuf,
+}
+
+/// Reads every completed unit (each exactly once, checked against its recorded hash), merges them and
+/// writes `genes.parquet` (+ `cells.parquet`) and `screen.json` to `out`.
+pub fn write_results(
+    status: &pb::ScreenStatusResponse,
+    out: &Path,
+    per_cell: bool,
+    s3: &S3Options,
+) -> anyhow::Result<WrittenResults> {
+    if status.state != "completed" {
+        bail!(
+            "screen {} is {} ({}/{} units done): results are merged once every unit is done",
+            status.screen_id,
+            status.state,
+            status.units_done,
+            status.units_total
+        );
+    }
+    let store = open_location(&status.location, s3)?;
+    let plan = load_plan(&store, &status.plan_blake3)?;
+    let mut merger = Merger::new(&plan, &status.plan_blake3);
+    for unit in &status.units {
+        let bytes = store.get(&unit.key)?;
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        if hash != unit.blake3 {
+            // A unit re-run after a lost lease rewrites its key; identical computations give identical
+            // bytes, so a different hash means another computation (or damage): still a whole result of
+            // the same unit if it decodes and matches the plan, which `add` checks.
+            eprintln!(
+                "warning: {} has blake3 {}, the coordinator recorded {} (rewritten by a re-run of unit {})",
+                unit.key, hash, unit.blake3, unit.unit
+            );
+        }
+        let result = UnitResult::decode(&unit.key, &bytes)?;
+        if result.unit != unit.unit {
+            bail!(
+                "{} holds unit {}, expected {}",
+                unit.key,
+                result.unit,
+                unit.unit
+            );
+        }
+        merger.add(&unit.key, result)?;
+    }
+    let per_cell = per_cell || plan.spec.execution.per_cell;
+    let results = merger.finish(per_cell)?;
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut tables = vec![write_gene_table(
+        &plan,
+        &results.genes,
+        &out.join("genes.parquet"),
+    )?];
+    if let Some(pairs) = &results.pairs {
+        tables.push(write_pair_table(&plan, pairs, &out.join("cells.parquet"))?);
+    }
+    let record = ScreenRecord {
+        format: "cellfleet-screen-results/1",
+        screen_id: &status.screen_id,
+        location: &status.location,
+        plan_blake3: &status.plan_blake3,
+        spec: &plan.spec,
+        checkpoint: &plan.checkpoint,
+        corpus: &plan.corpus_url,
+        corpus_manifest_blake3: &plan.corpus_manifest_blake3,
+        genes_screened: plan.genes.len(),
+        null_genes: plan
+            .null_genes
+            .iter()
+            .map(|&g| plan.vocabulary[g as usize].as_str())
+            .collect(),
+        cells: plan.cells.len(),
+        states: plan
+            .states
+            .iter()
+            .map(|s| (s.name.as_str(), s.cells.len()))
+            .collect(),
+        units: plan.unit_count(),
+        pairs: results.total_pairs,
+        units_released: status.releases,
+        pairs_per_second: status.pairs_per_second,
+        message: &status.message,
+        tables: tables.iter().map(|p| p.display().to_string()).collect(),
+    };
+    fs::write(out.join("screen.json"), serde_json::to_vec_pretty(&record)?)
+        .with_context(|| format!("cannot write {}", out.join("screen.json").display()))?;
+    eprintln!(
+        "wrote {} (+ screen.json: spec, checkpoint {} step {})",
+        tables
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.checkpoint.url,
+        plan.checkpoint.step
+    );
+    Ok(WrittenResults {
+        plan,
+        results,
+        dir: out.to_path_buf(),
+    })
+}
+
+/// A Parquet column name for a state (`goal_shift` for the goal, `shift_to_<value>` for alternatives).
+pub fn state_columns(plan: &ScreenPlan) -> Vec<String> {
+    plan.states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if i == 0 {
+                "goal_shift".to_string()
+            } else {
+                let safe = cellfleet_shared::screen::column_suffix(&s.name);
+                format!("shift_to_{safe}")
+            }
+        })
+        .collect()
+}
+
+/// Progress columns: `goal_progress`, `progress_to_<value>`.
+pub fn progress_columns(plan: &ScreenPlan) -> Vec<String> {
+    state_columns(plan)
+        .into_iter()
+        .map(|c| {
+            if c == "goal_shift" {
+                "goal_progress".to_string()
+            } else {
+                c.replacen("shift_to_", "progress_to_", 1)
+            }
+        })
+        .collect()
+}
+
+/// Typed column values of a flat table.
+enum Column {
+    Text(Vec<ByteArray>),
+    Int32(Vec<i32>),
+    Int64(Vec<i64>),
+    Float(Vec<f32>),
+    Double(Vec<f64>),
+    Bool(Vec<bool>),
+    /// A list per row (`values`, and where each row's list starts).
+    TextList(Vec<ByteArray>, Vec<usize>),
+    DoubleList(Vec<f64>, Vec<usize>),
+}
+
+impl Column {
+    fn schema(&self, name: &str) -> String {
+        match self {
+            Column::Text(_) => format!("required binary {name} (UTF8);"),
+            Column::Int32(_) => format!("required int32 {name};"),
+            Column::Int64(_) => format!("required int64 {name};"),
+            Column::Float(_) => format!("required float {name};"),
+            Column::Double(_) => format!("required double {name};"),
+            Column::Bool(_) => format!("required boolean {name};"),
+            Column::TextList(..) => format!(
+                "required group {name} (LIST) {{ repeated group list {{ required binary element (UTF8); }} }}"
+            ),
+            Column::DoubleList(..) => format!(
+                "required group {name} (LIST) {{ repeated group list {{ required double element; }} }}"
+            ),
+        }
+    }
+}
+
+/// Definition and repetition levels of a required list of required elements (an empty list is a
+/// definition level of 0 with no value).
+fn list_levels(starts: &[usize], total: usize) -> (Vec<i16>, Vec<i16>) {
+    let (mut def, mut rep) = (Vec::new(), Vec::new());
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(total);
+        if start == end {
+            def.push(0);
+            rep.push(0);
+        }
+        for k in start..end {
+            def.push(1);
+            rep.push(i16::from(k > start));
+        }
+    }
+    (def, rep)
+}
+
+fn write_table(
+    path: &Path,
+    table: &str,
+    columns: Vec<(String, Column)>,
+) -> anyhow::Result<PathBuf> {
+    let message = format!(
+        "message {table} {{ {} }}",
+        columns
+            .iter()
+            .map(|(n, c)| c.schema(n))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let schema = Arc::new(parse_message_type(&message).context("Parquet schema")?);
+    let properties = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .build(),
+    );
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut writer = SerializedFileWriter::new(file, schema, properties)?;
+    let mut group = writer.next_row_group()?;
+    let mut index = 0;
+    while let Some(mut column) = group.next_column()? {
+        match &columns[index].1 {
+            Column::Text(v) => {
+                column.typed::<ByteArrayType>().write_batch(v, None, None)?;
+            }
+            Column::Int32(v) => {
+                column.typed::<Int32Type>().write_batch(v, None, None)?;
+            }
+            Column::Int64(v) => {
+                column.typed::<Int64Type>().write_batch(v, None, None)?;
+            }
+            Column::Float(v) => {
+                column.typed::<FloatType>().write_batch(v, None, None)?;
+            }
+            Column::Double(v) => {
+                column.typed::<DoubleType>().write_batch(v, None, None)?;
+            }
+            Column::Bool(v) => {
+                column.typed::<BoolType>().write_batch(v, None, None)?;
+            }
+            Column::TextList(v, starts) => {
+                let (def, rep) = list_levels(starts, v.len());
+                column
+                    .typed::<ByteArrayType>()
+                    .write_batch(v, Some(&def), Some(&rep))?;
+            }
+            Column::DoubleList(v, starts) => {
+                let (def, rep) = list_levels(starts, v.len());
+                column
+                    .typed::<DoubleType>()
+                    .write_batch(v, Some(&def), Some(&rep))?;
+            }
+        }
+        column.close()?;
+        index += 1;
+    }
+    group.close()?;
+    writer.close()?;
+    Ok(path.to_path_buf())
+}
+
+fn text(s: &str) -> ByteArray {
+    ByteArray::from(s.as_bytes().to_vec())
+}
+
+/// `genes.parquet`: one row per screened gene, by rank (the columns are documented in docs/screens.md).
+fn write_gene_table(
+    plan: &ScreenPlan,
+    genes: &[GeneEffect],
+    path: &Path,
+) -> anyhow::Result<PathBuf> {
+    let mut columns = vec![
+        (
+            "rank".to_string(),
+            Column::Int32(genes.iter().map(|g| g.rank as i32).collect()),
+        ),
+        (
+            "gene".to_string(),
+            Column::Text(genes.iter().map(|g| text(&g.gene)).collect()),
+        ),
+        (
+            "gene_id".to_string(),
+            Column::Int32(genes.iter().map(|g| g.gene_id as i32).collect()),
+        ),
+        (
+            "n_cells".to_string(),
+            Column::Int64(genes.iter().map(|g| g.n_cells as i64).collect()),
+        ),
+        (
+            "cosine_shift".to_string(),
+            Column::Double(genes.iter().map(|g| g.cosine_shift).collect()),
+        ),
+    ];
+    for (s, name) in state_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Double(genes.iter().map(|g| g.state_shift[s]).collect()),
+        ));
+    }
+    for (s, name) in progress_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Double(genes.iter().map(|g| g.state_progress[s]).collect()),
+        ));
+    }
+    columns.push((
+        "p_value".into(),
+        Column::Double(genes.iter().map(|g| g.p_value).collect()),
+    ));
+    columns.push((
+        "fdr".into(),
+        Column::Double(genes.iter().map(|g| g.fdr).collect()),
+    ));
+    columns.push((
+        "null_gene".into(),
+        Column::Bool(genes.iter().map(|g| g.null_gene).collect()),
+    ));
+    let mut starts = Vec::with_capacity(genes.len());
+    let (mut names, mut deltas) = (Vec::new(), Vec::new());
+    for g in genes {
+        starts.push(names.len());
+        for (name, delta) in &g.top_affected {
+            names.push(text(name));
+            deltas.push(*delta);
+        }
+    }
+    columns.push((
+        "top_affected".into(),
+        Column::TextList(names, starts.clone()),
+    ));
+    columns.push((
+        "top_affected_delta_bin".into(),
+        Column::DoubleList(deltas, starts),
+    ));
+    write_table(path, "screen_genes", columns)
+}
+
+/// `cells.parquet`: one row per perturbed (gene, cell) pair.
+fn write_pair_table(
+    plan: &ScreenPlan,
+    pairs: &[cellfleet_shared::screen::PairEffect],
+    path: &Path,
+) -> anyhow::Result<PathBuf> {
+    let names: std::collections::HashMap<u64, &str> = plan
+        .cells
+        .iter()
+        .zip(&plan.cell_names)
+        .map(|(&c, n)| (c, n.as_str()))
+        .collect();
+    let mut columns = vec![
+        (
+            "gene".to_string(),
+            Column::Text(
+                pairs
+                    .iter()
+                    .map(|p| text(&plan.vocabulary[p.gene_id as usize]))
+                    .collect(),
+            ),
+        ),
+        (
+            "gene_id".to_string(),
+            Column::Int32(pairs.iter().map(|p| p.gene_id as i32).collect()),
+        ),
+        (
+            "cell".to_string(),
+            Column::Int64(pairs.iter().map(|p| p.cell as i64).collect()),
+        ),
+        (
+            "cell_name".to_string(),
+            Column::Text(
+                pairs
+                    .iter()
+                    .map(|p| text(names.get(&p.cell).copied().unwrap_or("")))
+                    .collect(),
+            ),
+        ),
+        (
+            "cosine_shift".to_string(),
+            Column::Float(pairs.iter().map(|p| p.cosine_shift).collect()),
+        ),
+    ];
+    for (s, name) in state_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Float(pairs.iter().map(|p| p.state_shift[s]).collect()),
+        ));
+    }
+    for (s, name) in progress_columns(plan).into_iter().enumerate() {
+        columns.push((
+            name,
+            Column::Float(pairs.iter().map(|p| p.state_progress[s]).collect()),
+        ));
+    }
+    write_table(path, "screen_cells", columns)
+}
+
+/// Prints the `n` top-ranked genes and where the full tables are.
+pub fn print_top(written: &WrittenResults, n: usize) {
+    let plan = &written.plan;
+    let goal = plan.goal();
+    println!(
+        "\ntop {} of {} genes ({}; ranked by {}):",
+        n.min(written.results.genes.len()),
+        written.results.genes.len(),
+        plan.summary(),
+        match goal {
+            Some(g) => format!("progress toward {g}"),
+            None => "cosine shift".into(),
+        }
+    );
+    println!(
+        "{:>5}  {:<14} {:>7} {:>9} {:>11} {:>10} {:>10} {:>10}  top affected genes (mean change of expected bin)",
+        "rank", "gene", "cells", "progress", "goal shift", "cos shift", "p", "FDR"
+    );
+    for g in written.results.genes.iter().take(n) {
+        println!(
+            "{:>5}  {:<14} {:>7} {:>9} {:>11} {:>10.5} {:>10.2e} {:>10.2e}  {}",
+            g.rank,
+            g.gene,
+            g.n_cells,
+            g.state_progress
+                .first()
+                .map_or("-".to_string(), |s| format!("{s:+.4}")),
+            g.state_shift
+                .first()
+                .map_or("-".to_string(), |s| format!("{s:+.5}")),
+            g.cosine_shift,
+            g.p_value,
+            g.fdr,
+            g.top_affected
+                .iter()
+                .take(3)
+                .map(|(name, d)| format!("{name} {d:+.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let significant = written
+        .results
+        .genes
+        .iter()
+        .filter(|g| g.fdr < 0.05)
+        .count();
+    println!(
+        "{significant} genes at FDR < 0.05 against {} random null genes; full results in {}",
+        plan.null_genes.len(),
+        written.dir.display()
+    );
+}

@@ -1,0 +1,158 @@
+//! The batches a run reads: one side of the held-out split, epoch after epoch from a cursor, as device
+//! tensors.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::stream::batch::{Batch, Loader, LoaderConfig, MaskConfig};
+use cellfleet_shared::stream::{
+    cursor_at_step, CellSplit, EpochPlan, OrderConfig, Partitioner, SplitPart,
+};
+use tch::{Device, Kind, Tensor};
+
+use crate::model::Tokens;
+
+/// Converts a batch into device tensors: (tokens, targets `[batch, seq]` int64).
+pub fn batch_tensors(batch: &Batch, device: Device) -> (Tokens, Tensor) {
+    let shape = [batch.samples as i64, batch.seq_len as i64];
+    let genes: Vec<i32> = batch.gene_ids.iter().map(|&g| i32::from(g)).collect();
+    let to = |t: Tensor| t.view(shape).to_kind(Kind::Int64).to_device(device);
+    (
+        Tokens {
+            gene_ids: to(Tensor::from_slice(&genes)),
+            bins: to(Tensor::from_slice(&batch.input_bins)),
+            valid: None,
+        },
+        to(Tensor::from_slice(&batch.target_bins)),
+    )
+}
+
+/// The batches of one side of the split, epoch after epoch, from a cursor.
+pub(crate) struct BatchStream {
+    pub(crate) corpus: Arc<Corpus>,
+    pub(crate) order: OrderConfig,
+    pub(crate) split: CellSplit,
+    pub(crate) part: SplitPart,
+    loader_config: LoaderConfig,
+    /// The global batch; this stream yields rank `rank`'s slice of each.
+    batch_size: u32,
+    world: u32,
+    rank: u32,
+    epoch: u32,
+    cursor: u64,
+    loader: Option<Loader>,
+    /// Batches the current loader was asked for but not yet handed out.
+    pending: usize,
+}
+
+impl BatchStream {
+    pub(crate) fn new(
+        corpus: Arc<Corpus>,
+        order: OrderConfig,
+        split: CellSplit,
+        part: SplitPart,
+        mask_ratio: f32,
+        batch_size: u32,
+        threads: usize,
+    ) -> Self {
+        Self {
+            corpus,
+            order,
+            split,
+            part,
+            loader_config: LoaderConfig {
+                mask: MaskConfig { ratio: mask_ratio },
+                threads: threads.max(1),
+                ..LoaderConfig::default()
+            },
+            batch_size,
+            world: 1,
+            rank: 0,
+            epoch: 0,
+            cursor: 0,
+            loader: None,
+            pending: 0,
+        }
+    }
+
+    /// Yields rank `rank` of `world`'s slice of every global batch from now on.
+    pub(crate) fn for_rank(mut self, world: u32, rank: u32) -> Self {
+        self.world = world;
+        self.rank = rank;
+        self
+    }
+
+    /// Continues from the global cursor at which optimizer step `step` starts.
+    pub(crate) fn seek_step(&mut self, step: u64) -> anyhow::Result<()> {
+        let len = EpochPlan::part_len(&self.corpus.manifest, self.order, self.split, self.part)?;
+        if len == 0 {
+            bail!(
+                "the {:?} split of {} is empty",
+                self.part,
+                self.corpus.store.url()
+            );
+        }
+        let (epoch, position) = cursor_at_step(len, self.batch_size, step);
+        self.epoch = epoch;
+        self.cursor = position;
+        self.loader = None;
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// The next batch; `limit` caps how many batches a new epoch's loader prepares.
+    pub(crate) fn next(&mut self, limit: usize) -> anyhow::Result<Batch> {
+        loop {
+            if self.pending > 0 {
+                self.pending -= 1;
+                let batch = self
+                    .loader
+                    .as_mut()
+                    .and_then(|l| l.next())
+                    .context("loader ended early")??;
+                return Ok(batch);
+            }
+            let plan = Arc::new(EpochPlan::for_part(
+                &self.corpus.manifest,
+                self.order,
+                self.epoch,
+                self.split,
+                self.part,
+            )?);
+            if plan.is_empty() {
+                bail!(
+                    "the {:?} split of {} is empty (eval fraction {})",
+                    self.part,
+                    self.corpus.store.url(),
+                    self.split.eval_fraction
+                );
+            }
+            let partitioner = Partitioner {
+                epoch_len: plan.len(),
+            };
+            let mut ranges = Vec::new();
+            while ranges.len() < limit.max(1) {
+                let range = partitioner.global_batch(self.cursor, 1, self.batch_size);
+                if range.is_empty() {
+                    break;
+                }
+                self.cursor = range.end;
+                ranges.push(Partitioner::rank_slice(&range, self.world, self.rank));
+            }
+            if ranges.is_empty() {
+                self.epoch += 1;
+                self.cursor = 0;
+                continue;
+            }
+            self.pending = ranges.len();
+            self.loader = None;
+            self.loader = Some(Loader::spawn(
+                self.corpus.clone(),
+                plan,
+                ranges,
+                self.loader_config,
+            )?);
+        }
+    }
+}
