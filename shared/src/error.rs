@@ -10,7 +10,7 @@ pub enum Error {
         op: &'static str,
         source: Box<object_store::Error>,
     },
-    #[error("no corpus at {url}: {MANIFEST} is missing (an ingest that did not finish leaves none)", MANIFEST = crate::corpus::manifest::MANIFEST_NAME)]
+    #[error("no corpus at {url}: {MANIFEST} is missing (an ingest that did not finish leaves none)", MANIFEST = crate::corpus::manifest::MANIFEST_FILE)]
     NoManifest { url: String },
     #[error("{url}/{name}: manifest is not valid: {why}")]
     BadManifest {

@@ -461,7 +461,12 @@ fn recovery_falls_back_past_a_corrupt_recorded_checkpoint() {
             continue;
         };
         let object = path.join("optimizer.safetensors.zst");
-        if step >= newest && path.join("MANIFEST.json").exists() && object.exists() {
+        if step >= newest
+            && path
+                .join(cellfleet_shared::checkpoint::MANIFEST_FILE)
+                .exists()
+            && object.exists()
+        {
             let mut bytes = std::fs::read(&object).unwrap();
             let middle = bytes.len() / 2;
             bytes[middle] ^= 0x10;

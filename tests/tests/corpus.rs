@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Output;
 
 use cellfleet_e2e::{data, decode_all, open_corpus, python};
-use cellfleet_shared::corpus::manifest::{Manifest, MANIFEST_NAME, MISSING_LABEL};
+use cellfleet_shared::corpus::manifest::{Manifest, MANIFEST_FILE, MISSING_LABEL};
 
 /// The `cellfleet` binary cargo built for these tests.
 fn bin() -> &'static Path {
@@ -63,7 +63,7 @@ const REAL_FILES: &[RealFile] = &[
 ];
 
 fn read_manifest(dir: &Path) -> Manifest {
-    serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_NAME)).expect("manifest written"))
+    serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).expect("manifest written"))
         .expect("manifest parses")
 }
 
@@ -185,7 +185,7 @@ fn csc_and_dense_gzip_layouts_give_the_same_corpus_through_a_fixed_vocabulary() 
         "2000",
     ]);
     let base_cells = decode_all(&open_corpus(base.to_str().unwrap()));
-    let vocabulary = base.join(MANIFEST_NAME);
+    let vocabulary = base.join(MANIFEST_FILE);
     for variant in ["kang_csc.h5ad", "kang_dense_gzip.h5ad"] {
         let out = tmp.path().join(variant);
         let input = variants.join(variant);
@@ -296,7 +296,7 @@ fn bad_inputs_fail_with_one_clear_message_and_leave_no_manifest() {
             "{names}: message should name the file and say '{says}':\n{stderr}"
         );
         assert!(
-            !out.join(MANIFEST_NAME).exists(),
+            !out.join(MANIFEST_FILE).exists(),
             "{names}: a failed ingest must leave no manifest"
         );
     }
@@ -313,7 +313,7 @@ fn an_existing_corpus_is_never_overwritten() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let before = std::fs::read(out.join(MANIFEST_NAME)).unwrap();
+    let before = std::fs::read(out.join(MANIFEST_FILE)).unwrap();
     let second = cellfleet(&[
         "ingest",
         input.to_str().unwrap(),
@@ -324,7 +324,7 @@ fn an_existing_corpus_is_never_overwritten() {
     ]);
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already holds a corpus"));
-    assert_eq!(std::fs::read(out.join(MANIFEST_NAME)).unwrap(), before);
+    assert_eq!(std::fs::read(out.join(MANIFEST_FILE)).unwrap(), before);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! * `train`: the config, the training loop, fine-tuning, evaluation, checkpoint contents.
 //! * `collective`: Gloo, NCCL and single-process collectives with their rendezvous.
 //! * `model`: the MoE transformer; `corpus`: h5ad reading, ingest, shard writing, synthetic corpora.
-//! * `progress`: progress bars and log lines.
+//! * `progress`: progress bars and log lines; `retry`: the one rule for asking the coordinator again.
 
 pub mod bench;
 pub mod cli;
@@ -15,5 +15,6 @@ pub mod collective;
 pub mod corpus;
 pub mod model;
 pub mod progress;
+pub mod retry;
 pub mod screen;
 pub mod train;

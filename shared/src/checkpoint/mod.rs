@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! RUN/step-000000001200/<object>.zst   zstd-compressed objects, written first
-//! RUN/step-000000001200/MANIFEST.json  every object's name, sizes and blake3 (of the stored bytes), last
+//! RUN/step-000000001200/manifest.json  every object's name, sizes and blake3 (of the stored bytes), last
 //! RUN/latest                           the step of the newest committed checkpoint, moved after the manifest
 //! ```
 //!
@@ -25,7 +25,10 @@ use crate::error::{Error, Result};
 use crate::storage::{BackgroundPuts, PartUpload, RangedRead, Store, S3_MAX_PARTS};
 
 pub const CHECKPOINT_FORMAT: &str = "cellfleet-checkpoint/1";
-pub const MANIFEST_FILE: &str = "MANIFEST.json";
+/// The manifest's name, the same as a corpus's (`corpus::manifest::MANIFEST_FILE`).
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The manifest's name in checkpoints written before it matched the corpus's; still read (and retired).
+pub const LEGACY_MANIFEST_FILE: &str = "MANIFEST.json";
 pub const LATEST_FILE: &str = "latest";
 
 /// Raw bytes compressed at a time (one zstd frame): the unit of pacing under a bandwidth cap, small
@@ -191,7 +194,7 @@ pub struct ObjectEntry {
     pub blake3: String,
 }
 
-/// `MANIFEST.json`: written only after every object it lists is stored.
+/// `manifest.json`: written only after every object it lists is stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointManifest {
@@ -216,7 +219,7 @@ impl CheckpointManifest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub step: u64,
-    /// The object (or `MANIFEST.json`) at fault.
+    /// The object (or `manifest.json`) at fault.
     pub object: String,
     pub what: String,
 }
@@ -287,7 +290,11 @@ impl Checkpoints {
         options: &WriteOptions,
     ) -> Result<Vec<ObjectEntry>> {
         for (name, _) in objects {
-            if name.is_empty() || name.contains('/') || *name == MANIFEST_FILE {
+            if name.is_empty()
+                || name.contains('/')
+                || *name == MANIFEST_FILE
+                || *name == LEGACY_MANIFEST_FILE
+            {
                 return Err(Error::Config(format!(
                     "checkpoint object name {name:?} must be a plain file name other than {MANIFEST_FILE}"
                 )));
@@ -454,6 +461,15 @@ impl Checkpoints {
         Ok(steps)
     }
 
+    /// Deletes checkpoint `step`'s manifest under either name.
+    fn delete_manifest(&self, step: u64) -> Result<()> {
+        for name in [MANIFEST_FILE, LEGACY_MANIFEST_FILE] {
+            self.store
+                .delete(&format!("{}/{name}", step_folder(step)))?;
+        }
+        Ok(())
+    }
+
     /// The step `latest` points at, if the pointer exists and parses.
     pub fn latest_pointer(&self) -> Result<Option<u64>> {
         Ok(self
@@ -469,10 +485,14 @@ impl Checkpoints {
             object: MANIFEST_FILE.into(),
             what,
         };
-        let Some(bytes) = self
-            .store
-            .get_opt(&format!("{}/{MANIFEST_FILE}", step_folder(step)))?
-        else {
+        let folder = step_folder(step);
+        let stored = match self.store.get_opt(&format!("{folder}/{MANIFEST_FILE}"))? {
+            Some(bytes) => Some(bytes),
+            None => self
+                .store
+                .get_opt(&format!("{folder}/{LEGACY_MANIFEST_FILE}"))?,
+        };
+        let Some(bytes) = stored else {
             return Ok(Err(problem("missing (the save did not finish)".into())));
         };
         let manifest: CheckpointManifest = match serde_json::from_slice(&bytes) {
@@ -634,8 +654,7 @@ impl Checkpoints {
                 continue;
             }
             // The manifest goes first: from then on the checkpoint does not exist for readers.
-            self.store
-                .delete(&format!("{}/{MANIFEST_FILE}", step_folder(*step)))?;
+            self.delete_manifest(*step)?;
             for entry in &manifest.objects {
                 self.store
                     .delete(&format!("{}/{}.zst", step_folder(*step), entry.name))?;
@@ -645,8 +664,7 @@ impl Checkpoints {
         for step in abandoned {
             if newest.is_some_and(|n| step < n) || latest.is_some_and(|l| step > l) {
                 // The manifest (if any) goes first; then whatever objects the folder holds.
-                self.store
-                    .delete(&format!("{}/{MANIFEST_FILE}", step_folder(step)))?;
+                self.delete_manifest(step)?;
                 for name in self.store.list_objects(&step_folder(step))? {
                     self.store
                         .delete(&format!("{}/{name}", step_folder(step)))?;
@@ -705,6 +723,24 @@ mod tests {
                 &WriteOptions::default()
             )
             .is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_with_the_legacy_manifest_name_reads_and_retires() {
+        let (dir, c) = open();
+        let m = save(&c, 100);
+        save(&c, 200);
+        let folder = dir.path().join(step_folder(100));
+        assert!(folder.join(MANIFEST_FILE).exists());
+        std::fs::rename(
+            folder.join(MANIFEST_FILE),
+            folder.join(LEGACY_MANIFEST_FILE),
+        )
+        .unwrap();
+        assert_eq!(c.manifest(100).unwrap().unwrap(), m);
+        assert_eq!(c.read(&m, "weights").unwrap().unwrap(), vec![100u8; 10_000]);
+        assert_eq!(c.retain(1, 0).unwrap(), [100]);
+        assert!(!folder.join(LEGACY_MANIFEST_FILE).exists());
     }
 
     #[test]

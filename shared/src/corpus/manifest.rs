@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::corpus::tokenize::{BinRule, ValueKind};
 
-pub const MANIFEST_NAME: &str = "manifest.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

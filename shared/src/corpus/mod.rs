@@ -6,7 +6,7 @@ pub mod tokenize;
 
 use bytes::Bytes;
 
-use crate::corpus::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
+use crate::corpus::manifest::{Manifest, FORMAT_VERSION, MANIFEST_FILE};
 use crate::corpus::shard::Shard;
 use crate::error::{Error, Result};
 use crate::storage::{S3Options, Store};
@@ -25,13 +25,13 @@ impl Corpus {
 
     pub fn from_store(store: Store) -> Result<Self> {
         let bytes = store
-            .get_opt(MANIFEST_NAME)?
+            .get_opt(MANIFEST_FILE)?
             .ok_or_else(|| Error::NoManifest {
                 url: store.url().to_string(),
             })?;
         let bad = |why: String| Error::BadManifest {
             url: store.url().to_string(),
-            name: MANIFEST_NAME.into(),
+            name: MANIFEST_FILE.into(),
             why,
         };
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;

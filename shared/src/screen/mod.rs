@@ -355,7 +355,7 @@ pub struct CheckpointId {
     /// The run location.
     pub url: String,
     pub step: u64,
-    /// blake3 of the checkpoint's MANIFEST.json: every worker checks it reads this exact checkpoint.
+    /// blake3 of the checkpoint's manifest.json: every worker checks it reads this exact checkpoint.
     pub manifest_blake3: String,
 }
 

@@ -424,7 +424,7 @@ impl Assembler<'_> {
 mod tests {
     use super::*;
     use crate::corpus::manifest::{
-        LabelColumn, Manifest, ShardEntry, VocabularySource, FORMAT_VERSION, MANIFEST_NAME,
+        LabelColumn, Manifest, ShardEntry, VocabularySource, FORMAT_VERSION, MANIFEST_FILE,
     };
     use crate::corpus::shard::{CellOrigin, ShardBuilder};
     use crate::corpus::tokenize::BinRule;
@@ -489,7 +489,7 @@ mod tests {
             created_by: "test".into(),
         };
         store
-            .put(MANIFEST_NAME, serde_json::to_vec(&manifest).unwrap().into())
+            .put(MANIFEST_FILE, serde_json::to_vec(&manifest).unwrap().into())
             .unwrap();
         Corpus::from_store(store).unwrap()
     }

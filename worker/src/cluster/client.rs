@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
@@ -13,8 +13,8 @@ use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::storage::S3Options;
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
-use tonic::Code;
 
+use crate::retry::RetryPolicy;
 use crate::train::config::TrainConfig;
 
 pub(crate) fn channel(url: &str) -> anyhow::Result<Channel> {
@@ -176,24 +176,14 @@ pub(crate) fn follow(
     }
 }
 
-/// Makes `request` until the coordinator answers, for clients following a job or a screen: an unknown id
-/// is an error at once; any other failure (a coordinator restarting) is retried every half second for up
-/// to 2 minutes.
+/// Makes `request` until the coordinator answers, for clients following a job or a screen: a final
+/// answer (an unknown id) is an error at once; a coordinator restarting or unreachable is retried for up
+/// to 2 minutes ([`RetryPolicy`]).
 pub(crate) fn ask_coordinator<T>(
-    mut request: impl FnMut() -> Result<T, tonic::Status>,
+    request: impl FnMut() -> Result<T, tonic::Status>,
 ) -> anyhow::Result<T> {
-    let mut unreachable_since: Option<Instant> = None;
-    loop {
-        match request() {
-            Ok(answer) => return Ok(answer),
-            Err(s) if s.code() == Code::NotFound => bail!("{}", s.message()),
-            Err(s) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_secs(120) {
-                    bail!("lost the coordinator for 2 minutes: {}", s.message());
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-    }
+    Ok(RetryPolicy::through_restarts(FOLLOW_GIVE_UP).run(request)?)
 }
+
+/// How long a client following a job or a screen waits for a lost coordinator.
+const FOLLOW_GIVE_UP: Duration = Duration::from_secs(120);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use cellfleet_coordinator::JobSpec;
 use cellfleet_proto as pb;
 use cellfleet_proto::coordinator_client::CoordinatorClient;
@@ -19,25 +19,27 @@ use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, SplitPart};
 use clap::Args;
 use serde::Serialize;
+use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::collective::{self, CollectiveError, RendezvousStore};
+use crate::collective::{self, RendezvousStore};
 use crate::model::parse_device;
 use crate::screen::serve::serve_screen;
 use crate::train::checkpoint_state::{
-    open_run, restore, CheckpointPolicy, CheckpointWriter, CommitGate, ResumeTarget, Unusable,
+    open_run, restore, CheckpointPolicy, CheckpointWriter, CommitGate, RestoreError, ResumeTarget,
 };
 
 use super::client::{channel, runtime};
+use crate::retry::{CallError, RetryPolicy};
 use crate::train::config::RunOptions;
 use crate::train::config::TrainConfig;
 use crate::train::training_loop::pretrain_with;
-use crate::train::training_loop::Aborted;
 use crate::train::training_loop::Checkpointing;
 use crate::train::training_loop::Participation;
 use crate::train::training_loop::StepRecord;
+use crate::train::training_loop::TrainError;
 use cellfleet_shared::checkpoint::{CheckpointManifest, Problem, MANIFEST_FILE};
 
 /// `cellfleet worker` flags.
@@ -118,17 +120,53 @@ struct Assigned {
 }
 
 /// A generation running on its own thread.
-struct RunningGeneration {
-    job: String,
-    generation: u64,
-    abort: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+/// What a worker runs at a time: one generation of a training job, or a screen's units. (A screen is not a
+/// job: it has no generation, and its thread may end while the screen goes on elsewhere.)
+enum Running {
+    Generation {
+        job: String,
+        generation: u64,
+        abort: Arc<AtomicBool>,
+        thread: JoinHandle<()>,
+    },
+    Screen {
+        screen: String,
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<()>,
+    },
 }
 
-impl RunningGeneration {
+impl Running {
+    /// What it is, for log lines.
+    fn describe(&self) -> String {
+        match self {
+            Running::Generation {
+                job, generation, ..
+            } => format!("job {job} (generation {generation})"),
+            Running::Screen { screen, .. } => format!("screen {screen}"),
+        }
+    }
+
+    /// Sets its stop flag and waits for its thread.
     fn stop(self) {
-        self.abort.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
+        let (flag, thread) = match self {
+            Running::Generation { abort, thread, .. } => (abort, thread),
+            Running::Screen { stop, thread, .. } => (stop, thread),
+        };
+        flag.store(true, Ordering::Relaxed);
+        let _ = thread.join();
+    }
+
+    /// Whether `train` is what runs (or ran) here: a re-sent assignment must not start twice.
+    fn is_generation(&self, train: &pb::TrainAssignment) -> bool {
+        matches!(self, Running::Generation { job, generation, .. }
+            if *job == train.job_id && *generation == train.generation)
+    }
+
+    /// Whether `screen` is being served here now (a finished screen thread may be started again).
+    fn is_serving(&self, screen: &pb::ScreenAssignment) -> bool {
+        matches!(self, Running::Screen { screen: id, thread, .. }
+            if *id == screen.screen_id && !thread.is_finished())
     }
 }
 
@@ -149,36 +187,27 @@ impl Reporter {
         let (tx, mut rx) =
             mpsc::unbounded_channel::<(pb::StepReport, Option<oneshot::Sender<()>>)>();
         handle.spawn(async move {
+            let policy = RetryPolicy::through_restarts(give_up_after);
             while let Some((report, done)) = rx.recv().await {
-                let started = Instant::now();
-                loop {
-                    let mut request = tonic::Request::new(report.clone());
-                    request.set_timeout(Duration::from_secs(10));
-                    match client.clone().report_step(request).await {
-                        Ok(response) => {
-                            if !response.into_inner().current {
-                                abort.store(true, Ordering::Relaxed);
-                            }
-                            break;
-                        }
-                        Err(status)
-                            if matches!(
-                                status.code(),
-                                Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument
-                            ) =>
-                        {
-                            tracing::info!("step report refused: {}", status.message());
+                let answer = policy
+                    .run_async(|| {
+                        let mut request = tonic::Request::new(report.clone());
+                        request.set_timeout(Duration::from_secs(10));
+                        let mut client = client.clone();
+                        async move { client.report_step(request).await }
+                    })
+                    .await;
+                match answer {
+                    Ok(response) => {
+                        if !response.into_inner().current {
                             abort.store(true, Ordering::Relaxed);
-                            break;
-                        }
-                        Err(status) => {
-                            if started.elapsed() > give_up_after {
-                                tracing::warn!("step report dropped: {}", status.message());
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                     }
+                    Err(CallError::Refused(status)) => {
+                        tracing::info!("step report refused: {}", status.message());
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                    Err(gave_up) => tracing::warn!("step report dropped: {gave_up}"),
                 }
                 if let Some(done) = done {
                     let _ = done.send(());
@@ -197,6 +226,59 @@ impl Reporter {
         let (done, wait) = oneshot::channel();
         if self.tx.send((report, Some(done))).is_ok() {
             let _ = handle.block_on(wait);
+        }
+    }
+}
+
+/// How a generation ended badly, decided where the failure happened (never by searching an error chain),
+/// because each outcome is reported differently.
+#[derive(Debug, thiserror::Error)]
+enum GenerationError {
+    /// A newer generation replaced this one: stop quietly.
+    #[error("stopped: the generation was superseded")]
+    Superseded,
+    /// The checkpoint the coordinator named cannot be restored: it falls back to the one before.
+    #[error("the checkpoint to restore is unusable: {0}")]
+    CheckpointUnusable(RestoreError),
+    /// A peer or the coordinator's exchange failed: the group re-forms, the job goes on.
+    #[error("group failed: {0:#}")]
+    GroupFailed(anyhow::Error),
+    /// Anything else fails the job.
+    #[error("failed: {0:#}")]
+    Fatal(#[from] anyhow::Error),
+}
+
+impl From<TrainError> for GenerationError {
+    fn from(e: TrainError) -> Self {
+        match e {
+            TrainError::Aborted => GenerationError::Superseded,
+            TrainError::Collective(e) => GenerationError::GroupFailed(e.into()),
+            TrainError::Failed(e) => GenerationError::Fatal(e),
+        }
+    }
+}
+
+macro_rules! fatal_from {
+    ($($error:ty),*) => {$(
+        impl From<$error> for GenerationError {
+            fn from(e: $error) -> Self {
+                GenerationError::Fatal(e.into())
+            }
+        }
+    )*};
+}
+fatal_from!(
+    std::io::Error,
+    serde_json::Error,
+    cellfleet_shared::Error,
+    crate::model::ModelError
+);
+
+impl From<RestoreError> for GenerationError {
+    fn from(e: RestoreError) -> Self {
+        match e {
+            RestoreError::Unusable { .. } => GenerationError::CheckpointUnusable(e),
+            RestoreError::Failed(e) => GenerationError::Fatal(e),
         }
     }
 }
@@ -230,7 +312,9 @@ fn run_generation(
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".into());
-        Err(anyhow::anyhow!("training panicked: {what}"))
+        Err(GenerationError::Fatal(anyhow::anyhow!(
+            "training panicked: {what}"
+        )))
     });
     match outcome {
         Ok(last_step) => {
@@ -247,42 +331,30 @@ fn run_generation(
                 },
             );
         }
-        Err(e) if e.downcast_ref::<Aborted>().is_some() || abort.load(Ordering::Relaxed) => {
+        Err(e) if matches!(e, GenerationError::Superseded) || abort.load(Ordering::Relaxed) => {
             eprintln!(
                 "job {} generation {} rank {}: stopped (superseded)",
                 train.job_id, train.generation, train.rank
             );
         }
-        Err(e) if e.chain().any(|c| c.downcast_ref::<Unusable>().is_some()) => {
+        Err(e) => {
             eprintln!(
-                "job {} generation {} rank {}: the checkpoint to restore is unusable: {e:#}",
+                "job {} generation {} rank {}: {e}",
                 train.job_id, train.generation, train.rank
             );
+            let unusable = matches!(e, GenerationError::CheckpointUnusable(_));
+            let fatal = matches!(e, GenerationError::Fatal(_));
+            let message = match e {
+                GenerationError::Superseded => e.to_string(),
+                GenerationError::CheckpointUnusable(e) => e.to_string(),
+                GenerationError::GroupFailed(e) | GenerationError::Fatal(e) => format!("{e:#}"),
+            };
             reporter.send_and_wait(
                 &handle,
                 pb::StepReport {
-                    error: format!("{e:#}"),
-                    checkpoint_unusable: true,
-                    ..base
-                },
-            );
-        }
-        Err(e) => {
-            let peer = e.downcast_ref::<CollectiveError>().is_some()
-                || e.chain()
-                    .any(|c| c.downcast_ref::<tonic::Status>().is_some());
-            eprintln!(
-                "job {} generation {} rank {}: {}{e:#}",
-                train.job_id,
-                train.generation,
-                train.rank,
-                if peer { "group failed: " } else { "failed: " }
-            );
-            reporter.send_and_wait(
-                &handle,
-                pb::StepReport {
-                    error: format!("{e:#}"),
-                    fatal: !peer,
+                    error: message,
+                    checkpoint_unusable: unusable,
+                    fatal,
                     ..base
                 },
             );
@@ -298,7 +370,7 @@ fn train_generation(
     abort: &Arc<AtomicBool>,
     reporter: &Reporter,
     base: &pb::StepReport,
-) -> anyhow::Result<u64> {
+) -> Result<u64, GenerationError> {
     let spec: JobSpec =
         serde_json::from_str(&train.spec_json).context("the job specification is unreadable")?;
     let config: TrainConfig = serde_json::from_value(spec.config.clone())
@@ -325,12 +397,12 @@ fn train_generation(
     if (epoch_len, genes) != (train.epoch_len, train.n_genes)
         || cursor != (train.start_epoch, train.start_position)
     {
-        bail!(
+        return Err(anyhow::anyhow!(
             "corpus {} differs from the coordinator's: here {epoch_len} training samples per epoch and {genes} genes, there {} and {}",
             spec.corpus,
             train.epoch_len,
             train.n_genes
-        );
+        ).into());
     }
     let threads = if spec.threads > 0 {
         spec.threads as usize
@@ -359,10 +431,14 @@ fn train_generation(
         generation: train.generation,
     });
     if world > 1 && train.start_step > 0 {
-        store.set(&format!("restored/{rank}"), b"1")?;
-        for peer in 0..world {
-            store.get(&format!("restored/{peer}"), RESTORE_BARRIER_TIMEOUT)?;
-        }
+        let barrier = || -> anyhow::Result<()> {
+            store.set(&format!("restored/{rank}"), b"1")?;
+            for peer in 0..world {
+                store.get(&format!("restored/{peer}"), RESTORE_BARRIER_TIMEOUT)?;
+            }
+            Ok(())
+        };
+        barrier().map_err(GenerationError::GroupFailed)?;
     }
     let mut group = collective::connect(
         store,
@@ -372,7 +448,8 @@ fn train_generation(
         run.device,
         &args.advertise_host,
         timeout,
-    )?;
+    )
+    .map_err(|e| GenerationError::GroupFailed(e.into()))?;
     eprintln!(
         "job {} generation {}: rank {rank} of {world} ({} group ready in {:.2}s), from step {}",
         train.job_id,
@@ -451,13 +528,14 @@ fn generation_checkpointing(
     worker_id: &str,
     handle: &tokio::runtime::Handle,
     abort: &Arc<AtomicBool>,
-) -> anyhow::Result<Checkpointing> {
+) -> Result<Checkpointing, GenerationError> {
     let resume = if train.start_step > 0 {
         if train.restore_url.is_empty() {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "the coordinator asked to start at step {} without naming a checkpoint",
                 train.start_step
-            );
+            )
+            .into());
         }
         let started = Instant::now();
         if !train.restore_manifest_blake3.is_empty() {
@@ -468,7 +546,7 @@ fn generation_checkpointing(
                 .to_hex()
                 .to_string();
             if hash != train.restore_manifest_blake3 {
-                return Err(Unusable(Problem {
+                return Err(RestoreError::unusable(Problem {
                     step: train.start_step,
                     object: MANIFEST_FILE.into(),
                     what: format!(
@@ -521,22 +599,17 @@ fn generation_checkpointing(
                     manifest_blake3: blake3::hash(&bytes).to_hex().to_string(),
                 };
                 // Retried through a coordinator restart, like step reports; a refusal is an answer.
-                let started = Instant::now();
-                let answer = loop {
-                    let mut request = tonic::Request::new(commit.clone());
-                    request.set_timeout(Duration::from_secs(10));
-                    match handle.block_on(client.clone().commit_checkpoint(request)) {
-                        Ok(answer) => break answer.into_inner(),
-                        Err(status) if started.elapsed() < COMMIT_RETRY_FOR => {
-                            tracing::info!("checkpoint commit retried: {}", status.message());
-                            std::thread::sleep(Duration::from_millis(500));
-                        }
-                        Err(status) => bail!(
-                            "the coordinator did not record the checkpoint: {}",
-                            status.message()
-                        ),
-                    }
-                };
+                let answer = RetryPolicy::through_restarts(COMMIT_RETRY_FOR)
+                    .run(|| {
+                        let mut request = tonic::Request::new(commit.clone());
+                        request.set_timeout(Duration::from_secs(10));
+                        handle
+                            .block_on(client.clone().commit_checkpoint(request))
+                            .map(tonic::Response::into_inner)
+                    })
+                    .map_err(|e| {
+                        anyhow::anyhow!("the coordinator did not record the checkpoint: {e}")
+                    })?;
                 if !answer.accepted {
                     eprintln!(
                         "checkpoint step {} not committed: {}",
@@ -566,43 +639,18 @@ fn generation_checkpointing(
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     parse_device(&args.device)?;
     let rt = runtime()?;
-    let handle = rt.handle().clone();
     let _entered = rt.enter();
     let client = CoordinatorClient::new(channel(&args.coordinator)?);
     let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "worker".into());
-    let give_up = Duration::from_secs_f64(args.reconnect_timeout);
     let mut worker_id = String::new();
-    let mut current: Option<RunningGeneration> = None;
+    let mut current: Option<Running> = None;
     loop {
-        // (Re)register: keeps the id (and membership) when the lease is still alive.
-        let started = Instant::now();
-        let registered = loop {
-            let request = pb::RegisterWorkerRequest {
-                worker_id: worker_id.clone(),
-                hostname: hostname.clone(),
-                pid: std::process::id(),
-                device: args.device.clone(),
-            };
-            match rt.block_on(client.clone().register_worker(request)) {
-                Ok(response) => break response.into_inner(),
-                Err(status) => {
-                    if started.elapsed() > give_up {
-                        bail!(
-                            "cannot reach the coordinator at {} for {:.0}s: {}",
-                            args.coordinator,
-                            give_up.as_secs_f64(),
-                            status.message()
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-            }
-        };
+        let registered = register(&rt, &client, &args, &hostname, &worker_id)?;
         if !registered.resumed {
             if let Some(run) = current.take() {
-                eprintln!("membership lapsed; abandoning job {}", run.job);
+                eprintln!("membership lapsed; abandoning {}", run.describe());
                 run.stop();
             }
             eprintln!(
@@ -614,27 +662,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         // A heartbeat refused because the lease lapsed (this process was stalled, or partitioned) ends the
         // stream below, so the worker registers again as a new member.
         let lapsed = Arc::new(tokio::sync::Notify::new());
-        let heartbeat = {
-            let (client, id, lapsed) = (client.clone(), worker_id.clone(), lapsed.clone());
-            let every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
-            handle.spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let request = pb::HeartbeatRequest {
-                        worker_id: id.clone(),
-                    };
-                    match client.clone().heartbeat(request).await {
-                        Ok(_) => {}
-                        Err(status) if status.code() == Code::NotFound => {
-                            eprintln!("{}", status.message());
-                            lapsed.notify_one();
-                            return;
-                        }
-                        Err(status) => tracing::debug!("heartbeat: {}", status.message()),
-                    }
-                }
-            })
-        };
+        let heartbeat = spawn_heartbeat(&rt, &client, &registered, lapsed.clone());
         let stream = rt.block_on(client.clone().assignments(pb::AssignmentsRequest {
             worker_id: worker_id.clone(),
         }));
@@ -655,85 +683,178 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             });
             let Some(message) = next else { break };
-            match message.kind {
-                Some(pb::assignment::Kind::Train(train)) => {
-                    // The same assignment again (the coordinator restarted and re-sent it): the generation
-                    // runs or already ran here; never start it twice.
-                    if current
-                        .as_ref()
-                        .is_some_and(|r| r.job == train.job_id && r.generation == train.generation)
-                    {
-                        continue;
-                    }
-                    if let Some(run) = current.take() {
-                        run.stop();
-                    }
-                    let abort = Arc::new(AtomicBool::new(false));
-                    let assigned = Assigned {
-                        train: train.clone(),
-                        worker_id: worker_id.clone(),
-                    };
-                    let (args, client, handle, flag) =
-                        (args.clone(), client.clone(), handle.clone(), abort.clone());
-                    let thread = std::thread::Builder::new()
-                        .name(format!("cellfleet-train-g{}", train.generation))
-                        .spawn(move || run_generation(assigned, &args, client, handle, flag))?;
-                    current = Some(RunningGeneration {
-                        job: train.job_id,
-                        generation: train.generation,
-                        abort,
-                        thread,
-                    });
-                }
-                Some(pb::assignment::Kind::Screen(screen)) => {
-                    // Generation 0 marks screen work; the same screen again (re-sent after a coordinator
-                    // restart) goes on where it is.
-                    if current.as_ref().is_some_and(|r| {
-                        r.job == screen.screen_id && r.generation == 0 && !r.thread.is_finished()
-                    }) {
-                        continue;
-                    }
-                    if let Some(run) = current.take() {
-                        run.stop();
-                    }
-                    let stop = Arc::new(AtomicBool::new(false));
-                    let device = parse_device(&args.device)?;
-                    let (worker, client, handle, flag) = (
-                        worker_id.clone(),
-                        client.clone(),
-                        handle.clone(),
-                        stop.clone(),
-                    );
-                    let id = screen.screen_id.clone();
-                    let thread = std::thread::Builder::new()
-                        .name("cellfleet-screen".into())
-                        .spawn(move || {
-                            if screen.threads > 0 {
-                                tch::set_num_threads(screen.threads as i32);
-                            }
-                            if let Err(e) =
-                                serve_screen(screen, &worker, device, client, handle, flag)
-                            {
-                                eprintln!("screen work stopped: {e:#}");
-                            }
-                        })?;
-                    current = Some(RunningGeneration {
-                        job: id,
-                        generation: 0,
-                        abort: stop,
-                        thread,
-                    });
-                }
-                Some(pb::assignment::Kind::Idle(idle)) => {
-                    if let Some(run) = current.take() {
-                        eprintln!("idle ({}); stopping job {}", idle.reason, run.job);
-                        run.stop();
-                    }
-                }
-                None => {}
-            }
+            let worker = WorkerContext {
+                args: &args,
+                worker_id: &worker_id,
+                client: &client,
+                handle: rt.handle(),
+            };
+            follow_assignment(message, &worker, &mut current)?;
         }
         heartbeat.abort();
         eprintln!("lost the coordinator's assignment stream; reconnecting");
     }
+}
+
+/// Registers (again): keeps the id (and membership) when the lease is still alive; retried through a
+/// coordinator restart for up to `--reconnect-timeout`.
+fn register(
+    rt: &Runtime,
+    client: &CoordinatorClient<Channel>,
+    args: &WorkerArgs,
+    hostname: &str,
+    worker_id: &str,
+) -> anyhow::Result<pb::RegisterWorkerResponse> {
+    RetryPolicy::through_restarts(Duration::from_secs_f64(args.reconnect_timeout))
+        .run(|| {
+            let request = pb::RegisterWorkerRequest {
+                worker_id: worker_id.to_string(),
+                hostname: hostname.to_string(),
+                pid: std::process::id(),
+                device: args.device.clone(),
+            };
+            rt.block_on(client.clone().register_worker(request))
+                .map(tonic::Response::into_inner)
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "registering with the coordinator at {}: {e}",
+                args.coordinator
+            )
+        })
+}
+
+/// Heartbeats every interval the coordinator asked for; notifies `lapsed` when the coordinator no longer
+/// knows this worker.
+fn spawn_heartbeat(
+    rt: &Runtime,
+    client: &CoordinatorClient<Channel>,
+    registered: &pb::RegisterWorkerResponse,
+    lapsed: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
+    let (client, id) = (client.clone(), registered.worker_id.clone());
+    let every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let request = pb::HeartbeatRequest {
+                worker_id: id.clone(),
+            };
+            match client.clone().heartbeat(request).await {
+                Ok(_) => {}
+                Err(status) if status.code() == Code::NotFound => {
+                    eprintln!("{}", status.message());
+                    lapsed.notify_one();
+                    return;
+                }
+                Err(status) => tracing::debug!("heartbeat: {}", status.message()),
+            }
+        }
+    })
+}
+
+/// What a worker's assignment threads need of it.
+struct WorkerContext<'a> {
+    args: &'a WorkerArgs,
+    worker_id: &'a str,
+    client: &'a CoordinatorClient<Channel>,
+    handle: &'a tokio::runtime::Handle,
+}
+
+/// Acts on one assignment: starts a generation or a screen (stopping what ran before), or goes idle.
+fn follow_assignment(
+    message: pb::Assignment,
+    worker: &WorkerContext<'_>,
+    current: &mut Option<Running>,
+) -> anyhow::Result<()> {
+    match message.kind {
+        Some(pb::assignment::Kind::Train(train)) => {
+            // The same assignment again (the coordinator restarted and re-sent it): the generation runs or
+            // already ran here; never start it twice.
+            if current.as_ref().is_some_and(|r| r.is_generation(&train)) {
+                return Ok(());
+            }
+            if let Some(run) = current.take() {
+                run.stop();
+            }
+            *current = Some(start_generation(train, worker)?);
+        }
+        Some(pb::assignment::Kind::Screen(screen)) => {
+            // The same screen again (re-sent after a coordinator restart) goes on where it is.
+            if current.as_ref().is_some_and(|r| r.is_serving(&screen)) {
+                return Ok(());
+            }
+            if let Some(run) = current.take() {
+                run.stop();
+            }
+            *current = Some(start_screen(screen, worker)?);
+        }
+        Some(pb::assignment::Kind::Idle(idle)) => {
+            if let Some(run) = current.take() {
+                eprintln!("idle ({}); stopping {}", idle.reason, run.describe());
+                run.stop();
+            }
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// Starts one generation of a training job on its own thread.
+fn start_generation(
+    train: pb::TrainAssignment,
+    worker: &WorkerContext<'_>,
+) -> anyhow::Result<Running> {
+    let abort = Arc::new(AtomicBool::new(false));
+    let (job, generation) = (train.job_id.clone(), train.generation);
+    let assigned = Assigned {
+        train,
+        worker_id: worker.worker_id.to_string(),
+    };
+    let (args, client, handle, flag) = (
+        worker.args.clone(),
+        worker.client.clone(),
+        worker.handle.clone(),
+        abort.clone(),
+    );
+    let thread = std::thread::Builder::new()
+        .name(format!("cellfleet-train-g{generation}"))
+        .spawn(move || run_generation(assigned, &args, client, handle, flag))?;
+    Ok(Running::Generation {
+        job,
+        generation,
+        abort,
+        thread,
+    })
+}
+
+/// Starts serving a screen's units on their own thread.
+fn start_screen(
+    screen: pb::ScreenAssignment,
+    worker: &WorkerContext<'_>,
+) -> anyhow::Result<Running> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let device = parse_device(&worker.args.device)?;
+    let (worker_id, client, handle, flag) = (
+        worker.worker_id.to_string(),
+        worker.client.clone(),
+        worker.handle.clone(),
+        stop.clone(),
+    );
+    let id = screen.screen_id.clone();
+    let thread = std::thread::Builder::new()
+        .name("cellfleet-screen".into())
+        .spawn(move || {
+            if screen.threads > 0 {
+                tch::set_num_threads(screen.threads as i32);
+            }
+            if let Err(e) = serve_screen(screen, &worker_id, device, client, handle, flag) {
+                eprintln!("screen work stopped: {e:#}");
+            }
+        })?;
+    Ok(Running::Screen {
+        screen: id,
+        stop,
+        thread,
+    })
 }

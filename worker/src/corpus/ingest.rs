@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use cellfleet_shared::corpus::manifest::{
-    LabelColumn, Manifest, SourceFile, VocabularySource, FORMAT_VERSION, MANIFEST_NAME,
+    LabelColumn, Manifest, ShardEntry, SourceFile, VocabularySource, FORMAT_VERSION, MANIFEST_FILE,
     MISSING_LABEL,
 };
 use cellfleet_shared::corpus::shard::{CellOrigin, ShardBuilder};
@@ -290,19 +290,14 @@ fn check_unique(path: &Path, what: &str, names: &[String]) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Ingests `opts.inputs` into a corpus at `opts.out`: checks the options, reads the label columns, picks
+/// and validates each file's matrix while gathering HVG statistics (pass 1), chooses the vocabulary, bins
+/// and writes the shards (pass 2), and writes the manifest last.
 pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
-    if opts.inputs.is_empty() {
-        bail!("no input files; give one or more .h5ad files");
-    }
-    if !(2..=250).contains(&opts.bins) {
-        bail!("--bins {} is out of range; expected 2..=250", opts.bins);
-    }
-    if opts.shard_cells == 0 || opts.block_cells == 0 {
-        bail!("--shard-cells and --block-cells must be positive");
-    }
+    check_options(opts)?;
     let store = Store::open(&opts.out, &opts.s3)?;
-    if store.exists(MANIFEST_NAME)? {
-        bail!("{} already holds a corpus (it has a {MANIFEST_NAME}); choose another --out or remove it first", opts.out);
+    if store.exists(MANIFEST_FILE)? {
+        bail!("{} already holds a corpus (it has a {MANIFEST_FILE}); choose another --out or remove it first", opts.out);
     }
     let mut notes = Vec::new();
     let started = std::time::Instant::now();
@@ -325,12 +320,119 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
         .as_deref()
         .map(read_genes_file)
         .transpose()?;
+    let (label_columns, labels_per_file) = unify_label_columns(&opened, &opts.label_cols)?;
 
-    // Label columns (checked before any expensive pass), categories unified across inputs: a categorical
-    // column keeps its file's category order, text columns add values in order of first appearance.
+    let mut scan = Scan {
+        union: GeneUnion::default(),
+        stats: None,
+        want_stats: fixed_genes.is_none(),
+        bar: progress::bar(0, "validating + HVG statistics"),
+    };
+    let mut sources = Vec::new();
+    for (h5, labels) in opened.into_iter().zip(labels_per_file) {
+        let source = choose_matrix(h5, labels, &opts.layer, &mut scan)?;
+        notes.push(format!(
+            "{}: using {} ({:?}) — {}",
+            source.h5.path.display(),
+            source.matrix.name,
+            source.kind,
+            source.matrix_reason
+        ));
+        sources.push(source);
+    }
+    scan.bar.finish_and_clear();
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        cells = scan.bar.position(),
+        "validation and HVG statistics done"
+    );
+
+    let vocabulary = choose_vocabulary(opts, fixed_genes, &scan, &mut notes)?;
+    let file_to_vocab: Vec<Vec<u32>> = sources
+        .iter()
+        .map(|s| {
+            s.to_union
+                .iter()
+                .map(|&u| vocabulary.union_to_vocab[u as usize])
+                .collect()
+        })
+        .collect();
+    let entries = bin_and_write_shards(
+        opts,
+        &store,
+        &sources,
+        &file_to_vocab,
+        vocabulary.genes.len(),
+        label_columns.len(),
+    )?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        shards = entries.len(),
+        "shards written"
+    );
+
+    let hashes = hashing
+        .into_iter()
+        .map(|h| h.join().expect("hashing thread panicked"))
+        .collect::<anyhow::Result<Vec<(u64, String)>>>()?;
+    let n_vocab = vocabulary.genes.len();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        synthetic: false,
+        genes: vocabulary.genes,
+        vocabulary: vocabulary.source,
+        bins: BinRule::per_cell_quantile(opts.bins),
+        label_columns,
+        block_cells: opts.block_cells as u32,
+        shards: entries,
+        sources: sources
+            .iter()
+            .zip(&file_to_vocab)
+            .zip(hashes)
+            .map(|((s, map), (bytes, blake3))| SourceFile {
+                path: s.h5.path.display().to_string(),
+                bytes,
+                blake3,
+                cells: s.matrix.n_obs as u64,
+                genes: s.matrix.n_vars as u64,
+                matrix: s.matrix.name.clone(),
+                matrix_reason: s.matrix_reason.clone(),
+                value_kind: s.kind,
+                missing_vocabulary_genes: (n_vocab - map.iter().filter(|&&p| p != u32::MAX).count())
+                    as u64,
+            })
+            .collect(),
+        total_cells: sources.iter().map(|s| s.matrix.n_obs as u64).sum(),
+        created_by: format!("cellfleet {}", env!("CARGO_PKG_VERSION")),
+    };
+    store.put(MANIFEST_FILE, serde_json::to_vec_pretty(&manifest)?.into())?;
+    Ok(IngestReport { manifest, notes })
+}
+
+fn check_options(opts: &IngestOptions) -> anyhow::Result<()> {
+    if opts.inputs.is_empty() {
+        bail!("no input files; give one or more .h5ad files");
+    }
+    if !(2..=250).contains(&opts.bins) {
+        bail!("--bins {} is out of range; expected 2..=250", opts.bins);
+    }
+    if opts.shard_cells == 0 || opts.block_cells == 0 {
+        bail!("--shard-cells and --block-cells must be positive");
+    }
+    Ok(())
+}
+
+/// Reads the label columns (before any expensive pass) with categories unified across inputs: a
+/// categorical column keeps its file's category order, text columns add values in order of first
+/// appearance. Returns the columns and, per file and column, every cell's code.
+#[allow(clippy::type_complexity)]
+fn unify_label_columns(
+    opened: &[H5ad],
+    names: &[String],
+) -> anyhow::Result<(Vec<LabelColumn>, Vec<Vec<Vec<u32>>>)> {
     let mut label_columns = Vec::new();
     let mut labels_per_file: Vec<Vec<Vec<u32>>> = vec![Vec::new(); opened.len()];
-    for col in &opts.label_cols {
+    for col in names {
         let mut categories: Vec<String> = Vec::new();
         let mut index: HashMap<String, u32> = HashMap::new();
         let mut intern = |name: &str| -> u32 {
@@ -364,170 +466,192 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
             categories,
         });
     }
+    Ok((label_columns, labels_per_file))
+}
 
-    let mut union = GeneUnion::default();
-    let mut sources = Vec::new();
-    let scan = progress::bar(0, "validating + HVG statistics");
-    let want_stats = fixed_genes.is_none();
-    let mut merged_stats: Option<HvgAccumulator> = None;
-    for (h5, labels) in opened.into_iter().zip(labels_per_file) {
-        let path = h5.path.clone();
-        let mut candidates: Vec<(String, String)> = match &opts.layer {
-            LayerChoice::Auto => {
-                let mut c = Vec::new();
-                if let Some(layer) = counts_layer(&h5) {
-                    c.push((
-                        layer.clone(),
-                        format!("--layer auto: {layer} holds raw counts, the most faithful input"),
-                    ));
-                }
-                h5.matrix_path("X")?; // a file without X is malformed even if it has layers
+/// What pass 1 accumulates over the inputs: the union of their genes, the merged HVG statistics, and the
+/// progress bar over cells.
+struct Scan {
+    union: GeneUnion,
+    stats: Option<HvgAccumulator>,
+    want_stats: bool,
+    bar: ProgressBar,
+}
+
+/// The matrices `layer` allows for `h5`, in order of preference, each with the reason it would be used.
+fn matrix_candidates(h5: &H5ad, layer: &LayerChoice) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(match layer {
+        LayerChoice::Auto => {
+            let mut c = Vec::new();
+            if let Some(layer) = counts_layer(h5) {
                 c.push((
-                    "X".into(),
-                    "--layer auto: X holds non-negative expression".into(),
+                    layer.clone(),
+                    format!("--layer auto: {layer} holds raw counts, the most faithful input"),
                 ));
-                if h5.matrix_names().iter().any(|n| n == "raw") {
-                    c.push((
-                        "raw".into(),
-                        "--layer auto: X holds negative (scaled) values, so raw/X is used".into(),
-                    ));
-                }
-                c
             }
-            LayerChoice::X => vec![("X".into(), "--layer X".into())],
-            LayerChoice::Raw => vec![("raw".into(), "--layer raw".into())],
-            LayerChoice::Layer(name) => vec![(name.clone(), format!("--layer {name}"))],
-        };
-        let mut chosen = None;
-        let mut rejections = Vec::new();
-        for (which, reason) in candidates.drain(..) {
-            let matrix = h5.matrix(&which)?;
-            let genes = h5.var_names(which == "raw")?;
-            if genes.len() != matrix.n_vars {
-                bail!(InputError {
-                    file: path.clone(),
-                    message: format!(
-                        "{} has {} genes but its var table names {}",
-                        matrix.name,
-                        matrix.n_vars,
-                        genes.len()
-                    )
-                });
+            h5.matrix_path("X")?; // a file without X is malformed even if it has layers
+            c.push((
+                "X".into(),
+                "--layer auto: X holds non-negative expression".into(),
+            ));
+            if h5.matrix_names().iter().any(|n| n == "raw") {
+                c.push((
+                    "raw".into(),
+                    "--layer auto: X holds negative (scaled) values, so raw/X is used".into(),
+                ));
             }
-            if matrix.n_obs == 0 {
-                bail!(InputError {
-                    file: path.clone(),
-                    message: format!("{} holds zero cells; nothing to ingest", matrix.name)
-                });
-            }
-            check_unique(&path, &format!("the var names of {}", matrix.name), &genes)?;
-            // A matrix rejected below must leave no genes behind in the union.
-            let union_before = union.clone();
-            let to_union = union.add(&genes);
-            let before = scan.position();
-            scan.inc_length(matrix.n_obs as u64);
-            match pass1(
-                &path,
-                &matrix,
-                &genes,
-                &to_union,
-                union.len(),
-                want_stats,
-                &scan,
-            )? {
-                Pass1::Negative { row, gene, value } => {
-                    union = union_before;
-                    scan.set_position(before);
-                    scan.set_length(before);
-                    let what = format!(
-                        "{} holds a negative value ({value} at cell {row}, gene {})",
-                        matrix.name, genes[gene]
-                    );
-                    let is_counts_layer =
-                        which.starts_with("layers/") && which.to_lowercase().contains("count");
-                    if opts.layer != LayerChoice::Auto || is_counts_layer {
-                        let hint = if is_counts_layer {
-                            "a counts layer must hold non-negative counts"
-                        } else {
-                            "scaled data cannot be binned; use --layer raw or a counts layer"
-                        };
-                        bail!(InputError {
-                            file: path.clone(),
-                            message: format!("{what}; {hint}")
-                        });
-                    }
-                    rejections.push(what);
-                }
-                Pass1::Done { kind, stats } => {
-                    let earlier_kind = merged_stats.as_ref().map(HvgAccumulator::kind);
-                    if let Some(stats) = stats {
-                        match merged_stats.as_mut() {
-                            Some(m) if m.kind() == stats.kind() => m.merge(&stats),
-                            Some(_) => bail!(InputError {
-                                file: path.clone(),
-                                message: format!("{} holds {kind:?} values but earlier inputs hold {:?}; ingest one kind together (--layer)", matrix.name, earlier_kind),
-                            }),
-                            None => merged_stats = Some(stats),
-                        }
-                    }
-                    chosen = Some((reason, matrix, to_union, kind));
-                    break;
-                }
-            }
+            c
         }
-        let Some((reason, matrix, to_union, kind)) = chosen else {
+        LayerChoice::X => vec![("X".into(), "--layer X".into())],
+        LayerChoice::Raw => vec![("raw".into(), "--layer raw".into())],
+        LayerChoice::Layer(name) => vec![(name.clone(), format!("--layer {name}"))],
+    })
+}
+
+/// Pass 1 over one file: tries its candidate matrices in order, validating each (a matrix with negative
+/// values is rejected, and leaves nothing in the union or the bar), and returns the first that holds
+/// unscaled expression, with its genes added to the union and its statistics merged.
+fn choose_matrix(
+    h5: H5ad,
+    labels: Vec<Vec<u32>>,
+    layer: &LayerChoice,
+    scan: &mut Scan,
+) -> anyhow::Result<Source> {
+    let path = h5.path.clone();
+    let mut chosen = None;
+    let mut rejections = Vec::new();
+    for (which, reason) in matrix_candidates(&h5, layer)? {
+        let matrix = h5.matrix(&which)?;
+        let genes = h5.var_names(which == "raw")?;
+        if genes.len() != matrix.n_vars {
             bail!(InputError {
                 file: path.clone(),
                 message: format!(
-                    "{}; no counts layer or raw/X holds unscaled expression to bin instead",
-                    rejections.join("; ")
-                ),
-            });
-        };
-        let reason = if rejections.is_empty() {
-            reason
-        } else {
-            format!("{reason} ({})", rejections.join("; "))
-        };
-        tracing::info!(file = %path.display(), matrix = %matrix.name, kind = ?kind, "{reason}");
-        notes.push(format!(
-            "{}: using {} ({:?}) — {reason}",
-            path.display(),
-            matrix.name,
-            kind
-        ));
-        let obs_names = h5.obs_names()?;
-        if obs_names.len() != matrix.n_obs {
-            bail!(InputError {
-                file: path.clone(),
-                message: format!(
-                    "obs names {} cells but {} has {} rows",
-                    obs_names.len(),
+                    "{} has {} genes but its var table names {}",
                     matrix.name,
-                    matrix.n_obs
+                    matrix.n_vars,
+                    genes.len()
                 )
             });
         }
-        sources.push(Source {
-            h5,
-            matrix,
-            matrix_reason: reason,
-            to_union,
-            kind,
-            obs_names,
-            labels,
+        if matrix.n_obs == 0 {
+            bail!(InputError {
+                file: path.clone(),
+                message: format!("{} holds zero cells; nothing to ingest", matrix.name)
+            });
+        }
+        check_unique(&path, &format!("the var names of {}", matrix.name), &genes)?;
+        // A matrix rejected below must leave no genes behind in the union.
+        let union_before = scan.union.clone();
+        let to_union = scan.union.add(&genes);
+        let before = scan.bar.position();
+        scan.bar.inc_length(matrix.n_obs as u64);
+        match pass1(
+            &path,
+            &matrix,
+            &genes,
+            &to_union,
+            scan.union.len(),
+            scan.want_stats,
+            &scan.bar,
+        )? {
+            Pass1::Negative { row, gene, value } => {
+                scan.union = union_before;
+                scan.bar.set_position(before);
+                scan.bar.set_length(before);
+                let what = format!(
+                    "{} holds a negative value ({value} at cell {row}, gene {})",
+                    matrix.name, genes[gene]
+                );
+                let is_counts_layer =
+                    which.starts_with("layers/") && which.to_lowercase().contains("count");
+                if *layer != LayerChoice::Auto || is_counts_layer {
+                    let hint = if is_counts_layer {
+                        "a counts layer must hold non-negative counts"
+                    } else {
+                        "scaled data cannot be binned; use --layer raw or a counts layer"
+                    };
+                    bail!(InputError {
+                        file: path.clone(),
+                        message: format!("{what}; {hint}")
+                    });
+                }
+                rejections.push(what);
+            }
+            Pass1::Done { kind, stats } => {
+                let earlier_kind = scan.stats.as_ref().map(HvgAccumulator::kind);
+                if let Some(stats) = stats {
+                    match scan.stats.as_mut() {
+                        Some(m) if m.kind() == stats.kind() => m.merge(&stats),
+                        Some(_) => bail!(InputError {
+                            file: path.clone(),
+                            message: format!("{} holds {kind:?} values but earlier inputs hold {:?}; ingest one kind together (--layer)", matrix.name, earlier_kind),
+                        }),
+                        None => scan.stats = Some(stats),
+                    }
+                }
+                chosen = Some((reason, matrix, to_union, kind));
+                break;
+            }
+        }
+    }
+    let Some((reason, matrix, to_union, kind)) = chosen else {
+        bail!(InputError {
+            file: path.clone(),
+            message: format!(
+                "{}; no counts layer or raw/X holds unscaled expression to bin instead",
+                rejections.join("; ")
+            ),
+        });
+    };
+    let reason = if rejections.is_empty() {
+        reason
+    } else {
+        format!("{reason} ({})", rejections.join("; "))
+    };
+    tracing::info!(file = %path.display(), matrix = %matrix.name, kind = ?kind, "{reason}");
+    let obs_names = h5.obs_names()?;
+    if obs_names.len() != matrix.n_obs {
+        bail!(InputError {
+            file: path.clone(),
+            message: format!(
+                "obs names {} cells but {} has {} rows",
+                obs_names.len(),
+                matrix.name,
+                matrix.n_obs
+            )
         });
     }
-    scan.finish_and_clear();
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        cells = scan.position(),
-        "validation and HVG statistics done"
-    );
+    Ok(Source {
+        h5,
+        matrix,
+        matrix_reason: reason,
+        to_union,
+        kind,
+        obs_names,
+        labels,
+    })
+}
 
-    // HVG statistics need the final union, so they are a second streaming read (only without --genes).
+/// The corpus vocabulary and how it was chosen.
+struct Vocabulary {
+    genes: Vec<String>,
+    source: VocabularySource,
+    /// Union gene index -> vocabulary position (`u32::MAX`: not in the vocabulary).
+    union_to_vocab: Vec<u32>,
+}
+
+/// The vocabulary: the `--genes` file (genes absent from the input read as zero) or the `--hvg` most
+/// variable genes of the union by the pass-1 statistics.
+fn choose_vocabulary(
+    opts: &IngestOptions,
+    fixed_genes: Option<Vec<String>>,
+    scan: &Scan,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Vocabulary> {
+    let union = &scan.union;
     let n_union = union.len();
-    let (vocab_union, vocabulary): (Vec<Option<u32>>, VocabularySource) = match &fixed_genes {
+    let (vocab_union, source): (Vec<Option<u32>>, VocabularySource) = match &fixed_genes {
         Some(genes) => {
             let missing = genes.iter().filter(|g| union.position(g).is_none()).count();
             if missing == genes.len() {
@@ -551,8 +675,10 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
             )
         }
         None => {
-            let merged =
-                merged_stats.expect("statistics are gathered for every input without --genes");
+            let merged = scan
+                .stats
+                .as_ref()
+                .expect("statistics are gathered for every input without --genes");
             let chosen = merged.select(opts.hvg);
             let vocab = chosen.iter().map(|&g| Some(g as u32)).collect();
             (
@@ -564,8 +690,8 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
             )
         }
     };
-    let genes: Vec<String> = match &fixed_genes {
-        Some(g) => g.clone(),
+    let genes: Vec<String> = match fixed_genes {
+        Some(g) => g,
         None => vocab_union
             .iter()
             .map(|u| union.names[u.unwrap() as usize].clone())
@@ -584,21 +710,25 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
             union_to_vocab[*u as usize] = pos as u32;
         }
     }
+    Ok(Vocabulary {
+        genes,
+        source,
+        union_to_vocab,
+    })
+}
 
-    // Pass 2: bin and write shards.
+/// Pass 2: reads every file again in shard-sized row ranges, bins each cell's vocabulary genes, and writes
+/// the shards on `opts.threads` threads; returns their manifest entries.
+fn bin_and_write_shards(
+    opts: &IngestOptions,
+    store: &Store,
+    sources: &[Source],
+    file_to_vocab: &[Vec<u32>],
+    n_vocab: usize,
+    n_labels: usize,
+) -> anyhow::Result<Vec<ShardEntry>> {
     let total_cells: u64 = sources.iter().map(|s| s.matrix.n_obs as u64).sum();
     let bar = progress::bar(total_cells, "binning + writing shards");
-    let n_vocab = genes.len();
-    let n_labels = label_columns.len();
-    let file_to_vocab: Vec<Vec<u32>> = sources
-        .iter()
-        .map(|s| {
-            s.to_union
-                .iter()
-                .map(|&u| union_to_vocab[u as usize])
-                .collect()
-        })
-        .collect();
     struct Job {
         source: usize,
         first_row: usize,
@@ -627,7 +757,7 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
     });
     let bins = opts.bins;
     let entries = write_shards(
-        &store,
+        store,
         jobs,
         opts.threads,
         opts.block_cells,
@@ -665,45 +795,5 @@ pub fn ingest(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
         },
     )?;
     bar.finish_and_clear();
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        shards = entries.len(),
-        "shards written"
-    );
-
-    let hashes = hashing
-        .into_iter()
-        .map(|h| h.join().expect("hashing thread panicked"))
-        .collect::<anyhow::Result<Vec<(u64, String)>>>()?;
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        synthetic: false,
-        genes,
-        vocabulary,
-        bins: BinRule::per_cell_quantile(opts.bins),
-        label_columns,
-        block_cells: opts.block_cells as u32,
-        shards: entries,
-        sources: sources
-            .iter()
-            .zip(&file_to_vocab)
-            .zip(hashes)
-            .map(|((s, map), (bytes, blake3))| SourceFile {
-                path: s.h5.path.display().to_string(),
-                bytes,
-                blake3,
-                cells: s.matrix.n_obs as u64,
-                genes: s.matrix.n_vars as u64,
-                matrix: s.matrix.name.clone(),
-                matrix_reason: s.matrix_reason.clone(),
-                value_kind: s.kind,
-                missing_vocabulary_genes: (n_vocab - map.iter().filter(|&&p| p != u32::MAX).count())
-                    as u64,
-            })
-            .collect(),
-        total_cells,
-        created_by: format!("cellfleet {}", env!("CARGO_PKG_VERSION")),
-    };
-    store.put(MANIFEST_NAME, serde_json::to_vec_pretty(&manifest)?.into())?;
-    Ok(IngestReport { manifest, notes })
+    Ok(entries)
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use cellfleet_shared::corpus::manifest::{
-    LabelColumn, Manifest, SourceFile, VocabularySource, FORMAT_VERSION, MANIFEST_NAME,
+    LabelColumn, Manifest, SourceFile, VocabularySource, FORMAT_VERSION, MANIFEST_FILE,
     MISSING_LABEL,
 };
 use cellfleet_shared::corpus::shard::{CellOrigin, ShardBuilder};
@@ -274,7 +274,7 @@ pub fn run(opts: &SynthOptions) -> anyhow::Result<()> {
 
 fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result<()> {
     let store = Store::open(&opts.out, &opts.s3)?;
-    if store.exists(MANIFEST_NAME)? {
+    if store.exists(MANIFEST_FILE)? {
         bail!(
             "{} already holds a corpus; choose another --out or remove it first",
             opts.out
@@ -346,7 +346,7 @@ fn write_corpus(opts: &SynthOptions, profiles: &Arc<Profiles>) -> anyhow::Result
             opts.seed
         ),
     };
-    store.put(MANIFEST_NAME, serde_json::to_vec_pretty(&manifest)?.into())?;
+    store.put(MANIFEST_FILE, serde_json::to_vec_pretty(&manifest)?.into())?;
     Ok(())
 }
 

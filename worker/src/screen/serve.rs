@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use cellfleet_proto as pb;
 use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::screen::unit_key;
@@ -15,10 +15,12 @@ use tonic::transport::Channel;
 
 use super::compute::{Interrupted, Screener};
 use super::plan::load_plan;
+use crate::retry::RetryPolicy;
 use crate::screen::plan::open_location;
 
-/// How long to wait between lease attempts when no unit is free.
-const IDLE_POLL: Duration = Duration::from_millis(300);
+/// How long a screen worker waits for a lost coordinator before its screen thread gives up (the worker
+/// daemon reconnects on its own and restarts the screen when the coordinator re-sends it).
+const COORDINATOR_GIVE_UP: Duration = Duration::from_secs(120);
 
 /// Serves a screen as a fleet worker: loads it once, then leases, computes, stores and completes units
 /// until none is left or `stop` is set. A load failure is reported against a leased unit, so a screen
@@ -38,40 +40,38 @@ pub fn serve_screen(
     };
     let id = assignment.screen_id.clone();
     let call = |what: &str| format!("screen {id}: {what}");
+    // Leases and completions get through a coordinator restart; a final answer (the screen is gone, the
+    // lease was taken over) is returned at once.
+    let policy = RetryPolicy::through_restarts(COORDINATOR_GIVE_UP);
     let lease = || -> anyhow::Result<pb::LeaseUnitResponse> {
-        let mut request = tonic::Request::new(pb::LeaseUnitRequest {
-            worker_id: worker_id.to_string(),
-            screen_id: id.clone(),
-        });
-        request.set_timeout(Duration::from_secs(10));
-        Ok(handle
-            .block_on(client.clone().lease_unit(request))
-            .map_err(|s| anyhow!("{}", s.message()))
-            .with_context(|| call("leasing a unit"))?
-            .into_inner())
+        policy
+            .run(|| {
+                let mut request = tonic::Request::new(pb::LeaseUnitRequest {
+                    worker_id: worker_id.to_string(),
+                    screen_id: id.clone(),
+                });
+                request.set_timeout(Duration::from_secs(10));
+                handle
+                    .block_on(client.clone().lease_unit(request))
+                    .map(tonic::Response::into_inner)
+            })
+            .map_err(|e| anyhow!("{}", call(&format!("leasing a unit: {e}"))))
     };
     let complete = |request: pb::CompleteUnitRequest| -> anyhow::Result<pb::CompleteUnitResponse> {
-        let started = Instant::now();
-        loop {
-            let mut r = tonic::Request::new(request.clone());
-            r.set_timeout(Duration::from_secs(10));
-            match handle.block_on(client.clone().complete_unit(r)) {
-                Ok(answer) => return Ok(answer.into_inner()),
-                // Retried through a coordinator restart: the result is stored; only the record is due.
-                Err(status) if started.elapsed() < Duration::from_secs(120) => {
-                    tracing::info!("completing unit {}: {}", request.unit, status.message());
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(status) => bail!(
+        policy
+            .run(|| {
+                let mut r = tonic::Request::new(request.clone());
+                r.set_timeout(Duration::from_secs(10));
+                handle
+                    .block_on(client.clone().complete_unit(r))
+                    .map(tonic::Response::into_inner)
+            })
+            .map_err(|e| {
+                anyhow!(
                     "{}",
-                    call(&format!(
-                        "completing unit {}: {}",
-                        request.unit,
-                        status.message()
-                    ))
-                ),
-            }
-        }
+                    call(&format!("completing unit {}: {e}", request.unit))
+                )
+            })
     };
     let started = Instant::now();
     let load = || -> anyhow::Result<(Screener, Store)> {
@@ -118,14 +118,7 @@ pub fn serve_screen(
     );
     let units = screener.plan.unit_count();
     while !stop.load(Ordering::Relaxed) {
-        let answer = match lease() {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::info!("{e:#}");
-                std::thread::sleep(IDLE_POLL);
-                continue;
-            }
-        };
+        let answer = lease()?;
         if !answer.leased {
             if answer.state != "running" {
                 eprintln!("screen {id} is {}; no more units here", answer.state);

@@ -166,33 +166,63 @@ impl Snapshot {
     }
 }
 
-/// A checkpoint object that fails its manifest's size or hash check (or is missing): the checkpoint is
-/// unusable, an older one may not be.
-#[derive(Debug)]
-pub struct Unusable(pub Problem);
+/// Why a checkpoint could not be restored. Callers decide by the variant: an unusable checkpoint can be
+/// replaced by an older one, any other failure cannot.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// An object fails its manifest's size or hash check, or is missing (`context` says where it was
+    /// being read for).
+    #[error("{context}{problem}")]
+    Unusable { problem: Problem, context: String },
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
 
-impl std::fmt::Display for Unusable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+impl From<cellfleet_shared::Error> for RestoreError {
+    fn from(e: cellfleet_shared::Error) -> Self {
+        RestoreError::Failed(e.into())
     }
 }
 
-impl std::error::Error for Unusable {}
+impl RestoreError {
+    pub fn unusable(problem: Problem) -> Self {
+        RestoreError::Unusable {
+            problem,
+            context: String::new(),
+        }
+    }
+
+    /// Prefixes the message with `context` (as `anyhow`'s context would), keeping the variant.
+    pub fn context(self, context: impl std::fmt::Display) -> Self {
+        match self {
+            RestoreError::Unusable {
+                problem,
+                context: c,
+            } => RestoreError::Unusable {
+                problem,
+                context: format!("{context}: {c}"),
+            },
+            RestoreError::Failed(e) => RestoreError::Failed(e.context(context.to_string())),
+        }
+    }
+}
 
 /// Reads object `name`, size- and hash-checked.
 fn read_object(
     checkpoints: &Checkpoints,
     manifest: &CheckpointManifest,
     name: &str,
-) -> anyhow::Result<Vec<u8>> {
-    Ok(checkpoints.read(manifest, name)?.map_err(Unusable)?)
+) -> Result<Vec<u8>, RestoreError> {
+    checkpoints
+        .read(manifest, name)?
+        .map_err(RestoreError::unusable)
 }
 
 /// Reads (and verifies) only the state object of a checkpoint: its settings and position.
 pub fn read_state(
     checkpoints: &Checkpoints,
     manifest: &CheckpointManifest,
-) -> anyhow::Result<TrainState> {
+) -> Result<TrainState, RestoreError> {
     let bytes = read_object(checkpoints, manifest, STATE_OBJECT)?;
     let state: TrainState = serde_json::from_slice(&bytes).with_context(|| {
         format!(
@@ -202,14 +232,15 @@ pub fn read_state(
         )
     })?;
     if state.format != STATE_FORMAT || state.step != manifest.step {
-        bail!(
+        return Err(anyhow::anyhow!(
             "{}/{}/{STATE_OBJECT} is format {:?} of step {}, expected {STATE_FORMAT:?} of step {}",
             checkpoints.url().trim_end_matches('/'),
             step_folder(manifest.step),
             state.format,
             state.step,
             manifest.step
-        );
+        )
+        .into());
     }
     Ok(state)
 }
@@ -225,7 +256,10 @@ pub struct Restored {
 
 impl Restored {
     /// Reads checkpoint `manifest.step` of `checkpoints`: every object's size and hash is checked first.
-    pub fn read(checkpoints: &Checkpoints, manifest: &CheckpointManifest) -> anyhow::Result<Self> {
+    pub fn read(
+        checkpoints: &Checkpoints,
+        manifest: &CheckpointManifest,
+    ) -> Result<Self, RestoreError> {
         let object = |name: &str| read_object(checkpoints, manifest, name);
         let what = |name: &str| {
             format!(
@@ -469,23 +503,21 @@ pub fn restore(
     target: &ResumeTarget,
     run: Option<&str>,
     s3: &S3Options,
-) -> anyhow::Result<Restored> {
+) -> Result<Restored, RestoreError> {
     let (url, step) = target.location(run)?;
     let checkpoints = open_existing_run(&url, s3)?;
     if let Some(step) = step {
         let manifest = named_step(&checkpoints, &url, step)?;
         return Restored::read(&checkpoints, &manifest)
-            .with_context(|| format!("cannot resume from {url}"));
+            .map_err(|e| e.context(format!("cannot resume from {url}")));
     }
     let mut skipped = 0;
     for step in checkpoints.committed_steps()? {
         let problem = match checkpoints.manifest(step)? {
             Ok(manifest) => match Restored::read(&checkpoints, &manifest) {
                 Ok(restored) => return Ok(restored),
-                Err(e) => match e.downcast::<Unusable>() {
-                    Ok(Unusable(problem)) => problem,
-                    Err(other) => return Err(other),
-                },
+                Err(RestoreError::Unusable { problem, .. }) => problem,
+                Err(failed) => return Err(failed),
             },
             Err(problem) => problem,
         };
@@ -493,9 +525,9 @@ pub fn restore(
         report_skipped(std::slice::from_ref(&problem));
     }
     if skipped == 0 {
-        bail!("no checkpoint in {url}");
+        return Err(anyhow::anyhow!("no checkpoint in {url}").into());
     }
-    bail!("no valid checkpoint in {url} (every one has a problem, see above)")
+    Err(anyhow::anyhow!("no valid checkpoint in {url} (every one has a problem, see above)").into())
 }
 
 /// The manifest of a step named explicitly; a step that does not exist is named with the ones that do.
@@ -503,14 +535,15 @@ fn named_step(
     checkpoints: &Checkpoints,
     url: &str,
     step: u64,
-) -> anyhow::Result<CheckpointManifest> {
+) -> Result<CheckpointManifest, RestoreError> {
     match checkpoints.manifest(step)? {
         Ok(manifest) => Ok(manifest),
         Err(problem) => {
             let steps = checkpoints.steps()?;
             if steps.contains(&step) {
-                return Err(anyhow::Error::new(Unusable(problem))
-                    .context(format!("cannot resume from {url}")));
+                return Err(
+                    RestoreError::unusable(problem).context(format!("cannot resume from {url}"))
+                );
             }
             let listed: Vec<String> = checkpoints
                 .committed_steps()?
@@ -518,7 +551,7 @@ fn named_step(
                 .rev()
                 .map(u64::to_string)
                 .collect();
-            bail!(
+            Err(anyhow::anyhow!(
                 "there is no checkpoint of step {step} in {url} (committed steps: {})",
                 if listed.is_empty() {
                     "none".to_string()
@@ -526,6 +559,7 @@ fn named_step(
                     listed.join(", ")
                 }
             )
+            .into())
         }
     }
 }

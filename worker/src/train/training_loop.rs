@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::stream::batch::{Batch, IGNORE_TARGET};
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, SplitPart};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{all_reduce_buckets, broadcast_tensors, Collective, Solo};
+use crate::collective::{all_reduce_buckets, broadcast_tensors, Collective, CollectiveError, Solo};
 use crate::model::{CellModel, Mode};
 use crate::train::batches::batch_tensors;
 use crate::train::batches::BatchStream;
@@ -142,10 +142,36 @@ impl<'a> Participation<'a> {
     }
 }
 
-/// Returned (inside `anyhow::Error`) when the abort flag stopped the loop.
+/// How a training run failed, as its caller needs to tell: a cluster worker re-forms its group after a
+/// collective failure, stops quietly when superseded, and fails the job for anything else.
 #[derive(Debug, thiserror::Error)]
-#[error("stopped: the generation was superseded")]
-pub struct Aborted;
+pub enum TrainError {
+    /// The abort flag stopped the loop between steps (a newer generation replaced this one).
+    #[error("stopped: the generation was superseded")]
+    Aborted,
+    /// A collective operation failed: a peer is gone or did not answer in time.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+macro_rules! failed_from {
+    ($($error:ty),*) => {$(
+        impl From<$error> for TrainError {
+            fn from(e: $error) -> Self {
+                TrainError::Failed(e.into())
+            }
+        }
+    )*};
+}
+failed_from!(
+    std::io::Error,
+    serde_json::Error,
+    tch::TchError,
+    cellfleet_shared::Error,
+    crate::model::ModelError
+);
 
 /// Opens the step log for a run starting after `start_step`: a resumed run keeps the lines of the steps
 /// up to its checkpoint (and drops any its predecessor logged past it), so the log is the run's history.
@@ -181,21 +207,25 @@ pub(crate) fn train_loop(
     what: &str,
     participation: &mut Participation<'_>,
     mut loss_of: impl FnMut(&Batch, &crate::model::Forward, &Tensor) -> LossParts,
-) -> anyhow::Result<Vec<StepRecord>> {
+) -> Result<Vec<StepRecord>, TrainError> {
     let mut optimizer = AdamW::new(model.trainable_parameters(), config.optimizer);
     let schedule = schedule_of(config);
     let mut start_step = participation.start_step;
     if let Some(restored) = &participation.checkpointing.resume {
         if start_step != 0 && start_step != restored.state.step {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "asked to start at step {start_step} but the checkpoint to resume is of step {}",
                 restored.state.step
-            );
+            )
+            .into());
         }
         start_step = restored.state.step;
         restored.apply(model, &mut optimizer)?;
     } else if start_step > 0 {
-        bail!("starting at step {start_step} needs a checkpoint of that step to restore");
+        return Err(anyhow::anyhow!(
+            "starting at step {start_step} needs a checkpoint of that step to restore"
+        )
+        .into());
     }
     let end_step = participation
         .checkpointing
@@ -253,7 +283,7 @@ pub(crate) fn train_loop(
             .abort
             .is_some_and(|a| a.load(Ordering::Relaxed))
         {
-            return Err(Aborted.into());
+            return Err(TrainError::Aborted);
         }
         let batch = stream.next((end_step - step) as usize)?;
         let t0 = Instant::now();
@@ -358,12 +388,13 @@ pub(crate) fn train_loop(
             upload_in_flight,
         };
         if !record.loss.is_finite() {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "{what}: loss became {} at step {} (try a lower lr than {})",
                 record.loss,
                 step + 1,
                 config.lr
-            );
+            )
+            .into());
         }
         if let Some(writer) = participation.checkpointing.writer.as_mut() {
             let done = step + 1;
@@ -434,7 +465,7 @@ pub fn pretrain(
     corpus: Arc<Corpus>,
     config: &TrainConfig,
     run: &RunOptions,
-) -> anyhow::Result<(CellModel, Vec<StepRecord>)> {
+) -> Result<(CellModel, Vec<StepRecord>), TrainError> {
     pretrain_with(
         corpus,
         config,
@@ -450,10 +481,10 @@ pub fn pretrain_with(
     config: &TrainConfig,
     run: &RunOptions,
     participation: &mut Participation<'_>,
-) -> anyhow::Result<(CellModel, Vec<StepRecord>)> {
+) -> Result<(CellModel, Vec<StepRecord>), TrainError> {
     config.validate()?;
     if config.mask_ratio <= 0.0 {
-        bail!("pretraining needs mask_ratio > 0");
+        return Err(anyhow::anyhow!("pretraining needs mask_ratio > 0").into());
     }
     setup_torch(config, run);
     let manifest = &corpus.manifest;
