@@ -703,7 +703,29 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
     let (baseline, baseline_two, report, sample) =
         run_baseline(&plan, &args.scratch, args.baseline_seconds, &s3)?;
 
-    // The table.
+    print_table(
+        &plan,
+        &sides,
+        [&baseline, &baseline_two],
+        &report,
+        plan_seconds,
+        cores,
+    );
+    print_agreement(&sample, &first_shifts);
+    let cpu = print_flop_model(&plan, &s3, &sample, &sides, &report)?;
+    print_genome_extrapolation(&plan, args.utilization, expressed, &cpu);
+    Ok(())
+}
+
+/// The throughput table: every cellfleet side and the Python baseline with 1 and 2 processes.
+fn print_table(
+    plan: &ScreenPlan,
+    sides: &[Side],
+    [baseline, baseline_two]: [&Side; 2],
+    report: &BaselineReport,
+    plan_seconds: f64,
+    cores: usize,
+) {
     let base_rate = baseline.compute_rate;
     println!();
     println!(
@@ -718,7 +740,7 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         "vs Python",
         "load"
     );
-    for side in &sides {
+    for side in sides {
         let e2e = side.pairs as f64 / side.wall;
         println!(
             "{:<32} {:>5} {:>9} {:>9.2} {:>12.1} {:>14.1} {:>13.1} {:>10} {:>6.2}",
@@ -791,9 +813,11 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
             }
         );
     }
+}
 
-    // Numerical agreement on the pairs the baseline recorded.
-    // Both sides compute in f32, so the shifts are compared as f32 values.
+/// Numerical agreement on the pairs the baseline recorded (both sides compute in f32, so the shifts are
+/// compared as f32 values).
+fn print_agreement(sample: &BaselineSample, first_shifts: &PairShifts) {
     let mut diffs = Vec::new();
     let mut magnitude = 0f64;
     for &(gene, cell, cosine) in &sample.sample {
@@ -834,16 +858,25 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
             );
         }
     }
+}
 
-    // The FLOP model, validated on this CPU.
-    let model = load_model(&plan, &s3, Device::Cpu)?;
+/// The FLOP model, validated on this CPU; returns the measured forwards the extrapolation uses.
+fn print_flop_model(
+    plan: &ScreenPlan,
+    s3: &S3Options,
+    sample: &BaselineSample,
+    sides: &[Side],
+    report: &BaselineReport,
+) -> anyhow::Result<Vec<CpuForward>> {
+    let seq = plan.vocabulary.len() + 1;
+    let model = load_model(plan, s3, Device::Cpu)?;
     let batch = plan.spec.execution.batch as usize;
     let mut wanted: Vec<u64> = plan.cells[..plan.cells.len().min(batch)].to_vec();
     wanted.extend(sample.first.as_ref().map(|f| f.cell));
-    let bins = read_cells(&Corpus::open(&plan.corpus_url, &s3)?, &wanted)?;
+    let bins = read_cells(&Corpus::open(&plan.corpus_url, s3)?, &wanted)?;
     if let Some(first) = &sample.first {
         let ours = model.embed(
-            &plan_tokens(&plan, &[first.cell], &bins, 1),
+            &plan_tokens(plan, &[first.cell], &bins, 1),
             crate::model::Pooling::Mean,
         );
         let theirs = Tensor::from_slice(&first.embedding).view([1, -1]);
@@ -855,7 +888,7 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
             first.cell
         );
     }
-    let cpu = cpu_forwards(&plan, &model, &bins)?;
+    let cpu = cpu_forwards(plan, &model, &bins)?;
     let screened = forward_flops(&cpu[0].config, seq, true);
     println!();
     println!(
@@ -906,11 +939,20 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         report.forwards as f64 * python_flops / report.seconds / 1e9
     );
 
-    // Genome-wide extrapolation.
+    Ok(cpu)
+}
+
+/// The genome-wide screen on one H200, extrapolated from the FLOP model at `utilization` of its peak.
+fn print_genome_extrapolation(
+    plan: &ScreenPlan,
+    utilization: f64,
+    expressed: f64,
+    cpu: &[CpuForward],
+) {
     let big = Preset::Cellxpert.config(GENOME_GENES, usize::from(plan.n_bins));
     let big_seq = GENOME_GENES + 1;
     let f = forward_flops(&big, big_seq, true);
-    let sustained = H200_BF16_DENSE_FLOPS * args.utilization;
+    let sustained = H200_BF16_DENSE_FLOPS * utilization;
     let originals = GENOME_CELLS;
     println!();
     println!(
@@ -935,7 +977,7 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         "  assumed: H200 dense BF16 peak {:.0} TFLOP/s at {:.0}% utilization = {:.0} TFLOP/s sustained; {} originals \
          (1 per cell: a worker caches its cells' unperturbed forward across units)",
         H200_BF16_DENSE_FLOPS / 1e12,
-        100.0 * args.utilization,
+        100.0 * utilization,
         sustained / 1e12,
         thousands(originals),
     );
@@ -971,7 +1013,6 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         thousands(plan.work_genes.len() as f64),
         thousands(plan.cells.len() as f64)
     );
-    Ok(())
 }
 
 #[cfg(test)]

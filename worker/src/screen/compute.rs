@@ -80,17 +80,21 @@ pub struct Screener {
     layout: TokenLayout,
 }
 
-/// Why a unit stopped before finishing.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "unit interrupted")
-    }
+/// Why a unit did not finish: stopped on purpose (its lease was lost, or the worker was told to stop;
+/// nothing to report), or failed (reported against the unit).
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    #[error("unit interrupted")]
+    Interrupted,
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
 }
 
-impl std::error::Error for Interrupted {}
+impl From<tch::TchError> for UnitError {
+    fn from(e: tch::TchError) -> Self {
+        UnitError::Failed(e.into())
+    }
+}
 
 impl Screener {
     /// Loads everything a unit needs: once per worker and screen.
@@ -270,7 +274,7 @@ impl Screener {
         cells: &[u64],
         own_genes: Option<&Tensor>,
         stop: &AtomicBool,
-    ) -> anyhow::Result<(Tensor, Vec<f32>, Option<Tensor>)> {
+    ) -> Result<(Tensor, Vec<f32>, Option<Tensor>), UnitError> {
         let batch = self.plan.spec.execution.batch as usize;
         let cached = own_genes.is_none()
             && cells
@@ -280,7 +284,7 @@ impl Screener {
         if !cached {
             for chunk in cells.chunks(batch) {
                 if stop.load(Ordering::Relaxed) {
-                    return Err(Interrupted.into());
+                    return Err(UnitError::Interrupted);
                 }
                 let (mut ids, mut bins) = (Vec::new(), Vec::new());
                 for &c in chunk {
@@ -316,7 +320,7 @@ impl Screener {
     }
 
     /// Computes unit `unit`; `stop` is checked between forward passes.
-    pub fn compute_unit(&self, unit: usize, stop: &AtomicBool) -> anyhow::Result<UnitResult> {
+    pub fn compute_unit(&self, unit: usize, stop: &AtomicBool) -> Result<UnitResult, UnitError> {
         let plan = &self.plan;
         let span = plan.unit(unit);
         let unit_genes: Vec<u32> = plan.work_genes[span.genes.clone()].to_vec();
@@ -364,7 +368,7 @@ impl Screener {
         let cls = i64::from(self.layout.cls_bin());
         for chunk in pairs.chunks(batch) {
             if stop.load(Ordering::Relaxed) {
-                return Err(Interrupted.into());
+                return Err(UnitError::Interrupted);
             }
             let (mut ids, mut bins) = (Vec::new(), Vec::new());
             for &(k, ci) in chunk {

@@ -10,12 +10,12 @@ use cellfleet_shared::checkpoint::CheckpointManifest;
 use cellfleet_shared::corpus::manifest::MISSING_LABEL;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::screen::{
-    CheckpointId, GeneSelection, PerturbationKind, ScreenPlan, ScreenSpec, StateCells, PLAN_FILE,
-    PLAN_FORMAT,
+    CheckpointId, GeneSelection, GoalSpec, PerturbationKind, ScreenPlan, ScreenSpec, StateCells,
+    PLAN_FILE, PLAN_FORMAT,
 };
 use cellfleet_shared::storage::{S3Options, Store};
 
-use crate::train::checkpoint_state::{read_state, resolve, ResumeTarget};
+use crate::train::checkpoint_state::{read_state, resolve, ResumeTarget, TrainState};
 
 /// Reads a screen specification: TOML, or JSON for a `.json` file.
 pub fn read_spec(path: &Path) -> anyhow::Result<ScreenSpec> {
@@ -134,9 +134,9 @@ pub fn read_cells(corpus: &Corpus, cells: &[u64]) -> anyhow::Result<HashMap<u64,
     Ok(out)
 }
 
-/// Resolves `spec` (read from a file in `spec_dir`) into a plan: opens and verifies the checkpoint, checks
-/// the corpus uses its vocabulary, applies the cell filters, resolves genes, the null and the goal states.
-/// Every error names the field, the value and what would be accepted.
+/// Resolves `spec` into a plan: checks that the corpus fits the checkpoint, selects the cells, the genes
+/// and the null genes, the goal states' cells (per stratum of `goal.match_column`), and counts each unit's
+/// applicable pairs. Every refusal names the field and the value, and what exists instead.
 pub fn resolve_plan(
     spec: &ScreenSpec,
     spec_dir: &Path,
@@ -148,8 +148,69 @@ pub fn resolve_plan(
     let state = read_state(&checkpoints, &manifest)?;
     let corpus =
         Corpus::open(&spec.corpus, s3).with_context(|| format!("corpus = {:?}", spec.corpus))?;
+    check_corpus_fits(spec, &corpus, &state)?;
     let vocabulary = state.genes.clone();
-    if corpus.manifest.genes != vocabulary {
+    let labels = Labels {
+        corpus: &corpus,
+        index: index_corpus(&corpus)?,
+    };
+    let cells = select_cells(spec, &labels)?;
+    let cell_names = cells
+        .iter()
+        .map(|&c| labels.index.names[c as usize].clone())
+        .collect();
+    let (genes, null_genes) = select_genes(spec, spec_dir, &vocabulary)?;
+    let mut work_genes: Vec<u32> = genes.iter().chain(&null_genes).copied().collect();
+    work_genes.sort_unstable();
+    work_genes.dedup();
+    if spec.perturbation.kind == PerturbationKind::Delete && vocabulary.len() < 2 {
+        bail!("perturbation.kind = \"delete\" needs a vocabulary of at least 2 genes (a cell without genes has no embedding)");
+    }
+    let strata = match_strata(spec, &labels, &cells)?;
+    let states = match &spec.goal {
+        Some(goal) => goal_states(spec.seed, goal, &labels, strata.as_ref())?,
+        None => Vec::new(),
+    };
+    let (strata, cell_strata) = strata.map_or((Vec::new(), Vec::new()), |s| (s.names, s.cells));
+    let mut plan = ScreenPlan {
+        format: PLAN_FORMAT.into(),
+        spec: spec.clone(),
+        checkpoint: CheckpointId {
+            url: checkpoints.url().trim_end_matches('/').to_string(),
+            step: manifest.step,
+            manifest_blake3: manifest_blake3(&manifest)?,
+        },
+        corpus_url: spec.corpus.clone(),
+        corpus_manifest_blake3: corpus.manifest.content_hash(),
+        vocabulary,
+        n_bins: corpus.manifest.bins.n_bins,
+        genes,
+        null_genes,
+        work_genes,
+        cells,
+        cell_names,
+        states,
+        strata,
+        cell_strata,
+        unit_pairs: Vec::new(),
+    };
+    let bins = read_cells(&corpus, &plan.cells)?;
+    plan.unit_pairs = (0..plan.unit_count())
+        .map(|u| applicable_pairs(&plan, &bins, u).len() as u64)
+        .collect();
+    if plan.total_pairs() == 0 {
+        bail!(
+            "no gene of the screen is expressed in any selected cell: a {} changes nothing",
+            spec.perturbation.kind.name()
+        );
+    }
+    Ok(plan)
+}
+
+/// The corpus must be tokenized like the checkpoint's training corpus: the same vocabulary and bins.
+fn check_corpus_fits(spec: &ScreenSpec, corpus: &Corpus, state: &TrainState) -> anyhow::Result<()> {
+    let vocabulary = &state.genes;
+    if corpus.manifest.genes != *vocabulary {
         let shared = corpus
             .manifest
             .genes
@@ -173,9 +234,19 @@ pub fn resolve_plan(
             state.model.n_bins
         );
     }
-    let index = index_corpus(&corpus)?;
-    let column = |field: &str, name: &str| -> anyhow::Result<(usize, Vec<String>)> {
-        let columns = &corpus.manifest.label_columns;
+    Ok(())
+}
+
+/// The corpus's label columns and every cell's codes in them, for selecting cells by label.
+struct Labels<'a> {
+    corpus: &'a Corpus,
+    index: CorpusIndex,
+}
+
+impl Labels<'_> {
+    /// The index and categories of label column `name`; `field` names the spec field asking for it.
+    fn column(&self, field: &str, name: &str) -> anyhow::Result<(usize, Vec<String>)> {
+        let columns = &self.corpus.manifest.label_columns;
         let Some(i) = columns.iter().position(|c| c.name == name) else {
             let known: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
             bail!(
@@ -184,52 +255,67 @@ pub fn resolve_plan(
             );
         };
         Ok((i, columns[i].categories.clone()))
-    };
-    let code =
-        |field: &str, col: &str, categories: &[String], value: &str| -> anyhow::Result<u32> {
-            categories
-                .iter()
-                .position(|c| c == value)
-                .map(|p| p as u32)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{field}: no cell has {col} = {value:?} (values in the corpus: {})",
-                        categories.join(", ")
-                    )
-                })
-        };
-    let cells_matching = |conditions: &[(usize, Vec<u32>)]| -> Vec<u64> {
-        (0..index.names.len() as u64)
+    }
+
+    /// The code of `value` among `categories` of column `col`.
+    fn code(field: &str, col: &str, categories: &[String], value: &str) -> anyhow::Result<u32> {
+        categories
+            .iter()
+            .position(|c| c == value)
+            .map(|p| p as u32)
+            .ok_or_else(|| {
+                anyhow!(
+                    "{field}: no cell has {col} = {value:?} (values in the corpus: {})",
+                    categories.join(", ")
+                )
+            })
+    }
+
+    /// Cell `cell`'s code in column `col` (`MISSING_LABEL` when it has none).
+    fn label(&self, cell: u64, col: usize) -> u32 {
+        self.index.labels[cell as usize * self.index.columns + col]
+    }
+
+    /// The cells whose label in every condition's column is one of its codes, ascending.
+    fn cells_matching(&self, conditions: &[(usize, Vec<u32>)]) -> Vec<u64> {
+        (0..self.index.names.len() as u64)
             .filter(|&c| {
                 conditions.iter().all(|(col, codes)| {
-                    let v = index.labels[c as usize * index.columns + col];
+                    let v = self.label(c, *col);
                     v != MISSING_LABEL && codes.contains(&v)
                 })
             })
             .collect()
-    };
+    }
+}
+
+/// The screened cells: those matching `cells.filter`, sampled down to `cells.max_cells` by the seed.
+fn select_cells(spec: &ScreenSpec, labels: &Labels<'_>) -> anyhow::Result<Vec<u64>> {
     let mut conditions = Vec::new();
     for (name, values) in &spec.cells.filter {
         let field = format!("cells.filter.{name}");
-        let (col, categories) = column(&field, name)?;
+        let (col, categories) = labels.column(&field, name)?;
         let codes = values
             .values()
             .iter()
-            .map(|v| code(&field, name, &categories, v))
+            .map(|v| Labels::code(&field, name, &categories, v))
             .collect::<anyhow::Result<Vec<u32>>>()?;
         conditions.push((col, codes));
     }
-    let matching = cells_matching(&conditions);
+    let matching = labels.cells_matching(&conditions);
     if matching.is_empty() {
         bail!("cells.filter: no cell matches every condition");
     }
     let cap = spec.cells.max_cells.unwrap_or(u64::MAX) as usize;
-    let cells = SplitMix::new(spec.seed, "cells").sample(matching, cap);
-    let cell_names = cells
-        .iter()
-        .map(|&c| index.names[c as usize].clone())
-        .collect();
+    Ok(SplitMix::new(spec.seed, "cells").sample(matching, cap))
+}
 
+/// The screened genes (vocabulary ids, ascending) and the random null genes drawn by the seed.
+fn select_genes(
+    spec: &ScreenSpec,
+    spec_dir: &Path,
+    vocabulary: &[String],
+) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
     let position: HashMap<&str, u32> = vocabulary
         .iter()
         .enumerate()
@@ -280,124 +366,115 @@ pub fn resolve_plan(
         (0..vocabulary.len() as u32).collect(),
         spec.null.genes as usize,
     );
-    let mut work_genes: Vec<u32> = genes.iter().chain(&null_genes).copied().collect();
-    work_genes.sort_unstable();
-    work_genes.dedup();
+    Ok((genes, null_genes))
+}
 
-    if spec.perturbation.kind == PerturbationKind::Delete && vocabulary.len() < 2 {
-        bail!("perturbation.kind = \"delete\" needs a vocabulary of at least 2 genes (a cell without genes has no embedding)");
-    }
-    let mut states = Vec::new();
-    let (mut strata, mut cell_strata) = (Vec::new(), Vec::new());
-    let mut match_col = None;
-    if let Some(name) = spec.goal.as_ref().and_then(|g| g.match_column.as_ref()) {
-        let (col, categories) = column("goal.match_column", name)?;
-        for &c in &cells {
-            let code = index.labels[c as usize * index.columns + col];
-            if code == MISSING_LABEL {
-                bail!(
-                    "goal.match_column: cell {:?} has no {name} value; filter such cells out (cells.filter) or drop match_column",
-                    index.names[c as usize]
-                );
-            }
-            cell_strata.push(code);
+/// The strata of `goal.match_column`: its categories, every screened cell's stratum, and the column.
+struct Strata {
+    names: Vec<String>,
+    cells: Vec<u32>,
+    column: usize,
+    column_name: String,
+}
+
+/// The screened cells' strata when the goal matches on a column (every screened cell must have a value).
+fn match_strata(
+    spec: &ScreenSpec,
+    labels: &Labels<'_>,
+    cells: &[u64],
+) -> anyhow::Result<Option<Strata>> {
+    let Some(name) = spec.goal.as_ref().and_then(|g| g.match_column.as_ref()) else {
+        return Ok(None);
+    };
+    let (column, names) = labels.column("goal.match_column", name)?;
+    let mut of_cells = Vec::with_capacity(cells.len());
+    for &c in cells {
+        let code = labels.label(c, column);
+        if code == MISSING_LABEL {
+            bail!(
+                "goal.match_column: cell {:?} has no {name} value; filter such cells out (cells.filter) or drop match_column",
+                labels.index.names[c as usize]
+            );
         }
-        strata = categories;
-        match_col = Some((col, name.clone()));
+        of_cells.push(code);
     }
-    if let Some(goal) = &spec.goal {
-        let (col, categories) = column("goal.column", &goal.column)?;
-        for (i, value) in std::iter::once(&goal.value)
-            .chain(&goal.alternatives)
-            .enumerate()
-        {
-            let field = if i == 0 {
-                "goal.value".to_string()
-            } else {
-                format!("goal.alternatives[{}]", i - 1)
-            };
-            let c = code(&field, &goal.column, &categories, value)?;
-            let members = cells_matching(&[(col, vec![c])]);
-            if members.is_empty() {
-                bail!(
-                    "{field}: no cell has {} = {value:?} (it is a category of the column, but no cell carries it)",
-                    goal.column
-                );
-            }
-            let mut rng = SplitMix::new(spec.seed, &format!("state {value}"));
-            let state = match &match_col {
-                None => StateCells {
-                    name: value.clone(),
-                    cells: rng.sample(members, goal.max_cells as usize),
-                    strata: Vec::new(),
-                },
-                Some((match_idx, match_name)) => {
-                    // Up to max_cells per stratum; every stratum with screened cells needs some.
-                    let mut pairs = Vec::new();
-                    for (stratum, stratum_name) in strata.iter().enumerate() {
-                        let of_stratum: Vec<u64> = members
-                            .iter()
-                            .copied()
-                            .filter(|&m| {
-                                index.labels[m as usize * index.columns + match_idx]
-                                    == stratum as u32
-                            })
-                            .collect();
-                        let screened = cell_strata.iter().filter(|&&s| s == stratum as u32).count();
-                        if screened > 0 && of_stratum.is_empty() {
-                            bail!(
-                                "{field}: no cell has {} = {value:?} and {match_name} = {stratum_name:?}, but {screened} screened cells are {stratum_name:?}; leave them out (cells.filter) or drop goal.match_column",
-                                goal.column
-                            );
-                        }
-                        for m in rng.sample(of_stratum, goal.max_cells as usize) {
-                            pairs.push((m, stratum as u32));
-                        }
+    Ok(Some(Strata {
+        names,
+        cells: of_cells,
+        column,
+        column_name: name.clone(),
+    }))
+}
+
+/// The cells of the goal state and its alternatives: up to `max_cells` each (per stratum when matched;
+/// every stratum with screened cells needs some).
+fn goal_states(
+    seed: u64,
+    goal: &GoalSpec,
+    labels: &Labels<'_>,
+    strata: Option<&Strata>,
+) -> anyhow::Result<Vec<StateCells>> {
+    let (col, categories) = labels.column("goal.column", &goal.column)?;
+    let mut states = Vec::new();
+    for (i, value) in std::iter::once(&goal.value)
+        .chain(&goal.alternatives)
+        .enumerate()
+    {
+        let field = if i == 0 {
+            "goal.value".to_string()
+        } else {
+            format!("goal.alternatives[{}]", i - 1)
+        };
+        let c = Labels::code(&field, &goal.column, &categories, value)?;
+        let members = labels.cells_matching(&[(col, vec![c])]);
+        if members.is_empty() {
+            bail!(
+                "{field}: no cell has {} = {value:?} (it is a category of the column, but no cell carries it)",
+                goal.column
+            );
+        }
+        let mut rng = SplitMix::new(seed, &format!("state {value}"));
+        let state = match strata {
+            None => StateCells {
+                name: value.clone(),
+                cells: rng.sample(members, goal.max_cells as usize),
+                strata: Vec::new(),
+            },
+            Some(strata) => {
+                let mut pairs = Vec::new();
+                for (stratum, stratum_name) in strata.names.iter().enumerate() {
+                    let of_stratum: Vec<u64> = members
+                        .iter()
+                        .copied()
+                        .filter(|&m| labels.label(m, strata.column) == stratum as u32)
+                        .collect();
+                    let screened = strata
+                        .cells
+                        .iter()
+                        .filter(|&&s| s == stratum as u32)
+                        .count();
+                    if screened > 0 && of_stratum.is_empty() {
+                        bail!(
+                            "{field}: no cell has {} = {value:?} and {} = {stratum_name:?}, but {screened} screened cells are {stratum_name:?}; leave them out (cells.filter) or drop goal.match_column",
+                            goal.column,
+                            strata.column_name
+                        );
                     }
-                    pairs.sort_unstable();
-                    StateCells {
-                        name: value.clone(),
-                        cells: pairs.iter().map(|p| p.0).collect(),
-                        strata: pairs.iter().map(|p| p.1).collect(),
+                    for m in rng.sample(of_stratum, goal.max_cells as usize) {
+                        pairs.push((m, stratum as u32));
                     }
                 }
-            };
-            states.push(state);
-        }
+                pairs.sort_unstable();
+                StateCells {
+                    name: value.clone(),
+                    cells: pairs.iter().map(|p| p.0).collect(),
+                    strata: pairs.iter().map(|p| p.1).collect(),
+                }
+            }
+        };
+        states.push(state);
     }
-    let mut plan = ScreenPlan {
-        format: PLAN_FORMAT.into(),
-        spec: spec.clone(),
-        checkpoint: CheckpointId {
-            url: checkpoints.url().trim_end_matches('/').to_string(),
-            step: manifest.step,
-            manifest_blake3: manifest_blake3(&manifest)?,
-        },
-        corpus_url: spec.corpus.clone(),
-        corpus_manifest_blake3: corpus.manifest.content_hash(),
-        vocabulary,
-        n_bins: corpus.manifest.bins.n_bins,
-        genes,
-        null_genes,
-        work_genes,
-        cells,
-        cell_names,
-        states,
-        strata,
-        cell_strata,
-        unit_pairs: Vec::new(),
-    };
-    let bins = read_cells(&corpus, &plan.cells)?;
-    plan.unit_pairs = (0..plan.unit_count())
-        .map(|u| applicable_pairs(&plan, &bins, u).len() as u64)
-        .collect();
-    if plan.total_pairs() == 0 {
-        bail!(
-            "no gene of the screen is expressed in any selected cell: a {} changes nothing",
-            spec.perturbation.kind.name()
-        );
-    }
-    Ok(plan)
+    Ok(states)
 }
 
 /// The (unit gene index, unit cell index) pairs of `unit` the perturbation applies to, gene-major.

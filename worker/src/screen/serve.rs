@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use cellfleet_proto as pb;
 use cellfleet_proto::coordinator_client::CoordinatorClient;
-use cellfleet_shared::screen::unit_key;
+use cellfleet_shared::screen::{unit_key, UnitResult};
 use cellfleet_shared::storage::{S3Options, Store};
 use tch::Device;
 use tonic::transport::Channel;
 
-use super::compute::{Interrupted, Screener};
+use super::compute::{Screener, UnitError};
 use super::plan::load_plan;
 use crate::retry::RetryPolicy;
 use crate::screen::plan::open_location;
@@ -33,215 +33,290 @@ pub fn serve_screen(
     handle: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let s3 = S3Options {
-        endpoint: (!assignment.s3_endpoint.is_empty()).then(|| assignment.s3_endpoint.clone()),
-        region: (!assignment.s3_region.is_empty()).then(|| assignment.s3_region.clone()),
-        ..S3Options::default()
-    };
-    let id = assignment.screen_id.clone();
-    let call = |what: &str| format!("screen {id}: {what}");
-    // Leases and completions get through a coordinator restart; a final answer (the screen is gone, the
-    // lease was taken over) is returned at once.
-    let policy = RetryPolicy::through_restarts(COORDINATOR_GIVE_UP);
-    let lease = || -> anyhow::Result<pb::LeaseUnitResponse> {
-        policy
-            .run(|| {
-                let mut request = tonic::Request::new(pb::LeaseUnitRequest {
-                    worker_id: worker_id.to_string(),
-                    screen_id: id.clone(),
-                });
-                request.set_timeout(Duration::from_secs(10));
-                handle
-                    .block_on(client.clone().lease_unit(request))
-                    .map(tonic::Response::into_inner)
-            })
-            .map_err(|e| anyhow!("{}", call(&format!("leasing a unit: {e}"))))
-    };
-    let complete = |request: pb::CompleteUnitRequest| -> anyhow::Result<pb::CompleteUnitResponse> {
-        policy
-            .run(|| {
-                let mut r = tonic::Request::new(request.clone());
-                r.set_timeout(Duration::from_secs(10));
-                handle
-                    .block_on(client.clone().complete_unit(r))
-                    .map(tonic::Response::into_inner)
-            })
-            .map_err(|e| {
-                anyhow!(
-                    "{}",
-                    call(&format!("completing unit {}: {e}", request.unit))
-                )
-            })
+    let session = Session {
+        id: assignment.screen_id.clone(),
+        worker_id: worker_id.to_string(),
+        client,
+        handle,
+        // Leases and completions get through a coordinator restart; a final answer (the screen is gone,
+        // the lease was taken over) is returned at once.
+        policy: RetryPolicy::through_restarts(COORDINATOR_GIVE_UP),
     };
     let started = Instant::now();
-    let load = || -> anyhow::Result<(Screener, Store)> {
-        let store = open_location(&assignment.location, &s3)?;
-        let plan = load_plan(&store, &assignment.plan_blake3)?;
-        Ok((
-            Screener::load(plan, &assignment.plan_blake3, &s3, device)?,
-            store,
-        ))
-    };
-    // A failed load is reported against a leased unit and tried again: three reports fail the screen,
-    // so a screen no worker can load ends with the reason instead of waiting forever.
-    let (screener, store) = loop {
-        match load() {
-            Ok(loaded) => break loaded,
-            Err(e) => {
-                let message = format!("{e:#}");
-                eprintln!("{}", call(&format!("cannot load: {message}")));
-                let answer = lease()?;
-                if answer.leased {
-                    complete(pb::CompleteUnitRequest {
-                        worker_id: worker_id.to_string(),
-                        screen_id: id.clone(),
-                        unit: answer.unit,
-                        token: answer.token,
-                        error: format!("worker {worker_id} cannot load the screen: {message}"),
-                        ..Default::default()
-                    })?;
-                } else if answer.state != "running" {
-                    return Err(e);
-                }
-                if stop.load(Ordering::Relaxed) {
-                    return Err(e);
-                }
-                std::thread::sleep(Duration::from_secs(2));
-            }
-        }
-    };
+    let (screener, store) = session.load(&assignment, device, &stop)?;
     eprintln!(
-        "screen {id}: loaded {} (checkpoint step {}) in {:.2}s",
+        "screen {}: loaded {} (checkpoint step {}) in {:.2}s",
+        session.id,
         screener.plan.summary(),
         screener.plan.checkpoint.step,
         started.elapsed().as_secs_f64()
     );
     let units = screener.plan.unit_count();
     while !stop.load(Ordering::Relaxed) {
-        let answer = lease()?;
-        if !answer.leased {
-            if answer.state != "running" {
-                eprintln!("screen {id} is {}; no more units here", answer.state);
+        let lease = session.lease()?;
+        if !lease.leased {
+            if lease.state != "running" {
+                eprintln!(
+                    "screen {} is {}; no more units here",
+                    session.id, lease.state
+                );
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(answer.retry_after_ms.clamp(50, 5000)));
+            std::thread::sleep(Duration::from_millis(lease.retry_after_ms.clamp(50, 5000)));
             continue;
         }
-        let unit = answer.unit as usize;
-        if unit >= units {
+        if lease.unit as usize >= units {
             bail!(
                 "{}",
-                call(&format!(
-                    "the coordinator leased unit {unit}, the plan has {units}"
+                session.say(&format!(
+                    "the coordinator leased unit {}, the plan has {units}",
+                    lease.unit
                 ))
             );
         }
         // The lease is renewed in the background; losing it (or being told to stop) interrupts the unit.
-        let lost = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(tokio::sync::Notify::new());
-        let renewer = {
-            let (client, lost, done, stop) =
-                (client.clone(), lost.clone(), done.clone(), stop.clone());
-            let request = pb::RenewUnitRequest {
-                worker_id: worker_id.to_string(),
-                screen_id: id.clone(),
-                unit: answer.unit,
-                token: answer.token,
-            };
-            let every = Duration::from_millis((answer.lease_ms / 3).max(100));
-            handle.spawn(async move {
-                let mut renewed = Instant::now();
-                loop {
-                    // Checks the stop flag often, so an Idle order interrupts the unit within a batch.
-                    tokio::select! {
-                        _ = done.notified() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        lost.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                    if renewed.elapsed() < every {
-                        continue;
-                    }
-                    renewed = Instant::now();
-                    let mut call = tonic::Request::new(request.clone());
-                    call.set_timeout(Duration::from_secs(10));
-                    match client.clone().renew_unit(call).await {
-                        Ok(r) if !r.get_ref().held => {
-                            eprintln!("unit {} lease lost: {}", request.unit, r.get_ref().reason);
-                            lost.store(true, Ordering::Relaxed);
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(status) => {
-                            tracing::info!("renewing unit {}: {}", request.unit, status.message())
-                        }
-                    }
-                }
-            })
-        };
+        // It stays renewed through the upload and the completion.
+        let renewal = session.renew_in_background(&lease, &stop);
         let unit_started = Instant::now();
-        let computed = screener.compute_unit(unit, &lost);
-        // The lease stays renewed through the upload and the completion.
-        let stop_renewing = || {
-            done.notify_one();
-            let _ = handle.block_on(renewer);
-        };
-        // A failed unit is reported with the reason (three failures of one unit fail the screen).
-        let report_failure = |message: String| -> anyhow::Result<()> {
-            eprintln!("{}", call(&format!("unit {unit} failed: {message}")));
-            complete(pb::CompleteUnitRequest {
-                worker_id: worker_id.to_string(),
-                screen_id: id.clone(),
-                unit: answer.unit,
-                token: answer.token,
-                error: message,
-                ..Default::default()
-            })?;
-            Ok(())
-        };
-        let outcome = (|| -> anyhow::Result<()> {
-            let result = match computed {
-                Ok(result) => result,
-                Err(e) if e.is::<Interrupted>() => return Ok(()),
-                Err(e) => return report_failure(format!("{e:#}")),
-            };
-            let bytes = result.encode();
-            let key = unit_key(unit);
-            let blake3 = blake3::hash(&bytes).to_hex().to_string();
-            let size = bytes.len() as u64;
-            if let Err(e) = store.put(&key, bytes.into()) {
-                return report_failure(format!("storing {key}: {e}"));
-            }
-            let seconds = unit_started.elapsed().as_secs_f64();
-            let answer = complete(pb::CompleteUnitRequest {
-                worker_id: worker_id.to_string(),
-                screen_id: id.clone(),
-                unit: answer.unit,
-                token: answer.token,
-                key,
-                blake3,
-                bytes: size,
-                pairs: result.pairs() as u64,
-                seconds,
-                error: String::new(),
-            })?;
-            eprintln!(
-                "screen {id} unit {unit}/{units}: {} pairs in {seconds:.2}s ({:.0} pairs/s){}",
-                result.pairs(),
-                result.pairs() as f64 / seconds.max(1e-9),
-                if answer.accepted {
-                    String::new()
-                } else {
-                    format!(" (not recorded: {})", answer.reason)
-                }
-            );
-
-            Ok(())
-        })();
-        stop_renewing();
+        let computed = screener.compute_unit(lease.unit as usize, &renewal.lost);
+        let outcome = session.finish_unit(&lease, computed, &store, unit_started, units);
+        renewal.stop(&session.handle);
         outcome?;
     }
     Ok(())
+}
+
+/// One worker's conversation with the coordinator about one screen.
+struct Session {
+    id: String,
+    worker_id: String,
+    client: CoordinatorClient<Channel>,
+    handle: tokio::runtime::Handle,
+    policy: RetryPolicy,
+}
+
+/// A lease renewed in the background until stopped; `lost` is set when the lease is lost or the worker
+/// is told to stop.
+struct Renewal {
+    lost: Arc<AtomicBool>,
+    done: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Renewal {
+    fn stop(self, handle: &tokio::runtime::Handle) {
+        self.done.notify_one();
+        let _ = handle.block_on(self.task);
+    }
+}
+
+impl Session {
+    /// `what`, prefixed with the screen it is about.
+    fn say(&self, what: &str) -> String {
+        format!("screen {}: {what}", self.id)
+    }
+
+    fn lease(&self) -> anyhow::Result<pb::LeaseUnitResponse> {
+        self.policy
+            .run(|| {
+                let mut request = tonic::Request::new(pb::LeaseUnitRequest {
+                    worker_id: self.worker_id.clone(),
+                    screen_id: self.id.clone(),
+                });
+                request.set_timeout(Duration::from_secs(10));
+                self.handle
+                    .block_on(self.client.clone().lease_unit(request))
+                    .map(tonic::Response::into_inner)
+            })
+            .map_err(|e| anyhow!("{}", self.say(&format!("leasing a unit: {e}"))))
+    }
+
+    fn complete(
+        &self,
+        request: pb::CompleteUnitRequest,
+    ) -> anyhow::Result<pb::CompleteUnitResponse> {
+        self.policy
+            .run(|| {
+                let mut r = tonic::Request::new(request.clone());
+                r.set_timeout(Duration::from_secs(10));
+                self.handle
+                    .block_on(self.client.clone().complete_unit(r))
+                    .map(tonic::Response::into_inner)
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "{}",
+                    self.say(&format!("completing unit {}: {e}", request.unit))
+                )
+            })
+    }
+
+    /// Reports unit `lease.unit` as failed with `message` (three failures of one unit fail the screen).
+    fn report_failure(&self, lease: &pb::LeaseUnitResponse, message: String) -> anyhow::Result<()> {
+        self.complete(pb::CompleteUnitRequest {
+            worker_id: self.worker_id.clone(),
+            screen_id: self.id.clone(),
+            unit: lease.unit,
+            token: lease.token,
+            error: message,
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
+    /// Loads the screen's plan, model and cells. A failed load is reported against a leased unit and
+    /// tried again: three reports fail the screen, so a screen no worker can load ends with the reason
+    /// instead of waiting forever. A worker told to stop, or a screen no longer running, ends with the
+    /// load error.
+    fn load(
+        &self,
+        assignment: &pb::ScreenAssignment,
+        device: Device,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<(Screener, Store)> {
+        let s3 = S3Options {
+            endpoint: (!assignment.s3_endpoint.is_empty()).then(|| assignment.s3_endpoint.clone()),
+            region: (!assignment.s3_region.is_empty()).then(|| assignment.s3_region.clone()),
+            ..S3Options::default()
+        };
+        let load = || -> anyhow::Result<(Screener, Store)> {
+            let store = open_location(&assignment.location, &s3)?;
+            let plan = load_plan(&store, &assignment.plan_blake3)?;
+            Ok((
+                Screener::load(plan, &assignment.plan_blake3, &s3, device)?,
+                store,
+            ))
+        };
+        loop {
+            let e = match load() {
+                Ok(loaded) => return Ok(loaded),
+                Err(e) => e,
+            };
+            let message = format!("{e:#}");
+            eprintln!("{}", self.say(&format!("cannot load: {message}")));
+            let lease = self.lease()?;
+            if lease.leased {
+                let worker_id = &self.worker_id;
+                self.report_failure(
+                    &lease,
+                    format!("worker {worker_id} cannot load the screen: {message}"),
+                )?;
+            } else if lease.state != "running" {
+                return Err(e);
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    /// Renews `lease` every third of its length; checks `stop` often, so an Idle order interrupts the
+    /// unit within a batch.
+    fn renew_in_background(
+        &self,
+        lease: &pb::LeaseUnitResponse,
+        stop: &Arc<AtomicBool>,
+    ) -> Renewal {
+        let lost = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (client, flag, notified, stop) = (
+            self.client.clone(),
+            lost.clone(),
+            done.clone(),
+            stop.clone(),
+        );
+        let request = pb::RenewUnitRequest {
+            worker_id: self.worker_id.clone(),
+            screen_id: self.id.clone(),
+            unit: lease.unit,
+            token: lease.token,
+        };
+        let every = Duration::from_millis((lease.lease_ms / 3).max(100));
+        let task = self.handle.spawn(async move {
+            let mut renewed = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = notified.notified() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                if stop.load(Ordering::Relaxed) {
+                    flag.store(true, Ordering::Relaxed);
+                    return;
+                }
+                if renewed.elapsed() < every {
+                    continue;
+                }
+                renewed = Instant::now();
+                let mut call = tonic::Request::new(request.clone());
+                call.set_timeout(Duration::from_secs(10));
+                match client.clone().renew_unit(call).await {
+                    Ok(r) if !r.get_ref().held => {
+                        eprintln!("unit {} lease lost: {}", request.unit, r.get_ref().reason);
+                        flag.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(status) => {
+                        tracing::info!("renewing unit {}: {}", request.unit, status.message())
+                    }
+                }
+            }
+        });
+        Renewal { lost, done, task }
+    }
+
+    /// Stores a computed unit's result under its key and completes the unit; a failure to compute or
+    /// store is reported against the unit with the reason; an interrupted unit is left to its lease.
+    fn finish_unit(
+        &self,
+        lease: &pb::LeaseUnitResponse,
+        computed: Result<UnitResult, UnitError>,
+        store: &Store,
+        unit_started: Instant,
+        units: usize,
+    ) -> anyhow::Result<()> {
+        let unit = lease.unit as usize;
+        let fail = |message: String| -> anyhow::Result<()> {
+            eprintln!("{}", self.say(&format!("unit {unit} failed: {message}")));
+            self.report_failure(lease, message)
+        };
+        let result = match computed {
+            Ok(result) => result,
+            Err(UnitError::Interrupted) => return Ok(()),
+            Err(UnitError::Failed(e)) => return fail(format!("{e:#}")),
+        };
+        let bytes = result.encode();
+        let key = unit_key(unit);
+        let blake3 = blake3::hash(&bytes).to_hex().to_string();
+        let size = bytes.len() as u64;
+        if let Err(e) = store.put(&key, bytes.into()) {
+            return fail(format!("storing {key}: {e}"));
+        }
+        let seconds = unit_started.elapsed().as_secs_f64();
+        let answer = self.complete(pb::CompleteUnitRequest {
+            worker_id: self.worker_id.clone(),
+            screen_id: self.id.clone(),
+            unit: lease.unit,
+            token: lease.token,
+            key,
+            blake3,
+            bytes: size,
+            pairs: result.pairs() as u64,
+            seconds,
+            error: String::new(),
+        })?;
+        eprintln!(
+            "screen {} unit {unit}/{units}: {} pairs in {seconds:.2}s ({:.0} pairs/s){}",
+            self.id,
+            result.pairs(),
+            result.pairs() as f64 / seconds.max(1e-9),
+            if answer.accepted {
+                String::new()
+            } else {
+                format!(" (not recorded: {})", answer.reason)
+            }
+        );
+        Ok(())
+    }
 }

@@ -210,43 +210,23 @@ pub(crate) fn train_loop(
 ) -> Result<Vec<StepRecord>, TrainError> {
     let mut optimizer = AdamW::new(model.trainable_parameters(), config.optimizer);
     let schedule = schedule_of(config);
-    let mut start_step = participation.start_step;
-    if let Some(restored) = &participation.checkpointing.resume {
-        if start_step != 0 && start_step != restored.state.step {
-            return Err(anyhow::anyhow!(
-                "asked to start at step {start_step} but the checkpoint to resume is of step {}",
-                restored.state.step
-            )
-            .into());
-        }
-        start_step = restored.state.step;
-        restored.apply(model, &mut optimizer)?;
-    } else if start_step > 0 {
-        return Err(anyhow::anyhow!(
-            "starting at step {start_step} needs a checkpoint of that step to restore"
-        )
-        .into());
-    }
+    let start_step = resume_point(participation, model, &mut optimizer)?;
     let end_step = participation
         .checkpointing
         .stop_after
         .unwrap_or(config.steps)
         .min(config.steps);
-    let epoch_len = EpochPlan::part_len(
-        &stream.corpus.manifest,
-        stream.order,
-        stream.split,
-        stream.part,
-    )?;
-    let corpus_hash = stream.corpus.manifest.content_hash();
-    let world = participation.collective.world();
-    let lead = participation.rank() == 0;
-    let experts = model.config.experts();
-    let moe_layers = if experts > 0 {
-        model.config.n_layers
-    } else {
-        0
+    let identity = RunIdentity {
+        epoch_len: EpochPlan::part_len(
+            &stream.corpus.manifest,
+            stream.order,
+            stream.split,
+            stream.part,
+        )?,
+        corpus_hash: stream.corpus.manifest.content_hash(),
+        world: participation.collective.world(),
     };
+    let lead = participation.rank() == 0;
     fs::create_dir_all(&run.out).with_context(|| format!("cannot create {}", run.out.display()))?;
     // One step log per run, written by rank 0 (the numbers are global).
     let log_path = run.out.join(format!("{what}_log.jsonl"));
@@ -255,16 +235,8 @@ pub(crate) fn train_loop(
     } else {
         None
     };
-    let grads: Vec<Tensor> = if world > 1 {
-        // Every rank must all-reduce every gradient, also one it did not touch this step (an empty
-        // slice, an expert no token reached): give all of them storage up front.
-        let params = model.trainable_parameters();
-        let zero = params
-            .iter()
-            .map(|(_, p)| p.sum(Kind::Float) * 0.0)
-            .fold(Tensor::zeros([], (Kind::Float, run.device)), |a, b| a + b);
-        zero.backward();
-        params.iter().map(|(_, p)| p.grad()).collect()
+    let grads = if identity.world > 1 {
+        preallocated_grads(model, run.device)
     } else {
         Vec::new()
     };
@@ -295,81 +267,8 @@ pub(crate) fn train_loop(
             .as_mut()
             .is_some_and(|w| w.busy());
         optimizer.zero_grad();
-        let local_samples = batch.samples as f64;
-        let (parts, forward) = if batch.samples > 0 {
-            let (tokens, targets) = batch_tensors(&batch, run.device);
-            let forward = model.forward(
-                &tokens,
-                Mode {
-                    train: true,
-                    bf16: bf16(run),
-                },
-            );
-            (Some(loss_of(&batch, &forward, &targets)), Some(forward))
-        } else {
-            (None, None)
-        };
-        let aux_value = forward
-            .as_ref()
-            .map_or(0.0, |f| f.aux_loss.double_value(&[]));
-        // [loss sum, correct, scored positions, samples, sample-weighted aux loss], then (data-parallel MoE)
-        // every layer's per-expert routed-slot counts: all summed over ranks in one all-reduce.
-        let mut stats = vec![
-            parts.as_ref().map_or(0.0, |p| p.sum.double_value(&[])) as f32,
-            parts.as_ref().map_or(0.0, |p| p.correct.double_value(&[])) as f32,
-            parts.as_ref().map_or(0.0, |p| p.count) as f32,
-            local_samples as f32,
-            (aux_value * local_samples) as f32,
-        ];
-        let global_routing = world > 1 && moe_layers > 0;
-        if global_routing {
-            match &forward {
-                Some(f) => {
-                    for load in &f.expert_load {
-                        stats.extend(Vec::<i64>::try_from(load)?.iter().map(|&c| c as f32));
-                    }
-                }
-                None => stats.extend(std::iter::repeat_n(0.0, moe_layers * experts)),
-            }
-        }
-        let mut totals = Tensor::from_slice(&stats).to_device(run.device);
-        participation.collective.all_reduce_sum(&mut totals)?;
-        let totals = Vec::<f64>::try_from(totals.to_kind(Kind::Double).to_device(Device::Cpu))?;
-        let (scored, samples) = (totals[2].max(1.0), totals[3].max(1.0));
-        let share = local_samples / samples;
-        let mut aux_loss = totals[4] / samples;
-        if let (Some(parts), Some(forward)) = (&parts, &forward) {
-            // The MoE balance loss E * sum_e f_e * P_e with f the routing fractions of the whole global
-            // batch: summed over ranks (weighted by their share) it equals the single-process loss.
-            let aux = if global_routing {
-                let mut aux = Tensor::zeros([], (Kind::Float, run.device));
-                for (layer, probs) in forward.router_probs.iter().enumerate() {
-                    let counts = &totals[5 + layer * experts..5 + (layer + 1) * experts];
-                    let slots: f64 = counts.iter().sum::<f64>().max(1.0);
-                    let fractions: Vec<f32> = counts.iter().map(|&c| (c / slots) as f32).collect();
-                    let fractions = Tensor::from_slice(&fractions).to_device(run.device);
-                    aux += (fractions * probs).sum(Kind::Float) * experts as f64;
-                }
-                aux
-            } else {
-                forward.aux_loss.shallow_clone()
-            };
-            if global_routing {
-                aux_loss = aux.double_value(&[]) * share;
-            }
-            // Sum / max(count, 1): a step without scored positions adds nothing instead of a NaN mean.
-            let loss = &parts.sum / scored + aux * (config.aux_loss_weight * share);
-            loss.backward();
-        } else if global_routing {
-            aux_loss = 0.0;
-        }
-        if global_routing {
-            // The reported balance loss is the global one: sum of the ranks' shares.
-            let mut total = Tensor::from_slice(&[aux_loss as f32]).to_device(run.device);
-            participation.collective.all_reduce_sum(&mut total)?;
-            aux_loss = total.double_value(&[0]);
-        }
-        if world > 1 {
+        let totals = loss_and_backward(model, config, run, participation, &batch, &mut loss_of)?;
+        if identity.world > 1 {
             all_reduce_buckets(&mut *participation.collective, &grads, BUCKET_BYTES)?;
         }
         let grad_norm = optimizer.clip_grad_norm(config.clip_norm);
@@ -377,9 +276,9 @@ pub(crate) fn train_loop(
         optimizer.step(lr);
         let mut record = StepRecord {
             step: step + 1,
-            loss: totals[0] / scored,
-            aux_loss,
-            accuracy: totals[1] / scored,
+            loss: totals.loss_sum / totals.scored,
+            aux_loss: totals.aux_loss,
+            accuracy: totals.correct / totals.scored,
             lr,
             grad_norm,
             tokens: (batch.samples * batch.seq_len) as u64,
@@ -397,44 +296,16 @@ pub(crate) fn train_loop(
             .into());
         }
         if let Some(writer) = participation.checkpointing.writer.as_mut() {
-            let done = step + 1;
-            let last = done == end_step;
-            if last || writer.due(done) {
-                if last {
-                    // The final checkpoint is never skipped; a failed earlier save was already reported.
-                    let _ = writer.wait();
-                }
-                if writer.busy() {
-                    writer.skip(done);
-                } else {
-                    let t = Instant::now();
-                    let (epoch, position) = cursor_at_step(epoch_len, config.batch_size, done);
-                    let state = TrainState {
-                        format: STATE_FORMAT.into(),
-                        step: done,
-                        optimizer_step: optimizer.step,
-                        epoch,
-                        position,
-                        epoch_len,
-                        schedule,
-                        next_lr: schedule.lr(done),
-                        rng_scheme: RNG_SCHEME.into(),
-                        config: config.clone(),
-                        model: model.config.clone(),
-                        genes: stream.corpus.manifest.genes.clone(),
-                        corpus_url: stream.corpus.store.url().to_string(),
-                        corpus_manifest_blake3: corpus_hash.clone(),
-                        world_size: world as u32,
-                        generation: participation.checkpointing.generation,
-                        saved_unix_ms: unix_ms(),
-                    };
-                    let snapshot = Snapshot::take(model, &optimizer, state)?;
-                    record.checkpoint_stall = t.elapsed().as_secs_f64();
-                    // The final checkpoint is what a follow-up run resumes: retry an unreachable store.
-                    let attempts = if last { 3 } else { 1 };
-                    writer.start(snapshot, record.checkpoint_stall, attempts);
-                }
-            }
+            let generation = participation.checkpointing.generation;
+            let saving = Saving {
+                model,
+                optimizer: &optimizer,
+                config,
+                stream,
+                identity: &identity,
+                generation,
+            };
+            record.checkpoint_stall = saving.checkpoint_if_due(writer, step + 1, end_step)?;
         }
         tokens_total += record.tokens;
         if let Some(log) = log.as_mut() {
@@ -457,6 +328,226 @@ pub(crate) fn train_loop(
     }
     bar.finish_and_clear();
     Ok(records)
+}
+
+/// The step a run starts from: the checkpoint's, when it resumes one (its weights and moments are copied
+/// into `model` and `optimizer`); otherwise the participation's, which must then be 0.
+fn resume_point(
+    participation: &Participation<'_>,
+    model: &CellModel,
+    optimizer: &mut AdamW,
+) -> Result<u64, TrainError> {
+    let start_step = participation.start_step;
+    let Some(restored) = &participation.checkpointing.resume else {
+        if start_step > 0 {
+            return Err(anyhow::anyhow!(
+                "starting at step {start_step} needs a checkpoint of that step to restore"
+            )
+            .into());
+        }
+        return Ok(0);
+    };
+    if start_step != 0 && start_step != restored.state.step {
+        return Err(anyhow::anyhow!(
+            "asked to start at step {start_step} but the checkpoint to resume is of step {}",
+            restored.state.step
+        )
+        .into());
+    }
+    restored.apply(model, optimizer)?;
+    Ok(restored.state.step)
+}
+
+/// Every trainable parameter's gradient, allocated up front: every rank must all-reduce every gradient,
+/// also one it did not touch this step (an empty slice, an expert no token reached).
+fn preallocated_grads(model: &CellModel, device: Device) -> Vec<Tensor> {
+    let params = model.trainable_parameters();
+    let zero = params
+        .iter()
+        .map(|(_, p)| p.sum(Kind::Float) * 0.0)
+        .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+    zero.backward();
+    params.iter().map(|(_, p)| p.grad()).collect()
+}
+
+/// What identifies a run's data in its checkpoints.
+struct RunIdentity {
+    epoch_len: u64,
+    corpus_hash: String,
+    world: usize,
+}
+
+/// A step's numbers summed over every rank (a data-parallel step reports the global batch's).
+struct StepTotals {
+    loss_sum: f64,
+    correct: f64,
+    /// Scored positions (at least 1, so a step without any divides to 0, not NaN).
+    scored: f64,
+    aux_loss: f64,
+}
+
+/// Runs this rank's forward pass, sums the loss parts over ranks, and back-propagates the globally
+/// normalised loss (with the MoE balance loss over the global batch's routing); the gradients are left
+/// for the caller to all-reduce.
+fn loss_and_backward(
+    model: &CellModel,
+    config: &TrainConfig,
+    run: &RunOptions,
+    participation: &mut Participation<'_>,
+    batch: &Batch,
+    loss_of: &mut impl FnMut(&Batch, &crate::model::Forward, &Tensor) -> LossParts,
+) -> Result<StepTotals, TrainError> {
+    let world = participation.collective.world();
+    let experts = model.config.experts();
+    let moe_layers = if experts > 0 {
+        model.config.n_layers
+    } else {
+        0
+    };
+    let local_samples = batch.samples as f64;
+    let (parts, forward) = if batch.samples > 0 {
+        let (tokens, targets) = batch_tensors(batch, run.device);
+        let forward = model.forward(
+            &tokens,
+            Mode {
+                train: true,
+                bf16: bf16(run),
+            },
+        );
+        (Some(loss_of(batch, &forward, &targets)), Some(forward))
+    } else {
+        (None, None)
+    };
+    let aux_value = forward
+        .as_ref()
+        .map_or(0.0, |f| f.aux_loss.double_value(&[]));
+    // [loss sum, correct, scored positions, samples, sample-weighted aux loss], then (data-parallel MoE)
+    // every layer's per-expert routed-slot counts: all summed over ranks in one all-reduce.
+    let mut stats = vec![
+        parts.as_ref().map_or(0.0, |p| p.sum.double_value(&[])) as f32,
+        parts.as_ref().map_or(0.0, |p| p.correct.double_value(&[])) as f32,
+        parts.as_ref().map_or(0.0, |p| p.count) as f32,
+        local_samples as f32,
+        (aux_value * local_samples) as f32,
+    ];
+    let global_routing = world > 1 && moe_layers > 0;
+    if global_routing {
+        match &forward {
+            Some(f) => {
+                for load in &f.expert_load {
+                    stats.extend(Vec::<i64>::try_from(load)?.iter().map(|&c| c as f32));
+                }
+            }
+            None => stats.extend(std::iter::repeat_n(0.0, moe_layers * experts)),
+        }
+    }
+    let mut totals = Tensor::from_slice(&stats).to_device(run.device);
+    participation.collective.all_reduce_sum(&mut totals)?;
+    let totals = Vec::<f64>::try_from(totals.to_kind(Kind::Double).to_device(Device::Cpu))?;
+    let (scored, samples) = (totals[2].max(1.0), totals[3].max(1.0));
+    let share = local_samples / samples;
+    let mut aux_loss = totals[4] / samples;
+    if let (Some(parts), Some(forward)) = (&parts, &forward) {
+        // The MoE balance loss E * sum_e f_e * P_e with f the routing fractions of the whole global
+        // batch: summed over ranks (weighted by their share) it equals the single-process loss.
+        let aux = if global_routing {
+            let mut aux = Tensor::zeros([], (Kind::Float, run.device));
+            for (layer, probs) in forward.router_probs.iter().enumerate() {
+                let counts = &totals[5 + layer * experts..5 + (layer + 1) * experts];
+                let slots: f64 = counts.iter().sum::<f64>().max(1.0);
+                let fractions: Vec<f32> = counts.iter().map(|&c| (c / slots) as f32).collect();
+                let fractions = Tensor::from_slice(&fractions).to_device(run.device);
+                aux += (fractions * probs).sum(Kind::Float) * experts as f64;
+            }
+            aux
+        } else {
+            forward.aux_loss.shallow_clone()
+        };
+        if global_routing {
+            aux_loss = aux.double_value(&[]) * share;
+        }
+        // Sum / max(count, 1): a step without scored positions adds nothing instead of a NaN mean.
+        let loss = &parts.sum / scored + aux * (config.aux_loss_weight * share);
+        loss.backward();
+    } else if global_routing {
+        aux_loss = 0.0;
+    }
+    if global_routing {
+        // The reported balance loss is the global one: sum of the ranks' shares.
+        let mut total = Tensor::from_slice(&[aux_loss as f32]).to_device(run.device);
+        participation.collective.all_reduce_sum(&mut total)?;
+        aux_loss = total.double_value(&[0]);
+    }
+    Ok(StepTotals {
+        loss_sum: totals[0],
+        correct: totals[1],
+        scored,
+        aux_loss,
+    })
+}
+
+/// What a checkpoint of the running loop is taken from.
+struct Saving<'a> {
+    model: &'a CellModel,
+    optimizer: &'a AdamW,
+    config: &'a TrainConfig,
+    stream: &'a BatchStream,
+    identity: &'a RunIdentity,
+    generation: u64,
+}
+
+impl Saving<'_> {
+    /// After step `done`: when a checkpoint is due (or `done` is the last step), snapshots the run on
+    /// this thread and hands the upload to the writer's background thread; a due save while the previous
+    /// upload still runs is skipped (never the last). Returns the seconds the snapshot stalled training.
+    fn checkpoint_if_due(
+        &self,
+        writer: &mut CheckpointWriter,
+        done: u64,
+        end_step: u64,
+    ) -> Result<f64, TrainError> {
+        let last = done == end_step;
+        if !last && !writer.due(done) {
+            return Ok(0.0);
+        }
+        if last {
+            // The final checkpoint is never skipped; a failed earlier save was already reported.
+            let _ = writer.wait();
+        }
+        if writer.busy() {
+            writer.skip(done);
+            return Ok(0.0);
+        }
+        let t = Instant::now();
+        let (config, identity) = (self.config, self.identity);
+        let schedule = schedule_of(config);
+        let (epoch, position) = cursor_at_step(identity.epoch_len, config.batch_size, done);
+        let state = TrainState {
+            format: STATE_FORMAT.into(),
+            step: done,
+            optimizer_step: self.optimizer.step,
+            epoch,
+            position,
+            epoch_len: identity.epoch_len,
+            schedule,
+            next_lr: schedule.lr(done),
+            rng_scheme: RNG_SCHEME.into(),
+            config: config.clone(),
+            model: self.model.config.clone(),
+            genes: self.stream.corpus.manifest.genes.clone(),
+            corpus_url: self.stream.corpus.store.url().to_string(),
+            corpus_manifest_blake3: identity.corpus_hash.clone(),
+            world_size: identity.world as u32,
+            generation: self.generation,
+            saved_unix_ms: unix_ms(),
+        };
+        let snapshot = Snapshot::take(self.model, self.optimizer, state)?;
+        let stall = t.elapsed().as_secs_f64();
+        // The final checkpoint is what a follow-up run resumes: retry an unreachable store.
+        let attempts = if last { 3 } else { 1 };
+        writer.start(snapshot, stall, attempts);
+        Ok(stall)
+    }
 }
 
 /// Masked-bin pretraining in one process. Writes `model.safetensors`, `model.json` and
