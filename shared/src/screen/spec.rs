@@ -1,0 +1,312 @@
+//! The screen specification a user writes (TOML or JSON): which checkpoint, which cells, which genes,
+//! which perturbation, the goal state, the null, and how the work is cut; with its validation.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::merge::column_suffix;
+use super::{Result, ScreenError};
+
+/// What a user writes (TOML or JSON): which checkpoint, which cells, which genes, which perturbation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScreenSpec {
+    /// A checkpoint run location (its newest valid checkpoint) or one checkpoint (`RUN/step-000000000300`).
+    pub checkpoint: String,
+    /// The cells to perturb: a corpus ingested with the checkpoint's vocabulary (`ingest --genes`).
+    pub corpus: String,
+    /// Where the plan and the unit results are stored (a path, `file://` or `s3://`).
+    pub out: String,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub cells: CellSelection,
+    /// `"all"` (the whole vocabulary), a list of gene names, or `{ file = "genes.txt" }` (one per line).
+    pub genes: GeneSelection,
+    #[serde(default)]
+    pub perturbation: Perturbation,
+    /// Which representation of a cell the shifts compare.
+    #[serde(default)]
+    pub embedding: CellEmbedding,
+    #[serde(default)]
+    pub goal: Option<GoalSpec>,
+    #[serde(default)]
+    pub null: NullSpec,
+    #[serde(default)]
+    pub execution: Execution,
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_region: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellSelection {
+    /// Label column -> accepted value(s), e.g. `{ condition = "stimulated" }`; all must hold.
+    #[serde(default)]
+    pub filter: BTreeMap<String, OneOrMany>,
+    /// At most this many cells (a seeded random sample of the matching ones).
+    #[serde(default)]
+    pub max_cells: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn values(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GeneSelection {
+    /// `"all"`.
+    Keyword(String),
+    List(Vec<String>),
+    File {
+        file: String,
+    },
+}
+
+/// How a gene is perturbed in a cell's token sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub struct Perturbation {
+    #[serde(default)]
+    pub kind: PerturbationKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PerturbationKind {
+    /// The gene's bin becomes 0; its token stays where it is.
+    #[default]
+    Knockout,
+    /// The gene's token is removed from the sequence.
+    Delete,
+    /// The gene's bin becomes the top bin and its token moves to the front (right after `[CLS]`).
+    Overexpress,
+}
+
+impl PerturbationKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PerturbationKind::Knockout => "knockout",
+            PerturbationKind::Delete => "delete",
+            PerturbationKind::Overexpress => "overexpress",
+        }
+    }
+
+    /// Whether perturbing a gene whose bin is `bin` changes anything: removing a gene a cell does not
+    /// express is no perturbation, so knockouts and deletions only touch expressed genes.
+    pub fn applies(self, bin: u8) -> bool {
+        match self {
+            PerturbationKind::Knockout | PerturbationKind::Delete => bin > 0,
+            PerturbationKind::Overexpress => true,
+        }
+    }
+}
+
+/// The representation of a cell that effects are measured in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CellEmbedding {
+    /// The expression the model reads out for every vocabulary gene: its expected bin at each gene token
+    /// (the bin head's softmax times the bin values). Shifts then read in the units of the data, and the
+    /// model's context effects appear as changed expectations of the other genes.
+    #[default]
+    Expression,
+    /// The mean of the final hidden states over gene tokens (Geneformer's cell embedding).
+    Hidden,
+}
+
+impl CellEmbedding {
+    pub fn name(self) -> &'static str {
+        match self {
+            CellEmbedding::Expression => "expression",
+            CellEmbedding::Hidden => "hidden",
+        }
+    }
+}
+
+/// The phenotype the screen looks for moves toward: the embedding centroid of these cells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoalSpec {
+    pub column: String,
+    pub value: String,
+    /// Other states of the same column, each reported like the goal.
+    #[serde(default)]
+    pub alternatives: Vec<String>,
+    /// Cells per centroid at most (a seeded sample).
+    #[serde(default = "default_centroid_cells")]
+    pub max_cells: u64,
+    /// Compare each cell with the states' centroids among cells of its own kind (e.g. `cell_type`): a
+    /// stimulated B cell moves toward control B cells, not toward the average control cell, so knocking
+    /// out a cell-type marker does not pass for a move toward the goal.
+    #[serde(default)]
+    pub match_column: Option<String>,
+}
+
+fn default_centroid_cells() -> u64 {
+    500
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NullSpec {
+    /// Random vocabulary genes perturbed like the screened ones; their per-cell effects are the null.
+    #[serde(default = "default_null_genes")]
+    pub genes: u32,
+}
+
+fn default_null_genes() -> u32 {
+    20
+}
+
+impl Default for NullSpec {
+    fn default() -> Self {
+        Self {
+            genes: default_null_genes(),
+        }
+    }
+}
+
+/// How the work is cut and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Execution {
+    /// Genes per work unit.
+    #[serde(default = "default_gene_block")]
+    pub gene_block: u32,
+    /// Cells per work unit.
+    #[serde(default = "default_cell_block")]
+    pub cell_block: u32,
+    /// Perturbed sequences per forward pass.
+    #[serde(default = "default_batch")]
+    pub batch: u32,
+    /// A unit's lease lasts this long without renewal (its holder renews it three times as often).
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u32,
+    /// libtorch intra-op threads per worker.
+    #[serde(default = "default_threads")]
+    pub threads: u32,
+    /// Also write the per-(gene, cell) table.
+    #[serde(default)]
+    pub per_cell: bool,
+    /// Affected genes reported per screened gene.
+    #[serde(default = "default_top_affected")]
+    pub top_affected: u32,
+}
+
+fn default_gene_block() -> u32 {
+    32
+}
+fn default_cell_block() -> u32 {
+    64
+}
+fn default_batch() -> u32 {
+    32
+}
+fn default_lease_seconds() -> u32 {
+    60
+}
+fn default_threads() -> u32 {
+    1
+}
+fn default_top_affected() -> u32 {
+    5
+}
+
+impl Default for Execution {
+    fn default() -> Self {
+        Self {
+            gene_block: default_gene_block(),
+            cell_block: default_cell_block(),
+            batch: default_batch(),
+            lease_seconds: default_lease_seconds(),
+            threads: default_threads(),
+            per_cell: false,
+            top_affected: default_top_affected(),
+        }
+    }
+}
+
+impl ScreenSpec {
+    /// Checks what can be checked without opening the corpus or the checkpoint.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(ScreenError::Spec(why));
+        for (field, value) in [
+            ("checkpoint", &self.checkpoint),
+            ("corpus", &self.corpus),
+            ("out", &self.out),
+        ] {
+            if value.trim().is_empty() {
+                return bad(format!("`{field}` is empty: it must name a location"));
+            }
+        }
+        match &self.genes {
+            GeneSelection::Keyword(k) if k != "all" => {
+                return bad(format!(
+                    "genes = {k:?}: expected \"all\", a list of gene names, or {{ file = \"genes.txt\" }}"
+                ))
+            }
+            GeneSelection::List(list) if list.is_empty() => {
+                return bad("genes = []: the gene list is empty; name at least one gene, or use \"all\"".into())
+            }
+            _ => {}
+        }
+        if self.cells.max_cells == Some(0) {
+            return bad("cells.max_cells = 0: at least one cell is needed".into());
+        }
+        for (column, values) in &self.cells.filter {
+            if values.values().is_empty() {
+                return bad(format!("cells.filter.{column} lists no values"));
+            }
+        }
+        if let Some(goal) = &self.goal {
+            let mut suffixes = std::collections::BTreeSet::new();
+            for alternative in &goal.alternatives {
+                if !suffixes.insert(column_suffix(alternative)) {
+                    return bad(format!(
+                        "goal.alternatives: {alternative:?} repeats another alternative or gives the same column name (shift_to_{})",
+                        column_suffix(alternative)
+                    ));
+                }
+            }
+            if goal.alternatives.contains(&goal.value) {
+                return bad(format!(
+                    "goal.alternatives repeats the goal value {:?}",
+                    goal.value
+                ));
+            }
+            if goal.max_cells == 0 {
+                return bad("goal.max_cells = 0: a centroid needs at least one cell".into());
+            }
+        }
+        let e = &self.execution;
+        for (field, value) in [
+            ("execution.gene_block", e.gene_block),
+            ("execution.cell_block", e.cell_block),
+            ("execution.batch", e.batch),
+            ("execution.lease_seconds", e.lease_seconds),
+            ("execution.threads", e.threads),
+        ] {
+            if value == 0 {
+                return bad(format!("{field} = 0: must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
