@@ -10,8 +10,8 @@ pub enum Error {
         op: &'static str,
         source: Box<object_store::Error>,
     },
-    #[error("no corpus at {url}: {MANIFEST} is missing (an ingest that did not finish leaves none)", MANIFEST = crate::corpus::manifest::MANIFEST_FILE)]
-    NoManifest { url: String },
+    #[error("no corpus at {url}: {name} is missing (an ingest that did not finish leaves none)")]
+    NoManifest { url: String, name: &'static str },
     #[error("{url}/{name}: manifest is not valid: {why}")]
     BadManifest {
         url: String,

@@ -28,6 +28,7 @@ impl Corpus {
             .get_opt(MANIFEST_FILE)?
             .ok_or_else(|| Error::NoManifest {
                 url: store.url().to_string(),
+                name: MANIFEST_FILE,
             })?;
         let bad = |why: String| Error::BadManifest {
             url: store.url().to_string(),

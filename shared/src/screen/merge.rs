@@ -10,21 +10,6 @@ use super::unit::UnitResult;
 use super::{Result, ScreenError};
 use crate::screen::stats::{benjamini_hochberg, mann_whitney};
 
-/// A state's value as it appears in column names (`shift_to_<suffix>`): lower-case ASCII letters and
-/// digits, anything else `_`.
-pub fn column_suffix(value: &str) -> String {
-    value
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 /// One row of the per-gene table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GeneEffect {

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::merge::column_suffix;
 use super::{Result, ScreenError};
 
 /// What a user writes (TOML or JSON): which checkpoint, which cells, which genes, which perturbation.
@@ -309,4 +308,19 @@ impl ScreenSpec {
         }
         Ok(())
     }
+}
+
+/// A state's value as it appears in column names (`shift_to_<suffix>`): lower-case ASCII letters and
+/// digits, anything else `_`.
+pub fn column_suffix(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

@@ -9,7 +9,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::{run_measured, scratch_dir, AllreduceSide};
+use super::child::{run_measured, scratch_dir};
+
+/// What one `bench allreduce` group runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllreduceSide {
+    /// `GlooCollective::all_reduce_sum`
+    Cellfleet,
+    /// Gloo's `AllreduceRing<float>` in the shim
+    GlooRing,
+}
 
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct AllreduceChildResult {

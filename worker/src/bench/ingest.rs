@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::Context;
 use cellfleet_shared::corpus::manifest::Manifest;
 
-use super::{bench_dir, python, run_measured};
+use super::child::{bench_dir, python, run_measured};
 
 pub(crate) fn bench_ingest(
     inputs: &[PathBuf],

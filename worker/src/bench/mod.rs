@@ -15,6 +15,7 @@
 //!   alternating which side goes first.
 
 pub mod allreduce;
+pub mod child;
 pub mod ckpt;
 pub mod ckpt_training;
 pub mod cluster;
@@ -22,15 +23,13 @@ pub mod ingest;
 pub mod screen;
 pub mod stream;
 pub mod train;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::path::PathBuf;
 
 use crate::bench::allreduce::allreduce_child;
-use crate::bench::allreduce::AllreduceRounds;
+use crate::bench::allreduce::{AllreduceRounds, AllreduceSide};
 use crate::bench::train::train_child;
 use crate::bench::train::TrainBenchSpec;
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -215,75 +214,6 @@ pub enum BenchCommand {
     },
 }
 
-/// What one `bench allreduce` group runs.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AllreduceSide {
-    /// `GlooCollective::all_reduce_sum`
-    Cellfleet,
-    /// Gloo's `AllreduceRing<float>` in the shim
-    GlooRing,
-}
-
-/// Peak resident memory (MiB) and wall time of a child process.
-struct ChildRun {
-    seconds: f64,
-    peak_mib: f64,
-    stdout: String,
-}
-
-fn run_measured(cmd: &mut Command) -> anyhow::Result<ChildRun> {
-    use std::io::Read;
-    let started = Instant::now();
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("cannot start benchmark child")?;
-    let pid = child.id() as libc::pid_t;
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
-    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
-    // wait4 (not Child::wait) because it also returns the child's own peak memory.
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let seconds = started.elapsed().as_secs_f64();
-    let (stdout, stderr) = (
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default(),
-    );
-    if reaped != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("benchmark child {cmd:?} failed:\n{stderr}");
-    }
-    Ok(ChildRun {
-        seconds,
-        peak_mib: usage.ru_maxrss as f64 / 1024.0,
-        stdout,
-    })
-}
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-pub(crate) fn bench_dir() -> PathBuf {
-    // The scripts live in the source tree's bench/ folder.
-    let candidates = [
-        PathBuf::from("bench"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench"),
-    ];
-    candidates
-        .into_iter()
-        .find(|p| p.join("ingest_baseline.py").is_file())
-        .unwrap_or_else(|| PathBuf::from("bench"))
-}
-
 pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     match which {
         BenchCommand::Ingest {
@@ -435,13 +365,4 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn scratch_dir(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("cellfleet-bench-{}-{name}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }

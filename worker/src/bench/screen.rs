@@ -18,8 +18,9 @@ use cellfleet_shared::screen::{GeneSelection, PerturbationKind, ScreenPlan, Scre
 use cellfleet_shared::storage::S3Options;
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::ckpt::{ckpt_command, CkptAction};
 use crate::model::{CellModel, FfnConfig, Mode, ModelConfig, Preset, Tokens};
+use crate::train::checkpoint_state::open_existing_run;
+use crate::train::saved_model::export_checkpoint;
 
 use crate::cluster::screen_client::run_local;
 use crate::screen::compute::load_model;
@@ -400,17 +401,15 @@ fn run_baseline(
     let dir = scratch.join("baseline");
     fresh_dir(&dir)?;
     let dir = std::path::absolute(&dir)?;
-    with_stdout_to(&dir.join("export.txt"), || {
-        ckpt_command(
-            CkptAction::Export {
-                url: plan.checkpoint.url.clone(),
-                step: Some(plan.checkpoint.step),
-                out: dir.join("model.safetensors"),
-            },
-            s3,
-        )
-    })
-    .context("exporting the screen's checkpoint for the baseline")?;
+    let export = || -> anyhow::Result<()> {
+        let checkpoints = open_existing_run(&plan.checkpoint.url, s3)?;
+        let manifest = checkpoints
+            .manifest(plan.checkpoint.step)?
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        export_checkpoint(&checkpoints, &manifest, &dir.join("model.safetensors"))?;
+        Ok(())
+    };
+    export().context("exporting the screen's checkpoint for the baseline")?;
     let corpus = Corpus::open(&plan.corpus_url, s3)?;
     let bins = read_cells(&corpus, &plan.cells)?;
     let mut bytes = Vec::with_capacity(plan.cells.len() * plan.vocabulary.len());

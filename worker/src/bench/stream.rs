@@ -11,7 +11,7 @@ use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::batch::{Loader, LoaderConfig};
 use cellfleet_shared::stream::{EpochPlan, OrderConfig, Partitioner};
 
-use super::{bench_dir, python, run_measured};
+use super::child::{bench_dir, python, run_measured};
 
 pub(crate) fn bench_stream(
     url: &str,

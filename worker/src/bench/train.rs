@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use super::{bench_dir, python, run_measured};
-use crate::bench::ChildRun;
+use super::child::ChildRun;
+use super::child::{bench_dir, python, run_measured};
 
 /// What both sides of `bench train` run.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -1,18 +1,14 @@
 //! `cellfleet ckpt ls|show|verify|export`: look into a run's checkpoints without training.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use cellfleet_shared::checkpoint::{step_folder, CheckpointManifest, Checkpoints};
 use cellfleet_shared::storage::S3Options;
 use clap::Subcommand;
 
-use crate::train::checkpoint_state::{open_existing_run, read_state, split_step_url, MODEL_OBJECT};
-
-use crate::train::saved_model::vocabulary_hash;
-use crate::train::saved_model::ModelInfo;
-use crate::train::saved_model::INFO_FILE;
-use crate::train::saved_model::MODEL_INFO_FORMAT;
+use crate::train::checkpoint_state::{open_existing_run, read_state, split_step_url};
+use crate::train::saved_model::export_checkpoint;
 
 #[derive(Subcommand, Debug)]
 pub enum CkptAction {
@@ -253,49 +249,16 @@ pub fn ckpt_command(action: CkptAction, s3: &S3Options) -> anyhow::Result<()> {
                         .with_context(|| format!("no valid checkpoint in {}", checkpoints.url()))?
                 }
             };
-            export(&checkpoints, &manifest, &out)?;
+            let exported = export_checkpoint(&checkpoints, &manifest, &out)?;
+            println!(
+                "exported step {} ({:.1} MB of weights) to {} and {}",
+                manifest.step,
+                exported.weights_bytes as f64 / 1e6,
+                out.display(),
+                exported.info_path.display()
+            );
         }
     }
-    Ok(())
-}
-
-/// Writes the checkpoint's weights (the stored safetensors image, hash-verified, byte for byte) and a
-/// `model.json` that `cellfleet eval` and the PyTorch loader read.
-fn export(
-    checkpoints: &Checkpoints,
-    manifest: &CheckpointManifest,
-    out: &Path,
-) -> anyhow::Result<()> {
-    let state = read_state(checkpoints, manifest)?;
-    let weights = checkpoints
-        .read(manifest, MODEL_OBJECT)?
-        .map_err(|p| anyhow::anyhow!("{p}"))?;
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(out, &weights).with_context(|| format!("cannot write {}", out.display()))?;
-    let info = ModelInfo {
-        format: MODEL_INFO_FORMAT.into(),
-        config: state.model.clone(),
-        vocabulary_hash: vocabulary_hash(&state.genes),
-        genes: state.genes.clone(),
-        split: state.config.split,
-        seed: state.config.seed,
-        label_column: None,
-        classes: Vec::new(),
-    };
-    let info_path = dir.join(INFO_FILE);
-    std::fs::write(&info_path, serde_json::to_string_pretty(&info)?)
-        .with_context(|| format!("cannot write {}", info_path.display()))?;
-    println!(
-        "exported step {} ({:.1} MB of weights) to {} and {}",
-        manifest.step,
-        weights.len() as f64 / 1e6,
-        out.display(),
-        info_path.display()
-    );
     Ok(())
 }
 

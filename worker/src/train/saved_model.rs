@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use crate::model::{CellModel, ModelConfig};
+use crate::train::checkpoint_state::{read_state, MODEL_OBJECT};
+use cellfleet_shared::checkpoint::{CheckpointManifest, Checkpoints};
 
 /// What `model.json` beside the weights records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,4 +112,47 @@ pub(crate) fn write_model(model: &CellModel, info: &ModelInfo, out: &Path) -> an
     fs::write(out.join(INFO_FILE), serde_json::to_string_pretty(info)?)
         .with_context(|| format!("cannot write {}", out.join(INFO_FILE).display()))?;
     Ok(())
+}
+
+/// What [`export_checkpoint`] wrote besides the weights file.
+pub struct Exported {
+    pub weights_bytes: usize,
+    /// `model.json` beside the weights.
+    pub info_path: PathBuf,
+}
+
+/// Writes a checkpoint's weights to `out` (the stored safetensors image, hash-verified, byte for byte) and
+/// a `model.json` beside them that `cellfleet eval` and the PyTorch loader read.
+pub fn export_checkpoint(
+    checkpoints: &Checkpoints,
+    manifest: &CheckpointManifest,
+    out: &Path,
+) -> anyhow::Result<Exported> {
+    let state = read_state(checkpoints, manifest)?;
+    let weights = checkpoints
+        .read(manifest, MODEL_OBJECT)?
+        .map_err(|p| anyhow::anyhow!("{p}"))?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(out, &weights).with_context(|| format!("cannot write {}", out.display()))?;
+    let info = ModelInfo {
+        format: MODEL_INFO_FORMAT.into(),
+        config: state.model.clone(),
+        vocabulary_hash: vocabulary_hash(&state.genes),
+        genes: state.genes.clone(),
+        split: state.config.split,
+        seed: state.config.seed,
+        label_column: None,
+        classes: Vec::new(),
+    };
+    let info_path = dir.join(INFO_FILE);
+    std::fs::write(&info_path, serde_json::to_string_pretty(&info)?)
+        .with_context(|| format!("cannot write {}", info_path.display()))?;
+    Ok(Exported {
+        weights_bytes: weights.len(),
+        info_path,
+    })
 }
