@@ -3,6 +3,7 @@
 //!
 //! Architecture invariant: this crate never touches tensors and never links libtorch.
 
+pub mod error;
 pub mod screens;
 pub mod service;
 pub mod spec;
@@ -16,6 +17,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use cellfleet_shared::meta::{EtcdStore, MemoryStore, MetaStore};
 pub use cellfleet_shared::stream::{EpochPlan, Partitioner};
+pub use error::CoordinatorError;
 pub use screens::{DoneUnit, ScreenRecord, UnitLease};
 pub use service::{Coordinator, CoordinatorConfig, JobState, Service};
 pub use spec::JobSpec;

@@ -19,12 +19,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tonic::Status;
 
 use cellfleet_proto as pb;
 use cellfleet_shared::meta::MetaStore;
 
-use crate::service::{internal, now_ms, Coordinator, JobState};
+use crate::error::CoordinatorError;
+use crate::service::{decode, encode, now_ms, Coordinator, JobState};
 
 pub const SCREENS: &str = "screens/";
 pub const SCREEN_LEASES: &str = "screen-leases/";
@@ -322,19 +322,18 @@ impl Screens {
     }
 
     /// Reads the screens, their leases and completed units from the store.
-    pub async fn load(store: &dyn MetaStore) -> anyhow::Result<Self> {
-        let unreadable = |key: &str, e: serde_json::Error| {
-            anyhow::anyhow!("{}: stored {key} is unreadable: {e}", store.describe())
-        };
+    pub async fn load(store: &dyn MetaStore) -> Result<Self, CoordinatorError> {
         let mut screens = Screens::default();
-        for (key, entry) in store.list(SCREENS).await? {
-            let record: ScreenRecord =
-                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+        for (key, entry) in store.list(SCREENS).await.map_err(CoordinatorError::store)? {
+            let record: ScreenRecord = decode(store, &key, &entry.value)?;
             screens.by_id.insert(record.id.clone(), Screen::new(record));
         }
-        for (key, entry) in store.list(SCREEN_LEASES).await? {
-            let lease: UnitLease =
-                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+        for (key, entry) in store
+            .list(SCREEN_LEASES)
+            .await
+            .map_err(CoordinatorError::store)?
+        {
+            let lease: UnitLease = decode(store, &key, &entry.value)?;
             let Some((id, unit)) = split_unit_key(SCREEN_LEASES, &key) else {
                 tracing::warn!("ignoring the malformed lease key {key}");
                 continue;
@@ -347,9 +346,12 @@ impl Screens {
                 None => tracing::warn!("ignoring lease {key} of an unknown screen"),
             }
         }
-        for (key, entry) in store.list(SCREEN_DONE).await? {
-            let done: DoneUnit =
-                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+        for (key, entry) in store
+            .list(SCREEN_DONE)
+            .await
+            .map_err(CoordinatorError::store)?
+        {
+            let done: DoneUnit = decode(store, &key, &entry.value)?;
             match screens
                 .by_id
                 .get_mut(split_unit_key(SCREEN_DONE, &key).map_or("", |k| k.0))
@@ -364,10 +366,11 @@ impl Screens {
             if screen.record.state == JobState::Running && screen.all_done() {
                 let message = screen.completion_message(now);
                 screen.end(JobState::Completed, message);
-                let bytes = serde_json::to_vec(&screen.record)?;
+                let key = format!("{SCREENS}{}", screen.record.id);
                 store
-                    .put(&format!("{SCREENS}{}", screen.record.id), &bytes, None)
-                    .await?;
+                    .put(&key, &encode(&key, &screen.record)?, None)
+                    .await
+                    .map_err(CoordinatorError::store)?;
             }
         }
         let running = screens
@@ -386,43 +389,45 @@ impl Screens {
     }
 }
 
-fn unknown(id: &str) -> Status {
-    Status::not_found(format!("unknown screen {id:?}"))
+fn unknown(id: &str) -> CoordinatorError {
+    CoordinatorError::UnknownScreen(id.into())
 }
 
 /// The screen RPCs. Each holds the runtime lock from its checks to its last write, so two workers never
 /// take the same unit and a completion never races a cancellation.
 impl Coordinator {
-    async fn save_screen(&self, record: &ScreenRecord) -> Result<(), Status> {
-        let bytes = serde_json::to_vec(record).map_err(internal)?;
-        self.store
-            .put(&format!("{SCREENS}{}", record.id), &bytes, None)
+    async fn save_screen(&self, record: &ScreenRecord) -> Result<(), CoordinatorError> {
+        self.put_record(&format!("{SCREENS}{}", record.id), record)
             .await
-            .map_err(internal)?;
-        Ok(())
     }
 
     pub(crate) async fn submit_screen(
         &self,
         req: pb::SubmitScreenRequest,
-    ) -> Result<pb::SubmitScreenResponse, Status> {
+    ) -> Result<pb::SubmitScreenResponse, CoordinatorError> {
         if req.units == 0 {
-            return Err(Status::invalid_argument("screen units must be positive"));
+            return Err(CoordinatorError::InvalidRequest(
+                "screen units must be positive".into(),
+            ));
         }
         let lease_ms = match req.lease_ms {
             0 => DEFAULT_LEASE_MS,
             ms if ms < MIN_LEASE_MS => {
-                return Err(Status::invalid_argument(format!(
+                return Err(CoordinatorError::InvalidRequest(format!(
                     "screen lease_ms {ms} is below the minimum {MIN_LEASE_MS} (0: the default {DEFAULT_LEASE_MS})"
                 )))
             }
             ms => ms,
         };
         if req.location.is_empty() {
-            return Err(Status::invalid_argument("screen location is empty"));
+            return Err(CoordinatorError::InvalidRequest(
+                "screen location is empty".into(),
+            ));
         }
         if req.plan_blake3.is_empty() {
-            return Err(Status::invalid_argument("screen plan_blake3 is empty"));
+            return Err(CoordinatorError::InvalidRequest(
+                "screen plan_blake3 is empty".into(),
+            ));
         }
         let mut rt = self.runtime.lock().await;
         let now = now_ms() as u64;
@@ -473,7 +478,7 @@ impl Coordinator {
     pub(crate) async fn screen_status(
         &self,
         req: pb::ScreenStatusRequest,
-    ) -> Result<pb::ScreenStatusResponse, Status> {
+    ) -> Result<pb::ScreenStatusResponse, CoordinatorError> {
         let members = self.live_workers().await?;
         let rt = self.runtime.lock().await;
         let screen = rt
@@ -487,15 +492,15 @@ impl Coordinator {
     pub(crate) async fn cancel_screen(
         &self,
         req: pb::CancelScreenRequest,
-    ) -> Result<pb::CancelScreenResponse, Status> {
+    ) -> Result<pb::CancelScreenResponse, CoordinatorError> {
         let id = req.screen_id;
         let mut rt = self.runtime.lock().await;
         let screen = rt.screens.by_id.get_mut(&id).ok_or_else(|| unknown(&id))?;
         if !screen.record.state.is_active() {
-            return Err(Status::failed_precondition(format!(
-                "screen {id} is already {}",
-                screen.record.state.name()
-            )));
+            return Err(CoordinatorError::ScreenEnded {
+                screen: id.as_str().into(),
+                state: screen.record.state.name(),
+            });
         }
         let mut ended = screen.clone();
         ended.end(
@@ -512,7 +517,7 @@ impl Coordinator {
         self.store
             .delete_prefix(&format!("{SCREEN_LEASES}{id}/"))
             .await
-            .map_err(internal)?;
+            .map_err(CoordinatorError::store)?;
         self.send_assignments(&mut rt);
         Ok(pb::CancelScreenResponse {})
     }
@@ -520,7 +525,7 @@ impl Coordinator {
     pub(crate) async fn lease_unit(
         &self,
         req: pb::LeaseUnitRequest,
-    ) -> Result<pb::LeaseUnitResponse, Status> {
+    ) -> Result<pb::LeaseUnitResponse, CoordinatorError> {
         // Membership from the store, not the lease table: a lapsed holder must free its units now.
         let members = self.live_workers().await?;
         if !members.contains(&req.worker_id) {
@@ -572,14 +577,8 @@ impl Coordinator {
                 previous.worker_id
             );
         }
-        self.store
-            .put(
-                &lease_key(&req.screen_id, unit),
-                &serde_json::to_vec(&lease).map_err(internal)?,
-                None,
-            )
-            .await
-            .map_err(internal)?;
+        self.put_record(&lease_key(&req.screen_id, unit), &lease)
+            .await?;
         screen.leases.insert(unit, lease);
         let pairs_done = screen.pairs_done;
         screen
@@ -598,7 +597,7 @@ impl Coordinator {
     pub(crate) async fn renew_unit(
         &self,
         req: pb::RenewUnitRequest,
-    ) -> Result<pb::RenewUnitResponse, Status> {
+    ) -> Result<pb::RenewUnitResponse, CoordinatorError> {
         let mut rt = self.runtime.lock().await;
         let lost = |reason: String| {
             Ok(pb::RenewUnitResponse {
@@ -633,14 +632,7 @@ impl Coordinator {
             deadline_unix_ms: now_ms() as u64 + screen.record.lease_ms,
             ..lease.clone()
         };
-        self.store
-            .put(
-                &lease_key(id, unit),
-                &serde_json::to_vec(&renewed).map_err(internal)?,
-                None,
-            )
-            .await
-            .map_err(internal)?;
+        self.put_record(&lease_key(id, unit), &renewed).await?;
         screen.leases.insert(unit, renewed);
         Ok(pb::RenewUnitResponse {
             held: true,
@@ -651,7 +643,7 @@ impl Coordinator {
     pub(crate) async fn complete_unit(
         &self,
         req: pb::CompleteUnitRequest,
-    ) -> Result<pb::CompleteUnitResponse, Status> {
+    ) -> Result<pb::CompleteUnitResponse, CoordinatorError> {
         let mut rt = self.runtime.lock().await;
         let refuse = |reason: String| {
             Ok(pb::CompleteUnitResponse {
@@ -664,7 +656,7 @@ impl Coordinator {
         };
         let (id, unit) = (screen.record.id.clone(), req.unit);
         if unit >= screen.record.units_total {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoordinatorError::InvalidRequest(format!(
                 "screen {id} has units 0..{}, not {unit}",
                 screen.record.units_total
             )));
@@ -714,12 +706,12 @@ impl Coordinator {
                 self.store
                     .delete_prefix(&format!("{SCREEN_LEASES}{id}/"))
                     .await
-                    .map_err(internal)?;
+                    .map_err(CoordinatorError::store)?;
             } else if holds {
                 self.store
                     .delete(&lease_key(&id, unit))
                     .await
-                    .map_err(internal)?;
+                    .map_err(CoordinatorError::store)?;
             }
             let reason = if failed {
                 after.record.message.clone()
@@ -734,7 +726,7 @@ impl Coordinator {
         }
 
         if req.key.is_empty() {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoordinatorError::InvalidRequest(format!(
                 "completion of screen {id} unit {unit} names no object key"
             )));
         }
@@ -747,19 +739,12 @@ impl Coordinator {
             worker_id: req.worker_id,
             seconds: req.seconds,
         };
-        self.store
-            .put(
-                &done_key(&id, unit),
-                &serde_json::to_vec(&done).map_err(internal)?,
-                None,
-            )
-            .await
-            .map_err(internal)?;
+        self.put_record(&done_key(&id, unit), &done).await?;
         if screen.leases.contains_key(&unit) {
             self.store
                 .delete(&lease_key(&id, unit))
                 .await
-                .map_err(internal)?;
+                .map_err(CoordinatorError::store)?;
         }
         if !holds {
             tracing::info!(

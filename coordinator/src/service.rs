@@ -21,6 +21,7 @@ use cellfleet_shared::meta::{LeaseId, MetaStore};
 use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, OrderConfig, SplitPart};
 
+use crate::error::CoordinatorError;
 use crate::screens::Screens;
 use crate::spec::{JobSpec, OrderFields, RestorePoint};
 
@@ -192,8 +193,23 @@ const JOBS: &str = "jobs/";
 const WORKERS: &str = "workers/";
 const KV: &str = "kv/";
 
-pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
-    Status::unavailable(format!("metadata store: {e}"))
+/// A record as JSON for the store; a record that cannot be encoded is a bug.
+pub(crate) fn encode(key: &str, record: &impl Serialize) -> Result<Vec<u8>, CoordinatorError> {
+    serde_json::to_vec(record)
+        .map_err(|e| CoordinatorError::Internal(format!("cannot encode {key}: {e}")))
+}
+
+/// A stored record read back; one that does not parse is data loss, named by its key.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    store: &dyn MetaStore,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, CoordinatorError> {
+    serde_json::from_slice(bytes).map_err(|e| CoordinatorError::Corrupt {
+        store: store.describe(),
+        key: key.to_string(),
+        why: e.to_string(),
+    })
 }
 
 pub(crate) fn now_ms() -> u128 {
@@ -209,22 +225,15 @@ impl Coordinator {
     pub async fn start(
         store: Arc<dyn MetaStore>,
         config: CoordinatorConfig,
-    ) -> anyhow::Result<Arc<Self>> {
+    ) -> Result<Arc<Self>, CoordinatorError> {
         let mut runtime = Runtime::default();
         let mut leases = HashMap::new();
-        for (key, entry) in store.list(JOBS).await? {
-            let job: JobRecord = serde_json::from_slice(&entry.value).map_err(|e| {
-                anyhow::anyhow!("{}: stored job {key} is unreadable: {e}", store.describe())
-            })?;
+        for (key, entry) in store.list(JOBS).await.map_err(CoordinatorError::store)? {
+            let job: JobRecord = decode(&*store, &key, &entry.value)?;
             runtime.jobs.insert(job.id.clone(), job);
         }
-        for (key, entry) in store.list(WORKERS).await? {
-            let worker: WorkerRecord = serde_json::from_slice(&entry.value).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: stored worker {key} is unreadable: {e}",
-                    store.describe()
-                )
-            })?;
+        for (key, entry) in store.list(WORKERS).await.map_err(CoordinatorError::store)? {
+            let worker: WorkerRecord = decode(&*store, &key, &entry.value)?;
             leases.insert(worker.id, worker.lease);
         }
         runtime.screens = Screens::load(&*store).await?;
@@ -265,27 +274,35 @@ impl Coordinator {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn save_job(&self, job: &JobRecord) -> Result<(), Status> {
-        let bytes = serde_json::to_vec(job).map_err(internal)?;
+    /// Writes `record` as JSON under `key`.
+    pub(crate) async fn put_record(
+        &self,
+        key: &str,
+        record: &impl Serialize,
+    ) -> Result<(), CoordinatorError> {
         self.store
-            .put(&format!("{JOBS}{}", job.id), &bytes, None)
+            .put(key, &encode(key, record)?, None)
             .await
-            .map_err(internal)?;
+            .map_err(CoordinatorError::store)?;
         Ok(())
     }
 
-    pub(crate) async fn live_workers(&self) -> Result<HashSet<String>, Status> {
+    async fn save_job(&self, job: &JobRecord) -> Result<(), CoordinatorError> {
+        self.put_record(&format!("{JOBS}{}", job.id), job).await
+    }
+
+    pub(crate) async fn live_workers(&self) -> Result<HashSet<String>, CoordinatorError> {
         Ok(self
             .store
             .list(WORKERS)
             .await
-            .map_err(internal)?
+            .map_err(CoordinatorError::store)?
             .into_iter()
             .map(|(k, _)| k[WORKERS.len()..].to_string())
             .collect())
     }
 
-    async fn reconcile(&self) -> Result<(), Status> {
+    async fn reconcile(&self) -> Result<(), CoordinatorError> {
         let live = self.live_workers().await?;
         let mut rt = self.runtime.lock().await;
         rt.connections.retain(|id, _| live.contains(id));
@@ -372,7 +389,7 @@ impl Coordinator {
         id: &str,
         members: Vec<String>,
         reason: &str,
-    ) -> Result<(), Status> {
+    ) -> Result<(), CoordinatorError> {
         let job = rt.jobs.get_mut(id).expect("job exists");
         let was_running = job.state == JobState::Running || job.generation > 0;
         if job.state == JobState::Running {
@@ -427,11 +444,11 @@ impl Coordinator {
     }
 
     /// Deletes a job's rendezvous keys (of every generation) and wakes anyone waiting on them.
-    async fn clear_exchange(&self, id: &str) -> Result<(), Status> {
+    async fn clear_exchange(&self, id: &str) -> Result<(), CoordinatorError> {
         self.store
             .delete_prefix(&format!("{KV}{id}/"))
             .await
-            .map_err(internal)?;
+            .map_err(CoordinatorError::store)?;
         self.kv_changed.notify_waiters();
         Ok(())
     }
@@ -501,56 +518,67 @@ impl Coordinator {
         }
     }
 
-    async fn lease_of(&self, worker: &str) -> Result<Option<LeaseId>, Status> {
+    async fn lease_of(&self, worker: &str) -> Result<Option<LeaseId>, CoordinatorError> {
         if let Some(lease) = self.lease_table().get(worker) {
             return Ok(Some(*lease));
         }
+        let key = format!("{WORKERS}{worker}");
         let Some(entry) = self
             .store
-            .get(&format!("{WORKERS}{worker}"))
+            .get(&key)
             .await
-            .map_err(internal)?
+            .map_err(CoordinatorError::store)?
         else {
             return Ok(None);
         };
-        let record: WorkerRecord = serde_json::from_slice(&entry.value).map_err(internal)?;
+        let record: WorkerRecord = decode(&*self.store, &key, &entry.value)?;
         Ok(Some(record.lease))
     }
 
-    pub(crate) fn lapsed(&self, worker: &str) -> Status {
-        Status::not_found(format!(
-            "worker {worker} is not a member (its lease lapsed after {:.1}s without a heartbeat, or it never registered); register again",
-            self.config.lease_ttl.as_secs_f64()
-        ))
+    pub(crate) fn lapsed(&self, worker: &str) -> CoordinatorError {
+        CoordinatorError::NotAMember {
+            worker: worker.into(),
+            lease_ttl: self.config.lease_ttl,
+        }
     }
 
     /// Checks that (job, generation) is current and returns the job.
-    async fn current_job(&self, job_id: &str, generation: u64) -> Result<JobRecord, Status> {
+    async fn current_job(
+        &self,
+        job_id: &str,
+        generation: u64,
+    ) -> Result<JobRecord, CoordinatorError> {
         Self::check_current(&*self.runtime.lock().await, job_id, generation)
     }
 
-    fn check_current(rt: &Runtime, job_id: &str, generation: u64) -> Result<JobRecord, Status> {
+    fn check_current(
+        rt: &Runtime,
+        job_id: &str,
+        generation: u64,
+    ) -> Result<JobRecord, CoordinatorError> {
         let job = rt
             .jobs
             .get(job_id)
-            .ok_or_else(|| Status::not_found(format!("unknown job {job_id:?}")))?;
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.into()))?;
         if generation < job.generation {
-            return Err(Status::failed_precondition(format!(
-                "job {job_id} is at generation {}; generation {generation} was superseded (await the new assignment)",
-                job.generation
-            )));
+            return Err(CoordinatorError::SupersededGeneration {
+                job: job_id.into(),
+                current: job.generation.into(),
+                asked: generation.into(),
+            });
         }
         if generation > job.generation {
-            return Err(Status::failed_precondition(format!(
-                "job {job_id} is at generation {}; generation {generation} does not exist",
-                job.generation
-            )));
+            return Err(CoordinatorError::NoSuchGeneration {
+                job: job_id.into(),
+                current: job.generation.into(),
+                asked: generation.into(),
+            });
         }
         if job.state != JobState::Running {
-            return Err(Status::failed_precondition(format!(
-                "job {job_id} is {}",
-                job.state.name()
-            )));
+            return Err(CoordinatorError::JobNotRunning {
+                job: job_id.into(),
+                state: job.state.name(),
+            });
         }
         Ok(job.clone())
     }
@@ -624,7 +652,12 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut resumed = None;
         if !req.worker_id.is_empty() {
             if let Some(lease) = self.lease_of(&req.worker_id).await? {
-                if self.store.keep_alive(lease).await.map_err(internal)? {
+                if self
+                    .store
+                    .keep_alive(lease)
+                    .await
+                    .map_err(CoordinatorError::store)?
+                {
                     resumed = Some((req.worker_id.clone(), lease));
                 }
             }
@@ -642,7 +675,7 @@ impl pb::coordinator_server::Coordinator for Service {
                     .store
                     .grant_lease(self.config.lease_ttl)
                     .await
-                    .map_err(internal)?;
+                    .map_err(CoordinatorError::store)?;
                 // Unique even for containers that share a hostname and pid: the lease id is unique in the
                 // store, and the key is created only if absent.
                 let nonce = blake3::hash(format!("{}-{lease}-{}", now_ms(), req.pid).as_bytes());
@@ -654,21 +687,18 @@ impl pb::coordinator_server::Coordinator for Service {
                     device: req.device.clone(),
                     lease,
                 };
+                let key = format!("{WORKERS}{id}");
                 let created = self
                     .store
-                    .compare_and_put(
-                        &format!("{WORKERS}{id}"),
-                        None,
-                        &serde_json::to_vec(&record).map_err(internal)?,
-                        Some(lease),
-                    )
+                    .compare_and_put(&key, None, &encode(&key, &record)?, Some(lease))
                     .await
-                    .map_err(internal)?;
+                    .map_err(CoordinatorError::store)?;
                 if created.is_none() {
                     let _ = self.store.revoke(lease).await;
-                    return Err(Status::aborted(format!(
+                    return Err(CoordinatorError::Conflict(format!(
                         "worker id {id} is taken; register again"
-                    )));
+                    ))
+                    .into());
                 }
                 tracing::info!(
                     "worker {id} registered ({} pid {}, {})",
@@ -698,8 +728,13 @@ impl pb::coordinator_server::Coordinator for Service {
             .lease_of(&worker)
             .await?
             .ok_or_else(|| self.lapsed(&worker))?;
-        if !self.store.keep_alive(lease).await.map_err(internal)? {
-            return Err(self.lapsed(&worker));
+        if !self
+            .store
+            .keep_alive(lease)
+            .await
+            .map_err(CoordinatorError::store)?
+        {
+            return Err(self.lapsed(&worker).into());
         }
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
@@ -776,7 +811,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut rt = self.runtime.lock().await;
         let mut job = match Coordinator::check_current(&rt, &commit.job_id, commit.generation) {
             Ok(job) => job,
-            Err(status) => return refuse(status.message().to_string()),
+            Err(e) => return refuse(e.to_string()),
         };
         if job.members.first() != Some(&commit.worker_id) {
             return refuse(format!(
@@ -804,7 +839,11 @@ impl pb::coordinator_server::Coordinator for Service {
         // Compare-and-swap on the stored job record: if another coordinator process wrote the job since
         // this one loaded it, nothing is recorded and the committer must not move `latest`.
         let key = format!("{JOBS}{}", job.id);
-        let stored = self.store.get(&key).await.map_err(internal)?;
+        let stored = self
+            .store
+            .get(&key)
+            .await
+            .map_err(CoordinatorError::store)?;
         let same_generation = |e: &cellfleet_shared::meta::Entry| {
             serde_json::from_slice::<JobRecord>(&e.value).is_ok_and(|r| {
                 r.generation == commit.generation
@@ -826,12 +865,12 @@ impl pb::coordinator_server::Coordinator for Service {
             step: commit.step,
             manifest_blake3: commit.manifest_blake3.clone(),
         });
-        let bytes = serde_json::to_vec(&job).map_err(internal)?;
+        let bytes = encode(&key, &job)?;
         if self
             .store
             .compare_and_put(&key, Some(entry.revision), &bytes, None)
             .await
-            .map_err(internal)?
+            .map_err(CoordinatorError::store)?
             .is_none()
         {
             return refuse("the stored job record changed underneath this coordinator".into());
@@ -860,17 +899,21 @@ impl pb::coordinator_server::Coordinator for Service {
         let mut rt = self.runtime.lock().await;
         let mut job = Coordinator::check_current(&rt, &report.job_id, report.generation)?;
         if job.members.get(report.rank as usize) != Some(&report.worker_id) {
-            return Err(Status::failed_precondition(format!(
-                "worker {} is not rank {} of job {} generation {}",
-                report.worker_id, report.rank, report.job_id, report.generation
-            )));
+            return Err(CoordinatorError::NotRank {
+                worker: report.worker_id.into(),
+                rank: report.rank,
+                job: report.job_id.into(),
+                generation: report.generation.into(),
+            }
+            .into());
         }
         if report.step > job.end_step() {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoordinatorError::InvalidRequest(format!(
                 "step {} is past the job's last step {}",
                 report.step,
                 job.end_step()
-            )));
+            ))
+            .into());
         }
         let progress = rt.progress.entry(job.id.clone()).or_default();
         if progress.generation != job.generation {
@@ -991,7 +1034,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 None,
             )
             .await
-            .map_err(internal)?;
+            .map_err(CoordinatorError::store)?;
         self.kv_changed.notify_waiters();
         Ok(Response::new(pb::KvSetResponse {}))
     }
@@ -1008,15 +1051,23 @@ impl pb::coordinator_server::Coordinator for Service {
             tokio::pin!(changed);
             changed.as_mut().enable();
             self.current_job(&req.job_id, req.generation).await?;
-            if let Some(entry) = self.store.get(&key).await.map_err(internal)? {
+            if let Some(entry) = self
+                .store
+                .get(&key)
+                .await
+                .map_err(CoordinatorError::store)?
+            {
                 return Ok(Response::new(pb::KvGetResponse { value: entry.value }));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Status::deadline_exceeded(format!(
-                    "key {:?} of job {} generation {} was not set within {} ms",
-                    req.key, req.job_id, req.generation, req.timeout_ms
-                )));
+                return Err(CoordinatorError::KeyNotSet {
+                    key: req.key,
+                    job: req.job_id.into(),
+                    generation: req.generation.into(),
+                    timeout_ms: req.timeout_ms,
+                }
+                .into());
             }
             // Also re-check now and then: another coordinator process cannot notify us.
             let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), changed).await;
@@ -1027,15 +1078,16 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let (spec, order) =
-            JobSpec::parse(&request.into_inner().spec_json).map_err(Status::invalid_argument)?;
+        let (spec, order) = JobSpec::parse(&request.into_inner().spec_json)
+            .map_err(CoordinatorError::InvalidRequest)?;
         let (epoch_len, n_genes) = epoch_length(&spec, order).await?;
         let per_epoch = epoch_len.div_ceil(u64::from(order.batch_size));
         if order.steps / per_epoch >= u64::from(u32::MAX) {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoordinatorError::InvalidRequest(format!(
                 "job specification: config.steps {} is more than 2^32 epochs of this corpus",
                 order.steps
-            )));
+            ))
+            .into());
         }
         let mut rt = self.runtime.lock().await;
         let mut id = format!("job-{}", now_ms());
@@ -1086,7 +1138,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let job = rt
             .jobs
             .get(&id)
-            .ok_or_else(|| Status::not_found(format!("unknown job {id:?}")))?;
+            .ok_or_else(|| CoordinatorError::UnknownJob(id.as_str().into()))?;
         Ok(Response::new(Coordinator::status_of(
             job,
             rt.progress.get(&id),
@@ -1102,12 +1154,13 @@ impl pb::coordinator_server::Coordinator for Service {
         let job = rt
             .jobs
             .get_mut(&id)
-            .ok_or_else(|| Status::not_found(format!("unknown job {id:?}")))?;
+            .ok_or_else(|| CoordinatorError::UnknownJob(id.as_str().into()))?;
         if !job.state.is_active() {
-            return Err(Status::failed_precondition(format!(
-                "job {id} is already {}",
-                job.state.name()
-            )));
+            return Err(CoordinatorError::JobEnded {
+                job: id.as_str().into(),
+                state: job.state.name(),
+            }
+            .into());
         }
         job.state = JobState::Cancelled;
         job.message = format!("cancelled at step {}", job.committed_step);
@@ -1122,7 +1175,11 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         _request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let entries = self.store.list(WORKERS).await.map_err(internal)?;
+        let entries = self
+            .store
+            .list(WORKERS)
+            .await
+            .map_err(CoordinatorError::store)?;
         let rt = self.runtime.lock().await;
         let workers = entries
             .into_iter()
@@ -1158,6 +1215,7 @@ impl pb::coordinator_server::Coordinator for Service {
             .submit_screen(request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn screen_status(
@@ -1168,6 +1226,7 @@ impl pb::coordinator_server::Coordinator for Service {
             .screen_status(request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn cancel_screen(
@@ -1178,6 +1237,7 @@ impl pb::coordinator_server::Coordinator for Service {
             .cancel_screen(request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn lease_unit(
@@ -1188,6 +1248,7 @@ impl pb::coordinator_server::Coordinator for Service {
             .lease_unit(request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn renew_unit(
@@ -1198,6 +1259,7 @@ impl pb::coordinator_server::Coordinator for Service {
             .renew_unit(request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn complete_unit(
@@ -1208,11 +1270,12 @@ impl pb::coordinator_server::Coordinator for Service {
             .complete_unit(request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 }
 
 /// Opens the job's corpus to size an epoch of its training split (rejecting a corpus that cannot be read).
-async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<(u64, u64), Status> {
+async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<(u64, u64), CoordinatorError> {
     let url = spec.corpus.clone();
     let s3 = S3Options {
         endpoint: spec.s3_endpoint.clone(),
@@ -1234,14 +1297,14 @@ async fn epoch_length(spec: &JobSpec, order: OrderFields) -> Result<(u64, u64), 
     })
     .await
     .map_err(|e| {
-        Status::internal(format!(
+        CoordinatorError::Internal(format!(
             "reading the job's corpus {} failed: {e}",
             spec.corpus
         ))
     })?
-    .map_err(|e| Status::invalid_argument(format!("job corpus {}: {e}", spec.corpus)))?;
+    .map_err(|e| CoordinatorError::InvalidRequest(format!("job corpus {}: {e}", spec.corpus)))?;
     if len == 0 {
-        return Err(Status::invalid_argument(format!(
+        return Err(CoordinatorError::InvalidRequest(format!(
             "job corpus {}: the training split is empty",
             spec.corpus
         )));
