@@ -18,7 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use cellfleet_shared::meta::{EtcdStore, MemoryStore, MetaStore};
 pub use cellfleet_shared::stream::{EpochPlan, Partitioner};
 pub use error::CoordinatorError;
-pub use screens::{DoneUnit, ScreenRecord, UnitLease};
+pub use screens::{DoneUnit, ScreenRecord, ScreenState, UnitLease};
 pub use service::{Coordinator, CoordinatorConfig, JobState, Service};
 pub use spec::JobSpec;
 

@@ -24,7 +24,7 @@ use cellfleet_proto as pb;
 use cellfleet_shared::meta::MetaStore;
 
 use crate::error::CoordinatorError;
-use crate::service::{decode, encode, now_ms, Coordinator, JobState};
+use crate::service::{decode, encode, now_ms, Coordinator};
 
 pub const SCREENS: &str = "screens/";
 pub const SCREEN_LEASES: &str = "screen-leases/";
@@ -39,6 +39,39 @@ pub const MAX_UNIT_FAILURES: u32 = 3;
 /// How long a worker waits before asking again when every remaining unit is leased to someone else.
 pub const RETRY_AFTER_MS: u64 = 300;
 
+/// Where a screen is: running from its submission until every unit is recorded, a unit fails too often,
+/// or a client cancels it. Stored as the lowercase word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScreenState {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl ScreenState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScreenState::Running => "running",
+            ScreenState::Completed => "completed",
+            ScreenState::Failed => "failed",
+            ScreenState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl From<ScreenState> for pb::ScreenState {
+    fn from(state: ScreenState) -> Self {
+        match state {
+            ScreenState::Running => pb::ScreenState::Running,
+            ScreenState::Completed => pb::ScreenState::Completed,
+            ScreenState::Failed => pb::ScreenState::Failed,
+            ScreenState::Cancelled => pb::ScreenState::Cancelled,
+        }
+    }
+}
+
 /// A screen as stored under `screens/<id>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenRecord {
@@ -52,7 +85,7 @@ pub struct ScreenRecord {
     pub threads: u32,
     pub s3_endpoint: String,
     pub s3_region: String,
-    pub state: JobState,
+    pub state: ScreenState,
     pub message: String,
     pub created_unix_ms: u64,
     /// Units taken over after their holder was lost or let the lease expire.
@@ -198,7 +231,7 @@ impl Screen {
         }
     }
 
-    fn end(&mut self, state: JobState, message: String) {
+    fn end(&mut self, state: ScreenState, message: String) {
         self.record.state = state;
         self.record.message = message;
         self.leases.clear();
@@ -253,15 +286,15 @@ impl Screen {
             .collect();
         let rate = self.rate();
         let eta = match r.state {
-            JobState::Completed => 0.0,
-            JobState::Running if rate > 0.0 => {
+            ScreenState::Completed => 0.0,
+            ScreenState::Running if rate > 0.0 => {
                 r.pairs_total.saturating_sub(self.pairs_done) as f64 / rate
             }
             _ => -1.0,
         };
         pb::ScreenStatusResponse {
             screen_id: r.id.clone(),
-            state: r.state.name().into(),
+            state: pb::ScreenState::from(r.state).into(),
             message: r.message.clone(),
             location: r.location.clone(),
             plan_blake3: r.plan_blake3.clone(),
@@ -312,7 +345,7 @@ impl Screens {
     pub fn assigned(&self) -> Option<&Screen> {
         self.by_id
             .values()
-            .find(|s| s.record.state == JobState::Running && !s.all_done())
+            .find(|s| s.record.state == ScreenState::Running && !s.all_done())
     }
 
     /// A token unique across restarts: microseconds of wall-clock time, or one more than the last one.
@@ -363,9 +396,9 @@ impl Screens {
         let now = now_ms() as u64;
         for screen in screens.by_id.values_mut() {
             // The coordinator stopped between recording the last unit and the screen's new state.
-            if screen.record.state == JobState::Running && screen.all_done() {
+            if screen.record.state == ScreenState::Running && screen.all_done() {
                 let message = screen.completion_message(now);
-                screen.end(JobState::Completed, message);
+                screen.end(ScreenState::Completed, message);
                 let key = format!("{SCREENS}{}", screen.record.id);
                 store
                     .put(&key, &encode(&key, &screen.record)?, None)
@@ -376,7 +409,7 @@ impl Screens {
         let running = screens
             .by_id
             .values()
-            .filter(|s| s.record.state == JobState::Running)
+            .filter(|s| s.record.state == ScreenState::Running)
             .count();
         if !screens.by_id.is_empty() {
             tracing::info!(
@@ -446,7 +479,7 @@ impl Coordinator {
             threads: req.threads,
             s3_endpoint: req.s3_endpoint,
             s3_region: req.s3_region,
-            state: JobState::Running,
+            state: ScreenState::Running,
             message: format!(
                 "running: {} units, {} pairs",
                 req.units,
@@ -496,7 +529,7 @@ impl Coordinator {
         let id = req.screen_id;
         let mut rt = self.runtime.lock().await;
         let screen = rt.screens.by_id.get_mut(&id).ok_or_else(|| unknown(&id))?;
-        if !screen.record.state.is_active() {
+        if screen.record.state != ScreenState::Running {
             return Err(CoordinatorError::ScreenEnded {
                 screen: id.as_str().into(),
                 state: screen.record.state.name(),
@@ -504,7 +537,7 @@ impl Coordinator {
         }
         let mut ended = screen.clone();
         ended.end(
-            JobState::Cancelled,
+            ScreenState::Cancelled,
             format!(
                 "cancelled with {} of {} units done",
                 screen.done.len(),
@@ -541,11 +574,11 @@ impl Coordinator {
         let state = screen.record.state;
         let refused = |retry_after_ms| pb::LeaseUnitResponse {
             leased: false,
-            state: state.name().into(),
+            state: pb::ScreenState::from(state).into(),
             retry_after_ms,
             ..Default::default()
         };
-        if state != JobState::Running {
+        if state != ScreenState::Running {
             return Ok(refused(0));
         }
         let Some(unit) = screen.free_unit(now, &members) else {
@@ -589,7 +622,7 @@ impl Coordinator {
             unit,
             token,
             lease_ms,
-            state: state.name().into(),
+            state: pb::ScreenState::from(state).into(),
             retry_after_ms: 0,
         })
     }
@@ -609,7 +642,7 @@ impl Coordinator {
             return lost(format!("unknown screen {:?}", req.screen_id));
         };
         let (id, unit) = (&screen.record.id, req.unit);
-        if screen.record.state != JobState::Running {
+        if screen.record.state != ScreenState::Running {
             return lost(format!("screen {id} is {}", screen.record.state.name()));
         }
         if let Some(done) = screen.done.get(&unit) {
@@ -661,7 +694,7 @@ impl Coordinator {
                 screen.record.units_total
             )));
         }
-        if screen.record.state != JobState::Running {
+        if screen.record.state != ScreenState::Running {
             return refuse(format!("screen {id} is {}", screen.record.state.name()));
         }
         if let Some(done) = screen.done.get(&unit) {
@@ -693,7 +726,7 @@ impl Coordinator {
             let failed = failures >= MAX_UNIT_FAILURES;
             if failed {
                 after.end(
-                    JobState::Failed,
+                    ScreenState::Failed,
                     format!(
                         "unit {unit} failed {failures} times; last error (on {}): {}",
                         req.worker_id, req.error
@@ -756,7 +789,7 @@ impl Coordinator {
         if screen.all_done() {
             let mut after = screen.clone();
             after.end(
-                JobState::Completed,
+                ScreenState::Completed,
                 after.completion_message(now_ms() as u64),
             );
             self.save_screen(&after.record).await?;
@@ -789,7 +822,7 @@ mod tests {
             threads: 0,
             s3_endpoint: String::new(),
             s3_region: String::new(),
-            state: JobState::Running,
+            state: ScreenState::Running,
             message: String::new(),
             created_unix_ms: 0,
             releases: 0,

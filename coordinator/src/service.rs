@@ -72,6 +72,18 @@ impl JobState {
     }
 }
 
+impl From<JobState> for pb::JobState {
+    fn from(state: JobState) -> Self {
+        match state {
+            JobState::Pending => pb::JobState::Pending,
+            JobState::Running => pb::JobState::Running,
+            JobState::Completed => pb::JobState::Completed,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        }
+    }
+}
+
 /// A job as stored under `jobs/<id>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct JobRecord {
@@ -599,7 +611,7 @@ impl Coordinator {
             .unwrap_or(0.0);
         pb::JobStatusResponse {
             job_id: job.id.clone(),
-            state: job.state.name().into(),
+            state: pb::JobState::from(job.state).into(),
             generation: job.generation,
             world_size: job.members.len() as u32,
             committed_step: job.committed_step,

@@ -6,9 +6,11 @@
 //!   one screen at a time);
 //! * `embedded`: the embedded default, an in-process coordinator with in-memory metadata and N worker
 //!   processes of this binary;
-//! * `screen_client`: submitting, following and cancelling screens.
+//! * `screen_client`: submitting, following and cancelling screens;
+//! * `states`: the lowercase words printed for job and screen states.
 
 pub mod client;
 pub mod daemon;
 pub mod embedded;
 pub mod screen_client;
+pub mod states;

@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 
 use super::client::{ask_coordinator, channel, runtime};
 use super::embedded::EmbeddedCluster;
+use super::states::StateWord;
 use crate::screen::plan::open_location;
 use crate::screen::plan::read_spec;
 use crate::screen::plan::resolve_plan;
@@ -159,14 +160,14 @@ pub fn follow(
             });
             logged = Instant::now();
         }
-        match s.state.as_str() {
-            "completed" => {
+        match s.state() {
+            pb::ScreenState::Completed => {
                 bar.finish_and_clear();
                 return Ok(s);
             }
-            "failed" | "cancelled" => {
+            pb::ScreenState::Failed | pb::ScreenState::Cancelled => {
                 bar.finish_and_clear();
-                bail!("screen {id} {}: {}", s.state, s.message);
+                bail!("screen {id} {}: {}", s.state().word(), s.message);
             }
             _ => {}
         }

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 use super::compute::{Interrupted, Screener};
 use super::plan::load_plan;
+use crate::cluster::states::StateWord;
 use crate::screen::plan::open_location;
 
 /// How long to wait between lease attempts when no unit is free.
@@ -100,7 +101,7 @@ pub fn serve_screen(
                         error: format!("worker {worker_id} cannot load the screen: {message}"),
                         ..Default::default()
                     })?;
-                } else if answer.state != "running" {
+                } else if answer.state() != pb::ScreenState::Running {
                     return Err(e);
                 }
                 if stop.load(Ordering::Relaxed) {
@@ -127,8 +128,11 @@ pub fn serve_screen(
             }
         };
         if !answer.leased {
-            if answer.state != "running" {
-                eprintln!("screen {id} is {}; no more units here", answer.state);
+            if answer.state() != pb::ScreenState::Running {
+                eprintln!(
+                    "screen {id} is {}; no more units here",
+                    answer.state().word()
+                );
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(answer.retry_after_ms.clamp(50, 5000)));

@@ -19,6 +19,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use serde::Serialize;
 
+use crate::cluster::states::StateWord;
 use crate::screen::plan::load_plan;
 use crate::screen::plan::open_location;
 
@@ -60,11 +61,11 @@ pub fn write_results(
     per_cell: bool,
     s3: &S3Options,
 ) -> anyhow::Result<WrittenResults> {
-    if status.state != "completed" {
+    if status.state() != pb::ScreenState::Completed {
         bail!(
             "screen {} is {} ({}/{} units done): results are merged once every unit is done",
             status.screen_id,
-            status.state,
+            status.state().word(),
             status.units_done,
             status.units_total
         );
