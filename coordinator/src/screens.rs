@@ -21,6 +21,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use cellfleet_proto as pb;
+use cellfleet_shared::ids::{ScreenId, WorkerId};
 use cellfleet_shared::meta::MetaStore;
 
 use crate::error::CoordinatorError;
@@ -75,7 +76,7 @@ impl From<ScreenState> for pb::ScreenState {
 /// A screen as stored under `screens/<id>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenRecord {
-    pub id: String,
+    pub id: ScreenId,
     pub location: String,
     pub plan_blake3: String,
     pub summary: String,
@@ -98,14 +99,14 @@ pub struct ScreenRecord {
 /// A unit's lease as stored under `screen-leases/<id>/<unit>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitLease {
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub token: u64,
     pub deadline_unix_ms: u64,
 }
 
 impl UnitLease {
     /// Whether nobody else may take the unit: the deadline is ahead and the holder is still a member.
-    pub fn is_live(&self, now_ms: u64, members: &HashSet<String>) -> bool {
+    pub fn is_live(&self, now_ms: u64, members: &HashSet<WorkerId>) -> bool {
         self.deadline_unix_ms > now_ms && members.contains(&self.worker_id)
     }
 }
@@ -118,7 +119,7 @@ pub struct DoneUnit {
     pub blake3: String,
     pub bytes: u64,
     pub pairs: u64,
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub seconds: f64,
 }
 
@@ -130,7 +131,7 @@ impl From<&DoneUnit> for pb::CompletedUnit {
             blake3: d.blake3.clone(),
             bytes: d.bytes,
             pairs: d.pairs,
-            worker_id: d.worker_id.clone(),
+            worker_id: d.worker_id.to_string(),
             seconds: d.seconds,
         }
     }
@@ -191,7 +192,7 @@ impl Screen {
     }
 
     /// The lowest unit neither done nor under a live lease.
-    pub fn free_unit(&self, now_ms: u64, members: &HashSet<String>) -> Option<u32> {
+    pub fn free_unit(&self, now_ms: u64, members: &HashSet<WorkerId>) -> Option<u32> {
         // Ends after at most (done + live leases + 1) steps, however many units the screen has.
         (0..self.record.units_total).find(|u| {
             !self.done.contains_key(u)
@@ -205,7 +206,7 @@ impl Screen {
     pub fn live_leases<'a>(
         &'a self,
         now_ms: u64,
-        members: &'a HashSet<String>,
+        members: &'a HashSet<WorkerId>,
     ) -> impl Iterator<Item = (u32, &'a UnitLease)> + 'a {
         self.leases
             .iter()
@@ -261,7 +262,7 @@ impl Screen {
     pub fn assignment(&self) -> pb::ScreenAssignment {
         let r = &self.record;
         pb::ScreenAssignment {
-            screen_id: r.id.clone(),
+            screen_id: r.id.to_string(),
             location: r.location.clone(),
             plan_blake3: r.plan_blake3.clone(),
             s3_endpoint: r.s3_endpoint.clone(),
@@ -274,13 +275,13 @@ impl Screen {
         &self,
         include_units: bool,
         now_ms: u64,
-        members: &HashSet<String>,
+        members: &HashSet<WorkerId>,
     ) -> pb::ScreenStatusResponse {
         let r = &self.record;
         let live: Vec<(u32, &UnitLease)> = self.live_leases(now_ms, members).collect();
         let workers: Vec<String> = live
             .iter()
-            .map(|(_, l)| l.worker_id.clone())
+            .map(|(_, l)| l.worker_id.to_string())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -293,7 +294,7 @@ impl Screen {
             _ => -1.0,
         };
         pb::ScreenStatusResponse {
-            screen_id: r.id.clone(),
+            screen_id: r.id.to_string(),
             state: pb::ScreenState::from(r.state).into(),
             message: r.message.clone(),
             location: r.location.clone(),
@@ -335,7 +336,7 @@ fn thousands(n: u64) -> String {
 /// Every screen the coordinator knows, in id (= submission) order.
 #[derive(Debug, Default)]
 pub struct Screens {
-    pub by_id: BTreeMap<String, Screen>,
+    pub by_id: BTreeMap<ScreenId, Screen>,
     /// The last lease token handed out (or loaded): tokens grow across restarts.
     last_token: u64,
 }
@@ -465,9 +466,10 @@ impl Coordinator {
         let mut rt = self.runtime.lock().await;
         let now = now_ms() as u64;
         let mut id = format!("screen-{now}");
-        while rt.screens.by_id.contains_key(&id) {
+        while rt.screens.by_id.contains_key(id.as_str()) {
             id.push('x');
         }
+        let id = ScreenId::new(id);
         let record = ScreenRecord {
             id: id.clone(),
             location: req.location,
@@ -505,7 +507,9 @@ impl Coordinator {
         self.send_assignments(&mut rt);
         drop(rt);
         self.wake.notify_one();
-        Ok(pb::SubmitScreenResponse { screen_id: id })
+        Ok(pb::SubmitScreenResponse {
+            screen_id: id.into_string(),
+        })
     }
 
     pub(crate) async fn screen_status(
@@ -517,7 +521,7 @@ impl Coordinator {
         let screen = rt
             .screens
             .by_id
-            .get(&req.screen_id)
+            .get(req.screen_id.as_str())
             .ok_or_else(|| unknown(&req.screen_id))?;
         Ok(screen.status(req.include_units, now_ms() as u64, &members))
     }
@@ -526,12 +530,16 @@ impl Coordinator {
         &self,
         req: pb::CancelScreenRequest,
     ) -> Result<pb::CancelScreenResponse, CoordinatorError> {
-        let id = req.screen_id;
+        let id = ScreenId::from(req.screen_id);
         let mut rt = self.runtime.lock().await;
-        let screen = rt.screens.by_id.get_mut(&id).ok_or_else(|| unknown(&id))?;
+        let screen = rt
+            .screens
+            .by_id
+            .get_mut(&id)
+            .ok_or_else(|| unknown(id.as_str()))?;
         if screen.record.state != ScreenState::Running {
             return Err(CoordinatorError::ScreenEnded {
-                screen: id.as_str().into(),
+                screen: id.clone(),
                 state: screen.record.state.name(),
             });
         }
@@ -559,18 +567,19 @@ impl Coordinator {
         &self,
         req: pb::LeaseUnitRequest,
     ) -> Result<pb::LeaseUnitResponse, CoordinatorError> {
+        let (worker, id) = (WorkerId::from(req.worker_id), ScreenId::from(req.screen_id));
         // Membership from the store, not the lease table: a lapsed holder must free its units now.
         let members = self.live_workers().await?;
-        if !members.contains(&req.worker_id) {
-            return Err(self.lapsed(&req.worker_id));
+        if !members.contains(&worker) {
+            return Err(self.lapsed(&worker));
         }
         let mut rt = self.runtime.lock().await;
         let now = now_ms() as u64;
         let screen = rt
             .screens
             .by_id
-            .get(&req.screen_id)
-            .ok_or_else(|| unknown(&req.screen_id))?;
+            .get(&id)
+            .ok_or_else(|| unknown(id.as_str()))?;
         let state = screen.record.state;
         let refused = |retry_after_ms| pb::LeaseUnitResponse {
             leased: false,
@@ -587,9 +596,9 @@ impl Coordinator {
         let previous = screen.leases.get(&unit).cloned();
         let lease_ms = screen.record.lease_ms;
         let token = rt.screens.next_token(now);
-        let screen = rt.screens.by_id.get_mut(&req.screen_id).expect("found");
+        let screen = rt.screens.by_id.get_mut(&id).expect("found");
         let lease = UnitLease {
-            worker_id: req.worker_id.clone(),
+            worker_id: worker.clone(),
             token,
             deadline_unix_ms: now + lease_ms,
         };
@@ -604,13 +613,11 @@ impl Coordinator {
                 "it is no longer a member"
             };
             tracing::info!(
-                "screen {}: unit {unit} re-leased to {} ({} held it; {why})",
-                req.screen_id,
-                req.worker_id,
+                "screen {id}: unit {unit} re-leased to {worker} ({} held it; {why})",
                 previous.worker_id
             );
         }
-        self.put_record(&lease_key(&req.screen_id, unit), &lease)
+        self.put_record(&lease_key(id.as_str(), unit), &lease)
             .await?;
         screen.leases.insert(unit, lease);
         let pairs_done = screen.pairs_done;
@@ -638,7 +645,7 @@ impl Coordinator {
                 reason,
             })
         };
-        let Some(screen) = rt.screens.by_id.get_mut(&req.screen_id) else {
+        let Some(screen) = rt.screens.by_id.get_mut(req.screen_id.as_str()) else {
             return lost(format!("unknown screen {:?}", req.screen_id));
         };
         let (id, unit) = (&screen.record.id, req.unit);
@@ -665,7 +672,8 @@ impl Coordinator {
             deadline_unix_ms: now_ms() as u64 + screen.record.lease_ms,
             ..lease.clone()
         };
-        self.put_record(&lease_key(id, unit), &renewed).await?;
+        self.put_record(&lease_key(id.as_str(), unit), &renewed)
+            .await?;
         screen.leases.insert(unit, renewed);
         Ok(pb::RenewUnitResponse {
             held: true,
@@ -684,7 +692,7 @@ impl Coordinator {
                 reason,
             })
         };
-        let Some(screen) = rt.screens.by_id.get_mut(&req.screen_id) else {
+        let Some(screen) = rt.screens.by_id.get_mut(req.screen_id.as_str()) else {
             return refuse(format!("unknown screen {:?}", req.screen_id));
         };
         let (id, unit) = (screen.record.id.clone(), req.unit);
@@ -742,7 +750,7 @@ impl Coordinator {
                     .map_err(CoordinatorError::store)?;
             } else if holds {
                 self.store
-                    .delete(&lease_key(&id, unit))
+                    .delete(&lease_key(id.as_str(), unit))
                     .await
                     .map_err(CoordinatorError::store)?;
             }
@@ -769,13 +777,13 @@ impl Coordinator {
             blake3: req.blake3,
             bytes: req.bytes,
             pairs: req.pairs,
-            worker_id: req.worker_id,
+            worker_id: req.worker_id.into(),
             seconds: req.seconds,
         };
-        self.put_record(&done_key(&id, unit), &done).await?;
+        self.put_record(&done_key(id.as_str(), unit), &done).await?;
         if screen.leases.contains_key(&unit) {
             self.store
-                .delete(&lease_key(&id, unit))
+                .delete(&lease_key(id.as_str(), unit))
                 .await
                 .map_err(CoordinatorError::store)?;
         }
@@ -840,7 +848,7 @@ mod tests {
 
     #[test]
     fn free_unit_skips_done_and_live_leases_only() {
-        let members: HashSet<String> = ["a".to_string()].into();
+        let members: HashSet<WorkerId> = [WorkerId::from("a")].into();
         let mut s = Screen::new(record(4));
         s.leases.insert(0, lease("a", 2000));
         s.leases.insert(1, lease("gone", 2000));

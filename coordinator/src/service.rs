@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use cellfleet_proto as pb;
+use cellfleet_shared::ids::{Generation, JobId, WorkerId};
 use cellfleet_shared::meta::{LeaseId, MetaStore};
 use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, OrderConfig, SplitPart};
@@ -87,16 +88,16 @@ impl From<JobState> for pb::JobState {
 /// A job as stored under `jobs/<id>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct JobRecord {
-    id: String,
+    id: JobId,
     spec: JobSpec,
     state: JobState,
     /// Samples in one epoch of the training split (the cursor's modulus).
     epoch_len: u64,
     total_steps: u64,
     batch_size: u32,
-    generation: u64,
+    generation: Generation,
     /// Worker ids in rank order.
-    members: Vec<String>,
+    members: Vec<WorkerId>,
     /// The step the current generation started from.
     start_step: u64,
     committed_step: u64,
@@ -141,7 +142,7 @@ impl JobRecord {
 /// A worker as stored under `workers/<id>` (attached to its lease).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct WorkerRecord {
-    id: String,
+    id: WorkerId,
     hostname: String,
     pid: u32,
     device: String,
@@ -159,7 +160,7 @@ struct Connection {
 /// Per-rank progress of a job's current generation (memory only: rebuilt from reports after a restart).
 #[derive(Default)]
 struct Progress {
-    generation: u64,
+    generation: Generation,
     steps: HashMap<u32, u64>,
     started: Option<Instant>,
     started_step: u64,
@@ -184,9 +185,9 @@ impl Progress {
 
 #[derive(Default)]
 pub(crate) struct Runtime {
-    jobs: BTreeMap<String, JobRecord>,
-    connections: HashMap<String, Connection>,
-    progress: HashMap<String, Progress>,
+    jobs: BTreeMap<JobId, JobRecord>,
+    connections: HashMap<WorkerId, Connection>,
+    progress: HashMap<JobId, Progress>,
     next_connection: u64,
     pub(crate) screens: Screens,
 }
@@ -196,7 +197,7 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     pub(crate) runtime: Mutex<Runtime>,
     /// Worker leases, under their own (never awaited) lock so heartbeats never wait behind job updates.
-    leases: std::sync::Mutex<HashMap<String, LeaseId>>,
+    leases: std::sync::Mutex<HashMap<WorkerId, LeaseId>>,
     kv_changed: Notify,
     pub(crate) wake: Notify,
 }
@@ -282,7 +283,7 @@ impl Coordinator {
         }
     }
 
-    fn lease_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, LeaseId>> {
+    fn lease_table(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, LeaseId>> {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -303,14 +304,14 @@ impl Coordinator {
         self.put_record(&format!("{JOBS}{}", job.id), job).await
     }
 
-    pub(crate) async fn live_workers(&self) -> Result<HashSet<String>, CoordinatorError> {
+    pub(crate) async fn live_workers(&self) -> Result<HashSet<WorkerId>, CoordinatorError> {
         Ok(self
             .store
             .list(WORKERS)
             .await
             .map_err(CoordinatorError::store)?
             .into_iter()
-            .map(|(k, _)| k[WORKERS.len()..].to_string())
+            .map(|(k, _)| WorkerId::from(&k[WORKERS.len()..]))
             .collect())
     }
 
@@ -319,19 +320,19 @@ impl Coordinator {
         let mut rt = self.runtime.lock().await;
         rt.connections.retain(|id, _| live.contains(id));
         self.lease_table().retain(|id, _| live.contains(id));
-        let connected: Vec<String> = {
-            let mut ids: Vec<String> = rt.connections.keys().cloned().collect();
+        let connected: Vec<WorkerId> = {
+            let mut ids: Vec<WorkerId> = rt.connections.keys().cloned().collect();
             ids.sort();
             ids
         };
-        let mut busy: HashSet<String> = rt
+        let mut busy: HashSet<WorkerId> = rt
             .jobs
             .values()
             .filter(|j| j.state == JobState::Running)
             .flat_map(|j| j.members.iter().cloned())
             .filter(|id| live.contains(id))
             .collect();
-        let active: Vec<String> = rt
+        let active: Vec<JobId> = rt
             .jobs
             .values()
             .filter(|j| j.state.is_active())
@@ -339,14 +340,14 @@ impl Coordinator {
             .collect();
         for id in active {
             let job = rt.jobs[&id].clone();
-            let alive: Vec<String> = job
+            let alive: Vec<WorkerId> = job
                 .members
                 .iter()
                 .filter(|m| live.contains(*m))
                 .cloned()
                 .collect();
             let room = (job.spec.max_workers as usize).saturating_sub(alive.len());
-            let joiners: Vec<String> = connected
+            let joiners: Vec<WorkerId> = connected
                 .iter()
                 .filter(|w| !busy.contains(*w))
                 .take(room)
@@ -354,7 +355,7 @@ impl Coordinator {
                 .collect();
             let reason = match job.state {
                 JobState::Running if alive.len() < job.members.len() => {
-                    let lost: Vec<&String> =
+                    let lost: Vec<&WorkerId> =
                         job.members.iter().filter(|m| !live.contains(*m)).collect();
                     Some(format!("lost {}", join(&lost)))
                 }
@@ -398,12 +399,12 @@ impl Coordinator {
     async fn form_generation(
         &self,
         rt: &mut Runtime,
-        id: &str,
-        members: Vec<String>,
+        id: &JobId,
+        members: Vec<WorkerId>,
         reason: &str,
     ) -> Result<(), CoordinatorError> {
         let job = rt.jobs.get_mut(id).expect("job exists");
-        let was_running = job.state == JobState::Running || job.generation > 0;
+        let was_running = job.state == JobState::Running || job.generation > Generation(0);
         if job.state == JobState::Running {
             if job.committed_step > job.start_step {
                 job.stalled_generations = 0;
@@ -422,7 +423,7 @@ impl Coordinator {
                 return self.clear_exchange(id).await;
             }
         }
-        job.generation += 1;
+        job.generation = job.generation.next();
         // A new generation restarts from the newest committed checkpoint (every rank restores it), or
         // without one from the initial state: re-initialized from the seed and broadcast from rank 0.
         job.start_step = job.restore.as_ref().map_or(0, |r| r.step);
@@ -436,7 +437,7 @@ impl Coordinator {
             );
             job.members = Vec::new();
         } else {
-            if was_running && job.generation > 1 {
+            if was_running && job.generation > Generation(1) {
                 job.reformations += 1;
             }
             job.state = JobState::Running;
@@ -450,13 +451,13 @@ impl Coordinator {
         }
         tracing::info!("job {id}: {}", job.message);
         let job = job.clone();
-        rt.progress.insert(id.to_string(), Progress::of(&job));
+        rt.progress.insert(id.clone(), Progress::of(&job));
         self.save_job(&job).await?;
         self.clear_exchange(id).await
     }
 
     /// Deletes a job's rendezvous keys (of every generation) and wakes anyone waiting on them.
-    async fn clear_exchange(&self, id: &str) -> Result<(), CoordinatorError> {
+    async fn clear_exchange(&self, id: &JobId) -> Result<(), CoordinatorError> {
         self.store
             .delete_prefix(&format!("{KV}{id}/"))
             .await
@@ -466,7 +467,7 @@ impl Coordinator {
     }
 
     /// What `worker` should be doing now.
-    fn desired(rt: &Runtime, worker: &str) -> pb::Assignment {
+    fn desired(rt: &Runtime, worker: &WorkerId) -> pb::Assignment {
         for job in rt.jobs.values() {
             if job.state != JobState::Running {
                 continue;
@@ -475,8 +476,8 @@ impl Coordinator {
                 let (epoch, position) = job.cursor(job.start_step);
                 return pb::Assignment {
                     kind: Some(pb::assignment::Kind::Train(pb::TrainAssignment {
-                        job_id: job.id.clone(),
-                        generation: job.generation,
+                        job_id: job.id.to_string(),
+                        generation: job.generation.get(),
                         rank: rank as u32,
                         world_size: job.members.len() as u32,
                         spec_json: serde_json::to_string(&job.spec).unwrap_or_default(),
@@ -513,7 +514,7 @@ impl Coordinator {
     }
 
     pub(crate) fn send_assignments(&self, rt: &mut Runtime) {
-        let ids: Vec<String> = rt.connections.keys().cloned().collect();
+        let ids: Vec<WorkerId> = rt.connections.keys().cloned().collect();
         for id in ids {
             let desired = Self::desired(rt, &id);
             let connection = rt.connections.get_mut(&id).expect("listed");
@@ -530,7 +531,7 @@ impl Coordinator {
         }
     }
 
-    async fn lease_of(&self, worker: &str) -> Result<Option<LeaseId>, CoordinatorError> {
+    async fn lease_of(&self, worker: &WorkerId) -> Result<Option<LeaseId>, CoordinatorError> {
         if let Some(lease) = self.lease_table().get(worker) {
             return Ok(Some(*lease));
         }
@@ -547,9 +548,9 @@ impl Coordinator {
         Ok(Some(record.lease))
     }
 
-    pub(crate) fn lapsed(&self, worker: &str) -> CoordinatorError {
+    pub(crate) fn lapsed(&self, worker: &WorkerId) -> CoordinatorError {
         CoordinatorError::NotAMember {
-            worker: worker.into(),
+            worker: worker.clone(),
             lease_ttl: self.config.lease_ttl,
         }
     }
@@ -557,45 +558,45 @@ impl Coordinator {
     /// Checks that (job, generation) is current and returns the job.
     async fn current_job(
         &self,
-        job_id: &str,
-        generation: u64,
+        job_id: &JobId,
+        generation: Generation,
     ) -> Result<JobRecord, CoordinatorError> {
         Self::check_current(&*self.runtime.lock().await, job_id, generation)
     }
 
     fn check_current(
         rt: &Runtime,
-        job_id: &str,
-        generation: u64,
+        job_id: &JobId,
+        generation: Generation,
     ) -> Result<JobRecord, CoordinatorError> {
         let job = rt
             .jobs
             .get(job_id)
-            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.into()))?;
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.clone()))?;
         if generation < job.generation {
             return Err(CoordinatorError::SupersededGeneration {
-                job: job_id.into(),
-                current: job.generation.into(),
-                asked: generation.into(),
+                job: job_id.clone(),
+                current: job.generation,
+                asked: generation,
             });
         }
         if generation > job.generation {
             return Err(CoordinatorError::NoSuchGeneration {
-                job: job_id.into(),
-                current: job.generation.into(),
-                asked: generation.into(),
+                job: job_id.clone(),
+                current: job.generation,
+                asked: generation,
             });
         }
         if job.state != JobState::Running {
             return Err(CoordinatorError::JobNotRunning {
-                job: job_id.into(),
+                job: job_id.clone(),
                 state: job.state.name(),
             });
         }
         Ok(job.clone())
     }
 
-    fn kv_key(job: &str, generation: u64, key: &str) -> String {
+    fn kv_key(job: &JobId, generation: Generation, key: &str) -> String {
         format!("{KV}{job}/{generation}/{key}")
     }
 
@@ -610,15 +611,15 @@ impl Coordinator {
             })
             .unwrap_or(0.0);
         pb::JobStatusResponse {
-            job_id: job.id.clone(),
+            job_id: job.id.to_string(),
             state: pb::JobState::from(job.state).into(),
-            generation: job.generation,
+            generation: job.generation.get(),
             world_size: job.members.len() as u32,
             committed_step: job.committed_step,
             total_steps: job.total_steps,
             last_loss: job.last_loss,
             message: job.message.clone(),
-            members: job.members.clone(),
+            members: job.members.iter().map(WorkerId::to_string).collect(),
             reformations: job.reformations,
             epoch,
             position,
@@ -663,14 +664,15 @@ impl pb::coordinator_server::Coordinator for Service {
         let req = request.into_inner();
         let mut resumed = None;
         if !req.worker_id.is_empty() {
-            if let Some(lease) = self.lease_of(&req.worker_id).await? {
+            let previous = WorkerId::from(req.worker_id.as_str());
+            if let Some(lease) = self.lease_of(&previous).await? {
                 if self
                     .store
                     .keep_alive(lease)
                     .await
                     .map_err(CoordinatorError::store)?
                 {
-                    resumed = Some((req.worker_id.clone(), lease));
+                    resumed = Some((previous, lease));
                 }
             }
         }
@@ -691,7 +693,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 // Unique even for containers that share a hostname and pid: the lease id is unique in the
                 // store, and the key is created only if absent.
                 let nonce = blake3::hash(format!("{}-{lease}-{}", now_ms(), req.pid).as_bytes());
-                let id = format!("{host}-{}-{}", req.pid, &nonce.to_hex()[..8]);
+                let id = WorkerId::new(format!("{host}-{}-{}", req.pid, &nonce.to_hex()[..8]));
                 let record = WorkerRecord {
                     id: id.clone(),
                     hostname: req.hostname.clone(),
@@ -724,7 +726,7 @@ impl pb::coordinator_server::Coordinator for Service {
         self.lease_table().insert(id.clone(), lease);
         self.wake.notify_one();
         Ok(Response::new(pb::RegisterWorkerResponse {
-            worker_id: id,
+            worker_id: id.into_string(),
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
             lease_ttl_ms: self.config.lease_ttl.as_millis() as u64,
             resumed: was_resumed,
@@ -735,7 +737,7 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let worker = request.into_inner().worker_id;
+        let worker = WorkerId::from(request.into_inner().worker_id);
         let lease = self
             .lease_of(&worker)
             .await?
@@ -758,7 +760,7 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
-        let worker = request.into_inner().worker_id;
+        let worker = WorkerId::from(request.into_inner().worker_id);
         let lease = self
             .lease_of(&worker)
             .await?
@@ -808,6 +810,11 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::CheckpointCommit>,
     ) -> Result<Response<pb::CheckpointCommitResponse>, Status> {
         let commit = request.into_inner();
+        let (job_id, generation) = (
+            JobId::from(commit.job_id.as_str()),
+            Generation(commit.generation),
+        );
+        let worker = WorkerId::from(commit.worker_id.as_str());
         let refuse = |reason: String| {
             tracing::info!(
                 "job {}: checkpoint step {} not recorded: {reason}",
@@ -821,11 +828,11 @@ impl pb::coordinator_server::Coordinator for Service {
         };
         // Under the job lock: a generation formed after this check cannot also commit.
         let mut rt = self.runtime.lock().await;
-        let mut job = match Coordinator::check_current(&rt, &commit.job_id, commit.generation) {
+        let mut job = match Coordinator::check_current(&rt, &job_id, generation) {
             Ok(job) => job,
             Err(e) => return refuse(e.to_string()),
         };
-        if job.members.first() != Some(&commit.worker_id) {
+        if job.members.first() != Some(&worker) {
             return refuse(format!(
                 "worker {} is not rank 0 of generation {}",
                 commit.worker_id, commit.generation
@@ -858,7 +865,7 @@ impl pb::coordinator_server::Coordinator for Service {
             .map_err(CoordinatorError::store)?;
         let same_generation = |e: &cellfleet_shared::meta::Entry| {
             serde_json::from_slice::<JobRecord>(&e.value).is_ok_and(|r| {
-                r.generation == commit.generation
+                r.generation == generation
                     && r.restore.as_ref().is_none_or(|p| p.step < commit.step)
             })
         };
@@ -906,16 +913,21 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::StepReport>,
     ) -> Result<Response<pb::StepReportResponse>, Status> {
         let report = request.into_inner();
+        let (job_id, generation) = (
+            JobId::from(report.job_id.as_str()),
+            Generation(report.generation),
+        );
+        let worker = WorkerId::from(report.worker_id.as_str());
         // Checked and applied under one lock: a report must never land on a generation formed after the
         // check.
         let mut rt = self.runtime.lock().await;
-        let mut job = Coordinator::check_current(&rt, &report.job_id, report.generation)?;
-        if job.members.get(report.rank as usize) != Some(&report.worker_id) {
+        let mut job = Coordinator::check_current(&rt, &job_id, generation)?;
+        if job.members.get(report.rank as usize) != Some(&worker) {
             return Err(CoordinatorError::NotRank {
-                worker: report.worker_id.into(),
+                worker,
                 rank: report.rank,
-                job: report.job_id.into(),
-                generation: report.generation.into(),
+                job: job_id,
+                generation,
             }
             .into());
         }
@@ -1038,10 +1050,11 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::KvSetRequest>,
     ) -> Result<Response<pb::KvSetResponse>, Status> {
         let req = request.into_inner();
-        self.current_job(&req.job_id, req.generation).await?;
+        let (job_id, generation) = (JobId::from(req.job_id), Generation(req.generation));
+        self.current_job(&job_id, generation).await?;
         self.store
             .put(
-                &Coordinator::kv_key(&req.job_id, req.generation, &req.key),
+                &Coordinator::kv_key(&job_id, generation, &req.key),
                 &req.value,
                 None,
             )
@@ -1056,13 +1069,14 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::KvGetRequest>,
     ) -> Result<Response<pb::KvGetResponse>, Status> {
         let req = request.into_inner();
+        let (job_id, generation) = (JobId::from(req.job_id), Generation(req.generation));
         let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
-        let key = Coordinator::kv_key(&req.job_id, req.generation, &req.key);
+        let key = Coordinator::kv_key(&job_id, generation, &req.key);
         loop {
             let changed = self.kv_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            self.current_job(&req.job_id, req.generation).await?;
+            self.current_job(&job_id, generation).await?;
             if let Some(entry) = self
                 .store
                 .get(&key)
@@ -1075,8 +1089,8 @@ impl pb::coordinator_server::Coordinator for Service {
             if left.is_zero() {
                 return Err(CoordinatorError::KeyNotSet {
                     key: req.key,
-                    job: req.job_id.into(),
-                    generation: req.generation.into(),
+                    job: job_id,
+                    generation,
                     timeout_ms: req.timeout_ms,
                 }
                 .into());
@@ -1103,16 +1117,17 @@ impl pb::coordinator_server::Coordinator for Service {
         }
         let mut rt = self.runtime.lock().await;
         let mut id = format!("job-{}", now_ms());
-        while rt.jobs.contains_key(&id) {
+        while rt.jobs.contains_key(id.as_str()) {
             id.push('x');
         }
+        let id = JobId::new(id);
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Pending,
             epoch_len,
             total_steps: order.steps,
             batch_size: order.batch_size,
-            generation: 0,
+            generation: Generation(0),
             members: Vec::new(),
             start_step: 0,
             committed_step: 0,
@@ -1138,19 +1153,21 @@ impl pb::coordinator_server::Coordinator for Service {
         rt.jobs.insert(id.clone(), job);
         drop(rt);
         self.wake.notify_one();
-        Ok(Response::new(pb::SubmitJobResponse { job_id: id }))
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: id.into_string(),
+        }))
     }
 
     async fn job_status(
         &self,
         request: Request<pb::JobStatusRequest>,
     ) -> Result<Response<pb::JobStatusResponse>, Status> {
-        let id = request.into_inner().job_id;
+        let id = JobId::from(request.into_inner().job_id);
         let rt = self.runtime.lock().await;
         let job = rt
             .jobs
             .get(&id)
-            .ok_or_else(|| CoordinatorError::UnknownJob(id.as_str().into()))?;
+            .ok_or_else(|| CoordinatorError::UnknownJob(id.clone()))?;
         Ok(Response::new(Coordinator::status_of(
             job,
             rt.progress.get(&id),
@@ -1161,15 +1178,15 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let id = request.into_inner().job_id;
+        let id = JobId::from(request.into_inner().job_id);
         let mut rt = self.runtime.lock().await;
         let job = rt
             .jobs
             .get_mut(&id)
-            .ok_or_else(|| CoordinatorError::UnknownJob(id.as_str().into()))?;
+            .ok_or_else(|| CoordinatorError::UnknownJob(id.clone()))?;
         if !job.state.is_active() {
             return Err(CoordinatorError::JobEnded {
-                job: id.as_str().into(),
+                job: id.clone(),
                 state: job.state.name(),
             }
             .into());
@@ -1201,16 +1218,16 @@ impl pb::coordinator_server::Coordinator for Service {
                     .jobs
                     .values()
                     .find(|j| j.state == JobState::Running && j.members.contains(&w.id))
-                    .map(|j| j.id.clone())
+                    .map(|j| j.id.to_string())
                     .or_else(|| {
                         let screen = rt.screens.assigned()?;
                         rt.connections
                             .contains_key(&w.id)
-                            .then(|| screen.record.id.clone())
+                            .then(|| screen.record.id.to_string())
                     })
                     .unwrap_or_default(),
                 connected: rt.connections.contains_key(&w.id),
-                worker_id: w.id,
+                worker_id: w.id.into_string(),
                 hostname: w.hostname,
                 pid: w.pid,
                 device: w.device,
