@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use cellfleet_shared::ids::{Generation, JobId, ScreenId, WorkerId};
+use cellfleet_shared::ids::{Generation, JobId, Rank, ScreenId, WorkerId};
 
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
 
@@ -60,7 +60,7 @@ pub enum CoordinatorError {
     #[error("worker {worker} is not rank {rank} of job {job} generation {generation}")]
     NotRank {
         worker: WorkerId,
-        rank: u32,
+        rank: Rank,
         job: JobId,
         generation: Generation,
     },
