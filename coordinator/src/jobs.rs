@@ -75,6 +75,8 @@ struct JobRecord {
     /// The step the current generation started from.
     start_step: u64,
     committed_step: u64,
+    /// NaN before rank 0's first step, which JSON stores as `null`.
+    #[serde(deserialize_with = "loss_or_nan")]
     last_loss: f64,
     message: String,
     reformations: u32,
@@ -91,6 +93,12 @@ struct JobRecord {
     /// turns out unusable.
     #[serde(default)]
     restore_history: Vec<RestorePoint>,
+}
+
+/// serde_json writes a NaN loss as `null` and refuses to read `null` as a float: reads it back as NaN, so
+/// a job stored before its first step does not stop a restarted coordinator.
+fn loss_or_nan<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 fn job_key(id: &JobId) -> String {
@@ -1010,6 +1018,16 @@ mod tests {
         assert_eq!(json["state"], "running");
         let back: JobRecord = serde_json::from_value(json).unwrap();
         assert_eq!(back.rank_of(&"w-b".into()), Some(Rank(1)));
+    }
+
+    #[test]
+    fn a_job_stored_before_its_first_step_reads_back() {
+        let job = record();
+        assert!(job.last_loss.is_nan());
+        let json = serde_json::to_vec(&job).unwrap();
+        assert!(String::from_utf8_lossy(&json).contains("\"last_loss\":null"));
+        let back: JobRecord = serde_json::from_slice(&json).unwrap();
+        assert!(back.last_loss.is_nan());
     }
 
     #[test]
