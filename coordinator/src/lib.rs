@@ -1,11 +1,25 @@
 //! The cellfleet control plane: membership and rendezvous, the training-job state machine, the global data
 //! cursor, and the leasing of screens' work units, served over gRPC (`proto/cellfleet.proto`).
 //!
+//! Modules, each depending only on those above it:
+//! * `error`: [`CoordinatorError`] and its one mapping to gRPC codes; `spec`: the job specification;
+//! * `state`: configuration, the typed metadata-store handle, the store's key layout, the clock;
+//! * `workers`: registration, heartbeats, membership;
+//! * `jobs`: the job state machine, generations, cursor, reports, checkpoint commits, the rendezvous
+//!   exchange, reconciliation; `screens`: screens' unit leases and completions, beside jobs;
+//! * `coordinator`: all of them behind one lock, the workers' assignments, the reconciler loop;
+//! * `rpc`: the tonic service, converting between the protocol and the domain.
+//!
 //! Architecture invariant: this crate never touches tensors and never links libtorch.
 
+pub mod coordinator;
+pub mod error;
+pub mod jobs;
+pub mod rpc;
 pub mod screens;
-pub mod service;
 pub mod spec;
+pub mod state;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,9 +30,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use cellfleet_shared::meta::{EtcdStore, MemoryStore, MetaStore};
 pub use cellfleet_shared::stream::{EpochPlan, Partitioner};
-pub use screens::{DoneUnit, ScreenRecord, UnitLease};
-pub use service::{Coordinator, CoordinatorConfig, JobState, Service};
+pub use coordinator::Coordinator;
+pub use error::CoordinatorError;
+pub use jobs::JobState;
+pub use rpc::Service;
+pub use screens::{DoneUnit, ScreenRecord, ScreenState, UnitLease};
 pub use spec::JobSpec;
+pub use state::CoordinatorConfig;
 
 /// `cellfleet coordinator` / `cellfleet-coordinator` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,8 +74,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let coordinator = Coordinator::start(store, config).await?;
     let reconciler = tokio::spawn(coordinator.clone().run_reconciler());
-    let service =
-        cellfleet_proto::coordinator_server::CoordinatorServer::new(service::Service(coordinator));
+    let service = cellfleet_proto::coordinator_server::CoordinatorServer::new(Service(coordinator));
     let served = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

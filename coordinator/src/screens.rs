@@ -1,9 +1,10 @@
 //! Screen work-unit leasing. A screen's plan (which genes x cells each numbered unit holds) is an object
 //! the client wrote to the object store; the coordinator never reads it. It hands the units out under
-//! renewable leases, records each unit's result once, and counts.
+//! renewable leases, records each unit's result once, and counts. Screens sit beside training jobs: they
+//! share the store and the lock, not the job state machine.
 //!
-//! Store keys (three prefixes, so that listing `screens/` never returns the per-unit keys and none of them
-//! falls under `jobs/`, `workers/` or `kv/`):
+//! Store keys (three prefixes, see `state`, so that listing `screens/` never returns the
+//! per-unit keys):
 //! * `screens/<id>`: the [`ScreenRecord`];
 //! * `screen-leases/<id>/<unit>`: the [`UnitLease`] of a unit being computed;
 //! * `screen-done/<id>/<unit>`: the [`DoneUnit`] of a completed unit.
@@ -15,20 +16,15 @@
 //! object sits under a deterministic key, so any holder's result is equally valid, and the first one
 //! recorded wins.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tonic::Status;
 
-use cellfleet_proto as pb;
-use cellfleet_shared::meta::MetaStore;
+use cellfleet_shared::ids::{ScreenId, WorkerId};
 
-use crate::service::{internal, now_ms, Coordinator, JobState};
-
-pub const SCREENS: &str = "screens/";
-pub const SCREEN_LEASES: &str = "screen-leases/";
-pub const SCREEN_DONE: &str = "screen-done/";
+use crate::error::{CoordinatorError, Result};
+use crate::state::{now_ms, Store, SCREENS, SCREEN_DONE, SCREEN_LEASES};
 
 /// Lease length when a submission asks for none.
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
@@ -39,10 +35,38 @@ pub const MAX_UNIT_FAILURES: u32 = 3;
 /// How long a worker waits before asking again when every remaining unit is leased to someone else.
 pub const RETRY_AFTER_MS: u64 = 300;
 
+/// Where a screen is: running from its submission until every unit is recorded, a unit fails too often,
+/// or a client cancels it. Stored as the lowercase word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScreenState {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl ScreenState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScreenState::Running => "running",
+            ScreenState::Completed => "completed",
+            ScreenState::Failed => "failed",
+            ScreenState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for ScreenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A screen as stored under `screens/<id>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenRecord {
-    pub id: String,
+    pub id: ScreenId,
     pub location: String,
     pub plan_blake3: String,
     pub summary: String,
@@ -52,7 +76,7 @@ pub struct ScreenRecord {
     pub threads: u32,
     pub s3_endpoint: String,
     pub s3_region: String,
-    pub state: JobState,
+    pub state: ScreenState,
     pub message: String,
     pub created_unix_ms: u64,
     /// Units taken over after their holder was lost or let the lease expire.
@@ -65,14 +89,14 @@ pub struct ScreenRecord {
 /// A unit's lease as stored under `screen-leases/<id>/<unit>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitLease {
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub token: u64,
     pub deadline_unix_ms: u64,
 }
 
 impl UnitLease {
     /// Whether nobody else may take the unit: the deadline is ahead and the holder is still a member.
-    pub fn is_live(&self, now_ms: u64, members: &HashSet<String>) -> bool {
+    pub fn is_live(&self, now_ms: u64, members: &HashSet<WorkerId>) -> bool {
         self.deadline_unix_ms > now_ms && members.contains(&self.worker_id)
     }
 }
@@ -85,22 +109,156 @@ pub struct DoneUnit {
     pub blake3: String,
     pub bytes: u64,
     pub pairs: u64,
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub seconds: f64,
 }
 
-impl From<&DoneUnit> for pb::CompletedUnit {
-    fn from(d: &DoneUnit) -> Self {
-        pb::CompletedUnit {
-            unit: d.unit,
-            key: d.key.clone(),
-            blake3: d.blake3.clone(),
-            bytes: d.bytes,
-            pairs: d.pairs,
-            worker_id: d.worker_id.clone(),
-            seconds: d.seconds,
+/// A client's request for a new screen (its plan is already stored at `location`).
+#[derive(Debug, Clone)]
+pub struct ScreenSubmission {
+    pub location: String,
+    pub plan_blake3: String,
+    /// Work units of the plan (numbered 0..units) and the (gene, cell) pairs they hold in all.
+    pub units: u32,
+    pub pairs: u64,
+    /// How long a lease lasts without renewal (0: the default).
+    pub lease_ms: u64,
+    pub threads: u32,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub summary: String,
+}
+
+impl ScreenSubmission {
+    /// Checks the submission and returns the lease length it asks for.
+    fn lease_ms(&self) -> Result<u64> {
+        if self.units == 0 {
+            return Err(CoordinatorError::InvalidRequest(
+                "screen units must be positive".into(),
+            ));
         }
+        let lease_ms = match self.lease_ms {
+            0 => DEFAULT_LEASE_MS,
+            ms if ms < MIN_LEASE_MS => {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "screen lease_ms {ms} is below the minimum {MIN_LEASE_MS} (0: the default {DEFAULT_LEASE_MS})"
+                )))
+            }
+            ms => ms,
+        };
+        if self.location.is_empty() {
+            return Err(CoordinatorError::InvalidRequest(
+                "screen location is empty".into(),
+            ));
+        }
+        if self.plan_blake3.is_empty() {
+            return Err(CoordinatorError::InvalidRequest(
+                "screen plan_blake3 is empty".into(),
+            ));
+        }
+        Ok(lease_ms)
     }
+}
+
+/// What a worker is told to do for a screen: work on its units until none is left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScreenOrder {
+    pub screen: ScreenId,
+    pub location: String,
+    pub plan_blake3: String,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub threads: u32,
+}
+
+/// A screen as a client sees it.
+#[derive(Debug, Clone)]
+pub struct ScreenStatus {
+    pub id: ScreenId,
+    pub state: ScreenState,
+    pub message: String,
+    pub location: String,
+    pub plan_blake3: String,
+    pub summary: String,
+    pub units_total: u32,
+    pub units_done: u32,
+    pub units_leased: u32,
+    pub pairs_total: u64,
+    pub pairs_done: u64,
+    pub pairs_per_second: f64,
+    /// Estimated seconds to completion (negative: unknown yet).
+    pub eta_seconds: f64,
+    pub releases: u32,
+    /// The completed units, when asked for.
+    pub units: Vec<DoneUnit>,
+    /// Workers holding a live lease, in id order.
+    pub workers: Vec<WorkerId>,
+}
+
+/// The answer to a worker asking for a unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAnswer {
+    /// Compute `unit`, renewing the lease named by `token` within `lease_ms`.
+    Leased {
+        unit: u32,
+        token: u64,
+        lease_ms: u64,
+    },
+    /// Every remaining unit is leased to someone else: ask again after `retry_after_ms`.
+    NoneFree { retry_after_ms: u64 },
+    /// The screen is no longer running: stop.
+    Stopped(ScreenState),
+}
+
+/// A holder renewing its lease on a unit.
+#[derive(Debug, Clone)]
+pub struct UnitRenewal {
+    pub screen: ScreenId,
+    pub unit: u32,
+    pub token: u64,
+}
+
+/// The answer to a renewal: held on, or lost (stop the unit) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    Held,
+    Lost(String),
+}
+
+/// A worker reporting a unit: its result object, or why it failed.
+#[derive(Debug, Clone)]
+pub struct UnitCompletion {
+    pub worker: WorkerId,
+    pub screen: ScreenId,
+    pub unit: u32,
+    pub token: u64,
+    pub outcome: UnitOutcome,
+}
+
+#[derive(Debug, Clone)]
+pub enum UnitOutcome {
+    /// The result object under `key` (relative to the screen's location), with its hash and size.
+    Done {
+        key: String,
+        blake3: String,
+        bytes: u64,
+        pairs: u64,
+        seconds: f64,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// The answer to a completion: recorded, or not (and why).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    Recorded,
+    Refused(String),
+}
+
+fn screen_key(id: &ScreenId) -> String {
+    format!("{SCREENS}{id}")
 }
 
 fn lease_key(id: &str, unit: u32) -> String {
@@ -158,7 +316,7 @@ impl Screen {
     }
 
     /// The lowest unit neither done nor under a live lease.
-    pub fn free_unit(&self, now_ms: u64, members: &HashSet<String>) -> Option<u32> {
+    pub fn free_unit(&self, now_ms: u64, members: &HashSet<WorkerId>) -> Option<u32> {
         // Ends after at most (done + live leases + 1) steps, however many units the screen has.
         (0..self.record.units_total).find(|u| {
             !self.done.contains_key(u)
@@ -172,7 +330,7 @@ impl Screen {
     pub fn live_leases<'a>(
         &'a self,
         now_ms: u64,
-        members: &'a HashSet<String>,
+        members: &'a HashSet<WorkerId>,
     ) -> impl Iterator<Item = (u32, &'a UnitLease)> + 'a {
         self.leases
             .iter()
@@ -198,7 +356,7 @@ impl Screen {
         }
     }
 
-    fn end(&mut self, state: JobState, message: String) {
+    fn end(&mut self, state: ScreenState, message: String) {
         self.record.state = state;
         self.record.message = message;
         self.leases.clear();
@@ -225,10 +383,10 @@ impl Screen {
         )
     }
 
-    pub fn assignment(&self) -> pb::ScreenAssignment {
+    pub fn order(&self) -> ScreenOrder {
         let r = &self.record;
-        pb::ScreenAssignment {
-            screen_id: r.id.clone(),
+        ScreenOrder {
+            screen: r.id.clone(),
             location: r.location.clone(),
             plan_blake3: r.plan_blake3.clone(),
             s3_endpoint: r.s3_endpoint.clone(),
@@ -241,27 +399,27 @@ impl Screen {
         &self,
         include_units: bool,
         now_ms: u64,
-        members: &HashSet<String>,
-    ) -> pb::ScreenStatusResponse {
+        members: &HashSet<WorkerId>,
+    ) -> ScreenStatus {
         let r = &self.record;
         let live: Vec<(u32, &UnitLease)> = self.live_leases(now_ms, members).collect();
-        let workers: Vec<String> = live
+        let workers: Vec<WorkerId> = live
             .iter()
             .map(|(_, l)| l.worker_id.clone())
-            .collect::<std::collections::BTreeSet<_>>()
+            .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         let rate = self.rate();
         let eta = match r.state {
-            JobState::Completed => 0.0,
-            JobState::Running if rate > 0.0 => {
+            ScreenState::Completed => 0.0,
+            ScreenState::Running if rate > 0.0 => {
                 r.pairs_total.saturating_sub(self.pairs_done) as f64 / rate
             }
             _ => -1.0,
         };
-        pb::ScreenStatusResponse {
-            screen_id: r.id.clone(),
-            state: r.state.name().into(),
+        ScreenStatus {
+            id: r.id.clone(),
+            state: r.state,
             message: r.message.clone(),
             location: r.location.clone(),
             plan_blake3: r.plan_blake3.clone(),
@@ -275,7 +433,7 @@ impl Screen {
             eta_seconds: eta,
             releases: r.releases,
             units: if include_units {
-                self.done.values().map(pb::CompletedUnit::from).collect()
+                self.done.values().cloned().collect()
             } else {
                 Vec::new()
             },
@@ -299,10 +457,12 @@ fn thousands(n: u64) -> String {
     out
 }
 
-/// Every screen the coordinator knows, in id (= submission) order.
+/// Every screen the coordinator knows, in id (= submission) order. The operations below run under the
+/// coordinator's lock from their checks to their last write, so two workers never take the same unit and
+/// a completion never races a cancellation.
 #[derive(Debug, Default)]
 pub struct Screens {
-    pub by_id: BTreeMap<String, Screen>,
+    pub by_id: BTreeMap<ScreenId, Screen>,
     /// The last lease token handed out (or loaded): tokens grow across restarts.
     last_token: u64,
 }
@@ -312,7 +472,13 @@ impl Screens {
     pub fn assigned(&self) -> Option<&Screen> {
         self.by_id
             .values()
-            .find(|s| s.record.state == JobState::Running && !s.all_done())
+            .find(|s| s.record.state == ScreenState::Running && !s.all_done())
+    }
+
+    pub fn is_running(&self, id: &ScreenId) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|s| s.record.state == ScreenState::Running)
     }
 
     /// A token unique across restarts: microseconds of wall-clock time, or one more than the last one.
@@ -322,19 +488,12 @@ impl Screens {
     }
 
     /// Reads the screens, their leases and completed units from the store.
-    pub async fn load(store: &dyn MetaStore) -> anyhow::Result<Self> {
-        let unreadable = |key: &str, e: serde_json::Error| {
-            anyhow::anyhow!("{}: stored {key} is unreadable: {e}", store.describe())
-        };
+    pub async fn load(store: &Store) -> Result<Self> {
         let mut screens = Screens::default();
-        for (key, entry) in store.list(SCREENS).await? {
-            let record: ScreenRecord =
-                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+        for (_, record) in store.read_all::<ScreenRecord>(SCREENS).await? {
             screens.by_id.insert(record.id.clone(), Screen::new(record));
         }
-        for (key, entry) in store.list(SCREEN_LEASES).await? {
-            let lease: UnitLease =
-                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+        for (key, lease) in store.read_all::<UnitLease>(SCREEN_LEASES).await? {
             let Some((id, unit)) = split_unit_key(SCREEN_LEASES, &key) else {
                 tracing::warn!("ignoring the malformed lease key {key}");
                 continue;
@@ -347,9 +506,7 @@ impl Screens {
                 None => tracing::warn!("ignoring lease {key} of an unknown screen"),
             }
         }
-        for (key, entry) in store.list(SCREEN_DONE).await? {
-            let done: DoneUnit =
-                serde_json::from_slice(&entry.value).map_err(|e| unreadable(&key, e))?;
+        for (key, done) in store.read_all::<DoneUnit>(SCREEN_DONE).await? {
             match screens
                 .by_id
                 .get_mut(split_unit_key(SCREEN_DONE, &key).map_or("", |k| k.0))
@@ -358,22 +515,21 @@ impl Screens {
                 _ => tracing::warn!("ignoring completed unit {key} of no known screen unit"),
             }
         }
-        let now = now_ms() as u64;
+        let now = now_ms();
         for screen in screens.by_id.values_mut() {
             // The coordinator stopped between recording the last unit and the screen's new state.
-            if screen.record.state == JobState::Running && screen.all_done() {
+            if screen.record.state == ScreenState::Running && screen.all_done() {
                 let message = screen.completion_message(now);
-                screen.end(JobState::Completed, message);
-                let bytes = serde_json::to_vec(&screen.record)?;
+                screen.end(ScreenState::Completed, message);
                 store
-                    .put(&format!("{SCREENS}{}", screen.record.id), &bytes, None)
+                    .write(&screen_key(&screen.record.id), &screen.record)
                     .await?;
             }
         }
         let running = screens
             .by_id
             .values()
-            .filter(|s| s.record.state == JobState::Running)
+            .filter(|s| s.record.state == ScreenState::Running)
             .count();
         if !screens.by_id.is_empty() {
             tracing::info!(
@@ -384,74 +540,48 @@ impl Screens {
         }
         Ok(screens)
     }
-}
 
-fn unknown(id: &str) -> Status {
-    Status::not_found(format!("unknown screen {id:?}"))
-}
-
-/// The screen RPCs. Each holds the runtime lock from its checks to its last write, so two workers never
-/// take the same unit and a completion never races a cancellation.
-impl Coordinator {
-    async fn save_screen(&self, record: &ScreenRecord) -> Result<(), Status> {
-        let bytes = serde_json::to_vec(record).map_err(internal)?;
-        self.store
-            .put(&format!("{SCREENS}{}", record.id), &bytes, None)
-            .await
-            .map_err(internal)?;
-        Ok(())
+    fn get(&self, id: &ScreenId) -> Result<&Screen> {
+        self.by_id
+            .get(id)
+            .ok_or_else(|| CoordinatorError::UnknownScreen(id.clone()))
     }
 
-    pub(crate) async fn submit_screen(
-        &self,
-        req: pb::SubmitScreenRequest,
-    ) -> Result<pb::SubmitScreenResponse, Status> {
-        if req.units == 0 {
-            return Err(Status::invalid_argument("screen units must be positive"));
-        }
-        let lease_ms = match req.lease_ms {
-            0 => DEFAULT_LEASE_MS,
-            ms if ms < MIN_LEASE_MS => {
-                return Err(Status::invalid_argument(format!(
-                    "screen lease_ms {ms} is below the minimum {MIN_LEASE_MS} (0: the default {DEFAULT_LEASE_MS})"
-                )))
-            }
-            ms => ms,
-        };
-        if req.location.is_empty() {
-            return Err(Status::invalid_argument("screen location is empty"));
-        }
-        if req.plan_blake3.is_empty() {
-            return Err(Status::invalid_argument("screen plan_blake3 is empty"));
-        }
-        let mut rt = self.runtime.lock().await;
-        let now = now_ms() as u64;
+    /// Records a new running screen.
+    pub async fn submit(
+        &mut self,
+        store: &Store,
+        submission: ScreenSubmission,
+    ) -> Result<ScreenId> {
+        let lease_ms = submission.lease_ms()?;
+        let now = now_ms();
         let mut id = format!("screen-{now}");
-        while rt.screens.by_id.contains_key(&id) {
+        while self.by_id.contains_key(id.as_str()) {
             id.push('x');
         }
+        let id = ScreenId::new(id);
         let record = ScreenRecord {
             id: id.clone(),
-            location: req.location,
-            plan_blake3: req.plan_blake3,
-            summary: req.summary,
-            units_total: req.units,
-            pairs_total: req.pairs,
+            location: submission.location,
+            plan_blake3: submission.plan_blake3,
+            summary: submission.summary,
+            units_total: submission.units,
+            pairs_total: submission.pairs,
             lease_ms,
-            threads: req.threads,
-            s3_endpoint: req.s3_endpoint,
-            s3_region: req.s3_region,
-            state: JobState::Running,
+            threads: submission.threads,
+            s3_endpoint: submission.s3_endpoint,
+            s3_region: submission.s3_region,
+            state: ScreenState::Running,
             message: format!(
                 "running: {} units, {} pairs",
-                req.units,
-                thousands(req.pairs)
+                submission.units,
+                thousands(submission.pairs)
             ),
             created_unix_ms: now,
             releases: 0,
             failures: BTreeMap::new(),
         };
-        self.save_screen(&record).await?;
+        store.write(&screen_key(&id), &record).await?;
         tracing::info!(
             "screen {id} submitted: {} units, {} pairs, plan {}/plan.json{}",
             record.units_total,
@@ -463,102 +593,81 @@ impl Coordinator {
                 format!(" ({})", record.summary)
             }
         );
-        rt.screens.by_id.insert(id.clone(), Screen::new(record));
-        self.send_assignments(&mut rt);
-        drop(rt);
-        self.wake.notify_one();
-        Ok(pb::SubmitScreenResponse { screen_id: id })
+        self.by_id.insert(id.clone(), Screen::new(record));
+        Ok(id)
     }
 
-    pub(crate) async fn screen_status(
+    pub fn status(
         &self,
-        req: pb::ScreenStatusRequest,
-    ) -> Result<pb::ScreenStatusResponse, Status> {
-        let members = self.live_workers().await?;
-        let rt = self.runtime.lock().await;
-        let screen = rt
-            .screens
+        id: &ScreenId,
+        include_units: bool,
+        members: &HashSet<WorkerId>,
+    ) -> Result<ScreenStatus> {
+        Ok(self.get(id)?.status(include_units, now_ms(), members))
+    }
+
+    /// Cancels a running screen and frees its leases.
+    pub async fn cancel(&mut self, store: &Store, id: &ScreenId) -> Result<()> {
+        let screen = self
             .by_id
-            .get(&req.screen_id)
-            .ok_or_else(|| unknown(&req.screen_id))?;
-        Ok(screen.status(req.include_units, now_ms() as u64, &members))
-    }
-
-    pub(crate) async fn cancel_screen(
-        &self,
-        req: pb::CancelScreenRequest,
-    ) -> Result<pb::CancelScreenResponse, Status> {
-        let id = req.screen_id;
-        let mut rt = self.runtime.lock().await;
-        let screen = rt.screens.by_id.get_mut(&id).ok_or_else(|| unknown(&id))?;
-        if !screen.record.state.is_active() {
-            return Err(Status::failed_precondition(format!(
-                "screen {id} is already {}",
-                screen.record.state.name()
-            )));
+            .get_mut(id)
+            .ok_or_else(|| CoordinatorError::UnknownScreen(id.clone()))?;
+        if screen.record.state != ScreenState::Running {
+            return Err(CoordinatorError::ScreenEnded {
+                screen: id.clone(),
+                state: screen.record.state.name(),
+            });
         }
         let mut ended = screen.clone();
         ended.end(
-            JobState::Cancelled,
+            ScreenState::Cancelled,
             format!(
                 "cancelled with {} of {} units done",
                 screen.done.len(),
                 screen.record.units_total
             ),
         );
-        self.save_screen(&ended.record).await?;
+        store.write(&screen_key(id), &ended.record).await?;
         tracing::info!("screen {id}: {}", ended.record.message);
         *screen = ended;
-        self.store
+        store
             .delete_prefix(&format!("{SCREEN_LEASES}{id}/"))
-            .await
-            .map_err(internal)?;
-        self.send_assignments(&mut rt);
-        Ok(pb::CancelScreenResponse {})
+            .await?;
+        Ok(())
     }
 
-    pub(crate) async fn lease_unit(
-        &self,
-        req: pb::LeaseUnitRequest,
-    ) -> Result<pb::LeaseUnitResponse, Status> {
-        // Membership from the store, not the lease table: a lapsed holder must free its units now.
-        let members = self.live_workers().await?;
-        if !members.contains(&req.worker_id) {
-            return Err(self.lapsed(&req.worker_id));
+    /// Leases the lowest free unit of screen `id` to `worker`, a member (`members` are the live ones: a
+    /// unit whose holder is not among them is free).
+    pub async fn lease_unit(
+        &mut self,
+        store: &Store,
+        id: &ScreenId,
+        worker: &WorkerId,
+        members: &HashSet<WorkerId>,
+    ) -> Result<LeaseAnswer> {
+        let now = now_ms();
+        let screen = self.get(id)?;
+        if screen.record.state != ScreenState::Running {
+            return Ok(LeaseAnswer::Stopped(screen.record.state));
         }
-        let mut rt = self.runtime.lock().await;
-        let now = now_ms() as u64;
-        let screen = rt
-            .screens
-            .by_id
-            .get(&req.screen_id)
-            .ok_or_else(|| unknown(&req.screen_id))?;
-        let state = screen.record.state;
-        let refused = |retry_after_ms| pb::LeaseUnitResponse {
-            leased: false,
-            state: state.name().into(),
-            retry_after_ms,
-            ..Default::default()
-        };
-        if state != JobState::Running {
-            return Ok(refused(0));
-        }
-        let Some(unit) = screen.free_unit(now, &members) else {
-            return Ok(refused(RETRY_AFTER_MS));
+        let Some(unit) = screen.free_unit(now, members) else {
+            return Ok(LeaseAnswer::NoneFree {
+                retry_after_ms: RETRY_AFTER_MS,
+            });
         };
         let previous = screen.leases.get(&unit).cloned();
         let lease_ms = screen.record.lease_ms;
-        let token = rt.screens.next_token(now);
-        let screen = rt.screens.by_id.get_mut(&req.screen_id).expect("found");
+        let token = self.next_token(now);
+        let screen = self.by_id.get_mut(id).expect("found");
         let lease = UnitLease {
-            worker_id: req.worker_id.clone(),
+            worker_id: worker.clone(),
             token,
             deadline_unix_ms: now + lease_ms,
         };
         if let Some(previous) = &previous {
             let mut record = screen.record.clone();
             record.releases += 1;
-            self.save_screen(&record).await?;
+            store.write(&screen_key(id), &record).await?;
             screen.record = record;
             let why = if members.contains(&previous.worker_id) {
                 "its lease expired"
@@ -566,52 +675,32 @@ impl Coordinator {
                 "it is no longer a member"
             };
             tracing::info!(
-                "screen {}: unit {unit} re-leased to {} ({} held it; {why})",
-                req.screen_id,
-                req.worker_id,
+                "screen {id}: unit {unit} re-leased to {worker} ({} held it; {why})",
                 previous.worker_id
             );
         }
-        self.store
-            .put(
-                &lease_key(&req.screen_id, unit),
-                &serde_json::to_vec(&lease).map_err(internal)?,
-                None,
-            )
-            .await
-            .map_err(internal)?;
+        store.write(&lease_key(id.as_str(), unit), &lease).await?;
         screen.leases.insert(unit, lease);
         let pairs_done = screen.pairs_done;
         screen
             .rate_origin
             .get_or_insert_with(|| (Instant::now(), pairs_done));
-        Ok(pb::LeaseUnitResponse {
-            leased: true,
+        Ok(LeaseAnswer::Leased {
             unit,
             token,
             lease_ms,
-            state: state.name().into(),
-            retry_after_ms: 0,
         })
     }
 
-    pub(crate) async fn renew_unit(
-        &self,
-        req: pb::RenewUnitRequest,
-    ) -> Result<pb::RenewUnitResponse, Status> {
-        let mut rt = self.runtime.lock().await;
-        let lost = |reason: String| {
-            Ok(pb::RenewUnitResponse {
-                held: false,
-                reason,
-            })
+    /// Extends the holder's lease; any other answer tells it to stop the unit.
+    pub async fn renew_unit(&mut self, store: &Store, renewal: UnitRenewal) -> Result<Renewal> {
+        let lost = |reason: String| Ok(Renewal::Lost(reason));
+        let Some(screen) = self.by_id.get_mut(&renewal.screen) else {
+            return lost(format!("unknown screen {:?}", renewal.screen.as_str()));
         };
-        let Some(screen) = rt.screens.by_id.get_mut(&req.screen_id) else {
-            return lost(format!("unknown screen {:?}", req.screen_id));
-        };
-        let (id, unit) = (&screen.record.id, req.unit);
-        if screen.record.state != JobState::Running {
-            return lost(format!("screen {id} is {}", screen.record.state.name()));
+        let (id, unit) = (&screen.record.id, renewal.unit);
+        if screen.record.state != ScreenState::Running {
+            return lost(format!("screen {id} is {}", screen.record.state));
         }
         if let Some(done) = screen.done.get(&unit) {
             return lost(format!(
@@ -620,7 +709,7 @@ impl Coordinator {
             ));
         }
         let lease = match screen.leases.get(&unit) {
-            Some(lease) if lease.token == req.token => lease,
+            Some(lease) if lease.token == renewal.token => lease,
             Some(lease) => {
                 return lost(format!(
                     "the lease of unit {unit} was given to another worker ({})",
@@ -630,47 +719,34 @@ impl Coordinator {
             None => return lost(format!("unit {unit} is not leased")),
         };
         let renewed = UnitLease {
-            deadline_unix_ms: now_ms() as u64 + screen.record.lease_ms,
+            deadline_unix_ms: now_ms() + screen.record.lease_ms,
             ..lease.clone()
         };
-        self.store
-            .put(
-                &lease_key(id, unit),
-                &serde_json::to_vec(&renewed).map_err(internal)?,
-                None,
-            )
-            .await
-            .map_err(internal)?;
+        store.write(&lease_key(id.as_str(), unit), &renewed).await?;
         screen.leases.insert(unit, renewed);
-        Ok(pb::RenewUnitResponse {
-            held: true,
-            reason: String::new(),
-        })
+        Ok(Renewal::Held)
     }
 
-    pub(crate) async fn complete_unit(
-        &self,
-        req: pb::CompleteUnitRequest,
-    ) -> Result<pb::CompleteUnitResponse, Status> {
-        let mut rt = self.runtime.lock().await;
-        let refuse = |reason: String| {
-            Ok(pb::CompleteUnitResponse {
-                accepted: false,
-                reason,
-            })
+    /// Records a unit's result (the first one wins, whichever holder sent it) or its failure (a unit that
+    /// fails [`MAX_UNIT_FAILURES`] times fails the screen).
+    pub async fn complete_unit(
+        &mut self,
+        store: &Store,
+        completion: UnitCompletion,
+    ) -> Result<Completion> {
+        let refuse = |reason: String| Ok(Completion::Refused(reason));
+        let Some(screen) = self.by_id.get_mut(&completion.screen) else {
+            return refuse(format!("unknown screen {:?}", completion.screen.as_str()));
         };
-        let Some(screen) = rt.screens.by_id.get_mut(&req.screen_id) else {
-            return refuse(format!("unknown screen {:?}", req.screen_id));
-        };
-        let (id, unit) = (screen.record.id.clone(), req.unit);
+        let (id, unit) = (screen.record.id.clone(), completion.unit);
         if unit >= screen.record.units_total {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoordinatorError::InvalidRequest(format!(
                 "screen {id} has units 0..{}, not {unit}",
                 screen.record.units_total
             )));
         }
-        if screen.record.state != JobState::Running {
-            return refuse(format!("screen {id} is {}", screen.record.state.name()));
+        if screen.record.state != ScreenState::Running {
+            return refuse(format!("screen {id} is {}", screen.record.state));
         }
         if let Some(done) = screen.done.get(&unit) {
             return refuse(format!(
@@ -683,109 +759,114 @@ impl Coordinator {
         let holds = screen
             .leases
             .get(&unit)
-            .is_some_and(|l| l.token == req.token);
-
-        if !req.error.is_empty() {
-            let mut after = screen.clone();
-            let failures = after.record.failures.entry(unit).or_insert(0);
-            *failures += 1;
-            let failures = *failures;
-            tracing::warn!(
-                "screen {id}: unit {unit} failed on {} ({failures} of {MAX_UNIT_FAILURES}): {}",
-                req.worker_id,
-                req.error
-            );
-            if holds {
-                after.leases.remove(&unit);
+            .is_some_and(|l| l.token == completion.token);
+        match completion.outcome {
+            UnitOutcome::Failed { error } => {
+                let reason =
+                    record_failure(store, screen, unit, holds, &completion.worker, &error).await?;
+                refuse(reason)
             }
-            let failed = failures >= MAX_UNIT_FAILURES;
-            if failed {
-                after.end(
-                    JobState::Failed,
-                    format!(
-                        "unit {unit} failed {failures} times; last error (on {}): {}",
-                        req.worker_id, req.error
-                    ),
-                );
-                tracing::error!("screen {id}: {}", after.record.message);
+            UnitOutcome::Done {
+                key,
+                blake3,
+                bytes,
+                pairs,
+                seconds,
+            } => {
+                if key.is_empty() {
+                    return Err(CoordinatorError::InvalidRequest(format!(
+                        "completion of screen {id} unit {unit} names no object key"
+                    )));
+                }
+                let done = DoneUnit {
+                    unit,
+                    key,
+                    blake3,
+                    bytes,
+                    pairs,
+                    worker_id: completion.worker,
+                    seconds,
+                };
+                record_done(store, screen, done, holds).await?;
+                Ok(Completion::Recorded)
             }
-            self.save_screen(&after.record).await?;
-            if failed {
-                self.store
-                    .delete_prefix(&format!("{SCREEN_LEASES}{id}/"))
-                    .await
-                    .map_err(internal)?;
-            } else if holds {
-                self.store
-                    .delete(&lease_key(&id, unit))
-                    .await
-                    .map_err(internal)?;
-            }
-            let reason = if failed {
-                after.record.message.clone()
-            } else {
-                format!("failure {failures} of {MAX_UNIT_FAILURES} of unit {unit} recorded")
-            };
-            *screen = after;
-            if failed {
-                self.send_assignments(&mut rt);
-            }
-            return refuse(reason);
         }
-
-        if req.key.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "completion of screen {id} unit {unit} names no object key"
-            )));
-        }
-        let done = DoneUnit {
-            unit,
-            key: req.key,
-            blake3: req.blake3,
-            bytes: req.bytes,
-            pairs: req.pairs,
-            worker_id: req.worker_id,
-            seconds: req.seconds,
-        };
-        self.store
-            .put(
-                &done_key(&id, unit),
-                &serde_json::to_vec(&done).map_err(internal)?,
-                None,
-            )
-            .await
-            .map_err(internal)?;
-        if screen.leases.contains_key(&unit) {
-            self.store
-                .delete(&lease_key(&id, unit))
-                .await
-                .map_err(internal)?;
-        }
-        if !holds {
-            tracing::info!(
-                "screen {id}: unit {unit} completed by {} after its lease was lost (accepted: the result is the same)",
-                done.worker_id
-            );
-        }
-        screen.record_done(done);
-        if screen.all_done() {
-            let mut after = screen.clone();
-            after.end(
-                JobState::Completed,
-                after.completion_message(now_ms() as u64),
-            );
-            self.save_screen(&after.record).await?;
-            tracing::info!("screen {id}: {}", after.record.message);
-            *screen = after;
-            self.send_assignments(&mut rt);
-            drop(rt);
-            self.wake.notify_one();
-        }
-        Ok(pb::CompleteUnitResponse {
-            accepted: true,
-            reason: String::new(),
-        })
     }
+}
+
+/// Counts a unit's failure, frees its lease if the reporter held it, and fails the screen when the unit
+/// failed too often. Returns the reason the completion is not recorded.
+async fn record_failure(
+    store: &Store,
+    screen: &mut Screen,
+    unit: u32,
+    holds: bool,
+    worker: &WorkerId,
+    error: &str,
+) -> Result<String> {
+    let id = screen.record.id.clone();
+    let mut after = screen.clone();
+    let failures = after.record.failures.entry(unit).or_insert(0);
+    *failures += 1;
+    let failures = *failures;
+    tracing::warn!(
+        "screen {id}: unit {unit} failed on {worker} ({failures} of {MAX_UNIT_FAILURES}): {error}"
+    );
+    if holds {
+        after.leases.remove(&unit);
+    }
+    let failed = failures >= MAX_UNIT_FAILURES;
+    if failed {
+        after.end(
+            ScreenState::Failed,
+            format!("unit {unit} failed {failures} times; last error (on {worker}): {error}"),
+        );
+        tracing::error!("screen {id}: {}", after.record.message);
+    }
+    store.write(&screen_key(&id), &after.record).await?;
+    if failed {
+        store
+            .delete_prefix(&format!("{SCREEN_LEASES}{id}/"))
+            .await?;
+    } else if holds {
+        store.delete(&lease_key(id.as_str(), unit)).await?;
+    }
+    let reason = if failed {
+        after.record.message.clone()
+    } else {
+        format!("failure {failures} of {MAX_UNIT_FAILURES} of unit {unit} recorded")
+    };
+    *screen = after;
+    Ok(reason)
+}
+
+/// Stores a unit's result, ends its lease, and completes the screen with its last unit.
+async fn record_done(
+    store: &Store,
+    screen: &mut Screen,
+    done: DoneUnit,
+    holds: bool,
+) -> Result<()> {
+    let (id, unit) = (screen.record.id.clone(), done.unit);
+    store.write(&done_key(id.as_str(), unit), &done).await?;
+    if screen.leases.contains_key(&unit) {
+        store.delete(&lease_key(id.as_str(), unit)).await?;
+    }
+    if !holds {
+        tracing::info!(
+            "screen {id}: unit {unit} completed by {} after its lease was lost (accepted: the result is the same)",
+            done.worker_id
+        );
+    }
+    screen.record_done(done);
+    if screen.all_done() {
+        let mut after = screen.clone();
+        after.end(ScreenState::Completed, after.completion_message(now_ms()));
+        store.write(&screen_key(&id), &after.record).await?;
+        tracing::info!("screen {id}: {}", after.record.message);
+        *screen = after;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -804,7 +885,7 @@ mod tests {
             threads: 0,
             s3_endpoint: String::new(),
             s3_region: String::new(),
-            state: JobState::Running,
+            state: ScreenState::Running,
             message: String::new(),
             created_unix_ms: 0,
             releases: 0,
@@ -822,7 +903,7 @@ mod tests {
 
     #[test]
     fn free_unit_skips_done_and_live_leases_only() {
-        let members: HashSet<String> = ["a".to_string()].into();
+        let members: HashSet<WorkerId> = [WorkerId::from("a")].into();
         let mut s = Screen::new(record(4));
         s.leases.insert(0, lease("a", 2000));
         s.leases.insert(1, lease("gone", 2000));

@@ -178,12 +178,12 @@ async fn submissions_are_validated_and_unknown_screens_reported() {
     let st = status(&s, &id, false).await;
     assert_eq!(
         (
-            st.state.as_str(),
+            st.state(),
             st.units_total,
             st.pairs_total,
             st.location.as_str()
         ),
-        ("running", 4, 40, "/screens/ko")
+        (pb::ScreenState::Running, 4, 40, "/screens/ko")
     );
     assert_eq!(
         (st.plan_blake3.as_str(), st.summary.as_str()),
@@ -237,7 +237,7 @@ async fn units_are_leased_once_renewed_and_recorded_once() {
     assert!(la.leased && lb.leased);
     assert_eq!((la.unit, lb.unit), (0, 1), "distinct units, lowest first");
     assert_ne!(la.token, lb.token);
-    assert_eq!((la.state.as_str(), la.lease_ms), ("running", 2000));
+    assert_eq!((la.state(), la.lease_ms), (pb::ScreenState::Running, 2000));
 
     // Renewal extends the stored deadline; a stale token is refused.
     let before = stored_lease(&store, &id, 0).await.unwrap();
@@ -264,7 +264,7 @@ async fn units_are_leased_once_renewed_and_recorded_once() {
     assert_eq!((lc.leased, lc.unit), (true, 2));
     let none = lease(&s, &b, &id).await;
     assert!(
-        !none.leased && none.state == "running" && none.retry_after_ms > 0,
+        !none.leased && none.state() == pb::ScreenState::Running && none.retry_after_ms > 0,
         "{none:?}"
     );
 
@@ -287,7 +287,7 @@ async fn units_are_leased_once_renewed_and_recorded_once() {
     let again = complete(&s, &b, &id, 2, lc.token, "").await;
     assert!(!again.accepted, "{again:?}");
     let st = status(&s, &id, true).await;
-    assert_eq!(st.state, "completed", "{st:?}");
+    assert_eq!(st.state(), pb::ScreenState::Completed, "{st:?}");
     assert_eq!(
         (st.units_done, st.pairs_done, st.units_leased, st.releases),
         (3, 30, 0, 0)
@@ -315,7 +315,7 @@ async fn units_are_leased_once_renewed_and_recorded_once() {
     assert!(status(&s, &id, false).await.units.is_empty());
     let after_end = lease(&s, &b, &id).await;
     assert!(
-        !after_end.leased && after_end.state == "completed",
+        !after_end.leased && after_end.state() == pb::ScreenState::Completed,
         "{after_end:?}"
     );
     let late = complete(&s, &b, &id, 1, lb.token, "").await;
@@ -480,13 +480,8 @@ async fn a_restarted_coordinator_remembers_done_units_and_leases() {
     let second = service(&store, LONG_TTL).await;
     let st = status(&second, &id, true).await;
     assert_eq!(
-        (
-            st.state.as_str(),
-            st.units_done,
-            st.pairs_done,
-            st.units_leased
-        ),
-        ("running", 1, 10, 1)
+        (st.state(), st.units_done, st.pairs_done, st.units_leased),
+        (pb::ScreenState::Running, 1, 10, 1)
     );
     assert_eq!(st.units.len(), 1);
     assert_eq!(
@@ -509,7 +504,10 @@ async fn a_restarted_coordinator_remembers_done_units_and_leases() {
     assert!(!dup.accepted && dup.reason.contains("already recorded"));
     assert!(complete(&second, &a, &id, 1, l1.token, "").await.accepted);
     assert!(complete(&second, &a, &id, 2, l2.token, "").await.accepted);
-    assert_eq!(status(&second, &id, false).await.state, "completed");
+    assert_eq!(
+        status(&second, &id, false).await.state(),
+        pb::ScreenState::Completed
+    );
 
     // The screen's record is the only key `screens/` lists; jobs are untouched.
     assert_eq!(store.list("screens/").await.unwrap().len(), 1);
@@ -518,8 +516,8 @@ async fn a_restarted_coordinator_remembers_done_units_and_leases() {
     let third = service(&store, LONG_TTL).await;
     let st = status(&third, &id, true).await;
     assert_eq!(
-        (st.state.as_str(), st.units_done, st.pairs_done),
-        ("completed", 3, 30)
+        (st.state(), st.units_done, st.pairs_done),
+        (pb::ScreenState::Completed, 3, 30)
     );
 }
 
@@ -536,7 +534,7 @@ async fn a_cancelled_screen_hands_out_and_renews_nothing() {
     .unwrap();
     let refused = lease(&s, &a, &id).await;
     assert!(
-        !refused.leased && refused.state == "cancelled",
+        !refused.leased && refused.state() == pb::ScreenState::Cancelled,
         "{refused:?}"
     );
     let renewed = renew(&s, &a, &id, l.unit, l.token).await;
@@ -554,8 +552,8 @@ async fn a_cancelled_screen_hands_out_and_renews_nothing() {
     assert_eq!(again.code(), Code::FailedPrecondition);
     let st = status(&s, &id, false).await;
     assert_eq!(
-        (st.state.as_str(), st.units_leased, st.units_done),
-        ("cancelled", 0, 0)
+        (st.state(), st.units_leased, st.units_done),
+        (pb::ScreenState::Cancelled, 0, 0)
     );
     assert_eq!(st.eta_seconds, -1.0);
     assert!(store.list("screen-leases/").await.unwrap().is_empty());
@@ -577,15 +575,15 @@ async fn a_unit_failing_three_times_fails_the_screen() {
         assert!(!r.accepted, "{r:?}");
         let st = status(&s, &id, false).await;
         if attempt < 3 {
-            assert_eq!((st.state.as_str(), st.units_leased), ("running", 0));
+            assert_eq!((st.state(), st.units_leased), (pb::ScreenState::Running, 0));
         }
     }
     let st = status(&s, &id, false).await;
-    assert_eq!(st.state, "failed");
+    assert_eq!(st.state(), pb::ScreenState::Failed);
     assert!(
         st.message.contains("unit 0") && st.message.contains("NaN in the embedding"),
         "{}",
         st.message
     );
-    assert_eq!(lease(&s, &a, &id).await.state, "failed");
+    assert_eq!(lease(&s, &a, &id).await.state(), pb::ScreenState::Failed);
 }

@@ -4,6 +4,7 @@
 //! * `stream`: the deterministic, augmented sample order and the batch loader over it;
 //! * `storage` and `checkpoint`: object stores by URL, and checkpoints in them (with safetensors images);
 //! * `meta`: the metadata store (etcd or memory) that holds membership, jobs and screens;
+//! * `ids`: identifier newtypes (job, worker, screen, generation, rank, step), stored as plain values;
 //! * `screen`: screen specifications, plans, unit results, their merge and its statistics;
 //! * `philox`: the root of all randomness.
 //!
@@ -12,6 +13,7 @@
 pub mod checkpoint;
 pub mod corpus;
 pub mod error;
+pub mod ids;
 pub mod meta;
 pub mod philox;
 pub mod screen;

@@ -6,7 +6,8 @@
 //! * `train`: the config, the training loop, fine-tuning, evaluation, checkpoint contents.
 //! * `collective`: Gloo, NCCL and single-process collectives with their rendezvous.
 //! * `model`: the MoE transformer; `corpus`: h5ad reading, ingest, shard writing, synthetic corpora.
-//! * `progress`: progress bars and log lines; `retry`: the one rule for asking the coordinator again.
+//! * `progress`: progress bars and log lines; `retry`: the one rule for asking the coordinator again;
+//!   `state_words`: the words printed for job and screen states.
 
 pub mod bench;
 pub mod cli;
@@ -17,4 +18,5 @@ pub mod model;
 pub mod progress;
 pub mod retry;
 pub mod screen;
+pub mod state_words;
 pub mod train;

@@ -35,9 +35,11 @@ pub fn bench_cluster(corpus: &str, config: &TrainConfig, out: &Path) -> anyhow::
         |cluster: &EmbeddedCluster, id: &str| -> anyhow::Result<pb::JobStatusResponse> {
             loop {
                 let status = cluster.status(id)?;
-                match status.state.as_str() {
-                    "completed" => return Ok(status),
-                    "failed" | "cancelled" => bail!("bench job {id}: {}", status.message),
+                match status.state() {
+                    pb::JobState::Completed => return Ok(status),
+                    pb::JobState::Failed | pb::JobState::Cancelled => {
+                        bail!("bench job {id}: {}", status.message)
+                    }
                     _ => std::thread::sleep(Duration::from_millis(100)),
                 }
             }

@@ -4,6 +4,7 @@ use cellfleet_proto as pb;
 use cellfleet_proto::coordinator_client::CoordinatorClient;
 
 use crate::cluster::client::{channel, follow, runtime};
+use crate::state_words::StateWord;
 
 /// `cellfleet job ...`: look at and steer jobs on a coordinator.
 #[derive(clap::Subcommand, Clone, Debug)]
@@ -83,7 +84,7 @@ pub fn job_command(coordinator: &str, action: JobAction) -> anyhow::Result<()> {
 }
 
 fn print_status(s: &pb::JobStatusResponse) {
-    println!("job {}: {}", s.job_id, s.state);
+    println!("job {}: {}", s.job_id, s.state().word());
     println!("  {}", s.message);
     println!(
         "  step {}/{} (epoch {}, position {}), loss {:.4}, {:.0} samples/s",

@@ -12,6 +12,7 @@ use crate::cluster::client::runtime;
 
 use crate::cluster::screen_client::{connect, follow, plan, run_local, status, submit};
 use crate::screen::tables::{print_top, write_results};
+use crate::state_words::StateWord;
 
 #[derive(Subcommand, Debug)]
 pub enum ScreenAction {
@@ -145,7 +146,7 @@ pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()
 fn status_json(s: &pb::ScreenStatusResponse) -> serde_json::Value {
     serde_json::json!({
         "screen_id": s.screen_id,
-        "state": s.state,
+        "state": s.state().word(),
         "message": s.message,
         "summary": s.summary,
         "location": s.location,
@@ -163,7 +164,12 @@ fn status_json(s: &pb::ScreenStatusResponse) -> serde_json::Value {
 }
 
 fn print_status(s: &pb::ScreenStatusResponse) {
-    println!("screen {}: {} ({})", s.screen_id, s.state, s.summary);
+    println!(
+        "screen {}: {} ({})",
+        s.screen_id,
+        s.state().word(),
+        s.summary
+    );
     println!(
         "  units {}/{} done, {} leased ({}); pairs {}/{}; {:.0} pairs/s; eta {}",
         s.units_done,

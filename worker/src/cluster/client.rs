@@ -15,6 +15,7 @@ use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
 use crate::retry::RetryPolicy;
+use crate::state_words::StateWord;
 use crate::train::config::TrainConfig;
 
 pub(crate) fn channel(url: &str) -> anyhow::Result<Channel> {
@@ -161,14 +162,14 @@ pub(crate) fn follow(
             logged_step = status.committed_step;
         }
         bar.set_message(summary);
-        match status.state.as_str() {
-            "completed" => {
+        match status.state() {
+            pb::JobState::Completed => {
                 bar.finish_and_clear();
                 return Ok(status);
             }
-            "failed" | "cancelled" => {
+            pb::JobState::Failed | pb::JobState::Cancelled => {
                 bar.finish_and_clear();
-                bail!("job {id} {}: {}", status.state, status.message);
+                bail!("job {id} {}: {}", status.state().word(), status.message);
             }
             _ => {}
         }

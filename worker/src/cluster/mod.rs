@@ -6,7 +6,7 @@
 //!   one screen at a time);
 //! * `embedded`: the embedded default, an in-process coordinator with in-memory metadata and N worker
 //!   processes of this binary;
-//! * `screen_client`: submitting, following and cancelling screens.
+//! * `screen_client`: submitting, following and cancelling screens;
 
 pub mod client;
 pub mod daemon;

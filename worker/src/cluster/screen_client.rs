@@ -19,6 +19,7 @@ use crate::screen::plan::read_spec;
 use crate::screen::plan::resolve_plan;
 use crate::screen::plan::store_plan;
 use crate::screen::tables::{print_top, write_results, WrittenResults};
+use crate::state_words::StateWord;
 
 pub fn connect(rt: &Runtime, url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
     let _entered = rt.enter();
@@ -159,14 +160,14 @@ pub fn follow(
             });
             logged = Instant::now();
         }
-        match s.state.as_str() {
-            "completed" => {
+        match s.state() {
+            pb::ScreenState::Completed => {
                 bar.finish_and_clear();
                 return Ok(s);
             }
-            "failed" | "cancelled" => {
+            pb::ScreenState::Failed | pb::ScreenState::Cancelled => {
                 bar.finish_and_clear();
-                bail!("screen {id} {}: {}", s.state, s.message);
+                bail!("screen {id} {}: {}", s.state().word(), s.message);
             }
             _ => {}
         }

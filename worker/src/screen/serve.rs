@@ -17,6 +17,7 @@ use super::compute::{Screener, UnitError};
 use super::plan::load_plan;
 use crate::retry::RetryPolicy;
 use crate::screen::plan::open_location;
+use crate::state_words::StateWord;
 
 /// How long a screen worker waits for a lost coordinator before its screen thread gives up (the worker
 /// daemon reconnects on its own and restarts the screen when the coordinator re-sends it).
@@ -55,10 +56,11 @@ pub fn serve_screen(
     while !stop.load(Ordering::Relaxed) {
         let lease = session.lease()?;
         if !lease.leased {
-            if lease.state != "running" {
+            if lease.state() != pb::ScreenState::Running {
                 eprintln!(
                     "screen {} is {}; no more units here",
-                    session.id, lease.state
+                    session.id,
+                    lease.state().word()
                 );
                 return Ok(());
             }
@@ -201,7 +203,7 @@ impl Session {
                     &lease,
                     format!("worker {worker_id} cannot load the screen: {message}"),
                 )?;
-            } else if lease.state != "running" {
+            } else if lease.state() != pb::ScreenState::Running {
                 return Err(e);
             }
             if stop.load(Ordering::Relaxed) {

@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::screen::plan::load_plan;
 use crate::screen::plan::open_location;
+use crate::state_words::StateWord;
 
 /// What `screen.json` beside the tables records.
 #[derive(Serialize)]
@@ -60,11 +61,11 @@ pub fn write_results(
     per_cell: bool,
     s3: &S3Options,
 ) -> anyhow::Result<WrittenResults> {
-    if status.state != "completed" {
+    if status.state() != pb::ScreenState::Completed {
         bail!(
             "screen {} is {} ({}/{} units done): results are merged once every unit is done",
             status.screen_id,
-            status.state,
+            status.state().word(),
             status.units_done,
             status.units_total
         );

@@ -1,0 +1,515 @@
+//! The gRPC face of a [`Coordinator`]: each method converts the protocol's request into the domain's
+//! types (ids, reports, submissions), calls the coordinator, and converts the answer back, or the error
+//! into a `Status` through [`CoordinatorError`]'s one mapping. No decision is taken here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use cellfleet_proto as pb;
+use cellfleet_shared::ids::{Generation, JobId, Rank, ScreenId, WorkerId};
+
+use crate::coordinator::{Assignment, Coordinator};
+use crate::error::CoordinatorError;
+use crate::jobs::{
+    CheckpointCommit, CommitAnswer, JobState, JobStatus, Reported, StepReport, TrainOrder,
+};
+use crate::screens::{
+    Completion, DoneUnit, LeaseAnswer, Renewal, ScreenOrder, ScreenState, ScreenStatus,
+    ScreenSubmission, UnitCompletion, UnitOutcome, UnitRenewal,
+};
+use crate::workers::{Registration, WorkerStatus};
+
+/// The gRPC face of a [`Coordinator`].
+#[derive(Clone)]
+pub struct Service(pub Arc<Coordinator>);
+
+impl std::ops::Deref for Service {
+    type Target = Coordinator;
+    fn deref(&self) -> &Coordinator {
+        &self.0
+    }
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+fn answer<T>(result: Result<T, CoordinatorError>) -> Answer<T> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Answer<pb::RegisterWorkerResponse> {
+        let req = request.into_inner();
+        let registration = Registration {
+            previous: (!req.worker_id.is_empty()).then(|| WorkerId::from(req.worker_id)),
+            hostname: req.hostname,
+            pid: req.pid,
+            device: req.device,
+        };
+        let registered = self.register(registration).await?;
+        let config = self.config();
+        Ok(Response::new(pb::RegisterWorkerResponse {
+            worker_id: registered.worker.into_string(),
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+            lease_ttl_ms: config.lease_ttl.as_millis() as u64,
+            resumed: registered.resumed,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Answer<pb::HeartbeatResponse> {
+        let worker = WorkerId::from(request.into_inner().worker_id);
+        answer(
+            self.0
+                .heartbeat(&worker)
+                .await
+                .map(|()| pb::HeartbeatResponse {}),
+        )
+    }
+
+    type AssignmentsStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Assignment, Status>> + Send>>;
+
+    async fn assignments(
+        &self,
+        request: Request<pb::AssignmentsRequest>,
+    ) -> Answer<Self::AssignmentsStream> {
+        let worker = WorkerId::from(request.into_inner().worker_id);
+        let assignments = self.0.connect(worker).await?;
+        let stream = ReceiverStream::new(assignments).map(|a| Ok(pb::Assignment::from(a)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_step(
+        &self,
+        request: Request<pb::StepReport>,
+    ) -> Answer<pb::StepReportResponse> {
+        let report = step_report(request.into_inner());
+        answer(
+            self.0
+                .report_step(report)
+                .await
+                .map(|current| pb::StepReportResponse { current }),
+        )
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        request: Request<pb::CheckpointCommit>,
+    ) -> Answer<pb::CheckpointCommitResponse> {
+        let commit = request.into_inner();
+        let commit = CheckpointCommit {
+            worker: commit.worker_id.into(),
+            job: commit.job_id.into(),
+            generation: Generation(commit.generation),
+            step: commit.step,
+            url: commit.url,
+            manifest_blake3: commit.manifest_blake3,
+        };
+        let (accepted, reason) = match self.0.commit_checkpoint(commit).await? {
+            CommitAnswer::Recorded => (true, String::new()),
+            CommitAnswer::Refused(reason) => (false, reason),
+        };
+        Ok(Response::new(pb::CheckpointCommitResponse {
+            accepted,
+            reason,
+        }))
+    }
+
+    async fn kv_set(&self, request: Request<pb::KvSetRequest>) -> Answer<pb::KvSetResponse> {
+        let req = request.into_inner();
+        let (job, generation) = (JobId::from(req.job_id), Generation(req.generation));
+        answer(
+            self.0
+                .kv_set(&job, generation, &req.key, &req.value)
+                .await
+                .map(|()| pb::KvSetResponse {}),
+        )
+    }
+
+    async fn kv_get(&self, request: Request<pb::KvGetRequest>) -> Answer<pb::KvGetResponse> {
+        let req = request.into_inner();
+        let (job, generation) = (JobId::from(req.job_id), Generation(req.generation));
+        let timeout = Duration::from_millis(req.timeout_ms);
+        answer(
+            self.0
+                .kv_get(&job, generation, &req.key, timeout)
+                .await
+                .map(|value| pb::KvGetResponse { value }),
+        )
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Answer<pb::SubmitJobResponse> {
+        let id = self.0.submit_job(&request.into_inner().spec_json).await?;
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: id.into_string(),
+        }))
+    }
+
+    async fn job_status(
+        &self,
+        request: Request<pb::JobStatusRequest>,
+    ) -> Answer<pb::JobStatusResponse> {
+        let id = JobId::from(request.into_inner().job_id);
+        answer(
+            self.0
+                .job_status(&id)
+                .await
+                .map(pb::JobStatusResponse::from),
+        )
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Answer<pb::CancelJobResponse> {
+        let id = JobId::from(request.into_inner().job_id);
+        answer(
+            self.0
+                .cancel_job(&id)
+                .await
+                .map(|()| pb::CancelJobResponse {}),
+        )
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Answer<pb::ListWorkersResponse> {
+        let workers = self.0.list_workers().await?;
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: workers.into_iter().map(pb::WorkerInfo::from).collect(),
+        }))
+    }
+
+    async fn submit_screen(
+        &self,
+        request: Request<pb::SubmitScreenRequest>,
+    ) -> Answer<pb::SubmitScreenResponse> {
+        let req = request.into_inner();
+        let submission = ScreenSubmission {
+            location: req.location,
+            plan_blake3: req.plan_blake3,
+            units: req.units,
+            pairs: req.pairs,
+            lease_ms: req.lease_ms,
+            threads: req.threads,
+            s3_endpoint: req.s3_endpoint,
+            s3_region: req.s3_region,
+            summary: req.summary,
+        };
+        let id = self.0.submit_screen(submission).await?;
+        Ok(Response::new(pb::SubmitScreenResponse {
+            screen_id: id.into_string(),
+        }))
+    }
+
+    async fn screen_status(
+        &self,
+        request: Request<pb::ScreenStatusRequest>,
+    ) -> Answer<pb::ScreenStatusResponse> {
+        let req = request.into_inner();
+        let id = ScreenId::from(req.screen_id);
+        answer(
+            self.0
+                .screen_status(&id, req.include_units)
+                .await
+                .map(pb::ScreenStatusResponse::from),
+        )
+    }
+
+    async fn cancel_screen(
+        &self,
+        request: Request<pb::CancelScreenRequest>,
+    ) -> Answer<pb::CancelScreenResponse> {
+        let id = ScreenId::from(request.into_inner().screen_id);
+        answer(
+            self.0
+                .cancel_screen(&id)
+                .await
+                .map(|()| pb::CancelScreenResponse {}),
+        )
+    }
+
+    async fn lease_unit(
+        &self,
+        request: Request<pb::LeaseUnitRequest>,
+    ) -> Answer<pb::LeaseUnitResponse> {
+        let req = request.into_inner();
+        let (worker, screen) = (WorkerId::from(req.worker_id), ScreenId::from(req.screen_id));
+        answer(
+            self.0
+                .lease_unit(&worker, &screen)
+                .await
+                .map(pb::LeaseUnitResponse::from),
+        )
+    }
+
+    async fn renew_unit(
+        &self,
+        request: Request<pb::RenewUnitRequest>,
+    ) -> Answer<pb::RenewUnitResponse> {
+        let req = request.into_inner();
+        let renewal = UnitRenewal {
+            screen: req.screen_id.into(),
+            unit: req.unit,
+            token: req.token,
+        };
+        let (held, reason) = match self.0.renew_unit(renewal).await? {
+            Renewal::Held => (true, String::new()),
+            Renewal::Lost(reason) => (false, reason),
+        };
+        Ok(Response::new(pb::RenewUnitResponse { held, reason }))
+    }
+
+    async fn complete_unit(
+        &self,
+        request: Request<pb::CompleteUnitRequest>,
+    ) -> Answer<pb::CompleteUnitResponse> {
+        let req = request.into_inner();
+        let outcome = if req.error.is_empty() {
+            UnitOutcome::Done {
+                key: req.key,
+                blake3: req.blake3,
+                bytes: req.bytes,
+                pairs: req.pairs,
+                seconds: req.seconds,
+            }
+        } else {
+            UnitOutcome::Failed { error: req.error }
+        };
+        let completion = UnitCompletion {
+            worker: req.worker_id.into(),
+            screen: req.screen_id.into(),
+            unit: req.unit,
+            token: req.token,
+            outcome,
+        };
+        let (accepted, reason) = match self.0.complete_unit(completion).await? {
+            Completion::Recorded => (true, String::new()),
+            Completion::Refused(reason) => (false, reason),
+        };
+        Ok(Response::new(pb::CompleteUnitResponse { accepted, reason }))
+    }
+}
+
+/// A step report: an error with `checkpoint_unusable` is about the restored checkpoint, any other error
+/// is the rank giving up, and no error is a completed step.
+fn step_report(report: pb::StepReport) -> StepReport {
+    let kind = if report.error.is_empty() {
+        Reported::Progress {
+            loss: report.loss,
+            finished: report.finished,
+        }
+    } else if report.checkpoint_unusable {
+        Reported::CheckpointUnusable {
+            error: report.error,
+        }
+    } else {
+        Reported::Failed {
+            error: report.error,
+            fatal: report.fatal,
+        }
+    };
+    StepReport {
+        worker: report.worker_id.into(),
+        job: report.job_id.into(),
+        generation: Generation(report.generation),
+        rank: Rank(report.rank),
+        step: report.step,
+        kind,
+    }
+}
+
+impl From<JobState> for pb::JobState {
+    fn from(state: JobState) -> Self {
+        match state {
+            JobState::Pending => pb::JobState::Pending,
+            JobState::Running => pb::JobState::Running,
+            JobState::Completed => pb::JobState::Completed,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        }
+    }
+}
+
+impl From<ScreenState> for pb::ScreenState {
+    fn from(state: ScreenState) -> Self {
+        match state {
+            ScreenState::Running => pb::ScreenState::Running,
+            ScreenState::Completed => pb::ScreenState::Completed,
+            ScreenState::Failed => pb::ScreenState::Failed,
+            ScreenState::Cancelled => pb::ScreenState::Cancelled,
+        }
+    }
+}
+
+impl From<Assignment> for pb::Assignment {
+    fn from(assignment: Assignment) -> Self {
+        let kind = match assignment {
+            Assignment::Train(order) => pb::assignment::Kind::Train((*order).into()),
+            Assignment::Screen(order) => pb::assignment::Kind::Screen(order.into()),
+            Assignment::Idle { reason } => pb::assignment::Kind::Idle(pb::Idle { reason }),
+        };
+        pb::Assignment { kind: Some(kind) }
+    }
+}
+
+impl From<TrainOrder> for pb::TrainAssignment {
+    fn from(order: TrainOrder) -> Self {
+        let (restore_url, restore_manifest_blake3) = match order.restore {
+            Some(r) => (r.url, r.manifest_blake3),
+            None => (String::new(), String::new()),
+        };
+        pb::TrainAssignment {
+            job_id: order.job.into_string(),
+            generation: order.generation.get(),
+            rank: order.rank.get(),
+            world_size: order.world_size,
+            spec_json: serde_json::to_string(&order.spec).unwrap_or_default(),
+            start_step: order.start_step,
+            start_epoch: order.start_epoch,
+            start_position: order.start_position,
+            epoch_len: order.epoch_len,
+            n_genes: order.n_genes,
+            restore_url,
+            restore_manifest_blake3,
+        }
+    }
+}
+
+impl From<ScreenOrder> for pb::ScreenAssignment {
+    fn from(order: ScreenOrder) -> Self {
+        pb::ScreenAssignment {
+            screen_id: order.screen.into_string(),
+            location: order.location,
+            plan_blake3: order.plan_blake3,
+            s3_endpoint: order.s3_endpoint,
+            s3_region: order.s3_region,
+            threads: order.threads,
+        }
+    }
+}
+
+impl From<JobStatus> for pb::JobStatusResponse {
+    fn from(s: JobStatus) -> Self {
+        pb::JobStatusResponse {
+            job_id: s.id.into_string(),
+            state: pb::JobState::from(s.state).into(),
+            generation: s.generation.get(),
+            world_size: s.members.len() as u32,
+            committed_step: s.committed_step,
+            total_steps: s.total_steps,
+            last_loss: s.last_loss,
+            message: s.message,
+            members: s.members.into_iter().map(WorkerId::into_string).collect(),
+            reformations: s.reformations,
+            epoch: s.epoch,
+            position: s.position,
+            samples_per_second: s.samples_per_second,
+            has_checkpoint: s.checkpoint.is_some(),
+            checkpoint_step: s.checkpoint.as_ref().map_or(0, |r| r.step),
+            checkpoint_url: s.checkpoint.map(|r| r.url).unwrap_or_default(),
+            end_step: s.end_step,
+        }
+    }
+}
+
+impl From<WorkerStatus> for pb::WorkerInfo {
+    fn from(w: WorkerStatus) -> Self {
+        use crate::workers::Serving;
+        pb::WorkerInfo {
+            job_id: match w.serving {
+                Some(Serving::Job(job)) => job.into_string(),
+                Some(Serving::Screen(screen)) => screen.into_string(),
+                None => String::new(),
+            },
+            connected: w.connected,
+            worker_id: w.record.id.into_string(),
+            hostname: w.record.hostname,
+            pid: w.record.pid,
+            device: w.record.device,
+        }
+    }
+}
+
+impl From<ScreenStatus> for pb::ScreenStatusResponse {
+    fn from(s: ScreenStatus) -> Self {
+        pb::ScreenStatusResponse {
+            screen_id: s.id.into_string(),
+            state: pb::ScreenState::from(s.state).into(),
+            message: s.message,
+            location: s.location,
+            plan_blake3: s.plan_blake3,
+            summary: s.summary,
+            units_total: s.units_total,
+            units_done: s.units_done,
+            units_leased: s.units_leased,
+            pairs_total: s.pairs_total,
+            pairs_done: s.pairs_done,
+            pairs_per_second: s.pairs_per_second,
+            eta_seconds: s.eta_seconds,
+            releases: s.releases,
+            units: s.units.into_iter().map(pb::CompletedUnit::from).collect(),
+            workers: s.workers.into_iter().map(WorkerId::into_string).collect(),
+        }
+    }
+}
+
+impl From<DoneUnit> for pb::CompletedUnit {
+    fn from(d: DoneUnit) -> Self {
+        pb::CompletedUnit {
+            unit: d.unit,
+            key: d.key,
+            blake3: d.blake3,
+            bytes: d.bytes,
+            pairs: d.pairs,
+            worker_id: d.worker_id.into_string(),
+            seconds: d.seconds,
+        }
+    }
+}
+
+impl From<LeaseAnswer> for pb::LeaseUnitResponse {
+    fn from(answer: LeaseAnswer) -> Self {
+        match answer {
+            LeaseAnswer::Leased {
+                unit,
+                token,
+                lease_ms,
+            } => pb::LeaseUnitResponse {
+                leased: true,
+                unit,
+                token,
+                lease_ms,
+                state: pb::ScreenState::Running.into(),
+                retry_after_ms: 0,
+            },
+            LeaseAnswer::NoneFree { retry_after_ms } => pb::LeaseUnitResponse {
+                leased: false,
+                state: pb::ScreenState::Running.into(),
+                retry_after_ms,
+                ..Default::default()
+            },
+            LeaseAnswer::Stopped(state) => pb::LeaseUnitResponse {
+                leased: false,
+                state: pb::ScreenState::from(state).into(),
+                retry_after_ms: 0,
+                ..Default::default()
+            },
+        }
+    }
+}
