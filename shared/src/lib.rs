@@ -6,7 +6,7 @@
 //! * `meta`: the metadata store (etcd or memory) that holds membership, jobs and screens;
 //! * `ids`: identifier newtypes (job, worker, screen, generation, rank, step), stored as plain values;
 //! * `screen`: screen specifications, plans, unit results, their merge and its statistics;
-//! * `philox`: the root of all randomness.
+//! * `philox`: the root of the sample stream's randomness.
 //!
 //! Nothing here links libtorch or HDF5.
 
