@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Checkpoint save/restore throughput against raw PUT/GET of the same bytes, on a throwaway single-node
-# Garage S3 server (the binary scripts/setup.sh caches), configured like the tests' GarageServer. Extra
-# arguments go to `cellfleet bench ckpt` (e.g. --preset small --rounds 5), or, after a first argument
-# `ckpt-training`, to `cellfleet bench ckpt-training` (e.g. ckpt-training --corpus runs/kang-corpus).
+# Garage S3 server (the binary `scripts/setup.sh --for-tests` caches), configured like the tests'
+# GarageServer. Extra arguments go to `cellfleet bench ckpt` (e.g. --preset small --rounds 5), or, after a
+# first argument `ckpt-training`, to `cellfleet bench ckpt-training` (e.g. ckpt-training --corpus
+# runs/kang-corpus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GARAGE="${CELLFLEET_GARAGE:-$HOME/.cache/cellfleet/tools/bin/garage}"
 if [ ! -x "$GARAGE" ]; then
-  echo "the Garage S3 server is missing at $GARAGE: run scripts/setup.sh (or set CELLFLEET_GARAGE)" >&2
+  echo "the Garage S3 server is missing at $GARAGE: run scripts/setup.sh --for-tests" \
+    "(or set CELLFLEET_GARAGE)" >&2
   exit 1
 fi
 

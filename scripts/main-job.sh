@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Sets up the machine, then runs the main job on the embedded default (local files, this machine):
-# ingest the real Kang IFN-beta PBMC data (its 256 most expressed genes) into a tokenized corpus, inspect and
-# verify it, stream augmented, masked pretraining batches from it, pretrain a small MoE model on it with 2
-# data-parallel worker processes (embedded coordinator, Gloo all-reduce) in two legs (stop with a checkpoint
-# at step 150, resume from it), evaluate it, fine-tune it on cell types, and screen every vocabulary gene
-# by knockout in stimulated cells toward control with 2 worker processes, printing the top hits.
+# Sets up the machine for running (`scripts/setup.sh`, without the test tools), then runs the main job on
+# the embedded default (local files, this machine): ingest the real Kang IFN-beta PBMC data (its 256 most
+# expressed genes) into a tokenized corpus, inspect and verify it, stream augmented, masked pretraining
+# batches from it, pretrain a small MoE model on it with 2 data-parallel worker processes (embedded
+# coordinator, Gloo all-reduce) in two legs (stop with a checkpoint at step 150, resume from it), evaluate
+# it, fine-tune it on cell types, and screen every vocabulary gene by knockout in stimulated cells toward
+# control with 2 worker processes, printing the top hits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

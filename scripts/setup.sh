@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
-# Installs everything cellfleet needs on a fresh Debian machine. Idempotent: each step checks first, so a
-# second run costs seconds. Heavy downloads (the torch wheel) are cached by pip between runs.
+# Installs what cellfleet needs on a fresh Debian machine.
+#
+#   scripts/setup.sh              what running needs: building `cellfleet`, the main job, `cellfleet bench`
+#   scripts/setup.sh --for-tests  that, plus what only the tests need: etcd, cargo-nextest, the Python
+#                                 packages of the reference checks and Garage (an S3 server, built once)
+#
+# Idempotent: each step checks first, so a second run costs seconds. Heavy downloads (the torch wheel) are
+# cached by pip between runs, the Garage build in ~/.cache/cellfleet/tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+for_tests=
+case "${1:-}" in
+  "") ;;
+  --for-tests) for_tests=1 ;;
+  *) echo "usage: scripts/setup.sh [--for-tests]" >&2; exit 2 ;;
+esac
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: HDF5 for h5ad, protoc for gRPC code generation, pkg-config for -sys crates, Gloo (CPU
-# collectives; the worker compiles a small C++ shim against it) and etcd (membership; tests start their own).
-DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev etcd-server)
+# collectives; the worker compiles a small C++ shim against it). Tests add etcd-server (membership; they
+# start their own etcd; the embedded default keeps membership in memory).
+DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev)
+if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server); fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -25,37 +40,43 @@ if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null 2>&1 || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }
-if ! cargo nextest --version >/dev/null 2>&1; then
+if [ -n "$for_tests" ] && ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest (test runner)"
   cargo install cargo-nextest --locked --quiet
 fi
 
-# Python packages: anndata/h5py/numpy for the independent reference checks in tests and the ingest
-# baseline; torch 2.11.0, the libtorch the model links against (tch 0.24 is built for it), and safetensors to
-# check that weight files load in PyTorch; pyarrow so tests read screen results the way pandas users do.
+# Python packages, as "module" or "module==version" (the pip name is the module name). For running: torch
+# 2.11.0, the libtorch the model links against (tch 0.24 is built for it); anndata, numpy and scipy for
+# the main job's vocabulary choice and the ingest baseline; safetensors for the screen baseline. For tests:
+# h5py to write test inputs, pandas and pyarrow to read screen results the way pandas users do.
 PYTHON=${PYTHON:-python3}
-py_ok() { "$PYTHON" - <<'PY' 2>/dev/null
+PY_PACKAGES=(numpy scipy anndata safetensors "torch==2.11.0")
+if [ -n "$for_tests" ]; then PY_PACKAGES+=(h5py pandas pyarrow); fi
+py_ok() { "$PYTHON" - "${PY_PACKAGES[@]}" <<'PY' 2>/dev/null
 import importlib, sys
-need = {"numpy": None, "h5py": None, "anndata": None, "safetensors": None, "pyarrow": None, "pandas": None,
-        "torch": "2.11.0"}
-for mod, version in need.items():
-    m = importlib.import_module(mod)
+for package in sys.argv[1:]:
+    module, _, version = package.partition("==")
+    m = importlib.import_module(module)
     if version and not m.__version__.startswith(version):
         sys.exit(1)
 PY
 }
 if ! py_ok; then
-  say "installing Python packages (numpy, h5py, anndata, safetensors, pyarrow, pandas, torch==2.11.0; the torch download is large but cached)"
-  "$PYTHON" -m pip install -q --disable-pip-version-check numpy h5py anndata safetensors pyarrow pandas "torch==2.11.0" 2>&1 | grep -v "Running pip as the 'root' user" || true
+  say "installing Python packages (${PY_PACKAGES[*]}; the torch download is large but cached)"
+  "$PYTHON" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}" 2>&1 | grep -v "Running pip as the 'root' user" || true
   py_ok || { say "Python packages did not install; see the pip output above"; exit 1; }
 fi
-# Garage, a real S3-compatible server for the object-store tests. A large Rust build (about 10 minutes),
-# so it is built once with only the features a single-node test server needs and cached.
-TOOLS=${CELLFLEET_TOOLS:-$HOME/.cache/cellfleet/tools}
-GARAGE_VERSION=2.5.0
-if ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
-  say "building Garage $GARAGE_VERSION (S3 server for tests; cached in $TOOLS, takes ~10 minutes once)"
-  cargo install garage --version "$GARAGE_VERSION" --locked --no-default-features \
-    --features bundled-libs,lmdb --root "$TOOLS" --quiet
+
+# Garage, a real S3-compatible server for the object-store tests (and scripts/bench-ckpt.sh). A large Rust
+# build (about 10 minutes), so it is built once with only the features a single-node test server needs and
+# cached.
+if [ -n "$for_tests" ]; then
+  TOOLS=${CELLFLEET_TOOLS:-$HOME/.cache/cellfleet/tools}
+  GARAGE_VERSION=2.5.0
+  if ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
+    say "building Garage $GARAGE_VERSION (S3 server for tests; cached in $TOOLS, takes ~10 minutes once)"
+    cargo install garage --version "$GARAGE_VERSION" --locked --no-default-features \
+      --features bundled-libs,lmdb --root "$TOOLS" --quiet
+  fi
 fi
-say "ready"
+say "ready${for_tests:+ (with the test tools)}"

@@ -103,7 +103,9 @@ impl CoordinatorError {
             | E::SizeMismatch { .. }
             | E::Compression(_)
             | E::Config(_)
-            | E::Loader(_) => Self::Internal(format!(
+            | E::Loader(_)
+            | E::BadSafetensors { .. }
+            | E::SafetensorsLayout(_) => Self::Internal(format!(
                 "the metadata store failed with a non-store error: {e}"
             )),
         }

@@ -14,9 +14,11 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The same filter as `cellfleet coordinator`: CELLFLEET_LOG, warnings by default.
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CELLFLEET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -36,6 +36,10 @@ pub enum Error {
     Compression(std::io::Error),
     #[error("invalid stream setting: {0}")]
     Config(String),
+    #[error("{what} is not a valid safetensors file: {why}")]
+    BadSafetensors { what: String, why: String },
+    #[error("cannot lay out a safetensors file: {0}")]
+    SafetensorsLayout(String),
     #[error("sample loader stopped: {0}")]
     Loader(String),
     #[error("metadata store {store}: {why}")]

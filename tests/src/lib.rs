@@ -59,7 +59,7 @@ pub fn python(script: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect(
-            "python3 must be installed (scripts/setup.sh installs it with anndata, h5py, numpy)",
+            "python3 must be installed (scripts/setup.sh --for-tests installs it with anndata, h5py, numpy)",
         );
     assert!(
         out.status.success(),
@@ -104,7 +104,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Path of the Garage binary that `scripts/setup.sh` installs; panics with the fix when it is missing.
+/// Path of the Garage binary that `scripts/setup.sh --for-tests` installs; panics with the fix when it is missing.
 pub fn garage_bin() -> PathBuf {
     let candidates = [
         std::env::var_os("CELLFLEET_GARAGE").map(PathBuf::from),
@@ -115,7 +115,7 @@ pub fn garage_bin() -> PathBuf {
         .into_iter()
         .flatten()
         .find(|p| p.is_file())
-        .expect("the Garage S3 server is missing: run scripts/setup.sh (or set CELLFLEET_GARAGE)")
+        .expect("the Garage S3 server is missing: run scripts/setup.sh --for-tests (or set CELLFLEET_GARAGE)")
 }
 
 /// A real single-node Garage S3 server on free loopback ports with its own temporary directories,
@@ -368,7 +368,7 @@ impl EtcdServer {
             .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"));
         assert!(
             bin.is_file(),
-            "etcd is missing at {}: run scripts/setup.sh (Debian package etcd-server) or set CELLFLEET_ETCD",
+            "etcd is missing at {}: run scripts/setup.sh --for-tests (Debian package etcd-server) or set CELLFLEET_ETCD",
             bin.display()
         );
         let dir = tempfile::tempdir().unwrap();

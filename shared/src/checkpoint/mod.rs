@@ -1,6 +1,6 @@
-//! The checkpoint layout in an object store and its commit protocol (groundwork for checkpointed training:
-//! what goes into a checkpoint is the worker's business; how it is stored, committed, verified, found and
-//! retired is here).
+//! The checkpoint layout in an object store and its commit protocol. What goes into a checkpoint is the
+//! worker's business (`cellfleet_worker::train::checkpoint_state`); how it is stored, committed,
+//! verified, found and retired is here.
 //!
 //! ```text
 //! RUN/step-000000001200/<object>.zst   zstd-compressed objects, written first

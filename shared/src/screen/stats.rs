@@ -1,6 +1,6 @@
-//! Statistics for perturbation screens (groundwork for the screen issue): the rank-sum test of a gene's
-//! per-cell effects against a null built from random genes, Benjamini-Hochberg false-discovery control,
-//! and the AUROC a ranking achieves at recovering a known gene set. Pure Rust, checked against SciPy
+//! Statistics for perturbation screens: the rank-sum test of a gene's per-cell effects against a null
+//! built from random genes, Benjamini-Hochberg false-discovery control, and the AUROC a ranking achieves
+//! at recovering a known gene set. Pure Rust, checked against SciPy
 //! values in the tests.
 
 /// Average ranks (1-based) of `values`, ties sharing the mean of their positions; also the tie-correction

@@ -86,9 +86,18 @@ pub fn job_command(coordinator: &str, action: JobAction) -> anyhow::Result<()> {
 fn print_status(s: &pb::JobStatusResponse) {
     println!("job {}: {}", s.job_id, s.state().word());
     println!("  {}", s.message);
+    // Before rank 0 reports a step of this run the loss is NaN and the rate 0: unknown, not shown.
+    let progress = if s.last_loss.is_nan() {
+        "no step reported yet".to_string()
+    } else {
+        format!(
+            "loss {:.4}, {:.0} samples/s",
+            s.last_loss, s.samples_per_second
+        )
+    };
     println!(
-        "  step {}/{} (epoch {}, position {}), loss {:.4}, {:.0} samples/s",
-        s.committed_step, s.total_steps, s.epoch, s.position, s.last_loss, s.samples_per_second
+        "  step {}/{} (epoch {}, position {}), {progress}",
+        s.committed_step, s.total_steps, s.epoch, s.position
     );
     println!(
         "  generation {} ({} re-formations), {} workers: {}",

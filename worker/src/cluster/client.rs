@@ -129,6 +129,29 @@ pub fn submit_and_follow(
     follow(&rt, &mut client, &id, job.config.steps, progress)
 }
 
+/// Loss, workers and throughput for the bar and the periodic line. Loss and rate only once known: until
+/// rank 0 reports a step of this run (a resumed one too), the coordinator's loss is NaN and its rate 0.
+fn progress_summary(status: &pb::JobStatusResponse) -> String {
+    let workers = format!(
+        "{} workers, generation {}",
+        status.world_size, status.generation
+    );
+    if status.last_loss.is_nan() {
+        let resumed = if status.committed_step > 0 {
+            format!("resumed at step {}, ", status.committed_step)
+        } else {
+            String::new()
+        };
+        return format!("{resumed}waiting for the first step | {workers}");
+    }
+    let rate = if status.samples_per_second > 0.0 {
+        format!(" | {:.0} samples/s", status.samples_per_second)
+    } else {
+        String::new()
+    };
+    format!("loss {:.4} | {workers}{rate}", status.last_loss)
+}
+
 pub(crate) fn follow(
     rt: &Runtime,
     client: &mut CoordinatorClient<Channel>,
@@ -151,10 +174,7 @@ pub(crate) fn follow(
             last_message = status.message.clone();
         }
         bar.set_position(status.committed_step);
-        let summary = format!(
-            "loss {:.4} | {} workers, generation {} | {:.0} samples/s",
-            status.last_loss, status.world_size, status.generation, status.samples_per_second
-        );
+        let summary = progress_summary(&status);
         // Without a terminal (no bar), a line every tenth of the job.
         let tenth = (steps / 10).max(1);
         if !progress && status.committed_step / tenth > logged_step / tenth {
