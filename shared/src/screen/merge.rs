@@ -8,7 +8,30 @@ use serde::Serialize;
 use super::plan::ScreenPlan;
 use super::unit::UnitResult;
 use super::{Result, ScreenError};
+use crate::ids::ScreenId;
 use crate::screen::stats::{benjamini_hochberg, mann_whitney};
+
+/// A finished screen as the coordinator recorded it: where its plan and unit results are, and each unit's
+/// completion record, which the merge checks the stored results against.
+#[derive(Debug, Clone)]
+pub struct CompletedScreen {
+    pub screen_id: ScreenId,
+    pub location: String,
+    pub plan_blake3: String,
+    pub units: Vec<CompletedUnit>,
+    /// Units leased again after their holder was lost or its lease expired.
+    pub units_released: u32,
+    pub pairs_per_second: f64,
+    pub message: String,
+}
+
+/// One unit's completion record: the object key and the blake3 of the bytes its worker stored.
+#[derive(Debug, Clone)]
+pub struct CompletedUnit {
+    pub unit: u32,
+    pub key: String,
+    pub blake3: String,
+}
 
 /// One row of the per-gene table.
 #[derive(Debug, Clone, PartialEq, Serialize)]

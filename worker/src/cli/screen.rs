@@ -10,7 +10,7 @@ use clap::Subcommand;
 
 use crate::cluster::client::runtime;
 
-use crate::cluster::screen_client::{connect, follow, plan, run_local, status, submit};
+use crate::cluster::screen_client::{completed, connect, follow, plan, run_local, status, submit};
 use crate::screen::tables::{print_top, write_results};
 use crate::state_words::StateWord;
 
@@ -125,8 +125,8 @@ pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()
         } => {
             let rt = runtime()?;
             let mut client = connect(&rt, &coordinator)?;
-            let status = status(&rt, &mut client, &id, true)?;
-            let written = write_results(&status, &out, per_cell, s3)?;
+            let screen = completed(&rt, &mut client, &id)?;
+            let written = write_results(&screen, &out, per_cell, s3)?;
             print_top(&written, 15);
             Ok(())
         }

@@ -20,6 +20,7 @@ use crate::screen::plan::resolve_plan;
 use crate::screen::plan::store_plan;
 use crate::screen::tables::{print_top, write_results, WrittenResults};
 use crate::state_words::StateWord;
+use cellfleet_shared::screen::{CompletedScreen, CompletedUnit};
 
 pub fn connect(rt: &Runtime, url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
     let _entered = rt.enter();
@@ -118,6 +119,42 @@ pub fn status(
         .into_inner())
 }
 
+/// A finished screen's record, converted from the coordinator's answer; a screen that has not completed
+/// is refused with its state and progress (results are merged once every unit is done).
+pub fn completed(
+    rt: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+) -> anyhow::Result<CompletedScreen> {
+    let status = status(rt, client, id, true)?;
+    if status.state() != pb::ScreenState::Completed {
+        bail!(
+            "screen {} is {} ({}/{} units done): results are merged once every unit is done",
+            status.screen_id,
+            status.state().word(),
+            status.units_done,
+            status.units_total
+        );
+    }
+    Ok(CompletedScreen {
+        screen_id: status.screen_id.into(),
+        location: status.location,
+        plan_blake3: status.plan_blake3,
+        units: status
+            .units
+            .into_iter()
+            .map(|u| CompletedUnit {
+                unit: u.unit,
+                key: u.key,
+                blake3: u.blake3,
+            })
+            .collect(),
+        units_released: status.releases,
+        pairs_per_second: status.pairs_per_second,
+        message: status.message,
+    })
+}
+
 /// Follows a screen to its end with a progress bar over pairs; an unsuccessful end is an error.
 pub fn follow(
     rt: &Runtime,
@@ -207,8 +244,8 @@ pub fn run_local(
     let mut client = connect(&rt, &cluster.url)?;
     let id = submit(&rt, &mut client, &cluster.url, &planned)?;
     follow(&rt, &mut client, &id)?;
-    let status = status(&rt, &mut client, &id, true)?;
-    let written = write_results(&status, &out, per_cell, s3)?;
+    let screen = completed(&rt, &mut client, &id)?;
+    let written = write_results(&screen, &out, per_cell, s3)?;
     print_top(&written, 15);
     drop(cluster);
     Ok(written)

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use cellfleet_proto as pb;
-use cellfleet_shared::screen::{GeneEffect, Merger, ScreenPlan, ScreenResults, UnitResult};
+use cellfleet_shared::screen::{
+    CompletedScreen, GeneEffect, Merger, ScreenPlan, ScreenResults, UnitResult,
+};
 use cellfleet_shared::storage::S3Options;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::data_type::{
@@ -21,7 +22,6 @@ use serde::Serialize;
 
 use crate::screen::plan::load_plan;
 use crate::screen::plan::open_location;
-use crate::state_words::StateWord;
 
 /// What `screen.json` beside the tables records.
 #[derive(Serialize)]
@@ -56,24 +56,15 @@ pub struct WrittenResults {
 /// Reads every completed unit (each exactly once, checked against its recorded hash), merges them and
 /// writes `genes.parquet` (+ `cells.parquet`) and `screen.json` to `out`.
 pub fn write_results(
-    status: &pb::ScreenStatusResponse,
+    screen: &CompletedScreen,
     out: &Path,
     per_cell: bool,
     s3: &S3Options,
 ) -> anyhow::Result<WrittenResults> {
-    if status.state() != pb::ScreenState::Completed {
-        bail!(
-            "screen {} is {} ({}/{} units done): results are merged once every unit is done",
-            status.screen_id,
-            status.state().word(),
-            status.units_done,
-            status.units_total
-        );
-    }
-    let store = open_location(&status.location, s3)?;
-    let plan = load_plan(&store, &status.plan_blake3)?;
-    let mut merger = Merger::new(&plan, &status.plan_blake3);
-    for unit in &status.units {
+    let store = open_location(&screen.location, s3)?;
+    let plan = load_plan(&store, &screen.plan_blake3)?;
+    let mut merger = Merger::new(&plan, &screen.plan_blake3);
+    for unit in &screen.units {
         let bytes = store.get(&unit.key)?;
         let hash = blake3::hash(&bytes).to_hex().to_string();
         if hash != unit.blake3 {
@@ -109,9 +100,9 @@ pub fn write_results(
     }
     let record = ScreenRecord {
         format: "cellfleet-screen-results/1",
-        screen_id: &status.screen_id,
-        location: &status.location,
-        plan_blake3: &status.plan_blake3,
+        screen_id: screen.screen_id.as_str(),
+        location: &screen.location,
+        plan_blake3: &screen.plan_blake3,
         spec: &plan.spec,
         checkpoint: &plan.checkpoint,
         corpus: &plan.corpus_url,
@@ -130,9 +121,9 @@ pub fn write_results(
             .collect(),
         units: plan.unit_count(),
         pairs: results.total_pairs,
-        units_released: status.releases,
-        pairs_per_second: status.pairs_per_second,
-        message: &status.message,
+        units_released: screen.units_released,
+        pairs_per_second: screen.pairs_per_second,
+        message: &screen.message,
         tables: tables.iter().map(|p| p.display().to_string()).collect(),
     };
     fs::write(out.join("screen.json"), serde_json::to_vec_pretty(&record)?)
