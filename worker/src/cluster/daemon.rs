@@ -15,6 +15,7 @@ use cellfleet_coordinator::JobSpec;
 use cellfleet_proto as pb;
 use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::ids::{Generation, JobId, Rank, ScreenId, WorkerId};
 use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, SplitPart};
 use clap::Args;
@@ -67,15 +68,15 @@ pub struct WorkerArgs {
 struct CoordinatorRendezvous {
     client: CoordinatorClient<Channel>,
     handle: tokio::runtime::Handle,
-    job: String,
-    generation: u64,
+    job: JobId,
+    generation: Generation,
 }
 
 impl RendezvousStore for CoordinatorRendezvous {
     fn set(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
         let request = pb::KvSetRequest {
-            job_id: self.job.clone(),
-            generation: self.generation,
+            job_id: self.job.to_string(),
+            generation: self.generation.get(),
             key: key.to_string(),
             value: value.to_vec(),
         };
@@ -89,8 +90,8 @@ impl RendezvousStore for CoordinatorRendezvous {
 
     fn get(&self, key: &str, timeout: Duration) -> anyhow::Result<Vec<u8>> {
         let request = pb::KvGetRequest {
-            job_id: self.job.clone(),
-            generation: self.generation,
+            job_id: self.job.to_string(),
+            generation: self.generation.get(),
             key: key.to_string(),
             timeout_ms: timeout.as_millis() as u64,
         };
@@ -108,29 +109,28 @@ impl RendezvousStore for CoordinatorRendezvous {
 #[derive(Serialize)]
 struct SampleLogLine<'a> {
     step: u64,
-    generation: u64,
-    rank: u32,
+    generation: Generation,
+    rank: Rank,
     /// (cell, clone) pairs.
     samples: &'a [(u64, u32)],
 }
 
 struct Assigned {
     train: pb::TrainAssignment,
-    worker_id: String,
+    worker_id: WorkerId,
 }
 
-/// A generation running on its own thread.
 /// What a worker runs at a time: one generation of a training job, or a screen's units. (A screen is not a
 /// job: it has no generation, and its thread may end while the screen goes on elsewhere.)
 enum Running {
     Generation {
-        job: String,
-        generation: u64,
+        job: JobId,
+        generation: Generation,
         abort: Arc<AtomicBool>,
         thread: JoinHandle<()>,
     },
     Screen {
-        screen: String,
+        screen: ScreenId,
         stop: Arc<AtomicBool>,
         thread: JoinHandle<()>,
     },
@@ -160,13 +160,13 @@ impl Running {
     /// Whether `train` is what runs (or ran) here: a re-sent assignment must not start twice.
     fn is_generation(&self, train: &pb::TrainAssignment) -> bool {
         matches!(self, Running::Generation { job, generation, .. }
-            if *job == train.job_id && *generation == train.generation)
+            if job.as_str() == train.job_id && *generation == Generation(train.generation))
     }
 
     /// Whether `screen` is being served here now (a finished screen thread may be started again).
     fn is_serving(&self, screen: &pb::ScreenAssignment) -> bool {
         matches!(self, Running::Screen { screen: id, thread, .. }
-            if *id == screen.screen_id && !thread.is_finished())
+            if id.as_str() == screen.screen_id && !thread.is_finished())
     }
 }
 
@@ -295,7 +295,7 @@ fn run_generation(
     let give_up = Duration::from_secs_f64(args.reconnect_timeout);
     let reporter = Reporter::spawn(&handle, client.clone(), abort.clone(), give_up);
     let base = pb::StepReport {
-        worker_id: assigned.worker_id.clone(),
+        worker_id: assigned.worker_id.to_string(),
         job_id: train.job_id.clone(),
         generation: train.generation,
         rank: train.rank,
@@ -427,8 +427,8 @@ fn train_generation(
     let store = Arc::new(CoordinatorRendezvous {
         client,
         handle: handle.clone(),
-        job: train.job_id.clone(),
-        generation: train.generation,
+        job: JobId::new(train.job_id.clone()),
+        generation: Generation(train.generation),
     });
     if world > 1 && train.start_step > 0 {
         let barrier = || -> anyhow::Result<()> {
@@ -472,8 +472,8 @@ fn train_generation(
                 batch.sample_ids.iter().map(|s| (s.cell, s.clone)).collect();
             let line = SampleLogLine {
                 step: record.step,
-                generation: train.generation,
-                rank: train.rank,
+                generation: Generation(train.generation),
+                rank: Rank(train.rank),
                 samples: &samples,
             };
             writeln!(log, "{}", serde_json::to_string(&line)?)?;
@@ -644,10 +644,10 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "worker".into());
-    let mut worker_id = String::new();
+    let mut worker_id = WorkerId::default();
     let mut current: Option<Running> = None;
     loop {
-        let registered = register(&rt, &client, &args, &hostname, &worker_id)?;
+        let registered = register(&rt, &client, &args, &hostname, worker_id.as_str())?;
         if !registered.resumed {
             if let Some(run) = current.take() {
                 eprintln!("membership lapsed; abandoning {}", run.describe());
@@ -658,13 +658,13 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 args.coordinator, registered.worker_id
             );
         }
-        worker_id = registered.worker_id.clone();
+        worker_id = WorkerId::new(registered.worker_id.clone());
         // A heartbeat refused because the lease lapsed (this process was stalled, or partitioned) ends the
         // stream below, so the worker registers again as a new member.
         let lapsed = Arc::new(tokio::sync::Notify::new());
         let heartbeat = spawn_heartbeat(&rt, &client, &registered, lapsed.clone());
         let stream = rt.block_on(client.clone().assignments(pb::AssignmentsRequest {
-            worker_id: worker_id.clone(),
+            worker_id: worker_id.to_string(),
         }));
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
@@ -756,7 +756,7 @@ fn spawn_heartbeat(
 /// What a worker's assignment threads need of it.
 struct WorkerContext<'a> {
     args: &'a WorkerArgs,
-    worker_id: &'a str,
+    worker_id: &'a WorkerId,
     client: &'a CoordinatorClient<Channel>,
     handle: &'a tokio::runtime::Handle,
 }
@@ -806,10 +806,13 @@ fn start_generation(
     worker: &WorkerContext<'_>,
 ) -> anyhow::Result<Running> {
     let abort = Arc::new(AtomicBool::new(false));
-    let (job, generation) = (train.job_id.clone(), train.generation);
+    let (job, generation) = (
+        JobId::new(train.job_id.clone()),
+        Generation(train.generation),
+    );
     let assigned = Assigned {
         train,
-        worker_id: worker.worker_id.to_string(),
+        worker_id: worker.worker_id.clone(),
     };
     let (args, client, handle, flag) = (
         worker.args.clone(),
@@ -841,7 +844,7 @@ fn start_screen(
         worker.handle.clone(),
         stop.clone(),
     );
-    let id = screen.screen_id.clone();
+    let id = ScreenId::new(screen.screen_id.clone());
     let thread = std::thread::Builder::new()
         .name("cellfleet-screen".into())
         .spawn(move || {

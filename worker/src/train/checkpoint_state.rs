@@ -838,6 +838,7 @@ pub fn unix_ms() -> u64 {
 mod tests {
     use super::*;
     use crate::train::config::step_seed;
+    use cellfleet_shared::ids::Rank;
 
     #[test]
     fn images_round_trip_tensors_bit_for_bit() {
@@ -873,7 +874,7 @@ mod tests {
         assert_eq!(diff.len(), 2, "{diff:?}");
         assert!(diff.iter().any(|d| d.starts_with("steps: 1000 -> 7")));
         assert!(diff.iter().any(|d| d.starts_with("optimizer.beta2")));
-        assert_ne!(step_seed(1, 2, 0), step_seed(1, 3, 0));
-        assert!(step_seed(u64::MAX, 9, 1) >= 0);
+        assert_ne!(step_seed(1, 2, Rank(0)), step_seed(1, 3, Rank(0)));
+        assert!(step_seed(u64::MAX, 9, Rank(1)) >= 0);
     }
 }

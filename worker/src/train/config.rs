@@ -2,6 +2,7 @@
 //! flags), the run's execution options, the learning-rate schedule it implies, and torch's per-step seed.
 //! Both the training loop and the checkpoint contents depend on this module, never the other way round.
 
+use cellfleet_shared::ids::Rank;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -156,12 +157,12 @@ pub struct RunOptions {
 
 /// torch's seed for `step` on `rank`: a fixed function of the run seed, so a resumed run draws the same
 /// router noise as an uninterrupted one.
-pub fn step_seed(seed: u64, step: u64, rank: usize) -> i64 {
+pub fn step_seed(seed: u64, step: u64, rank: Rank) -> i64 {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"cellfleet torch step seed");
     hasher.update(&seed.to_le_bytes());
     hasher.update(&step.to_le_bytes());
-    hasher.update(&(rank as u64).to_le_bytes());
+    hasher.update(&u64::from(rank.get()).to_le_bytes());
     let bytes: [u8; 8] = hasher.finalize().as_bytes()[..8]
         .try_into()
         .expect("8 bytes");

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use cellfleet_shared::corpus::Corpus;
+use cellfleet_shared::ids::Rank;
 use cellfleet_shared::stream::batch::{Batch, IGNORE_TARGET};
 use cellfleet_shared::stream::{cursor_at_step, EpochPlan, SplitPart};
 use serde::Serialize;
@@ -137,8 +138,8 @@ impl<'a> Participation<'a> {
         }
     }
 
-    fn rank(&self) -> usize {
-        self.collective.rank()
+    fn rank(&self) -> Rank {
+        Rank(self.collective.rank() as u32)
     }
 }
 
@@ -226,7 +227,7 @@ pub(crate) fn train_loop(
         corpus_hash: stream.corpus.manifest.content_hash(),
         world: participation.collective.world(),
     };
-    let lead = participation.rank() == 0;
+    let lead = participation.rank() == Rank(0);
     fs::create_dir_all(&run.out).with_context(|| format!("cannot create {}", run.out.display()))?;
     // One step log per run, written by rank 0 (the numbers are global).
     let log_path = run.out.join(format!("{what}_log.jsonl"));
