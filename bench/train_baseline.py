@@ -1,6 +1,6 @@
 """Baseline for `cellfleet bench train`: the same MoE transformer and training step in plain eager PyTorch.
 
-Mirrors worker/src/model.rs and worker/src/train.rs operation for operation (embeddings, pre-LayerNorm
+Mirrors worker/src/model/mod.rs and worker/src/train/training_loop.rs operation for operation (embeddings, pre-LayerNorm
 blocks with separate q/k/v/out projections and scaled_dot_product_attention, noisy top-k experts grouped by
 expert, masked-bin cross-entropy on masked rows only, load-balancing loss, gradient clipping, AdamW) so
 that the ratio measures the framework around the kernels, not a different model.
@@ -140,7 +140,7 @@ def main():
     torch.manual_seed(spec["seed"])
     model = CellModel(c)
     params = sum(p.numel() for p in model.parameters())
-    # The decay rule of worker/src/optim.rs: matrices decay; biases, LayerNorm and embeddings do not.
+    # The decay rule of worker/src/train/optim.rs: matrices decay; biases, LayerNorm and embeddings do not.
     def decays(name, p):
         bias = name.endswith("bias") or name.endswith(".b1") or name.endswith(".b2")
         return p.dim() >= 2 and not bias and "embedding" not in name
