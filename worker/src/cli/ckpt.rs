@@ -1,6 +1,6 @@
 //! `cellfleet ckpt ls|show|verify|export`: look into a run's checkpoints without training.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use cellfleet_shared::checkpoint::{step_folder, CheckpointManifest, Checkpoints};
@@ -81,184 +81,198 @@ fn mb(bytes: u64) -> String {
 
 pub fn ckpt_command(action: CkptAction, s3: &S3Options) -> anyhow::Result<()> {
     match action {
-        CkptAction::Ls { url } => {
-            let (checkpoints, _) = locate(&url, None, s3)?;
-            let latest = checkpoints.latest_pointer()?;
-            let steps = checkpoints.steps()?;
-            if steps.is_empty() {
-                println!("no checkpoints in {}", checkpoints.url());
-                return Ok(());
+        CkptAction::Ls { url } => ls(&url, s3),
+        CkptAction::Show { url, step } => show(&url, step, s3),
+        CkptAction::Verify { url, step } => verify(&url, step, s3),
+        CkptAction::Export { url, step, out } => export(&url, step, &out, s3),
+    }
+}
+
+/// Lists a run's checkpoint folders with their sizes, world size, generation, save time and status.
+fn ls(url: &str, s3: &S3Options) -> anyhow::Result<()> {
+    let (checkpoints, _) = locate(url, None, s3)?;
+    let latest = checkpoints.latest_pointer()?;
+    let steps = checkpoints.steps()?;
+    if steps.is_empty() {
+        println!("no checkpoints in {}", checkpoints.url());
+        return Ok(());
+    }
+    println!(
+        "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  status",
+        "step", "raw", "stored", "world", "gen", "saved (UTC)"
+    );
+    for step in steps {
+        let marker = if latest == Some(step) {
+            "  <- latest"
+        } else {
+            ""
+        };
+        let status = if latest.is_some_and(|l| step > l) {
+            "not committed (above latest)"
+        } else {
+            "committed"
+        };
+        match checkpoints.manifest(step)? {
+            Ok(m) => {
+                let raw: u64 = m.objects.iter().map(|o| o.raw_bytes).sum();
+                let field = |k: &str| m.meta.get(k).and_then(|v| v.as_u64());
+                println!(
+                    "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  {status}{marker}",
+                    step,
+                    mb(raw),
+                    mb(m.stored_bytes()),
+                    field("world_size").map_or("-".into(), |v| v.to_string()),
+                    field("generation").map_or("-".into(), |v| v.to_string()),
+                    field("saved_unix_ms").map_or("-".into(), utc),
+                );
             }
-            println!(
-                "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  status",
-                "step", "raw", "stored", "world", "gen", "saved (UTC)"
-            );
-            for step in steps {
-                let marker = if latest == Some(step) {
-                    "  <- latest"
-                } else {
-                    ""
-                };
-                let status = if latest.is_some_and(|l| step > l) {
-                    "not committed (above latest)"
-                } else {
-                    "committed"
-                };
-                match checkpoints.manifest(step)? {
-                    Ok(m) => {
-                        let raw: u64 = m.objects.iter().map(|o| o.raw_bytes).sum();
-                        let field = |k: &str| m.meta.get(k).and_then(|v| v.as_u64());
-                        println!(
-                            "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  {status}{marker}",
-                            step,
-                            mb(raw),
-                            mb(m.stored_bytes()),
-                            field("world_size").map_or("-".into(), |v| v.to_string()),
-                            field("generation").map_or("-".into(), |v| v.to_string()),
-                            field("saved_unix_ms").map_or("-".into(), utc),
-                        );
-                    }
-                    Err(problem) => println!(
-                        "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  incomplete: {}{marker}",
-                        step, "-", "-", "-", "-", "-", problem.what
-                    ),
+            Err(problem) => println!(
+                "{:>12}  {:>10}  {:>10}  {:>5}  {:>5}  {:<20}  incomplete: {}{marker}",
+                step, "-", "-", "-", "-", "-", problem.what
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Prints one checkpoint's state and objects.
+fn show(url: &str, step: Option<u64>, s3: &S3Options) -> anyhow::Result<()> {
+    let (checkpoints, step) = locate(url, step, s3)?;
+    let manifest = manifest_of(&checkpoints, step)?;
+    let state = read_state(&checkpoints, &manifest)?;
+    println!(
+        "checkpoint {}/{}",
+        checkpoints.url().trim_end_matches('/'),
+        step_folder(manifest.step)
+    );
+    println!(
+        "  step {} of {} (optimizer step {}, next lr {:.3e}), epoch {} position {} of {}",
+        state.step,
+        state.config.steps,
+        state.optimizer_step,
+        state.next_lr,
+        state.epoch,
+        state.position,
+        state.epoch_len
+    );
+    println!(
+        "  model: {:?} preset, d_model {}, {} layers, {} genes, {} bins, {} experts",
+        state.config.preset,
+        state.model.d_model,
+        state.model.n_layers,
+        state.model.n_genes,
+        state.model.n_bins,
+        state.model.experts()
+    );
+    println!(
+        "  run: seed {}, batch {}, lr {}, world size {}, generation {}",
+        state.config.seed,
+        state.config.batch_size,
+        state.config.lr,
+        state.world_size,
+        state.generation
+    );
+    println!(
+        "  corpus: {} (manifest {})",
+        state.corpus_url,
+        &state.corpus_manifest_blake3[..state.corpus_manifest_blake3.len().min(16)]
+    );
+    println!(
+        "  saved: {} UTC; RNG: {}",
+        utc(state.saved_unix_ms),
+        state.rng_scheme
+    );
+    println!("  objects:");
+    for o in &manifest.objects {
+        println!(
+            "    {:<24} {:>10} raw {:>10} stored  blake3 {}",
+            o.name,
+            mb(o.raw_bytes),
+            mb(o.stored_bytes),
+            o.blake3.get(..16).unwrap_or(&o.blake3)
+        );
+    }
+    Ok(())
+}
+
+/// Re-hashes a run's committed checkpoints (or one).
+fn verify(url: &str, step: Option<u64>, s3: &S3Options) -> anyhow::Result<()> {
+    let (checkpoints, step) = locate(url, step, s3)?;
+    // A run's committed checkpoints are checked; folders above `latest` (a save in progress, or
+    // abandoned) are only mentioned, as they are never read.
+    let steps = match step {
+        Some(step) => vec![step],
+        None => {
+            let committed = checkpoints.committed_steps()?;
+            for other in checkpoints.steps()? {
+                if !committed.contains(&other) {
+                    println!(
+                        "{}: not committed (a save in progress or abandoned), skipped",
+                        step_folder(other)
+                    );
                 }
             }
+            committed.into_iter().rev().collect()
         }
-        CkptAction::Show { url, step } => {
-            let (checkpoints, step) = locate(&url, step, s3)?;
-            let manifest = manifest_of(&checkpoints, step)?;
-            let state = read_state(&checkpoints, &manifest)?;
+    };
+    if steps.is_empty() {
+        bail!("no committed checkpoints in {}", checkpoints.url());
+    }
+    let mut bad = 0;
+    for step in &steps {
+        let started = std::time::Instant::now();
+        let problems = checkpoints.verify(*step)?;
+        if problems.is_empty() {
             println!(
-                "checkpoint {}/{}",
-                checkpoints.url().trim_end_matches('/'),
-                step_folder(manifest.step)
+                "{}: ok ({:.2}s)",
+                step_folder(*step),
+                started.elapsed().as_secs_f64()
             );
-            println!(
-                "  step {} of {} (optimizer step {}, next lr {:.3e}), epoch {} position {} of {}",
-                state.step,
-                state.config.steps,
-                state.optimizer_step,
-                state.next_lr,
-                state.epoch,
-                state.position,
-                state.epoch_len
-            );
-            println!(
-                "  model: {:?} preset, d_model {}, {} layers, {} genes, {} bins, {} experts",
-                state.config.preset,
-                state.model.d_model,
-                state.model.n_layers,
-                state.model.n_genes,
-                state.model.n_bins,
-                state.model.experts()
-            );
-            println!(
-                "  run: seed {}, batch {}, lr {}, world size {}, generation {}",
-                state.config.seed,
-                state.config.batch_size,
-                state.config.lr,
-                state.world_size,
-                state.generation
-            );
-            println!(
-                "  corpus: {} (manifest {})",
-                state.corpus_url,
-                &state.corpus_manifest_blake3[..state.corpus_manifest_blake3.len().min(16)]
-            );
-            println!(
-                "  saved: {} UTC; RNG: {}",
-                utc(state.saved_unix_ms),
-                state.rng_scheme
-            );
-            println!("  objects:");
-            for o in &manifest.objects {
+        } else {
+            bad += 1;
+            for problem in problems {
                 println!(
-                    "    {:<24} {:>10} raw {:>10} stored  blake3 {}",
-                    o.name,
-                    mb(o.raw_bytes),
-                    mb(o.stored_bytes),
-                    o.blake3.get(..16).unwrap_or(&o.blake3)
+                    "{}: {}: {}",
+                    step_folder(*step),
+                    problem.object,
+                    problem.what
                 );
             }
         }
-        CkptAction::Verify { url, step } => {
-            let (checkpoints, step) = locate(&url, step, s3)?;
-            // A run's committed checkpoints are checked; folders above `latest` (a save in progress, or
-            // abandoned) are only mentioned, as they are never read.
-            let steps = match step {
-                Some(step) => vec![step],
-                None => {
-                    let committed = checkpoints.committed_steps()?;
-                    for other in checkpoints.steps()? {
-                        if !committed.contains(&other) {
-                            println!(
-                                "{}: not committed (a save in progress or abandoned), skipped",
-                                step_folder(other)
-                            );
-                        }
-                    }
-                    committed.into_iter().rev().collect()
-                }
-            };
-            if steps.is_empty() {
-                bail!("no committed checkpoints in {}", checkpoints.url());
-            }
-            let mut bad = 0;
-            for step in &steps {
-                let started = std::time::Instant::now();
-                let problems = checkpoints.verify(*step)?;
-                if problems.is_empty() {
-                    println!(
-                        "{}: ok ({:.2}s)",
-                        step_folder(*step),
-                        started.elapsed().as_secs_f64()
-                    );
-                } else {
-                    bad += 1;
-                    for problem in problems {
-                        println!(
-                            "{}: {}: {}",
-                            step_folder(*step),
-                            problem.object,
-                            problem.what
-                        );
-                    }
-                }
-            }
-            if bad > 0 {
-                bail!("{bad} of {} checkpoints have problems", steps.len());
-            }
-        }
-        CkptAction::Export { url, step, out } => {
-            let (checkpoints, step) = locate(&url, step, s3)?;
-            let manifest = match step {
-                Some(step) => {
-                    let problems = checkpoints.verify(step)?;
-                    if let Some(p) = problems.first() {
-                        bail!("cannot export: {p}");
-                    }
-                    manifest_of(&checkpoints, Some(step))?
-                }
-                None => {
-                    let (newest, skipped) = checkpoints.newest_valid()?;
-                    for p in &skipped {
-                        eprintln!("warning: skipping {p}");
-                    }
-                    newest
-                        .with_context(|| format!("no valid checkpoint in {}", checkpoints.url()))?
-                }
-            };
-            let exported = export_checkpoint(&checkpoints, &manifest, &out)?;
-            println!(
-                "exported step {} ({:.1} MB of weights) to {} and {}",
-                manifest.step,
-                exported.weights_bytes as f64 / 1e6,
-                out.display(),
-                exported.info_path.display()
-            );
-        }
     }
+    if bad > 0 {
+        bail!("{bad} of {} checkpoints have problems", steps.len());
+    }
+    Ok(())
+}
+
+/// Exports a checkpoint's weights and `model.json` (the newest valid one unless a step is named).
+fn export(url: &str, step: Option<u64>, out: &Path, s3: &S3Options) -> anyhow::Result<()> {
+    let (checkpoints, step) = locate(url, step, s3)?;
+    let manifest = match step {
+        Some(step) => {
+            let problems = checkpoints.verify(step)?;
+            if let Some(p) = problems.first() {
+                bail!("cannot export: {p}");
+            }
+            manifest_of(&checkpoints, Some(step))?
+        }
+        None => {
+            let (newest, skipped) = checkpoints.newest_valid()?;
+            for p in &skipped {
+                eprintln!("warning: skipping {p}");
+            }
+            newest.with_context(|| format!("no valid checkpoint in {}", checkpoints.url()))?
+        }
+    };
+    let exported = export_checkpoint(&checkpoints, &manifest, out)?;
+    println!(
+        "exported step {} ({:.1} MB of weights) to {} and {}",
+        manifest.step,
+        exported.weights_bytes as f64 / 1e6,
+        out.display(),
+        exported.info_path.display()
+    );
     Ok(())
 }
 

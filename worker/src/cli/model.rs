@@ -11,9 +11,10 @@ use clap::Args;
 use crate::cluster::client::submit_and_follow;
 use crate::cluster::client::ClusterJob;
 use crate::cluster::embedded::run_local;
-use crate::model::{parse_device, Preset};
+use crate::model::{parse_device, CellModel, Preset};
 use crate::train::checkpoint_state::{
-    open_run, read_state, resolve, restore, CheckpointPolicy, CheckpointWriter, ResumeTarget,
+    open_run, read_state, resolve, restore, CheckpointPolicy, CheckpointWriter, Restored,
+    ResumeTarget,
 };
 use crate::train::classification_metrics::ClassificationReport;
 use crate::train::config::RunOptions;
@@ -301,83 +302,14 @@ pub fn train_command(
     if !local && cluster.coordinator.is_none() {
         bail!("say where to train: --local (this machine; add --workers N for N worker processes) or --coordinator http://HOST:PORT");
     }
-    // A resumed run takes its settings from the checkpoint; flags and --config layer over them, and any
-    // change is refused before training starts.
-    // Local runs read the checkpoint once (verified); a cluster client verifies it and the workers read it.
     let cluster_run = cluster.coordinator.is_some() || cluster.workers.is_some();
-    let resume = match &ckpt.resume {
-        Some(target) => {
-            let started = std::time::Instant::now();
-            let from = if cluster_run {
-                let (checkpoints, manifest) = resolve(target, ckpt.checkpoint.as_deref(), s3)?;
-                ResumeFrom {
-                    url: checkpoints.url().to_string(),
-                    state: read_state(&checkpoints, &manifest)?,
-                    restored: None,
-                }
-            } else {
-                let restored = restore(target, ckpt.checkpoint.as_deref(), s3)?;
-                ResumeFrom {
-                    url: restored.url.clone(),
-                    state: restored.state.clone(),
-                    restored: Some(restored),
-                }
-            };
-            eprintln!(
-                "resuming from checkpoint step {} of {} in {} (read and verified in {:.2}s)",
-                from.state.step,
-                from.state.config.steps,
-                from.url,
-                started.elapsed().as_secs_f64()
-            );
-            Some(from)
-        }
-        None => None,
-    };
-    let config = match &resume {
-        Some(ResumeFrom { state, .. }) => {
-            let config = flags.config(state.config.clone())?;
-            let differences =
-                crate::train::checkpoint_state::config_differences(&state.config, &config);
-            if !differences.is_empty() {
-                bail!(
-                    "checkpoint step {} was trained with other settings ({}); drop those flags to resume, or start a new run",
-                    state.step,
-                    differences.join(", ")
-                );
-            }
-            config
-        }
-        None => flags.config(TrainConfig::default())?,
-    };
+    let resume = read_resume_point(ckpt, cluster_run, s3)?;
+    let config = resumed_config(flags, resume.as_ref())?;
     let checkpoint_url = ckpt.checkpoint.clone().or_else(|| {
         // Resuming from a location without --checkpoint keeps saving there.
         resume.as_ref().map(|from| from.url.clone())
     });
-    if let (None, Some(flag)) = (&checkpoint_url, ckpt.given()) {
-        bail!("{flag} needs --checkpoint URL (where to save the checkpoints)");
-    }
-    if let Some(stop) = ckpt.stop_after {
-        let from = resume.as_ref().map_or(0, |from| from.state.step);
-        if stop <= from || stop > config.steps {
-            bail!(
-                "--stop-after {stop} must be after the start step {from} and at most --steps {}",
-                config.steps
-            );
-        }
-        if checkpoint_url.is_none() {
-            bail!("--stop-after needs --checkpoint (where to save the run to resume it)");
-        }
-    }
-    if resume
-        .as_ref()
-        .is_some_and(|from| from.state.step >= config.steps)
-    {
-        bail!(
-            "the checkpoint is of step {}, the end of the run: nothing left to train",
-            config.steps
-        );
-    }
+    check_checkpoint_flags(ckpt, checkpoint_url.as_deref(), resume.as_ref(), &config)?;
     let spec = checkpoint_url.map(|url| ckpt.spec(url)).transpose()?;
     let run = flags.runtime.run_options(out)?;
     if cluster_run {
@@ -400,41 +332,15 @@ pub fn train_command(
     let corpus = open_corpus(corpus, s3)?;
     let (model, records) = match (spec, resume) {
         (None, None) => pretrain(corpus.clone(), &config, &run)?,
-        (spec, resume) => {
-            let resume = resume.and_then(|from| from.restored);
-            let writer = spec
-                .map(|spec| -> anyhow::Result<CheckpointWriter> {
-                    let store_options = S3Options {
-                        retry_timeout: Some(std::time::Duration::from_millis(spec.store_retry_ms)),
-                        ..s3.clone()
-                    };
-                    Ok(CheckpointWriter::new(
-                        open_run(&spec.url, &store_options)?,
-                        CheckpointPolicy::of(&spec),
-                        None,
-                        None,
-                    ))
-                })
-                .transpose()?;
-            let start_step = resume.as_ref().map_or(0, |r| r.state.step);
-            pretrain_with(
-                corpus.clone(),
-                &config,
-                &run,
-                &mut Participation {
-                    collective: &mut crate::collective::Solo,
-                    start_step,
-                    abort: None,
-                    on_step: None,
-                    checkpointing: Checkpointing {
-                        resume,
-                        writer,
-                        stop_after: ckpt.stop_after,
-                        generation: 0,
-                    },
-                },
-            )?
-        }
+        (spec, resume) => pretrain_checkpointed(
+            corpus.clone(),
+            &config,
+            &run,
+            spec,
+            resume.and_then(|from| from.restored),
+            ckpt.stop_after,
+            s3,
+        )?,
     };
     println!(
         "model: {} parameters ({:?} preset, {} genes, {} bins, {} experts)",
@@ -463,6 +369,135 @@ pub fn train_command(
         json,
         &serde_json::json!({"config": config, "steps": records, "masked_bins": report}),
     )
+}
+
+/// The checkpoint `--resume` names, read and verified: a local run reads it whole (once); a cluster
+/// client only verifies it and reads its state (the workers read the tensors).
+fn read_resume_point(
+    ckpt: &CheckpointFlags,
+    cluster_run: bool,
+    s3: &S3Options,
+) -> anyhow::Result<Option<ResumeFrom>> {
+    let Some(target) = &ckpt.resume else {
+        return Ok(None);
+    };
+    let started = std::time::Instant::now();
+    let from = if cluster_run {
+        let (checkpoints, manifest) = resolve(target, ckpt.checkpoint.as_deref(), s3)?;
+        ResumeFrom {
+            url: checkpoints.url().to_string(),
+            state: read_state(&checkpoints, &manifest)?,
+            restored: None,
+        }
+    } else {
+        let restored = restore(target, ckpt.checkpoint.as_deref(), s3)?;
+        ResumeFrom {
+            url: restored.url.clone(),
+            state: restored.state.clone(),
+            restored: Some(restored),
+        }
+    };
+    eprintln!(
+        "resuming from checkpoint step {} of {} in {} (read and verified in {:.2}s)",
+        from.state.step,
+        from.state.config.steps,
+        from.url,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Some(from))
+}
+
+/// The run's settings: a resumed run takes the checkpoint's, with flags and --config layered over them;
+/// any change is refused before training starts.
+fn resumed_config(flags: &TrainFlags, resume: Option<&ResumeFrom>) -> anyhow::Result<TrainConfig> {
+    let Some(ResumeFrom { state, .. }) = resume else {
+        return flags.config(TrainConfig::default());
+    };
+    let config = flags.config(state.config.clone())?;
+    let differences = crate::train::checkpoint_state::config_differences(&state.config, &config);
+    if !differences.is_empty() {
+        bail!(
+            "checkpoint step {} was trained with other settings ({}); drop those flags to resume, or start a new run",
+            state.step,
+            differences.join(", ")
+        );
+    }
+    Ok(config)
+}
+
+/// Refuses checkpoint flags that cannot work together, before anything runs.
+fn check_checkpoint_flags(
+    ckpt: &CheckpointFlags,
+    checkpoint_url: Option<&str>,
+    resume: Option<&ResumeFrom>,
+    config: &TrainConfig,
+) -> anyhow::Result<()> {
+    if let (None, Some(flag)) = (checkpoint_url, ckpt.given()) {
+        bail!("{flag} needs --checkpoint URL (where to save the checkpoints)");
+    }
+    if let Some(stop) = ckpt.stop_after {
+        let from = resume.map_or(0, |from| from.state.step);
+        if stop <= from || stop > config.steps {
+            bail!(
+                "--stop-after {stop} must be after the start step {from} and at most --steps {}",
+                config.steps
+            );
+        }
+        if checkpoint_url.is_none() {
+            bail!("--stop-after needs --checkpoint (where to save the run to resume it)");
+        }
+    }
+    if resume.is_some_and(|from| from.state.step >= config.steps) {
+        bail!(
+            "the checkpoint is of step {}, the end of the run: nothing left to train",
+            config.steps
+        );
+    }
+    Ok(())
+}
+
+/// Pretraining in this process that saves checkpoints (`spec`) and/or resumes one (`resume`).
+fn pretrain_checkpointed(
+    corpus: Arc<Corpus>,
+    config: &TrainConfig,
+    run: &RunOptions,
+    spec: Option<CheckpointSpec>,
+    resume: Option<Restored>,
+    stop_after: Option<u64>,
+    s3: &S3Options,
+) -> anyhow::Result<(CellModel, Vec<StepRecord>)> {
+    let writer = spec
+        .map(|spec| -> anyhow::Result<CheckpointWriter> {
+            let store_options = S3Options {
+                retry_timeout: Some(std::time::Duration::from_millis(spec.store_retry_ms)),
+                ..s3.clone()
+            };
+            Ok(CheckpointWriter::new(
+                open_run(&spec.url, &store_options)?,
+                CheckpointPolicy::of(&spec),
+                None,
+                None,
+            ))
+        })
+        .transpose()?;
+    let start_step = resume.as_ref().map_or(0, |r| r.state.step);
+    Ok(pretrain_with(
+        corpus,
+        config,
+        run,
+        &mut Participation {
+            collective: &mut crate::collective::Solo,
+            start_step,
+            abort: None,
+            on_step: None,
+            checkpointing: Checkpointing {
+                resume,
+                writer,
+                stop_after,
+                generation: 0,
+            },
+        },
+    )?)
 }
 
 #[allow(clippy::too_many_arguments)]
