@@ -357,6 +357,33 @@ impl From<ScreenState> for pb::ScreenState {
     }
 }
 
+impl JobState {
+    /// The domain state a protocol state names (`None` for UNSPECIFIED, which no coordinator sends).
+    pub fn from_proto(state: pb::JobState) -> Option<Self> {
+        match state {
+            pb::JobState::Unspecified => None,
+            pb::JobState::Pending => Some(JobState::Pending),
+            pb::JobState::Running => Some(JobState::Running),
+            pb::JobState::Completed => Some(JobState::Completed),
+            pb::JobState::Failed => Some(JobState::Failed),
+            pb::JobState::Cancelled => Some(JobState::Cancelled),
+        }
+    }
+}
+
+impl ScreenState {
+    /// The domain state a protocol state names (`None` for UNSPECIFIED, which no coordinator sends).
+    pub fn from_proto(state: pb::ScreenState) -> Option<Self> {
+        match state {
+            pb::ScreenState::Unspecified => None,
+            pb::ScreenState::Running => Some(ScreenState::Running),
+            pb::ScreenState::Completed => Some(ScreenState::Completed),
+            pb::ScreenState::Failed => Some(ScreenState::Failed),
+            pb::ScreenState::Cancelled => Some(ScreenState::Cancelled),
+        }
+    }
+}
+
 impl From<Assignment> for pb::Assignment {
     fn from(assignment: Assignment) -> Self {
         let kind = match assignment {

@@ -215,7 +215,6 @@ mod tests {
 
     #[test]
     fn retries_stop_at_the_bound_with_the_last_answer() {
-        let started = Instant::now();
         let result: Result<(), _> = FAST.run(|| Err(Status::aborted("lost a race")));
         match result {
             Err(CallError::GaveUp { last, after }) => {
@@ -224,7 +223,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
