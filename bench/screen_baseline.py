@@ -71,9 +71,9 @@ def main():
     ids = torch.arange(n_genes + 1)
     cls = torch.tensor([n_bins + 1])
 
-    def embed(token_bins):
+    def gene_states(token_bins):
         hidden, _ = model(ids.expand(token_bins.shape[0], -1), token_bins)
-        return hidden[:, 1:].mean(1)
+        return hidden[:, 1:]
 
     pairs = forwards = cells_started = 0
     sample, cells_done, first = [], [], None
@@ -88,14 +88,20 @@ def main():
                 continue
             cells_started += 1
             original = torch.cat([cls, bins[row]])
-            reference = embed(original.unsqueeze(0))
+            reference_states = gene_states(original.unsqueeze(0))[0]
+            reference_sum = reference_states.sum(0)
             forwards += 1
             if first is None:
-                first = {"cell": cell, "embedding": reference[0].tolist()}
+                first = {"cell": cell, "embedding": (reference_sum / n_genes).tolist()}
             for chunk in genes.split(batch):
                 perturbed = original.repeat(chunk.numel(), 1)
-                perturbed[torch.arange(chunk.numel()), chunk + 1] = 0
-                cosine = F.cosine_similarity(embed(perturbed), reference, dim=1)
+                rows = torch.arange(chunk.numel())
+                perturbed[rows, chunk + 1] = 0
+                # The knocked-out gene's own state is left out of both means, as cellfleet does.
+                states = gene_states(perturbed)
+                embedding = (states.sum(1) - states[rows, chunk]) / (n_genes - 1)
+                reference = (reference_sum - reference_states[chunk]) / (n_genes - 1)
+                cosine = F.cosine_similarity(embedding, reference, dim=1)
                 pairs += chunk.numel()
                 forwards += chunk.numel()
                 if len(sample) < keep:

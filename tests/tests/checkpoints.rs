@@ -350,7 +350,7 @@ fn exported_weights_give_the_same_cell_embeddings_in_pytorch() {
     };
     let plan = Arc::new(EpochPlan::new(&corpus.manifest, order, 0).unwrap());
     let config = LoaderConfig {
-        mask: MaskConfig { ratio: 0.0 },
+        mask: MaskConfig::masking_only(0.0),
         ..LoaderConfig::default()
     };
     let first_six = std::iter::once(0..6).collect();

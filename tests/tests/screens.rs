@@ -3,7 +3,7 @@
 //! SIGKILLed and the coordinator restarted (etcd) mid-screen without losing or repeating a (gene, cell)
 //! pair, and a biology check against the genes differentially expressed between the conditions.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use cellfleet_e2e::{
     cellfleet, cellfleet_ok, data, open_corpus, python, wait_for, EtcdServer, Process,
 };
 use cellfleet_shared::screen::stats::auroc;
-use cellfleet_shared::screen::ScreenPlan;
+use cellfleet_shared::screen::{ScreenPlan, TargetKind};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");
@@ -151,6 +151,9 @@ per_cell = true
     )
 }
 
+/// Gene sets beside 40 single genes (inline TOML).
+const SETS_AND_SINGLES: &str = r#"{ singles = ["B2M", "ISG15", "ACTB", "ISG20", "CD74", "IFI6", "CXCL10", "IFIT1", "IFIT2", "IRF7", "LYZ"], sets = { ifit = ["IFIT1", "IFIT2", "IFIT3"], housekeeping = ["ACTB", "B2M"] } }"#;
+
 /// `cellfleet screen run SPEC --local --workers N --out OUT`; returns stdout (the top hits).
 fn screen_run(spec: &Path, workers: &str, out: &Path) -> String {
     cellfleet_ok(
@@ -181,9 +184,8 @@ fn plan_of(spec_out: &Path) -> ScreenPlan {
     serde_json::from_slice(&std::fs::read(spec_out.join("plan.json")).unwrap()).unwrap()
 }
 
-/// (gene, cell) pairs a knockout screen must cover, counted from the corpus itself: every work gene
-/// expressed (bin > 0) in every selected cell.
-fn expected_pairs(plan: &ScreenPlan, corpus: &str) -> HashSet<(u32, u64)> {
+/// Every cell's bins, by corpus position.
+fn corpus_bins(corpus: &str) -> HashMap<u64, Vec<u8>> {
     let corpus = open_corpus(corpus);
     let mut bins: HashMap<u64, Vec<u8>> = HashMap::new();
     for i in 0..corpus.manifest.shards.len() {
@@ -195,32 +197,71 @@ fn expected_pairs(plan: &ScreenPlan, corpus: &str) -> HashSet<(u32, u64)> {
             }
         }
     }
-    let mut pairs = HashSet::new();
+    bins
+}
+
+/// (target name, cell) records a knockout screen must cover, counted from the corpus itself: a gene or
+/// a set in every selected cell that expresses one of its genes (bin > 0), a pair where both are.
+fn expected_records(plan: &ScreenPlan, corpus: &str) -> HashSet<(String, u64)> {
+    let bins = corpus_bins(corpus);
+    let mut records = HashSet::new();
     for &cell in &plan.cells {
-        for &gene in &plan.work_genes {
-            if bins[&cell][gene as usize] > 0 {
-                pairs.insert((gene, cell));
+        for target in &plan.targets {
+            let expressed: Vec<bool> = target
+                .genes
+                .iter()
+                .map(|&g| bins[&cell][g as usize] > 0)
+                .collect();
+            let applies = match target.kind {
+                TargetKind::Pair => expressed.iter().all(|&e| e),
+                TargetKind::Gene | TargetKind::Set => expressed.iter().any(|&e| e),
+            };
+            if applies {
+                records.insert((target.name.clone(), cell));
             }
         }
     }
-    pairs
+    records
 }
 
-/// Checks the per-cell table holds every expected pair exactly once.
-fn assert_exactly_once(results: &Value, expected: &HashSet<(u32, u64)>) {
+/// Checks the per-cell table holds every expected record exactly once.
+fn assert_exactly_once(results: &Value, expected: &HashSet<(String, u64)>) {
     let mut seen = HashSet::new();
     for row in rows(results, "cells") {
-        let pair = (
-            row["gene_id"].as_u64().unwrap() as u32,
+        let record = (
+            row["gene"].as_str().unwrap().to_string(),
             row["cell"].as_u64().unwrap(),
         );
-        assert!(seen.insert(pair), "pair {pair:?} appears twice");
+        assert!(
+            seen.insert(record.clone()),
+            "record {record:?} appears twice"
+        );
     }
-    assert_eq!(seen.len(), expected.len(), "pairs in the per-cell table");
+    assert_eq!(seen.len(), expected.len(), "records in the per-cell table");
     assert!(
         seen == *expected,
-        "the per-cell table covers other pairs than expected"
+        "the per-cell table covers other records than expected"
     );
+}
+
+/// The units each worker of a `screen run --out OUT` computed, from the `unit U/N:` lines of its log.
+fn units_per_worker(out: &Path) -> Vec<usize> {
+    let mut counts = Vec::new();
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(out.join("workers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap();
+        counts.push(
+            text.lines()
+                .filter(|l| l.contains(" unit ") && l.contains(" pairs in "))
+                .count(),
+        );
+    }
+    counts
 }
 
 #[test]
@@ -352,6 +393,11 @@ fn one_and_two_workers_give_identical_results() {
         let out = dir.path().join(format!("results-{workers}"));
         let stdout = screen_run(&spec, workers, &out);
         assert!(stdout.contains("top 15 of 256 genes"), "{stdout}");
+        // Both workers took part: a 2-worker run where one worker computed everything would prove
+        // nothing about agreement between workers.
+        let units = units_per_worker(&out);
+        assert_eq!(units.len(), workers.parse::<usize>().unwrap(), "{units:?}");
+        assert!(units.iter().all(|&u| u >= 1), "units per worker: {units:?}");
         let record: Value =
             serde_json::from_slice(&std::fs::read(out.join("screen.json")).unwrap()).unwrap();
         assert!(
@@ -369,13 +415,16 @@ fn one_and_two_workers_give_identical_results() {
         let plan = plan_of(&PathBuf::from(format!("{}.out", spec.display())));
         assert!(plan.unit_count() >= 12, "{} units", plan.unit_count());
         let tables = read_results(&out);
-        assert_exactly_once(&tables, &expected_pairs(&plan, &trained.corpus));
+        assert_exactly_once(&tables, &expected_records(&plan, &trained.corpus));
         results.push(tables);
     }
     let columns = results[0]["genes"]["columns"].clone();
     for expected in [
         "rank",
         "gene",
+        "kind",
+        "genes",
+        "gene_id",
         "n_cells",
         "cosine_shift",
         "goal_shift",
@@ -385,6 +434,8 @@ fn one_and_two_workers_give_identical_results() {
         "null_gene",
         "top_affected",
         "top_affected_delta_bin",
+        "readout",
+        "layer",
     ] {
         assert!(
             columns.as_array().unwrap().iter().any(|c| c == expected),
@@ -440,7 +491,11 @@ fn killed_worker_and_restarted_coordinator_lose_and_repeat_nothing() {
             )
         })
         .collect();
-    let body = stimulated_toward_control(96, 32, 16);
+    // Single genes, two gene sets and an anchor's pairs: every kind of target, exactly once.
+    let body = stimulated_toward_control(96, 32, 16).replace(
+        "genes = \"all\"",
+        &format!("genes = {SETS_AND_SINGLES}\n[combinations]\nanchor = \"IFIT3\""),
+    );
     let spec = write_spec(dir.path(), "screen", &trained, &body);
     let id = cellfleet_ok(
         bin(),
@@ -521,7 +576,12 @@ fn killed_worker_and_restarted_coordinator_lose_and_repeat_nothing() {
     );
     let disturbed = read_results(&out);
     let plan = plan_of(&dir.path().join("screen.out"));
-    assert_exactly_once(&disturbed, &expected_pairs(&plan, &trained.corpus));
+    assert_exactly_once(&disturbed, &expected_records(&plan, &trained.corpus));
+    let kinds: HashSet<&str> = rows(&disturbed, "genes")
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, HashSet::from(["gene", "set", "pair"]));
 
     // The same screen, undisturbed, on the embedded default.
     let quiet_spec = write_spec(dir.path(), "undisturbed", &trained, &body);
@@ -587,32 +647,84 @@ fn killed_worker_and_restarted_coordinator_lose_and_repeat_nothing() {
     drop(coordinator);
 }
 
-#[test]
-fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_genes() {
-    let trained = trained_kang();
-    let dir = tempfile::tempdir().unwrap();
-    let body =
-        stimulated_toward_control(200, 64, 50).replace("per_cell = true", "per_cell = false");
-    let spec = write_spec(dir.path(), "ifnb", &trained, &body);
-    let out = dir.path().join("results");
-    screen_run(&spec, "2", &out);
-    let results = read_results(&out);
-    let genes = rows(&results, "genes");
-    assert_eq!(genes.len(), 256);
+/// Randomly initialised models of the trained model's configuration, one per seed: `train` for one
+/// step at a learning rate of 1e-30 writes a checkpoint whose weights are the initialisation (an update
+/// that small is below the f32 resolution of every weight). Built once per binary, like the trained one.
+fn random_kang_models(trained: &Trained, seeds: &[u64]) -> Vec<String> {
+    let root = Path::new(&trained.checkpoint)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let lock = std::fs::File::create(root.join("random.lock")).unwrap();
+    // SAFETY: flock on a file descriptor this function owns; released when `lock` is dropped.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    seeds
+        .iter()
+        .map(|seed| {
+            let dir = root.join(format!("random-{seed}"));
+            if !dir.join("ready").exists() {
+                let _ = std::fs::remove_dir_all(&dir);
+                cellfleet_ok(
+                    bin(),
+                    &[
+                        "train",
+                        "--corpus",
+                        &trained.corpus,
+                        "--local",
+                        "--preset",
+                        "tiny",
+                        "--steps",
+                        "1",
+                        "--batch-size",
+                        "4",
+                        "--lr",
+                        "1e-30",
+                        "--seed",
+                        &seed.to_string(),
+                        "--threads",
+                        "1",
+                        "--out",
+                        &s(&dir.join("model")),
+                        "--checkpoint",
+                        &s(&dir.join("ckpt")),
+                    ],
+                );
+                std::fs::write(dir.join("ready"), "").unwrap();
+            }
+            s(&dir.join("ckpt"))
+        })
+        .collect()
+}
 
-    // Independently of the screen: the 50 genes most up in stimulated cells (Welch t on the h5ad's
-    // log-normalized values), among the vocabulary.
+/// The AUROC with which a screen's ranking (its `rank` column, genes expressed in no screened cell last)
+/// recovers `up` among the screened genes.
+fn ranking_auroc(results: &Value, up: &HashSet<String>) -> f64 {
+    let genes = rows(results, "genes");
+    let positive: Vec<bool> = genes
+        .iter()
+        .map(|g| up.contains(g["gene"].as_str().unwrap()))
+        .collect();
+    let ranking: Vec<f64> = genes
+        .iter()
+        .map(|g| -(g["rank"].as_u64().unwrap() as f64))
+        .collect();
+    auroc(&ranking, &positive).unwrap()
+}
+
+/// The 50 genes most up in stimulated cells (Welch t on the h5ad's log-normalized values, computed
+/// independently of cellfleet), among the corpus's vocabulary.
+fn stimulated_up(trained: &Trained, dir: &Path) -> (Vec<String>, HashSet<String>) {
     let manifest: Value = serde_json::from_slice(
         &std::fs::read(Path::new(&trained.corpus).join("manifest.json")).unwrap(),
     )
     .unwrap();
-    let vocabulary = dir.path().join("vocabulary.txt");
-    let names: Vec<&str> = manifest["genes"]
+    let names: Vec<String> = manifest["genes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|g| g.as_str().unwrap())
+        .map(|g| g.as_str().unwrap().to_string())
         .collect();
+    let vocabulary = dir.join("vocabulary.txt");
     std::fs::write(&vocabulary, names.join("\n")).unwrap();
     let up: Vec<String> = serde_json::from_str(&python(
         "kang_de.py",
@@ -628,31 +740,68 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
     ))
     .unwrap();
     assert_eq!(up.len(), 50);
-    let up: HashSet<&str> = up.iter().map(String::as_str).collect();
+    (names, up.into_iter().collect())
+}
 
-    // The screen's two goal measures: its ranking (goal progress, the `rank` column) and the cosine goal
-    // shift; genes expressed in no screened cell rank last.
-    let positive: Vec<bool> = genes
-        .iter()
-        .map(|g| up.contains(g["gene"].as_str().unwrap()))
-        .collect();
-    let scores_of = |column: &str| -> Vec<f64> {
-        genes
+/// One readout's figures: the trained model, randomly initialised ones, no model, random rankings.
+fn readout_controls(readout: &str, layer: i32, cells: u32) -> (f64, Vec<f64>, f64, f64) {
+    let trained = trained_kang();
+    let dir = tempfile::tempdir().unwrap();
+    let (names, up) = stimulated_up(&trained, dir.path());
+    let body = stimulated_toward_control(cells, 64, 50)
+        .replace("per_cell = true", "per_cell = false")
+        .replace(
+            "genes = \"all\"",
+            &format!("genes = \"all\"\nreadout = \"{readout}\"\nlayer = {layer}"),
+        );
+    let screen = |checkpoint: &str, name: &str| -> Value {
+        let spec = dir.path().join(name);
+        std::fs::write(
+            &spec,
+            format!(
+                "checkpoint = {checkpoint:?}\ncorpus = {:?}\nout = {:?}\nseed = 3\n{body}",
+                trained.corpus,
+                s(&dir.path().join(format!("{name}.out")))
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join(format!("{name}-results"));
+        screen_run(&spec, "2", &out);
+        let results = read_results(&out);
+        assert_eq!(rows(&results, "genes").len(), 256);
+        assert!(rows(&results, "genes")
             .iter()
-            .map(|g| g[column].as_f64().unwrap_or(f64::NEG_INFINITY))
-            .collect()
+            .all(|g| g["readout"] == readout));
+        results
     };
-    let ranking: Vec<f64> = genes
+    let trained_results = screen(&trained.checkpoint, "trained");
+    let trained_auroc = ranking_auroc(&trained_results, &up);
+    let random_aurocs: Vec<f64> = random_kang_models(&trained, &[11, 12, 13, 14, 15])
         .iter()
-        .map(|g| -(g["rank"].as_u64().unwrap() as f64))
+        .enumerate()
+        .map(|(i, checkpoint)| ranking_auroc(&screen(checkpoint, &format!("random{i}")), &up))
         .collect();
-    let progress_auroc = auroc(&ranking, &positive).unwrap();
-    let shift_auroc = auroc(&scores_of("goal_shift"), &positive).unwrap();
+
+    // No model: genes ranked by their mean input bin in the screened cells.
+    let plan = plan_of(&dir.path().join("trained.out"));
+    let bins = corpus_bins(&trained.corpus);
+    let mean_bin: Vec<f64> = (0..names.len())
+        .map(|g| {
+            plan.cells
+                .iter()
+                .map(|c| f64::from(bins[c][g]))
+                .sum::<f64>()
+                / plan.cells.len() as f64
+        })
+        .collect();
+    let positive: Vec<bool> = names.iter().map(|g| up.contains(g)).collect();
+    let no_model_auroc = auroc(&mean_bin, &positive).unwrap();
+
     // Random rankings of the same genes: a seeded shuffle, 2,000 times.
     let mut state = 0x5eed_u64;
     let mut random: Vec<f64> = (0..2000)
         .map(|_| {
-            let shuffled: Vec<f64> = (0..genes.len())
+            let shuffled: Vec<f64> = (0..names.len())
                 .map(|_| {
                     state = state
                         .wrapping_mul(6364136223846793005)
@@ -664,24 +813,48 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
         })
         .collect();
     random.sort_by(f64::total_cmp);
-    let (median, p99) = (random[1000], random[1980]);
-    let top: BTreeMap<u64, &str> = genes
+    let p99 = random[1980];
+    let top: Vec<&str> = rows(&trained_results, "genes")
         .iter()
-        .filter(|g| g["rank"].as_u64().unwrap() <= 10)
-        .map(|g| (g["rank"].as_u64().unwrap(), g["gene"].as_str().unwrap()))
+        .take(10)
+        .map(|g| g["gene"].as_str().unwrap())
         .collect();
     eprintln!(
-        "AUROC for the top-50 stimulated-up genes: screen ranking (goal progress) {progress_auroc:.3}, cosine goal shift {shift_auroc:.3}; random rankings: median {median:.3}, 99th percentile {p99:.3}; top 10: {top:?}"
+        "readout {readout} (layer {layer}), {cells} stimulated cells toward control, AUROC for the top-50 stimulated-up genes: \
+         trained {trained_auroc:.3}; randomly initialised (5 seeds) {random_aurocs:.3?}; no model (mean input bin) \
+         {no_model_auroc:.3}; random rankings' 99th percentile {p99:.3}; trained top 10: {top:?}"
     );
-    // Both beat the best 1% of random rankings by a stated margin.
+    (trained_auroc, random_aurocs, no_model_auroc, p99)
+}
+
+/// The controls every claim of the screen rests on, at the default readout: what the trained model ranks
+/// must be learned (above every randomly initialised model of its configuration), more than the
+/// expression level itself (above ranking genes by their mean input bin), and real (above the random
+/// rankings' 99th percentile), each by a stated margin.
+#[test]
+fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_genes() {
+    let (trained, random_models, no_model, p99) = readout_controls("expected", -1, 200);
     const MARGIN: f64 = 0.05;
-    for (what, value) in [
-        ("goal progress", progress_auroc),
-        ("goal shift", shift_auroc),
+    let best_random = random_models.iter().copied().fold(f64::MIN, f64::max);
+    for (what, bar) in [
+        ("the best randomly initialised model", best_random),
+        ("ranking by mean expression (no model)", no_model),
+        ("random rankings' 99th percentile", p99),
     ] {
         assert!(
-            value >= p99 + MARGIN,
-            "{what}: AUROC {value:.3} does not beat random rankings' 99th percentile {p99:.3} by {MARGIN}"
+            trained >= bar + MARGIN,
+            "expected readout: the trained model's AUROC {trained:.3} does not beat {what} ({bar:.3}) by {MARGIN}"
         );
+    }
+}
+
+/// The other readouts, reported next to the default with the same controls (`docs/screens.md` records
+/// the figures; these readouts are not the default because they do not clear the controls).
+#[test]
+fn other_readouts_are_measured_against_the_same_controls() {
+    for (readout, layer) in [("mean", -1), ("cls", -1)] {
+        let (trained, random_models, _, p99) = readout_controls(readout, layer, 200);
+        assert!(trained.is_finite() && random_models.iter().all(|v| v.is_finite()));
+        assert!(p99 < 0.7, "{p99}");
     }
 }

@@ -1,12 +1,13 @@
-//! Merging unit results into per-gene effects (rank-sum p-values against the random-gene null, BH FDR,
-//! top affected genes) and per-pair rows; each unit exactly once, in unit order.
+//! Merging unit results into per-target effects (rank-sum p-values against the random-gene null, BH FDR,
+//! top affected genes, pair interactions) and per-(target, cell) rows; each unit exactly once, in unit
+//! order.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::plan::ScreenPlan;
-use super::unit::UnitResult;
+use super::plan::{ScreenPlan, TargetKind};
+use super::unit::{measure_len, UnitResult};
 use super::{Result, ScreenError};
 use crate::ids::ScreenId;
 use crate::screen::stats::{benjamini_hochberg, mann_whitney};
@@ -33,13 +34,17 @@ pub struct CompletedUnit {
     pub blake3: String,
 }
 
-/// One row of the per-gene table.
+/// One row of the per-target table (`genes.parquet`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GeneEffect {
-    pub gene: String,
-    /// Position in the vocabulary.
-    pub gene_id: u32,
-    /// Cells the perturbation applied to (for knockouts: cells expressing the gene).
+pub struct TargetEffect {
+    /// The gene, the set's name, or `ANCHOR+GENE`.
+    pub name: String,
+    pub kind: TargetKind,
+    /// The target's genes by name (`[anchor, gene]` for a pair).
+    pub genes: Vec<String>,
+    /// Position in the vocabulary, for a single gene.
+    pub gene_id: Option<u32>,
+    /// Cells the perturbation applied to (for knockouts: cells expressing the gene; for a pair: both).
     pub n_cells: u64,
     /// Mean over those cells of 1 - cos(perturbed, original).
     pub cosine_shift: f64,
@@ -52,44 +57,101 @@ pub struct GeneEffect {
     /// Two-sided rank-sum p-value of the per-cell effect (the goal progress with a goal, otherwise the
     /// cosine shift) against the random-gene null; NaN when untestable.
     pub p_value: f64,
-    /// Benjamini-Hochberg q-value over the screened genes with a p-value.
+    /// Benjamini-Hochberg q-value over the rows with a p-value.
     pub fdr: f64,
     /// 1 = strongest: by goal progress (toward the goal) with a goal, otherwise by cosine shift.
     pub rank: u32,
-    /// Also one of the null's random genes.
+    /// A null gene alone, or the anchor paired with a null gene.
     pub null_gene: bool,
     /// The genes whose expected bin this perturbation changes most (mean over cells, signed).
     pub top_affected: Vec<(String, f64)>,
+    /// For a pair: each gene alone and the interaction.
+    pub pair: Option<PairSummary>,
 }
 
-/// One row of the per-(gene, cell) table.
+/// A pair's comparison with its genes alone, on the pair's cells and coordinates (both genes left out).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PairEffect {
-    pub gene_id: u32,
+pub struct PairSummary {
+    /// Mean per-cell effect of the anchor alone and of the other gene alone.
+    pub anchor_alone: f64,
+    pub gene_alone: f64,
+    /// Mean per-cell interaction: the pair's effect minus both genes' effects alone.
+    pub interaction: f64,
+    /// Rank-sum p-value of the per-cell interactions against those of the anchor paired with null genes.
+    pub p_value: f64,
+    /// Benjamini-Hochberg q-value over the pairs.
+    pub fdr: f64,
+}
+
+/// One row of the per-(target, cell) table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordEffect {
+    /// Index into the plan's targets.
+    pub target: u32,
     pub cell: u64,
     pub cosine_shift: f32,
     pub state_shift: Vec<f32>,
     pub state_progress: Vec<f32>,
+    /// For a pair: the effect (goal progress, or cosine shift without a goal) of the anchor alone, of
+    /// the other gene alone, and the interaction.
+    pub pair: Option<RecordPair>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RecordPair {
+    pub anchor_alone: f32,
+    pub gene_alone: f32,
+    pub interaction: f32,
 }
 
 /// The merged screen.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScreenResults {
-    /// Sorted by rank.
-    pub genes: Vec<GeneEffect>,
-    /// Every (gene, cell) pair in (gene, cell) order, when kept.
-    pub pairs: Option<Vec<PairEffect>>,
-    pub total_pairs: u64,
+    /// Screened targets, sorted by rank.
+    pub targets: Vec<TargetEffect>,
+    /// Every (target, cell) record in (target, cell) order, when kept.
+    pub records: Option<Vec<RecordEffect>>,
+    /// With `execution.anndata`: the expected expression of every kept record (`records x vocabulary`,
+    /// in the order of `records`) and of every screened cell unperturbed (in the plan's cell order).
+    pub expression: Option<MergedExpression>,
+    pub total_records: u64,
 }
 
-/// Per work gene: the per-cell values in cell order and the summed expected-bin changes.
-struct GeneAccumulator {
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedExpression {
+    pub perturbed: Vec<f32>,
+    pub original: Vec<f32>,
+}
+
+/// Per target: the per-cell values in cell order and the summed expected-bin changes.
+struct TargetAccumulator {
     cells: Vec<u64>,
     cosine: Vec<f32>,
     /// `states x cells`, state-major.
     states: Vec<Vec<f32>>,
     progress: Vec<Vec<f32>>,
+    /// For a pair, per cell: (anchor alone, gene alone) of the primary measure.
+    alone: Vec<(f32, f32)>,
     delta_bin: Vec<f64>,
+    expression: Vec<f32>,
+}
+
+impl TargetAccumulator {
+    /// The per-cell statistic tested against the null: goal progress with a goal, else cosine shift.
+    fn primary(&self) -> Vec<f64> {
+        match self.progress.first() {
+            Some(goal) => goal.iter().map(|&v| f64::from(v)).collect(),
+            None => self.cosine.iter().map(|&v| f64::from(v)).collect(),
+        }
+    }
+
+    fn interactions(&self) -> Vec<f64> {
+        self.primary()
+            .iter()
+            .zip(&self.alone)
+            .map(|(&pair, &(a, g))| pair - f64::from(a) - f64::from(g))
+            .collect()
+    }
 }
 
 /// Merges unit results: each unit exactly once, in unit order.
@@ -133,9 +195,14 @@ impl<'a> Merger<'a> {
             )));
         }
         let span = self.plan.unit(unit);
-        if result.genes[..] != self.plan.work_genes[span.genes.clone()] {
+        if !result
+            .targets
+            .iter()
+            .map(|&t| t as usize)
+            .eq(span.targets.clone())
+        {
             return Err(bad(format!(
-                "unit {unit} holds other genes than the plan says"
+                "unit {unit} holds other targets than the plan says"
             )));
         }
         let (states, vocabulary) = (self.plan.states.len(), self.plan.vocabulary.len());
@@ -145,41 +212,59 @@ impl<'a> Merger<'a> {
                 result.n_states, result.n_vocabulary
             )));
         }
-        let pairs = result.pairs();
-        if result.pair_cell.len() != pairs
-            || result.cosine_shift.len() != pairs
-            || result.state_shift.len() != pairs * states
-            || result.state_progress.len() != pairs * states
-            || result.delta_bin_sum.len() != result.genes.len() * vocabulary
+        let records = result.records();
+        let pair_records = result
+            .record_target
+            .iter()
+            .filter(|&&t| {
+                self.plan
+                    .targets
+                    .get(t as usize)
+                    .is_some_and(|t| t.kind == TargetKind::Pair)
+            })
+            .count();
+        let cells = &self.plan.cells[span.cells.clone()];
+        let expression_ok = match (&result.expression, self.plan.spec.execution.anndata) {
+            (Some(e), true) => {
+                e.perturbed.len() == records * vocabulary
+                    && e.original.len() == cells.len() * vocabulary
+            }
+            (None, false) => true,
+            _ => false,
+        };
+        if result.record_cell.len() != records
+            || result.cosine_shift.len() != records
+            || result.state_shift.len() != records * states
+            || result.state_progress.len() != records * states
+            || result.alone.len() != pair_records * 2 * measure_len(states)
+            || result.delta_bin_sum.len() != result.targets.len() * vocabulary
+            || !expression_ok
         {
             return Err(bad(format!("unit {unit}: its arrays disagree in length")));
         }
-        if result.pairs() as u64 != self.plan.unit_pairs[unit] {
+        if records as u64 != self.plan.unit_records[unit] {
             return Err(bad(format!(
-                "unit {unit} holds {} pairs, the plan says {}",
-                result.pairs(),
-                self.plan.unit_pairs[unit]
+                "unit {unit} holds {records} records, the plan says {}",
+                self.plan.unit_records[unit]
             )));
         }
-        let cells = &self.plan.cells[span.cells];
-        let in_unit = |g: u32, c: u64| result.genes.contains(&g) && cells.binary_search(&c).is_ok();
+        let in_unit = |t: u32, c: u64| {
+            span.targets.contains(&(t as usize)) && cells.binary_search(&c).is_ok()
+        };
         if let Some(i) =
-            (0..result.pairs()).find(|&i| !in_unit(result.pair_gene[i], result.pair_cell[i]))
+            (0..records).find(|&i| !in_unit(result.record_target[i], result.record_cell[i]))
         {
             return Err(bad(format!(
-                "pair (gene {}, cell {}) is outside unit {unit}",
-                result.pair_gene[i], result.pair_cell[i]
+                "record (target {}, cell {}) is outside unit {unit}",
+                result.record_target[i], result.record_cell[i]
             )));
         }
-        // Pairs come gene-major in cell order: strictly increasing, so none repeats.
-        let position = |i: usize| {
-            let gene = result.genes.iter().position(|&g| g == result.pair_gene[i]);
-            (gene, result.pair_cell[i])
-        };
-        if let Some(i) = (1..pairs).find(|&i| position(i - 1) >= position(i)) {
+        // Records come target-major in cell order: strictly increasing, so none repeats.
+        let position = |i: usize| (result.record_target[i], result.record_cell[i]);
+        if let Some(i) = (1..records).find(|&i| position(i - 1) >= position(i)) {
             return Err(bad(format!(
-                "unit {unit}: pair (gene {}, cell {}) is out of order or repeated",
-                result.pair_gene[i], result.pair_cell[i]
+                "unit {unit}: record (target {}, cell {}) is out of order or repeated",
+                result.record_target[i], result.record_cell[i]
             )));
         }
         self.seen[unit] = true;
@@ -191,8 +276,8 @@ impl<'a> Merger<'a> {
         (0..self.seen.len()).filter(|&u| !self.seen[u]).collect()
     }
 
-    /// Per-gene effects and statistics; `keep_pairs` also returns every pair.
-    pub fn finish(self, keep_pairs: bool) -> Result<ScreenResults> {
+    /// Per-target effects and statistics; `keep_records` also returns every (target, cell) record.
+    pub fn finish(self, keep_records: bool) -> Result<ScreenResults> {
         let missing = self.missing();
         if !missing.is_empty() {
             return Err(ScreenError::Merge(format!(
@@ -205,28 +290,31 @@ impl<'a> Merger<'a> {
         let plan = self.plan;
         let n_states = plan.states.len();
         let n_vocab = plan.vocabulary.len();
-        let mut acc: BTreeMap<u32, GeneAccumulator> = plan
-            .work_genes
+        let measure = measure_len(n_states);
+        // The primary measure's offset within one measure: goal progress, or the cosine shift.
+        let primary_at = if n_states > 0 { 1 + n_states } else { 0 };
+        let with_expression = plan.spec.execution.anndata;
+        let mut acc: Vec<TargetAccumulator> = plan
+            .targets
             .iter()
-            .map(|&g| {
-                (
-                    g,
-                    GeneAccumulator {
-                        cells: Vec::new(),
-                        cosine: Vec::new(),
-                        states: vec![Vec::new(); n_states],
-                        progress: vec![Vec::new(); n_states],
-                        delta_bin: vec![0.0; n_vocab],
-                    },
-                )
+            .map(|_| TargetAccumulator {
+                cells: Vec::new(),
+                cosine: Vec::new(),
+                states: vec![Vec::new(); n_states],
+                progress: vec![Vec::new(); n_states],
+                alone: Vec::new(),
+                delta_bin: vec![0.0; n_vocab],
+                expression: Vec::new(),
             })
             .collect();
-        let mut pairs = keep_pairs.then(Vec::new);
+        let mut original = with_expression.then(|| vec![0f32; plan.cells.len() * n_vocab]);
         let mut total = 0u64;
         for result in self.results.values() {
-            for i in 0..result.pairs() {
-                let a = acc.get_mut(&result.pair_gene[i]).expect("checked in add");
-                a.cells.push(result.pair_cell[i]);
+            let mut pair_record = 0;
+            for i in 0..result.records() {
+                let t = result.record_target[i] as usize;
+                let a = &mut acc[t];
+                a.cells.push(result.record_cell[i]);
                 a.cosine.push(result.cosine_shift[i]);
                 for (s, values) in a.states.iter_mut().enumerate() {
                     values.push(result.state_shift[i * n_states + s]);
@@ -234,104 +322,186 @@ impl<'a> Merger<'a> {
                 for (s, values) in a.progress.iter_mut().enumerate() {
                     values.push(result.state_progress[i * n_states + s]);
                 }
+                if plan.targets[t].kind == TargetKind::Pair {
+                    let at = pair_record * 2 * measure;
+                    a.alone.push((
+                        result.alone[at + primary_at],
+                        result.alone[at + measure + primary_at],
+                    ));
+                    pair_record += 1;
+                }
+                if let Some(e) = &result.expression {
+                    a.expression
+                        .extend_from_slice(&e.perturbed[i * n_vocab..(i + 1) * n_vocab]);
+                }
                 total += 1;
             }
-            for (k, g) in result.genes.iter().enumerate() {
-                let a = acc.get_mut(g).expect("checked in add");
+            for (k, &t) in result.targets.iter().enumerate() {
                 let row = &result.delta_bin_sum[k * n_vocab..(k + 1) * n_vocab];
-                for (sum, &d) in a.delta_bin.iter_mut().zip(row) {
+                for (sum, &d) in acc[t as usize].delta_bin.iter_mut().zip(row) {
                     *sum += f64::from(d);
                 }
             }
+            if let (Some(out), Some(e)) = (original.as_mut(), &result.expression) {
+                let span = plan.unit(result.unit as usize);
+                out[span.cells.start * n_vocab..span.cells.end * n_vocab]
+                    .copy_from_slice(&e.original);
+            }
         }
-        if total != plan.total_pairs() {
+        if total != plan.total_records() {
             return Err(ScreenError::Merge(format!(
-                "{total} pairs merged, the plan has {}",
-                plan.total_pairs()
+                "{total} records merged, the plan has {}",
+                plan.total_records()
             )));
         }
-        if let Some(out) = pairs.as_mut() {
-            for (&g, a) in &acc {
+        let mut records = keep_records.then(Vec::new);
+        let mut perturbed_expression = (keep_records && with_expression).then(Vec::new);
+        if let Some(out) = records.as_mut() {
+            for (t, a) in acc.iter().enumerate() {
+                let interactions = a.interactions();
                 for (i, &cell) in a.cells.iter().enumerate() {
-                    out.push(PairEffect {
-                        gene_id: g,
+                    let pair = a
+                        .alone
+                        .get(i)
+                        .map(|&(anchor_alone, gene_alone)| RecordPair {
+                            anchor_alone,
+                            gene_alone,
+                            interaction: interactions[i] as f32,
+                        });
+                    out.push(RecordEffect {
+                        target: t as u32,
                         cell,
                         cosine_shift: a.cosine[i],
                         state_shift: a.states.iter().map(|s| s[i]).collect(),
                         state_progress: a.progress.iter().map(|s| s[i]).collect(),
+                        pair,
                     });
+                }
+                if let Some(e) = perturbed_expression.as_mut() {
+                    e.extend_from_slice(&a.expression);
                 }
             }
         }
-        // The per-cell statistic tested against the null.
-        let primary = |a: &GeneAccumulator| -> Vec<f64> {
-            match a.progress.first() {
-                Some(goal) => goal.iter().map(|&v| f64::from(v)).collect(),
-                None => a.cosine.iter().map(|&v| f64::from(v)).collect(),
-            }
-        };
-        let null_values: Vec<(u32, Vec<f64>)> = plan
-            .null_genes
+        let null_singles: Vec<(u32, Vec<f64>)> = plan
+            .targets
             .iter()
-            .map(|g| (*g, primary(&acc[g])))
+            .zip(&acc)
+            .filter(|(t, _)| t.null && t.kind == TargetKind::Gene)
+            .map(|(t, a)| (t.genes[0], a.primary()))
             .collect();
-        let mean = |v: &[f32]| -> f64 {
+        let null_interactions: Vec<(u32, Vec<f64>)> = plan
+            .targets
+            .iter()
+            .zip(&acc)
+            .filter(|(t, _)| t.null && t.kind == TargetKind::Pair)
+            .map(|(t, a)| (t.genes[1], a.interactions()))
+            .collect();
+        // A null gene is tested against the other null genes, not against itself.
+        let pooled = |null: &[(u32, Vec<f64>)], leave_out: Option<u32>| -> Vec<f64> {
+            null.iter()
+                .filter(|(g, _)| Some(*g) != leave_out)
+                .flat_map(|(_, v)| v.iter().copied())
+                .collect()
+        };
+        let mean32 = |v: &[f32]| -> f64 {
             if v.is_empty() {
                 f64::NAN
             } else {
                 v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64
             }
         };
+        let mean64 = |v: &[f64]| -> f64 {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
         let top_k = plan.spec.execution.top_affected as usize;
-        let mut rows: Vec<GeneEffect> = plan
-            .genes
+        let mut rows: Vec<(usize, TargetEffect)> = plan
+            .targets
             .iter()
-            .map(|&g| {
-                let a = &acc[&g];
-                let values = primary(a);
-                // A null gene is tested against the others, not against itself.
-                let null: Vec<f64> = null_values
-                    .iter()
-                    .filter(|(n, _)| *n != g)
-                    .flat_map(|(_, v)| v.iter().copied())
-                    .collect();
+            .enumerate()
+            .filter(|(_, t)| t.screened)
+            .map(|(index, target)| {
+                let a = &acc[index];
+                let values = a.primary();
+                let compared_gene = match target.kind {
+                    TargetKind::Gene => Some(target.genes[0]),
+                    TargetKind::Pair => Some(target.genes[1]),
+                    TargetKind::Set => None,
+                };
+                let null = pooled(
+                    &null_singles,
+                    compared_gene.filter(|_| target.kind == TargetKind::Gene),
+                );
                 let p_value = mann_whitney(&values, &null).map_or(f64::NAN, |(_, p)| p);
+                let pair = (target.kind == TargetKind::Pair).then(|| {
+                    let interactions = a.interactions();
+                    let null = pooled(&null_interactions, compared_gene);
+                    let alone = |pick: fn(&(f32, f32)) -> f32| {
+                        mean64(
+                            &a.alone
+                                .iter()
+                                .map(|x| f64::from(pick(x)))
+                                .collect::<Vec<_>>(),
+                        )
+                    };
+                    PairSummary {
+                        anchor_alone: alone(|x| x.0),
+                        gene_alone: alone(|x| x.1),
+                        interaction: mean64(&interactions),
+                        p_value: mann_whitney(&interactions, &null).map_or(f64::NAN, |(_, p)| p),
+                        fdr: f64::NAN,
+                    }
+                });
                 let n = a.cells.len() as f64;
                 let mut affected: Vec<(usize, f64)> = a
                     .delta_bin
                     .iter()
                     .enumerate()
-                    .filter(|&(j, _)| j != g as usize && n > 0.0)
+                    .filter(|&(j, _)| !target.genes.contains(&(j as u32)) && n > 0.0)
                     .map(|(j, &s)| (j, s / n))
                     .collect();
                 affected.sort_by(|x, y| y.1.abs().total_cmp(&x.1.abs()).then(x.0.cmp(&y.0)));
-                GeneEffect {
-                    gene: plan.vocabulary[g as usize].clone(),
-                    gene_id: g,
+                let effect = TargetEffect {
+                    name: target.name.clone(),
+                    kind: target.kind,
+                    genes: target
+                        .genes
+                        .iter()
+                        .map(|&g| plan.vocabulary[g as usize].clone())
+                        .collect(),
+                    gene_id: (target.kind == TargetKind::Gene).then_some(target.genes[0]),
                     n_cells: a.cells.len() as u64,
-                    cosine_shift: mean(&a.cosine),
-                    state_shift: a.states.iter().map(|s| mean(s)).collect(),
-                    state_progress: a.progress.iter().map(|s| mean(s)).collect(),
+                    cosine_shift: mean32(&a.cosine),
+                    state_shift: a.states.iter().map(|s| mean32(s)).collect(),
+                    state_progress: a.progress.iter().map(|s| mean32(s)).collect(),
                     p_value,
                     fdr: f64::NAN,
                     rank: 0,
-                    null_gene: plan.null_genes.binary_search(&g).is_ok(),
+                    null_gene: target.null,
                     top_affected: affected
                         .into_iter()
                         .take(top_k)
                         .map(|(j, d)| (plan.vocabulary[j].clone(), d))
                         .collect(),
-                }
+                    pair,
+                };
+                (index, effect)
             })
             .collect();
-        let tested: Vec<usize> = (0..rows.len())
-            .filter(|&i| !rows[i].p_value.is_nan())
-            .collect();
-        let q = benjamini_hochberg(&tested.iter().map(|&i| rows[i].p_value).collect::<Vec<_>>());
-        for (&i, q) in tested.iter().zip(q) {
-            rows[i].fdr = q;
-        }
-        let score = |r: &GeneEffect| -> f64 {
+        fill_fdr(&mut rows, |r| Some(r.p_value), |r, q| r.fdr = q);
+        fill_fdr(
+            &mut rows,
+            |r| r.pair.as_ref().map(|p| p.p_value),
+            |r, q| {
+                if let Some(p) = r.pair.as_mut() {
+                    p.fdr = q;
+                }
+            },
+        );
+        let score = |r: &TargetEffect| -> f64 {
             let s = r.state_progress.first().copied().unwrap_or(r.cosine_shift);
             if s.is_nan() {
                 f64::NEG_INFINITY
@@ -339,18 +509,38 @@ impl<'a> Merger<'a> {
                 s
             }
         };
-        rows.sort_by(|a, b| {
-            score(b)
-                .total_cmp(&score(a))
-                .then(a.gene_id.cmp(&b.gene_id))
-        });
-        for (i, r) in rows.iter_mut().enumerate() {
+        rows.sort_by(|(ia, a), (ib, b)| score(b).total_cmp(&score(a)).then(ia.cmp(ib)));
+        let mut targets: Vec<TargetEffect> = rows.into_iter().map(|(_, r)| r).collect();
+        for (i, r) in targets.iter_mut().enumerate() {
             r.rank = i as u32 + 1;
         }
         Ok(ScreenResults {
-            genes: rows,
-            pairs,
-            total_pairs: total,
+            targets,
+            records,
+            expression: match (perturbed_expression, original) {
+                (Some(perturbed), Some(original)) => Some(MergedExpression {
+                    perturbed,
+                    original,
+                }),
+                _ => None,
+            },
+            total_records: total,
         })
+    }
+}
+
+/// Benjamini-Hochberg q-values over the rows whose `p` is a number.
+fn fill_fdr(
+    rows: &mut [(usize, TargetEffect)],
+    p: impl Fn(&TargetEffect) -> Option<f64>,
+    mut set: impl FnMut(&mut TargetEffect, f64),
+) {
+    let p = |r: &TargetEffect| p(r).unwrap_or(f64::NAN);
+    let tested: Vec<usize> = (0..rows.len())
+        .filter(|&i| !p(&rows[i].1).is_nan())
+        .collect();
+    let q = benjamini_hochberg(&tested.iter().map(|&i| p(&rows[i].1)).collect::<Vec<_>>());
+    for (&i, q) in tested.iter().zip(q) {
+        set(&mut rows[i].1, q);
     }
 }

@@ -20,9 +20,9 @@ pub use plan::*;
 pub use spec::*;
 pub use unit::*;
 
-pub const PLAN_FORMAT: &str = "cellfleet-screen-plan/1";
+pub const PLAN_FORMAT: &str = "cellfleet-screen-plan/2";
 pub const PLAN_FILE: &str = "plan.json";
-const UNIT_MAGIC: &[u8] = b"cellfleet-screen-unit/1\n";
+const UNIT_MAGIC: &[u8] = b"cellfleet-screen-unit/2\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScreenError {
@@ -50,6 +50,16 @@ mod tests {
         let mut work: Vec<u32> = genes.iter().chain(&null_genes).copied().collect();
         work.sort_unstable();
         work.dedup();
+        let targets = work
+            .iter()
+            .map(|&g| Target {
+                name: format!("G{g}"),
+                kind: TargetKind::Gene,
+                genes: vec![g],
+                screened: genes.contains(&g),
+                null: null_genes.contains(&g),
+            })
+            .collect();
         let mut plan = ScreenPlan {
             format: PLAN_FORMAT.into(),
             spec: ScreenSpec {
@@ -60,7 +70,9 @@ mod tests {
                 cells: CellSelection::default(),
                 genes: GeneSelection::Keyword("all".into()),
                 perturbation: Perturbation::default(),
-                embedding: CellEmbedding::default(),
+                readout: Readout::default(),
+                layer: -1,
+                combinations: None,
                 goal: None,
                 null: NullSpec::default(),
                 execution: Execution {
@@ -82,7 +94,8 @@ mod tests {
             n_bins: 10,
             genes,
             null_genes,
-            work_genes: work,
+            targets,
+            readout_layer: 2,
             cell_names: cells.iter().map(|c| format!("cell{c}")).collect(),
             cells,
             states: vec![StateCells {
@@ -92,38 +105,41 @@ mod tests {
             }],
             strata: Vec::new(),
             cell_strata: Vec::new(),
-            unit_pairs: Vec::new(),
+            unit_records: Vec::new(),
         };
-        plan.unit_pairs = (0..plan.unit_count())
+        plan.unit_records = (0..plan.unit_count())
             .map(|u| {
                 let s = plan.unit(u);
-                (s.genes.len() * s.cells.len()) as u64
+                (s.targets.len() * s.cells.len()) as u64
             })
             .collect();
         plan
     }
 
-    /// Every pair of `unit`, with a goal shift that grows with the gene id.
+    /// Every record of `unit`, with a goal shift that grows with the gene id.
     fn result(plan: &ScreenPlan, unit: usize) -> UnitResult {
         let span = plan.unit(unit);
-        let genes = plan.work_genes[span.genes.clone()].to_vec();
+        let targets: Vec<u32> = span.targets.clone().map(|t| t as u32).collect();
         let mut r = UnitResult {
             unit: unit as u32,
             plan_blake3: "p".into(),
-            genes: genes.clone(),
+            targets: targets.clone(),
             n_vocabulary: plan.vocabulary.len() as u32,
             n_states: 1,
-            pair_gene: Vec::new(),
-            pair_cell: Vec::new(),
+            record_target: Vec::new(),
+            record_cell: Vec::new(),
             cosine_shift: Vec::new(),
             state_shift: Vec::new(),
             state_progress: Vec::new(),
-            delta_bin_sum: vec![0.0; genes.len() * plan.vocabulary.len()],
+            alone: Vec::new(),
+            delta_bin_sum: vec![0.0; targets.len() * plan.vocabulary.len()],
+            expression: None,
         };
-        for (k, &g) in genes.iter().enumerate() {
+        for (k, &t) in targets.iter().enumerate() {
+            let g = plan.targets[t as usize].genes[0];
             for &c in &plan.cells[span.cells.clone()] {
-                r.pair_gene.push(g);
-                r.pair_cell.push(c);
+                r.record_target.push(t);
+                r.record_cell.push(c);
                 r.cosine_shift.push(0.01 * g as f32);
                 r.state_shift.push(g as f32 + (c % 7) as f32 * 0.1);
                 r.state_progress.push(g as f32 + (c % 5) as f32 * 0.1);
@@ -151,12 +167,13 @@ mod tests {
     #[test]
     fn units_cover_every_pair_once() {
         let p = plan(vec![0, 1, 2, 3, 4], vec![1, 5], (0..10).collect(), 2, 4);
-        assert_eq!(p.work_genes, vec![0, 1, 2, 3, 4, 5]);
+        let genes: Vec<u32> = p.targets.iter().map(|t| t.genes[0]).collect();
+        assert_eq!(genes, vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(p.unit_count(), 3 * 3);
         let mut seen = std::collections::HashSet::new();
         for u in 0..p.unit_count() {
             let s = p.unit(u);
-            for g in s.genes.clone() {
+            for g in s.targets.clone() {
                 for c in s.cells.clone() {
                     assert!(seen.insert((g, c)));
                 }
@@ -201,15 +218,18 @@ mod tests {
         assert!(err.contains("given twice"), "{err}");
         let a = forward.finish(true).unwrap();
         assert_eq!(a, backward.finish(true).unwrap());
-        assert_eq!(a.total_pairs, 5 * 9);
-        assert_eq!(a.pairs.as_ref().unwrap().len(), 5 * 9);
+        assert_eq!(a.total_records, 5 * 9);
+        assert_eq!(a.records.as_ref().unwrap().len(), 5 * 9);
         // Ranked by goal shift, which grows with the gene id; gene 4 lies above the null (genes 0, 1).
-        let order: Vec<u32> = a.genes.iter().map(|g| g.gene_id).collect();
+        let order: Vec<u32> = a.targets.iter().map(|g| g.gene_id.unwrap()).collect();
         assert_eq!(order, vec![4, 3, 2, 1, 0]);
-        assert!(a.genes[0].p_value < 0.05 && a.genes[0].fdr >= a.genes[0].p_value);
-        assert_eq!(a.genes[0].top_affected[0], ("G5".to_string(), 0.5));
-        assert!(a.genes.iter().all(|g| g.n_cells == 9));
-        assert!(a.genes.iter().any(|g| g.gene_id == 0 && g.null_gene));
+        assert!(a.targets[0].p_value < 0.05 && a.targets[0].fdr >= a.targets[0].p_value);
+        assert_eq!(a.targets[0].top_affected[0], ("G5".to_string(), 0.5));
+        assert!(a.targets.iter().all(|g| g.n_cells == 9));
+        assert!(a
+            .targets
+            .iter()
+            .any(|g| g.gene_id == Some(0) && g.null_gene));
     }
 
     #[test]
@@ -225,14 +245,14 @@ mod tests {
             .to_string()
             .contains("plan other"));
         let mut moved = result(&p, 2);
-        moved.pair_cell[0] = 3;
+        moved.record_cell[0] = 3;
         assert!(m
             .add("u2", moved)
             .unwrap_err()
             .to_string()
             .contains("outside unit 2"));
         let mut repeated = result(&p, 3);
-        repeated.pair_cell[1] = repeated.pair_cell[0];
+        repeated.record_cell[1] = repeated.record_cell[0];
         let err = m.add("u3", repeated).unwrap_err().to_string();
         assert!(err.contains("out of order or repeated"), "{err}");
         let err = m.finish(false).unwrap_err().to_string();

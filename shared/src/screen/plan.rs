@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::ScreenSpec;
+use super::spec::{PerturbationKind, ScreenSpec};
 
 /// The checkpoint a screen reads, identified so results can be traced to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +27,62 @@ pub struct StateCells {
     pub strata: Vec<u32>,
 }
 
+/// What one perturbation changes: a gene, a named set of genes, or an (anchor, gene) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    Gene,
+    Set,
+    Pair,
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Gene => "gene",
+            TargetKind::Set => "set",
+            TargetKind::Pair => "pair",
+        }
+    }
+}
+
+/// One perturbation of a screen: its genes are perturbed together in each cell it applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// The gene's name, the set's name, or `ANCHOR+GENE` for a pair.
+    pub name: String,
+    pub kind: TargetKind,
+    /// Vocabulary positions: one gene; a set's genes ascending; `[anchor, gene]` for a pair.
+    pub genes: Vec<u32>,
+    /// Reported as a row of the results (a null gene that is not screened is only the null).
+    pub screened: bool,
+    /// Part of the random-gene null: a null gene alone, or the anchor paired with a null gene.
+    pub null: bool,
+}
+
+impl Target {
+    /// Whether the perturbation changes `bins` (a cell's bins in vocabulary order): a gene or a set when
+    /// the perturbation applies to at least one of its genes, a pair only when it applies to both (so the
+    /// pair can be compared with each gene alone).
+    pub fn applies(&self, kind: PerturbationKind, bins: &[u8]) -> bool {
+        let applies = |&g: &u32| kind.applies(bins[g as usize]);
+        match self.kind {
+            TargetKind::Gene | TargetKind::Set => self.genes.iter().any(applies),
+            TargetKind::Pair => self.genes.iter().all(applies),
+        }
+    }
+
+    /// The genes the perturbation changes in a cell with `bins` (knockouts and deletions touch only
+    /// expressed genes).
+    pub fn perturbed_in(&self, kind: PerturbationKind, bins: &[u8]) -> Vec<u32> {
+        self.genes
+            .iter()
+            .copied()
+            .filter(|&g| kind.applies(bins[g as usize]))
+            .collect()
+    }
+}
+
 /// The resolved screen, stored as `plan.json` at the screen's location: everything a worker needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenPlan {
@@ -42,8 +98,11 @@ pub struct ScreenPlan {
     pub genes: Vec<u32>,
     /// The random-gene null (vocabulary positions, ascending).
     pub null_genes: Vec<u32>,
-    /// What the units cover: screened and null genes, ascending, each once.
-    pub work_genes: Vec<u32>,
+    /// What the units cover, in this order: single genes (screened and null, ascending, each once), the
+    /// gene sets, then the anchor's pairs.
+    pub targets: Vec<Target>,
+    /// The resolved readout layer (0 = token embeddings, the model's layer count = the last).
+    pub readout_layer: u32,
     /// Perturbed cells (corpus positions, ascending) and their names.
     pub cells: Vec<u64>,
     pub cell_names: Vec<String>,
@@ -54,14 +113,14 @@ pub struct ScreenPlan {
     pub strata: Vec<String>,
     #[serde(default)]
     pub cell_strata: Vec<u32>,
-    /// (gene, cell) pairs the perturbation applies to, per unit.
-    pub unit_pairs: Vec<u64>,
+    /// (target, cell) records per unit: the cells each target applies to.
+    pub unit_records: Vec<u64>,
 }
 
-/// The genes and cells of one unit, as ranges of `work_genes` and `cells`.
+/// The targets and cells of one unit, as ranges of `targets` and `cells`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitSpan {
-    pub genes: Range<usize>,
+    pub targets: Range<usize>,
     pub cells: Range<usize>,
 }
 
@@ -72,10 +131,10 @@ impl ScreenPlan {
             .div_ceil(self.spec.execution.cell_block as usize)
     }
 
-    /// Units are numbered gene block major: unit `u` is gene block `u / cell_blocks`, cell block
-    /// `u % cell_blocks`.
+    /// Units are numbered target block major: unit `u` is target block `u / cell_blocks`, cell block
+    /// `u % cell_blocks` (`execution.gene_block` targets per block).
     pub fn unit_count(&self) -> usize {
-        self.work_genes
+        self.targets
             .len()
             .div_ceil(self.spec.execution.gene_block as usize)
             * self.cell_blocks()
@@ -88,13 +147,28 @@ impl ScreenPlan {
             self.spec.execution.cell_block as usize,
         );
         UnitSpan {
-            genes: gb * g..((gb + 1) * g).min(self.work_genes.len()),
+            targets: gb * g..((gb + 1) * g).min(self.targets.len()),
             cells: cb * c..((cb + 1) * c).min(self.cells.len()),
         }
     }
 
-    pub fn total_pairs(&self) -> u64 {
-        self.unit_pairs.iter().sum()
+    pub fn total_records(&self) -> u64 {
+        self.unit_records.iter().sum()
+    }
+
+    /// The anchor of the screen's pairs, when it has some.
+    pub fn anchor(&self) -> Option<u32> {
+        self.targets
+            .iter()
+            .find(|t| t.kind == TargetKind::Pair)
+            .map(|t| t.genes[0])
+    }
+
+    /// Index of the single-gene target of `gene`.
+    pub fn single(&self, gene: u32) -> Option<usize> {
+        self.targets
+            .iter()
+            .position(|t| t.kind == TargetKind::Gene && t.genes[0] == gene)
     }
 
     /// The goal state's name, when there is one.
@@ -104,11 +178,21 @@ impl ScreenPlan {
 
     /// A one-line description for logs and status.
     pub fn summary(&self) -> String {
+        let count = |kind| self.targets.iter().filter(|t| t.kind == kind).count();
+        let (sets, pairs) = (count(TargetKind::Set), count(TargetKind::Pair));
+        let mut extra = String::new();
+        if sets > 0 {
+            extra.push_str(&format!(", {sets} gene sets"));
+        }
+        if pairs > 0 {
+            extra.push_str(&format!(", {pairs} anchored pairs"));
+        }
         format!(
-            "{} of {} genes in {} cells, null of {} random genes{}",
+            "{} of {} genes{extra} in {} cells ({} readout), null of {} random genes{}",
             self.spec.perturbation.kind.name(),
             self.genes.len(),
             self.cells.len(),
+            self.spec.readout.name(),
             self.null_genes.len(),
             self.goal()
                 .map(|g| format!(", goal {g}"))

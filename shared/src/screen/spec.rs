@@ -25,9 +25,16 @@ pub struct ScreenSpec {
     pub genes: GeneSelection,
     #[serde(default)]
     pub perturbation: Perturbation,
-    /// Which representation of a cell the shifts compare.
+    /// Which representation of a cell the shifts compare (`embedding` is its old name).
+    #[serde(default, alias = "embedding")]
+    pub readout: Readout,
+    /// Which layer `mean` and `cls` read: -1 the last (after the final norm), 0 the token embeddings,
+    /// `k` the output of block `k`; negative values count from the end.
+    #[serde(default = "default_layer")]
+    pub layer: i32,
+    /// Each screened gene perturbed together with an anchor gene, next to each alone.
     #[serde(default)]
-    pub embedding: CellEmbedding,
+    pub combinations: Option<Combinations>,
     #[serde(default)]
     pub goal: Option<GoalSpec>,
     #[serde(default)]
@@ -67,15 +74,44 @@ impl OneOrMany {
     }
 }
 
+fn default_layer() -> i32 {
+    -1
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum GeneSelection {
     /// `"all"`.
     Keyword(String),
     List(Vec<String>),
-    File {
-        file: String,
-    },
+    File(GeneFile),
+    /// Named gene sets, each perturbed as one, with optional single genes beside them.
+    Sets(GeneSets),
+}
+
+/// `{ file = "genes.txt" }`: one gene name per line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneFile {
+    pub file: String,
+}
+
+/// `{ singles = [...], sets = { ifn_core = ["STAT1", "IRF9"] } }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneSets {
+    /// Genes perturbed one at a time besides the sets: `"all"`, a list, or `{ file = ... }`.
+    #[serde(default)]
+    pub singles: Option<Box<GeneSelection>>,
+    /// Set name -> its genes, all perturbed together in each cell.
+    pub sets: BTreeMap<String, Vec<String>>,
+}
+
+/// `[combinations] anchor = "STAT1"`: for every screened gene g, the pair (anchor, g) perturbed together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Combinations {
+    pub anchor: String,
 }
 
 /// How a gene is perturbed in a cell's token sequence.
@@ -117,24 +153,32 @@ impl PerturbationKind {
     }
 }
 
-/// The representation of a cell that effects are measured in.
+/// The representation of a cell that effects are measured in. In each, the perturbed genes' own
+/// coordinates (their expected expression, their own token states) count on neither side of a shift:
+/// a screen measures what a perturbation does to the rest of the cell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CellEmbedding {
+pub enum Readout {
     /// The expression the model reads out for every vocabulary gene: its expected bin at each gene token
-    /// (the bin head's softmax times the bin values). Shifts then read in the units of the data, and the
-    /// model's context effects appear as changed expectations of the other genes.
+    /// (the bin head's softmax times the bin values), which pretraining trains at unmasked tokens too.
+    /// Shifts read in the units of the data; the model's context effects appear as changed expectations
+    /// of the other genes.
     #[default]
-    Expression,
-    /// The mean of the final hidden states over gene tokens (Geneformer's cell embedding).
-    Hidden,
+    #[serde(alias = "expression")]
+    Expected,
+    /// The mean of a layer's gene-token states (Geneformer's cell embedding).
+    #[serde(alias = "hidden")]
+    Mean,
+    /// The `[CLS]` token's state at a layer.
+    Cls,
 }
 
-impl CellEmbedding {
+impl Readout {
     pub fn name(self) -> &'static str {
         match self {
-            CellEmbedding::Expression => "expression",
-            CellEmbedding::Hidden => "hidden",
+            Readout::Expected => "expected",
+            Readout::Mean => "mean",
+            Readout::Cls => "cls",
         }
     }
 }
@@ -207,6 +251,9 @@ pub struct Execution {
     /// Affected genes reported per screened gene.
     #[serde(default = "default_top_affected")]
     pub top_affected: u32,
+    /// Also write `cells.h5ad`: the per-cell perturbed expected expression as AnnData.
+    #[serde(default)]
+    pub anndata: bool,
 }
 
 fn default_gene_block() -> u32 {
@@ -238,6 +285,7 @@ impl Default for Execution {
             threads: default_threads(),
             per_cell: false,
             top_affected: default_top_affected(),
+            anndata: false,
         }
     }
 }
@@ -264,7 +312,41 @@ impl ScreenSpec {
             GeneSelection::List(list) if list.is_empty() => {
                 return bad("genes = []: the gene list is empty; name at least one gene, or use \"all\"".into())
             }
+            GeneSelection::Sets(sets) => {
+                if sets.sets.is_empty() {
+                    return bad("genes.sets is empty: name at least one set".into());
+                }
+                for (name, genes) in &sets.sets {
+                    if genes.len() < 2 {
+                        return bad(format!(
+                            "genes.sets.{name} has {} gene(s): a set needs at least 2 (list single genes under genes.singles)",
+                            genes.len()
+                        ));
+                    }
+                    if name.contains('+') || name.trim().is_empty() {
+                        return bad(format!(
+                            "genes.sets: the name {name:?} is empty or holds '+', which names gene pairs"
+                        ));
+                    }
+                }
+                if let Some(singles) = &sets.singles {
+                    if matches!(**singles, GeneSelection::Sets(_)) {
+                        return bad("genes.singles cannot hold sets".into());
+                    }
+                }
+            }
             _ => {}
+        }
+        if self.layer != -1 && self.readout == Readout::Expected {
+            return bad(format!(
+                "layer = {}: the expected-expression readout is the bin head on the last layer; choose readout = \"mean\" or \"cls\" to read another layer",
+                self.layer
+            ));
+        }
+        if let Some(c) = &self.combinations {
+            if c.anchor.trim().is_empty() {
+                return bad("combinations.anchor is empty: name the anchor gene".into());
+            }
         }
         if self.cells.max_cells == Some(0) {
             return bad("cells.max_cells = 0: at least one cell is needed".into());

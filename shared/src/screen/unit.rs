@@ -1,43 +1,66 @@
-//! The binary result of one work unit: one record per (gene, cell) pair, gene-major, and per gene the
-//! summed change of every vocabulary gene's expected bin; encoded with a magic line and checked on decode.
+//! The binary result of one work unit: one record per (target, cell) the perturbation applies to,
+//! target-major, and per target the summed change of every vocabulary gene's expected bin; encoded with a
+//! magic line and checked on decode.
 
 use serde::{Deserialize, Serialize};
 
 use super::UNIT_MAGIC;
 use super::{Result, ScreenError};
 
-/// The result of one unit: one record per (gene, cell) pair the perturbation applies to, in gene-major
-/// order, and per gene the summed change of every vocabulary gene's expected bin.
+/// The measures of one perturbed cell against its unperturbed self: the cosine shift, then per state the
+/// cosine shift toward it, then per state the progress toward it (`1 + 2 * states` values).
+pub fn measure_len(n_states: usize) -> usize {
+    1 + 2 * n_states
+}
+
+/// The result of one unit: one record per (target, cell) the perturbation applies to, in target-major
+/// order, and per target the summed change of every vocabulary gene's expected bin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitResult {
     pub unit: u32,
     /// blake3 of the plan it was computed for.
     pub plan_blake3: String,
-    pub genes: Vec<u32>,
+    /// The unit's targets (indices into the plan's `targets`).
+    pub targets: Vec<u32>,
     pub n_vocabulary: u32,
     pub n_states: u32,
-    pub pair_gene: Vec<u32>,
-    pub pair_cell: Vec<u64>,
-    /// 1 - cos(perturbed, original) per pair.
+    pub record_target: Vec<u32>,
+    pub record_cell: Vec<u64>,
+    /// 1 - cos(perturbed, original) per record.
     pub cosine_shift: Vec<f32>,
-    /// Per pair, per state: cos(perturbed, state) - cos(original, state) (`pairs x n_states`).
+    /// Per record, per state: cos(perturbed, state) - cos(original, state) (`records x n_states`).
     pub state_shift: Vec<f32>,
-    /// Per pair, per state: how far the perturbation moves the cell along the axis from the perturbed
-    /// population's centroid to the state's, as a fraction of that axis (`pairs x n_states`).
+    /// Per record, per state: how far the perturbation moves the cell along the axis from the perturbed
+    /// population's centroid to the state's, as a fraction of that axis (`records x n_states`).
     pub state_progress: Vec<f32>,
-    /// Per unit gene, per vocabulary gene: the sum over this unit's cells of (perturbed - original)
-    /// expected bin (`genes x n_vocabulary`; the perturbed gene's own entry is 0).
+    /// For each record of a pair target, in record order: the anchor alone, then the other gene alone,
+    /// measured on the same coordinates as the pair (both genes left out), each `measure_len` values.
+    pub alone: Vec<f32>,
+    /// Per unit target, per vocabulary gene: the sum over this unit's cells of (perturbed - original)
+    /// expected bin (`targets x n_vocabulary`; the target's own genes are 0).
     pub delta_bin_sum: Vec<f32>,
+    /// With `execution.anndata`: the expected expression of every record (`records x n_vocabulary`) and of
+    /// the unit's cells unperturbed (`cells x n_vocabulary`, in the unit's cell order).
+    pub expression: Option<UnitExpression>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitExpression {
+    pub perturbed: Vec<f32>,
+    pub original: Vec<f32>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct UnitHeader {
     unit: u32,
     plan_blake3: String,
-    genes: Vec<u32>,
+    targets: Vec<u32>,
     n_vocabulary: u32,
     n_states: u32,
-    pairs: u64,
+    records: u64,
+    alone: u64,
+    /// Cells of the unit's unperturbed expression, when the expression is stored.
+    expression_cells: Option<u64>,
 }
 
 fn put_le<T: Copy>(out: &mut Vec<u8>, values: &[T], to_le: impl Fn(T) -> Vec<u8>) {
@@ -47,8 +70,8 @@ fn put_le<T: Copy>(out: &mut Vec<u8>, values: &[T], to_le: impl Fn(T) -> Vec<u8>
 }
 
 impl UnitResult {
-    pub fn pairs(&self) -> usize {
-        self.pair_gene.len()
+    pub fn records(&self) -> usize {
+        self.record_target.len()
     }
 
     /// The stored form: a magic line, a JSON header, little-endian arrays, all zstd-compressed.
@@ -56,26 +79,37 @@ impl UnitResult {
         let header = serde_json::to_vec(&UnitHeader {
             unit: self.unit,
             plan_blake3: self.plan_blake3.clone(),
-            genes: self.genes.clone(),
+            targets: self.targets.clone(),
             n_vocabulary: self.n_vocabulary,
             n_states: self.n_states,
-            pairs: self.pairs() as u64,
+            records: self.records() as u64,
+            alone: self.alone.len() as u64,
+            expression_cells: self
+                .expression
+                .as_ref()
+                .map(|e| (e.original.len() / self.n_vocabulary.max(1) as usize) as u64),
         })
         .expect("a header always serializes");
         let mut raw = Vec::with_capacity(
             64 + header.len()
-                + self.pairs() * (16 + 4 * self.n_states as usize)
+                + self.records() * (16 + 4 * self.n_states as usize)
                 + self.delta_bin_sum.len() * 4,
         );
         raw.extend_from_slice(UNIT_MAGIC);
         raw.extend((header.len() as u32).to_le_bytes());
         raw.extend(header);
-        put_le(&mut raw, &self.pair_gene, |v| v.to_le_bytes().to_vec());
-        put_le(&mut raw, &self.pair_cell, |v| v.to_le_bytes().to_vec());
-        put_le(&mut raw, &self.cosine_shift, |v| v.to_le_bytes().to_vec());
-        put_le(&mut raw, &self.state_shift, |v| v.to_le_bytes().to_vec());
-        put_le(&mut raw, &self.state_progress, |v| v.to_le_bytes().to_vec());
-        put_le(&mut raw, &self.delta_bin_sum, |v| v.to_le_bytes().to_vec());
+        let floats = |raw: &mut Vec<u8>, v: &[f32]| put_le(raw, v, |v| v.to_le_bytes().to_vec());
+        put_le(&mut raw, &self.record_target, |v| v.to_le_bytes().to_vec());
+        put_le(&mut raw, &self.record_cell, |v| v.to_le_bytes().to_vec());
+        floats(&mut raw, &self.cosine_shift);
+        floats(&mut raw, &self.state_shift);
+        floats(&mut raw, &self.state_progress);
+        floats(&mut raw, &self.alone);
+        floats(&mut raw, &self.delta_bin_sum);
+        if let Some(e) = &self.expression {
+            floats(&mut raw, &e.perturbed);
+            floats(&mut raw, &e.original);
+        }
         zstd::bulk::compress(&raw, 3).expect("compressing to memory cannot fail")
     }
 
@@ -87,7 +121,7 @@ impl UnitResult {
         let raw = zstd::stream::decode_all(bytes).map_err(|e| bad(format!("not zstd: {e}")))?;
         let rest = raw
             .strip_prefix(UNIT_MAGIC)
-            .ok_or_else(|| bad("not a cellfleet screen unit result".into()))?;
+            .ok_or_else(|| bad("not a cellfleet screen unit result (of this version)".into()))?;
         let mut at = 0usize;
         let mut take = |n: usize| -> Result<&[u8]> {
             let slice = rest
@@ -99,13 +133,14 @@ impl UnitResult {
         let header_len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
         let header: UnitHeader = serde_json::from_slice(take(header_len)?)
             .map_err(|e| bad(format!("unreadable header: {e}")))?;
-        let pairs = header.pairs as usize;
+        let records = header.records as usize;
         let states = header.n_states as usize;
-        let pair_gene = take(pairs * 4)?
+        let vocabulary = header.n_vocabulary as usize;
+        let record_target = take(records * 4)?
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        let pair_cell = take(pairs * 8)?
+        let record_cell = take(records * 8)?
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
@@ -114,10 +149,18 @@ impl UnitResult {
                 .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
                 .collect()
         };
-        let cosine_shift = floats(take(pairs * 4)?);
-        let state_shift = floats(take(pairs * states * 4)?);
-        let state_progress = floats(take(pairs * states * 4)?);
-        let delta_bin_sum = floats(take(header.genes.len() * header.n_vocabulary as usize * 4)?);
+        let cosine_shift = floats(take(records * 4)?);
+        let state_shift = floats(take(records * states * 4)?);
+        let state_progress = floats(take(records * states * 4)?);
+        let alone = floats(take(header.alone as usize * 4)?);
+        let delta_bin_sum = floats(take(header.targets.len() * vocabulary * 4)?);
+        let expression = match header.expression_cells {
+            Some(cells) => Some(UnitExpression {
+                perturbed: floats(take(records * vocabulary * 4)?),
+                original: floats(take(cells as usize * vocabulary * 4)?),
+            }),
+            None => None,
+        };
         if at != rest.len() {
             return Err(bad(format!(
                 "{} unexpected bytes at the end",
@@ -127,15 +170,17 @@ impl UnitResult {
         Ok(Self {
             unit: header.unit,
             plan_blake3: header.plan_blake3,
-            genes: header.genes,
+            targets: header.targets,
             n_vocabulary: header.n_vocabulary,
             n_states: header.n_states,
-            pair_gene,
-            pair_cell,
+            record_target,
+            record_cell,
             cosine_shift,
             state_shift,
             state_progress,
+            alone,
             delta_bin_sum,
+            expression,
         })
     }
 }

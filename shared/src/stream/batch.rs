@@ -67,16 +67,51 @@ pub struct Batch {
     pub positions: Range<u64>,
 }
 
-/// What the loader needs besides the plan.
-#[derive(Debug, Clone, Copy)]
+/// Which gene tokens a batch asks the model to predict, and what their inputs become.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MaskConfig {
-    /// Probability that a gene token is masked, quantized to 1/65536.
+    /// Probability that a gene token is selected for prediction, quantized to 1/65536.
     pub ratio: f32,
+    /// Of the selected tokens, the share whose input bin is replaced by a random bin, and the share
+    /// left unchanged (the rest get the mask bin). BERT's 10% and 10% make the bin head a trained
+    /// readout at unmasked tokens too: a selected token that looks unmasked is indistinguishable from
+    /// any other, so the head learns each gene's expression given its input and its context, which is
+    /// what a screen reads at every token.
+    pub random_share: f32,
+    pub keep_share: f32,
 }
 
 impl MaskConfig {
-    fn threshold(&self) -> u32 {
-        (self.ratio.clamp(0.0, 1.0) * 65536.0).round() as u32
+    /// Every selected token masked: what evaluation measures.
+    pub fn masking_only(ratio: f32) -> Self {
+        Self {
+            ratio,
+            random_share: 0.0,
+            keep_share: 0.0,
+        }
+    }
+
+    /// BERT's corruption for pretraining: of the selected tokens 80% masked, 10% a random bin, 10% kept.
+    pub fn pretraining(ratio: f32) -> Self {
+        Self {
+            ratio,
+            random_share: 0.1,
+            keep_share: 0.1,
+        }
+    }
+
+    /// Draw thresholds (of 65536): below the first a token is masked, below the second it gets a random
+    /// bin, below the third it is kept but still predicted.
+    fn thresholds(&self) -> (u32, u32, u32) {
+        let quantize = |p: f32| (p.clamp(0.0, 1.0) * 65536.0).round() as u32;
+        let selected = self.ratio.clamp(0.0, 1.0);
+        let keep = self.keep_share.clamp(0.0, 1.0);
+        let random = self.random_share.clamp(0.0, 1.0 - keep);
+        (
+            quantize(selected * (1.0 - keep - random)),
+            quantize(selected * (1.0 - keep)),
+            quantize(selected),
+        )
     }
 }
 
@@ -125,7 +160,8 @@ impl SampleWriter {
             plan.epoch() << 8 | sample.clone,
         )
         .fill_u64(&mut self.mask_words);
-        let threshold = mask.threshold();
+        let (masked_below, random_below, selected_below) = mask.thresholds();
+        let n_bins = u32::from(layout.n_bins);
         genes[0] = CLS_GENE_ID;
         inputs[0] = layout.cls_bin();
         targets[0] = IGNORE_TARGET;
@@ -151,10 +187,17 @@ impl SampleWriter {
             .zip(&self.draws)
         {
             let bin = (token >> 16) as u8;
-            // All-ones when masked: branch-free selects, since the mask is unpredictable by design.
-            let masked = u8::from(u32::from(draw) < threshold).wrapping_neg();
-            *input = (bin & !masked) | (mask_bin & masked);
-            *target = (bin & masked) | (IGNORE_TARGET & !masked);
+            let draw = u32::from(draw);
+            // All-ones when true: branch-free selects, since the mask is unpredictable by design.
+            let masked = u8::from(draw < masked_below).wrapping_neg();
+            let randomized = u8::from(draw >= masked_below && draw < random_below).wrapping_neg();
+            let selected = u8::from(draw < selected_below).wrapping_neg();
+            // A bin from the draw's hash (multiply-shift into 0..n_bins): the draws that pick a random
+            // bin are a narrow range, the hash spreads them over the bins.
+            let random_bin = (((draw.wrapping_mul(0x9E37_79B1) >> 16) * n_bins) >> 16) as u8;
+            *input =
+                (bin & !(masked | randomized)) | (mask_bin & masked) | (random_bin & randomized);
+            *target = (bin & selected) | (IGNORE_TARGET & !selected);
         }
     }
 }
@@ -262,7 +305,7 @@ pub struct LoaderConfig {
 impl Default for LoaderConfig {
     fn default() -> Self {
         Self {
-            mask: MaskConfig { ratio: 0.15 },
+            mask: MaskConfig::masking_only(0.15),
             threads: 1,
             prefetch: 4,
             shard_cache_bytes: 512 << 20,

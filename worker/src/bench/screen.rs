@@ -211,10 +211,10 @@ fn absolute_spec(path: &Path) -> anyhow::Result<ScreenSpec> {
     spec.checkpoint = absolute(&spec.checkpoint);
     spec.corpus = absolute(&spec.corpus);
     spec.out = absolute(&spec.out);
-    if let GeneSelection::File { file } = &spec.genes {
-        spec.genes = GeneSelection::File {
-            file: absolute(file),
-        };
+    if let GeneSelection::File(file) = &spec.genes {
+        spec.genes = GeneSelection::File(cellfleet_shared::screen::GeneFile {
+            file: absolute(&file.file),
+        });
     }
     Ok(spec)
 }
@@ -353,7 +353,7 @@ fn run_cellfleet(
     let wall = started.elapsed().as_secs_f64();
     let logs = worker_logs(&results.join("workers"))?;
     let logged: u64 = logs.iter().map(|l| l.pairs).sum();
-    let pairs = written.results.total_pairs;
+    let pairs = written.results.total_records;
     if logged != pairs {
         eprintln!(
             "warning: the worker logs of the {workers}-worker run count {logged} pairs, the merged results {pairs} (units re-run after a lost lease count twice)"
@@ -363,12 +363,15 @@ fn run_cellfleet(
     let compute_rate: f64 = busy.iter().map(|l| l.pairs as f64 / l.seconds).sum();
     let shifts = written
         .results
-        .pairs
+        .records
         .as_ref()
-        .map(|pairs| {
-            pairs
+        .map(|records| {
+            records
                 .iter()
-                .map(|p| ((p.gene_id, p.cell), p.cosine_shift))
+                .map(|r| {
+                    let gene = written.plan.targets[r.target as usize].genes[0];
+                    ((gene, r.cell), r.cosine_shift)
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -422,7 +425,7 @@ fn run_baseline(
         "model_dir": dir,
         "cells_file": cells_file,
         "cell_ids": plan.cells,
-        "work_genes": plan.work_genes,
+        "work_genes": single_genes(plan),
         "batch": plan.spec.execution.batch,
         "threads": 1,
         "max_seconds": max_seconds,
@@ -649,7 +652,15 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
     spec.execution.per_cell = false;
     // The Geneformer-style loop embeds cells as the mean hidden state; compare like with like (cellfleet
     // computes the expected bins for top affected genes either way).
-    spec.embedding = cellfleet_shared::screen::CellEmbedding::Hidden;
+    spec.readout = cellfleet_shared::screen::Readout::Mean;
+    spec.layer = -1;
+    if !matches!(
+        spec.genes,
+        GeneSelection::Keyword(_) | GeneSelection::List(_) | GeneSelection::File(_)
+    ) || spec.combinations.is_some()
+    {
+        bail!("bench screen compares single-gene screens: the spec's gene sets or combinations have no baseline");
+    }
     std::fs::create_dir_all(&args.scratch)
         .with_context(|| format!("cannot create --scratch {}", args.scratch.display()))?;
 
@@ -659,16 +670,16 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         .with_context(|| format!("{}: the screen cannot run", args.spec.display()))?;
     let plan_seconds = planned.elapsed().as_secs_f64();
     let seq = plan.vocabulary.len() + 1;
-    let expressed = plan.total_pairs() as f64 / (plan.work_genes.len() * plan.cells.len()) as f64;
+    let expressed = plan.total_records() as f64 / (plan.targets.len() * plan.cells.len()) as f64;
     let cores = cores();
 
     println!(
         "screen benchmark: {}; {} work genes x {} cells, {} perturbed (gene, cell) pairs ({:.1}% expressed); \
          {} units of {} genes x {} cells; batch {}; sequence {} tokens; 1 libtorch thread per process; {cores} cores",
         plan.summary(),
-        plan.work_genes.len(),
+        plan.targets.len(),
         plan.cells.len(),
-        thousands(plan.total_pairs() as f64),
+        thousands(plan.total_records() as f64),
         100.0 * expressed,
         plan.unit_count(),
         plan.spec.execution.gene_block,
@@ -920,8 +931,8 @@ fn print_flop_model(
     if let Some(one) = sides.iter().find(|s| s.processes == 1) {
         // One worker: perturbed sequences plus one original per cell (a worker caches its cells'
         // originals across units).
-        let forwards = plan.total_pairs() as f64 + plan.cells.len() as f64;
-        let per_pair = forwards / plan.total_pairs() as f64;
+        let forwards = plan.total_records() as f64 + plan.cells.len() as f64;
+        let per_pair = forwards / plan.total_records() as f64;
         println!(
             "  cellfleet worker (compute rate x {:.3} forwards per pair x {:.3} GFLOP): {:.2} GFLOP/s",
             per_pair,
@@ -1009,9 +1020,14 @@ fn print_genome_extrapolation(
          its own); Geneformer's figure is another model (its own size and rank-value sequences of up to 2,048 \
          expressed genes) on an older GPU, so the ratio compares screens, not kernels; the utilization is an \
          assumption, not a measurement (no GPU in this run)",
-        thousands(plan.work_genes.len() as f64),
+        thousands(plan.targets.len() as f64),
         thousands(plan.cells.len() as f64)
     );
+}
+
+/// The plan's single genes (a benchmarked plan has nothing else).
+fn single_genes(plan: &ScreenPlan) -> Vec<u32> {
+    plan.targets.iter().map(|t| t.genes[0]).collect()
 }
 
 #[cfg(test)]

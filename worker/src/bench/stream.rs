@@ -91,7 +91,7 @@ pub(crate) fn bench_stream(
                 writer.write(
                     &plan,
                     layout,
-                    MaskConfig { ratio: 0.15 },
+                    MaskConfig::masking_only(0.15),
                     sample,
                     &cell,
                     &mut genes,

@@ -61,7 +61,7 @@ pub fn plan(spec_path: &Path, s3: &S3Options) -> anyhow::Result<Planned> {
         plan.summary(),
         started.elapsed().as_secs_f64(),
         plan.unit_count(),
-        plan.total_pairs(),
+        plan.total_records(),
     );
     Ok(Planned { spec, plan, s3 })
 }
@@ -80,7 +80,7 @@ pub fn submit(
         location: spec.out.clone(),
         plan_blake3,
         units: plan.unit_count() as u32,
-        pairs: plan.total_pairs(),
+        pairs: plan.total_records(),
         lease_ms: u64::from(spec.execution.lease_seconds) * 1000,
         threads: spec.execution.threads,
         s3_endpoint: s3.endpoint.clone().unwrap_or_default(),

@@ -139,9 +139,7 @@ pub fn stream_lines(corpus: Corpus, preview: &StreamPreview) -> anyhow::Result<V
         cursor = global.end;
     }
     let config = LoaderConfig {
-        mask: MaskConfig {
-            ratio: preview.mask_ratio,
-        },
+        mask: MaskConfig::masking_only(preview.mask_ratio),
         ..LoaderConfig::default()
     };
     let loader = Loader::spawn(Arc::new(corpus), plan.clone(), ranges, config)?;

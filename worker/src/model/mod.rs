@@ -541,6 +541,17 @@ impl CellModel {
     }
 
     pub fn forward(&self, tokens: &Tokens, mode: Mode) -> Forward {
+        self.forward_reading(tokens, mode, None).0
+    }
+
+    /// The forward pass, also returning the states at `layer` (0 = the token embeddings, `k` = the
+    /// residual stream after block `k`, the layer count = the final states after the last norm).
+    pub fn forward_reading(
+        &self,
+        tokens: &Tokens,
+        mode: Mode,
+        layer: Option<usize>,
+    ) -> (Forward, Option<Tensor>) {
         let (_, l) = tokens.gene_ids.size2().expect("[batch, seq] gene ids");
         let positions = Tensor::arange(l, (Kind::Int64, self.device()));
         let lookup = |table: &Tensor, ids: &Tensor| Tensor::embedding(table, ids, -1, false, false);
@@ -552,7 +563,8 @@ impl CellModel {
         let mut aux_loss = Tensor::zeros([], (Kind::Float, self.device()));
         let mut expert_load = Vec::new();
         let mut router_probs = Vec::new();
-        for block in &self.blocks {
+        let mut read = (layer == Some(0)).then(|| x.shallow_clone());
+        for (index, block) in self.blocks.iter().enumerate() {
             x = &x
                 + block
                     .attn
@@ -572,13 +584,23 @@ impl CellModel {
                 }
             };
             x = &x + update;
+            if layer == Some(index + 1) && index + 1 < self.blocks.len() {
+                read = Some(x.shallow_clone());
+            }
         }
-        Forward {
-            hidden: self.ln_final.forward(&x),
-            aux_loss,
-            expert_load,
-            router_probs,
+        let hidden = self.ln_final.forward(&x);
+        if layer == Some(self.blocks.len()) {
+            read = Some(hidden.shallow_clone());
         }
+        (
+            Forward {
+                hidden,
+                aux_loss,
+                expert_load,
+                router_probs,
+            },
+            read,
+        )
     }
 
     /// Bin logits `[rows, n_bins]` of hidden states `[rows, d_model]`.

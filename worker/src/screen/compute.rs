@@ -1,5 +1,12 @@
 //! Computing one work unit: the `Screener` holds a checkpoint's model, the screened cells and the goal
-//! states' centroids, and turns a unit (genes x cells) into a `UnitResult`.
+//! states' centroids, and turns a unit (targets x cells) into a `UnitResult`.
+//!
+//! A target's own genes count on neither side of any shift: in the expected-expression readout their
+//! coordinates are left out of the perturbed and the original profile alike, in the mean readout their
+//! token states are left out of both means. Otherwise a knocked-out gene that is high in the screened
+//! cells and low in the goal cells would move every cell toward the goal by construction, through its
+//! own coordinate falling to zero, whatever the model learned. The `[CLS]` state has no coordinate of its
+//! own to leave out: it reads the whole cell, perturbed genes included.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -9,7 +16,8 @@ use anyhow::{anyhow, bail, Context};
 use cellfleet_shared::checkpoint::Checkpoints;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::screen::{
-    CellEmbedding, PerturbationKind, ScreenPlan, ScreenSpec, UnitResult,
+    measure_len, PerturbationKind, Readout, ScreenPlan, ScreenSpec, Target, TargetKind,
+    UnitExpression, UnitResult,
 };
 use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::batch::TokenLayout;
@@ -66,18 +74,25 @@ pub struct Screener {
     pub plan: ScreenPlan,
     plan_blake3: String,
     bins: HashMap<u64, Vec<u8>>,
-    /// `[strata * states, d_model]`: the centroid of each state within each stratum (one stratum without
+    /// `[strata * states, dim]`: the centroid of each state within each stratum (one stratum without
     /// matching), unit length; row `stratum * states + state`.
     centroids: Option<Tensor>,
-    /// `[strata * states, d_model]`: the axis from the perturbed cells' centroid to each state's centroid
+    /// `[strata * states, dim]`: the axis from the perturbed cells' centroid to each state's centroid
     /// (per stratum), divided by its squared length, so its dot product with a move is the fraction of
     /// the axis the move covers.
     axes: Option<Tensor>,
-    /// Each perturbed cell's unperturbed hidden-state sum and expected bins, once computed.
-    originals: RefCell<HashMap<u64, (Tensor, Vec<f32>)>>,
+    /// Each perturbed cell unperturbed, once computed.
+    originals: RefCell<HashMap<u64, Original>>,
     /// Per screened cell (by corpus position): its stratum.
     stratum_of: HashMap<u64, usize>,
     layout: TokenLayout,
+}
+
+/// A cell's unperturbed forward: its readout-layer `[CLS]` state or gene-state sum (`[d]`), and its
+/// expected bins in vocabulary order.
+struct Original {
+    read: Tensor,
+    expected: Vec<f32>,
 }
 
 /// Why a unit did not finish: stopped on purpose (its lease was lost, or the worker was told to stop;
@@ -96,6 +111,140 @@ impl From<tch::TchError> for UnitError {
     }
 }
 
+/// One perturbed sequence of a record: the genes it perturbs and where every vocabulary gene sits.
+struct Variant {
+    /// Index of its record in the batch.
+    record: usize,
+    ids: Vec<i64>,
+    bins: Vec<i64>,
+    /// Per vocabulary gene, its position among the sequence's gene tokens (`None`: deleted).
+    at: Vec<Option<usize>>,
+}
+
+/// The perturbed token sequence of a cell with `bins` in which `perturbed` genes (ascending) are
+/// perturbed by `kind`.
+fn perturbed_sequence(
+    kind: PerturbationKind,
+    bins: &[u8],
+    perturbed: &[u32],
+    cls_bin: i64,
+    top_bin: i64,
+) -> (Vec<i64>, Vec<i64>, Vec<Option<usize>>) {
+    let n = bins.len();
+    let is_perturbed = |j: usize| perturbed.binary_search(&(j as u32)).is_ok();
+    let mut ids = vec![0i64];
+    let mut input = vec![cls_bin];
+    let mut at = vec![None; n];
+    match kind {
+        PerturbationKind::Knockout => {
+            for (j, &b) in bins.iter().enumerate() {
+                ids.push(j as i64 + 1);
+                input.push(if is_perturbed(j) { 0 } else { i64::from(b) });
+                at[j] = Some(j);
+            }
+        }
+        PerturbationKind::Delete => {
+            for (j, &b) in bins.iter().enumerate() {
+                if !is_perturbed(j) {
+                    at[j] = Some(ids.len() - 1);
+                    ids.push(j as i64 + 1);
+                    input.push(i64::from(b));
+                }
+            }
+        }
+        PerturbationKind::Overexpress => {
+            for &g in perturbed {
+                at[g as usize] = Some(ids.len() - 1);
+                ids.push(i64::from(g) + 1);
+                input.push(top_bin);
+            }
+            for (j, &b) in bins.iter().enumerate() {
+                if !is_perturbed(j) {
+                    at[j] = Some(ids.len() - 1);
+                    ids.push(j as i64 + 1);
+                    input.push(i64::from(b));
+                }
+            }
+        }
+    }
+    (ids, input, at)
+}
+
+/// The expected-expression profiles a shift compares, in vocabulary order: `after` (the perturbed
+/// sequence's expected bin per gene token, placed by `at`) and `before` (the original), with the
+/// target's own genes `excluded` set to 0 on both sides.
+fn expected_profiles(
+    after: &[f32],
+    before: &[f32],
+    at: &[Option<usize>],
+    excluded: &[u32],
+) -> (Vec<f32>, Vec<f32>) {
+    let mut perturbed = Vec::with_capacity(before.len());
+    let mut original = Vec::with_capacity(before.len());
+    for (j, &b) in before.iter().enumerate() {
+        match at[j] {
+            Some(position) if !excluded.contains(&(j as u32)) => {
+                perturbed.push(after[position]);
+                original.push(b);
+            }
+            _ => {
+                perturbed.push(0.0);
+                original.push(0.0);
+            }
+        }
+    }
+    (perturbed, original)
+}
+
+/// The mean of the gene-token states `[tokens, d]` without the tokens at `excluded` positions.
+fn mean_without(states: &Tensor, excluded: &[usize]) -> Tensor {
+    let tokens = states.size()[0];
+    let mut sum = states.sum_dim_intlist(0, false, Kind::Float);
+    for &position in excluded {
+        sum -= states.get(position as i64);
+    }
+    sum / (tokens - excluded.len() as i64) as f64
+}
+
+/// Per row of `perturbed` and `original` (`[rows, dim]`): 1 - cos, and against the rows' states
+/// (`targets`, unit-length centroids `[rows, states, dim]`, and `axes` `[rows, states, dim]`) the cosine
+/// shift toward each and the progress along each axis; laid out like one `measure_len` block per row.
+fn measures(
+    perturbed: &Tensor,
+    original: &Tensor,
+    states: Option<(&Tensor, &Tensor)>,
+) -> Result<Vec<f32>, UnitError> {
+    let rows = perturbed.size()[0] as usize;
+    let cosine = Vec::<f32>::try_from(
+        (Tensor::cosine_similarity(perturbed, original, 1, 1e-12).neg() + 1.0)
+            .to_device(Device::Cpu),
+    )?;
+    let Some((targets, axes)) = states else {
+        return Ok(cosine);
+    };
+    let n_states = targets.size()[1] as usize;
+    let toward =
+        |x: &Tensor| (unit_rows(x).unsqueeze(1) * targets).sum_dim_intlist(2, false, Kind::Float);
+    let shift = Vec::<f32>::try_from(
+        (toward(perturbed) - toward(original))
+            .to_device(Device::Cpu)
+            .flatten(0, -1),
+    )?;
+    let progress = Vec::<f32>::try_from(
+        ((perturbed - original).unsqueeze(1) * axes)
+            .sum_dim_intlist(2, false, Kind::Float)
+            .to_device(Device::Cpu)
+            .flatten(0, -1),
+    )?;
+    let mut out = Vec::with_capacity(rows * measure_len(n_states));
+    for r in 0..rows {
+        out.push(cosine[r]);
+        out.extend_from_slice(&shift[r * n_states..(r + 1) * n_states]);
+        out.extend_from_slice(&progress[r * n_states..(r + 1) * n_states]);
+    }
+    Ok(out)
+}
+
 impl Screener {
     /// Loads everything a unit needs: once per worker and screen.
     pub fn load(
@@ -110,6 +259,13 @@ impl Screener {
             bail!(
                 "corpus {} changed since the screen was planned (manifest hash differs)",
                 plan.corpus_url
+            );
+        }
+        if plan.readout_layer as usize > model.config.n_layers {
+            bail!(
+                "the plan reads layer {}, the checkpoint's model has {} layers",
+                plan.readout_layer,
+                model.config.n_layers
             );
         }
         let mut wanted = plan.cells.clone();
@@ -137,7 +293,6 @@ impl Screener {
             layout,
         };
         if !screener.plan.states.is_empty() {
-            let d = screener.model.config.d_model as i64;
             let mut rows = Vec::with_capacity(strata * screener.plan.states.len());
             let mut axes = Vec::with_capacity(rows.capacity());
             for stratum in 0..strata {
@@ -179,7 +334,7 @@ impl Screener {
                             (row, axis)
                         }
                         _ => {
-                            let zero = Tensor::zeros([d], (Kind::Float, device));
+                            let zero = Tensor::zeros([screener.dim()], (Kind::Float, device));
                             (zero.shallow_clone(), zero)
                         }
                     };
@@ -201,8 +356,23 @@ impl Screener {
         self.model.device()
     }
 
-    /// Final hidden states of gene tokens, `[rows, seq - 1, d]`, for token rows of one length.
-    fn gene_states(&self, gene_ids: &[i64], bins: &[i64], rows: usize) -> Tensor {
+    /// The size of a cell's representation.
+    fn dim(&self) -> i64 {
+        match self.plan.spec.readout {
+            Readout::Expected => self.n_genes() as i64,
+            Readout::Mean | Readout::Cls => self.model.config.d_model as i64,
+        }
+    }
+
+    /// One forward of token rows of one length: the expected bins of the gene tokens (row-major
+    /// `[rows, tokens - 1]`, on the CPU) and the readout layer's states `[rows, tokens, d]` (`[CLS]`
+    /// included).
+    fn run(
+        &self,
+        gene_ids: &[i64],
+        bins: &[i64],
+        rows: usize,
+    ) -> Result<(Vec<f32>, Tensor), UnitError> {
         let seq = (gene_ids.len() / rows) as i64;
         let to = |v: &[i64]| {
             Tensor::from_slice(v)
@@ -214,8 +384,16 @@ impl Screener {
             bins: to(bins),
             valid: None,
         };
-        let hidden = tch::no_grad(|| self.model.forward(&tokens, Mode::EVAL).hidden);
-        hidden.narrow(1, 1, seq - 1)
+        let (forward, read) = tch::no_grad(|| {
+            self.model
+                .forward_reading(&tokens, Mode::EVAL, Some(self.plan.readout_layer as usize))
+        });
+        let expected = self.expected_bins(&forward.hidden.narrow(1, 1, seq - 1));
+        let expected = Vec::<f32>::try_from(expected.to_device(Device::Cpu).flatten(0, -1))?;
+        Ok((
+            expected,
+            read.expect("the readout layer exists (checked at load)"),
+        ))
     }
 
     /// The unperturbed tokens of `cell`.
@@ -226,35 +404,32 @@ impl Screener {
         bins.extend(self.bins[&cell].iter().map(|&b| i64::from(b)));
     }
 
-    /// The representation of each unperturbed cell in a chunk (`[rows, dim]`), from its gene states.
-    fn representation(&self, states: &Tensor) -> Tensor {
-        match self.plan.spec.embedding {
-            CellEmbedding::Hidden => states.mean_dim(1, false, Kind::Float),
-            CellEmbedding::Expression => self.expected_bins(states),
-        }
-    }
-
-    /// Mean representation of `cells` (chunks of the plan's batch).
+    /// Mean representation of unperturbed `cells` (chunks of the plan's batch), every coordinate kept.
     fn centroid(&self, cells: &[u64]) -> Tensor {
         let batch = self.plan.spec.execution.batch as usize;
-        let mut sum: Option<Tensor> = None;
+        let n = self.n_genes() as i64;
+        let mut sum = Tensor::zeros([self.dim()], (Kind::Float, self.device()));
         for chunk in cells.chunks(batch) {
             let (mut ids, mut bins) = (Vec::new(), Vec::new());
             for &c in chunk {
                 self.original_tokens(c, &mut ids, &mut bins);
             }
-            let reps = self
-                .representation(&self.gene_states(&ids, &bins, chunk.len()))
-                .sum_dim_intlist(0, false, Kind::Float);
-            sum = Some(match sum {
-                Some(s) => s + reps,
-                None => reps,
-            });
+            let (expected, read) = self
+                .run(&ids, &bins, chunk.len())
+                .expect("an unperturbed forward of stored cells succeeds");
+            let reps = match self.plan.spec.readout {
+                Readout::Expected => Tensor::from_slice(&expected)
+                    .view([chunk.len() as i64, n])
+                    .to_device(self.device()),
+                Readout::Mean => read.narrow(1, 1, n).mean_dim(1, false, Kind::Float),
+                Readout::Cls => read.select(1, 0),
+            };
+            sum += reps.sum_dim_intlist(0, false, Kind::Float);
         }
-        sum.expect("a state has cells") / cells.len() as f64
+        sum / cells.len() as f64
     }
 
-    /// Expected bins `[rows, tokens]` of hidden states `[rows, tokens, d]`.
+    /// Expected bins `[rows, tokens]` of final hidden states `[rows, tokens, d]`.
     fn expected_bins(&self, states: &Tensor) -> Tensor {
         let (r, t, d) = states.size3().expect("[rows, tokens, d]");
         let probs = self
@@ -265,247 +440,296 @@ impl Screener {
         probs.matmul(&bins).view([r, t])
     }
 
-    /// The unperturbed forward of every cell of a unit: hidden-state sums `[cells, d]`, expected bins
-    /// (row-major `cells x genes`), and for deletions in the hidden embedding the unit genes' own states
-    /// `[cells, unit genes, d]`. Whole cell blocks are cached, so a cell is embedded once per worker and
-    /// its batches are the same whichever worker computes it.
+    /// The unperturbed forward of a unit's cells, cached per cell (whole cell blocks, so a cell's batches
+    /// are the same whichever worker computes a unit). For the mean readout it also returns the
+    /// readout-layer states of `own_genes` (`[cells, own genes, d]`), computed afresh per unit: caching
+    /// every gene's state of every cell would not fit a large vocabulary.
     fn originals(
         &self,
         cells: &[u64],
         own_genes: Option<&Tensor>,
         stop: &AtomicBool,
-    ) -> Result<(Tensor, Vec<f32>, Option<Tensor>), UnitError> {
+    ) -> Result<Option<Tensor>, UnitError> {
         let batch = self.plan.spec.execution.batch as usize;
+        let n = self.n_genes();
         let cached = own_genes.is_none()
             && cells
                 .iter()
                 .all(|c| self.originals.borrow().contains_key(c));
+        if cached {
+            return Ok(None);
+        }
         let mut own = Vec::new();
-        if !cached {
-            for chunk in cells.chunks(batch) {
-                if stop.load(Ordering::Relaxed) {
-                    return Err(UnitError::Interrupted);
+        for chunk in cells.chunks(batch) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(UnitError::Interrupted);
+            }
+            let (mut ids, mut bins) = (Vec::new(), Vec::new());
+            for &c in chunk {
+                self.original_tokens(c, &mut ids, &mut bins);
+            }
+            let (expected, read) = self.run(&ids, &bins, chunk.len())?;
+            let reads = match self.plan.spec.readout {
+                Readout::Cls => read.select(1, 0),
+                Readout::Expected | Readout::Mean => {
+                    read.narrow(1, 1, n as i64)
+                        .sum_dim_intlist(1, false, Kind::Float)
                 }
-                let (mut ids, mut bins) = (Vec::new(), Vec::new());
-                for &c in chunk {
-                    self.original_tokens(c, &mut ids, &mut bins);
-                }
-                let states = self.gene_states(&ids, &bins, chunk.len());
-                let sums = states.sum_dim_intlist(1, false, Kind::Float);
-                let expected = self.expected_bins(&states).to_device(Device::Cpu);
-                if let Some(index) = own_genes {
-                    own.push(states.index_select(1, index));
-                }
-                let mut cache = self.originals.borrow_mut();
-                for (row, &c) in chunk.iter().enumerate() {
-                    let profile = Vec::<f32>::try_from(expected.get(row as i64))?;
-                    cache.insert(c, (sums.get(row as i64), profile));
-                }
+            };
+            if let Some(index) = own_genes {
+                // Gene g is token g + 1.
+                own.push(read.index_select(1, &(index + 1)));
+            }
+            let mut cache = self.originals.borrow_mut();
+            for (row, &c) in chunk.iter().enumerate() {
+                cache.insert(
+                    c,
+                    Original {
+                        read: reads.get(row as i64),
+                        expected: expected[row * n..(row + 1) * n].to_vec(),
+                    },
+                );
             }
         }
-        let cache = self.originals.borrow();
-        let sums = Tensor::stack(
-            &cells
-                .iter()
-                .map(|c| cache[c].0.shallow_clone())
-                .collect::<Vec<_>>(),
-            0,
-        );
-        let expected = cells
-            .iter()
-            .flat_map(|c| cache[c].1.iter().copied())
-            .collect();
-        let own = own_genes.map(|_| Tensor::cat(&own, 0));
-        Ok((sums, expected, own))
+        Ok(own_genes.map(|_| Tensor::cat(&own, 0)))
+    }
+
+    /// The perturbed sequences of one record: the target itself, and for a pair each gene alone.
+    fn variants(&self, record: usize, target: &Target, cell: u64) -> Vec<Variant> {
+        let kind = self.plan.spec.perturbation.kind;
+        let bins = &self.bins[&cell];
+        let mut perturbed = vec![target.perturbed_in(kind, bins)];
+        if target.kind == TargetKind::Pair {
+            perturbed.extend(target.genes.iter().map(|&g| vec![g]));
+        }
+        let top = i64::from(self.plan.n_bins) - 1;
+        let cls = i64::from(self.layout.cls_bin());
+        perturbed
+            .into_iter()
+            .map(|genes| {
+                let (ids, bins, at) = perturbed_sequence(kind, bins, &genes, cls, top);
+                Variant {
+                    record,
+                    ids,
+                    bins,
+                    at,
+                }
+            })
+            .collect()
     }
 
     /// Computes unit `unit`; `stop` is checked between forward passes.
     pub fn compute_unit(&self, unit: usize, stop: &AtomicBool) -> Result<UnitResult, UnitError> {
         let plan = &self.plan;
         let span = plan.unit(unit);
-        let unit_genes: Vec<u32> = plan.work_genes[span.genes.clone()].to_vec();
+        let unit_targets: Vec<&Target> = plan.targets[span.targets.clone()].iter().collect();
         let unit_cells: Vec<u64> = plan.cells[span.cells.clone()].to_vec();
         let n = self.n_genes();
         let n_states = plan.states.len();
+        let measure = measure_len(n_states);
         let batch = plan.spec.execution.batch as usize;
-        let kind = plan.spec.perturbation.kind;
-        let embedding = plan.spec.embedding;
-        let d = self.model.config.d_model as i64;
+        let readout = plan.spec.readout;
 
-        // A deletion in the hidden embedding leaves the deleted gene's own state out of the original
-        // embedding too, so both sides average the same genes.
-        let own_index = (kind == PerturbationKind::Delete && embedding == CellEmbedding::Hidden)
-            .then(|| {
-                Tensor::from_slice(&unit_genes.iter().map(|&g| i64::from(g)).collect::<Vec<_>>())
-                    .to_device(self.device())
-            });
-        let (original_sum, original_expected, original_own) =
-            self.originals(&unit_cells, own_index.as_ref(), stop)?;
+        // The mean readout leaves the targets' own token states out of the original mean too.
+        let mut own_genes: Vec<u32> = unit_targets
+            .iter()
+            .flat_map(|t| t.genes.iter().copied())
+            .collect();
+        own_genes.sort_unstable();
+        own_genes.dedup();
+        let own_index = (readout == Readout::Mean).then(|| {
+            Tensor::from_slice(&own_genes.iter().map(|&g| i64::from(g)).collect::<Vec<_>>())
+                .to_device(self.device())
+        });
+        let own_states = self.originals(&unit_cells, own_index.as_ref(), stop)?;
 
-        let mut pairs = Vec::new();
-        for (k, &g) in unit_genes.iter().enumerate() {
+        let mut records = Vec::new();
+        for (k, target) in unit_targets.iter().enumerate() {
             for (ci, cell) in unit_cells.iter().enumerate() {
-                if kind.applies(self.bins[cell][g as usize]) {
-                    pairs.push((k, ci));
+                if target.applies(plan.spec.perturbation.kind, &self.bins[cell]) {
+                    records.push((k, ci));
                 }
             }
         }
+        let with_expression = plan.spec.execution.anndata;
         let mut result = UnitResult {
             unit: unit as u32,
             plan_blake3: self.plan_blake3.clone(),
-            genes: unit_genes.clone(),
+            targets: span.targets.clone().map(|t| t as u32).collect(),
             n_vocabulary: n as u32,
             n_states: n_states as u32,
-            pair_gene: Vec::with_capacity(pairs.len()),
-            pair_cell: Vec::with_capacity(pairs.len()),
-            cosine_shift: Vec::with_capacity(pairs.len()),
-            state_shift: Vec::with_capacity(pairs.len() * n_states),
-            state_progress: Vec::with_capacity(pairs.len() * n_states),
+            record_target: Vec::with_capacity(records.len()),
+            record_cell: Vec::with_capacity(records.len()),
+            cosine_shift: Vec::with_capacity(records.len()),
+            state_shift: Vec::with_capacity(records.len() * n_states),
+            state_progress: Vec::with_capacity(records.len() * n_states),
+            alone: Vec::new(),
             delta_bin_sum: Vec::new(),
+            expression: with_expression.then(|| UnitExpression {
+                perturbed: Vec::with_capacity(records.len() * n),
+                original: Vec::with_capacity(unit_cells.len() * n),
+            }),
         };
-        let mut delta_sum = vec![0f64; unit_genes.len() * n];
-        let top = i64::from(plan.n_bins) - 1;
-        let cls = i64::from(self.layout.cls_bin());
-        for chunk in pairs.chunks(batch) {
+        if let Some(e) = result.expression.as_mut() {
+            let cache = self.originals.borrow();
+            for c in &unit_cells {
+                e.original.extend_from_slice(&cache[c].expected);
+            }
+        }
+        let mut delta_sum = vec![0f64; unit_targets.len() * n];
+        for chunk in records.chunks(batch) {
             if stop.load(Ordering::Relaxed) {
                 return Err(UnitError::Interrupted);
             }
-            let (mut ids, mut bins) = (Vec::new(), Vec::new());
-            for &(k, ci) in chunk {
-                let g = unit_genes[k] as usize;
-                let cell_bins = &self.bins[&unit_cells[ci]];
-                ids.push(0);
-                bins.push(cls);
-                let others = (0..n).filter(|&j| j != g);
-                match kind {
-                    PerturbationKind::Knockout => {
-                        ids.extend(1..=n as i64);
-                        bins.extend(cell_bins.iter().enumerate().map(|(j, &b)| {
-                            if j == g {
-                                0
-                            } else {
-                                i64::from(b)
+            let variants: Vec<Variant> = chunk
+                .iter()
+                .enumerate()
+                .flat_map(|(r, &(k, ci))| self.variants(r, unit_targets[k], unit_cells[ci]))
+                .collect();
+            // Per variant: its representation with the record's own genes left out, and the original's.
+            let mut perturbed_rows: Vec<Tensor> = Vec::with_capacity(variants.len());
+            let mut original_rows: Vec<Tensor> = Vec::with_capacity(variants.len());
+            // Forward passes take rows of one length; deletions of sets and pairs differ in length.
+            let mut lengths: Vec<usize> = variants.iter().map(|v| v.ids.len()).collect();
+            lengths.sort_unstable();
+            lengths.dedup();
+            let mut computed: Vec<Option<(Tensor, Tensor)>> =
+                (0..variants.len()).map(|_| None).collect();
+            let mut expected_of: Vec<Vec<f32>> = vec![Vec::new(); variants.len()];
+            for length in lengths {
+                let group: Vec<usize> = (0..variants.len())
+                    .filter(|&v| variants[v].ids.len() == length)
+                    .collect();
+                let ids: Vec<i64> = group
+                    .iter()
+                    .flat_map(|&v| variants[v].ids.clone())
+                    .collect();
+                let bins: Vec<i64> = group
+                    .iter()
+                    .flat_map(|&v| variants[v].bins.clone())
+                    .collect();
+                let (expected, read) = self.run(&ids, &bins, group.len())?;
+                let tokens = length - 1;
+                for (row, &v) in group.iter().enumerate() {
+                    let variant = &variants[v];
+                    let (k, ci) = chunk[variant.record];
+                    let target = unit_targets[k];
+                    let cell = unit_cells[ci];
+                    let after = &expected[row * tokens..(row + 1) * tokens];
+                    expected_of[v] = after.to_vec();
+                    let pair = match readout {
+                        Readout::Expected => {
+                            let cache = self.originals.borrow();
+                            let (p, o) = expected_profiles(
+                                after,
+                                &cache[&cell].expected,
+                                &variant.at,
+                                &target.genes,
+                            );
+                            let as_tensor =
+                                |v: &[f32]| Tensor::from_slice(v).to_device(self.device());
+                            (as_tensor(&p), as_tensor(&o))
+                        }
+                        Readout::Cls => {
+                            let cache = self.originals.borrow();
+                            (
+                                read.get(row as i64).get(0),
+                                cache[&cell].read.shallow_clone(),
+                            )
+                        }
+                        Readout::Mean => {
+                            let states = read.get(row as i64).narrow(0, 1, tokens as i64);
+                            let excluded: Vec<usize> = target
+                                .genes
+                                .iter()
+                                .filter_map(|&g| variant.at[g as usize])
+                                .collect();
+                            let perturbed = mean_without(&states, &excluded);
+                            let own = own_states.as_ref().expect("computed for the mean readout");
+                            let mut sum = self.originals.borrow()[&cell].read.shallow_clone();
+                            for &g in &target.genes {
+                                let slot =
+                                    own_genes.binary_search(&g).expect("a unit target's gene");
+                                sum = sum - own.get(ci as i64).get(slot as i64);
                             }
-                        }));
-                    }
-                    PerturbationKind::Delete => {
-                        ids.extend(others.clone().map(|j| j as i64 + 1));
-                        bins.extend(others.map(|j| i64::from(cell_bins[j])));
-                    }
-                    PerturbationKind::Overexpress => {
-                        ids.push(g as i64 + 1);
-                        bins.push(top);
-                        ids.extend(others.clone().map(|j| j as i64 + 1));
-                        bins.extend(others.map(|j| i64::from(cell_bins[j])));
-                    }
+                            let original = sum / (n - target.genes.len()) as f64;
+                            (perturbed, original)
+                        }
+                    };
+                    computed[v] = Some(pair);
                 }
             }
-            let states = self.gene_states(&ids, &bins, chunk.len());
-            let tokens = states.size()[1] as usize;
-            let expected: Vec<f32> = Vec::<f32>::try_from(
-                self.expected_bins(&states)
-                    .to_device(Device::Cpu)
-                    .flatten(0, -1),
+            for slot in computed {
+                let (p, o) = slot.expect("every variant was computed");
+                perturbed_rows.push(p);
+                original_rows.push(o);
+            }
+            let states = match (&self.centroids, &self.axes) {
+                (Some(centroids), Some(axes)) => {
+                    let rows = Tensor::from_slice(
+                        &variants
+                            .iter()
+                            .flat_map(|v| {
+                                let cell = unit_cells[chunk[v.record].1];
+                                let base = (self.stratum_of[&cell] * n_states) as i64;
+                                (0..n_states as i64).map(move |s| base + s)
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                    .to_device(self.device());
+                    let dim = self.dim();
+                    Some((
+                        centroids
+                            .index_select(0, &rows)
+                            .view([-1, n_states as i64, dim]),
+                        axes.index_select(0, &rows).view([-1, n_states as i64, dim]),
+                    ))
+                }
+                _ => None,
+            };
+            let values = measures(
+                &Tensor::stack(&perturbed_rows, 0),
+                &Tensor::stack(&original_rows, 0),
+                states.as_ref().map(|(t, a)| (t, a)),
             )?;
-            // Expected bins in vocabulary order, perturbed and original, per pair; a deleted gene is
-            // left out of both (0).
-            let mut perturbed_profile = Vec::with_capacity(chunk.len() * n);
-            let mut original_profile = Vec::with_capacity(chunk.len() * n);
-            for (row, &(k, ci)) in chunk.iter().enumerate() {
-                let g = unit_genes[k] as usize;
-                let before = &original_expected[ci * n..(ci + 1) * n];
-                let after = &expected[row * tokens..(row + 1) * tokens];
+            let mut v = 0;
+            for (r, &(k, ci)) in chunk.iter().enumerate() {
+                let target = unit_targets[k];
+                let cell = unit_cells[ci];
+                let main = &values[v * measure..(v + 1) * measure];
+                result
+                    .record_target
+                    .push(span.targets.start as u32 + k as u32);
+                result.record_cell.push(cell);
+                result.cosine_shift.push(main[0]);
+                result.state_shift.extend_from_slice(&main[1..1 + n_states]);
+                result
+                    .state_progress
+                    .extend_from_slice(&main[1 + n_states..]);
+                // The change of every other gene's expected bin, and the expression AnnData shows.
+                let variant = &variants[v];
+                debug_assert_eq!(variant.record, r);
+                let cache = self.originals.borrow();
+                let before = &cache[&cell].expected;
                 let sums = &mut delta_sum[k * n..(k + 1) * n];
                 for j in 0..n {
-                    // Where gene j sits among the perturbed sequence's gene tokens.
-                    let at = match kind {
-                        PerturbationKind::Knockout => Some(j),
-                        PerturbationKind::Delete if j == g => None,
-                        PerturbationKind::Delete => Some(j - usize::from(j > g)),
-                        PerturbationKind::Overexpress if j == g => Some(0),
-                        PerturbationKind::Overexpress => Some(j + usize::from(j < g)),
-                    };
-                    let value = at.map_or(0.0, |at| after[at]);
-                    perturbed_profile.push(value);
-                    original_profile.push(if at.is_some() { before[j] } else { 0.0 });
-                    if j != g {
-                        sums[j] += f64::from(value - before[j]);
+                    if let Some(at) = variant.at[j] {
+                        if !target.genes.contains(&(j as u32)) {
+                            sums[j] += f64::from(expected_of[v][at] - before[j]);
+                        }
                     }
                 }
-                result.pair_gene.push(unit_genes[k]);
-                result.pair_cell.push(unit_cells[ci]);
-            }
-            let cell_rows =
-                Tensor::from_slice(&chunk.iter().map(|&(_, ci)| ci as i64).collect::<Vec<_>>())
-                    .to_device(self.device());
-            let (perturbed, original) = match embedding {
-                CellEmbedding::Expression => {
-                    let as_tensor = |v: &[f32]| {
-                        Tensor::from_slice(v)
-                            .view([chunk.len() as i64, n as i64])
-                            .to_device(self.device())
-                    };
-                    (as_tensor(&perturbed_profile), as_tensor(&original_profile))
+                if let Some(e) = result.expression.as_mut() {
+                    e.perturbed
+                        .extend((0..n).map(|j| variant.at[j].map_or(0.0, |at| expected_of[v][at])));
                 }
-                CellEmbedding::Hidden => {
-                    let sums = original_sum.index_select(0, &cell_rows);
-                    let original = match &original_own {
-                        Some(own) => {
-                            let gene_rows = Tensor::from_slice(
-                                &chunk.iter().map(|&(k, _)| k as i64).collect::<Vec<_>>(),
-                            )
-                            .to_device(self.device());
-                            let own = own
-                                .index_select(0, &cell_rows)
-                                .gather(
-                                    1,
-                                    &gene_rows.view([-1, 1, 1]).expand([-1, 1, d], false),
-                                    false,
-                                )
-                                .squeeze_dim(1);
-                            (sums - own) / (n as f64 - 1.0)
-                        }
-                        None => sums / n as f64,
-                    };
-                    (states.mean_dim(1, false, Kind::Float), original)
+                v += 1;
+                if target.kind == TargetKind::Pair {
+                    result
+                        .alone
+                        .extend_from_slice(&values[v * measure..(v + 2) * measure]);
+                    v += 2;
                 }
-            };
-            let dim = perturbed.size()[1];
-            let cosine_shift =
-                Tensor::cosine_similarity(&perturbed, &original, 1, 1e-12).neg() + 1.0;
-            result
-                .cosine_shift
-                .extend(Vec::<f32>::try_from(cosine_shift.to_device(Device::Cpu))?);
-            if let (Some(centroids), Some(axes)) = (&self.centroids, &self.axes) {
-                // Each pair against its stratum's state centroids: [rows, states, dim].
-                let states_n = n_states as i64;
-                let rows = Tensor::from_slice(
-                    &chunk
-                        .iter()
-                        .flat_map(|&(_, ci)| {
-                            let base = (self.stratum_of[&unit_cells[ci]] * n_states) as i64;
-                            (0..states_n).map(move |s| base + s)
-                        })
-                        .collect::<Vec<_>>(),
-                )
-                .to_device(self.device());
-                let targets = centroids.index_select(0, &rows).view([-1, states_n, dim]);
-                let toward = |x: &Tensor| {
-                    (unit_rows(x).unsqueeze(1) * &targets).sum_dim_intlist(2, false, Kind::Float)
-                };
-                let shift = toward(&perturbed) - toward(&original);
-                result.state_shift.extend(Vec::<f32>::try_from(
-                    shift.to_device(Device::Cpu).flatten(0, -1),
-                )?);
-                let axes = axes.index_select(0, &rows).view([-1, states_n, dim]);
-                let progress = ((&perturbed - &original).unsqueeze(1) * axes).sum_dim_intlist(
-                    2,
-                    false,
-                    Kind::Float,
-                );
-                result.state_progress.extend(Vec::<f32>::try_from(
-                    progress.to_device(Device::Cpu).flatten(0, -1),
-                )?);
             }
         }
         result.delta_bin_sum = delta_sum.into_iter().map(|v| v as f32).collect();
@@ -529,4 +753,72 @@ fn unit_rows(x: &Tensor) -> Tensor {
     x / x
         .norm_scalaropt_dim(2.0, [-1i64].as_slice(), true)
         .clamp_min(1e-12)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever a knockout does to gene g's own readout, no shift changes: its coordinate is left out of
+    /// both sides. (The regression this guards: a knocked-out gene high in the screened cells moved
+    /// every cell toward the goal through its own coordinate falling to 0.)
+    #[test]
+    fn a_knocked_out_genes_own_expected_expression_counts_on_neither_side() {
+        let bins = [3u8, 0, 5, 1, 2, 4];
+        let before = [2.9f32, 0.4, 4.6, 1.2, 2.1, 3.8];
+        let (_, _, at) = perturbed_sequence(PerturbationKind::Knockout, &bins, &[2], 9, 7);
+        let state = Tensor::from_slice(&[0.0f32, 0.3, 0.1, 1.5, 0.2, 0.9]).view([1, 1, 6]);
+        let unit_state = unit_rows(&state);
+        let axis = &state / 3.0;
+        let shifts = |own_readout: f32| {
+            let after = [2.7f32, 0.5, own_readout, 1.0, 2.4, 3.5];
+            let (p, o) = expected_profiles(&after, &before, &at, &[2]);
+            assert_eq!((p[2], o[2]), (0.0, 0.0));
+            measures(
+                &Tensor::from_slice(&p).view([1, 6]),
+                &Tensor::from_slice(&o).view([1, 6]),
+                Some((&unit_state, &axis)),
+            )
+            .unwrap()
+        };
+        let reference = shifts(0.0);
+        for own in [4.6f32, 42.0, -3.0] {
+            assert_eq!(shifts(own), reference, "gene 2's own readout {own}");
+        }
+        // The other genes' changes do count.
+        assert!(
+            reference.iter().all(|v| v.is_finite() && *v != 0.0),
+            "{reference:?}"
+        );
+    }
+
+    #[test]
+    fn a_perturbed_genes_own_token_state_is_left_out_of_the_mean() {
+        let states = Tensor::arange(5 * 3, (Kind::Float, Device::Cpu)).view([5, 3]);
+        let base = mean_without(&states, &[1, 3]);
+        let changed = states.copy();
+        let _ = changed.get(1).fill_(100.0);
+        let _ = changed.get(3).fill_(-7.0);
+        assert_eq!(
+            Vec::<f32>::try_from(mean_without(&changed, &[1, 3])).unwrap(),
+            Vec::<f32>::try_from(&base).unwrap()
+        );
+        let kept = Vec::<f32>::try_from(&base).unwrap();
+        assert_eq!(kept, vec![6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn perturbed_sequences_place_every_gene() {
+        let bins = [3u8, 0, 5, 1];
+        let (ids, input, at) = perturbed_sequence(PerturbationKind::Delete, &bins, &[0, 2], 9, 7);
+        assert_eq!((ids, input), (vec![0, 2, 4], vec![9, 0, 1]));
+        assert_eq!(at, vec![None, Some(0), None, Some(1)]);
+        let (ids, input, at) =
+            perturbed_sequence(PerturbationKind::Overexpress, &bins, &[1, 3], 9, 7);
+        assert_eq!((ids, input), (vec![0, 2, 4, 1, 3], vec![9, 7, 7, 3, 5]));
+        assert_eq!(at, vec![Some(2), Some(0), Some(3), Some(1)]);
+        let (_, input, at) = perturbed_sequence(PerturbationKind::Knockout, &bins, &[2], 9, 7);
+        assert_eq!(input, vec![9, 3, 0, 0, 1]);
+        assert_eq!(at, vec![Some(0), Some(1), Some(2), Some(3)]);
+    }
 }

@@ -11,7 +11,7 @@ use cellfleet_shared::corpus::manifest::MISSING_LABEL;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::screen::{
     CheckpointId, GeneSelection, GoalSpec, PerturbationKind, ScreenPlan, ScreenSpec, StateCells,
-    PLAN_FILE, PLAN_FORMAT,
+    Target, TargetKind, PLAN_FILE, PLAN_FORMAT,
 };
 use cellfleet_shared::storage::{S3Options, Store};
 
@@ -100,6 +100,31 @@ fn index_corpus(corpus: &Corpus) -> anyhow::Result<CorpusIndex> {
     Ok(index)
 }
 
+/// Every label column of the corpus with each of `cells`' values (`""` where a cell has none).
+pub fn cell_labels(corpus: &Corpus, cells: &[u64]) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let index = index_corpus(corpus)?;
+    Ok(corpus
+        .manifest
+        .label_columns
+        .iter()
+        .enumerate()
+        .map(|(col, column)| {
+            let values = cells
+                .iter()
+                .map(|&c| {
+                    let code = index.labels[c as usize * index.columns + col];
+                    if code == MISSING_LABEL {
+                        String::new()
+                    } else {
+                        column.categories[code as usize].clone()
+                    }
+                })
+                .collect();
+            (column.name.clone(), values)
+        })
+        .collect())
+}
+
 /// The bins of `cells` (corpus positions), read block by block.
 pub fn read_cells(corpus: &Corpus, cells: &[u64]) -> anyhow::Result<HashMap<u64, Vec<u8>>> {
     let offsets = corpus.manifest.shard_offsets();
@@ -159,10 +184,10 @@ pub fn resolve_plan(
         .iter()
         .map(|&c| labels.index.names[c as usize].clone())
         .collect();
-    let (genes, null_genes) = select_genes(spec, spec_dir, &vocabulary)?;
-    let mut work_genes: Vec<u32> = genes.iter().chain(&null_genes).copied().collect();
-    work_genes.sort_unstable();
-    work_genes.dedup();
+    let selected = select_genes(spec, spec_dir, &vocabulary)?;
+    let readout_layer = resolve_layer(spec.layer, state.model.n_layers)?;
+    let (genes, null_genes) = (selected.singles.clone(), selected.null.clone());
+    let targets = build_targets(&vocabulary, selected);
     if spec.perturbation.kind == PerturbationKind::Delete && vocabulary.len() < 2 {
         bail!("perturbation.kind = \"delete\" needs a vocabulary of at least 2 genes (a cell without genes has no embedding)");
     }
@@ -186,19 +211,20 @@ pub fn resolve_plan(
         n_bins: corpus.manifest.bins.n_bins,
         genes,
         null_genes,
-        work_genes,
+        targets,
+        readout_layer,
         cells,
         cell_names,
         states,
         strata,
         cell_strata,
-        unit_pairs: Vec::new(),
+        unit_records: Vec::new(),
     };
     let bins = read_cells(&corpus, &plan.cells)?;
-    plan.unit_pairs = (0..plan.unit_count())
-        .map(|u| applicable_pairs(&plan, &bins, u).len() as u64)
+    plan.unit_records = (0..plan.unit_count())
+        .map(|u| applicable_records(&plan, &bins, u).len() as u64)
         .collect();
-    if plan.total_pairs() == 0 {
+    if plan.total_records() == 0 {
         bail!(
             "no gene of the screen is expressed in any selected cell: a {} changes nothing",
             spec.perturbation.kind.name()
@@ -310,18 +336,26 @@ fn select_cells(spec: &ScreenSpec, labels: &Labels<'_>) -> anyhow::Result<Vec<u6
     Ok(SplitMix::new(spec.seed, "cells").sample(matching, cap))
 }
 
-/// The screened genes (vocabulary ids, ascending) and the random null genes drawn by the seed.
+/// What a screen perturbs, by vocabulary id: single genes (ascending), named sets, the anchor of the
+/// pairs, and the random null genes drawn by the seed.
+struct SelectedGenes {
+    singles: Vec<u32>,
+    sets: Vec<(String, Vec<u32>)>,
+    anchor: Option<u32>,
+    null: Vec<u32>,
+}
+
 fn select_genes(
     spec: &ScreenSpec,
     spec_dir: &Path,
     vocabulary: &[String],
-) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+) -> anyhow::Result<SelectedGenes> {
     let position: HashMap<&str, u32> = vocabulary
         .iter()
         .enumerate()
         .map(|(i, g)| (g.as_str(), i as u32))
         .collect();
-    let named = |names: Vec<String>, field: &str| -> anyhow::Result<Vec<u32>> {
+    let named = |names: &[String], field: &str| -> anyhow::Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(names.len());
         for name in names {
             let id = position.get(name.as_str()).ok_or_else(|| {
@@ -336,24 +370,63 @@ fn select_genes(
         ids.dedup();
         Ok(ids)
     };
-    let genes = match &spec.genes {
-        GeneSelection::Keyword(_) => (0..vocabulary.len() as u32).collect(),
-        GeneSelection::List(list) => named(list.clone(), "genes")?,
-        GeneSelection::File { file } => {
-            let path = spec_dir.join(file);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("genes.file: cannot read {}", path.display()))?;
-            let names: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect();
-            if names.is_empty() {
-                bail!("genes.file: {} lists no genes", path.display());
+    let singles_of = |selection: &GeneSelection, field: &str| -> anyhow::Result<Vec<u32>> {
+        match selection {
+            GeneSelection::Keyword(_) => Ok((0..vocabulary.len() as u32).collect()),
+            GeneSelection::List(list) if list.is_empty() => {
+                bail!("{field} = []: the gene list is empty")
             }
-            named(names, &format!("genes.file {}", path.display()))?
+            GeneSelection::List(list) => named(list, field),
+            GeneSelection::File(file) => {
+                let path = spec_dir.join(&file.file);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("{field}.file: cannot read {}", path.display()))?;
+                let names: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from)
+                    .collect();
+                if names.is_empty() {
+                    bail!("{field}.file: {} lists no genes", path.display());
+                }
+                named(&names, &format!("{field}.file {}", path.display()))
+            }
+            GeneSelection::Sets(_) => bail!("{field} cannot hold sets"),
         }
+    };
+    let (mut singles, sets) = match &spec.genes {
+        GeneSelection::Sets(sets) => {
+            let singles = match &sets.singles {
+                Some(selection) => singles_of(selection, "genes.singles")?,
+                None => Vec::new(),
+            };
+            let mut resolved = Vec::with_capacity(sets.sets.len());
+            for (name, genes) in &sets.sets {
+                let field = format!("genes.sets.{name}");
+                let ids = named(genes, &field)?;
+                if ids.len() < 2 {
+                    bail!("{field} names one gene twice: a set needs at least 2 different genes");
+                }
+                if vocabulary.iter().any(|g| g == name) {
+                    bail!("{field}: the set is named like the vocabulary gene {name:?}; give it another name");
+                }
+                resolved.push((name.clone(), ids));
+            }
+            (singles, resolved)
+        }
+        selection => (singles_of(selection, "genes")?, Vec::new()),
+    };
+    let anchor = match &spec.combinations {
+        Some(c) => {
+            let id = named(std::slice::from_ref(&c.anchor), "combinations.anchor")?[0];
+            // The anchor alone is what its pairs are compared with, so it is screened too.
+            if let Err(at) = singles.binary_search(&id) {
+                singles.insert(at, id);
+            }
+            Some(id)
+        }
+        None => None,
     };
     if spec.null.genes as usize > vocabulary.len() {
         bail!(
@@ -362,11 +435,80 @@ fn select_genes(
             vocabulary.len()
         );
     }
-    let null_genes = SplitMix::new(spec.seed, "null genes").sample(
+    let null = SplitMix::new(spec.seed, "null genes").sample(
         (0..vocabulary.len() as u32).collect(),
         spec.null.genes as usize,
     );
-    Ok((genes, null_genes))
+    Ok(SelectedGenes {
+        singles,
+        sets,
+        anchor,
+        null,
+    })
+}
+
+/// The units' targets: single genes (screened and null, ascending, each once), then the sets, then the
+/// anchor paired with every single gene but itself (null genes included: their pairs are the
+/// interaction's null).
+fn build_targets(vocabulary: &[String], selected: SelectedGenes) -> Vec<Target> {
+    let mut singles: Vec<u32> = selected
+        .singles
+        .iter()
+        .chain(&selected.null)
+        .copied()
+        .collect();
+    singles.sort_unstable();
+    singles.dedup();
+    let screened = |g: &u32| selected.singles.binary_search(g).is_ok();
+    let null = |g: &u32| selected.null.binary_search(g).is_ok();
+    let mut targets: Vec<Target> = singles
+        .iter()
+        .map(|g| Target {
+            name: vocabulary[*g as usize].clone(),
+            kind: TargetKind::Gene,
+            genes: vec![*g],
+            screened: screened(g),
+            null: null(g),
+        })
+        .collect();
+    targets.extend(selected.sets.into_iter().map(|(name, genes)| Target {
+        name,
+        kind: TargetKind::Set,
+        genes,
+        screened: true,
+        null: false,
+    }));
+    if let Some(anchor) = selected.anchor {
+        targets.extend(singles.iter().filter(|&&g| g != anchor).map(|g| Target {
+            name: format!(
+                "{}+{}",
+                vocabulary[anchor as usize], vocabulary[*g as usize]
+            ),
+            kind: TargetKind::Pair,
+            genes: vec![anchor, *g],
+            screened: screened(g),
+            null: null(g),
+        }));
+    }
+    targets
+}
+
+/// `layer` as a block count (0 = token embeddings, `n_layers` = the last layer); negative counts from
+/// the end.
+fn resolve_layer(layer: i32, n_layers: usize) -> anyhow::Result<u32> {
+    let n = n_layers as i64;
+    let resolved = if layer < 0 {
+        n + 1 + i64::from(layer)
+    } else {
+        i64::from(layer)
+    };
+    if !(0..=n).contains(&resolved) {
+        bail!(
+            "layer = {layer}: the model has {n} layers; choose 0 (token embeddings) to {n} (the last), or -1 (the last) to -{} (token embeddings)",
+            n + 1
+        );
+    }
+    Ok(resolved as u32)
 }
 
 /// The strata of `goal.match_column`: its categories, every screened cell's stratum, and the column.
@@ -477,23 +619,24 @@ fn goal_states(
     Ok(states)
 }
 
-/// The (unit gene index, unit cell index) pairs of `unit` the perturbation applies to, gene-major.
-fn applicable_pairs(
+/// The (unit target index, unit cell index) records of `unit`: the cells each target applies to,
+/// target-major.
+pub fn applicable_records(
     plan: &ScreenPlan,
     bins: &HashMap<u64, Vec<u8>>,
     unit: usize,
 ) -> Vec<(usize, usize)> {
     let span = plan.unit(unit);
     let kind = plan.spec.perturbation.kind;
-    let mut pairs = Vec::new();
-    for (k, &g) in plan.work_genes[span.genes].iter().enumerate() {
+    let mut records = Vec::new();
+    for (k, target) in plan.targets[span.targets].iter().enumerate() {
         for (ci, cell) in plan.cells[span.cells.clone()].iter().enumerate() {
-            if kind.applies(bins[cell][g as usize]) {
-                pairs.push((k, ci));
+            if target.applies(kind, &bins[cell]) {
+                records.push((k, ci));
             }
         }
     }
-    pairs
+    records
 }
 
 /// Opens the store location of a screen.
@@ -533,14 +676,14 @@ pub fn load_plan(store: &Store, expected_blake3: &str) -> anyhow::Result<ScreenP
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellfleet_shared::screen::CellEmbedding;
+    use cellfleet_shared::screen::Readout;
 
     #[test]
     fn the_example_screen_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configs/screen-kang.toml");
         let spec = read_spec(&path).unwrap();
         assert_eq!(spec.genes, GeneSelection::Keyword("all".into()));
-        assert_eq!(spec.embedding, CellEmbedding::Expression);
+        assert_eq!(spec.readout, Readout::Expected);
         let goal = spec.goal.unwrap();
         assert_eq!(goal.match_column.as_deref(), Some("cell_type"));
         assert_eq!(spec.cells.filter["condition"].values(), vec!["stimulated"]);

@@ -304,15 +304,15 @@ impl Session {
             key,
             blake3,
             bytes: size,
-            pairs: result.pairs() as u64,
+            pairs: result.records() as u64,
             seconds,
             error: String::new(),
         })?;
         eprintln!(
             "screen {} unit {unit}/{units}: {} pairs in {seconds:.2}s ({:.0} pairs/s){}",
             self.id,
-            result.pairs(),
-            result.pairs() as f64 / seconds.max(1e-9),
+            result.records(),
+            result.records() as f64 / seconds.max(1e-9),
             if answer.accepted {
                 String::new()
             } else {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use cellfleet_shared::screen::{
-    CompletedScreen, GeneEffect, Merger, ScreenPlan, ScreenResults, UnitResult,
+    CompletedScreen, Merger, RecordEffect, ScreenPlan, ScreenResults, TargetEffect, UnitResult,
 };
 use cellfleet_shared::storage::S3Options;
 use parquet::basic::{Compression, ZstdLevel};
@@ -88,15 +88,28 @@ pub fn write_results(
         merger.add(&unit.key, result)?;
     }
     let per_cell = per_cell || plan.spec.execution.per_cell;
-    let results = merger.finish(per_cell)?;
+    let results = merger.finish(per_cell || plan.spec.execution.anndata)?;
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut tables = vec![write_gene_table(
         &plan,
-        &results.genes,
+        &results.targets,
         &out.join("genes.parquet"),
     )?];
-    if let Some(pairs) = &results.pairs {
-        tables.push(write_pair_table(&plan, pairs, &out.join("cells.parquet"))?);
+    if let (true, Some(records)) = (per_cell, &results.records) {
+        tables.push(write_record_table(
+            &plan,
+            records,
+            &out.join("cells.parquet"),
+        )?);
+    }
+    if let (Some(records), Some(expression)) = (&results.records, &results.expression) {
+        tables.push(super::anndata_output::write_cells_h5ad(
+            &plan,
+            records,
+            expression,
+            &out.join("cells.h5ad"),
+            s3,
+        )?);
     }
     let record = ScreenRecord {
         format: "cellfleet-screen-results/1",
@@ -120,7 +133,7 @@ pub fn write_results(
             .map(|s| (s.name.as_str(), s.cells.len()))
             .collect(),
         units: plan.unit_count(),
-        pairs: results.total_pairs,
+        pairs: results.total_records,
         units_released: screen.units_released,
         pairs_per_second: screen.pairs_per_second,
         message: &screen.message,
@@ -183,6 +196,8 @@ enum Column {
     Float(Vec<f32>),
     Double(Vec<f64>),
     Bool(Vec<bool>),
+    /// Missing where `None`.
+    OptionalInt32(Vec<Option<i32>>),
     /// A list per row (`values`, and where each row's list starts).
     TextList(Vec<ByteArray>, Vec<usize>),
     DoubleList(Vec<f64>, Vec<usize>),
@@ -197,6 +212,7 @@ impl Column {
             Column::Float(_) => format!("required float {name};"),
             Column::Double(_) => format!("required double {name};"),
             Column::Bool(_) => format!("required boolean {name};"),
+            Column::OptionalInt32(_) => format!("optional int32 {name};"),
             Column::TextList(..) => format!(
                 "required group {name} (LIST) {{ repeated group list {{ required binary element (UTF8); }} }}"
             ),
@@ -269,6 +285,13 @@ fn write_table(
             Column::Bool(v) => {
                 column.typed::<BoolType>().write_batch(v, None, None)?;
             }
+            Column::OptionalInt32(v) => {
+                let present: Vec<i32> = v.iter().flatten().copied().collect();
+                let def: Vec<i16> = v.iter().map(|x| i16::from(x.is_some())).collect();
+                column
+                    .typed::<Int32Type>()
+                    .write_batch(&present, Some(&def), None)?;
+            }
             Column::TextList(v, starts) => {
                 let (def, rep) = list_levels(starts, v.len());
                 column
@@ -294,61 +317,101 @@ fn text(s: &str) -> ByteArray {
     ByteArray::from(s.as_bytes().to_vec())
 }
 
-/// `genes.parquet`: one row per screened gene, by rank (the columns are documented in docs/screens.md).
+/// The pair columns of a table whose plan has pairs: the anchor alone, the other gene alone, the
+/// interaction (NaN on rows that are not pairs).
+fn pair_columns<T>(
+    columns: &mut Vec<(String, Column)>,
+    rows: &[T],
+    values: impl Fn(&T) -> Option<Vec<f64>>,
+    names: &[&str],
+) {
+    for (i, name) in names.iter().enumerate() {
+        columns.push((
+            name.to_string(),
+            Column::Double(
+                rows.iter()
+                    .map(|r| values(r).map_or(f64::NAN, |v| v[i]))
+                    .collect(),
+            ),
+        ));
+    }
+}
+
+/// `genes.parquet`: one row per screened target (a gene, a set or a pair), by rank (the columns are
+/// documented in docs/screens.md).
 fn write_gene_table(
     plan: &ScreenPlan,
-    genes: &[GeneEffect],
+    targets: &[TargetEffect],
     path: &Path,
 ) -> anyhow::Result<PathBuf> {
+    let mut member_starts = Vec::with_capacity(targets.len());
+    let mut members = Vec::new();
+    for t in targets {
+        member_starts.push(members.len());
+        members.extend(t.genes.iter().map(|g| text(g)));
+    }
     let mut columns = vec![
         (
             "rank".to_string(),
-            Column::Int32(genes.iter().map(|g| g.rank as i32).collect()),
+            Column::Int32(targets.iter().map(|g| g.rank as i32).collect()),
         ),
         (
             "gene".to_string(),
-            Column::Text(genes.iter().map(|g| text(&g.gene)).collect()),
+            Column::Text(targets.iter().map(|g| text(&g.name)).collect()),
+        ),
+        (
+            "kind".to_string(),
+            Column::Text(targets.iter().map(|g| text(g.kind.name())).collect()),
+        ),
+        (
+            "genes".to_string(),
+            Column::TextList(members, member_starts),
         ),
         (
             "gene_id".to_string(),
-            Column::Int32(genes.iter().map(|g| g.gene_id as i32).collect()),
+            Column::OptionalInt32(
+                targets
+                    .iter()
+                    .map(|g| g.gene_id.map(|id| id as i32))
+                    .collect(),
+            ),
         ),
         (
             "n_cells".to_string(),
-            Column::Int64(genes.iter().map(|g| g.n_cells as i64).collect()),
+            Column::Int64(targets.iter().map(|g| g.n_cells as i64).collect()),
         ),
         (
             "cosine_shift".to_string(),
-            Column::Double(genes.iter().map(|g| g.cosine_shift).collect()),
+            Column::Double(targets.iter().map(|g| g.cosine_shift).collect()),
         ),
     ];
     for (s, name) in state_columns(plan).into_iter().enumerate() {
         columns.push((
             name,
-            Column::Double(genes.iter().map(|g| g.state_shift[s]).collect()),
+            Column::Double(targets.iter().map(|g| g.state_shift[s]).collect()),
         ));
     }
     for (s, name) in progress_columns(plan).into_iter().enumerate() {
         columns.push((
             name,
-            Column::Double(genes.iter().map(|g| g.state_progress[s]).collect()),
+            Column::Double(targets.iter().map(|g| g.state_progress[s]).collect()),
         ));
     }
     columns.push((
         "p_value".into(),
-        Column::Double(genes.iter().map(|g| g.p_value).collect()),
+        Column::Double(targets.iter().map(|g| g.p_value).collect()),
     ));
     columns.push((
         "fdr".into(),
-        Column::Double(genes.iter().map(|g| g.fdr).collect()),
+        Column::Double(targets.iter().map(|g| g.fdr).collect()),
     ));
     columns.push((
         "null_gene".into(),
-        Column::Bool(genes.iter().map(|g| g.null_gene).collect()),
+        Column::Bool(targets.iter().map(|g| g.null_gene).collect()),
     ));
-    let mut starts = Vec::with_capacity(genes.len());
+    let mut starts = Vec::with_capacity(targets.len());
     let (mut names, mut deltas) = (Vec::new(), Vec::new());
-    for g in genes {
+    for g in targets {
         starts.push(names.len());
         for (name, delta) in &g.top_affected {
             names.push(text(name));
@@ -363,13 +426,50 @@ fn write_gene_table(
         "top_affected_delta_bin".into(),
         Column::DoubleList(deltas, starts),
     ));
+    if plan.anchor().is_some() {
+        pair_columns(
+            &mut columns,
+            targets,
+            |t| {
+                t.pair.as_ref().map(|p| {
+                    vec![
+                        p.anchor_alone,
+                        p.gene_alone,
+                        p.interaction,
+                        p.p_value,
+                        p.fdr,
+                    ]
+                })
+            },
+            &[
+                "anchor_alone",
+                "gene_alone",
+                "interaction",
+                "interaction_p_value",
+                "interaction_fdr",
+            ],
+        );
+    }
+    columns.push((
+        "readout".into(),
+        Column::Text(
+            targets
+                .iter()
+                .map(|_| text(plan.spec.readout.name()))
+                .collect(),
+        ),
+    ));
+    columns.push((
+        "layer".into(),
+        Column::Int32(targets.iter().map(|_| plan.readout_layer as i32).collect()),
+    ));
     write_table(path, "screen_genes", columns)
 }
 
-/// `cells.parquet`: one row per perturbed (gene, cell) pair.
-fn write_pair_table(
+/// `cells.parquet`: one row per perturbed (target, cell).
+fn write_record_table(
     plan: &ScreenPlan,
-    pairs: &[cellfleet_shared::screen::PairEffect],
+    records: &[RecordEffect],
     path: &Path,
 ) -> anyhow::Result<PathBuf> {
     let names: std::collections::HashMap<u64, &str> = plan
@@ -378,28 +478,42 @@ fn write_pair_table(
         .zip(&plan.cell_names)
         .map(|(&c, n)| (c, n.as_str()))
         .collect();
+    let target = |r: &RecordEffect| &plan.targets[r.target as usize];
     let mut columns = vec![
         (
             "gene".to_string(),
+            Column::Text(records.iter().map(|r| text(&target(r).name)).collect()),
+        ),
+        (
+            "kind".to_string(),
             Column::Text(
-                pairs
+                records
                     .iter()
-                    .map(|p| text(&plan.vocabulary[p.gene_id as usize]))
+                    .map(|r| text(target(r).kind.name()))
                     .collect(),
             ),
         ),
         (
             "gene_id".to_string(),
-            Column::Int32(pairs.iter().map(|p| p.gene_id as i32).collect()),
+            Column::OptionalInt32(
+                records
+                    .iter()
+                    .map(|r| {
+                        let t = target(r);
+                        (t.kind == cellfleet_shared::screen::TargetKind::Gene)
+                            .then_some(t.genes[0] as i32)
+                    })
+                    .collect(),
+            ),
         ),
         (
             "cell".to_string(),
-            Column::Int64(pairs.iter().map(|p| p.cell as i64).collect()),
+            Column::Int64(records.iter().map(|p| p.cell as i64).collect()),
         ),
         (
             "cell_name".to_string(),
             Column::Text(
-                pairs
+                records
                     .iter()
                     .map(|p| text(names.get(&p.cell).copied().unwrap_or("")))
                     .collect(),
@@ -407,20 +521,36 @@ fn write_pair_table(
         ),
         (
             "cosine_shift".to_string(),
-            Column::Float(pairs.iter().map(|p| p.cosine_shift).collect()),
+            Column::Float(records.iter().map(|p| p.cosine_shift).collect()),
         ),
     ];
     for (s, name) in state_columns(plan).into_iter().enumerate() {
         columns.push((
             name,
-            Column::Float(pairs.iter().map(|p| p.state_shift[s]).collect()),
+            Column::Float(records.iter().map(|p| p.state_shift[s]).collect()),
         ));
     }
     for (s, name) in progress_columns(plan).into_iter().enumerate() {
         columns.push((
             name,
-            Column::Float(pairs.iter().map(|p| p.state_progress[s]).collect()),
+            Column::Float(records.iter().map(|p| p.state_progress[s]).collect()),
         ));
+    }
+    if plan.anchor().is_some() {
+        pair_columns(
+            &mut columns,
+            records,
+            |r| {
+                r.pair.map(|p| {
+                    vec![
+                        f64::from(p.anchor_alone),
+                        f64::from(p.gene_alone),
+                        f64::from(p.interaction),
+                    ]
+                })
+            },
+            &["anchor_alone", "gene_alone", "interaction"],
+        );
     }
     write_table(path, "screen_cells", columns)
 }
@@ -429,10 +559,20 @@ fn write_pair_table(
 pub fn print_top(written: &WrittenResults, n: usize) {
     let plan = &written.plan;
     let goal = plan.goal();
+    let targets = &written.results.targets;
     println!(
-        "\ntop {} of {} genes ({}; ranked by {}):",
-        n.min(written.results.genes.len()),
-        written.results.genes.len(),
+        "\ntop {} of {} {} ({}; ranked by {}):",
+        n.min(targets.len()),
+        targets.len(),
+        if plan
+            .targets
+            .iter()
+            .all(|t| t.kind == cellfleet_shared::screen::TargetKind::Gene)
+        {
+            "genes"
+        } else {
+            "perturbations"
+        },
         plan.summary(),
         match goal {
             Some(g) => format!("progress toward {g}"),
@@ -443,11 +583,11 @@ pub fn print_top(written: &WrittenResults, n: usize) {
         "{:>5}  {:<14} {:>7} {:>9} {:>11} {:>10} {:>10} {:>10}  top affected genes (mean change of expected bin)",
         "rank", "gene", "cells", "progress", "goal shift", "cos shift", "p", "FDR"
     );
-    for g in written.results.genes.iter().take(n) {
+    for g in targets.iter().take(n) {
         println!(
             "{:>5}  {:<14} {:>7} {:>9} {:>11} {:>10.5} {:>10.2e} {:>10.2e}  {}",
             g.rank,
-            g.gene,
+            g.name,
             g.n_cells,
             g.state_progress
                 .first()
@@ -466,14 +606,9 @@ pub fn print_top(written: &WrittenResults, n: usize) {
                 .join(", ")
         );
     }
-    let significant = written
-        .results
-        .genes
-        .iter()
-        .filter(|g| g.fdr < 0.05)
-        .count();
+    let significant = targets.iter().filter(|g| g.fdr < 0.05).count();
     println!(
-        "{significant} genes at FDR < 0.05 against {} random null genes; full results in {}",
+        "{significant} at FDR < 0.05 against {} random null genes; full results in {}",
         plan.null_genes.len(),
         written.dir.display()
     );

@@ -62,7 +62,7 @@ impl BatchStream {
             split,
             part,
             loader_config: LoaderConfig {
-                mask: MaskConfig { ratio: mask_ratio },
+                mask: MaskConfig::pretraining(mask_ratio),
                 threads: threads.max(1),
                 ..LoaderConfig::default()
             },

@@ -182,7 +182,7 @@ pub(crate) fn split_pass(
         ranges.push(range);
     }
     let config = LoaderConfig {
-        mask: MaskConfig { ratio: mask_ratio },
+        mask: MaskConfig::masking_only(mask_ratio),
         ..LoaderConfig::default()
     };
     Ok(Loader::spawn(corpus.clone(), plan, ranges, config)?)
