@@ -90,8 +90,11 @@ fn trained_kang() -> Trained {
                 "--local",
                 "--preset",
                 "tiny",
+                // 1000 steps: at 300 the trained model's ranking (AUROC 0.72 for the stimulated-up
+                // genes) does not beat ranking genes by their mean expression (0.76); at 1000 it does
+                // (0.84), see the biology test.
                 "--steps",
-                "300",
+                "1000",
                 "--batch-size",
                 "32",
                 "--lr",
@@ -401,7 +404,7 @@ fn one_and_two_workers_give_identical_results() {
         let record: Value =
             serde_json::from_slice(&std::fs::read(out.join("screen.json")).unwrap()).unwrap();
         assert!(
-            record["checkpoint"]["step"].as_u64() == Some(300),
+            record["checkpoint"]["step"].as_u64() == Some(1000),
             "{record}"
         );
         assert!(
@@ -450,6 +453,167 @@ fn one_and_two_workers_give_identical_results() {
     assert_eq!(
         results[0]["cells"], results[1]["cells"],
         "per-cell results differ between 1 and 2 workers"
+    );
+}
+
+/// Spearman correlation of two equally long vectors (average ranks for ties).
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            for k in i..=j {
+                r[order[k]] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let mean = (a.len() as f64 - 1.0) / 2.0;
+    let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
+    for (x, y) in ra.iter().zip(&rb) {
+        cov += (x - mean) * (y - mean);
+        va += (x - mean) * (x - mean);
+        vb += (y - mean) * (y - mean);
+    }
+    cov / (va * vb).sqrt()
+}
+
+/// Gene sets and an anchor's pairs with the AnnData output: anndata opens `cells.h5ad`, its rows are the
+/// Parquet rows, and its control group's expected expression tracks the cells' input bins (the readout is
+/// a trained quantity, not an untrained head read at unmasked tokens).
+#[test]
+fn sets_pairs_and_the_anndata_output_agree_with_the_parquet_tables() {
+    let trained = trained_kang();
+    let dir = tempfile::tempdir().unwrap();
+    let body = stimulated_toward_control(40, 16, 20)
+        .replace(
+            "genes = \"all\"",
+            &format!("genes = {SETS_AND_SINGLES}\n[combinations]\nanchor = \"IFIT3\""),
+        )
+        .replace("per_cell = true", "per_cell = true\nanndata = true");
+    let spec = write_spec(dir.path(), "sets", &trained, &body);
+    let out = dir.path().join("results");
+    let stdout = screen_run(&spec, "2", &out);
+    assert!(stdout.contains("perturbations"), "{stdout}");
+    let tables = read_results(&out);
+    let plan = plan_of(&dir.path().join("sets.out"));
+    assert_exactly_once(&tables, &expected_records(&plan, &trained.corpus));
+    let genes = rows(&tables, "genes");
+    let row = |name: &str| {
+        genes
+            .iter()
+            .find(|g| g["gene"] == name)
+            .unwrap_or_else(|| panic!("no row {name}"))
+    };
+    assert_eq!(row("ifit")["kind"], "set");
+    assert_eq!(
+        row("ifit")["genes"],
+        serde_json::json!(["IFIT1", "IFIT2", "IFIT3"])
+    );
+    assert!(row("ifit")["gene_id"].is_null());
+    let pair = row("IFIT3+IFI6");
+    assert_eq!(pair["kind"], "pair");
+    for column in [
+        "anchor_alone",
+        "gene_alone",
+        "interaction",
+        "interaction_p_value",
+    ] {
+        assert!(
+            pair[column].as_f64().is_some_and(f64::is_finite),
+            "{column}: {pair}"
+        );
+    }
+    assert!(row("IFI6")["interaction"].is_null());
+    // The anchor alone and the pair are both reported; the anchor is not paired with itself.
+    assert_eq!(row("IFIT3")["kind"], "gene");
+    assert!(!genes.iter().any(|g| g["gene"] == "IFIT3+IFIT3"));
+    // Per cell, the interaction is the pair's effect minus both genes alone.
+    for record in rows(&tables, "cells")
+        .iter()
+        .filter(|r| r["kind"] == "pair")
+    {
+        let value = |c: &str| record[c].as_f64().unwrap();
+        let expected = value("goal_progress") - value("anchor_alone") - value("gene_alone");
+        assert!((value("interaction") - expected).abs() < 1e-5, "{record}");
+    }
+
+    let h5ad: Value = serde_json::from_str(&python("read_anndata.py", &[&s(&out)])).unwrap();
+    assert_eq!(
+        h5ad["records"].as_u64().unwrap() as usize,
+        rows(&tables, "cells").len()
+    );
+    assert_eq!(
+        h5ad["n_control"].as_u64().unwrap() as usize,
+        plan.cells.len()
+    );
+    assert_eq!(h5ad["n_vars"], 256);
+    assert!(
+        h5ad["largest_difference"].as_f64().unwrap() == 0.0,
+        "{}",
+        h5ad["largest_difference"]
+    );
+    assert!(
+        h5ad["compared_columns"].as_array().unwrap().len() >= 7,
+        "{}",
+        h5ad["compared_columns"]
+    );
+    for column in [
+        "perturbation",
+        "cell_name",
+        "condition",
+        "cell_type",
+        "goal_progress",
+    ] {
+        assert!(
+            h5ad["obs_columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c == column),
+            "{column} missing from {}",
+            h5ad["obs_columns"]
+        );
+    }
+    assert_eq!(h5ad["uns"]["readout"], "expected");
+    assert!(h5ad["perturbed_x_finite"].as_bool().unwrap());
+
+    // Unperturbed readouts track the input: per cell, the Spearman correlation of the expected bins with
+    // the input bins.
+    let bins = corpus_bins(&trained.corpus);
+    let mut correlations: Vec<f64> = h5ad["control_cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(h5ad["control_x"].as_array().unwrap())
+        .map(|(cell, x)| {
+            let x: Vec<f64> = x
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let input: Vec<f64> = bins[&cell.as_u64().unwrap()]
+                .iter()
+                .map(|&b| f64::from(b))
+                .collect();
+            spearman(&x, &input)
+        })
+        .collect();
+    correlations.sort_by(f64::total_cmp);
+    let (lowest, median) = (correlations[0], correlations[correlations.len() / 2]);
+    eprintln!("unperturbed readout vs input bins, Spearman per cell: lowest {lowest:.3}, median {median:.3}");
+    assert!(
+        median >= 0.9 && lowest >= 0.8,
+        "lowest {lowest:.3}, median {median:.3}"
     );
 }
 
@@ -848,13 +1012,58 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
     }
 }
 
-/// The other readouts, reported next to the default with the same controls (`docs/screens.md` records
-/// the figures; these readouts are not the default because they do not clear the controls).
+/// Layer 0 of the mean readout is the token embeddings: a knockout changes only the knocked-out gene's
+/// own token there, which the readout leaves out, so no cell may move; counting the own token (the old
+/// measure) moves every cell. The `[CLS]` readout at the last layer runs and moves cells.
 #[test]
-fn other_readouts_are_measured_against_the_same_controls() {
-    for (readout, layer) in [("mean", -1), ("cls", -1)] {
-        let (trained, random_models, _, p99) = readout_controls(readout, layer, 200);
-        assert!(trained.is_finite() && random_models.iter().all(|v| v.is_finite()));
-        assert!(p99 < 0.7, "{p99}");
-    }
+fn at_the_token_embeddings_a_knockout_moves_nothing_but_its_own_token() {
+    let trained = trained_kang();
+    let dir = tempfile::tempdir().unwrap();
+    let genes = r#"genes = ["IFIT3", "ISG15", "LYZ", "B2M", "CD74", "ACTB"]"#;
+    // Per record: the cosine shift and the goal progress (first order in the move, where the cosine
+    // shift is second order).
+    let shifts = |name: &str, extra: &str| -> Vec<(f64, f64)> {
+        let body = stimulated_toward_control(30, 8, 30)
+            .replace("genes = \"all\"", &format!("{genes}\n{extra}"));
+        let spec = write_spec(dir.path(), name, &trained, &body);
+        let out = dir.path().join(format!("{name}-results"));
+        screen_run(&spec, "1", &out);
+        rows(&read_results(&out), "cells")
+            .iter()
+            .map(|r| {
+                (
+                    r["cosine_shift"].as_f64().unwrap(),
+                    r["goal_progress"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let left_out = shifts("mean0", "readout = \"mean\"\nlayer = 0");
+    let counted = shifts(
+        "mean0own",
+        "readout = \"mean\"\nlayer = 0\ncount_own_genes = true",
+    );
+    let cls = shifts("cls", "readout = \"cls\"");
+    assert_eq!(left_out.len(), counted.len());
+    assert!(!left_out.is_empty());
+    let largest = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        v.iter().fold(0.0f64, |m, x| m.max(pick(x).abs()))
+    };
+    let smallest_progress = counted.iter().fold(f64::MAX, |m, x| m.min(x.1.abs()));
+    eprintln!(
+        "layer 0, own token left out: largest |cosine shift| {:.2e}, |goal progress| {:.2e}; counted: largest {:.2e}, {:.2e}, \
+         smallest |goal progress| {smallest_progress:.2e}; cls at the last layer: largest {:.2e}, {:.2e}",
+        largest(&left_out, |x| x.0),
+        largest(&left_out, |x| x.1),
+        largest(&counted, |x| x.0),
+        largest(&counted, |x| x.1),
+        largest(&cls, |x| x.0),
+        largest(&cls, |x| x.1),
+    );
+    assert!(largest(&left_out, |x| x.0) < 1e-6 && largest(&left_out, |x| x.1) < 1e-4);
+    assert!(
+        smallest_progress > 1e-3,
+        "counting the own token moves every cell"
+    );
+    assert!(largest(&cls, |x| x.1) > 1e-2);
 }

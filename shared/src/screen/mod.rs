@@ -73,6 +73,7 @@ mod tests {
                 readout: Readout::default(),
                 layer: -1,
                 combinations: None,
+                count_own_genes: false,
                 goal: None,
                 null: NullSpec::default(),
                 execution: Execution {
@@ -230,6 +231,77 @@ mod tests {
             .targets
             .iter()
             .any(|g| g.gene_id == Some(0) && g.null_gene));
+    }
+
+    /// Pairs of anchor 0 with every other gene: a screened gene's pairs interact (pair 2.0 against 1.0
+    /// and 0.5 alone), the null genes' pairs are additive.
+    #[test]
+    fn pair_interactions_are_the_pair_minus_both_genes_alone_tested_against_null_pairs() {
+        let mut p = plan(vec![0, 1, 2], vec![3, 4], (0..12).collect(), 3, 12);
+        for g in 1..5u32 {
+            p.targets.push(Target {
+                name: format!("G0+G{g}"),
+                kind: TargetKind::Pair,
+                genes: vec![0, g],
+                screened: g < 3,
+                null: g >= 3,
+            });
+        }
+        p.unit_records = (0..p.unit_count())
+            .map(|u| {
+                let s = p.unit(u);
+                (s.targets.len() * s.cells.len()) as u64
+            })
+            .collect();
+        let mut merger = Merger::new(&p, "p");
+        for u in 0..p.unit_count() {
+            let span = p.unit(u);
+            let mut r = result(&p, 0);
+            r.unit = u as u32;
+            r.targets = span.targets.clone().map(|t| t as u32).collect();
+            r.delta_bin_sum = vec![0.0; r.targets.len() * 6];
+            (r.record_target, r.record_cell) = (Vec::new(), Vec::new());
+            (r.cosine_shift, r.state_shift, r.state_progress) =
+                (Vec::new(), Vec::new(), Vec::new());
+            for t in span.targets.clone() {
+                let target = &p.targets[t];
+                for c in span.cells.clone() {
+                    let jitter = (c % 4) as f32 * 0.01;
+                    let progress = match (target.kind, target.null) {
+                        (TargetKind::Pair, false) => 2.0 + jitter,
+                        (TargetKind::Pair, true) => 1.5 + jitter,
+                        _ => 0.1 * target.genes[0] as f32,
+                    };
+                    r.record_target.push(t as u32);
+                    r.record_cell.push(c as u64);
+                    r.cosine_shift.push(0.1);
+                    r.state_shift.push(0.0);
+                    r.state_progress.push(progress);
+                    if target.kind == TargetKind::Pair {
+                        // [cosine, shift, progress] for the anchor alone, then the gene alone.
+                        r.alone.extend([0.1, 0.0, 1.0, 0.1, 0.0, 0.5]);
+                    }
+                }
+            }
+            merger.add(&unit_key(u), r).unwrap();
+        }
+        let results = merger.finish(true).unwrap();
+        let row = |name: &str| results.targets.iter().find(|t| t.name == name).unwrap();
+        let pair = row("G0+G1").pair.clone().unwrap();
+        assert_eq!((pair.anchor_alone, pair.gene_alone), (1.0, 0.5));
+        assert!((pair.interaction - 0.515).abs() < 1e-5, "{pair:?}");
+        assert!(pair.p_value < 1e-3 && pair.fdr >= pair.p_value, "{pair:?}");
+        assert!(row("G1").pair.is_none());
+        // Null pairs are the interaction's null, not rows.
+        assert!(results.targets.iter().all(|t| t.name != "G0+G3"));
+        let record = results
+            .records
+            .unwrap()
+            .into_iter()
+            .find(|r| p.targets[r.target as usize].name == "G0+G2" && r.cell == 1)
+            .unwrap();
+        let expected = 2.01 - 1.0 - 0.5;
+        assert!((record.pair.unwrap().interaction - expected).abs() < 1e-6);
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub struct ScreenSpec {
     /// Each screened gene perturbed together with an anchor gene, next to each alone.
     #[serde(default)]
     pub combinations: Option<Combinations>,
+    /// Count the perturbed genes' own coordinates in the shifts, as screens did before they were left
+    /// out. For measuring how much of a ranking that self-effect makes (a knocked-out gene's own readout
+    /// falling to 0 moves a cell by construction); rankings computed with it are not findings.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub count_own_genes: bool,
     #[serde(default)]
     pub goal: Option<GoalSpec>,
     #[serde(default)]

@@ -806,6 +806,23 @@ fn print_table(
         report.forwards,
         plan.spec.execution.batch
     );
+    // The headline compares like with like: N single-thread worker processes against N single-thread
+    // Python processes, per process (per core while N <= cores).
+    let per_core: Vec<String> = [(1, baseline), (2, baseline_two)]
+        .iter()
+        .filter_map(|(n, python)| {
+            let ours = sides.iter().find(|s| s.processes == *n)?;
+            Some(format!(
+                "{n} worker{} vs {n} Python process{}: {:.2}x ({:.1} vs {:.1} pairs/s per process)",
+                if *n == 1 { "" } else { "s" },
+                if *n == 1 { "" } else { "es" },
+                ours.per_process_rate / python.per_process_rate,
+                ours.per_process_rate,
+                python.per_process_rate
+            ))
+        })
+        .collect();
+    println!("headline, per core: {}", per_core.join("; "));
     if let (Some(one), Some(two)) = (
         sides.iter().find(|s| s.processes == 1),
         sides.iter().find(|s| s.processes == 2),

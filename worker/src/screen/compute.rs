@@ -617,6 +617,12 @@ impl Screener {
                     let cell = unit_cells[ci];
                     let after = &expected[row * tokens..(row + 1) * tokens];
                     expected_of[v] = after.to_vec();
+                    // Left out of both sides (kept only to measure the self-effect itself).
+                    let excluded: &[u32] = if plan.spec.count_own_genes {
+                        &[]
+                    } else {
+                        &target.genes
+                    };
                     let pair = match readout {
                         Readout::Expected => {
                             let cache = self.originals.borrow();
@@ -624,7 +630,7 @@ impl Screener {
                                 after,
                                 &cache[&cell].expected,
                                 &variant.at,
-                                &target.genes,
+                                excluded,
                             );
                             let as_tensor =
                                 |v: &[f32]| Tensor::from_slice(v).to_device(self.device());
@@ -639,20 +645,20 @@ impl Screener {
                         }
                         Readout::Mean => {
                             let states = read.get(row as i64).narrow(0, 1, tokens as i64);
-                            let excluded: Vec<usize> = target
-                                .genes
+                            let positions: Vec<usize> = excluded
                                 .iter()
                                 .filter_map(|&g| variant.at[g as usize])
                                 .collect();
-                            let perturbed = mean_without(&states, &excluded);
+                            let perturbed = mean_without(&states, &positions);
                             let own = own_states.as_ref().expect("computed for the mean readout");
-                            let mut sum = self.originals.borrow()[&cell].read.shallow_clone();
-                            for &g in &target.genes {
+                            // A copy: subtracting in place would change the cached original.
+                            let mut sum = self.originals.borrow()[&cell].read.copy();
+                            for &g in excluded {
                                 let slot =
                                     own_genes.binary_search(&g).expect("a unit target's gene");
-                                sum = sum - own.get(ci as i64).get(slot as i64);
+                                sum -= own.get(ci as i64).get(slot as i64);
                             }
-                            let original = sum / (n - target.genes.len()) as f64;
+                            let original = sum / (n - excluded.len()) as f64;
                             (perturbed, original)
                         }
                     };

@@ -709,6 +709,56 @@ mod tests {
     }
 
     #[test]
+    fn readouts_sets_and_combinations_parse_and_old_names_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        let head = "checkpoint = \"c\"\ncorpus = \"k\"\nout = \"o\"\n";
+        std::fs::write(
+            &path,
+            format!("{head}genes = \"all\"\nembedding = \"hidden\"\n"),
+        )
+        .unwrap();
+        assert_eq!(read_spec(&path).unwrap().readout, Readout::Mean);
+        std::fs::write(
+            &path,
+            format!(
+                "{head}readout = \"cls\"\nlayer = 1\ngenes = {{ singles = [\"A\"], sets = {{ core = [\"B\", \"C\"] }} }}\n[combinations]\nanchor = \"A\"\n"
+            ),
+        )
+        .unwrap();
+        let spec = read_spec(&path).unwrap();
+        assert_eq!((spec.readout, spec.layer), (Readout::Cls, 1));
+        let GeneSelection::Sets(sets) = &spec.genes else {
+            panic!("{:?}", spec.genes)
+        };
+        assert_eq!(sets.sets["core"], vec!["B", "C"]);
+        assert_eq!(spec.combinations.unwrap().anchor, "A");
+        for (body, message) in [
+            (
+                "genes = \"all\"\nlayer = 1\n",
+                "layer = 1: the expected-expression readout",
+            ),
+            (
+                "genes = { sets = { solo = [\"A\"] } }\n",
+                "genes.sets.solo has 1 gene",
+            ),
+            ("genes = { sets = {} }\n", "genes.sets is empty"),
+            (
+                "genes = { sets = { \"a+b\" = [\"A\", \"B\"] } }\n",
+                "holds '+'",
+            ),
+        ] {
+            std::fs::write(&path, format!("{head}{body}")).unwrap();
+            let err = read_spec(&path).unwrap_err().to_string();
+            assert!(err.contains(message), "{body}: {err}");
+        }
+        assert_eq!(resolve_layer(-1, 2).unwrap(), 2);
+        assert_eq!(resolve_layer(-3, 2).unwrap(), 0);
+        let err = resolve_layer(3, 2).unwrap_err().to_string();
+        assert!(err.contains("layer = 3: the model has 2 layers"), "{err}");
+    }
+
+    #[test]
     fn samples_are_seeded_sorted_and_capped() {
         let items: Vec<u64> = (0..1000).collect();
         let a = SplitMix::new(7, "cells").sample(items.clone(), 10);

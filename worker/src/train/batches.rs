@@ -52,7 +52,7 @@ impl BatchStream {
         order: OrderConfig,
         split: CellSplit,
         part: SplitPart,
-        mask_ratio: f32,
+        mask: MaskConfig,
         batch_size: u32,
         threads: usize,
     ) -> Self {
@@ -62,7 +62,7 @@ impl BatchStream {
             split,
             part,
             loader_config: LoaderConfig {
-                mask: MaskConfig::pretraining(mask_ratio),
+                mask,
                 threads: threads.max(1),
                 ..LoaderConfig::default()
             },

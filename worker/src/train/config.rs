@@ -39,8 +39,12 @@ pub struct TrainConfig {
     pub clip_norm: f64,
     /// Weight of the MoE load-balancing loss.
     pub aux_loss_weight: f64,
-    /// Fraction of gene tokens masked (pretraining); fine-tuning uses 0 unless set.
+    /// Fraction of gene tokens selected for prediction (pretraining); fine-tuning uses 0 unless set.
     pub mask_ratio: f32,
+    /// Of the selected tokens, the shares given a random bin and left unchanged (the rest are masked):
+    /// BERT's 0.1 and 0.1 train the bin head at tokens that look unmasked, where screens read it.
+    pub mask_random_share: f32,
+    pub mask_keep_share: f32,
     /// Clones per cell (bootstrapped permutation).
     pub augmentation: u32,
     pub window_units: u32,
@@ -67,6 +71,8 @@ impl Default for TrainConfig {
             clip_norm: 1.0,
             aux_loss_weight: 0.01,
             mask_ratio: 0.15,
+            mask_random_share: 0.1,
+            mask_keep_share: 0.1,
             augmentation: 4,
             window_units: 16,
             split: CellSplit::default(),
@@ -103,6 +109,15 @@ impl TrainConfig {
         config
     }
 
+    /// How pretraining batches select and corrupt the tokens they predict.
+    pub fn mask(&self) -> cellfleet_shared::stream::batch::MaskConfig {
+        cellfleet_shared::stream::batch::MaskConfig {
+            ratio: self.mask_ratio,
+            random_share: self.mask_random_share,
+            keep_share: self.mask_keep_share,
+        }
+    }
+
     pub fn order(&self, augmentation: u32) -> OrderConfig {
         OrderConfig {
             seed: self.seed,
@@ -120,6 +135,12 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.mask_ratio) {
             bail!("mask_ratio must be in [0, 1), got {}", self.mask_ratio);
+        }
+        let (random, keep) = (self.mask_random_share, self.mask_keep_share);
+        if !(0.0..=1.0).contains(&random) || !(0.0..=1.0).contains(&keep) || random + keep > 1.0 {
+            bail!(
+                "mask_random_share ({random}) and mask_keep_share ({keep}) must each be in [0, 1] and sum to at most 1"
+            );
         }
         self.split.validate()?;
         Ok(())

@@ -65,7 +65,7 @@ pub fn finetune(
         config.order(config.augmentation),
         split,
         SplitPart::Train,
-        config.mask_ratio,
+        config.mask(),
         config.batch_size,
         config.loader_threads,
     );

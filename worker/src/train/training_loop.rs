@@ -602,7 +602,7 @@ pub fn pretrain_with(
         config.order(config.augmentation),
         config.split,
         SplitPart::Train,
-        config.mask_ratio,
+        config.mask(),
         config.batch_size,
         config.loader_threads,
     )
