@@ -946,9 +946,18 @@ fn print_flop_model(
         );
     }
     if let Some(one) = sides.iter().find(|s| s.processes == 1) {
-        // One worker: perturbed sequences plus one original per cell (a worker caches its cells'
-        // originals across units).
-        let forwards = plan.total_records() as f64 + plan.cells.len() as f64;
+        // One worker: perturbed sequences plus the originals: the mean readout runs a cell's original
+        // once per target block (it needs the targets' own token states, which are not cached), the
+        // other readouts once per cell.
+        let target_blocks = plan
+            .targets
+            .len()
+            .div_ceil(plan.spec.execution.gene_block as usize);
+        let originals_per_cell = match plan.spec.readout {
+            cellfleet_shared::screen::Readout::Mean => target_blocks,
+            _ => 1,
+        };
+        let forwards = plan.total_records() as f64 + (plan.cells.len() * originals_per_cell) as f64;
         let per_pair = forwards / plan.total_records() as f64;
         println!(
             "  cellfleet worker (compute rate x {:.3} forwards per pair x {:.3} GFLOP): {:.2} GFLOP/s",
