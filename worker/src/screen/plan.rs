@@ -372,7 +372,10 @@ fn select_genes(
     };
     let singles_of = |selection: &GeneSelection, field: &str| -> anyhow::Result<Vec<u32>> {
         match selection {
-            GeneSelection::Keyword(_) => Ok((0..vocabulary.len() as u32).collect()),
+            GeneSelection::Keyword(k) if k == "all" => Ok((0..vocabulary.len() as u32).collect()),
+            GeneSelection::Keyword(k) => bail!(
+                "{field} = {k:?}: expected \"all\", a list of gene names, or {{ file = \"genes.txt\" }}"
+            ),
             GeneSelection::List(list) if list.is_empty() => {
                 bail!("{field} = []: the gene list is empty")
             }
