@@ -524,6 +524,21 @@ fn sets_pairs_and_the_anndata_output_agree_with_the_parquet_tables() {
     members.sort_unstable();
     assert_eq!(members, ["IFIT1", "IFIT2", "IFIT3"]);
     assert!(row("ifit")["gene_id"].is_null());
+    // Sets are tested against random sets of their size, which are the null and not rows.
+    assert!(row("ifit")["p_value"]
+        .as_f64()
+        .is_some_and(|p| p > 0.0 && p <= 1.0));
+    assert!(!genes
+        .iter()
+        .any(|g| g["gene"].as_str().unwrap().starts_with("null-set-")));
+    assert_eq!(
+        plan.targets
+            .iter()
+            .filter(|t| t.null && t.kind == TargetKind::Set)
+            .count(),
+        2 * 10,
+        "10 random sets of each size (3 and 2)"
+    );
     let pair = row("IFIT3+IFI6");
     assert_eq!(pair["kind"], "pair");
     for column in [

@@ -389,6 +389,16 @@ impl<'a> Merger<'a> {
             .filter(|(t, _)| t.null && t.kind == TargetKind::Gene)
             .map(|(t, a)| (t.genes[0], a.primary()))
             .collect();
+        // Per set size, the pooled per-cell values of the random sets of that size.
+        let mut null_sets: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for (t, a) in plan.targets.iter().zip(&acc) {
+            if t.null && t.kind == TargetKind::Set {
+                null_sets
+                    .entry(t.genes.len())
+                    .or_default()
+                    .extend(a.primary());
+            }
+        }
         let null_interactions: Vec<(u32, Vec<f64>)> = plan
             .targets
             .iter()
@@ -431,10 +441,13 @@ impl<'a> Merger<'a> {
                     TargetKind::Pair => Some(target.genes[1]),
                     TargetKind::Set => None,
                 };
-                let null = pooled(
-                    &null_singles,
-                    compared_gene.filter(|_| target.kind == TargetKind::Gene),
-                );
+                let null = match (target.kind, null_sets.get(&target.genes.len())) {
+                    (TargetKind::Set, Some(sets)) => sets.clone(),
+                    _ => pooled(
+                        &null_singles,
+                        compared_gene.filter(|_| target.kind == TargetKind::Gene),
+                    ),
+                };
                 let p_value = mann_whitney(&values, &null).map_or(f64::NAN, |(_, p)| p);
                 let pair = (target.kind == TargetKind::Pair).then(|| {
                     let interactions = a.interactions();

@@ -178,7 +178,12 @@ impl ScreenPlan {
 
     /// A one-line description for logs and status.
     pub fn summary(&self) -> String {
-        let count = |kind| self.targets.iter().filter(|t| t.kind == kind).count();
+        let count = |kind| {
+            self.targets
+                .iter()
+                .filter(|t| t.kind == kind && t.screened)
+                .count()
+        };
         let (sets, pairs) = (count(TargetKind::Set), count(TargetKind::Pair));
         let mut extra = String::new();
         if sets > 0 {

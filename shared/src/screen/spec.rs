@@ -217,16 +217,25 @@ pub struct NullSpec {
     /// Random vocabulary genes perturbed like the screened ones; their per-cell effects are the null.
     #[serde(default = "default_null_genes")]
     pub genes: u32,
+    /// With gene sets: per set size, this many sets of random vocabulary genes, perturbed like the
+    /// screened sets; a set is tested against the random sets of its size, not against single genes.
+    #[serde(default = "default_null_sets")]
+    pub sets: u32,
 }
 
 fn default_null_genes() -> u32 {
     20
 }
 
+fn default_null_sets() -> u32 {
+    10
+}
+
 impl Default for NullSpec {
     fn default() -> Self {
         Self {
             genes: default_null_genes(),
+            sets: default_null_sets(),
         }
     }
 }

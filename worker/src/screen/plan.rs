@@ -343,6 +343,8 @@ struct SelectedGenes {
     sets: Vec<(String, Vec<u32>)>,
     anchor: Option<u32>,
     null: Vec<u32>,
+    /// Random sets (named `null-set-<size>-<i>`), the null of the screened sets.
+    null_sets: Vec<(String, Vec<u32>)>,
 }
 
 fn select_genes(
@@ -411,6 +413,9 @@ fn select_genes(
                 if ids.len() < 2 {
                     bail!("{field} names one gene twice: a set needs at least 2 different genes");
                 }
+                if name.starts_with("null-set-") {
+                    bail!("{field}: names starting with \"null-set-\" are the random sets of the null");
+                }
                 if vocabulary.iter().any(|g| g == name) {
                     bail!("{field}: the set is named like the vocabulary gene {name:?}; give it another name");
                 }
@@ -442,11 +447,28 @@ fn select_genes(
         (0..vocabulary.len() as u32).collect(),
         spec.null.genes as usize,
     );
+    // Random sets of every screened set's size: a set of k genes is compared with k random genes
+    // perturbed together, not with one.
+    let mut sizes: Vec<usize> = sets.iter().map(|(_, genes)| genes.len()).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut null_sets = Vec::new();
+    for size in sizes {
+        if size > vocabulary.len() {
+            continue;
+        }
+        let mut rng = SplitMix::new(spec.seed, &format!("null sets of {size}"));
+        for i in 0..spec.null.sets {
+            let genes = rng.sample((0..vocabulary.len() as u32).collect(), size);
+            null_sets.push((format!("null-set-{size}-{i}"), genes));
+        }
+    }
     Ok(SelectedGenes {
         singles,
         sets,
         anchor,
         null,
+        null_sets,
     })
 }
 
@@ -480,6 +502,13 @@ fn build_targets(vocabulary: &[String], selected: SelectedGenes) -> Vec<Target> 
         genes,
         screened: true,
         null: false,
+    }));
+    targets.extend(selected.null_sets.into_iter().map(|(name, genes)| Target {
+        name,
+        kind: TargetKind::Set,
+        genes,
+        screened: false,
+        null: true,
     }));
     if let Some(anchor) = selected.anchor {
         targets.extend(singles.iter().filter(|&&g| g != anchor).map(|g| Target {
