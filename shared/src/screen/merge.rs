@@ -413,20 +413,7 @@ impl<'a> Merger<'a> {
                 .flat_map(|(_, v)| v.iter().copied())
                 .collect()
         };
-        let mean32 = |v: &[f32]| -> f64 {
-            if v.is_empty() {
-                f64::NAN
-            } else {
-                v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64
-            }
-        };
-        let mean64 = |v: &[f64]| -> f64 {
-            if v.is_empty() {
-                f64::NAN
-            } else {
-                v.iter().sum::<f64>() / v.len() as f64
-            }
-        };
+        let mean32 = |v: &[f32]| mean(v.iter().map(|&x| f64::from(x)));
         let top_k = plan.spec.execution.top_affected as usize;
         let mut rows: Vec<(usize, TargetEffect)> = plan
             .targets
@@ -453,17 +440,12 @@ impl<'a> Merger<'a> {
                     let interactions = a.interactions();
                     let null = pooled(&null_interactions, compared_gene);
                     let alone = |pick: fn(&(f32, f32)) -> f32| {
-                        mean64(
-                            &a.alone
-                                .iter()
-                                .map(|x| f64::from(pick(x)))
-                                .collect::<Vec<_>>(),
-                        )
+                        mean(a.alone.iter().map(|x| f64::from(pick(x))))
                     };
                     PairSummary {
                         anchor_alone: alone(|x| x.0),
                         gene_alone: alone(|x| x.1),
-                        interaction: mean64(&interactions),
+                        interaction: mean(interactions.iter().copied()),
                         p_value: mann_whitney(&interactions, &null).map_or(f64::NAN, |(_, p)| p),
                         fdr: f64::NAN,
                     }
@@ -539,6 +521,16 @@ impl<'a> Merger<'a> {
             },
             total_records: total,
         })
+    }
+}
+
+/// The mean of `values`, NaN when there are none.
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
     }
 }
 

@@ -164,13 +164,6 @@ impl ScreenPlan {
             .map(|t| t.genes[0])
     }
 
-    /// Index of the single-gene target of `gene`.
-    pub fn single(&self, gene: u32) -> Option<usize> {
-        self.targets
-            .iter()
-            .position(|t| t.kind == TargetKind::Gene && t.genes[0] == gene)
-    }
-
     /// The goal state's name, when there is one.
     pub fn goal(&self) -> Option<&str> {
         self.states.first().map(|s| s.name.as_str())

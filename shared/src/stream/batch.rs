@@ -91,15 +91,6 @@ impl MaskConfig {
         }
     }
 
-    /// BERT's corruption for pretraining: of the selected tokens 80% masked, 10% a random bin, 10% kept.
-    pub fn pretraining(ratio: f32) -> Self {
-        Self {
-            ratio,
-            random_share: 0.1,
-            keep_share: 0.1,
-        }
-    }
-
     /// Draw thresholds (of 65536): below the first a token is masked, below the second it gets a random
     /// bin, below the third it is kept but still predicted.
     fn thresholds(&self) -> (u32, u32, u32) {
@@ -535,6 +526,71 @@ mod tests {
             .put(MANIFEST_FILE, serde_json::to_vec(&manifest).unwrap().into())
             .unwrap();
         Corpus::from_store(store).unwrap()
+    }
+
+    #[test]
+    fn selected_tokens_are_masked_randomized_or_kept_in_the_configured_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = Arc::new(corpus(dir.path()));
+        let order = OrderConfig {
+            seed: 5,
+            augmentation: 2,
+            window_units: 3,
+        };
+        let plan = Arc::new(EpochPlan::new(&corpus.manifest, order, 1).unwrap());
+        let partitioner = Partitioner {
+            epoch_len: plan.len(),
+        };
+        let ranges: Vec<_> = (0..)
+            .map(|i| partitioner.global_batch(i * 20, 1, 20))
+            .take_while(|r| !r.is_empty())
+            .collect();
+        let config = LoaderConfig {
+            mask: MaskConfig {
+                ratio: 0.5,
+                random_share: 0.1,
+                keep_share: 0.1,
+            },
+            ..LoaderConfig::default()
+        };
+        let layout = TokenLayout::new(BINS).unwrap();
+        let (mut tokens, mut selected, mut masked, mut changed) = (0usize, 0usize, 0usize, 0usize);
+        let mut random_bins = std::collections::BTreeSet::new();
+        for batch in Loader::spawn(corpus.clone(), plan.clone(), ranges, config).unwrap() {
+            let batch = batch.unwrap();
+            for (s, id) in batch.sample_ids.iter().enumerate() {
+                let row = s * batch.seq_len + 1..(s + 1) * batch.seq_len;
+                let bins = stored_bins(id.cell);
+                for k in row {
+                    let (gene, input, target) = (
+                        batch.gene_ids[k] as usize - 1,
+                        batch.input_bins[k],
+                        batch.target_bins[k],
+                    );
+                    tokens += 1;
+                    if target == IGNORE_TARGET {
+                        assert_eq!(input, bins[gene], "an unselected token keeps its bin");
+                        continue;
+                    }
+                    // Every selected token is scored against its true bin.
+                    assert_eq!(target, bins[gene]);
+                    selected += 1;
+                    if input == layout.mask_bin() {
+                        masked += 1;
+                    } else if input != bins[gene] {
+                        assert!(input < layout.n_bins, "a random bin is an expression bin");
+                        random_bins.insert(input);
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        let share = |n: usize| n as f64 / selected as f64;
+        assert!((0.45..0.55).contains(&(selected as f64 / tokens as f64)));
+        assert!((0.77..0.83).contains(&share(masked)), "{}", share(masked));
+        // A random bin equals the true one 1 time in BINS, so slightly fewer than 10% change.
+        assert!((0.07..0.11).contains(&share(changed)), "{}", share(changed));
+        assert!(random_bins.len() as u16 >= BINS - 1, "{random_bins:?}");
     }
 
     #[test]
