@@ -48,6 +48,9 @@ pub enum Domain {
     Synth = 5,
     /// Train / held-out assignment of one cell: `a` = cell, `b` = 0.
     Split = 6,
+    /// Unexpressed genes sampled into one sample's expressed-layout sequence in one epoch: `a` = cell,
+    /// `b` = epoch << 8 | clone.
+    UnexpressedSample = 7,
 }
 
 /// A stream of random words for one (seed, domain, a, b).

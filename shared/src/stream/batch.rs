@@ -1,7 +1,9 @@
 //! Batches for masked-bin pretraining, and a prefetching loader that builds them on background threads.
 //!
-//! A sample is `[CLS]` followed by one token per vocabulary gene in its clone's order. Token arrays are
-//! compact (`u16` gene ids, `u8` bins) so a batch stays small on its way to the device.
+//! A sample is `[CLS]` followed by gene tokens in its clone's order: one per vocabulary gene in the full
+//! layout, or one per expressed gene plus a sample of unexpressed ones in the expressed layout (see
+//! [`SequenceLayout`]). Token arrays are compact (`u16` gene ids, `u8` bins) so a batch stays small on
+//! its way to the device; rows of different lengths are padded to the batch's longest.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -51,11 +53,54 @@ impl TokenLayout {
     }
 }
 
-/// Masked-bin pretraining batch of `samples` sequences of `seq_len` tokens, row-major.
+/// Which gene tokens a sample's sequence holds: chosen in the training config, recorded with the model,
+/// and honoured by everything that feeds the model cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SequenceLayout {
+    /// `[CLS]` + every vocabulary gene: a cell costs the vocabulary's length whatever it expresses.
+    #[default]
+    Full,
+    /// `[CLS]` + the genes the cell expresses (bin > 0) + up to `unexpressed` of its unexpressed genes,
+    /// drawn afresh per sample and epoch, so the model still learns what absence looks like. A 10x cell
+    /// expresses a few hundred of 4,096 genes, so this pays for those, as Geneformer and scGPT do.
+    Expressed { unexpressed: u32 },
+}
+
+impl SequenceLayout {
+    /// The layout's name as configs and errors spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SequenceLayout::Full => "full",
+            SequenceLayout::Expressed { .. } => "expressed",
+        }
+    }
+
+    /// Tokens (with `[CLS]`) of the sequence of a cell with `bins`.
+    pub fn sample_len(&self, bins: &[u8]) -> usize {
+        match *self {
+            SequenceLayout::Full => bins.len() + 1,
+            SequenceLayout::Expressed { unexpressed } => {
+                let expressed = expressed_count(bins);
+                1 + expressed + (unexpressed as usize).min(bins.len() - expressed)
+            }
+        }
+    }
+}
+
+/// Genes with a non-zero bin (bin 0 is zero expression).
+pub fn expressed_count(bins: &[u8]) -> usize {
+    bins.iter().filter(|&&b| b != 0).count()
+}
+
+/// Masked-bin pretraining batch of `samples` sequences padded to `seq_len` tokens, row-major.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
     pub samples: usize,
     pub seq_len: usize,
+    /// Real tokens of each sample (with `[CLS]`); the rest of its row is padding (gene id 0, the mask
+    /// bin as input, no target), which the model never attends to.
+    pub lengths: Vec<u32>,
     pub gene_ids: Vec<u16>,
     pub input_bins: Vec<u8>,
     /// True bin at masked positions, `IGNORE_TARGET` elsewhere.
@@ -65,6 +110,17 @@ pub struct Batch {
     pub sample_ids: Vec<SampleId>,
     /// The epoch positions this batch covers.
     pub positions: Range<u64>,
+}
+
+impl Batch {
+    /// Whether some row is padded (the model then needs a validity mask).
+    pub fn is_padded(&self) -> bool {
+        self.lengths.iter().any(|&l| l as usize != self.seq_len)
+    }
+    /// Real tokens in the batch.
+    pub fn real_tokens(&self) -> usize {
+        self.lengths.iter().map(|&l| l as usize).sum()
+    }
 }
 
 /// Which gene tokens a batch asks the model to predict, and what their inputs become.
@@ -113,24 +169,29 @@ pub struct SampleWriter {
     draws: Vec<u16>,
     partners: Vec<u16>,
     mask_words: Vec<u64>,
+    /// Per vocabulary gene, whether it was drawn into the unexpressed sample (expressed layout).
+    drawn: Vec<bool>,
+    unexpressed_genes: Vec<u32>,
 }
 
 impl SampleWriter {
-    /// Writes sample `sample` (whose cell has `bins`) as `[CLS]` + tokens into the three row slices.
+    /// Writes sample `sample` (whose cell has `bins`) as `[CLS]` + tokens in `sequence`'s layout into the
+    /// three row slices, and pads the rest of the rows; returns the real tokens written (with `[CLS]`),
+    /// `sequence.sample_len(bins)`.
     #[allow(clippy::too_many_arguments)]
     pub fn write(
         &mut self,
         plan: &EpochPlan,
         layout: TokenLayout,
+        sequence: SequenceLayout,
         mask: MaskConfig,
         sample: SampleId,
         bins: &[u8],
         genes: &mut [u16],
         inputs: &mut [u8],
         targets: &mut [u8],
-    ) {
+    ) -> usize {
         let config = plan.config();
-        let n = bins.len();
         // (bin << 16 | gene) pairs: the permutation moves gene and bin together, so no pass has to
         // gather bins in permuted order.
         self.tokens.clear();
@@ -142,6 +203,32 @@ impl SampleWriter {
         if config.augmentation > 1 {
             clone_rng(config.seed, sample).shuffle(&mut self.tokens, &mut self.partners);
         }
+        if let SequenceLayout::Expressed { unexpressed } = sequence {
+            // The expressed genes and the drawn unexpressed ones keep their places in the clone's order,
+            // so the two kinds are interleaved and a position says nothing about expression.
+            self.unexpressed_genes.clear();
+            self.unexpressed_genes
+                .extend((0..bins.len() as u32).filter(|&g| bins[g as usize] == 0));
+            let draw = (unexpressed as usize).min(self.unexpressed_genes.len());
+            self.drawn.clear();
+            self.drawn.resize(bins.len(), false);
+            let mut rng = SampleRng::new(
+                config.seed,
+                Domain::UnexpressedSample,
+                sample.cell as u32,
+                plan.epoch() << 8 | sample.clone,
+            );
+            // A partial Fisher-Yates shuffle: the first `draw` entries become a uniform sample.
+            for i in 0..draw {
+                let j = i + rng.below((self.unexpressed_genes.len() - i) as u32) as usize;
+                self.unexpressed_genes.swap(i, j);
+                self.drawn[self.unexpressed_genes[i] as usize] = true;
+            }
+            let drawn = &self.drawn;
+            self.tokens
+                .retain(|&t| t >> 16 != 0 || drawn[(t & 0xFFFF) as usize]);
+        }
+        let n = self.tokens.len();
         // Masking draws 16 bits per token, four per 64-bit word, from its own per-(sample, epoch) stream.
         self.mask_words.resize(n.div_ceil(4), 0);
         SampleRng::new(
@@ -157,7 +244,12 @@ impl SampleWriter {
         inputs[0] = layout.cls_bin();
         targets[0] = IGNORE_TARGET;
         let mask_bin = layout.mask_bin();
-        let (genes, inputs, targets) = (&mut genes[1..=n], &mut inputs[1..=n], &mut targets[1..=n]);
+        let (genes_row, inputs_row, targets_row) = (genes, inputs, targets);
+        let (genes, inputs, targets) = (
+            &mut genes_row[1..=n],
+            &mut inputs_row[1..=n],
+            &mut targets_row[1..=n],
+        );
         // Simple passes that the compiler vectorizes, plus one gather; faster than one fused loop.
         self.draws.clear();
         self.draws.extend(self.mask_words.iter().flat_map(|w| {
@@ -190,7 +282,16 @@ impl SampleWriter {
                 (bin & !(masked | randomized)) | (mask_bin & masked) | (random_bin & randomized);
             *target = (bin & selected) | (IGNORE_TARGET & !selected);
         }
+        pad_row(layout, n + 1, genes_row, inputs_row, targets_row);
+        n + 1
     }
+}
+
+/// Fills a row's tokens from `from` on with padding.
+fn pad_row(layout: TokenLayout, from: usize, genes: &mut [u16], inputs: &mut [u8], targets: &mut [u8]) {
+    genes[from..].fill(CLS_GENE_ID);
+    inputs[from..].fill(layout.mask_bin());
+    targets[from..].fill(IGNORE_TARGET);
 }
 
 /// Caches compressed, verified shards (shared by loader threads), least recently used out first.
@@ -284,6 +385,7 @@ impl BlockCache {
 /// Loader settings.
 #[derive(Debug, Clone, Copy)]
 pub struct LoaderConfig {
+    pub sequence: SequenceLayout,
     pub mask: MaskConfig,
     /// Assembly threads.
     pub threads: usize,
@@ -296,6 +398,7 @@ pub struct LoaderConfig {
 impl Default for LoaderConfig {
     fn default() -> Self {
         Self {
+            sequence: SequenceLayout::Full,
             mask: MaskConfig::masking_only(0.15),
             threads: 1,
             prefetch: 4,
@@ -350,6 +453,7 @@ impl Loader {
                         let mut assembler = Assembler {
                             plan: &plan,
                             layout,
+                            sequence: config.sequence,
                             mask: config.mask,
                             n_genes: corpus.manifest.genes.len(),
                             n_labels: corpus.manifest.label_columns.len(),
@@ -411,6 +515,7 @@ impl Drop for Loader {
 struct Assembler<'a> {
     plan: &'a EpochPlan,
     layout: TokenLayout,
+    sequence: SequenceLayout,
     mask: MaskConfig,
     n_genes: usize,
     n_labels: usize,
@@ -422,10 +527,25 @@ struct Assembler<'a> {
 impl Assembler<'_> {
     fn assemble(&mut self, positions: Range<u64>) -> Result<Batch> {
         let samples = (positions.end - positions.start) as usize;
-        let seq_len = self.n_genes + 1;
+        // Rows are as long as the batch's longest sequence: the whole vocabulary in the full layout.
+        let seq_len = match self.sequence {
+            SequenceLayout::Full => self.n_genes + 1,
+            SequenceLayout::Expressed { .. } => {
+                let mut longest = 1;
+                for loc in self.plan.range(positions.clone()) {
+                    let block = self.blocks.get(self.shards, &loc)?;
+                    longest = longest.max(
+                        self.sequence
+                            .sample_len(block.bins_of(loc.cell_in_block as usize)),
+                    );
+                }
+                longest
+            }
+        };
         let mut batch = Batch {
             samples,
             seq_len,
+            lengths: Vec::with_capacity(samples),
             gene_ids: vec![0; samples * seq_len],
             input_bins: vec![0; samples * seq_len],
             target_bins: vec![0; samples * seq_len],
@@ -437,9 +557,10 @@ impl Assembler<'_> {
             let block = self.blocks.get(self.shards, &loc)?;
             let row = loc.cell_in_block as usize;
             let span = i * seq_len..(i + 1) * seq_len;
-            self.writer.write(
+            let length = self.writer.write(
                 self.plan,
                 self.layout,
+                self.sequence,
                 self.mask,
                 loc.sample,
                 block.bins_of(row),
@@ -447,6 +568,7 @@ impl Assembler<'_> {
                 &mut batch.input_bins[span.clone()],
                 &mut batch.target_bins[span],
             );
+            batch.lengths.push(length as u32);
             batch.labels.extend_from_slice(block.labels_of(row));
             batch.sample_ids.push(loc.sample);
         }
@@ -591,6 +713,126 @@ mod tests {
         // A random bin equals the true one 1 time in BINS, so slightly fewer than 10% change.
         assert!((0.07..0.11).contains(&share(changed)), "{}", share(changed));
         assert!(random_bins.len() as u16 >= BINS - 1, "{random_bins:?}");
+    }
+
+    /// Every sample of epochs 0 and 1 read by `world` ranks in the expressed layout (no masking):
+    /// (epoch, sample, its row's genes, its row's input bins, padded row length).
+    fn expressed_rows(
+        corpus: &Arc<Corpus>,
+        order: OrderConfig,
+        unexpressed: u32,
+        world: u32,
+    ) -> Vec<(u32, SampleId, Vec<u16>, Vec<u8>, usize)> {
+        let mut rows = Vec::new();
+        for epoch in 0..2 {
+            let plan = Arc::new(EpochPlan::new(&corpus.manifest, order, epoch).unwrap());
+            let partitioner = Partitioner {
+                epoch_len: plan.len(),
+            };
+            for rank in 0..world {
+                let ranges: Vec<_> = (0..)
+                    .map(|i| partitioner.global_batch(i * 24, 1, 24))
+                    .take_while(|r| !r.is_empty())
+                    .map(|r| Partitioner::rank_slice(&r, world, rank))
+                    .collect();
+                let config = LoaderConfig {
+                    sequence: SequenceLayout::Expressed { unexpressed },
+                    mask: MaskConfig::masking_only(0.0),
+                    ..LoaderConfig::default()
+                };
+                for batch in Loader::spawn(corpus.clone(), plan.clone(), ranges, config).unwrap() {
+                    let batch = batch.unwrap();
+                    for (s, id) in batch.sample_ids.iter().enumerate() {
+                        let row = s * batch.seq_len..(s + 1) * batch.seq_len;
+                        let length = batch.lengths[s] as usize;
+                        // Padding is never a target and carries the mask bin.
+                        assert!(batch.target_bins[row.clone()]
+                            .iter()
+                            .all(|&t| t == IGNORE_TARGET));
+                        assert!(batch.gene_ids[row.start + length..row.end]
+                            .iter()
+                            .all(|&g| g == CLS_GENE_ID));
+                        rows.push((
+                            epoch,
+                            *id,
+                            batch.gene_ids[row.start..row.start + length].to_vec(),
+                            batch.input_bins[row.start..row.start + length].to_vec(),
+                            batch.seq_len,
+                        ));
+                    }
+                }
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn expressed_layout_sequences_decode_to_the_full_layouts_bins_exactly_once_at_any_world_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = Arc::new(corpus(dir.path()));
+        let order = OrderConfig {
+            seed: 9,
+            augmentation: 3,
+            window_units: 2,
+        };
+        let layout = TokenLayout::new(BINS).unwrap();
+        let unexpressed = 2;
+        let one = expressed_rows(&corpus, order, unexpressed, 1);
+        let mut draws_changed_between_epochs = false;
+        let mut by_sample = std::collections::BTreeMap::new();
+        let mut clone_genes = Vec::new();
+        for (epoch, id, genes, inputs, _) in &one {
+            let bins = stored_bins(id.cell);
+            assert_eq!((genes[0], inputs[0]), (CLS_GENE_ID, layout.cls_bin()));
+            let expressed = expressed_count(&bins);
+            let zeros = GENES - expressed;
+            assert!(zeros > 0 && expressed > 0, "the fixture has both kinds");
+            assert_eq!(
+                genes.len(),
+                1 + expressed + zeros.min(unexpressed as usize),
+                "{id:?}"
+            );
+            // Each token carries its gene's stored bin: the same bins the full layout gives.
+            for (&gene, &input) in genes[1..].iter().zip(&inputs[1..]) {
+                assert_eq!(input, bins[gene as usize - 1]);
+            }
+            // Every expressed gene appears once, in the clone's order.
+            clone_order(order.seed, order.augmentation, *id, GENES, &mut clone_genes);
+            let expected: Vec<u16> = clone_genes
+                .iter()
+                .map(|&g| g + 1)
+                .filter(|g| genes[1..].contains(g))
+                .collect();
+            assert_eq!(genes[1..], expected[..], "tokens follow the clone order");
+            let expressed_tokens = inputs[1..].iter().filter(|&&b| b != 0).count();
+            assert_eq!(expressed_tokens, expressed);
+            if let Some(previous) = by_sample.insert(*id, genes.clone()) {
+                draws_changed_between_epochs |= previous != *genes;
+            }
+            assert!(*epoch < 2);
+        }
+        assert!(
+            draws_changed_between_epochs,
+            "the unexpressed sample is drawn afresh each epoch"
+        );
+        // Rows are padded to the batch's longest sequence, not the vocabulary (every fixture cell has at
+        // least 3 unexpressed genes and only 2 are drawn).
+        assert!(one.iter().all(|r| r.4 < GENES + 1));
+        // Two and three ranks deliver the same samples with the same tokens, each once per epoch.
+        let key = |rows: Vec<(u32, SampleId, Vec<u16>, Vec<u8>, usize)>| {
+            let mut keyed: Vec<_> = rows.into_iter().map(|(e, id, g, b, _)| (e, id, g, b)).collect();
+            keyed.sort();
+            keyed
+        };
+        let reference = key(one);
+        assert_eq!(reference.len(), 2 * 151 * 3);
+        for world in [2, 3] {
+            assert_eq!(
+                key(expressed_rows(&corpus, order, unexpressed, world)),
+                reference,
+                "world {world}"
+            );
+        }
     }
 
     #[test]
