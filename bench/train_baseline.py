@@ -61,7 +61,7 @@ class Experts(nn.Module):
             h = F.gelu(chunk @ self.w1[e] + self.b1[e])
             outputs.append(h @ self.w2[e] + self.b2[e])
         mixed = torch.cat(outputs, 0) * gates.flatten().index_select(0, order).unsqueeze(1)
-        return torch.zeros(n, d).index_add(0, rows, mixed), aux
+        return torch.zeros(n, d, device=x.device, dtype=mixed.dtype).index_add(0, rows, mixed), aux
 
 
 class Attention(nn.Module):
@@ -70,10 +70,11 @@ class Attention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.out = (Linear(d, d) for _ in range(4))
 
-    def forward(self, h):
+    def forward(self, h, mask):
         b, l, d = h.shape
         split = lambda t: t.view(b, l, self.heads, d // self.heads).transpose(1, 2)
-        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
+                                           attn_mask=mask)
         return self.out(a.transpose(1, 2).reshape(b, l, d))
 
 
@@ -101,12 +102,12 @@ class Block(nn.Module):
         else:
             self.ffn = Dense(d, ffn["hidden"])
 
-    def forward(self, x):
+    def forward(self, x, mask):
         b, l, d = x.shape
-        x = x + self.attn(self.ln_attn(x))
+        x = x + self.attn(self.ln_attn(x), mask)
         h = self.ln_ffn(x)
         if not hasattr(self, "moe"):
-            return x + self.ffn(h), torch.zeros(())
+            return x + self.ffn(h), torch.zeros((), device=x.device)
         out, aux = self.moe(h.view(b * l, d))
         return x + out.view(b, l, d), aux
 
@@ -122,13 +123,15 @@ class CellModel(nn.Module):
         self.ln_final = nn.LayerNorm(d)
         self.bin_head = Linear(d, c["n_bins"])
 
-    def forward(self, genes, bins):
+    def forward(self, genes, bins, valid=None):
         l = genes.shape[1]
         x = (F.embedding(genes, self.gene_embedding) + F.embedding(bins, self.bin_embedding)
              + self.position_embedding[:l].unsqueeze(0))
-        aux = torch.zeros(())
+        # Padding keys are never attended to: SDPA's boolean mask, [batch, 1, 1, keys].
+        mask = None if valid is None else valid[:, None, None, :]
+        aux = torch.zeros((), device=x.device)
         for block in self.blocks:
-            x, a = block(x)
+            x, a = block(x, mask)
             aux = aux + a
         return self.ln_final(x), aux
 
@@ -138,7 +141,8 @@ def main():
     c, torch_threads = spec["model"], spec["threads"]
     torch.set_num_threads(torch_threads)
     torch.manual_seed(spec["seed"])
-    model = CellModel(c)
+    device = torch.device(spec.get("device", "cpu"))
+    model = CellModel(c).to(device)
     params = sum(p.numel() for p in model.parameters())
     # The decay rule of worker/src/train/optim.rs: matrices decay; biases, LayerNorm and embeddings do not.
     def decays(name, p):
@@ -148,21 +152,38 @@ def main():
     groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": 0.01},
               {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-    b, l = spec["batch_size"], c["n_genes"] + 1
-    g = torch.Generator().manual_seed(spec["seed"])
-    genes = torch.arange(l).repeat(b, 1)
-    bins = torch.randint(0, c["n_bins"], (b, l), generator=g)
-    masked = torch.rand(b, l, generator=g) < spec["mask_ratio"]
-    masked[:, 0] = False
-    targets = bins.clone()
-    inputs = bins.masked_fill(masked, c["n_bins"])
-    inputs[:, 0] = c["n_bins"] + 1
-    times = []
+    batches = []
+    if spec.get("batches"):
+        # The loader's batches, written by `cellfleet bench train`: the same tokens cellfleet trains on.
+        for batch in json.load(open(spec["batches"]))["batches"]:
+            shape = (batch["samples"], batch["seq_len"])
+            tensor = lambda key: torch.tensor(batch[key], dtype=torch.int64).view(shape).to(device)
+            lengths = torch.tensor(batch["lengths"], dtype=torch.int64, device=device)
+            valid = torch.arange(shape[1], device=device)[None, :] < lengths[:, None]
+            targets = tensor("target_bins")
+            batches.append((tensor("gene_ids"), tensor("input_bins"), targets, targets != 255,
+                            None if bool(valid.all()) else valid, shape[0], int(lengths.sum())))
+    else:
+        b, l = spec["batch_size"], c["n_genes"] + 1
+        g = torch.Generator().manual_seed(spec["seed"])
+        genes = torch.arange(l).repeat(b, 1)
+        bins = torch.randint(0, c["n_bins"], (b, l), generator=g)
+        masked = torch.rand(b, l, generator=g) < spec["mask_ratio"]
+        masked[:, 0] = False
+        inputs = bins.masked_fill(masked, c["n_bins"])
+        inputs[:, 0] = c["n_bins"] + 1
+        batches.append((genes.to(device), inputs.to(device), bins.to(device), masked.to(device), None,
+                        b, b * l))
+    # On CUDA, matrix products in bf16 as cellfleet does (its casts are explicit; autocast here).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times, cells, tokens = [], 0, 0
     for step in range(spec["warmup_steps"] + spec["steps"]):
+        genes, inputs, targets, masked, valid, samples, real = batches[step % len(batches)]
         t0 = time.perf_counter()
-        hidden, aux = model(genes, inputs)
-        logits = model.bin_head(hidden[masked])
-        loss = F.cross_entropy(logits, targets[masked]) + 0.01 * aux
+        with autocast:
+            hidden, aux = model(genes, inputs, valid)
+            logits = model.bin_head(hidden[masked]).float()
+        loss = F.cross_entropy(logits, targets[masked]) + 0.01 * aux.float()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -170,8 +191,11 @@ def main():
         loss.item()
         if step >= spec["warmup_steps"]:
             times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
-    print(json.dumps({"parameters": params, "step_seconds": step_s, "tokens_per_s": b * l / step_s,
+            cells += samples
+            tokens += real
+    total = sum(times)
+    print(json.dumps({"parameters": params, "step_seconds": total / len(times),
+                      "cells_per_s": cells / total, "tokens_per_s": tokens / total,
                       "final_loss": float(loss)}))
 
 

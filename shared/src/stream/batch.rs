@@ -88,6 +88,37 @@ impl SequenceLayout {
     }
 }
 
+impl SequenceLayout {
+    /// The genes (vocabulary positions, ascending) of cell `cell`'s sequence outside training, where
+    /// nothing is permuted or masked (screens): every gene in the full layout; in the expressed layout
+    /// its expressed genes and an unexpressed sample drawn with a key of the cell alone, so every worker
+    /// reads a cell the same way.
+    pub fn inference_genes(&self, cell: u64, bins: &[u8]) -> Vec<u32> {
+        let SequenceLayout::Expressed { unexpressed } = *self else {
+            return (0..bins.len() as u32).collect();
+        };
+        let mut absent: Vec<u32> = (0..bins.len() as u32)
+            .filter(|&g| bins[g as usize] == 0)
+            .collect();
+        let draw = (unexpressed as usize).min(absent.len());
+        let mut rng = SampleRng::new(0, Domain::UnexpressedSample, cell as u32, u32::MAX);
+        for i in 0..draw {
+            let j = i + rng.below((absent.len() - i) as u32) as usize;
+            absent.swap(i, j);
+        }
+        let mut genes: Vec<u32> = (0..bins.len() as u32)
+            .filter(|&g| bins[g as usize] != 0)
+            .chain(absent[..draw].iter().copied())
+            .collect();
+        genes.sort_unstable();
+        genes
+    }
+}
+
+/// Unexpressed genes per expressed-layout sequence unless configured otherwise: enough that absence is
+/// seen in every sample, few next to the few hundred expressed genes of a typical cell.
+pub const DEFAULT_UNEXPRESSED: u32 = 32;
+
 /// Genes with a non-zero bin (bin 0 is zero expression).
 pub fn expressed_count(bins: &[u8]) -> usize {
     bins.iter().filter(|&&b| b != 0).count()
@@ -288,7 +319,13 @@ impl SampleWriter {
 }
 
 /// Fills a row's tokens from `from` on with padding.
-fn pad_row(layout: TokenLayout, from: usize, genes: &mut [u16], inputs: &mut [u8], targets: &mut [u8]) {
+fn pad_row(
+    layout: TokenLayout,
+    from: usize,
+    genes: &mut [u16],
+    inputs: &mut [u8],
+    targets: &mut [u8],
+) {
     genes[from..].fill(CLS_GENE_ID);
     inputs[from..].fill(layout.mask_bin());
     targets[from..].fill(IGNORE_TARGET);
@@ -820,7 +857,10 @@ mod tests {
         assert!(one.iter().all(|r| r.4 < GENES + 1));
         // Two and three ranks deliver the same samples with the same tokens, each once per epoch.
         let key = |rows: Vec<(u32, SampleId, Vec<u16>, Vec<u8>, usize)>| {
-            let mut keyed: Vec<_> = rows.into_iter().map(|(e, id, g, b, _)| (e, id, g, b)).collect();
+            let mut keyed: Vec<_> = rows
+                .into_iter()
+                .map(|(e, id, g, b, _)| (e, id, g, b))
+                .collect();
             keyed.sort();
             keyed
         };

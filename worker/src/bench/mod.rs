@@ -83,6 +83,22 @@ pub enum BenchCommand {
         /// Skip the PyTorch baseline (e.g. to time only the large preset)
         #[arg(long)]
         no_baseline: bool,
+        /// Train on batches of this corpus (its genes and bins) and compare the expressed token
+        /// layout with the full one; without it, one random full-layout batch
+        #[arg(long)]
+        corpus: Option<String>,
+        /// Unexpressed genes per expressed-layout sequence
+        #[arg(long, default_value_t = cellfleet_shared::stream::batch::DEFAULT_UNEXPRESSED)]
+        unexpressed: u32,
+        /// Alternating rounds (a fresh child process per side per round); the median is reported
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// With --corpus: skip the full layout
+        #[arg(long)]
+        no_full: bool,
+        /// Device of both sides: cpu, cuda or cuda:N (bf16 matrix products on CUDA)
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// (internal) the cellfleet side of `bench train`, given its spec file
     #[command(hide = true)]
@@ -238,8 +254,13 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             warmup_steps,
             threads,
             no_baseline,
-        } => {
-            let spec = TrainBenchSpec {
+            corpus,
+            unexpressed,
+            rounds,
+            no_full,
+            device,
+        } => train::bench_train(train::TrainBench {
+            spec: TrainBenchSpec {
                 model: preset.config(genes, bins),
                 batch_size,
                 steps,
@@ -247,9 +268,15 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 threads,
                 seed: 7,
                 mask_ratio: 0.15,
-            };
-            train::bench_train(&spec, !no_baseline)
-        }
+                device,
+                batches: None,
+            },
+            baseline: !no_baseline,
+            corpus,
+            unexpressed,
+            rounds: rounds.max(1),
+            no_full,
+        }),
         BenchCommand::TrainChild { spec } => {
             let spec: TrainBenchSpec = serde_json::from_slice(
                 &std::fs::read(&spec).with_context(|| format!("cannot read {}", spec.display()))?,

@@ -91,6 +91,7 @@ pub(crate) fn bench_stream(
                 writer.write(
                     &plan,
                     layout,
+                    cellfleet_shared::stream::batch::SequenceLayout::Full,
                     MaskConfig::masking_only(0.15),
                     sample,
                     &cell,

@@ -33,6 +33,7 @@ use crate::train::training_loop::Checkpointing;
 use crate::train::training_loop::Participation;
 use crate::train::training_loop::StepRecord;
 use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
+use cellfleet_shared::stream::batch::SequenceLayout;
 
 /// Flags shared by `train` and `finetune`; each overrides the config file.
 #[derive(Args, Clone, Debug)]
@@ -55,8 +56,22 @@ pub struct TrainFlags {
     /// Seed of initialisation, sample order, masking and router noise
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Token layout (pretraining): every vocabulary gene, or a cell's expressed genes plus a sample of
+    /// its unexpressed ones (much faster at large vocabularies)
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutChoice>,
+    /// Unexpressed genes drawn into each expressed-layout sequence
+    #[arg(long, default_value_t = cellfleet_shared::stream::batch::DEFAULT_UNEXPRESSED)]
+    pub unexpressed: u32,
     #[command(flatten)]
     pub runtime: RuntimeFlags,
+}
+
+/// `--layout` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutChoice {
+    Full,
+    Expressed,
 }
 
 /// How `train` spreads over workers.
@@ -207,6 +222,15 @@ impl TrainFlags {
         if let Some(seed) = self.seed {
             config.seed = seed;
         }
+        match self.layout {
+            Some(LayoutChoice::Full) => config.layout = SequenceLayout::Full,
+            Some(LayoutChoice::Expressed) => {
+                config.layout = SequenceLayout::Expressed {
+                    unexpressed: self.unexpressed,
+                }
+            }
+            None => {}
+        }
         config.validate()?;
         Ok(config)
     }
@@ -221,10 +245,19 @@ fn open_corpus(url: &str, s3: &S3Options) -> anyhow::Result<Arc<Corpus>> {
 fn summarize_steps(what: &str, records: &[StepRecord]) {
     let Some(last) = records.last() else { return };
     let tokens: u64 = records.iter().map(|r| r.tokens).sum();
+    let padding: u64 = records.iter().map(|r| r.padding).sum();
     let seconds: f64 = records.iter().map(|r| r.seconds).sum();
     let first = &records[0];
+    let padded = if padding > 0 {
+        format!(
+            " ({:.1}% of row slots were padding)",
+            100.0 * padding as f64 / (tokens + padding) as f64
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{what}: {} steps, loss {:.4} -> {:.4}, batch accuracy {:.3} -> {:.3}, {:.0} tokens/s",
+        "{what}: {} steps, loss {:.4} -> {:.4}, batch accuracy {:.3} -> {:.3}, {:.0} tokens/s{padded}",
         records.len(),
         first.loss,
         last.loss,
@@ -236,17 +269,26 @@ fn summarize_steps(what: &str, records: &[StepRecord]) {
 
 fn print_masked(report: &MaskedBinReport) {
     println!(
-        "held-out masked bins ({} cells, {} masked tokens):",
-        report.eval_cells, report.masked_tokens
-    );
-    println!("  {:<22} {:>13} {:>9}", "", "cross-entropy", "accuracy");
-    println!(
-        "  {:<22} {:>13.4} {:>9.4}",
-        "model", report.model_cross_entropy, report.model_accuracy
+        "held-out masked bins ({} cells, {} masked tokens in the {} layout, {} of expressed genes):",
+        report.eval_cells, report.masked_tokens, report.layout, report.expressed_tokens
     );
     println!(
-        "  {:<22} {:>13.4} {:>9.4}",
-        "per-gene marginal", report.marginal_cross_entropy, report.marginal_accuracy
+        "  {:<22} {:>13} {:>9} {:>20}",
+        "", "cross-entropy", "accuracy", "CE, expressed genes"
+    );
+    println!(
+        "  {:<22} {:>13.4} {:>9.4} {:>20.4}",
+        "model",
+        report.model_cross_entropy,
+        report.model_accuracy,
+        report.model_cross_entropy_expressed
+    );
+    println!(
+        "  {:<22} {:>13.4} {:>9.4} {:>20.4}",
+        "per-gene marginal",
+        report.marginal_cross_entropy,
+        report.marginal_accuracy,
+        report.marginal_cross_entropy_expressed
     );
 }
 
@@ -343,9 +385,10 @@ pub fn train_command(
         )?,
     };
     println!(
-        "model: {} parameters ({:?} preset, {} genes, {} bins, {} experts)",
+        "model: {} parameters ({:?} preset, {} layout, {} genes, {} bins, {} experts)",
         model.parameter_count(),
         config.preset,
+        model.config.layout.name(),
         model.config.n_genes,
         model.config.n_bins,
         model.config.experts()

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use cellfleet_shared::stream::batch::SequenceLayout;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
@@ -70,6 +71,9 @@ pub struct ModelConfig {
     pub n_classes: usize,
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Which gene tokens a cell's sequence holds (models from before layouts read the full layout).
+    #[serde(default)]
+    pub layout: SequenceLayout,
 }
 
 /// Named architecture sizes; `n_genes`, `n_bins` and `max_seq_len` come from the corpus.
@@ -106,6 +110,7 @@ impl Preset {
             },
             n_classes: 0,
             lora: None,
+            layout: SequenceLayout::Full,
         }
     }
 }
@@ -149,6 +154,31 @@ impl ModelConfig {
                 _ => Ok(()),
             },
         }
+    }
+
+    /// Model FLOPs of one forward over a sequence of `len` real tokens (a multiply-add counts 2): per
+    /// layer the four `d x d` projections (8 d^2 per token), the attention scores and their use of the
+    /// values (4 L^2 d), and the feed-forward (4 d h per expert a token visits, plus the router's 2 d E),
+    /// and the bin head (2 d bins per token). Padding is not counted: this is useful work, what MFU is
+    /// measured in.
+    pub fn forward_flops(&self, len: usize) -> f64 {
+        let (d, l) = (self.d_model as f64, len as f64);
+        let ffn = match self.ffn {
+            FfnConfig::Dense { hidden } => 4.0 * d * hidden as f64,
+            FfnConfig::Moe {
+                experts,
+                hidden,
+                top_k,
+                ..
+            } => top_k as f64 * 4.0 * d * hidden as f64 + 2.0 * d * experts as f64,
+        };
+        self.n_layers as f64 * (l * (8.0 * d * d + ffn) + 4.0 * l * l * d)
+            + 2.0 * l * d * self.n_bins as f64
+    }
+
+    /// Forward and backward: three forwards' FLOPs.
+    pub fn training_flops(&self, len: usize) -> f64 {
+        3.0 * self.forward_flops(len)
     }
 
     pub fn experts(&self) -> usize {
@@ -721,6 +751,31 @@ impl CellModel {
         }
         Ok(missing)
     }
+}
+
+/// The dense matrix-product rate of `device` in TFLOP/s, measured (f32 on the CPU with `threads`
+/// threads, bf16 on CUDA): the peak MFU figures are stated against.
+pub fn measured_peak_tflops(device: &str, threads: usize) -> Result<f64> {
+    let device = parse_device(device)?;
+    tch::set_num_threads(threads.max(1) as i32);
+    let (n, kind) = if device == Device::Cpu {
+        (1024i64, Kind::Float)
+    } else {
+        (8192i64, Kind::BFloat16)
+    };
+    let a = Tensor::randn([n, n], (kind, device));
+    let b = Tensor::randn([n, n], (kind, device));
+    let mut sink = a.matmul(&b);
+    let _ = sink.sum(Kind::Float).double_value(&[]);
+    let started = std::time::Instant::now();
+    let mut products = 0u32;
+    while started.elapsed().as_secs_f64() < 1.0 || products < 3 {
+        sink = a.matmul(&b);
+        products += 1;
+    }
+    let _ = sink.sum(Kind::Float).double_value(&[]);
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(f64::from(products) * 2.0 * (n as f64).powi(3) / seconds / 1e12)
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`, checking that libtorch can see the GPU.

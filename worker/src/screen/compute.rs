@@ -20,7 +20,7 @@ use cellfleet_shared::screen::{
     UnitExpression, UnitResult,
 };
 use cellfleet_shared::storage::S3Options;
-use cellfleet_shared::stream::batch::TokenLayout;
+use cellfleet_shared::stream::batch::{SequenceLayout, TokenLayout};
 use tch::{Device, Kind, Tensor};
 
 use super::plan::{manifest_blake3, read_cells};
@@ -86,13 +86,17 @@ pub struct Screener {
     /// Per screened cell (by corpus position): its stratum.
     stratum_of: HashMap<u64, usize>,
     layout: TokenLayout,
+    /// The checkpoint's token layout, which decides the genes of each cell's sequence.
+    sequence: SequenceLayout,
 }
 
-/// A cell's unperturbed forward: its readout-layer `[CLS]` state or gene-state sum (`[d]`), and its
-/// expected bins in vocabulary order.
+/// A cell's unperturbed forward: its readout-layer `[CLS]` state or gene-state sum (`[d]`), its
+/// expected bins in vocabulary order (0 for genes its sequence does not hold), and how many gene
+/// tokens its sequence has.
 struct Original {
     read: Tensor,
     expected: Vec<f32>,
+    gene_tokens: usize,
 }
 
 /// Why a unit did not finish: stopped on purpose (its lease was lost, or the worker was told to stop;
@@ -121,11 +125,16 @@ struct Variant {
     at: Vec<Option<usize>>,
 }
 
-/// The perturbed token sequence of a cell with `bins` in which `perturbed` genes (ascending) are
-/// perturbed by `kind`.
+/// The perturbed token sequence of a cell with `bins` whose sequence holds the genes `sequence`
+/// (ascending; every gene in the full layout) in which `perturbed` genes (ascending) are perturbed by
+/// `kind`. In the expressed layout a knockout removes the gene's token, as a deletion does: a token at
+/// bin 0 of an expressed gene is what the full layout shows, not something the expressed layout ever
+/// holds.
 fn perturbed_sequence(
     kind: PerturbationKind,
+    layout: SequenceLayout,
     bins: &[u8],
+    sequence: &[u32],
     perturbed: &[u32],
     cls_bin: i64,
     top_bin: i64,
@@ -135,20 +144,30 @@ fn perturbed_sequence(
     let mut ids = vec![0i64];
     let mut input = vec![cls_bin];
     let mut at = vec![None; n];
+    let kind = match (kind, layout) {
+        (PerturbationKind::Knockout, SequenceLayout::Expressed { .. }) => PerturbationKind::Delete,
+        (kind, _) => kind,
+    };
     match kind {
         PerturbationKind::Knockout => {
-            for (j, &b) in bins.iter().enumerate() {
+            for &j in sequence {
+                let j = j as usize;
+                at[j] = Some(ids.len() - 1);
                 ids.push(j as i64 + 1);
-                input.push(if is_perturbed(j) { 0 } else { i64::from(b) });
-                at[j] = Some(j);
+                input.push(if is_perturbed(j) {
+                    0
+                } else {
+                    i64::from(bins[j])
+                });
             }
         }
         PerturbationKind::Delete => {
-            for (j, &b) in bins.iter().enumerate() {
+            for &j in sequence {
+                let j = j as usize;
                 if !is_perturbed(j) {
                     at[j] = Some(ids.len() - 1);
                     ids.push(j as i64 + 1);
-                    input.push(i64::from(b));
+                    input.push(i64::from(bins[j]));
                 }
             }
         }
@@ -158,11 +177,12 @@ fn perturbed_sequence(
                 ids.push(i64::from(g) + 1);
                 input.push(top_bin);
             }
-            for (j, &b) in bins.iter().enumerate() {
+            for &j in sequence {
+                let j = j as usize;
                 if !is_perturbed(j) {
                     at[j] = Some(ids.len() - 1);
                     ids.push(j as i64 + 1);
-                    input.push(i64::from(b));
+                    input.push(i64::from(bins[j]));
                 }
             }
         }
@@ -274,6 +294,7 @@ impl Screener {
         }
         let bins = read_cells(&corpus, &wanted)?;
         let layout = TokenLayout::new(plan.n_bins)?;
+        let sequence = model.config.layout;
         let strata = plan.strata.len().max(1);
         let stratum_of = plan
             .cells
@@ -291,6 +312,7 @@ impl Screener {
             originals: RefCell::new(HashMap::new()),
             stratum_of,
             layout,
+            sequence,
         };
         if !screener.plan.states.is_empty() {
             let mut rows = Vec::with_capacity(strata * screener.plan.states.len());
@@ -364,25 +386,37 @@ impl Screener {
         }
     }
 
-    /// One forward of token rows of one length: the expected bins of the gene tokens (row-major
-    /// `[rows, tokens - 1]`, on the CPU) and the readout layer's states `[rows, tokens, d]` (`[CLS]`
-    /// included).
-    fn run(
-        &self,
-        gene_ids: &[i64],
-        bins: &[i64],
-        rows: usize,
-    ) -> Result<(Vec<f32>, Tensor), UnitError> {
-        let seq = (gene_ids.len() / rows) as i64;
-        let to = |v: &[i64]| {
-            Tensor::from_slice(v)
-                .view([rows as i64, seq])
-                .to_device(self.device())
-        };
+    /// One forward of token rows `(gene ids, bins)`, padded to the longest: the expected bins of the
+    /// gene tokens (row-major `[rows, longest - 1]`, on the CPU; row r's first `len_r - 1` are real)
+    /// and the readout layer's states `[rows, longest, d]` (`[CLS]` included).
+    fn run(&self, rows: &[(&[i64], &[i64])]) -> Result<(Vec<f32>, Tensor), UnitError> {
+        let longest = rows.iter().map(|r| r.0.len()).max().unwrap_or(1);
+        let (mut ids, mut bins, mut valid) = (
+            Vec::with_capacity(rows.len() * longest),
+            Vec::with_capacity(rows.len() * longest),
+            Vec::with_capacity(rows.len() * longest),
+        );
+        for (row_ids, row_bins) in rows {
+            let pad = longest - row_ids.len();
+            ids.extend_from_slice(row_ids);
+            ids.extend(std::iter::repeat_n(0, pad));
+            bins.extend_from_slice(row_bins);
+            bins.extend(std::iter::repeat_n(i64::from(self.layout.mask_bin()), pad));
+            valid.extend(std::iter::repeat_n(true, row_ids.len()));
+            valid.extend(std::iter::repeat_n(false, pad));
+        }
+        let seq = longest as i64;
+        let shape = [rows.len() as i64, seq];
+        let to = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(self.device());
+        let padded = valid.iter().any(|v| !v);
         let tokens = Tokens {
-            gene_ids: to(gene_ids),
-            bins: to(bins),
-            valid: None,
+            gene_ids: to(&ids),
+            bins: to(&bins),
+            valid: padded.then(|| {
+                Tensor::from_slice(&valid)
+                    .view(shape)
+                    .to_device(self.device())
+            }),
         };
         let (forward, read) = tch::no_grad(|| {
             self.model
@@ -396,12 +430,57 @@ impl Screener {
         ))
     }
 
-    /// The unperturbed tokens of `cell`.
-    fn original_tokens(&self, cell: u64, gene_ids: &mut Vec<i64>, bins: &mut Vec<i64>) {
-        gene_ids.push(0);
-        bins.push(i64::from(self.layout.cls_bin()));
-        gene_ids.extend(1..=self.n_genes() as i64);
-        bins.extend(self.bins[&cell].iter().map(|&b| i64::from(b)));
+    /// The unperturbed sequence of `cell`: (gene ids, bins, where each vocabulary gene sits).
+    fn original_sequence(&self, cell: u64) -> (Vec<i64>, Vec<i64>, Vec<Option<usize>>) {
+        let bins = &self.bins[&cell];
+        perturbed_sequence(
+            PerturbationKind::Delete,
+            self.sequence,
+            bins,
+            &self.sequence.inference_genes(cell, bins),
+            &[],
+            i64::from(self.layout.cls_bin()),
+            0,
+        )
+    }
+
+    /// Unperturbed forwards of `cells` (at most a batch): per cell its expected bins in vocabulary
+    /// order (0 for genes its sequence lacks) and its gene-token count, and the readout states
+    /// `[cells, longest, d]` with the gene-token validity `[cells, longest - 1]` (f32).
+    #[allow(clippy::type_complexity)]
+    fn original_forward(
+        &self,
+        cells: &[u64],
+    ) -> Result<
+        (
+            Vec<(Vec<f32>, usize)>,
+            Tensor,
+            Tensor,
+            Vec<Vec<Option<usize>>>,
+        ),
+        UnitError,
+    > {
+        let n = self.n_genes();
+        let sequences: Vec<_> = cells.iter().map(|&c| self.original_sequence(c)).collect();
+        let rows: Vec<(&[i64], &[i64])> = sequences
+            .iter()
+            .map(|(ids, bins, _)| (ids.as_slice(), bins.as_slice()))
+            .collect();
+        let (expected, read) = self.run(&rows)?;
+        let stride = read.size()[1] as usize - 1;
+        let mut profiles = Vec::with_capacity(cells.len());
+        let mut valid = Vec::with_capacity(cells.len() * stride);
+        for (r, (ids, _, at)) in sequences.iter().enumerate() {
+            let row = &expected[r * stride..(r + 1) * stride];
+            let profile: Vec<f32> = (0..n).map(|j| at[j].map_or(0.0, |p| row[p])).collect();
+            profiles.push((profile, ids.len() - 1));
+            valid.extend((0..stride).map(|t| if t < ids.len() - 1 { 1f32 } else { 0.0 }));
+        }
+        let valid = Tensor::from_slice(&valid)
+            .view([cells.len() as i64, stride as i64])
+            .to_device(self.device());
+        let at = sequences.into_iter().map(|(_, _, at)| at).collect();
+        Ok((profiles, read, valid, at))
     }
 
     /// Mean representation of unperturbed `cells` (chunks of the plan's batch), every coordinate kept.
@@ -410,23 +489,43 @@ impl Screener {
         let n = self.n_genes() as i64;
         let mut sum = Tensor::zeros([self.dim()], (Kind::Float, self.device()));
         for chunk in cells.chunks(batch) {
-            let (mut ids, mut bins) = (Vec::new(), Vec::new());
-            for &c in chunk {
-                self.original_tokens(c, &mut ids, &mut bins);
-            }
-            let (expected, read) = self
-                .run(&ids, &bins, chunk.len())
+            let (profiles, read, valid, _) = self
+                .original_forward(chunk)
                 .expect("an unperturbed forward of stored cells succeeds");
             let reps = match self.plan.spec.readout {
-                Readout::Expected => Tensor::from_slice(&expected)
-                    .view([chunk.len() as i64, n])
-                    .to_device(self.device()),
-                Readout::Mean => read.narrow(1, 1, n).mean_dim(1, false, Kind::Float),
+                Readout::Expected => Tensor::from_slice(
+                    &profiles
+                        .iter()
+                        .flat_map(|(p, _)| p.iter().copied())
+                        .collect::<Vec<_>>(),
+                )
+                .view([chunk.len() as i64, n])
+                .to_device(self.device()),
+                Readout::Mean => {
+                    let genes = read.narrow(1, 1, read.size()[1] - 1);
+                    (genes * valid.unsqueeze(2)).sum_dim_intlist(1, false, Kind::Float)
+                        / valid.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0)
+                }
                 Readout::Cls => read.select(1, 0),
             };
             sum += reps.sum_dim_intlist(0, false, Kind::Float);
         }
         sum / cells.len() as f64
+    }
+
+    /// Whether cell `cell`'s unperturbed sequence holds gene `gene`.
+    fn holds(&self, cell: u64, gene: u32) -> bool {
+        match self.sequence {
+            SequenceLayout::Full => true,
+            SequenceLayout::Expressed { .. } => {
+                self.bins[&cell][gene as usize] != 0
+                    || self
+                        .sequence
+                        .inference_genes(cell, &self.bins[&cell])
+                        .binary_search(&gene)
+                        .is_ok()
+            }
+        }
     }
 
     /// Expected bins `[rows, tokens]` of final hidden states `[rows, tokens, d]`.
@@ -447,11 +546,10 @@ impl Screener {
     fn originals(
         &self,
         cells: &[u64],
-        own_genes: Option<&Tensor>,
+        own_genes: Option<&[u32]>,
         stop: &AtomicBool,
     ) -> Result<Option<Tensor>, UnitError> {
         let batch = self.plan.spec.execution.batch as usize;
-        let n = self.n_genes();
         let cached = own_genes.is_none()
             && cells
                 .iter()
@@ -464,29 +562,41 @@ impl Screener {
             if stop.load(Ordering::Relaxed) {
                 return Err(UnitError::Interrupted);
             }
-            let (mut ids, mut bins) = (Vec::new(), Vec::new());
-            for &c in chunk {
-                self.original_tokens(c, &mut ids, &mut bins);
-            }
-            let (expected, read) = self.run(&ids, &bins, chunk.len())?;
+            let (profiles, read, valid, at) = self.original_forward(chunk)?;
             let reads = match self.plan.spec.readout {
                 Readout::Cls => read.select(1, 0),
-                Readout::Expected | Readout::Mean => {
-                    read.narrow(1, 1, n as i64)
-                        .sum_dim_intlist(1, false, Kind::Float)
-                }
+                Readout::Expected | Readout::Mean => (read.narrow(1, 1, read.size()[1] - 1)
+                    * valid.unsqueeze(2))
+                .sum_dim_intlist(1, false, Kind::Float),
             };
-            if let Some(index) = own_genes {
-                // Gene g is token g + 1.
-                own.push(read.index_select(1, &(index + 1)));
+            if let Some(genes) = own_genes {
+                // Each own gene's state where the cell's sequence holds it, zeros where it does not
+                // (so subtracting it from the sum is a no-op).
+                for (row, at) in at.iter().enumerate() {
+                    let positions: Vec<i64> = genes
+                        .iter()
+                        .map(|&g| at[g as usize].map_or(0, |p| p as i64 + 1))
+                        .collect();
+                    let present: Vec<f32> = genes
+                        .iter()
+                        .map(|&g| if at[g as usize].is_some() { 1.0 } else { 0.0 })
+                        .collect();
+                    let index = Tensor::from_slice(&positions).to_device(self.device());
+                    let present = Tensor::from_slice(&present).to_device(self.device());
+                    own.push(
+                        (read.get(row as i64).index_select(0, &index) * present.unsqueeze(1))
+                            .unsqueeze(0),
+                    );
+                }
             }
             let mut cache = self.originals.borrow_mut();
-            for (row, &c) in chunk.iter().enumerate() {
+            for (row, (&c, (expected, gene_tokens))) in chunk.iter().zip(profiles).enumerate() {
                 cache.insert(
                     c,
                     Original {
                         read: reads.get(row as i64),
-                        expected: expected[row * n..(row + 1) * n].to_vec(),
+                        expected,
+                        gene_tokens,
                     },
                 );
             }
@@ -504,10 +614,12 @@ impl Screener {
         }
         let top = i64::from(self.plan.n_bins) - 1;
         let cls = i64::from(self.layout.cls_bin());
+        let sequence = self.sequence.inference_genes(cell, bins);
         perturbed
             .into_iter()
             .map(|genes| {
-                let (ids, bins, at) = perturbed_sequence(kind, bins, &genes, cls, top);
+                let (ids, bins, at) =
+                    perturbed_sequence(kind, self.sequence, bins, &sequence, &genes, cls, top);
                 Variant {
                     record,
                     ids,
@@ -537,11 +649,11 @@ impl Screener {
             .collect();
         own_genes.sort_unstable();
         own_genes.dedup();
-        let own_index = (readout == Readout::Mean).then(|| {
-            Tensor::from_slice(&own_genes.iter().map(|&g| i64::from(g)).collect::<Vec<_>>())
-                .to_device(self.device())
-        });
-        let own_states = self.originals(&unit_cells, own_index.as_ref(), stop)?;
+        let own_states = self.originals(
+            &unit_cells,
+            (readout == Readout::Mean).then_some(own_genes.as_slice()),
+            stop,
+        )?;
 
         let mut records = Vec::new();
         for (k, target) in unit_targets.iter().enumerate() {
@@ -589,33 +701,25 @@ impl Screener {
             // Per variant: its representation with the record's own genes left out, and the original's.
             let mut perturbed_rows: Vec<Tensor> = Vec::with_capacity(variants.len());
             let mut original_rows: Vec<Tensor> = Vec::with_capacity(variants.len());
-            // Forward passes take rows of one length; deletions of sets and pairs differ in length.
-            let mut lengths: Vec<usize> = variants.iter().map(|v| v.ids.len()).collect();
-            lengths.sort_unstable();
-            lengths.dedup();
+            // One padded forward for all of them (their lengths differ by cell in the expressed layout,
+            // and by deletion in any).
             let mut computed: Vec<Option<(Tensor, Tensor)>> =
                 (0..variants.len()).map(|_| None).collect();
             let mut expected_of: Vec<Vec<f32>> = vec![Vec::new(); variants.len()];
-            for length in lengths {
-                let group: Vec<usize> = (0..variants.len())
-                    .filter(|&v| variants[v].ids.len() == length)
-                    .collect();
-                let ids: Vec<i64> = group
+            {
+                let rows: Vec<(&[i64], &[i64])> = variants
                     .iter()
-                    .flat_map(|&v| variants[v].ids.clone())
+                    .map(|v| (v.ids.as_slice(), v.bins.as_slice()))
                     .collect();
-                let bins: Vec<i64> = group
-                    .iter()
-                    .flat_map(|&v| variants[v].bins.clone())
-                    .collect();
-                let (expected, read) = self.run(&ids, &bins, group.len())?;
-                let tokens = length - 1;
-                for (row, &v) in group.iter().enumerate() {
-                    let variant = &variants[v];
+                let (expected, read) = self.run(&rows)?;
+                let stride = read.size()[1] as usize - 1;
+                for (v, variant) in variants.iter().enumerate() {
+                    let row = v;
+                    let tokens = variant.ids.len() - 1;
                     let (k, ci) = chunk[variant.record];
                     let target = unit_targets[k];
                     let cell = unit_cells[ci];
-                    let after = &expected[row * tokens..(row + 1) * tokens];
+                    let after = &expected[row * stride..row * stride + tokens];
                     expected_of[v] = after.to_vec();
                     // Left out of both sides (kept only to measure the self-effect itself).
                     let excluded: &[u32] = if plan.spec.count_own_genes {
@@ -651,14 +755,20 @@ impl Screener {
                                 .collect();
                             let perturbed = mean_without(&states, &positions);
                             let own = own_states.as_ref().expect("computed for the mean readout");
+                            let cache = self.originals.borrow();
+                            let original_cell = &cache[&cell];
                             // A copy: subtracting in place would change the cached original.
-                            let mut sum = self.originals.borrow()[&cell].read.copy();
+                            let mut sum = original_cell.read.copy();
+                            let mut left_out = 0;
                             for &g in excluded {
                                 let slot =
                                     own_genes.binary_search(&g).expect("a unit target's gene");
+                                // Zeros for a gene the cell's sequence does not hold.
                                 sum -= own.get(ci as i64).get(slot as i64);
+                                left_out += usize::from(self.holds(cell, g));
                             }
-                            let original = sum / (n - excluded.len()) as f64;
+                            let original =
+                                sum / (original_cell.gene_tokens - left_out).max(1) as f64;
                             (perturbed, original)
                         }
                     };
@@ -771,8 +881,17 @@ mod tests {
     #[test]
     fn a_knocked_out_genes_own_expected_expression_counts_on_neither_side() {
         let bins = [3u8, 0, 5, 1, 2, 4];
+        const ALL: [u32; 6] = [0, 1, 2, 3, 4, 5];
         let before = [2.9f32, 0.4, 4.6, 1.2, 2.1, 3.8];
-        let (_, _, at) = perturbed_sequence(PerturbationKind::Knockout, &bins, &[2], 9, 7);
+        let (_, _, at) = perturbed_sequence(
+            PerturbationKind::Knockout,
+            SequenceLayout::Full,
+            &bins,
+            &ALL,
+            &[2],
+            9,
+            7,
+        );
         let state = Tensor::from_slice(&[0.0f32, 0.3, 0.1, 1.5, 0.2, 0.9]).view([1, 1, 6]);
         let unit_state = unit_rows(&state);
         let axis = &state / 3.0;
@@ -814,16 +933,64 @@ mod tests {
     }
 
     #[test]
+    fn in_the_expressed_layout_a_knockout_removes_the_token_and_absent_genes_have_no_place() {
+        let bins = [3u8, 0, 5, 0, 2];
+        let layout = SequenceLayout::Expressed { unexpressed: 1 };
+        // Expressed genes 0, 2, 4 and the drawn unexpressed gene 3.
+        let sequence = [0u32, 2, 3, 4];
+        let (ids, input, at) = perturbed_sequence(
+            PerturbationKind::Knockout,
+            layout,
+            &bins,
+            &sequence,
+            &[2],
+            9,
+            7,
+        );
+        assert_eq!((ids, input), (vec![0, 1, 4, 5], vec![9, 3, 0, 2]));
+        assert_eq!(at, vec![Some(0), None, None, Some(1), Some(2)]);
+        // The layout's own draw is a pure function of the cell: every worker reads a cell alike.
+        let drawn = layout.inference_genes(17, &bins);
+        assert_eq!(drawn, layout.inference_genes(17, &bins));
+        assert_eq!(drawn.len(), 4);
+        assert!([0, 2, 4].iter().all(|g| drawn.contains(g)));
+    }
+
+    #[test]
     fn perturbed_sequences_place_every_gene() {
         let bins = [3u8, 0, 5, 1];
-        let (ids, input, at) = perturbed_sequence(PerturbationKind::Delete, &bins, &[0, 2], 9, 7);
+        const ALL: [u32; 4] = [0, 1, 2, 3];
+        let (ids, input, at) = perturbed_sequence(
+            PerturbationKind::Delete,
+            SequenceLayout::Full,
+            &bins,
+            &ALL,
+            &[0, 2],
+            9,
+            7,
+        );
         assert_eq!((ids, input), (vec![0, 2, 4], vec![9, 0, 1]));
         assert_eq!(at, vec![None, Some(0), None, Some(1)]);
-        let (ids, input, at) =
-            perturbed_sequence(PerturbationKind::Overexpress, &bins, &[1, 3], 9, 7);
+        let (ids, input, at) = perturbed_sequence(
+            PerturbationKind::Overexpress,
+            SequenceLayout::Full,
+            &bins,
+            &ALL,
+            &[1, 3],
+            9,
+            7,
+        );
         assert_eq!((ids, input), (vec![0, 2, 4, 1, 3], vec![9, 7, 7, 3, 5]));
         assert_eq!(at, vec![Some(2), Some(0), Some(3), Some(1)]);
-        let (_, input, at) = perturbed_sequence(PerturbationKind::Knockout, &bins, &[2], 9, 7);
+        let (_, input, at) = perturbed_sequence(
+            PerturbationKind::Knockout,
+            SequenceLayout::Full,
+            &bins,
+            &ALL,
+            &[2],
+            9,
+            7,
+        );
         assert_eq!(input, vec![9, 3, 0, 0, 1]);
         assert_eq!(at, vec![Some(0), Some(1), Some(2), Some(3)]);
     }

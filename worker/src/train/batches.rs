@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use cellfleet_shared::corpus::Corpus;
-use cellfleet_shared::stream::batch::{Batch, Loader, LoaderConfig, MaskConfig};
+use cellfleet_shared::stream::batch::{Batch, Loader, LoaderConfig, MaskConfig, SequenceLayout};
 use cellfleet_shared::stream::{
     cursor_at_step, CellSplit, EpochPlan, OrderConfig, Partitioner, SplitPart,
 };
@@ -13,16 +13,24 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::Tokens;
 
-/// Converts a batch into device tensors: (tokens, targets `[batch, seq]` int64).
+/// Converts a batch into device tensors: (tokens, targets `[batch, seq]` int64); padded batches get a
+/// validity mask.
 pub fn batch_tensors(batch: &Batch, device: Device) -> (Tokens, Tensor) {
     let shape = [batch.samples as i64, batch.seq_len as i64];
     let genes: Vec<i32> = batch.gene_ids.iter().map(|&g| i32::from(g)).collect();
     let to = |t: Tensor| t.view(shape).to_kind(Kind::Int64).to_device(device);
+    let valid = batch.is_padded().then(|| {
+        let lengths: Vec<i64> = batch.lengths.iter().map(|&l| i64::from(l)).collect();
+        let lengths = Tensor::from_slice(&lengths).to_device(device);
+        Tensor::arange(batch.seq_len as i64, (Kind::Int64, device))
+            .unsqueeze(0)
+            .lt_tensor(&lengths.unsqueeze(1))
+    });
     (
         Tokens {
             gene_ids: to(Tensor::from_slice(&genes)),
             bins: to(Tensor::from_slice(&batch.input_bins)),
-            valid: None,
+            valid,
         },
         to(Tensor::from_slice(&batch.target_bins)),
     )
@@ -52,6 +60,7 @@ impl BatchStream {
         order: OrderConfig,
         split: CellSplit,
         part: SplitPart,
+        sequence: SequenceLayout,
         mask: MaskConfig,
         batch_size: u32,
         threads: usize,
@@ -62,6 +71,7 @@ impl BatchStream {
             split,
             part,
             loader_config: LoaderConfig {
+                sequence,
                 mask,
                 threads: threads.max(1),
                 ..LoaderConfig::default()

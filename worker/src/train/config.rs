@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use cellfleet_shared::stream::batch::SequenceLayout;
 use cellfleet_shared::stream::{CellSplit, OrderConfig};
 use serde::{Deserialize, Serialize};
 use tch::Device;
@@ -51,6 +52,10 @@ pub struct TrainConfig {
     pub split: CellSplit,
     /// Batch-assembly threads.
     pub loader_threads: usize,
+    /// Which gene tokens a sample holds: `{ kind = "full" }` (every vocabulary gene) or
+    /// `{ kind = "expressed", unexpressed = N }` (the expressed genes and N unexpressed ones). Recorded
+    /// in the model config, so every consumer of the checkpoint reads cells the same way.
+    pub layout: SequenceLayout,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +82,7 @@ impl Default for TrainConfig {
             window_units: 16,
             split: CellSplit::default(),
             loader_threads: 1,
+            layout: SequenceLayout::Full,
         }
     }
 }
@@ -106,6 +112,7 @@ impl TrainConfig {
         if let Some(ffn) = &self.ffn {
             config.ffn = ffn.clone();
         }
+        config.layout = self.layout;
         config
     }
 

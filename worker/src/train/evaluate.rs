@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use cellfleet_shared::corpus::manifest::MISSING_LABEL;
 use cellfleet_shared::corpus::Corpus;
-use cellfleet_shared::stream::batch::{Batch, Loader, LoaderConfig, MaskConfig, IGNORE_TARGET};
+use cellfleet_shared::stream::batch::{
+    Batch, Loader, LoaderConfig, MaskConfig, SequenceLayout, IGNORE_TARGET,
+};
 use cellfleet_shared::stream::{CellSplit, EpochPlan, OrderConfig, Partitioner, SplitPart};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -28,6 +30,14 @@ pub struct MaskedBinReport {
     /// Per-gene bin frequencies of the training cells (add-one smoothed).
     pub marginal_cross_entropy: f64,
     pub marginal_accuracy: f64,
+    /// The model's sequence layout; its masked tokens are the tokens of that layout, and the marginal
+    /// is counted over the same tokens.
+    pub layout: String,
+    /// Masked tokens of expressed genes (true bin > 0), and the cross-entropies on them alone: the same
+    /// set of tokens in either layout, so models of both layouts compare on it.
+    pub expressed_tokens: u64,
+    pub model_cross_entropy_expressed: f64,
+    pub marginal_cross_entropy_expressed: f64,
 }
 
 /// Evaluates masked-bin prediction on the held-out split: every held-out cell in vocabulary order,
@@ -42,11 +52,22 @@ pub fn evaluate_masked_bins(
 ) -> anyhow::Result<MaskedBinReport> {
     let n_genes = corpus.manifest.genes.len();
     let n_bins = usize::from(corpus.manifest.bins.n_bins);
-    // Marginal frequencies from every training cell.
+    let layout = model.config.layout;
+    // Marginal frequencies from every training cell, over the tokens the layout holds.
     let mut counts = vec![1.0f64; n_genes * n_bins];
-    for batch in split_pass(&corpus, seed, split, SplitPart::Train, 0.0, batch_size, 0)? {
+    for batch in split_pass(
+        &corpus,
+        seed,
+        split,
+        SplitPart::Train,
+        layout,
+        0.0,
+        batch_size,
+        0,
+    )? {
         let batch = batch?;
         for (g, b) in batch.gene_ids.iter().zip(&batch.input_bins) {
+            // Gene id 0 is [CLS] and padding.
             if *g > 0 {
                 counts[(usize::from(*g) - 1) * n_bins + usize::from(*b)] += 1.0;
             }
@@ -71,6 +92,10 @@ pub fn evaluate_masked_bins(
         model_accuracy: 0.0,
         marginal_cross_entropy: 0.0,
         marginal_accuracy: 0.0,
+        layout: layout.name().to_string(),
+        expressed_tokens: 0,
+        model_cross_entropy_expressed: 0.0,
+        marginal_cross_entropy_expressed: 0.0,
     };
     let device = model.device();
     // Each pass masks other positions (the mask is keyed by the epoch), so that every position is
@@ -82,6 +107,7 @@ pub fn evaluate_masked_bins(
             seed,
             split,
             SplitPart::Eval,
+            layout,
             mask_ratio,
             batch_size,
             pass,
@@ -105,14 +131,19 @@ pub fn evaluate_masked_bins(
             report.eval_cells += batch.samples as u64;
         }
         let (tokens, targets) = batch_tensors(&batch, device);
-        let (nll, hits, count) = tch::no_grad(|| {
+        let (nll, nll_expressed, hits, count) = tch::no_grad(|| {
             let hidden = model.forward(&tokens, Mode::EVAL).hidden;
             let masked = targets.ne(i64::from(IGNORE_TARGET));
             let logits = model.bin_logits(&hidden.index(&[Some(masked.shallow_clone())]), false);
             let truth = targets.masked_select(&masked);
-            let nll = logits
+            let token_nll = logits
                 .log_softmax(-1, Kind::Float)
                 .gather(1, &truth.unsqueeze(1), false)
+                .squeeze_dim(1)
+                .neg();
+            let nll = token_nll.sum(Kind::Double).double_value(&[]);
+            let nll_expressed = token_nll
+                .masked_select(&truth.gt(0))
                 .sum(Kind::Double)
                 .double_value(&[]);
             let hits = logits
@@ -120,15 +151,21 @@ pub fn evaluate_masked_bins(
                 .eq_tensor(&truth)
                 .sum(Kind::Int64)
                 .int64_value(&[]);
-            (-nll, hits, truth.size()[0])
+            (nll, nll_expressed, hits, truth.size()[0])
         });
         report.model_cross_entropy += nll;
+        report.model_cross_entropy_expressed += nll_expressed;
         report.model_accuracy += hits as f64;
         report.masked_tokens += count as u64;
         for (g, t) in batch.gene_ids.iter().zip(&batch.target_bins) {
             if *t != IGNORE_TARGET {
                 let g = usize::from(*g) - 1;
-                report.marginal_cross_entropy -= log_marginal[g * n_bins + usize::from(*t)];
+                let log_p = log_marginal[g * n_bins + usize::from(*t)];
+                if *t > 0 {
+                    report.expressed_tokens += 1;
+                    report.marginal_cross_entropy_expressed -= log_p;
+                }
+                report.marginal_cross_entropy -= log_p;
                 report.marginal_accuracy +=
                     f64::from(u8::from(marginal_argmax[g] == usize::from(*t)));
             }
@@ -142,6 +179,9 @@ pub fn evaluate_masked_bins(
     report.model_accuracy /= n;
     report.marginal_cross_entropy /= n;
     report.marginal_accuracy /= n;
+    let expressed = report.expressed_tokens.max(1) as f64;
+    report.model_cross_entropy_expressed /= expressed;
+    report.marginal_cross_entropy_expressed /= expressed;
     Ok(report)
 }
 
@@ -151,6 +191,7 @@ pub(crate) fn split_pass(
     seed: u64,
     split: CellSplit,
     part: SplitPart,
+    sequence: SequenceLayout,
     mask_ratio: f32,
     batch_size: u32,
     epoch: u32,
@@ -182,6 +223,7 @@ pub(crate) fn split_pass(
         ranges.push(range);
     }
     let config = LoaderConfig {
+        sequence,
         mask: MaskConfig::masking_only(mask_ratio),
         ..LoaderConfig::default()
     };
@@ -262,7 +304,8 @@ pub fn evaluate_classifier(
             labels: Vec::new(),
         };
         let mut probs = probs;
-        for batch in split_pass(&corpus, seed, info.split, part, 0.0, batch_size, 0)? {
+        let layout = model.config.layout;
+        for batch in split_pass(&corpus, seed, info.split, part, layout, 0.0, batch_size, 0)? {
             // The logistic-regression baseline holds its training cells densely: cap them.
             if probs.is_none() && cells.labels.len() >= LOGREG_MAX_CELLS {
                 break;
@@ -285,8 +328,9 @@ pub fn evaluate_classifier(
             }
             for &i in &keep {
                 let row = i * batch.seq_len;
+                // Genes a row leaves out (expressed layout) are unexpressed: feature 0.
                 let mut features = vec![0.0f32; n_genes];
-                for t in 1..batch.seq_len {
+                for t in 1..batch.lengths[i] as usize {
                     let gene = usize::from(batch.gene_ids[row + t]) - 1;
                     features[gene] = f32::from(batch.input_bins[row + t]) / n_bins;
                 }

@@ -65,6 +65,7 @@ pub fn finetune(
         config.order(config.augmentation),
         split,
         SplitPart::Train,
+        model.config.layout,
         config.mask(),
         config.batch_size,
         config.loader_threads,

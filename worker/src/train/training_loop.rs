@@ -44,7 +44,11 @@ pub struct StepRecord {
     pub accuracy: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Real tokens of the step's batch (this rank's slice).
     pub tokens: u64,
+    /// Padding slots the batch's rows carried beyond their real tokens (expressed layout).
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub padding: u64,
     pub seconds: f64,
     /// Seconds this step's end spent taking a checkpoint snapshot (the blocking part of a save).
     #[serde(skip_serializing_if = "is_zero")]
@@ -56,6 +60,10 @@ pub struct StepRecord {
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 pub(crate) fn setup_torch(config: &TrainConfig, run: &RunOptions) {
@@ -282,7 +290,8 @@ pub(crate) fn train_loop(
             accuracy: totals.correct / totals.scored,
             lr,
             grad_norm,
-            tokens: (batch.samples * batch.seq_len) as u64,
+            tokens: batch.real_tokens() as u64,
+            padding: (batch.samples * batch.seq_len - batch.real_tokens()) as u64,
             seconds: t0.elapsed().as_secs_f64(),
             checkpoint_stall: 0.0,
             upload_in_flight,
@@ -602,6 +611,7 @@ pub fn pretrain_with(
         config.order(config.augmentation),
         config.split,
         SplitPart::Train,
+        model.config.layout,
         config.mask(),
         config.batch_size,
         config.loader_threads,
