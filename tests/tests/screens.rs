@@ -30,22 +30,31 @@ fn s(p: &Path) -> String {
 struct Trained {
     corpus: String,
     checkpoint: String,
+    /// The token layout it was pretrained in (`train --layout`).
+    layout: String,
 }
 
 /// Pretrains once per build of the binary and shares the result between this file's tests (each runs in
 /// its own process under nextest: the first takes a lock and trains, the others wait for it).
 fn trained_kang() -> Trained {
+    trained_kang_in("full")
+}
+
+/// `trained_kang` pretrained in token layout `layout` (`full` or `expressed`).
+fn trained_kang_in(layout: &str) -> Trained {
     let binary = std::fs::read(bin()).unwrap();
     let key = &blake3::hash(&binary).to_hex()[..16];
     let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(root).unwrap();
-    let dir = root.join(format!("kang-screen-{key}"));
-    let lock = std::fs::File::create(root.join(format!("kang-screen-{key}.lock"))).unwrap();
+    let dir = root.join(format!("kang-screen-{key}-{layout}"));
+    let lock =
+        std::fs::File::create(root.join(format!("kang-screen-{key}-{layout}.lock"))).unwrap();
     // SAFETY: flock on a file descriptor this function owns; released when `lock` is dropped.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
     let trained = Trained {
         corpus: s(&dir.join("corpus")),
         checkpoint: s(&dir.join("ckpt")),
+        layout: layout.to_string(),
     };
     if !dir.join("ready").exists() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -92,6 +101,7 @@ fn trained_kang() -> Trained {
             32,
             "3e-3",
             0,
+            layout,
         );
         std::fs::write(dir.join("ready"), "").unwrap();
     }
@@ -100,6 +110,7 @@ fn trained_kang() -> Trained {
 
 /// `cellfleet train` of the tiny preset on `corpus`, one worker and thread: the model under `dir/model`,
 /// the checkpoints at `checkpoint`.
+#[allow(clippy::too_many_arguments)]
 fn pretrain_tiny(
     corpus: &str,
     dir: &Path,
@@ -108,11 +119,14 @@ fn pretrain_tiny(
     batch_size: u32,
     lr: &str,
     seed: u64,
+    layout: &str,
 ) {
     cellfleet_ok(
         bin(),
         &[
             "train",
+            "--layout",
+            layout,
             "--corpus",
             corpus,
             "--local",
@@ -874,7 +888,16 @@ fn random_kang_models(trained: &Trained, seeds: &[u64]) -> Vec<String> {
             if !dir.join("ready").exists() {
                 let _ = std::fs::remove_dir_all(&dir);
                 let checkpoint = s(&dir.join("ckpt"));
-                pretrain_tiny(&trained.corpus, &dir, &checkpoint, 1, 4, "1e-30", *seed);
+                pretrain_tiny(
+                    &trained.corpus,
+                    &dir,
+                    &checkpoint,
+                    1,
+                    4,
+                    "1e-30",
+                    *seed,
+                    &trained.layout,
+                );
                 std::fs::write(dir.join("ready"), "").unwrap();
             }
             s(&dir.join("ckpt"))
@@ -931,7 +954,17 @@ fn stimulated_up(trained: &Trained, dir: &Path) -> (Vec<String>, HashSet<String>
 
 /// One readout's figures: the trained model, randomly initialised ones, no model, random rankings.
 fn readout_controls(readout: &str, layer: i32, cells: u32) -> (f64, Vec<f64>, f64, f64) {
-    let trained = trained_kang();
+    readout_controls_in("full", readout, layer, cells)
+}
+
+/// `readout_controls` for a model pretrained in token layout `layout`.
+fn readout_controls_in(
+    layout: &str,
+    readout: &str,
+    layer: i32,
+    cells: u32,
+) -> (f64, Vec<f64>, f64, f64) {
+    let trained = trained_kang_in(layout);
     let dir = tempfile::tempdir().unwrap();
     let (names, up) = stimulated_up(&trained, dir.path());
     let body = stimulated_toward_control(cells, 64, 50)
@@ -1006,7 +1039,7 @@ fn readout_controls(readout: &str, layer: i32, cells: u32) -> (f64, Vec<f64>, f6
         .map(|g| g["gene"].as_str().unwrap())
         .collect();
     eprintln!(
-        "readout {readout} (layer {layer}), {cells} stimulated cells toward control, AUROC for the top-50 stimulated-up genes: \
+        "{layout} layout, readout {readout} (layer {layer}), {cells} stimulated cells toward control, AUROC for the top-50 stimulated-up genes: \
          trained {trained_auroc:.3}; randomly initialised (5 seeds) {random_aurocs:.3?}; no model (mean input bin) \
          {no_model_auroc:.3}; random rankings' 99th percentile {p99:.3}; trained top 10: {top:?}"
     );
@@ -1019,7 +1052,21 @@ fn readout_controls(readout: &str, layer: i32, cells: u32) -> (f64, Vec<f64>, f6
 /// rankings' 99th percentile), each by a stated margin.
 #[test]
 fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_genes() {
-    let (trained, random_models, no_model, p99) = readout_controls("expected", -1, 200);
+    assert_controls_hold("full", readout_controls("expected", -1, 200));
+}
+
+/// The same controls for a model pretrained in the expressed layout (a cell is its expressed genes and
+/// a sample of unexpressed ones; a knockout removes the gene's token).
+#[test]
+fn in_the_expressed_layout_knockouts_pass_the_same_controls() {
+    assert_controls_hold(
+        "expressed",
+        readout_controls_in("expressed", "expected", -1, 200),
+    );
+}
+
+fn assert_controls_hold(layout: &str, figures: (f64, Vec<f64>, f64, f64)) {
+    let (trained, random_models, no_model, p99) = figures;
     const MARGIN: f64 = 0.05;
     let best_random = random_models.iter().copied().fold(f64::MIN, f64::max);
     for (what, bar) in [
@@ -1029,7 +1076,7 @@ fn knockouts_that_move_stimulated_cells_toward_control_are_interferon_response_g
     ] {
         assert!(
             trained >= bar + MARGIN,
-            "expected readout: the trained model's AUROC {trained:.3} does not beat {what} ({bar:.3}) by {MARGIN}"
+            "{layout} layout, expected readout: the trained model's AUROC {trained:.3} does not beat {what} ({bar:.3}) by {MARGIN}"
         );
     }
 }

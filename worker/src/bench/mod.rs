@@ -20,6 +20,7 @@ pub mod ckpt;
 pub mod ckpt_training;
 pub mod cluster;
 pub mod ingest;
+pub mod nccl_check;
 pub mod screen;
 pub mod stream;
 pub mod train;
@@ -99,6 +100,19 @@ pub enum BenchCommand {
         /// Device of both sides: cpu, cuda or cuda:N (bf16 matrix products on CUDA)
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// The NCCL path on one GPU: a 1-rank all-reduce (values checked, timed) and a 2-rank init whose
+    /// peer never comes, which must abort within the timeout (needs the `cuda` feature)
+    NcclCheck {
+        /// CUDA device index
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// All-reduce size in MiB
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Seconds a communicator waits for its peers
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
     },
     /// (internal) the cellfleet side of `bench train`, given its spec file
     #[command(hide = true)]
@@ -277,6 +291,11 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             rounds: rounds.max(1),
             no_full,
         }),
+        BenchCommand::NcclCheck {
+            device,
+            mib,
+            timeout,
+        } => nccl_check::nccl_check(device, mib, timeout),
         BenchCommand::TrainChild { spec } => {
             let spec: TrainBenchSpec = serde_json::from_slice(
                 &std::fs::read(&spec).with_context(|| format!("cannot read {}", spec.display()))?,
