@@ -752,14 +752,16 @@ mod tests {
         assert!(random_bins.len() as u16 >= BINS - 1, "{random_bins:?}");
     }
 
-    /// Every sample of epochs 0 and 1 read by `world` ranks in the expressed layout (no masking):
-    /// (epoch, sample, its row's genes, its row's input bins, padded row length).
+    /// One delivered sample: (epoch, sample, its row's genes, its row's input bins, padded row length).
+    type Row = (u32, SampleId, Vec<u16>, Vec<u8>, usize);
+
+    /// Every sample of epochs 0 and 1 read by `world` ranks in the expressed layout (no masking).
     fn expressed_rows(
         corpus: &Arc<Corpus>,
         order: OrderConfig,
         unexpressed: u32,
         world: u32,
-    ) -> Vec<(u32, SampleId, Vec<u16>, Vec<u8>, usize)> {
+    ) -> Vec<Row> {
         let mut rows = Vec::new();
         for epoch in 0..2 {
             let plan = Arc::new(EpochPlan::new(&corpus.manifest, order, epoch).unwrap());
@@ -856,7 +858,7 @@ mod tests {
         // least 3 unexpressed genes and only 2 are drawn).
         assert!(one.iter().all(|r| r.4 < GENES + 1));
         // Two and three ranks deliver the same samples with the same tokens, each once per epoch.
-        let key = |rows: Vec<(u32, SampleId, Vec<u16>, Vec<u8>, usize)>| {
+        let key = |rows: Vec<Row>| {
             let mut keyed: Vec<_> = rows
                 .into_iter()
                 .map(|(e, id, g, b, _)| (e, id, g, b))

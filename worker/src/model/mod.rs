@@ -803,6 +803,29 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 #[cfg(test)]
 mod tests {
+    /// A checkpoint's model config records its layout; one from before layouts reads as the full
+    /// layout, and a layout this build does not know is refused by name.
+    #[test]
+    fn a_model_config_records_its_layout_and_an_unknown_layout_is_refused_by_name() {
+        let mut config = Preset::Tiny.config(50, 10);
+        config.layout = SequenceLayout::Expressed { unexpressed: 8 };
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["layout"]["kind"], "expressed");
+        assert_eq!(json["layout"]["unexpressed"], 8);
+        let back: ModelConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, config);
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("layout");
+        let old: ModelConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(old.layout, SequenceLayout::Full);
+        let mut future = json;
+        future["layout"] = serde_json::json!({ "kind": "ranked" });
+        let error = serde_json::from_value::<ModelConfig>(future)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown variant `ranked`"), "{error}");
+    }
+
     use super::*;
     use crate::train::optim::{AdamW, AdamWConfig};
 

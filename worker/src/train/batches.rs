@@ -55,6 +55,7 @@ pub(crate) struct BatchStream {
 }
 
 impl BatchStream {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         corpus: Arc<Corpus>,
         order: OrderConfig,

@@ -220,6 +220,26 @@ mod tests {
     }
 
     #[test]
+    fn the_expressed_layout_is_read_from_a_config_and_reaches_the_model_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("expressed.toml");
+        fs::write(&path, "[layout]\nkind = \"expressed\"\nunexpressed = 16\n").unwrap();
+        let parsed = TrainConfig::from_file(&path, &TrainConfig::default()).unwrap();
+        let expected = SequenceLayout::Expressed { unexpressed: 16 };
+        assert_eq!(parsed.layout, expected);
+        assert_eq!(parsed.model_config(100, 10).layout, expected);
+        fs::write(&path, "[layout]\nkind = \"ranked\"\n").unwrap();
+        let error = format!(
+            "{:#}",
+            TrainConfig::from_file(&path, &TrainConfig::default()).unwrap_err()
+        );
+        assert!(
+            error.contains("ranked") && error.contains("expressed"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_partial_config_keeps_the_callers_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ft.toml");

@@ -186,6 +186,7 @@ pub fn evaluate_masked_bins(
 }
 
 /// Every cell of one side of the split once, in vocabulary order.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn split_pass(
     corpus: &Arc<Corpus>,
     seed: u64,
