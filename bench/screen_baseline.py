@@ -7,7 +7,9 @@ final hidden states over the gene tokens (the `[CLS]` token left out) and is com
 cosine similarity, and nothing else is computed. The model is bench/train_baseline.py's `CellModel`
 loaded strictly from the exported cellfleet safetensors file. The token layout is cellfleet's screen
 layout: `[CLS]` (gene 0, bin n_bins + 1) then every vocabulary gene in vocabulary order (gene id =
-position + 1); a knockout sets the gene's bin to 0 and keeps its token.
+position + 1); a knockout sets the gene's bin to 0 and keeps its token. For a model of the expressed
+layout (job "layout": "expressed") a cell's sequence is the genes of job "sequences" (its expressed genes
+and its drawn unexpressed ones, ascending), and a knockout removes the gene's token, as Geneformer does.
 
 usage: screen_baseline.py JOB_JSON [--max-seconds S] [--shard I/N]
 
@@ -71,9 +73,13 @@ def main():
     ids = torch.arange(n_genes + 1)
     cls = torch.tensor([n_bins + 1])
 
-    def gene_states(token_bins):
-        hidden, _ = model(ids.expand(token_bins.shape[0], -1), token_bins)
+    def gene_states(token_bins, token_ids=None):
+        token_ids = ids if token_ids is None else token_ids
+        hidden, _ = model(token_ids.expand(token_bins.shape[0], -1), token_bins)
         return hidden[:, 1:]
+
+    expressed_layout = job.get("layout", "full") == "expressed"
+    sequences = job.get("sequences")
 
     pairs = forwards = cells_started = 0
     sample, cells_done, first = [], [], None
@@ -87,6 +93,40 @@ def main():
                 cells_done.append([cell, 0])
                 continue
             cells_started += 1
+            if expressed_layout:
+                sequence = torch.tensor(sequences[row], dtype=torch.long)
+                token_ids = torch.cat([torch.tensor([0]), sequence + 1])
+                original = torch.cat([cls, bins[row, sequence]])
+                states = gene_states(original.unsqueeze(0), token_ids)[0]
+                reference_sum = states.sum(0)
+                n = sequence.numel()
+                forwards += 1
+                if first is None:
+                    first = {"cell": cell, "embedding": (reference_sum / n).tolist()}
+                position = {g: i for i, g in enumerate(sequences[row])}
+                for chunk in genes.split(batch):
+                    at = torch.tensor([position[g] for g in chunk.tolist()])
+                    # Each perturbed copy drops one gene token (position at + 1 after [CLS]).
+                    keep_rows = [torch.cat([torch.arange(0, p + 1), torch.arange(p + 2, n + 1)]) for p in at.tolist()]
+                    index = torch.stack(keep_rows)
+                    perturbed_ids = token_ids[index]
+                    perturbed_bins = original[index]
+                    hidden, _ = model(perturbed_ids, perturbed_bins)
+                    embedding = hidden[:, 1:].sum(1) / (n - 1)
+                    reference = (reference_sum - states[at]) / (n - 1)
+                    cosine = F.cosine_similarity(embedding, reference, dim=1)
+                    pairs += chunk.numel()
+                    forwards += chunk.numel()
+                    if len(sample) < keep:
+                        for g, c in zip(chunk.tolist(), cosine.tolist()):
+                            sample.append([g, cell, c])
+                    if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                        stopped = True
+                        break
+                if stopped:
+                    break
+                cells_done.append([cell, genes.numel()])
+                continue
             original = torch.cat([cls, bins[row]])
             reference_states = gene_states(original.unsqueeze(0))[0]
             reference_sum = reference_states.sum(0)

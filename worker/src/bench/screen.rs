@@ -5,6 +5,7 @@
 //! forward-FLOP model, validated on this machine's CPU, that extrapolates a genome-wide screen (1,500
 //! cells x 4,096 genes, `cellxpert` preset) to one H200.
 
+use cellfleet_shared::stream::batch::SequenceLayout;
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -421,7 +422,17 @@ fn run_baseline(
     }
     let cells_file = dir.join("cells.u8");
     std::fs::write(&cells_file, &bytes)?;
+    // The checkpoint's layout (from the exported model.json): in the expressed layout each cell's
+    // sequence is its expressed genes and its drawn unexpressed ones, the genes cellfleet reads.
+    let layout = load_model(plan, s3, Device::Cpu)?.config.layout;
+    let sequences: Vec<Vec<u32>> = plan
+        .cells
+        .iter()
+        .map(|c| layout.inference_genes(*c, &bins[c]))
+        .collect();
     let job = serde_json::json!({
+        "layout": layout.name(),
+        "sequences": if layout == SequenceLayout::Full { serde_json::Value::Null } else { serde_json::json!(sequences) },
         "model_dir": dir,
         "cells_file": cells_file,
         "cell_ids": plan.cells,
@@ -535,27 +546,46 @@ fn time_forward(model: &CellModel, tokens: &Tokens, bin_head: bool) -> f64 {
 /// Token rows of the first `rows` of `cells` (repeated when fewer), unperturbed, in the screen's layout.
 fn plan_tokens(
     plan: &ScreenPlan,
+    layout: SequenceLayout,
     cells: &[u64],
     bins: &HashMap<u64, Vec<u8>>,
     rows: usize,
 ) -> Tokens {
-    let n = plan.vocabulary.len() as i64;
     let cls = i64::from(plan.n_bins) + 1;
     let cells: Vec<u64> = cells.iter().copied().cycle().take(rows).collect();
-    let mut ids = Vec::with_capacity(rows * (n as usize + 1));
+    let sequences: Vec<Vec<u32>> = cells
+        .iter()
+        .map(|c| layout.inference_genes(*c, &bins[c]))
+        .collect();
+    let longest = sequences.iter().map(|s| s.len()).max().unwrap_or(0) + 1;
+    let mut ids = Vec::with_capacity(rows * longest);
     let mut token_bins = Vec::with_capacity(ids.capacity());
-    for cell in &cells {
+    let mut valid = Vec::with_capacity(ids.capacity());
+    for (cell, genes) in cells.iter().zip(&sequences) {
         ids.push(0);
         token_bins.push(cls);
-        ids.extend(1..=n);
-        token_bins.extend(bins[cell].iter().map(|&b| i64::from(b)));
+        ids.extend(genes.iter().map(|&g| i64::from(g) + 1));
+        token_bins.extend(genes.iter().map(|&g| i64::from(bins[cell][g as usize])));
+        let pad = longest - 1 - genes.len();
+        ids.extend(std::iter::repeat_n(0, pad));
+        token_bins.extend(std::iter::repeat_n(cls - 1, pad));
+        valid.extend(std::iter::repeat_n(true, genes.len() + 1));
+        valid.extend(std::iter::repeat_n(false, pad));
     }
-    let shape = [rows as i64, n + 1];
+    let shape = [rows as i64, longest as i64];
+    let padded = valid.iter().any(|v| !v);
     Tokens {
         gene_ids: Tensor::from_slice(&ids).view(shape),
         bins: Tensor::from_slice(&token_bins).view(shape),
-        valid: None,
+        valid: padded.then(|| Tensor::from_slice(&valid).view(shape)),
     }
+}
+
+/// Mean tokens per sequence of the plan's cells in `layout` (`[CLS]` included): the `L` of the FLOP
+/// model.
+fn mean_sequence_len(layout: SequenceLayout, bins: &HashMap<u64, Vec<u8>>) -> usize {
+    let total: usize = bins.values().map(|b| layout.sample_len(b)).sum();
+    (total as f64 / bins.len().max(1) as f64).round() as usize
 }
 
 /// A CPU forward measurement of one model at the screen's sequence length.
@@ -573,7 +603,8 @@ fn cpu_forwards(
 ) -> anyhow::Result<Vec<CpuForward>> {
     tch::set_num_threads(1);
     let batch = plan.spec.execution.batch as usize;
-    let seq = plan.vocabulary.len() + 1;
+    let layout = screened.config.layout;
+    let seq = mean_sequence_len(layout, bins);
     let mut out = Vec::new();
     let small = {
         tch::manual_seed(7);
@@ -587,7 +618,7 @@ fn cpu_forwards(
         ("the screen's checkpoint", screened, batch),
         ("small preset (random weights)", &small, batch.min(8)),
     ] {
-        let tokens = plan_tokens(plan, &plan.cells, bins, rows);
+        let tokens = plan_tokens(plan, layout, &plan.cells, bins, rows);
         let seconds = time_forward(model, &tokens, true) / rows as f64;
         out.push(CpuForward {
             what: what.to_string(),
@@ -669,13 +700,13 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
     let plan = resolve_plan(&spec, Path::new("."), &s3)
         .with_context(|| format!("{}: the screen cannot run", args.spec.display()))?;
     let plan_seconds = planned.elapsed().as_secs_f64();
-    let seq = plan.vocabulary.len() + 1;
+    let layout = load_model(&plan, &s3, Device::Cpu)?.config.layout;
     let expressed = plan.total_records() as f64 / (plan.targets.len() * plan.cells.len()) as f64;
     let cores = cores();
 
     println!(
         "screen benchmark: {}; {} work genes x {} cells, {} perturbed (gene, cell) pairs ({:.1}% expressed); \
-         {} units of {} genes x {} cells; batch {}; sequence {} tokens; 1 libtorch thread per process; {cores} cores",
+         {} units of {} genes x {} cells; batch {}; {} token layout; 1 libtorch thread per process; {cores} cores",
         plan.summary(),
         plan.targets.len(),
         plan.cells.len(),
@@ -685,7 +716,7 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         plan.spec.execution.gene_block,
         plan.spec.execution.cell_block,
         plan.spec.execution.batch,
-        seq,
+        layout.name(),
     );
     println!(
         "checkpoint {} step {}; corpus {}; scratch {}",
@@ -895,15 +926,16 @@ fn print_flop_model(
     sides: &[Side],
     report: &BaselineReport,
 ) -> anyhow::Result<Vec<CpuForward>> {
-    let seq = plan.vocabulary.len() + 1;
     let model = load_model(plan, s3, Device::Cpu)?;
+    let layout = model.config.layout;
     let batch = plan.spec.execution.batch as usize;
     let mut wanted: Vec<u64> = plan.cells[..plan.cells.len().min(batch)].to_vec();
     wanted.extend(sample.first.as_ref().map(|f| f.cell));
     let bins = read_cells(&Corpus::open(&plan.corpus_url, s3)?, &wanted)?;
+    let seq = mean_sequence_len(layout, &bins);
     if let Some(first) = &sample.first {
         let ours = model.embed(
-            &plan_tokens(plan, &[first.cell], &bins, 1),
+            &plan_tokens(plan, layout, &[first.cell], &bins, 1),
             crate::model::Pooling::Mean,
         );
         let theirs = Tensor::from_slice(&first.embedding).view([1, -1]);

@@ -242,6 +242,27 @@ fn open_corpus(url: &str, s3: &S3Options) -> anyhow::Result<Arc<Corpus>> {
     ))
 }
 
+/// The steps' model FLOP rate against this device's measured dense matrix-product rate (f32 with the
+/// run's threads on the CPU, bf16 on CUDA); one process's view (rank 0's steps in a group).
+fn print_mfu(records: &[StepRecord], device: tch::Device, threads: usize) {
+    let seconds: f64 = records.iter().map(|r| r.seconds).sum();
+    let flops: f64 = records.iter().map(|r| r.model_flops).sum();
+    if seconds <= 0.0 || flops <= 0.0 {
+        return;
+    }
+    let name = match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    };
+    if let Ok(peak) = crate::model::measured_peak_tflops(&name, threads) {
+        let achieved = flops / seconds / 1e12;
+        println!(
+            "MFU {:.1}%: {achieved:.3} model TFLOP/s against {peak:.3} TFLOP/s, the measured dense GEMM rate of {name} (FLOP model in docs/model.md)",
+            100.0 * achieved / peak
+        );
+    }
+}
+
 fn summarize_steps(what: &str, records: &[StepRecord]) {
     let Some(last) = records.last() else { return };
     let tokens: u64 = records.iter().map(|r| r.tokens).sum();
@@ -256,14 +277,16 @@ fn summarize_steps(what: &str, records: &[StepRecord]) {
     } else {
         String::new()
     };
+    let flops: f64 = records.iter().map(|r| r.model_flops).sum();
     println!(
-        "{what}: {} steps, loss {:.4} -> {:.4}, batch accuracy {:.3} -> {:.3}, {:.0} tokens/s{padded}",
+        "{what}: {} steps, loss {:.4} -> {:.4}, batch accuracy {:.3} -> {:.3}, {:.0} tokens/s{padded}, {:.3} model TFLOP/s",
         records.len(),
         first.loss,
         last.loss,
         first.accuracy,
         last.accuracy,
-        tokens as f64 / seconds.max(1e-9)
+        tokens as f64 / seconds.max(1e-9),
+        flops / seconds.max(1e-9) / 1e12
     );
 }
 
@@ -394,6 +417,7 @@ pub fn train_command(
         model.config.experts()
     );
     summarize_steps("pretrain", &records);
+    print_mfu(&records, run.device, run.threads);
     let report = evaluate_masked_bins(
         &model,
         corpus,

@@ -49,6 +49,9 @@ pub struct StepRecord {
     /// Padding slots the batch's rows carried beyond their real tokens (expressed layout).
     #[serde(skip_serializing_if = "is_zero_u64")]
     pub padding: u64,
+    /// Model FLOPs of the step on this rank (`ModelConfig::training_flops` over its real tokens): with
+    /// `seconds`, the achieved rate MFU is computed from.
+    pub model_flops: f64,
     pub seconds: f64,
     /// Seconds this step's end spent taking a checkpoint snapshot (the blocking part of a save).
     #[serde(skip_serializing_if = "is_zero")]
@@ -292,6 +295,11 @@ pub(crate) fn train_loop(
             grad_norm,
             tokens: batch.real_tokens() as u64,
             padding: (batch.samples * batch.seq_len - batch.real_tokens()) as u64,
+            model_flops: batch
+                .lengths
+                .iter()
+                .map(|&l| model.config.training_flops(l as usize))
+                .sum(),
             seconds: t0.elapsed().as_secs_f64(),
             checkpoint_stall: 0.0,
             upload_in_flight,
