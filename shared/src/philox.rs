@@ -51,6 +51,8 @@ pub enum Domain {
     /// Unexpressed genes sampled into one sample's expressed-layout sequence in one epoch: `a` = cell,
     /// `b` = epoch << 8 | clone.
     UnexpressedSample = 7,
+    /// Order of the length-sorted global batches inside one bucket window: `a` = epoch, `b` = window.
+    BucketOrder = 8,
 }
 
 /// A stream of random words for one (seed, domain, a, b).

@@ -454,11 +454,41 @@ pub struct Loader {
     handles: Vec<JoinHandle<()>>,
 }
 
+/// The epoch positions of one batch: a contiguous range, or a list (length-bucketed batches).
+#[derive(Debug, Clone)]
+enum BatchPositions {
+    Range(Range<u64>),
+    List(Vec<u64>),
+}
+
 impl Loader {
+    /// Batches of contiguous epoch positions.
     pub fn spawn(
         corpus: Arc<Corpus>,
         plan: Arc<EpochPlan>,
         batches: Vec<Range<u64>>,
+        config: LoaderConfig,
+    ) -> Result<Self> {
+        let batches = batches.into_iter().map(BatchPositions::Range).collect();
+        Self::spawn_batches(corpus, plan, batches, config)
+    }
+
+    /// Batches of listed epoch positions, each delivered in its list's order
+    /// (see [`crate::stream::bucket`]).
+    pub fn spawn_lists(
+        corpus: Arc<Corpus>,
+        plan: Arc<EpochPlan>,
+        batches: Vec<Vec<u64>>,
+        config: LoaderConfig,
+    ) -> Result<Self> {
+        let batches = batches.into_iter().map(BatchPositions::List).collect();
+        Self::spawn_batches(corpus, plan, batches, config)
+    }
+
+    fn spawn_batches(
+        corpus: Arc<Corpus>,
+        plan: Arc<EpochPlan>,
+        batches: Vec<BatchPositions>,
         config: LoaderConfig,
     ) -> Result<Self> {
         let layout = TokenLayout::new(corpus.manifest.bins.n_bins)?;
@@ -562,15 +592,23 @@ struct Assembler<'a> {
 }
 
 impl Assembler<'_> {
-    fn assemble(&mut self, positions: Range<u64>) -> Result<Batch> {
-        let samples = (positions.end - positions.start) as usize;
+    fn assemble(&mut self, positions: BatchPositions) -> Result<Batch> {
+        let (locations, positions): (Vec<SampleLocation>, Range<u64>) = match positions {
+            BatchPositions::Range(range) => (self.plan.range(range.clone()).collect(), range),
+            BatchPositions::List(list) => {
+                let span = list.iter().min().copied().unwrap_or(0)
+                    ..list.iter().max().map_or(0, |&p| p + 1);
+                (list.iter().map(|&p| self.plan.at(p)).collect(), span)
+            }
+        };
+        let samples = locations.len();
         // Rows are as long as the batch's longest sequence: the whole vocabulary in the full layout.
         let seq_len = match self.sequence {
             SequenceLayout::Full => self.n_genes + 1,
             SequenceLayout::Expressed { .. } => {
                 let mut longest = 1;
-                for loc in self.plan.range(positions.clone()) {
-                    let block = self.blocks.get(self.shards, &loc)?;
+                for loc in &locations {
+                    let block = self.blocks.get(self.shards, loc)?;
                     longest = longest.max(
                         self.sequence
                             .sample_len(block.bins_of(loc.cell_in_block as usize)),
@@ -590,7 +628,7 @@ impl Assembler<'_> {
             sample_ids: Vec::with_capacity(samples),
             positions: positions.clone(),
         };
-        for (i, loc) in self.plan.range(positions).enumerate() {
+        for (i, loc) in locations.into_iter().enumerate() {
             let block = self.blocks.get(self.shards, &loc)?;
             let row = loc.cell_in_block as usize;
             let span = i * seq_len..(i + 1) * seq_len;

@@ -13,6 +13,7 @@
 //!   units, so they share a window (and a batch) only when their units happen to land together.
 
 pub mod batch;
+pub mod bucket;
 
 use std::ops::Range;
 

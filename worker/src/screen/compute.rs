@@ -689,10 +689,19 @@ impl Screener {
             }
         }
         let mut delta_sum = vec![0f64; unit_targets.len() * n];
-        for chunk in records.chunks(batch) {
+        // In the expressed layout sequences differ in length by cell: computing a cell's records together
+        // keeps a forward's rows nearly equal in length (little padding). Results still go out in record
+        // order (target-major), which the merge checks.
+        let mut order: Vec<usize> = (0..records.len()).collect();
+        if self.sequence != SequenceLayout::Full {
+            order.sort_by_key(|&i| (records[i].1, records[i].0));
+        }
+        let mut outputs: Vec<Option<RecordOutput>> = (0..records.len()).map(|_| None).collect();
+        for indices in order.chunks(batch) {
             if stop.load(Ordering::Relaxed) {
                 return Err(UnitError::Interrupted);
             }
+            let chunk: Vec<(usize, usize)> = indices.iter().map(|&i| records[i]).collect();
             let variants: Vec<Variant> = chunk
                 .iter()
                 .enumerate()
@@ -813,15 +822,11 @@ impl Screener {
                 let target = unit_targets[k];
                 let cell = unit_cells[ci];
                 let main = &values[v * measure..(v + 1) * measure];
-                result
-                    .record_target
-                    .push(span.targets.start as u32 + k as u32);
-                result.record_cell.push(cell);
-                result.cosine_shift.push(main[0]);
-                result.state_shift.extend_from_slice(&main[1..1 + n_states]);
-                result
-                    .state_progress
-                    .extend_from_slice(&main[1 + n_states..]);
+                let mut output = RecordOutput {
+                    measures: main.to_vec(),
+                    alone: Vec::new(),
+                    perturbed_expression: None,
+                };
                 // The change of every other gene's expected bin, and the expression AnnData shows.
                 let variant = &variants[v];
                 debug_assert_eq!(variant.record, r);
@@ -835,22 +840,53 @@ impl Screener {
                         }
                     }
                 }
-                if let Some(e) = result.expression.as_mut() {
-                    e.perturbed
-                        .extend((0..n).map(|j| variant.at[j].map_or(0.0, |at| expected_of[v][at])));
+                if with_expression {
+                    output.perturbed_expression = Some(
+                        (0..n)
+                            .map(|j| variant.at[j].map_or(0.0, |at| expected_of[v][at]))
+                            .collect(),
+                    );
                 }
                 v += 1;
                 if target.kind == TargetKind::Pair {
-                    result
-                        .alone
-                        .extend_from_slice(&values[v * measure..(v + 2) * measure]);
+                    output.alone = values[v * measure..(v + 2) * measure].to_vec();
                     v += 2;
                 }
+                outputs[indices[r]] = Some(output);
+            }
+        }
+        for (&(k, ci), output) in records.iter().zip(outputs) {
+            let output = output.expect("every record was computed");
+            result
+                .record_target
+                .push(span.targets.start as u32 + k as u32);
+            result.record_cell.push(unit_cells[ci]);
+            result.cosine_shift.push(output.measures[0]);
+            result
+                .state_shift
+                .extend_from_slice(&output.measures[1..1 + n_states]);
+            result
+                .state_progress
+                .extend_from_slice(&output.measures[1 + n_states..]);
+            result.alone.extend_from_slice(&output.alone);
+            if let (Some(e), Some(perturbed)) =
+                (result.expression.as_mut(), output.perturbed_expression)
+            {
+                e.perturbed.extend(perturbed);
             }
         }
         result.delta_bin_sum = delta_sum.into_iter().map(|v| v as f32).collect();
         Ok(result)
     }
+}
+
+/// What one record's forwards produced, kept until records go out in order.
+struct RecordOutput {
+    /// The record's `measure_len` values: cosine shift, then per state the shift and the progress.
+    measures: Vec<f32>,
+    /// For a pair, the anchor alone's and the gene alone's measures.
+    alone: Vec<f32>,
+    perturbed_expression: Option<Vec<f32>>,
 }
 
 /// Whether `state` (a value of the goal column) is what the screened cells were selected by: progress

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::stream::batch::{Batch, Loader, LoaderConfig, MaskConfig, SequenceLayout};
+use cellfleet_shared::stream::bucket::{expressed_per_cell, sequence_len, Bucketing};
 use cellfleet_shared::stream::{
     cursor_at_step, CellSplit, EpochPlan, OrderConfig, Partitioner, SplitPart,
 };
@@ -52,6 +53,8 @@ pub(crate) struct BatchStream {
     loader: Option<Loader>,
     /// Batches the current loader was asked for but not yet handed out.
     pending: usize,
+    /// Length bucketing: the sequence length of every corpus cell and the global batches per window.
+    bucketing: Option<(Vec<u32>, u32)>,
 }
 
 impl BatchStream {
@@ -84,7 +87,24 @@ impl BatchStream {
             cursor: 0,
             loader: None,
             pending: 0,
+            bucketing: None,
         }
+    }
+
+    /// Groups cells of similar length into batches (expressed layout; see `stream::bucket`). Reads every
+    /// block of the corpus once to count each cell's expressed genes.
+    pub(crate) fn with_bucketing(mut self, window_batches: u32) -> anyhow::Result<Self> {
+        let layout = self.loader_config.sequence;
+        if window_batches == 0 || layout == SequenceLayout::Full {
+            return Ok(self);
+        }
+        let n_genes = self.corpus.manifest.genes.len();
+        let lengths = expressed_per_cell(&self.corpus)?
+            .into_iter()
+            .map(|expressed| sequence_len(layout, expressed, n_genes))
+            .collect();
+        self.bucketing = Some((lengths, window_batches));
+        Ok(self)
     }
 
     /// Yields rank `rank` of `world`'s slice of every global batch from now on.
@@ -143,27 +163,38 @@ impl BatchStream {
                 epoch_len: plan.len(),
             };
             let mut ranges = Vec::new();
-            while ranges.len() < limit.max(1) {
+            let mut lists = Vec::new();
+            while ranges.len() + lists.len() < limit.max(1) {
                 let range = partitioner.global_batch(self.cursor, 1, self.batch_size);
                 if range.is_empty() {
                     break;
                 }
                 self.cursor = range.end;
-                ranges.push(Partitioner::rank_slice(&range, self.world, self.rank));
+                match &self.bucketing {
+                    Some((lengths, window_batches)) => {
+                        let bucketing = Bucketing {
+                            lengths,
+                            batch_size: self.batch_size,
+                            window_batches: *window_batches,
+                        };
+                        let global = bucketing.global_batch(&plan, range.start);
+                        lists.push(Bucketing::rank_slice(&global, self.world, self.rank));
+                    }
+                    None => ranges.push(Partitioner::rank_slice(&range, self.world, self.rank)),
+                }
             }
-            if ranges.is_empty() {
+            if ranges.is_empty() && lists.is_empty() {
                 self.epoch += 1;
                 self.cursor = 0;
                 continue;
             }
-            self.pending = ranges.len();
+            self.pending = ranges.len() + lists.len();
             self.loader = None;
-            self.loader = Some(Loader::spawn(
-                self.corpus.clone(),
-                plan,
-                ranges,
-                self.loader_config,
-            )?);
+            self.loader = Some(if lists.is_empty() {
+                Loader::spawn(self.corpus.clone(), plan, ranges, self.loader_config)?
+            } else {
+                Loader::spawn_lists(self.corpus.clone(), plan, lists, self.loader_config)?
+            });
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct TrainConfig {
     /// `{ kind = "expressed", unexpressed = N }` (the expressed genes and N unexpressed ones). Recorded
     /// in the model config, so every consumer of the checkpoint reads cells the same way.
     pub layout: SequenceLayout,
+    /// Expressed layout: group cells of similar length into batches, sorting positions by sequence
+    /// length inside windows of this many global batches (0: off). Deterministic and independent of the
+    /// world size, so resume and exactly-once hold (see `shared/src/stream/bucket.rs`).
+    pub bucket_batches: u32,
 }
 
 impl Default for TrainConfig {
@@ -83,6 +87,7 @@ impl Default for TrainConfig {
             split: CellSplit::default(),
             loader_threads: 1,
             layout: SequenceLayout::Full,
+            bucket_batches: 0,
         }
     }
 }

@@ -624,7 +624,8 @@ pub fn pretrain_with(
         config.batch_size,
         config.loader_threads,
     )
-    .for_rank(world, rank);
+    .for_rank(world, rank)
+    .with_bucketing(config.bucket_batches)?;
     let bf16 = bf16(run);
     let records = train_loop(
         &model,
