@@ -697,7 +697,23 @@ impl Screener {
             order.sort_by_key(|&i| (records[i].1, records[i].0));
         }
         let mut outputs: Vec<Option<RecordOutput>> = (0..records.len()).map(|_| None).collect();
-        for indices in order.chunks(batch) {
+        // In the expressed layout a forward takes one cell's records only: their sequences are equally
+        // long (a knockout drops one token), so no row is padded and attention runs its unmasked kernel.
+        let mut chunks: Vec<&[usize]> = Vec::new();
+        let mut rest = order.as_slice();
+        while !rest.is_empty() {
+            let mut end = rest.len().min(batch);
+            if self.sequence != SequenceLayout::Full {
+                let cell = records[rest[0]].1;
+                end = rest[..end]
+                    .iter()
+                    .position(|&i| records[i].1 != cell)
+                    .unwrap_or(end);
+            }
+            chunks.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        for indices in chunks {
             if stop.load(Ordering::Relaxed) {
                 return Err(UnitError::Interrupted);
             }
