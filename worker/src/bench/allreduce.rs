@@ -1,5 +1,5 @@
 //! `cellfleet bench allreduce`: bus bandwidth of `GlooCollective::all_reduce_sum` on an f32 tensor
-//! against Gloo's own classic `AllreduceRing<float>` looping inside the C++ shim (no cellfleet code in its
+//! against Gloo's own current `gloo::allreduce` (ring algorithm) looping inside the C++ shim (no cellfleet code in its
 //! timed loop), each as `--ranks` child processes over loopback TCP, at every size, in the same run.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +16,8 @@ use super::child::{run_measured, scratch_dir};
 pub enum AllreduceSide {
     /// `GlooCollective::all_reduce_sum`
     Cellfleet,
-    /// Gloo's `AllreduceRing<float>` in the shim
-    GlooRing,
+    /// Gloo's `gloo::allreduce` (ring) in the shim
+    GlooAllreduce,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -68,7 +68,7 @@ pub(crate) fn allreduce_child(
                     }
                     started.elapsed().as_secs_f64()
                 }
-                AllreduceSide::GlooRing => gloo.baseline_allreduce_ring(tensor, iters)?,
+                AllreduceSide::GlooAllreduce => gloo.baseline_allreduce(tensor, iters)?,
             })
         };
     // One checked sum, so a fast wrong answer cannot pass for bandwidth.
@@ -123,7 +123,7 @@ fn allreduce_group(
             cmd.args(["bench", "allreduce-child", "--side"])
                 .arg(match side {
                     AllreduceSide::Cellfleet => "cellfleet",
-                    AllreduceSide::GlooRing => "gloo-ring",
+                    AllreduceSide::GlooAllreduce => "gloo-allreduce",
                 })
                 .args(["--rank", &rank.to_string()])
                 .args(["--world", &plan.ranks.to_string()])
@@ -173,7 +173,7 @@ pub(crate) fn bench_allreduce(sizes_mib: &[f64], plan: &AllreduceRounds) -> anyh
     );
     println!(
         "{:>10} {:>16} {:>8} {:>16} {:>8} {:>8}",
-        "size", "cellfleet GB/s", "iters", "Gloo ring GB/s", "iters", "ratio"
+        "size", "cellfleet GB/s", "iters", "gloo::allreduce GB/s", "iters", "ratio"
     );
     let mut ratios = Vec::new();
     for &mib in sizes_mib {
@@ -183,9 +183,9 @@ pub(crate) fn bench_allreduce(sizes_mib: &[f64], plan: &AllreduceRounds) -> anyh
         for round in 0..plan.rounds {
             // Alternate which side goes first, so neither always runs on a warmer (or busier) machine.
             let sides = if round % 2 == 0 {
-                [AllreduceSide::Cellfleet, AllreduceSide::GlooRing]
+                [AllreduceSide::Cellfleet, AllreduceSide::GlooAllreduce]
             } else {
-                [AllreduceSide::GlooRing, AllreduceSide::Cellfleet]
+                [AllreduceSide::GlooAllreduce, AllreduceSide::Cellfleet]
             };
             for side in sides {
                 let measured = allreduce_group(&exe, side, bytes, plan)?;
@@ -216,7 +216,7 @@ pub(crate) fn bench_allreduce(sizes_mib: &[f64], plan: &AllreduceRounds) -> anyh
         let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let max = ratios.iter().copied().fold(0.0, f64::max);
         println!(
-            "ratio (cellfleet / Gloo AllreduceRing<float>) bus bandwidth: geometric mean {geomean:.2}x \
+            "ratio (cellfleet / gloo::allreduce ring) bus bandwidth: geometric mean {geomean:.2}x \
              (min {min:.2}x, max {max:.2}x over {} sizes)",
             ratios.len()
         );

@@ -8,7 +8,7 @@
 //!   plain eager PyTorch (`bench/train_baseline.py`), both as child processes on the same batch shape and
 //!   thread count.
 //! * `allreduce`: bus bandwidth of `GlooCollective::all_reduce_sum` on an f32 tensor against Gloo's own
-//!   classic `AllreduceRing<float>` looping inside the C++ shim (no cellfleet code in its timed loop), each
+//!   current `gloo::allreduce` (ring algorithm) looping inside the C++ shim (no cellfleet code in its timed loop), each
 //!   as `--ranks` child processes over loopback TCP, at every size, in the same run.
 //! * `ckpt`: checkpoint save and restore of a model's weights and AdamW moments (zstd, blake3, manifest,
 //!   multipart uploads and ranged reads) against raw PUTs and GETs of the same bytes in the same store,
@@ -117,7 +117,7 @@ pub enum BenchCommand {
     /// (internal) the cellfleet side of `bench train`, given its spec file
     #[command(hide = true)]
     TrainChild { spec: PathBuf },
-    /// Gloo all-reduce bus bandwidth: cellfleet's collective vs Gloo's own AllreduceRing<float>
+    /// Gloo all-reduce bus bandwidth: cellfleet's collective vs Gloo's own gloo::allreduce (ring)
     Allreduce {
         /// Message sizes in MiB (f32 tensors)
         #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]

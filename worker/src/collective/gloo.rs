@@ -73,7 +73,7 @@ type BroadcastFn = unsafe extern "C" fn(
 ) -> c_int;
 type BarrierFn =
     unsafe extern "C" fn(handle: *mut c_void, err: *mut c_char, err_cap: usize) -> c_int;
-type BenchRingFn = unsafe extern "C" fn(
+type BenchAllreduceFn = unsafe extern "C" fn(
     handle: *mut c_void,
     data: *mut f32,
     count: usize,
@@ -90,7 +90,7 @@ struct Shim {
     allreduce_sum_f32: AllreduceFn,
     broadcast: BroadcastFn,
     barrier: BarrierFn,
-    bench_allreduce_ring: BenchRingFn,
+    bench_allreduce: BenchAllreduceFn,
 }
 
 fn shim() -> Result<&'static Shim> {
@@ -136,8 +136,8 @@ fn load_shim() -> std::result::Result<Shim, String> {
                 "cf_gloo_broadcast",
             )?),
             barrier: std::mem::transmute::<*mut c_void, BarrierFn>(symbol("cf_gloo_barrier")?),
-            bench_allreduce_ring: std::mem::transmute::<*mut c_void, BenchRingFn>(symbol(
-                "cf_gloo_bench_allreduce_ring",
+            bench_allreduce: std::mem::transmute::<*mut c_void, BenchAllreduceFn>(symbol(
+                "cf_gloo_bench_allreduce",
             )?),
         })
     }
@@ -389,15 +389,15 @@ impl GlooCollective {
         })
     }
 
-    /// Benchmark baseline: Gloo's own `AllreduceRing<float>` run `iters` times on `tensor`, timed inside
+    /// Benchmark baseline: Gloo's own `gloo::allreduce` (ring algorithm) run `iters` times on `tensor`, timed inside
     /// the shim around that loop alone. Returns the seconds of all iterations.
-    pub fn baseline_allreduce_ring(&mut self, tensor: &mut Tensor, iters: usize) -> Result<f64> {
+    pub fn baseline_allreduce(&mut self, tensor: &mut Tensor, iters: usize) -> Result<f64> {
         check_tensor(tensor, Some(Kind::Float), Device::Cpu, "all-reduce")?;
         let (data, count) = (tensor.data_ptr() as *mut f32, tensor.numel());
         let shim = self.shim;
         let mut seconds = 0.0;
         self.call(|handle, err, cap| unsafe {
-            (shim.bench_allreduce_ring)(handle, data, count, iters as c_int, &mut seconds, err, cap)
+            (shim.bench_allreduce)(handle, data, count, iters as c_int, &mut seconds, err, cap)
         })?;
         Ok(seconds)
     }
