@@ -107,8 +107,8 @@ PY
   step train-cuda-bf16 "$bin" train --corpus "$dir/synth4k" --local --device cuda --preset cellxpert \
     --layout expressed --steps ${TRAIN_STEPS:-60} --batch-size 64 --threads 4 --out "$out/train-model"
   TAIL=16 step bench-train "$bin" bench train --corpus "$dir/synth4k" --genes 4096 --preset cellxpert \
-    --device cuda --batch-size 32 --steps ${BENCH_STEPS:-10} --warmup-steps 3 --rounds ${ROUNDS:-3} --threads 4
-  step nccl "$bin" bench nccl-check --device 0 --mib 256 --timeout 5
+    --device cuda --batch-size ${BENCH_BATCH:-128} --steps ${BENCH_STEPS:-10} --warmup-steps 3 --rounds ${ROUNDS:-3} --threads 4
+  NCCL_DEBUG=WARN step nccl "$bin" bench nccl-check --device 0 --mib 256 --timeout 5
   (
     cd "$dir"
     port=$((20000 + RANDOM % 20000))

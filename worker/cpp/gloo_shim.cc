@@ -296,7 +296,7 @@ CF_EXPORT int cf_gloo_barrier(void* handle, char* err, size_t err_cap) {
 
 // Benchmark baseline: Gloo's current all-reduce (`gloo::allreduce` with its ring algorithm, the call the
 // shim itself makes above two ranks) run `iters` times on `data`, timed around the loop alone (after a
-// barrier and one untimed call that sets up its buffers).
+// barrier; the caller warms up with its own calls).
 CF_EXPORT int cf_gloo_bench_allreduce(void* handle, float* data, size_t count, int iters, double* seconds,
                                       char* err, size_t err_cap) {
   auto* h = static_cast<Handle*>(handle);
@@ -306,7 +306,6 @@ CF_EXPORT int cf_gloo_bench_allreduce(void* handle, float* data, size_t count, i
     opts.setOutput(data, count);
     opts.setReduceFunction(&sum_floats);
     opts.setTimeout(h->timeout);
-    gloo::allreduce(opts);
     gloo::BarrierOptions barrier(h->context);
     barrier.setTimeout(h->timeout);
     gloo::barrier(barrier);
