@@ -31,7 +31,8 @@ def main():
     if mode == "convert":
         h5ad, out = sys.argv[2], sys.argv[3]
         wall, cpu = time.perf_counter(), cpu_seconds()
-        data = SingleCellMemMapDataset(out, h5ad_path=h5ad)
+        # X as stored (its own check wants integer counts; cellfleet reads the same X).
+        data = SingleCellMemMapDataset(out, h5ad_path=h5ad, use_X_not_raw=True)
         data.save()
         print(json.dumps({"cells": data.number_of_rows(), "seconds": time.perf_counter() - wall,
                           "cpu_seconds": cpu_seconds() - cpu, "peak_mib": peak_mib()}))
@@ -42,7 +43,7 @@ def main():
         rows, wall, cpu = 0, time.perf_counter(), cpu_seconds()
         while time.perf_counter() - wall < seconds:
             for index in order[rows % len(order):rows % len(order) + 256]:
-                (values, columns), _ = data.get_row(int(index))
+                (values, columns), *_ = data.get_row(int(index))
                 rows += 1
         print(json.dumps({"cells": data.number_of_rows(), "rows": rows, "seconds": time.perf_counter() - wall,
                           "cpu_seconds": cpu_seconds() - cpu, "peak_mib": peak_mib()}))
