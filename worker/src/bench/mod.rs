@@ -61,6 +61,12 @@ pub enum BenchCommand {
         seconds: f64,
         #[arg(long, default_value_t = 4)]
         augmentation: u32,
+        /// Token layout of the batches: every vocabulary gene, or expressed genes plus
+        /// --unexpressed of the unexpressed ones
+        #[arg(long, value_enum, default_value = "full")]
+        layout: crate::cli::model::LayoutChoice,
+        #[arg(long, default_value_t = cellfleet_shared::stream::batch::DEFAULT_UNEXPRESSED)]
+        unexpressed: u32,
     },
     /// Training tokens/s and peak memory vs the same model in eager PyTorch
     Train {
@@ -258,7 +264,19 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             batch_size,
             seconds,
             augmentation,
-        } => stream::bench_stream(&url, batch_size, seconds, augmentation),
+            layout,
+            unexpressed,
+        } => {
+            let sequence = match layout {
+                crate::cli::model::LayoutChoice::Full => {
+                    cellfleet_shared::stream::batch::SequenceLayout::Full
+                }
+                crate::cli::model::LayoutChoice::Expressed => {
+                    cellfleet_shared::stream::batch::SequenceLayout::Expressed { unexpressed }
+                }
+            };
+            stream::bench_stream(&url, batch_size, seconds, augmentation, sequence)
+        }
         BenchCommand::Train {
             preset,
             genes,

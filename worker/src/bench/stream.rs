@@ -18,6 +18,7 @@ pub(crate) fn bench_stream(
     batch_size: u32,
     seconds: f64,
     augmentation: u32,
+    sequence: cellfleet_shared::stream::batch::SequenceLayout,
 ) -> anyhow::Result<()> {
     let corpus = Arc::new(Corpus::open(url, &S3Options::default())?);
     let n_genes = corpus.manifest.genes.len();
@@ -33,7 +34,7 @@ pub(crate) fn bench_stream(
     let partitioner = Partitioner {
         epoch_len: plan.len(),
     };
-    println!("sample-stream benchmark: {} cells x {n_genes} genes, augmentation x{augmentation}, batch {batch_size}", corpus.total_cells());
+    println!("sample-stream benchmark: {} cells x {n_genes} genes, augmentation x{augmentation}, batch {batch_size}, {} token layout", corpus.total_cells(), sequence.name());
     let measure = |threads: usize| -> anyhow::Result<f64> {
         let ranges: Vec<_> = (0..)
             .map(|i| partitioner.global_batch(i * u64::from(batch_size), 1, batch_size))
@@ -45,6 +46,7 @@ pub(crate) fn bench_stream(
             ranges,
             LoaderConfig {
                 threads,
+                sequence,
                 ..LoaderConfig::default()
             },
         )?;
@@ -91,7 +93,7 @@ pub(crate) fn bench_stream(
                 writer.write(
                     &plan,
                     layout,
-                    cellfleet_shared::stream::batch::SequenceLayout::Full,
+                    sequence,
                     MaskConfig::masking_only(0.15),
                     sample,
                     &cell,
