@@ -97,50 +97,32 @@ def main():
                 sequence = torch.tensor(sequences[row], dtype=torch.long)
                 token_ids = torch.cat([torch.tensor([0]), sequence + 1])
                 original = torch.cat([cls, bins[row, sequence]])
-                states = gene_states(original.unsqueeze(0), token_ids)[0]
-                reference_sum = states.sum(0)
-                n = sequence.numel()
-                forwards += 1
-                if first is None:
-                    first = {"cell": cell, "embedding": (reference_sum / n).tolist()}
                 position = {g: i for i, g in enumerate(sequences[row])}
-                for chunk in genes.split(batch):
-                    at = torch.tensor([position[g] for g in chunk.tolist()])
-                    # Each perturbed copy drops one gene token (position at + 1 after [CLS]).
-                    keep_rows = [torch.cat([torch.arange(0, p + 1), torch.arange(p + 2, n + 1)]) for p in at.tolist()]
-                    index = torch.stack(keep_rows)
-                    perturbed_ids = token_ids[index]
-                    perturbed_bins = original[index]
-                    hidden, _ = model(perturbed_ids, perturbed_bins)
-                    embedding = hidden[:, 1:].sum(1) / (n - 1)
-                    reference = (reference_sum - states[at]) / (n - 1)
-                    cosine = F.cosine_similarity(embedding, reference, dim=1)
-                    pairs += chunk.numel()
-                    forwards += chunk.numel()
-                    if len(sample) < keep:
-                        for g, c in zip(chunk.tolist(), cosine.tolist()):
-                            sample.append([g, cell, c])
-                    if max_seconds is not None and time.perf_counter() - start > max_seconds:
-                        stopped = True
-                        break
-                if stopped:
-                    break
-                cells_done.append([cell, genes.numel()])
-                continue
-            original = torch.cat([cls, bins[row]])
-            reference_states = gene_states(original.unsqueeze(0))[0]
+            else:
+                token_ids, original = ids, torch.cat([cls, bins[row]])
+            reference_states = gene_states(original.unsqueeze(0), token_ids)[0]
             reference_sum = reference_states.sum(0)
+            n = reference_states.shape[0]
             forwards += 1
             if first is None:
-                first = {"cell": cell, "embedding": (reference_sum / n_genes).tolist()}
+                first = {"cell": cell, "embedding": (reference_sum / n).tolist()}
             for chunk in genes.split(batch):
-                perturbed = original.repeat(chunk.numel(), 1)
-                rows = torch.arange(chunk.numel())
-                perturbed[rows, chunk + 1] = 0
                 # The knocked-out gene's own state is left out of both means, as cellfleet does.
-                states = gene_states(perturbed)
-                embedding = (states.sum(1) - states[rows, chunk]) / (n_genes - 1)
-                reference = (reference_sum - reference_states[chunk]) / (n_genes - 1)
+                if expressed_layout:
+                    # Each perturbed copy drops one gene token (position at + 1 after [CLS]).
+                    at = torch.tensor([position[g] for g in chunk.tolist()])
+                    index = torch.stack([torch.cat([torch.arange(0, p + 1), torch.arange(p + 2, n + 1)])
+                                         for p in at.tolist()])
+                    hidden, _ = model(token_ids[index], original[index])
+                    embedding = hidden[:, 1:].sum(1) / (n - 1)
+                else:
+                    at = chunk
+                    perturbed = original.repeat(chunk.numel(), 1)
+                    rows = torch.arange(chunk.numel())
+                    perturbed[rows, chunk + 1] = 0
+                    states = gene_states(perturbed)
+                    embedding = (states.sum(1) - states[rows, chunk]) / (n - 1)
+                reference = (reference_sum - reference_states[at]) / (n - 1)
                 cosine = F.cosine_similarity(embedding, reference, dim=1)
                 pairs += chunk.numel()
                 forwards += chunk.numel()
