@@ -62,6 +62,25 @@ fn train_args<'a>(corpus: &'a str, steps: &'a str, batch: &'a str, out: &'a str)
     ]
 }
 
+/// `train --local` arguments that resume run `checkpoint` from its newest checkpoint into `out` (its
+/// settings come from the checkpoint).
+fn resume_latest_args<'a>(corpus: &'a str, out: &'a str, checkpoint: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--corpus",
+        corpus,
+        "--local",
+        "--threads",
+        "1",
+        "--out",
+        out,
+        "--checkpoint",
+        checkpoint,
+        "--resume",
+        "latest",
+    ]
+}
+
 fn run_ok(args: &[&str]) -> String {
     cellfleet_ok(bin(), args)
 }
@@ -121,20 +140,7 @@ fn in_the_expressed_layout_with_bucketing_a_resumed_run_is_bitwise_identical() {
         "7",
     ]);
     run_ok(&first);
-    run_ok(&[
-        "train",
-        "--corpus",
-        &corpus,
-        "--local",
-        "--threads",
-        "1",
-        "--out",
-        &part,
-        "--checkpoint",
-        &checkpoint,
-        "--resume",
-        "latest",
-    ]);
+    run_ok(&resume_latest_args(&corpus, &part, &checkpoint));
     let a = std::fs::read(dir.path().join("full/model.safetensors")).unwrap();
     let b = std::fs::read(dir.path().join("part/model.safetensors")).unwrap();
     assert!(a == b, "the resumed expressed-layout run's weights differ");
@@ -196,20 +202,7 @@ fn a_resumed_run_is_bitwise_identical_to_an_uninterrupted_one_on_s3() {
         listing.contains("12") && listing.contains("<- latest"),
         "{listing}"
     );
-    let resumed_log = ok(&[
-        "train",
-        "--corpus",
-        &corpus,
-        "--local",
-        "--threads",
-        "1",
-        "--out",
-        &part,
-        "--checkpoint",
-        &run_url,
-        "--resume",
-        "latest",
-    ]);
+    let resumed_log = ok(&resume_latest_args(&corpus, &part, &run_url));
     assert!(
         resumed_log.contains("resuming from checkpoint step 12"),
         "{resumed_log}"
