@@ -257,7 +257,7 @@ fn run_bench(bench: &TrainBench, dir: &std::path::Path) -> anyhow::Result<()> {
                      model: crate::model::ModelConfig,
                      batches: Option<Vec<Batch>>|
      -> anyhow::Result<Arm> {
-        let (flops_per_step, cells, batches_path, padding) = match &batches {
+        let (flops_per_step, cells, batches_path) = match &batches {
             Some(list) => {
                 let flops: f64 = list
                     .iter()
@@ -281,16 +281,14 @@ fn run_bench(bench: &TrainBench, dir: &std::path::Path) -> anyhow::Result<()> {
                     "  {name}: mean {mean_len:.0} tokens per cell, {:.1}% of row slots padding",
                     100.0 * (slots - real) as f64 / slots as f64
                 );
-                (flops, list[0].samples as f64, Some(path), 0.0)
+                (flops, list[0].samples as f64, Some(path))
             }
             None => (
                 spec.batch_size as f64 * model.training_flops(model.n_genes + 1),
                 spec.batch_size as f64,
                 None,
-                0.0,
             ),
         };
-        let _ = padding;
         let arm_spec = TrainBenchSpec {
             model,
             batch_size: spec.batch_size,

@@ -97,6 +97,9 @@ struct Original {
     read: Tensor,
     expected: Vec<f32>,
     gene_tokens: usize,
+    /// The genes of its sequence, ascending (expressed layout; empty in the full layout, which holds
+    /// every gene).
+    genes: Vec<u32>,
 }
 
 /// Why a unit did not finish: stopped on purpose (its lease was lost, or the worker was told to stop;
@@ -513,21 +516,6 @@ impl Screener {
         sum / cells.len() as f64
     }
 
-    /// Whether cell `cell`'s unperturbed sequence holds gene `gene`.
-    fn holds(&self, cell: u64, gene: u32) -> bool {
-        match self.sequence {
-            SequenceLayout::Full => true,
-            SequenceLayout::Expressed { .. } => {
-                self.bins[&cell][gene as usize] != 0
-                    || self
-                        .sequence
-                        .inference_genes(cell, &self.bins[&cell])
-                        .binary_search(&gene)
-                        .is_ok()
-            }
-        }
-    }
-
     /// Expected bins `[rows, tokens]` of final hidden states `[rows, tokens, d]`.
     fn expected_bins(&self, states: &Tensor) -> Tensor {
         let (r, t, d) = states.size3().expect("[rows, tokens, d]");
@@ -597,6 +585,12 @@ impl Screener {
                         read: reads.get(row as i64),
                         expected,
                         gene_tokens,
+                        genes: match self.sequence {
+                            SequenceLayout::Full => Vec::new(),
+                            SequenceLayout::Expressed { .. } => {
+                                self.sequence.inference_genes(c, &self.bins[&c])
+                            }
+                        },
                     },
                 );
             }
@@ -790,7 +784,7 @@ impl Screener {
                                     own_genes.binary_search(&g).expect("a unit target's gene");
                                 // Zeros for a gene the cell's sequence does not hold.
                                 sum -= own.get(ci as i64).get(slot as i64);
-                                left_out += usize::from(self.holds(cell, g));
+                                left_out += usize::from(original_cell.holds(self.sequence, g));
                             }
                             let original =
                                 sum / (original_cell.gene_tokens - left_out).max(1) as f64;
@@ -893,6 +887,13 @@ impl Screener {
         }
         result.delta_bin_sum = delta_sum.into_iter().map(|v| v as f32).collect();
         Ok(result)
+    }
+}
+
+impl Original {
+    /// Whether the cell's unperturbed sequence holds gene `gene`.
+    fn holds(&self, layout: SequenceLayout, gene: u32) -> bool {
+        layout == SequenceLayout::Full || self.genes.binary_search(&gene).is_ok()
     }
 }
 
