@@ -14,6 +14,7 @@
 
 use std::ops::Range;
 
+use crate::corpus::shard::{Block, BlockDecompressor};
 use crate::corpus::Corpus;
 use crate::error::Result;
 use crate::philox::{Domain, SampleRng};
@@ -24,10 +25,13 @@ use crate::stream::{EpochPlan, Partitioner};
 /// sequence length. One pass over the corpus's blocks.
 pub fn expressed_per_cell(corpus: &Corpus) -> Result<Vec<u32>> {
     let mut out = Vec::with_capacity(corpus.total_cells() as usize);
+    // One decompressor and one block buffer for the whole pass.
+    let mut decompressor = BlockDecompressor::new()?;
+    let mut block = Block::default();
     for shard in 0..corpus.manifest.shards.len() {
         let shard = corpus.fetch_shard(shard)?;
-        for block in 0..shard.n_blocks() {
-            let block = shard.read_block(block)?;
+        for index in 0..shard.n_blocks() {
+            shard.read_block_into(index, &mut block, &mut decompressor)?;
             for cell in 0..block.cells {
                 out.push(expressed_count(block.bins_of(cell)) as u32);
             }

@@ -608,7 +608,11 @@ impl Screener {
         }
         let top = i64::from(self.plan.n_bins) - 1;
         let cls = i64::from(self.layout.cls_bin());
-        let sequence = self.sequence.inference_genes(cell, bins);
+        // The expressed layout's draw was made once, with the cell's unperturbed forward.
+        let sequence = match self.sequence {
+            SequenceLayout::Full => self.sequence.inference_genes(cell, bins),
+            SequenceLayout::Expressed { .. } => self.originals.borrow()[&cell].genes.clone(),
+        };
         perturbed
             .into_iter()
             .map(|genes| {
