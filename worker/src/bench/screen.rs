@@ -24,7 +24,7 @@ use crate::train::checkpoint_state::open_existing_run;
 use crate::train::saved_model::export_checkpoint;
 
 use crate::cluster::screen_client::run_local;
-use crate::screen::compute::load_model;
+use crate::screen::compute::{load_model, Screener};
 use crate::screen::plan::read_cells;
 use crate::screen::plan::read_spec;
 use crate::screen::plan::resolve_plan;
@@ -43,6 +43,11 @@ pub struct ScreenBench {
     pub baseline_seconds: f64,
     /// Assumed fraction of the H200's dense bf16 peak in the genome-wide extrapolation.
     pub utilization: f64,
+    /// A checkpoint of the other token layout (same corpus and vocabulary): also compare the two
+    /// layouts' pairs/s on the same cell and genes.
+    pub versus_checkpoint: Option<String>,
+    /// Rounds of the per-core headline (1 worker vs 1 Python process), alternating which goes first.
+    pub rounds: usize,
 }
 
 /// (gene, cell) results the Python baseline records for the numerical check.
@@ -401,7 +406,7 @@ fn run_baseline(
     scratch: &Path,
     max_seconds: f64,
     s3: &S3Options,
-) -> anyhow::Result<(Side, Side, BaselineReport, BaselineSample)> {
+) -> anyhow::Result<(Side, Side, BaselineReport, BaselineSample, PathBuf)> {
     let dir = scratch.join("baseline");
     fresh_dir(&dir)?;
     let dir = std::path::absolute(&dir)?;
@@ -511,7 +516,27 @@ fn run_baseline(
         per_process_rate: compute_rate / 2.0,
         load_before,
     };
-    Ok((one, two, report, sample))
+    Ok((one, two, report, sample, job_path))
+}
+
+/// The Python baseline once more, one process, on the job `run_baseline` wrote.
+fn rerun_baseline(job_path: &Path, max_seconds: f64) -> anyhow::Result<BaselineReport> {
+    let output = Command::new(python())
+        .arg(baseline_script()?)
+        .arg(job_path)
+        .args(["--max-seconds", &max_seconds.to_string()])
+        .output()
+        .with_context(|| format!("cannot start {}", python()))?;
+    if !output.status.success() {
+        bail!(
+            "the Python baseline failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("the Python baseline printed {stdout:?}"))
 }
 
 /// Seconds per forward pass of `tokens` (the mean of repetitions after a warm-up), with the expected-bin
@@ -741,8 +766,24 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         }
         sides.push(side);
     }
-    let (baseline, baseline_two, report, sample) =
+    let (baseline, baseline_two, report, sample, job_path) =
         run_baseline(&plan, &args.scratch, args.baseline_seconds, &s3)?;
+    // Further rounds of the per-core headline (1 worker vs 1 Python process), alternating who goes first.
+    let mut round_ratios = Vec::new();
+    if let Some(one) = sides.iter().find(|s| s.processes == 1) {
+        round_ratios.push(one.per_process_rate / baseline.per_process_rate);
+    }
+    for round in 1..args.rounds {
+        eprintln!("bench screen: round {}/{}", round + 1, args.rounds);
+        let (ours, theirs) = if round % 2 == 1 {
+            let theirs = rerun_baseline(&job_path, args.baseline_seconds)?;
+            (run_cellfleet(&spec, 1, &args.scratch, &s3)?.0, theirs)
+        } else {
+            let ours = run_cellfleet(&spec, 1, &args.scratch, &s3)?.0;
+            (ours, rerun_baseline(&job_path, args.baseline_seconds)?)
+        };
+        round_ratios.push(ours.per_process_rate / theirs.pairs_per_second);
+    }
 
     print_table(
         &plan,
@@ -752,9 +793,126 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         plan_seconds,
         cores,
     );
+    if round_ratios.len() > 1 {
+        let mut sorted = round_ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "per core over {} alternating rounds, 1 worker / 1 Python process: {} -> median {:.2}x (range {:.2}-{:.2}x)",
+            round_ratios.len(),
+            round_ratios
+                .iter()
+                .map(|r| format!("{r:.2}x"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sorted[sorted.len() / 2],
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
+    }
     print_agreement(&sample, &first_shifts);
     let cpu = print_flop_model(&plan, &s3, &sample, &sides, &report)?;
     print_genome_extrapolation(&plan, args.utilization, expressed, &cpu);
+    if let Some(other) = &args.versus_checkpoint {
+        compare_layouts(&spec, other, &s3)?;
+    }
+    Ok(())
+}
+
+/// `--versus-checkpoint`: the same knockouts (the plan's first cell, its first `batch` expressed screen
+/// genes, no null genes) screened by this worker process, in process and on one thread, with the spec's
+/// checkpoint and with `other`, in alternating rounds: pairs/s of the two token layouts on identical
+/// work. One cell and one batch keep the full layout's side (a 4,097-token forward per pair at 4,096
+/// genes) to a couple of minutes.
+fn compare_layouts(spec: &ScreenSpec, other: &str, s3: &S3Options) -> anyhow::Result<()> {
+    const ROUNDS: usize = 3;
+    let mut spec = spec.clone();
+    spec.cells.max_cells = Some(1);
+    spec.null.genes = 0;
+    let plan = resolve_plan(&spec, Path::new("."), s3)?;
+    let cell = *plan
+        .cells
+        .first()
+        .ok_or_else(|| anyhow!("the spec selects no cells"))?;
+    let bins = read_cells(&Corpus::open(&plan.corpus_url, s3)?, &[cell])?;
+    let batch = plan.spec.execution.batch as usize;
+    let genes: Vec<String> = single_genes(&plan)
+        .into_iter()
+        .filter(|&g| bins[&cell][g as usize] > 0)
+        .take(batch)
+        .map(|g| plan.vocabulary[g as usize].clone())
+        .collect();
+    if genes.is_empty() {
+        bail!("--versus-checkpoint: cell {cell} expresses none of the screened genes");
+    }
+    spec.genes = GeneSelection::List(genes);
+    spec.goal = None;
+    spec.execution.gene_block = batch as u32;
+    spec.execution.cell_block = 1;
+    let mut sides = Vec::new();
+    for checkpoint in [spec.checkpoint.clone(), other.to_string()] {
+        let mut side = spec.clone();
+        side.checkpoint = checkpoint;
+        let plan = resolve_plan(&side, Path::new("."), s3)?;
+        let screener = Screener::load(plan, "bench", s3, Device::Cpu)?;
+        sides.push(screener);
+    }
+    let layouts: Vec<SequenceLayout> = sides.iter().map(|s| s.layout()).collect();
+    if layouts[0] == layouts[1] {
+        bail!(
+            "--versus-checkpoint {other}: both checkpoints use the {} layout; give one of the other layout",
+            layouts[0].name()
+        );
+    }
+    println!();
+    println!(
+        "layouts on identical work: cell {cell}, {} expressed genes knocked out, {} token layout ({}) vs {} ({}); 1 thread, in process, {ROUNDS} alternating rounds",
+        sides[0].plan.total_records(),
+        layouts[0].name(),
+        spec.checkpoint,
+        layouts[1].name(),
+        other,
+    );
+    tch::set_num_threads(1);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        for (side, screener) in sides.iter().enumerate() {
+            // Fresh originals every round: each round times the cell's original forward too.
+            screener.forget_originals();
+            let started = Instant::now();
+            let mut pairs = 0usize;
+            for unit in 0..screener.plan.unit_count() {
+                pairs += screener
+                    .compute_unit(unit, &stop)
+                    .map_err(|e| anyhow!("{e}"))?
+                    .record_cell
+                    .len();
+            }
+            let rate = pairs as f64 / started.elapsed().as_secs_f64();
+            println!(
+                "  round {}: {:<9} {:>10.2} pairs/s ({pairs} pairs + 1 original)",
+                round + 1,
+                layouts[side].name(),
+                rate
+            );
+            rates[side].push(rate);
+        }
+    }
+    let (expressed, full) = if layouts[0] == SequenceLayout::Full {
+        (1, 0)
+    } else {
+        (0, 1)
+    };
+    let mut per_round: Vec<f64> = (0..ROUNDS)
+        .map(|r| rates[expressed][r] / rates[full][r])
+        .collect();
+    per_round.sort_by(f64::total_cmp);
+    println!(
+        "  expressed / full layout: {:.1}x median pairs/s ({:.1}-{:.1}x over {ROUNDS} rounds; target >= 5x)",
+        per_round[ROUNDS / 2],
+        per_round[0],
+        per_round[ROUNDS - 1]
+    );
     Ok(())
 }
 
@@ -978,18 +1136,10 @@ fn print_flop_model(
         );
     }
     if let Some(one) = sides.iter().find(|s| s.processes == 1) {
-        // One worker: perturbed sequences plus the originals: the mean readout runs a cell's original
-        // once per target block (it needs the targets' own token states, which are not cached), the
-        // other readouts once per cell.
-        let target_blocks = plan
-            .targets
-            .len()
-            .div_ceil(plan.spec.execution.gene_block as usize);
-        let originals_per_cell = match plan.spec.readout {
-            cellfleet_shared::screen::Readout::Mean => target_blocks,
-            _ => 1,
-        };
-        let forwards = plan.total_records() as f64 + (plan.cells.len() * originals_per_cell) as f64;
+        // One worker: perturbed sequences plus one original per cell (the mean readout's own-gene
+        // states are cached with it; a screen too large for that cache recomputes them per target block,
+        // which this count leaves out).
+        let forwards = plan.total_records() as f64 + plan.cells.len() as f64;
         let per_pair = forwards / plan.total_records() as f64;
         println!(
             "  cellfleet worker (compute rate x {:.3} forwards per pair x {:.3} GFLOP): {:.2} GFLOP/s",

@@ -8,7 +8,7 @@
 //! own coordinate falling to zero, whatever the model learned. The `[CLS]` state has no coordinate of its
 //! own to leave out: it reads the whole cell, perturbed genes included.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -83,6 +83,8 @@ pub struct Screener {
     axes: Option<Tensor>,
     /// Each perturbed cell unperturbed, once computed.
     originals: RefCell<HashMap<u64, Original>>,
+    /// Bytes of readout-layer states the cells in `originals` keep (at most `STATE_CACHE_BYTES`).
+    cached_state_bytes: Cell<usize>,
     /// Per screened cell (by corpus position): its stratum.
     stratum_of: HashMap<u64, usize>,
     layout: TokenLayout,
@@ -100,7 +102,17 @@ struct Original {
     /// The genes of its sequence, ascending (expressed layout; empty in the full layout, which holds
     /// every gene).
     genes: Vec<u32>,
+    /// Mean readout: its readout-layer gene-token states `[gene_tokens, d]`, kept while the cache is
+    /// under `STATE_CACHE_BYTES` (a cell without them has its original recomputed per unit).
+    states: Option<Tensor>,
 }
+
+/// How many bytes of unperturbed readout-layer states a worker keeps for the mean readout, which leaves
+/// each target's own token state out of the original mean. With them cached, a cell's original forward
+/// runs once per worker instead of once per target block. In the expressed layout a cell is a few hundred
+/// tokens (about 0.8 MB at d 512), so a 1,500-cell screen fits; a full-layout cell at 4,096 genes is
+/// about 8 MB, and cells past the budget fall back to recomputing.
+const STATE_CACHE_BYTES: usize = 2 << 30;
 
 /// Why a unit did not finish: stopped on purpose (its lease was lost, or the worker was told to stop;
 /// nothing to report), or failed (reported against the unit).
@@ -313,6 +325,7 @@ impl Screener {
             centroids: None,
             axes: None,
             originals: RefCell::new(HashMap::new()),
+            cached_state_bytes: Cell::new(0),
             stratum_of,
             layout,
             sequence,
@@ -371,6 +384,17 @@ impl Screener {
             screener.axes = Some(Tensor::stack(&axes, 0));
         }
         Ok(screener)
+    }
+
+    /// The checkpoint's token layout.
+    pub fn layout(&self) -> SequenceLayout {
+        self.sequence
+    }
+
+    /// Drops every cached unperturbed forward (benchmarks time a screen from a cold cache).
+    pub fn forget_originals(&self) {
+        self.originals.borrow_mut().clear();
+        self.cached_state_bytes.set(0);
     }
 
     fn n_genes(&self) -> usize {
@@ -454,15 +478,7 @@ impl Screener {
     fn original_forward(
         &self,
         cells: &[u64],
-    ) -> Result<
-        (
-            Vec<(Vec<f32>, usize)>,
-            Tensor,
-            Tensor,
-            Vec<Vec<Option<usize>>>,
-        ),
-        UnitError,
-    > {
+    ) -> Result<(Vec<(Vec<f32>, usize)>, Tensor, Tensor), UnitError> {
         let n = self.n_genes();
         let sequences: Vec<_> = cells.iter().map(|&c| self.original_sequence(c)).collect();
         let rows: Vec<(&[i64], &[i64])> = sequences
@@ -482,8 +498,7 @@ impl Screener {
         let valid = Tensor::from_slice(&valid)
             .view([cells.len() as i64, stride as i64])
             .to_device(self.device());
-        let at = sequences.into_iter().map(|(_, _, at)| at).collect();
-        Ok((profiles, read, valid, at))
+        Ok((profiles, read, valid))
     }
 
     /// Mean representation of unperturbed `cells` (chunks of the plan's batch), every coordinate kept.
@@ -492,7 +507,7 @@ impl Screener {
         let n = self.n_genes() as i64;
         let mut sum = Tensor::zeros([self.dim()], (Kind::Float, self.device()));
         for chunk in cells.chunks(batch) {
-            let (profiles, read, valid, _) = self
+            let (profiles, read, valid) = self
                 .original_forward(chunk)
                 .expect("an unperturbed forward of stored cells succeeds");
             let reps = match self.plan.spec.readout {
@@ -529,8 +544,9 @@ impl Screener {
 
     /// The unperturbed forward of a unit's cells, cached per cell (whole cell blocks, so a cell's batches
     /// are the same whichever worker computes a unit). For the mean readout it also returns the
-    /// readout-layer states of `own_genes` (`[cells, own genes, d]`), computed afresh per unit: caching
-    /// every gene's state of every cell would not fit a large vocabulary.
+    /// readout-layer states of `own_genes` (`[cells, own genes, d]`, zeros for a gene a cell's sequence
+    /// does not hold), from the cached states where the cell has them (see `STATE_CACHE_BYTES`), else
+    /// from a fresh forward.
     fn originals(
         &self,
         cells: &[u64],
@@ -538,47 +554,51 @@ impl Screener {
         stop: &AtomicBool,
     ) -> Result<Option<Tensor>, UnitError> {
         let batch = self.plan.spec.execution.batch as usize;
-        let cached = own_genes.is_none()
-            && cells
-                .iter()
-                .all(|c| self.originals.borrow().contains_key(c));
-        if cached {
-            return Ok(None);
-        }
-        let mut own = Vec::new();
-        for chunk in cells.chunks(batch) {
+        // All of the unit's cells or none: a forward's batch is always a whole cell block's chunk, so a
+        // cell's original is bitwise the same whichever worker computes it and whatever it had cached.
+        let ready = {
+            let cache = self.originals.borrow();
+            cells.iter().all(|c| {
+                cache
+                    .get(c)
+                    .is_some_and(|o| own_genes.is_none() || o.states.is_some())
+            })
+        };
+        let missing: &[u64] = if ready { &[] } else { cells };
+        let keep_states = self.plan.spec.readout == Readout::Mean;
+        // The states of cells past the cache's budget, for this unit only.
+        let mut uncached: HashMap<u64, Tensor> = HashMap::new();
+        for chunk in missing.chunks(batch) {
             if stop.load(Ordering::Relaxed) {
                 return Err(UnitError::Interrupted);
             }
-            let (profiles, read, valid, at) = self.original_forward(chunk)?;
+            let (profiles, read, valid) = self.original_forward(chunk)?;
             let reads = match self.plan.spec.readout {
                 Readout::Cls => read.select(1, 0),
                 Readout::Expected | Readout::Mean => (read.narrow(1, 1, read.size()[1] - 1)
                     * valid.unsqueeze(2))
                 .sum_dim_intlist(1, false, Kind::Float),
             };
-            if let Some(genes) = own_genes {
-                // Each own gene's state where the cell's sequence holds it, zeros where it does not
-                // (so subtracting it from the sum is a no-op).
-                for (row, at) in at.iter().enumerate() {
-                    let positions: Vec<i64> = genes
-                        .iter()
-                        .map(|&g| at[g as usize].map_or(0, |p| p as i64 + 1))
-                        .collect();
-                    let present: Vec<f32> = genes
-                        .iter()
-                        .map(|&g| if at[g as usize].is_some() { 1.0 } else { 0.0 })
-                        .collect();
-                    let index = Tensor::from_slice(&positions).to_device(self.device());
-                    let present = Tensor::from_slice(&present).to_device(self.device());
-                    own.push(
-                        (read.get(row as i64).index_select(0, &index) * present.unsqueeze(1))
-                            .unsqueeze(0),
-                    );
-                }
-            }
             let mut cache = self.originals.borrow_mut();
             for (row, (&c, (expected, gene_tokens))) in chunk.iter().zip(profiles).enumerate() {
+                let states = read.get(row as i64).narrow(0, 1, gene_tokens as i64);
+                let bytes = gene_tokens * self.model.config.d_model * std::mem::size_of::<f32>();
+                if cache.get(&c).is_some_and(|o| o.states.is_some()) {
+                    // Replaced below: its bytes are counted again.
+                    self.cached_state_bytes
+                        .set(self.cached_state_bytes.get() - bytes);
+                }
+                let states =
+                    if keep_states && self.cached_state_bytes.get() + bytes <= STATE_CACHE_BYTES {
+                        self.cached_state_bytes
+                            .set(self.cached_state_bytes.get() + bytes);
+                        Some(states)
+                    } else {
+                        if own_genes.is_some() {
+                            uncached.insert(c, states);
+                        }
+                        None
+                    };
                 cache.insert(
                     c,
                     Original {
@@ -591,11 +611,37 @@ impl Screener {
                                 self.sequence.inference_genes(c, &self.bins[&c])
                             }
                         },
+                        states,
                     },
                 );
             }
         }
-        Ok(own_genes.map(|_| Tensor::cat(&own, 0)))
+        let Some(genes) = own_genes else {
+            return Ok(None);
+        };
+        let cache = self.originals.borrow();
+        let own: Vec<Tensor> = cells
+            .iter()
+            .map(|c| {
+                let original = &cache[c];
+                let states = original.states.as_ref().unwrap_or_else(|| &uncached[c]);
+                // Each own gene's state where the cell's sequence holds it, zeros where it does not
+                // (so subtracting it from the sum is a no-op).
+                let at: Vec<Option<usize>> = genes
+                    .iter()
+                    .map(|&g| original.position(self.sequence, g))
+                    .collect();
+                let positions: Vec<i64> = at.iter().map(|p| p.map_or(0, |p| p as i64)).collect();
+                let present: Vec<f32> = at
+                    .iter()
+                    .map(|p| if p.is_some() { 1.0 } else { 0.0 })
+                    .collect();
+                let index = Tensor::from_slice(&positions).to_device(self.device());
+                let present = Tensor::from_slice(&present).to_device(self.device());
+                (states.index_select(0, &index) * present.unsqueeze(1)).unsqueeze(0)
+            })
+            .collect();
+        Ok(Some(Tensor::cat(&own, 0)))
     }
 
     /// The perturbed sequences of one record: the target itself, and for a pair each gene alone.
@@ -897,7 +943,16 @@ impl Screener {
 impl Original {
     /// Whether the cell's unperturbed sequence holds gene `gene`.
     fn holds(&self, layout: SequenceLayout, gene: u32) -> bool {
-        layout == SequenceLayout::Full || self.genes.binary_search(&gene).is_ok()
+        self.position(layout, gene).is_some()
+    }
+
+    /// Where gene `gene` sits among the unperturbed sequence's gene tokens (vocabulary order in the
+    /// full layout; the ascending genes of the sequence in the expressed one).
+    fn position(&self, layout: SequenceLayout, gene: u32) -> Option<usize> {
+        match layout {
+            SequenceLayout::Full => Some(gene as usize),
+            SequenceLayout::Expressed { .. } => self.genes.binary_search(&gene).ok(),
+        }
     }
 }
 
