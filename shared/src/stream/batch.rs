@@ -200,12 +200,41 @@ pub struct SampleWriter {
     draws: Vec<u16>,
     partners: Vec<u16>,
     mask_words: Vec<u64>,
-    /// Per vocabulary gene, whether it was drawn into the unexpressed sample (expressed layout).
-    drawn: Vec<bool>,
     unexpressed_genes: Vec<u32>,
 }
 
 impl SampleWriter {
+    /// Appends up to `wanted` of the unexpressed genes of a cell with `bins` (bin 0) to `tokens`, a
+    /// uniform sample without replacement from `rng`. Most of a 10x cell's vocabulary is unexpressed, so
+    /// drawing vocabulary positions and rejecting expressed or repeated ones takes about `wanted` draws;
+    /// a cell expressing most genes gets a partial Fisher-Yates shuffle of its unexpressed genes instead.
+    fn draw_unexpressed(&mut self, mut rng: SampleRng, bins: &[u8], wanted: usize) {
+        let absent = bins.len() - self.tokens.len();
+        let draw = wanted.min(absent);
+        if draw == absent {
+            self.tokens
+                .extend((0..bins.len() as u32).filter(|&g| bins[g as usize] == 0));
+        } else if absent >= bins.len() / 2 {
+            let first = self.tokens.len();
+            while self.tokens.len() - first < draw {
+                let g = rng.below(bins.len() as u32);
+                if bins[g as usize] == 0 && !self.tokens[first..].contains(&g) {
+                    self.tokens.push(g);
+                }
+            }
+        } else {
+            self.unexpressed_genes.clear();
+            self.unexpressed_genes
+                .extend((0..bins.len() as u32).filter(|&g| bins[g as usize] == 0));
+            for i in 0..draw {
+                let j = i + rng.below((absent - i) as u32) as usize;
+                self.unexpressed_genes.swap(i, j);
+            }
+            self.tokens
+                .extend_from_slice(&self.unexpressed_genes[..draw]);
+        }
+    }
+
     /// Writes sample `sample` (whose cell has `bins`) as `[CLS]` + tokens in `sequence`'s layout into the
     /// three row slices, and pads the rest of the rows; returns the real tokens written (with `[CLS]`),
     /// `sequence.sample_len(bins)`.
@@ -226,38 +255,34 @@ impl SampleWriter {
         // (bin << 16 | gene) pairs: the permutation moves gene and bin together, so no pass has to
         // gather bins in permuted order.
         self.tokens.clear();
-        self.tokens.extend(
-            bins.iter()
-                .enumerate()
-                .map(|(g, &b)| u32::from(b) << 16 | g as u32),
-        );
+        match sequence {
+            SequenceLayout::Full => self.tokens.extend(
+                bins.iter()
+                    .enumerate()
+                    .map(|(g, &b)| u32::from(b) << 16 | g as u32),
+            ),
+            SequenceLayout::Expressed { unexpressed } => {
+                push_expressed(bins, &mut self.tokens);
+                let rng = SampleRng::new(
+                    config.seed,
+                    Domain::UnexpressedSample,
+                    sample.cell as u32,
+                    plan.epoch() << 8 | sample.clone,
+                );
+                self.draw_unexpressed(rng, bins, unexpressed as usize);
+                if config.augmentation <= 1 {
+                    // Without augmentation tokens stay in vocabulary order, whatever their kind.
+                    self.tokens.sort_unstable_by_key(|&t| t & 0xFFFF);
+                }
+            }
+        }
+        // The clone's permutation. In the expressed layout it permutes only the kept tokens: the relative
+        // order of a subset under a uniform permutation of the whole vocabulary is itself a uniform
+        // permutation of that subset, so the sequences have the same distribution as permuting all
+        // genes and keeping the subset, at the cost of a few hundred draws instead of the vocabulary's.
+        // Expressed and unexpressed tokens end up interleaved: a position says nothing about expression.
         if config.augmentation > 1 {
             clone_rng(config.seed, sample).shuffle(&mut self.tokens, &mut self.partners);
-        }
-        if let SequenceLayout::Expressed { unexpressed } = sequence {
-            // The expressed genes and the drawn unexpressed ones keep their places in the clone's order,
-            // so the two kinds are interleaved and a position says nothing about expression.
-            self.unexpressed_genes.clear();
-            self.unexpressed_genes
-                .extend((0..bins.len() as u32).filter(|&g| bins[g as usize] == 0));
-            let draw = (unexpressed as usize).min(self.unexpressed_genes.len());
-            self.drawn.clear();
-            self.drawn.resize(bins.len(), false);
-            let mut rng = SampleRng::new(
-                config.seed,
-                Domain::UnexpressedSample,
-                sample.cell as u32,
-                plan.epoch() << 8 | sample.clone,
-            );
-            // A partial Fisher-Yates shuffle: the first `draw` entries become a uniform sample.
-            for i in 0..draw {
-                let j = i + rng.below((self.unexpressed_genes.len() - i) as u32) as usize;
-                self.unexpressed_genes.swap(i, j);
-                self.drawn[self.unexpressed_genes[i] as usize] = true;
-            }
-            let drawn = &self.drawn;
-            self.tokens
-                .retain(|&t| t >> 16 != 0 || drawn[(t & 0xFFFF) as usize]);
         }
         let n = self.tokens.len();
         // Masking draws 16 bits per token, four per 64-bit word, from its own per-(sample, epoch) stream.
@@ -316,6 +341,42 @@ impl SampleWriter {
         pad_row(layout, n + 1, genes_row, inputs_row, targets_row);
         n + 1
     }
+}
+
+/// Appends `bin << 16 | gene` for every expressed gene (bin > 0) of `bins`, in gene order. A 10x cell
+/// expresses a few percent of the vocabulary at random places: a byte-by-byte filter mispredicts a branch
+/// on every expressed gene, so 64 bins at a time become a bit mask whose set bits are then visited.
+fn push_expressed(bins: &[u8], tokens: &mut Vec<u32>) {
+    let mut chunks = bins.chunks_exact(64);
+    let mut base = 0u32;
+    for chunk in &mut chunks {
+        let mut mask = 0u64;
+        for (w, word) in chunk.chunks_exact(8).enumerate() {
+            mask |= nonzero_bytes(u64::from_le_bytes(word.try_into().expect("8 bytes"))) << (8 * w);
+        }
+        while mask != 0 {
+            let g = base + mask.trailing_zeros();
+            tokens.push(u32::from(bins[g as usize]) << 16 | g);
+            mask &= mask - 1;
+        }
+        base += 64;
+    }
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        if b != 0 {
+            tokens.push(u32::from(b) << 16 | (base + i as u32));
+        }
+    }
+}
+
+/// Bit i set where byte i of `x` (little-endian) is non-zero. Adding 0x7f to a byte's low seven bits
+/// carries into its high bit exactly when they are non-zero (never into the next byte); or-ing in the
+/// byte itself covers a set high bit. The multiply then gathers the eight high bits (bit 8i + 7) into the
+/// top byte: each lands on bit 56 + i through the factor's term 2^(7 (7 - i)), every other term falls
+/// below bit 56 at a distinct position or overflows out of the word, so nothing carries into the result.
+fn nonzero_bytes(x: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let high = (((x & LOW7) + LOW7) | x) & !LOW7;
+    high.wrapping_mul(0x0002_0408_1020_4081) >> 56
 }
 
 /// Fills a row's tokens from `from` on with padding.
@@ -790,6 +851,54 @@ mod tests {
         assert!(random_bins.len() as u16 >= BINS - 1, "{random_bins:?}");
     }
 
+    #[test]
+    fn nonzero_bytes_marks_exactly_the_nonzero_bytes() {
+        let mut rng = crate::philox::SampleRng::new(3, crate::philox::Domain::Mask, 0, 0);
+        for _ in 0..20_000 {
+            // Mostly zero bytes, some 0x80 and 0x7f edges, some random.
+            let mut bytes = [0u8; 8];
+            for b in &mut bytes {
+                *b = match rng.below(6) {
+                    0 => 0x80,
+                    1 => 0x7f,
+                    2 => 1 + rng.below(255) as u8,
+                    _ => 0,
+                };
+            }
+            let expected = bytes
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (i, &b)| m | u64::from(b != 0) << i);
+            assert_eq!(
+                nonzero_bytes(u64::from_le_bytes(bytes)),
+                expected,
+                "{bytes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn expressed_genes_are_found_at_every_offset_of_a_64_bin_word() {
+        for len in [0, 1, 63, 64, 65, 127, 128, 200, 4096] {
+            let bins: Vec<u8> = (0..len)
+                .map(|g: usize| {
+                    if (g * 7919) % 5 < 2 {
+                        (g % 50) as u8
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let mut tokens = Vec::new();
+            push_expressed(&bins, &mut tokens);
+            let expected: Vec<u32> = (0..len as u32)
+                .filter(|&g| bins[g as usize] != 0)
+                .map(|g| u32::from(bins[g as usize]) << 16 | g)
+                .collect();
+            assert_eq!(tokens, expected, "{len} bins");
+        }
+    }
+
     /// One delivered sample: (epoch, sample, its row's genes, its row's input bins, padded row length).
     type Row = (u32, SampleId, Vec<u16>, Vec<u8>, usize);
 
@@ -857,7 +966,8 @@ mod tests {
         let one = expressed_rows(&corpus, order, unexpressed, 1);
         let mut draws_changed_between_epochs = false;
         let mut by_sample = std::collections::BTreeMap::new();
-        let mut clone_genes = Vec::new();
+        let mut unexpressed_positions = Vec::new();
+        let mut clone_orders = std::collections::BTreeMap::new();
         for (epoch, id, genes, inputs, _) in &one {
             let bins = stored_bins(id.cell);
             assert_eq!((genes[0], inputs[0]), (CLS_GENE_ID, layout.cls_bin()));
@@ -873,16 +983,23 @@ mod tests {
             for (&gene, &input) in genes[1..].iter().zip(&inputs[1..]) {
                 assert_eq!(input, bins[gene as usize - 1]);
             }
-            // Every expressed gene appears once, in the clone's order.
-            clone_order(order.seed, order.augmentation, *id, GENES, &mut clone_genes);
-            let expected: Vec<u16> = clone_genes
-                .iter()
-                .map(|&g| g + 1)
-                .filter(|g| genes[1..].contains(g))
-                .collect();
-            assert_eq!(genes[1..], expected[..], "tokens follow the clone order");
+            // Every gene appears once; every expressed gene is there.
+            let mut distinct = genes[1..].to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), genes.len() - 1, "{id:?} repeats a gene");
             let expressed_tokens = inputs[1..].iter().filter(|&&b| b != 0).count();
             assert_eq!(expressed_tokens, expressed);
+            // Unexpressed tokens sit anywhere in the permuted order, not after the expressed ones.
+            let last = (genes.len() - 2).max(1) as f64;
+            for (position, _) in inputs[1..].iter().enumerate().filter(|&(_, &b)| b == 0) {
+                unexpressed_positions.push(position as f64 / last);
+            }
+            // Each clone of a cell is permuted independently.
+            clone_orders
+                .entry((*epoch, id.cell))
+                .or_insert_with(Vec::new)
+                .push(genes.clone());
             if let Some(previous) = by_sample.insert(*id, genes.clone()) {
                 draws_changed_between_epochs |= previous != *genes;
             }
@@ -892,6 +1009,21 @@ mod tests {
             draws_changed_between_epochs,
             "the unexpressed sample is drawn afresh each epoch"
         );
+        let mean_position =
+            unexpressed_positions.iter().sum::<f64>() / unexpressed_positions.len() as f64;
+        assert!(
+            (0.4..0.6).contains(&mean_position),
+            "unexpressed tokens sit at {mean_position:.3} of the sequence on average, expected about 0.5 \
+             ({} tokens)",
+            unexpressed_positions.len()
+        );
+        for ((epoch, cell), orders) in &clone_orders {
+            assert_eq!(orders.len(), order.augmentation as usize);
+            assert!(
+                orders[1..].iter().any(|o| o != &orders[0]),
+                "epoch {epoch} cell {cell}: its clones share one token order"
+            );
+        }
         // Rows are padded to the batch's longest sequence, not the vocabulary (every fixture cell has at
         // least 3 unexpressed genes and only 2 are drawn).
         assert!(one.iter().all(|r| r.4 < GENES + 1));
