@@ -191,6 +191,10 @@ enum Command {
         /// Fraction of gene tokens masked for the masked-bin report
         #[arg(long, default_value_t = 0.15)]
         mask_ratio: f32,
+        /// Score only the first N held-out cells of the split's order (the same cells for every
+        /// model of a run's seed); the marginal baseline still counts every training cell
+        #[arg(long, value_name = "N")]
+        max_cells: Option<u64>,
         #[arg(long)]
         json: Option<PathBuf>,
         #[command(flatten)]
@@ -307,6 +311,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             weights,
             batch_size,
             mask_ratio,
+            max_cells,
             json,
             runtime,
             s3,
@@ -315,6 +320,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             &weights,
             batch_size,
             mask_ratio,
+            max_cells,
             &runtime,
             json.as_deref(),
             &s3.options(),

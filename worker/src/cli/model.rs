@@ -425,6 +425,7 @@ pub fn train_command(
         config.seed,
         config.mask_ratio,
         config.batch_size,
+        None,
     )?;
     print_masked(&report);
     println!(
@@ -688,11 +689,13 @@ pub fn finetune_command(
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn eval_command(
     corpus: &str,
     weights: &Path,
     batch_size: u32,
     mask_ratio: f32,
+    max_cells: Option<u64>,
     runtime: &RuntimeFlags,
     json: Option<&Path>,
     s3: &S3Options,
@@ -702,6 +705,9 @@ pub fn eval_command(
     }
     if !(mask_ratio > 0.0 && mask_ratio < 1.0) {
         bail!("--mask-ratio must be in (0, 1), got {mask_ratio}");
+    }
+    if max_cells == Some(0) {
+        bail!("--max-cells 0: at least one held-out cell is needed");
     }
     let run = runtime.run_options(PathBuf::new())?;
     tch::set_num_threads(run.threads as i32);
@@ -716,6 +722,7 @@ pub fn eval_command(
         saved.info.seed,
         mask_ratio,
         batch_size,
+        max_cells,
     )?;
     print_masked(&masked);
     let classification = if saved.info.label_column.is_some() {

@@ -40,8 +40,9 @@ pub struct MaskedBinReport {
     pub marginal_cross_entropy_expressed: f64,
 }
 
-/// Evaluates masked-bin prediction on the held-out split: every held-out cell in vocabulary order,
-/// masked at `mask_ratio` in `ceil(1 / mask_ratio)` passes with independent masks.
+/// Evaluates masked-bin prediction on the held-out split: every held-out cell (or the first
+/// `max_cells` of the split's order, the same cells for any model of the run's seed) in vocabulary
+/// order, masked at `mask_ratio` in `ceil(1 / mask_ratio)` passes with independent masks.
 pub fn evaluate_masked_bins(
     model: &CellModel,
     corpus: Arc<Corpus>,
@@ -49,6 +50,7 @@ pub fn evaluate_masked_bins(
     seed: u64,
     mask_ratio: f32,
     batch_size: u32,
+    max_cells: Option<u64>,
 ) -> anyhow::Result<MaskedBinReport> {
     let n_genes = corpus.manifest.genes.len();
     let n_bins = usize::from(corpus.manifest.bins.n_bins);
@@ -64,6 +66,7 @@ pub fn evaluate_masked_bins(
         0.0,
         batch_size,
         0,
+        None,
     )? {
         let batch = batch?;
         for (g, b) in batch.gene_ids.iter().zip(&batch.input_bins) {
@@ -111,6 +114,7 @@ pub fn evaluate_masked_bins(
             mask_ratio,
             batch_size,
             pass,
+            max_cells,
         );
         let (loader, failed) = match loader {
             Ok(l) => (Some(l), None),
@@ -196,6 +200,7 @@ pub(crate) fn split_pass(
     mask_ratio: f32,
     batch_size: u32,
     epoch: u32,
+    max_cells: Option<u64>,
 ) -> anyhow::Result<Loader> {
     // No clones: evaluation reads every cell once, in vocabulary order.
     let order = OrderConfig {
@@ -215,8 +220,10 @@ pub(crate) fn split_pass(
     };
     let mut ranges = Vec::new();
     let mut cursor = 0;
+    let end = max_cells.unwrap_or(u64::MAX);
     loop {
-        let range = partitioner.global_batch(cursor, 1, batch_size);
+        let batch = u64::from(batch_size).min(end.saturating_sub(cursor)) as u32;
+        let range = partitioner.global_batch(cursor, 1, batch);
         if range.is_empty() {
             break;
         }
@@ -306,7 +313,9 @@ pub fn evaluate_classifier(
         };
         let mut probs = probs;
         let layout = model.config.layout;
-        for batch in split_pass(&corpus, seed, info.split, part, layout, 0.0, batch_size, 0)? {
+        for batch in split_pass(
+            &corpus, seed, info.split, part, layout, 0.0, batch_size, 0, None,
+        )? {
             // The logistic-regression baseline holds its training cells densely: cap them.
             if probs.is_none() && cells.labels.len() >= LOGREG_MAX_CELLS {
                 break;
