@@ -1,12 +1,16 @@
 """Reference data path for `cellfleet ingest` and the sample stream: NVIDIA bionemo-scdl, installed from PyPI
 (`pip install bionemo-scdl`), on the same .h5ad file.
 
-usage: scdl_baseline.py convert H5AD OUT_DIR        -> conversion to SCDL's memory-mapped format
-       scdl_baseline.py stream OUT_DIR SECONDS      -> shuffled single-row reads of the converted rows
+usage: scdl_baseline.py convert H5AD OUT_DIR             -> conversion to SCDL's memory-mapped format
+       scdl_baseline.py stream OUT_DIR SECONDS           -> shuffled single-row reads of the converted rows
+       scdl_baseline.py loader OUT_DIR SECONDS [BATCH]   -> shuffled batches the way SCDL's docs load them:
+                                                            torch DataLoader(shuffle=True) with its
+                                                            collate_sparse_matrix_batch
 
 Prints one JSON line: cells, wall seconds, CPU seconds (user + system of this process), peak RSS in MiB,
-and for `stream` rows read. What it delivers: raw sparse rows (values and column indices), no tokens,
-masks or augmentation.
+and for `stream`/`loader` rows read (imports and opening excluded). What it delivers: raw rows (values and
+column indices; `loader`: one torch sparse CSR tensor per batch), no tokens, masks or augmentation. One
+thread: torch is set to one thread and the DataLoader has no worker processes.
 """
 import json
 import resource
@@ -14,7 +18,12 @@ import sys
 import time
 
 import numpy as np
+import torch
 from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+from bionemo.scdl.util.torch_dataloader_utils import collate_sparse_matrix_batch
+from torch.utils.data import DataLoader
+
+torch.set_num_threads(1)
 
 
 def cpu_seconds():
@@ -47,6 +56,23 @@ def main():
                 rows += 1
         print(json.dumps({"cells": data.number_of_rows(), "rows": rows, "seconds": time.perf_counter() - wall,
                           "cpu_seconds": cpu_seconds() - cpu, "peak_mib": peak_mib()}))
+    elif mode == "loader":
+        out, seconds = sys.argv[2], float(sys.argv[3])
+        batch = int(sys.argv[4]) if len(sys.argv) > 4 else 256
+        data = SingleCellMemMapDataset(out)
+        loader = DataLoader(data, batch_size=batch, shuffle=True, collate_fn=collate_sparse_matrix_batch,
+                            generator=torch.Generator().manual_seed(0))
+        rows, first, wall, cpu = 0, None, time.perf_counter(), cpu_seconds()
+        while time.perf_counter() - wall < seconds:
+            for x in loader:
+                if first is None:
+                    first = {"type": f"{type(x).__module__}.{type(x).__name__}", "layout": str(x.layout),
+                             "dtype": str(x.dtype), "shape": list(x.shape)}
+                rows += x.shape[0]
+                if time.perf_counter() - wall >= seconds:
+                    break
+        print(json.dumps({"cells": data.number_of_rows(), "rows": rows, "seconds": time.perf_counter() - wall,
+                          "cpu_seconds": cpu_seconds() - cpu, "peak_mib": peak_mib(), "batch": first}))
     else:
         sys.exit(__doc__)
 

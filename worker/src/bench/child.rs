@@ -10,6 +10,8 @@ use anyhow::{bail, Context};
 /// Peak resident memory (MiB) and wall time of a child process.
 pub(crate) struct ChildRun {
     pub(crate) seconds: f64,
+    /// User + system CPU seconds of the child (its own threads included).
+    pub(crate) cpu_seconds: f64,
     pub(crate) peak_mib: f64,
     pub(crate) stdout: String,
 }
@@ -44,8 +46,10 @@ pub(crate) fn run_measured(cmd: &mut Command) -> anyhow::Result<ChildRun> {
     if reaped != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("benchmark child {cmd:?} failed:\n{stderr}");
     }
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
     Ok(ChildRun {
         seconds,
+        cpu_seconds: cpu(usage.ru_utime) + cpu(usage.ru_stime),
         peak_mib: usage.ru_maxrss as f64 / 1024.0,
         stdout,
     })

@@ -20,6 +20,7 @@ pub mod ckpt;
 pub mod ckpt_training;
 pub mod cluster;
 pub mod ingest;
+pub mod loaders;
 pub mod nccl_check;
 pub mod screen;
 pub mod stream;
@@ -67,6 +68,33 @@ pub enum BenchCommand {
         layout: crate::cli::model::LayoutChoice,
         #[arg(long, default_value_t = cellfleet_shared::stream::batch::DEFAULT_UNEXPRESSED)]
         unexpressed: u32,
+    },
+    /// Conversion and shuffled streaming vs bionemo-scdl and annbatch on the same .h5ad (install them
+    /// with `bash scripts/setup.sh --loaders`)
+    Loaders {
+        /// The .h5ad file every side converts and streams (e.g. `cellfleet synth --h5ad` output)
+        #[arg(long)]
+        h5ad: PathBuf,
+        /// cellfleet's vocabulary: this many highly variable genes of the file
+        #[arg(long, default_value_t = 4096)]
+        hvg: usize,
+        #[arg(long, default_value_t = 50)]
+        bins: u16,
+        /// Seconds each stream side runs per round
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        /// Alternating rounds (medians and ranges are reported)
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Rows per batch on every side
+        #[arg(long, default_value_t = 256)]
+        batch: u32,
+        /// Unexpressed genes per cellfleet sample (expressed layout)
+        #[arg(long, default_value_t = cellfleet_shared::stream::batch::DEFAULT_UNEXPRESSED)]
+        unexpressed: u32,
+        /// Where the converted outputs go
+        #[arg(long, default_value = "runs/bench-loaders")]
+        scratch: PathBuf,
     },
     /// Training tokens/s and peak memory vs the same model in eager PyTorch
     Train {
@@ -225,6 +253,14 @@ pub enum BenchCommand {
         /// Assumed fraction of the H200's dense BF16 peak in the genome-wide extrapolation
         #[arg(long, default_value_t = 0.35)]
         utilization: f64,
+        /// A checkpoint of the other token layout (same corpus): also compare the two layouts'
+        /// pairs/s on the same cell and genes
+        #[arg(long, value_name = "CKPT")]
+        versus_checkpoint: Option<String>,
+        /// Rounds of the per-core headline (1 worker vs 1 Python process), alternating which goes
+        /// first; the median and range are reported
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// (internal) one rank of one side of `bench allreduce`
     #[command(hide = true)]
@@ -259,6 +295,25 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             baseline_cells,
             scratch,
         } => ingest::bench_ingest(&inputs, hvg, bins, baseline_cells, &scratch),
+        BenchCommand::Loaders {
+            h5ad,
+            hvg,
+            bins,
+            seconds,
+            rounds,
+            batch,
+            unexpressed,
+            scratch,
+        } => loaders::bench_loaders(&loaders::LoadersBench {
+            h5ad,
+            hvg,
+            bins,
+            seconds,
+            rounds,
+            batch,
+            unexpressed,
+            scratch,
+        }),
         BenchCommand::Stream {
             url,
             batch_size,
@@ -406,6 +461,8 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             scratch,
             baseline_seconds,
             utilization,
+            versus_checkpoint,
+            rounds,
         } => screen::bench_screen(&screen::ScreenBench {
             spec,
             cells,
@@ -413,6 +470,8 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             scratch,
             baseline_seconds,
             utilization,
+            versus_checkpoint,
+            rounds: rounds.max(1),
         }),
         BenchCommand::AllreduceChild {
             side,

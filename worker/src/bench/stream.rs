@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::batch::{Loader, LoaderConfig};
@@ -31,44 +31,14 @@ pub(crate) fn bench_stream(
         },
         0,
     )?);
-    let partitioner = Partitioner {
-        epoch_len: plan.len(),
-    };
     println!("sample-stream benchmark: {} cells x {n_genes} genes, augmentation x{augmentation}, batch {batch_size}, {} token layout", corpus.total_cells(), sequence.name());
-    let measure = |threads: usize| -> anyhow::Result<f64> {
-        let ranges: Vec<_> = (0..)
-            .map(|i| partitioner.global_batch(i * u64::from(batch_size), 1, batch_size))
-            .take_while(|r| !r.is_empty())
-            .collect();
-        let loader = Loader::spawn(
-            corpus.clone(),
-            plan.clone(),
-            ranges,
-            LoaderConfig {
-                threads,
-                sequence,
-                ..LoaderConfig::default()
-            },
-        )?;
-        let started = Instant::now();
-        let mut samples = 0u64;
-        let mut warm = None;
-        for batch in loader {
-            let batch = batch?;
-            // The first batches fetch and verify shards; measure from the second second on.
-            if warm.is_none() && started.elapsed() > Duration::from_secs(1) {
-                warm = Some((Instant::now(), samples));
-            }
-            samples += batch.samples as u64;
-            if let Some((t0, _)) = warm {
-                if t0.elapsed().as_secs_f64() > seconds {
-                    break;
-                }
-            }
-        }
-        let (t0, s0) = warm.context("the corpus is too small to measure; use a larger one")?;
-        Ok((samples - s0) as f64 / t0.elapsed().as_secs_f64())
+    let order = OrderConfig {
+        seed: 1,
+        augmentation,
+        window_units: 16,
     };
+    let measure =
+        |threads: usize| loader_rate(&corpus, order, batch_size, seconds, threads, sequence);
     // The token work alone (clone permutation, masking, output arrays) on one in-memory cell: the floor
     // that decompression and batch bookkeeping add to.
     let writer_rate = {
@@ -148,4 +118,57 @@ pub(crate) fn bench_stream(
         if one >= 50_000.0 { "met" } else { "NOT met" }
     );
     Ok(())
+}
+
+/// Samples per second that the loader delivers with `threads` assembly threads over `seconds` (from the
+/// second second on: the first batches fetch and verify shards), in batches of `batch_size`, epoch after
+/// epoch of `order` over `corpus` until the time is up (a small corpus is read several times, with the
+/// page cache warm).
+pub(crate) fn loader_rate(
+    corpus: &Arc<Corpus>,
+    order: OrderConfig,
+    batch_size: u32,
+    seconds: f64,
+    threads: usize,
+    sequence: cellfleet_shared::stream::batch::SequenceLayout,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut samples = 0u64;
+    let mut warm = None;
+    for epoch in 0.. {
+        let plan = Arc::new(EpochPlan::new(&corpus.manifest, order, epoch)?);
+        let partitioner = Partitioner {
+            epoch_len: plan.len(),
+        };
+        let ranges: Vec<_> = (0..)
+            .map(|i| partitioner.global_batch(i * u64::from(batch_size), 1, batch_size))
+            .take_while(|r| !r.is_empty())
+            .collect();
+        let loader = Loader::spawn(
+            corpus.clone(),
+            plan,
+            ranges,
+            LoaderConfig {
+                threads,
+                sequence,
+                ..LoaderConfig::default()
+            },
+        )?;
+        for batch in loader {
+            let batch = batch?;
+            if warm.is_none() && started.elapsed() > Duration::from_secs(1) {
+                warm = Some((Instant::now(), samples));
+            }
+            samples += batch.samples as u64;
+            if let Some((t0, s0)) = warm {
+                if t0.elapsed().as_secs_f64() > seconds {
+                    return Ok((samples - s0) as f64 / t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        if epoch > 0 && samples == 0 {
+            bail!("the corpus delivers no samples");
+        }
+    }
+    unreachable!("the epochs never end")
 }
