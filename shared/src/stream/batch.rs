@@ -201,9 +201,34 @@ pub struct SampleWriter {
     partners: Vec<u16>,
     mask_words: Vec<u64>,
     unexpressed_genes: Vec<u32>,
+    /// Expressed layout: (key << 32 | gene << 16 | bin) of the kept tokens, sorted into the clone's order.
+    keyed: Vec<u64>,
 }
 
 impl SampleWriter {
+    /// Puts the kept tokens in their clone's order: every vocabulary gene has a key drawn from the clone's
+    /// seed (`clone_key`, fixed across epochs) and the tokens are sorted by it. A clone is therefore one
+    /// fixed uniform permutation of the vocabulary, of which each epoch's sequence (its expressed genes
+    /// and that epoch's unexpressed draw) is a subsequence, as in the full layout; but the kept tokens
+    /// cost a key each instead of a shuffle of the whole vocabulary. Expressed and unexpressed tokens are
+    /// interleaved, so a position says nothing about expression. Two genes whose 32-bit keys collide
+    /// (about once in 10^5 samples of 300 tokens) keep vocabulary order.
+    fn clone_order(&mut self, clone_key: u64) {
+        self.keyed.clear();
+        self.keyed.extend(self.tokens.iter().map(|&t| {
+            u64::from(gene_key(clone_key, t & 0xFFFF)) << 32
+                | u64::from(t & 0xFFFF) << 16
+                | u64::from(t >> 16)
+        }));
+        self.keyed.sort_unstable();
+        self.tokens.clear();
+        self.tokens.extend(
+            self.keyed
+                .iter()
+                .map(|&k| (k as u32 & 0xFF) << 16 | (k as u32) >> 16),
+        );
+    }
+
     /// Appends up to `wanted` of the unexpressed genes of a cell with `bins` (bin 0) to `tokens`, a
     /// uniform sample without replacement from `rng`. Most of a 10x cell's vocabulary is unexpressed, so
     /// drawing vocabulary positions and rejecting expressed or repeated ones takes about `wanted` draws;
@@ -270,18 +295,16 @@ impl SampleWriter {
                     plan.epoch() << 8 | sample.clone,
                 );
                 self.draw_unexpressed(rng, bins, unexpressed as usize);
-                if config.augmentation <= 1 {
+                if config.augmentation > 1 {
+                    self.clone_order(clone_rng(config.seed, sample).next_u64());
+                } else {
                     // Without augmentation tokens stay in vocabulary order, whatever their kind.
                     self.tokens.sort_unstable_by_key(|&t| t & 0xFFFF);
                 }
             }
         }
-        // The clone's permutation. In the expressed layout it permutes only the kept tokens: the relative
-        // order of a subset under a uniform permutation of the whole vocabulary is itself a uniform
-        // permutation of that subset, so the sequences have the same distribution as permuting all
-        // genes and keeping the subset, at the cost of a few hundred draws instead of the vocabulary's.
-        // Expressed and unexpressed tokens end up interleaved: a position says nothing about expression.
-        if config.augmentation > 1 {
+        // The full layout's clone permutation: a Fisher-Yates shuffle of the whole vocabulary.
+        if config.augmentation > 1 && sequence == SequenceLayout::Full {
             clone_rng(config.seed, sample).shuffle(&mut self.tokens, &mut self.partners);
         }
         let n = self.tokens.len();
@@ -366,6 +389,15 @@ fn push_expressed(bins: &[u8], tokens: &mut Vec<u32>) {
             tokens.push(u32::from(b) << 16 | (base + i as u32));
         }
     }
+}
+
+/// A gene's 32-bit key in the clone with seed `clone_key`: the splitmix64 finalizer of the two mixed,
+/// so the keys of a clone's genes are independent uniform draws.
+fn gene_key(clone_key: u64, gene: u32) -> u32 {
+    let mut z = clone_key ^ u64::from(gene).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 32) as u32
 }
 
 /// Bit i set where byte i of `x` (little-endian) is non-zero. Adding 0x7f to a byte's low seven bits
@@ -968,6 +1000,7 @@ mod tests {
         let mut by_sample = std::collections::BTreeMap::new();
         let mut unexpressed_positions = Vec::new();
         let mut clone_orders = std::collections::BTreeMap::new();
+        let mut expressed_orders = std::collections::BTreeMap::new();
         for (epoch, id, genes, inputs, _) in &one {
             let bins = stored_bins(id.cell);
             assert_eq!((genes[0], inputs[0]), (CLS_GENE_ID, layout.cls_bin()));
@@ -1000,6 +1033,19 @@ mod tests {
                 .entry((*epoch, id.cell))
                 .or_insert_with(Vec::new)
                 .push(genes.clone());
+            // A clone is one fixed permutation: its expressed genes keep their order across epochs.
+            let expressed_order: Vec<u16> = genes[1..]
+                .iter()
+                .zip(&inputs[1..])
+                .filter(|&(_, &b)| b != 0)
+                .map(|(&g, _)| g)
+                .collect();
+            if let Some(previous) = expressed_orders.insert(*id, expressed_order.clone()) {
+                assert_eq!(
+                    previous, expressed_order,
+                    "{id:?}: its clone order changed between epochs"
+                );
+            }
             if let Some(previous) = by_sample.insert(*id, genes.clone()) {
                 draws_changed_between_epochs |= previous != *genes;
             }
