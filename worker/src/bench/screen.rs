@@ -467,19 +467,7 @@ fn run_baseline(
                 )
             })
     };
-    let finish = |child: std::process::Child| -> anyhow::Result<BaselineReport> {
-        let output = child.wait_with_output()?;
-        if !output.status.success() {
-            bail!(
-                "the Python baseline failed ({}):\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        serde_json::from_str(stdout.lines().last().unwrap_or_default())
-            .with_context(|| format!("the Python baseline printed {stdout:?}"))
-    };
+    let finish = |child: std::process::Child| baseline_report(child.wait_with_output()?);
 
     let load_before = load_average();
     eprintln!(
@@ -521,12 +509,18 @@ fn run_baseline(
 
 /// The Python baseline once more, one process, on the job `run_baseline` wrote.
 fn rerun_baseline(job_path: &Path, max_seconds: f64) -> anyhow::Result<BaselineReport> {
-    let output = Command::new(python())
-        .arg(baseline_script()?)
-        .arg(job_path)
-        .args(["--max-seconds", &max_seconds.to_string()])
-        .output()
-        .with_context(|| format!("cannot start {}", python()))?;
+    baseline_report(
+        Command::new(python())
+            .arg(baseline_script()?)
+            .arg(job_path)
+            .args(["--max-seconds", &max_seconds.to_string()])
+            .output()
+            .with_context(|| format!("cannot start {}", python()))?,
+    )
+}
+
+/// The report a finished Python baseline printed as its last line.
+fn baseline_report(output: std::process::Output) -> anyhow::Result<BaselineReport> {
     if !output.status.success() {
         bail!(
             "the Python baseline failed ({}):\n{}",
