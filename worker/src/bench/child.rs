@@ -55,6 +55,22 @@ pub(crate) fn run_measured(cmd: &mut Command) -> anyhow::Result<ChildRun> {
     })
 }
 
+/// The median, lowest and highest of `values` (at least one).
+pub(crate) fn median_range(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1],
+    )
+}
+
+/// Per round, `ours[r] / theirs[r]`.
+pub(crate) fn round_ratios(ours: &[f64], theirs: &[f64]) -> Vec<f64> {
+    ours.iter().zip(theirs).map(|(a, b)| a / b).collect()
+}
+
 pub(crate) fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }

@@ -26,7 +26,7 @@ use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::batch::SequenceLayout;
 use cellfleet_shared::stream::OrderConfig;
 
-use super::child::{bench_dir, run_measured, ChildRun};
+use super::child::{bench_dir, median_range, round_ratios, run_measured, ChildRun};
 use super::stream::loader_rate;
 
 /// What `bench loaders` runs.
@@ -73,13 +73,6 @@ impl Environments {
     }
 }
 
-/// One measured side of a round.
-struct Measured {
-    /// Cells (conversion) or rows (stream) per second of its measure.
-    rate: f64,
-    peak_mib: f64,
-}
-
 fn json_of(run: &ChildRun, what: &str) -> anyhow::Result<serde_json::Value> {
     let line = run
         .stdout
@@ -101,16 +94,6 @@ fn fresh(dir: &Path) -> anyhow::Result<()> {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     Ok(())
-}
-
-fn median_range(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    (
-        sorted[sorted.len() / 2],
-        sorted[0],
-        sorted[sorted.len() - 1],
-    )
 }
 
 /// `bench loaders`: see the module documentation.
@@ -157,22 +140,23 @@ pub fn bench_loaders(args: &LoadersBench) -> anyhow::Result<()> {
             Corpus::open(&corpus_dir.display().to_string(), &S3Options::default())?.total_cells();
         Ok((run, cells))
     };
-    let convert =
-        |python: &Path, script: &Path, out: &Path, what: &str| -> anyhow::Result<Measured> {
-            fresh(out)?;
-            let run = run_measured(
-                Command::new(python)
-                    .arg(script)
-                    .arg("convert")
-                    .arg(&h5ad)
-                    .arg(out),
-            )?;
-            let report = json_of(&run, what)?;
-            Ok(Measured {
-                rate: number(&report, "cells", what)? / number(&report, "cpu_seconds", what)?,
-                peak_mib: run.peak_mib,
-            })
-        };
+    // A library's conversion: the child's own measurement and the report it printed.
+    let convert = |python: &Path,
+                   script: &Path,
+                   out: &Path,
+                   what: &str|
+     -> anyhow::Result<(ChildRun, serde_json::Value)> {
+        fresh(out)?;
+        let run = run_measured(
+            Command::new(python)
+                .arg(script)
+                .arg("convert")
+                .arg(&h5ad)
+                .arg(out),
+        )?;
+        let report = json_of(&run, what)?;
+        Ok((run, report))
+    };
     // Starting a process is not converting: the libraries' conversion calls are timed after their imports,
     // so cellfleet's ingest is timed less the CPU of starting the same binary (`cellfleet --version`
     // loads the same libraries, libtorch's operator registry among them). Whole processes, startup
@@ -194,15 +178,12 @@ pub fn bench_loaders(args: &LoadersBench) -> anyhow::Result<()> {
         conversion[0].push(cells as f64 / (ours.cpu_seconds - startup).max(1e-3));
         whole_process[0].push(cells as f64 / ours.cpu_seconds);
         conversion_peak[0] = conversion_peak[0].max(ours.peak_mib);
-        fresh(&scdl_dir)?;
-        let scdl_run = run_measured(
-            Command::new(&environments.scdl)
-                .arg(&scdl_script)
-                .arg("convert")
-                .arg(&h5ad)
-                .arg(&scdl_dir),
+        let (scdl_run, scdl) = convert(
+            &environments.scdl,
+            &scdl_script,
+            &scdl_dir,
+            "bionemo-scdl convert",
         )?;
-        let scdl = json_of(&scdl_run, "bionemo-scdl convert")?;
         let scdl_cells = number(&scdl, "cells", "bionemo-scdl convert")?;
         if scdl_cells as u64 != cells {
             bail!("bionemo-scdl converted {scdl_cells} cells, cellfleet ingested {cells}: not the same file?");
@@ -211,14 +192,16 @@ pub fn bench_loaders(args: &LoadersBench) -> anyhow::Result<()> {
         whole_process[1].push(scdl_cells / scdl_run.cpu_seconds);
         scdl_wall.push(scdl_cells / number(&scdl, "seconds", "bionemo-scdl convert")?);
         conversion_peak[1] = conversion_peak[1].max(scdl_run.peak_mib);
-        let annbatch = convert(
+        let what = "annbatch convert";
+        let (annbatch_run, annbatch) = convert(
             &environments.annbatch,
             &annbatch_script,
             &annbatch_dir,
-            "annbatch convert",
+            what,
         )?;
-        conversion[2].push(annbatch.rate);
-        conversion_peak[2] = conversion_peak[2].max(annbatch.peak_mib);
+        conversion[2]
+            .push(number(&annbatch, "cells", what)? / number(&annbatch, "cpu_seconds", what)?);
+        conversion_peak[2] = conversion_peak[2].max(annbatch_run.peak_mib);
         let (all, _) = ingest(cores)?;
         whole_machine.push(cells as f64 / all.seconds);
         eprintln!(
@@ -250,33 +233,21 @@ pub fn bench_loaders(args: &LoadersBench) -> anyhow::Result<()> {
             conversion_peak[i]
         );
     }
-    let per_round = |a: usize, b: &[f64]| -> Vec<f64> {
-        conversion[a].iter().zip(b).map(|(x, y)| x / y).collect()
-    };
-    let (vs_scdl, low, high) = median_range(&per_round(0, &conversion[1]));
+    let (vs_scdl, low, high) = median_range(&round_ratios(&conversion[0], &conversion[1]));
     println!(
         "  per core, cellfleet / bionemo-scdl: {vs_scdl:.2}x ({low:.2}-{high:.2}x; target >= 2x) at {:.1}x less peak memory",
         conversion_peak[1] / conversion_peak[0]
     );
-    let (vs_annbatch, low, high) = median_range(&per_round(0, &conversion[2]));
+    let (vs_annbatch, low, high) = median_range(&round_ratios(&conversion[0], &conversion[2]));
     println!("  per core, cellfleet / annbatch: {vs_annbatch:.2}x ({low:.2}-{high:.2}x)");
-    let whole: Vec<f64> = whole_process[0]
-        .iter()
-        .zip(&whole_process[1])
-        .map(|(a, b)| a / b)
-        .collect();
-    let (whole_ratio, low, high) = median_range(&whole);
+    let (whole_ratio, low, high) =
+        median_range(&round_ratios(&whole_process[0], &whole_process[1]));
     println!(
         "  per core, whole processes (startup and imports included; cellfleet's startup is {startup:.2} CPU-s): cellfleet {:.0} vs bionemo-scdl {:.0} cells/CPU-s, {whole_ratio:.2}x ({low:.2}-{high:.2}x)",
         median_range(&whole_process[0]).0,
         median_range(&whole_process[1]).0
     );
-    let whole: Vec<f64> = whole_machine
-        .iter()
-        .zip(&scdl_wall)
-        .map(|(a, b)| a / b)
-        .collect();
-    let (whole_ratio, low, high) = median_range(&whole);
+    let (whole_ratio, low, high) = median_range(&round_ratios(&whole_machine, &scdl_wall));
     println!(
         "  whole machine, cells per wall second: cellfleet ingest on {cores} threads {:.0} (whole process) vs bionemo-scdl {:.0} (one core, its conversion call): {whole_ratio:.2}x ({low:.2}-{high:.2}x)",
         median_range(&whole_machine).0,
@@ -377,12 +348,7 @@ pub fn bench_loaders(args: &LoadersBench) -> anyhow::Result<()> {
         (2, "target >= 2x"),
         (3, "target >= 1x"),
     ] {
-        let ratios: Vec<f64> = rates[0]
-            .iter()
-            .zip(&rates[side])
-            .map(|(a, b)| a / b)
-            .collect();
-        let (median, low, high) = median_range(&ratios);
+        let (median, low, high) = median_range(&round_ratios(&rates[0], &rates[side]));
         println!(
             "  cellfleet / {}: {median:.2}x ({low:.2}-{high:.2}x per round; {target})",
             sides[side].split(':').next().unwrap_or_default()

@@ -23,6 +23,7 @@ use crate::model::{CellModel, FfnConfig, Mode, ModelConfig, Preset, Tokens};
 use crate::train::checkpoint_state::open_existing_run;
 use crate::train::saved_model::export_checkpoint;
 
+use super::child::{median_range, round_ratios};
 use crate::cluster::screen_client::run_local;
 use crate::screen::compute::{load_model, Screener};
 use crate::screen::plan::read_cells;
@@ -788,8 +789,7 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
         cores,
     );
     if round_ratios.len() > 1 {
-        let mut sorted = round_ratios.clone();
-        sorted.sort_by(f64::total_cmp);
+        let (median, low, high) = median_range(&round_ratios);
         println!(
             "per core over {} alternating rounds, 1 worker / 1 Python process: {} -> median {:.2}x (range {:.2}-{:.2}x)",
             round_ratios.len(),
@@ -798,9 +798,9 @@ pub fn bench_screen(args: &ScreenBench) -> anyhow::Result<()> {
                 .map(|r| format!("{r:.2}x"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            sorted[sorted.len() / 2],
-            sorted[0],
-            sorted[sorted.len() - 1]
+            median,
+            low,
+            high
         );
     }
     print_agreement(&sample, &first_shifts);
@@ -897,15 +897,9 @@ fn compare_layouts(spec: &ScreenSpec, other: &str, s3: &S3Options) -> anyhow::Re
     } else {
         (0, 1)
     };
-    let mut per_round: Vec<f64> = (0..ROUNDS)
-        .map(|r| rates[expressed][r] / rates[full][r])
-        .collect();
-    per_round.sort_by(f64::total_cmp);
+    let (median, low, high) = median_range(&round_ratios(&rates[expressed], &rates[full]));
     println!(
-        "  expressed / full layout: {:.1}x median pairs/s ({:.1}-{:.1}x over {ROUNDS} rounds; target >= 5x)",
-        per_round[ROUNDS / 2],
-        per_round[0],
-        per_round[ROUNDS - 1]
+        "  expressed / full layout: {median:.1}x median pairs/s ({low:.1}-{high:.1}x over {ROUNDS} rounds; target >= 5x)"
     );
     Ok(())
 }
