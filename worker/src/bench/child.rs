@@ -55,15 +55,18 @@ pub(crate) fn run_measured(cmd: &mut Command) -> anyhow::Result<ChildRun> {
     })
 }
 
-/// The median, lowest and highest of `values` (at least one).
+/// The median (the mean of the middle two for an even count), lowest and highest of `values` (at
+/// least one).
 pub(crate) fn median_range(values: &[f64]) -> (f64, f64, f64) {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    (
-        sorted[sorted.len() / 2],
-        sorted[0],
-        sorted[sorted.len() - 1],
-    )
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (median, sorted[0], sorted[n - 1])
 }
 
 /// Per round, `ours[r] / theirs[r]`.
