@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use gloo::{GlooCollective, GlooOptions};
 #[cfg(feature = "cuda")]
-pub use nccl::NcclCollective;
+pub use nccl::{nccl_version, NcclCollective, NcclMode};
 pub use rendezvous::{DirRendezvous, MemoryRendezvous};
 
 #[derive(Debug, thiserror::Error)]

@@ -63,10 +63,64 @@ impl NcclConfigV21700 {
     }
 }
 
+/// How a communicator runs. Training uses the default: non-blocking, on the null stream.
+/// `bench nccl-check` also tries the others, to tell an NCCL or driver problem from one of ours.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NcclMode {
+    /// NCCL's blocking mode: every call returns once done. An init whose peer never comes cannot be
+    /// aborted in this mode, so it is for diagnosis only.
+    pub blocking: bool,
+    /// Operations run on a stream of our own instead of the null stream. It is created blocking, so
+    /// it still orders with the legacy default stream where libtorch computes.
+    pub own_stream: bool,
+}
+
+impl std::fmt::Display for NcclMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let blocking = if self.blocking {
+            "blocking"
+        } else {
+            "non-blocking"
+        };
+        let stream = if self.own_stream {
+            "own stream"
+        } else {
+            "null stream"
+        };
+        write!(f, "{blocking}, {stream}")
+    }
+}
+
+/// The NCCL library's version, e.g. `2.28.9`.
+pub fn nccl_version() -> Result<String> {
+    // SAFETY: only probes whether the library can be opened.
+    if !unsafe { nccl::is_culib_present() } {
+        return Err(CollectiveError::Backend(NCCL_MISSING.into()));
+    }
+    let mut code: c_int = 0;
+    // SAFETY: code is a valid out-pointer.
+    let r = unsafe { nccl::ncclGetVersion(&mut code) };
+    if r != nccl::ncclResult_t::ncclSuccess {
+        return Err(CollectiveError::Backend(format!(
+            "ncclGetVersion: {}",
+            nccl_error(r)
+        )));
+    }
+    // NCCL_VERSION(X, Y, Z) = X * 10000 + Y * 100 + Z from 2.9 on.
+    Ok(format!(
+        "{}.{}.{}",
+        code / 10000,
+        code % 10000 / 100,
+        code % 100
+    ))
+}
+
 /// One rank of an NCCL group on one CUDA device.
 pub struct NcclCollective {
     /// Null once aborted.
     comm: nccl::ncclComm_t,
+    /// Where operations run: null (the legacy default stream) or one created for `NcclMode::own_stream`.
+    stream: cu::CUstream,
     context: Arc<CudaContext>,
     device_index: usize,
     rank: usize,
@@ -79,10 +133,23 @@ pub struct NcclCollective {
 // first binds the device's context to the calling thread.
 unsafe impl Send for NcclCollective {}
 
+/// The result's name and text, with NCCL's last warning, which it keeps whatever `NCCL_DEBUG` says
+/// (the text of `ncclInvalidArgument` alone only says to set `NCCL_DEBUG=WARN`).
 fn nccl_error(result: nccl::ncclResult_t) -> String {
     // SAFETY: ncclGetErrorString returns a static string.
     let text = unsafe { CStr::from_ptr(nccl::ncclGetErrorString(result)) };
-    format!("{result:?}: {}", text.to_string_lossy())
+    let mut message = format!("{result:?}: {}", text.to_string_lossy());
+    // SAFETY: ncclGetLastError ignores its argument and returns a NUL-terminated buffer it owns.
+    let last = unsafe { nccl::ncclGetLastError(std::ptr::null_mut()) };
+    if !last.is_null() {
+        // SAFETY: checked non-null above; NUL-terminated by NCCL.
+        let last = unsafe { CStr::from_ptr(last) }.to_string_lossy();
+        let last = last.trim();
+        if !last.is_empty() {
+            message.push_str(&format!(" (NCCL's last warning: {last})"));
+        }
+    }
+    message
 }
 
 impl NcclCollective {
@@ -93,6 +160,26 @@ impl NcclCollective {
         world: usize,
         device_index: usize,
         timeout: Duration,
+    ) -> Result<Self> {
+        Self::connect_with_mode(
+            store,
+            prefix,
+            rank,
+            world,
+            device_index,
+            timeout,
+            NcclMode::default(),
+        )
+    }
+
+    pub fn connect_with_mode(
+        store: Arc<dyn RendezvousStore>,
+        prefix: &str,
+        rank: usize,
+        world: usize,
+        device_index: usize,
+        timeout: Duration,
+        mode: NcclMode,
     ) -> Result<Self> {
         check_rank(rank, world)?;
         // SAFETY: only probes whether the libraries can be opened.
@@ -142,7 +229,23 @@ impl NcclCollective {
             id
         };
 
+        let stream = if mode.own_stream {
+            let mut stream: cu::CUstream = std::ptr::null_mut();
+            // SAFETY: the device's context is bound to this thread (CudaContext::new binds it) and
+            // stream is an out-pointer; flags 0 make a blocking stream.
+            let r = unsafe { cu::cuStreamCreate(&mut stream, 0) };
+            if r != cu::CUresult::CUDA_SUCCESS {
+                return Err(CollectiveError::Backend(format!(
+                    "cuStreamCreate on cuda:{device_index}: {r:?}"
+                )));
+            }
+            stream
+        } else {
+            std::ptr::null_mut()
+        };
+
         let mut config = NcclConfigV21700::non_blocking();
+        config.blocking = c_int::from(mode.blocking);
         let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
         let started = Instant::now();
         // SAFETY: config is a valid ncclConfig_t prefix (see NcclConfigV21700) and comm an out-pointer.
@@ -157,6 +260,7 @@ impl NcclCollective {
         };
         let mut this = Self {
             comm,
+            stream,
             context,
             device_index,
             rank,
@@ -222,11 +326,11 @@ impl NcclCollective {
         Ok(())
     }
 
-    /// Polls until the default stream (where tch and our operations run) has drained.
+    /// Polls until our stream (by default the null stream, where tch computes) has drained.
     fn wait_stream(&mut self, op: &str, started: Instant) -> Result<()> {
         loop {
-            // SAFETY: the null stream of the context bound to this thread.
-            match unsafe { cu::cuStreamQuery(std::ptr::null_mut()) } {
+            // SAFETY: the null stream of the context bound to this thread, or a stream created in it.
+            match unsafe { cu::cuStreamQuery(self.stream) } {
                 cu::CUresult::CUDA_SUCCESS => return self.poll_async(op, started).map(|_| ()),
                 cu::CUresult::CUDA_ERROR_NOT_READY => {}
                 other => {
@@ -332,6 +436,7 @@ impl Collective for NcclCollective {
         let device = Device::Cuda(self.device_index);
         check_tensor(tensor, Some(Kind::Float), device, "nccl all-reduce")?;
         let (data, count) = (tensor.data_ptr(), tensor.numel());
+        let stream = self.stream as nccl::cudaStream_t;
         if count == 0 {
             return Ok(());
         }
@@ -344,7 +449,7 @@ impl Collective for NcclCollective {
                 nccl::ncclDataType_t::ncclFloat32,
                 nccl::ncclRedOp_t::ncclSum,
                 comm,
-                std::ptr::null_mut(),
+                stream,
             )
         })
     }
@@ -354,6 +459,7 @@ impl Collective for NcclCollective {
         let device = Device::Cuda(self.device_index);
         check_tensor(tensor, None, device, "nccl broadcast")?;
         let (data, bytes) = (tensor.data_ptr(), super::byte_size(tensor));
+        let stream = self.stream as nccl::cudaStream_t;
         if bytes == 0 {
             return Ok(());
         }
@@ -366,7 +472,7 @@ impl Collective for NcclCollective {
                 nccl::ncclDataType_t::ncclUint8,
                 root as c_int,
                 comm,
-                std::ptr::null_mut(),
+                stream,
             )
         })
     }
@@ -388,6 +494,14 @@ impl Drop for NcclCollective {
                 nccl::ncclCommDestroy(self.comm);
             }
             self.comm = std::ptr::null_mut();
+        }
+        if !self.stream.is_null() {
+            let _ = self.context.bind_to_thread();
+            // SAFETY: a stream we created, used no more (its work has completed, see above).
+            unsafe {
+                cu::cuStreamDestroy_v2(self.stream);
+            }
+            self.stream = std::ptr::null_mut();
         }
     }
 }
