@@ -68,25 +68,19 @@ TOML
   echo "packed $dir; on the GPU host: bash scripts/gpu-check.sh run $dir"
 }
 
-run() {
-  # Logs go to one folder; with $OUT set (the device tool's output folder, which takes few files) they
-  # come back as one archive beside the table.
-  local out=${OUT:-$dir}
-  local logs=$out
-  if [[ -n "${OUT:-}" ]]; then
-    logs=$(mktemp -d)
-  fi
-  mkdir -p "$out" "$logs"
-  local torch_lib site
+# The host's PyTorch libraries on the loader path, for the binary built here (sets $site too).
+device_env() {
+  local torch_lib
   torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
   site=$(dirname "$(dirname "$torch_lib")")
   # libtorch from the host's PyTorch, and the NCCL / CUDA runtime wheels beside it.
   local extra
   extra=$(ls -d "$site"/nvidia/*/lib "$site"/nvidia/cu*/lib 2>/dev/null | sort -u | paste -sd:)
-  # cudarc looks for libnccl.so; the wheel ships libnccl.so.2.
+  # cudarc looks for libnccl.so; the wheel ships libnccl.so.2, the copy libtorch links. Without this
+  # link cudarc may open another NCCL, which cellfleet refuses (NCCL_LINK=0 shows that).
   local nccl_link
   nccl_link=$(mktemp -d)
-  if [[ -f "$site/nvidia/nccl/lib/libnccl.so.2" ]]; then
+  if [[ "${NCCL_LINK:-1}" != 0 && -f "$site/nvidia/nccl/lib/libnccl.so.2" ]]; then
     ln -sf "$site/nvidia/nccl/lib/libnccl.so.2" "$nccl_link/libnccl.so"
   fi
   export LD_LIBRARY_PATH="$torch_lib:$extra:$nccl_link:${LD_LIBRARY_PATH:-}"
@@ -96,6 +90,18 @@ run() {
     export LD_PRELOAD="$torch_lib/libtorch_cuda.so${LD_PRELOAD:+:$LD_PRELOAD}"
   fi
   export CELLFLEET_QUIET=1
+}
+
+run() {
+  # Logs go to one folder; with $OUT set (the device tool's output folder, which takes few files) they
+  # come back as one archive beside the table.
+  local out=${OUT:-$dir}
+  local logs=$out
+  if [[ -n "${OUT:-}" ]]; then
+    logs=$(mktemp -d)
+  fi
+  mkdir -p "$out" "$logs"
+  device_env
   local bin
   bin=$(realpath "$dir/cellfleet")
   chmod +x "$bin"
@@ -174,11 +180,26 @@ TOML
   return $failed
 }
 
+# Only the NCCL libraries this host has and nccl-check, with and without the libnccl.so link.
+nccl_only() {
+  local bin
+  bin=$(realpath "$dir/cellfleet")
+  chmod +x "$bin"
+  echo "== NCCL libraries on this host"
+  { ldconfig -p | grep -i nccl; find / -xdev -name 'libnccl*.so*' 2>/dev/null; } | sort -u | head -20 || true
+  echo "== nccl-check with no link (NCCL_LINK=0): cudarc opens whatever libnccl.so the loader finds"
+  (NCCL_LINK=0 device_env && "$bin" bench nccl-check --device 0 --mib 256 --timeout 5) || true
+  echo "== nccl-check with libnccl.so linked to libtorch's NCCL"
+  device_env
+  "$bin" bench nccl-check --device 0 --mib 256 --timeout 5
+}
+
 case "$mode" in
   pack) pack ;;
   run) run ;;
+  nccl) nccl_only ;;
   *)
-    echo "usage: bash scripts/gpu-check.sh pack|run [DIR]" >&2
+    echo "usage: bash scripts/gpu-check.sh pack|run|nccl [DIR]" >&2
     exit 2
     ;;
 esac

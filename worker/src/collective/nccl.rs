@@ -91,12 +91,42 @@ impl std::fmt::Display for NcclMode {
     }
 }
 
+/// Refuses a process holding two NCCL libraries. libtorch's CUDA library links one (PyTorch's wheels:
+/// `nvidia/nccl/lib/libnccl.so.2`), and cudarc opens `libnccl.so` by name, which can find another copy
+/// (a system NCCL, say). Each copy then sees the other's communicators as foreign: the first GPU run
+/// formed a communicator and failed its first all-reduce with `ncclInvalidArgument`, and passed once
+/// `libnccl.so` pointed at PyTorch's own copy.
+fn check_one_nccl() -> Result<()> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut files: Vec<&str> = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter(|path| {
+            std::path::Path::new(path)
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("libnccl.so"))
+        })
+        .collect();
+    files.sort_unstable();
+    files.dedup();
+    if files.len() > 1 {
+        return Err(CollectiveError::Backend(format!(
+            "two NCCL libraries are loaded in this process ({}): libtorch links one and cellfleet opened \
+             the other as libnccl.so, and communicators of one fail in the other. Link libtorch's as \
+             libnccl.so in a directory early on LD_LIBRARY_PATH",
+            files.join(" and ")
+        )));
+    }
+    Ok(())
+}
+
 /// The NCCL library's version, e.g. `2.28.9`.
 pub fn nccl_version() -> Result<String> {
     // SAFETY: only probes whether the library can be opened.
     if !unsafe { nccl::is_culib_present() } {
         return Err(CollectiveError::Backend(NCCL_MISSING.into()));
     }
+    check_one_nccl()?;
     let mut code: c_int = 0;
     // SAFETY: code is a valid out-pointer.
     let r = unsafe { nccl::ncclGetVersion(&mut code) };
@@ -191,6 +221,7 @@ impl NcclCollective {
         if !unsafe { nccl::is_culib_present() } {
             return Err(CollectiveError::Backend(NCCL_MISSING.into()));
         }
+        check_one_nccl()?;
         let context = CudaContext::new(device_index).map_err(|e| {
             CollectiveError::Backend(format!("cannot open cuda:{device_index}: {e:?}"))
         })?;
