@@ -77,9 +77,9 @@ fn all_reduce_sums_exactly_across_three_ranks() {
 }
 
 #[test]
-fn two_ranks_sum_exactly_over_several_exchange_chunks() {
-    // Two ranks use the direct exchange, pipelined in 256 Ki-element chunks: 2 full chunks and a tail.
-    let n = 2 * 256 * 1024 + 123;
+fn two_ranks_sum_exactly_by_direct_exchange() {
+    // Messages up to 256 KiB use the direct exchange: this one is exactly 256 KiB.
+    let n = 64 * 1024;
     let results = with_group(2, Duration::from_secs(10), move |gloo| {
         let rank = gloo.rank() as f64;
         let mut t = Tensor::arange(n, (Kind::Float, Device::Cpu)) + rank;
@@ -90,6 +90,47 @@ fn two_ranks_sum_exactly_over_several_exchange_chunks() {
     let expected: Vec<f32> = (0..n).map(|i| (4 * i + 2) as f32).collect();
     for sums in results {
         assert_eq!(sums, expected);
+    }
+}
+
+#[test]
+fn ring_options_kept_per_buffer_sum_every_buffer_exactly() {
+    // Above 256 KiB the ring runs with options kept for the last 8 buffers: 10 buffers reduced in turn,
+    // twice, miss and evict; buffer 0 reduced again is kept, then a shorter view of it (same address,
+    // fewer elements) must not take its options; buffer 9, still kept, is reduced once more.
+    let n = 80_000;
+    let view_len = n - 5_000;
+    let results = with_group(2, Duration::from_secs(10), move |gloo| {
+        let rank = gloo.rank() as f64;
+        let mut buffers: Vec<Tensor> = (0..10)
+            .map(|i| Tensor::arange(n, (Kind::Float, Device::Cpu)) + (rank + 10.0 * i as f64))
+            .collect();
+        for _ in 0..2 {
+            for buffer in buffers.iter_mut() {
+                gloo.all_reduce_sum(buffer).expect("all-reduce");
+            }
+        }
+        gloo.all_reduce_sum(&mut buffers[0]).expect("all-reduce");
+        let mut view = buffers[0].narrow(0, 0, view_len);
+        gloo.all_reduce_sum(&mut view)
+            .expect("all-reduce of a view");
+        gloo.all_reduce_sum(&mut buffers[9]).expect("all-reduce");
+        buffers.iter().map(values).collect::<Vec<_>>()
+    });
+    for sums in results {
+        for (i, sum) in sums.iter().enumerate() {
+            // Two ranks of (x + rank + 10 i) sum to 2x + 1 + 20 i; each later all-reduce doubles it.
+            let (head, tail) = match i {
+                0 => (8.0, 4.0),
+                9 => (4.0, 4.0),
+                _ => (2.0, 2.0),
+            };
+            for (x, &value) in sum.iter().enumerate() {
+                let base = (2 * x) as f32 + 1.0 + 20.0 * i as f32;
+                let times = if (x as i64) < view_len { head } else { tail };
+                assert_eq!(value, times * base, "buffer {i} element {x}");
+            }
+        }
     }
 }
 
