@@ -121,7 +121,12 @@ pub const DEFAULT_UNEXPRESSED: u32 = 32;
 
 /// Genes with a non-zero bin (bin 0 is zero expression).
 pub fn expressed_count(bins: &[u8]) -> usize {
-    bins.iter().filter(|&&b| b != 0).count()
+    // Counting into a byte per lane, 255 bins at a time, lets the compiler compare and add 16 bins
+    // per instruction; a plain `filter().count()` widened every byte to 64 bits, and counting a
+    // batch's lengths took a sixth of the expressed-layout loader's time.
+    bins.chunks(255)
+        .map(|chunk| chunk.iter().fold(0u8, |count, &b| count + u8::from(b != 0)) as usize)
+        .sum()
 }
 
 /// Masked-bin pretraining batch of `samples` sequences padded to `seq_len` tokens, row-major.
@@ -203,6 +208,49 @@ pub struct SampleWriter {
     unexpressed_genes: Vec<u32>,
     /// Expressed layout: (key << 32 | gene << 16 | bin) of the kept tokens, sorted into the clone's order.
     keyed: Vec<u64>,
+    /// `sort_uniform_keys`'s bucket counts and output.
+    bucket_starts: Vec<u32>,
+    sorted: Vec<u64>,
+}
+
+/// Sorts distinct `keys` whose top bits are uniform (hash values) ascending, as `sort_unstable` would,
+/// in linear expected time: one counting pass on the top bits puts each key in one of 1-2x as many
+/// buckets as there are keys, and insertion sort then swaps the few neighbours that share a bucket.
+/// For the 250-350 keys of a sample it is several times faster than the comparison sort it replaces,
+/// which took a quarter of the expressed-layout loader's time.
+fn sort_uniform_keys(keys: &mut Vec<u64>, sorted: &mut Vec<u64>, bucket_starts: &mut Vec<u32>) {
+    let n = keys.len();
+    if n < 2 {
+        return;
+    }
+    // n + 1 to 2n buckets, indexed by the top `bits` bits.
+    let bits = (usize::BITS - n.leading_zeros()).min(20);
+    let bucket = |k: u64| (k >> (64 - bits)) as usize;
+    bucket_starts.clear();
+    bucket_starts.resize((1usize << bits) + 1, 0);
+    for &k in keys.iter() {
+        bucket_starts[bucket(k) + 1] += 1;
+    }
+    for b in 1..bucket_starts.len() {
+        bucket_starts[b] += bucket_starts[b - 1];
+    }
+    sorted.clear();
+    sorted.resize(n, 0);
+    for &k in keys.iter() {
+        let slot = &mut bucket_starts[bucket(k)];
+        sorted[*slot as usize] = k;
+        *slot += 1;
+    }
+    for i in 1..n {
+        let k = sorted[i];
+        let mut j = i;
+        while j > 0 && sorted[j - 1] > k {
+            sorted[j] = sorted[j - 1];
+            j -= 1;
+        }
+        sorted[j] = k;
+    }
+    std::mem::swap(keys, sorted);
 }
 
 impl SampleWriter {
@@ -220,7 +268,7 @@ impl SampleWriter {
                 | u64::from(t & 0xFFFF) << 16
                 | u64::from(t >> 16)
         }));
-        self.keyed.sort_unstable();
+        sort_uniform_keys(&mut self.keyed, &mut self.sorted, &mut self.bucket_starts);
         self.tokens.clear();
         self.tokens.extend(
             self.keyed
@@ -910,6 +958,28 @@ mod tests {
     }
 
     #[test]
+    fn uniform_key_sort_orders_like_the_comparison_sort() {
+        let mut rng = crate::philox::SampleRng::new(5, crate::philox::Domain::Mask, 0, 0);
+        let (mut sorted, mut starts) = (Vec::new(), Vec::new());
+        for n in [0usize, 1, 2, 3, 7, 64, 300, 301, 5_000] {
+            // Hash-like keys; keys sharing their top 40 bits (one bucket, many swaps); keys in
+            // descending order (every neighbour out of place within a bucket).
+            let uniform: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+            let clustered: Vec<u64> = (0..n as u64)
+                .map(|i| 0xABCD << 40 | (i * 7919) % 100_003)
+                .collect();
+            let descending: Vec<u64> = (0..n as u64).rev().map(|i| i << 40 | i).collect();
+            for keys in [uniform, clustered, descending] {
+                let mut expected = keys.clone();
+                expected.sort_unstable();
+                let mut got = keys.clone();
+                sort_uniform_keys(&mut got, &mut sorted, &mut starts);
+                assert_eq!(got, expected, "n = {n}");
+            }
+        }
+    }
+
+    #[test]
     fn expressed_genes_are_found_at_every_offset_of_a_64_bin_word() {
         for len in [0, 1, 63, 64, 65, 127, 128, 200, 4096] {
             let bins: Vec<u8> = (0..len)
@@ -928,6 +998,19 @@ mod tests {
                 .map(|g| u32::from(bins[g as usize]) << 16 | g)
                 .collect();
             assert_eq!(tokens, expected, "{len} bins");
+        }
+    }
+
+    #[test]
+    fn expressed_count_counts_every_nonzero_bin_across_its_255_bin_chunks() {
+        // All-expressed stretches longer than a chunk would overflow a byte counter carried across
+        // chunks; mixed ones check the count itself.
+        for len in [0usize, 1, 254, 255, 256, 510, 511, 4096, 5000] {
+            let all: Vec<u8> = vec![7; len];
+            assert_eq!(expressed_count(&all), len, "{len} expressed bins");
+            let mixed: Vec<u8> = (0..len).map(|g| ((g * 7919) % 3) as u8).collect();
+            let expected = mixed.iter().filter(|&&b| b != 0).count();
+            assert_eq!(expressed_count(&mixed), expected, "{len} mixed bins");
         }
     }
 
