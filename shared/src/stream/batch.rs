@@ -966,7 +966,7 @@ mod tests {
             // descending order (every neighbour out of place within a bucket).
             let uniform: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
             let clustered: Vec<u64> = (0..n as u64)
-                .map(|i| 0xABCD << 40 | (i * 7919) % 100_003)
+                .map(|i| (0xABCD << 40) | ((i * 7919) % 100_003))
                 .collect();
             let descending: Vec<u64> = (0..n as u64).rev().map(|i| i << 40 | i).collect();
             for keys in [uniform, clustered, descending] {
