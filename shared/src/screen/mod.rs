@@ -74,6 +74,7 @@ mod tests {
                 layer: -1,
                 combinations: None,
                 count_own_genes: false,
+                query_genes: None,
                 goal: None,
                 null: NullSpec::default(),
                 execution: Execution {

@@ -90,6 +90,9 @@ pub struct Screener {
     layout: TokenLayout,
     /// The checkpoint's token layout, which decides the genes of each cell's sequence.
     sequence: SequenceLayout,
+    /// Expressed layout with a goal: the goal genes every cell's sequence holds in place of the
+    /// layout's random unexpressed sample (`query_genes`), ascending; empty otherwise.
+    goal_genes: Vec<u32>,
 }
 
 /// A cell's unperturbed forward: its readout-layer `[CLS]` state or gene-state sum (`[d]`), its
@@ -329,7 +332,19 @@ impl Screener {
             stratum_of,
             layout,
             sequence,
+            goal_genes: Vec::new(),
         };
+        if matches!(sequence, SequenceLayout::Expressed { .. }) {
+            let wanted = screener.plan.spec.query_genes.unwrap_or(0) as usize;
+            let states: Vec<&[u64]> = screener
+                .plan
+                .states
+                .iter()
+                .filter(|state| !screened_state(&screener.plan.spec, &state.name))
+                .map(|state| state.cells.as_slice())
+                .collect();
+            screener.goal_genes = goal_genes(&screener.bins, &screener.plan.cells, &states, wanted);
+        }
         if !screener.plan.states.is_empty() {
             let mut rows = Vec::with_capacity(strata * screener.plan.states.len());
             let mut axes = Vec::with_capacity(rows.capacity());
@@ -384,6 +399,23 @@ impl Screener {
             screener.axes = Some(Tensor::stack(&axes, 0));
         }
         Ok(screener)
+    }
+
+    /// The genes of `cell`'s sequence (ascending): in the expressed layout with goal genes, its
+    /// expressed genes and the goal genes; otherwise the layout's own (every gene, or the expressed
+    /// genes and the random unexpressed sample).
+    fn cell_genes(&self, cell: u64) -> Vec<u32> {
+        let bins = &self.bins[&cell];
+        if self.goal_genes.is_empty() || self.sequence == SequenceLayout::Full {
+            return self.sequence.inference_genes(cell, bins);
+        }
+        let mut genes: Vec<u32> = (0..bins.len() as u32)
+            .filter(|&g| bins[g as usize] != 0)
+            .chain(self.goal_genes.iter().copied())
+            .collect();
+        genes.sort_unstable();
+        genes.dedup();
+        genes
     }
 
     /// The checkpoint's token layout.
@@ -464,7 +496,7 @@ impl Screener {
             PerturbationKind::Delete,
             self.sequence,
             bins,
-            &self.sequence.inference_genes(cell, bins),
+            &self.cell_genes(cell),
             &[],
             i64::from(self.layout.cls_bin()),
             0,
@@ -607,9 +639,7 @@ impl Screener {
                         gene_tokens,
                         genes: match self.sequence {
                             SequenceLayout::Full => Vec::new(),
-                            SequenceLayout::Expressed { .. } => {
-                                self.sequence.inference_genes(c, &self.bins[&c])
-                            }
+                            SequenceLayout::Expressed { .. } => self.cell_genes(c),
                         },
                         states,
                     },
@@ -967,6 +997,48 @@ struct RecordOutput {
 
 /// Whether `state` (a value of the goal column) is what the screened cells were selected by: progress
 /// toward their own state is undefined (NaN), its shift is still reported.
+/// The `wanted` genes whose mean bin differs most between the `screened` cells and the cells of any one
+/// goal state (the largest absolute difference over the states), ascending; ties keep vocabulary
+/// order. Empty without states or cells. A goal readout compares cells along these genes, so each
+/// sequence holds them whether the cell expresses them or not; a gene a sequence lacks counts 0 on both
+/// sides of the expected readout and moves nothing.
+fn goal_genes(
+    bins: &HashMap<u64, Vec<u8>>,
+    screened: &[u64],
+    states: &[&[u64]],
+    wanted: usize,
+) -> Vec<u32> {
+    let Some(first) = screened.first() else {
+        return Vec::new();
+    };
+    if wanted == 0 || states.iter().all(|cells| cells.is_empty()) {
+        return Vec::new();
+    }
+    let n = bins[first].len();
+    let mean = |cells: &[u64]| -> Vec<f64> {
+        let mut sum = vec![0.0; n];
+        for cell in cells {
+            for (s, &b) in sum.iter_mut().zip(&bins[cell]) {
+                *s += f64::from(b);
+            }
+        }
+        sum.iter().map(|s| s / cells.len() as f64).collect()
+    };
+    let start = mean(screened);
+    let mut separation = vec![0.0f64; n];
+    for cells in states.iter().filter(|cells| !cells.is_empty()) {
+        for ((sep, m), s) in separation.iter_mut().zip(mean(cells)).zip(&start) {
+            *sep = sep.max((m - s).abs());
+        }
+    }
+    let mut genes: Vec<u32> = (0..n as u32).collect();
+    // Stable: ties keep vocabulary order.
+    genes.sort_by(|a, b| separation[*b as usize].total_cmp(&separation[*a as usize]));
+    genes.truncate(wanted);
+    genes.sort_unstable();
+    genes
+}
+
 fn screened_state(spec: &ScreenSpec, state: &str) -> bool {
     spec.goal.as_ref().is_some_and(|goal| {
         spec.cells
@@ -1066,6 +1138,31 @@ mod tests {
         assert_eq!(drawn, layout.inference_genes(17, &bins));
         assert_eq!(drawn.len(), 4);
         assert!([0, 2, 4].iter().all(|g| drawn.contains(g)));
+    }
+
+    #[test]
+    fn goal_genes_are_those_separating_screened_cells_from_a_goal_state() {
+        // 6 genes. Screened cells 0-1; state A (cells 2-3) differs from them at gene 4 by 3 bins and
+        // at gene 1 by 1; state B (cell 4) at gene 0 by 2 (down). Genes 2, 3 and 5 never differ.
+        let bins: HashMap<u64, Vec<u8>> = [
+            (0, vec![2, 1, 0, 5, 0, 1]),
+            (1, vec![2, 1, 0, 5, 0, 1]),
+            (2, vec![2, 2, 0, 5, 3, 1]),
+            (3, vec![2, 2, 0, 5, 3, 1]),
+            (4, vec![0, 1, 0, 5, 0, 1]),
+        ]
+        .into_iter()
+        .collect();
+        let states: [&[u64]; 2] = [&[2, 3], &[4]];
+        assert_eq!(goal_genes(&bins, &[0, 1], &states, 2), vec![0, 4]);
+        assert_eq!(goal_genes(&bins, &[0, 1], &states, 3), vec![0, 1, 4]);
+        // Ties (genes 2, 3 and 5 at 0) keep vocabulary order; more than the vocabulary is all of it.
+        assert_eq!(goal_genes(&bins, &[0, 1], &states, 4), vec![0, 1, 2, 4]);
+        assert_eq!(goal_genes(&bins, &[0, 1], &states, 9).len(), 6);
+        // Nothing to separate from, or nothing wanted: no goal genes.
+        assert!(goal_genes(&bins, &[0, 1], &[], 4).is_empty());
+        assert!(goal_genes(&bins, &[0, 1], &states, 0).is_empty());
+        assert!(goal_genes(&bins, &[], &states, 4).is_empty());
     }
 
     #[test]

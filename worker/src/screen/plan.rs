@@ -11,7 +11,7 @@ use cellfleet_shared::corpus::manifest::MISSING_LABEL;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::screen::{
     CheckpointId, GeneSelection, GoalSpec, PerturbationKind, ScreenPlan, ScreenSpec, StateCells,
-    Target, TargetKind, PLAN_FILE, PLAN_FORMAT,
+    Target, TargetKind, DEFAULT_QUERY_GENES, PLAN_FILE, PLAN_FORMAT,
 };
 use cellfleet_shared::storage::{S3Options, Store};
 
@@ -197,6 +197,9 @@ pub fn resolve_plan(
         None => Vec::new(),
     };
     let (strata, cell_strata) = strata.map_or((Vec::new(), Vec::new()), |s| (s.names, s.cells));
+    let mut spec = spec.clone();
+    // Written into the plan, so that a plan made before the field existed reads as 0 (it ran without).
+    spec.query_genes.get_or_insert(DEFAULT_QUERY_GENES);
     let mut plan = ScreenPlan {
         format: PLAN_FORMAT.into(),
         spec: spec.clone(),
