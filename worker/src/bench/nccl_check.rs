@@ -44,7 +44,15 @@ pub(crate) fn nccl_check(device_index: usize, mib: usize, timeout: f64) -> anyho
 
     // A group of 2 whose rank 1 never connects: init must give up and abort within the timeout.
     let t0 = Instant::now();
-    let lonely = NcclCollective::connect(store, "nccl-check/lonely", 0, 2, device_index, timeout);
+    let lonely = NcclCollective::connect(
+        store,
+        "nccl-check/lonely",
+        0,
+        2,
+        device_index,
+        timeout,
+        NcclMode::default(),
+    );
     let waited = t0.elapsed().as_secs_f64();
     match lonely {
         Ok(_) => bail!("a 2-rank communicator formed without its second rank"),
@@ -86,9 +94,8 @@ fn solo_round_trip(
 
     let device = Device::Cuda(device_index);
     let started = Instant::now();
-    let mut nccl =
-        NcclCollective::connect_with_mode(store, prefix, 0, 1, device_index, timeout, mode)
-            .context("single-rank NCCL communicator")?;
+    let mut nccl = NcclCollective::connect(store, prefix, 0, 1, device_index, timeout, mode)
+        .context("single-rank NCCL communicator")?;
     let formed = started.elapsed().as_secs_f64();
     let elements = (mib << 20) / 4;
     let values = Tensor::arange(elements as i64, (Kind::Float, device)).remainder(977.0);

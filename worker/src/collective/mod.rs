@@ -137,6 +137,7 @@ fn connect_nccl(
         world,
         device_index,
         timeout,
+        NcclMode::default(),
     )?))
 }
 

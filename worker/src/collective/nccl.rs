@@ -183,26 +183,8 @@ fn nccl_error(result: nccl::ncclResult_t) -> String {
 }
 
 impl NcclCollective {
+    /// Rank `rank` of `world` on `cuda:device_index`; training uses `NcclMode::default()`.
     pub fn connect(
-        store: Arc<dyn RendezvousStore>,
-        prefix: &str,
-        rank: usize,
-        world: usize,
-        device_index: usize,
-        timeout: Duration,
-    ) -> Result<Self> {
-        Self::connect_with_mode(
-            store,
-            prefix,
-            rank,
-            world,
-            device_index,
-            timeout,
-            NcclMode::default(),
-        )
-    }
-
-    pub fn connect_with_mode(
         store: Arc<dyn RendezvousStore>,
         prefix: &str,
         rank: usize,
