@@ -16,6 +16,45 @@ pub(crate) struct ChildRun {
     pub(crate) stdout: String,
 }
 
+/// CPU seconds every core of this machine has spent busy since boot (user, nice, system, interrupts
+/// and steal from `/proc/stat`): the work of every process and of the kernel's own threads, such as
+/// writing dirty pages back, which no process's own CPU time includes.
+pub(crate) fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no `cpu` line")?;
+    // user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy.
+    let jiffies: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = jiffies
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4 && i < 8)
+        .map(|(_, &j)| j)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(busy as f64 / ticks)
+}
+
+/// Runs `cmd`, then writes every dirty page back (`sync`), and returns the machine's busy CPU seconds
+/// over both with the child's own measurement: the conversion's whole cost, whoever pays it.
+pub(crate) fn run_measured_with_writeback(cmd: &mut Command) -> anyhow::Result<(ChildRun, f64)> {
+    // Earlier work's dirty pages are not this child's.
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let before = machine_busy_seconds()?;
+    let run = run_measured(cmd)?;
+    // SAFETY: as above.
+    unsafe { libc::sync() };
+    Ok((run, machine_busy_seconds()? - before))
+}
+
 pub(crate) fn run_measured(cmd: &mut Command) -> anyhow::Result<ChildRun> {
     use std::io::Read;
     let started = Instant::now();
