@@ -195,9 +195,8 @@ pub fn bench_loaders(args: &LoadersBench) -> anyhow::Result<()> {
             bail!("bionemo-scdl converted {scdl_cells} cells, cellfleet ingested {cells}: not the same file?");
         }
         conversion[1].push(scdl_cells / number(&scdl, "cpu_seconds", "bionemo-scdl convert")?);
-        with_writeback[1].push(
-            scdl_cells / number(&scdl, "machine_cpu_seconds", "bionemo-scdl convert")?,
-        );
+        with_writeback[1]
+            .push(scdl_cells / number(&scdl, "machine_cpu_seconds", "bionemo-scdl convert")?);
         whole_process[1].push(scdl_cells / scdl_run.cpu_seconds);
         scdl_wall.push(scdl_cells / number(&scdl, "seconds", "bionemo-scdl convert")?);
         conversion_peak[1] = conversion_peak[1].max(scdl_run.peak_mib);
