@@ -213,6 +213,14 @@ void sum_floats(void* c, const void* a, const void* b, size_t n) {
   fn(c, a, b, n);
 }
 
+// Sets `opts` up for Gloo's ring: the f32 sum of `count` floats at `data`, in place.
+void configure_ring(gloo::AllreduceOptions& opts, Handle* h, float* data, size_t count) {
+  opts.setAlgorithm(gloo::AllreduceOptions::Algorithm::RING);
+  opts.setOutput(data, count);
+  opts.setReduceFunction(&sum_floats);
+  opts.setTimeout(h->timeout);
+}
+
 // The ring all-reduce options for `count` floats at `data`: reused when this buffer was reduced lately,
 // else built, kept, and the oldest dropped.
 gloo::AllreduceOptions& ring_options(Handle* h, float* data, size_t count) {
@@ -221,10 +229,7 @@ gloo::AllreduceOptions& ring_options(Handle* h, float* data, size_t count) {
                           [&](const auto& r) { return r->data == data && r->count == count; });
   if (hit == kept.end()) {
     auto made = std::unique_ptr<RingOptions>(new RingOptions{data, count, gloo::AllreduceOptions(h->context)});
-    made->options.setAlgorithm(gloo::AllreduceOptions::Algorithm::RING);
-    made->options.setOutput(data, count);
-    made->options.setReduceFunction(&sum_floats);
-    made->options.setTimeout(h->timeout);
+    configure_ring(made->options, h, data, count);
     if (kept.size() == kRingOptionsKept) kept.pop_back();
     kept.insert(kept.begin(), std::move(made));
   } else if (hit != kept.begin()) {
@@ -305,10 +310,7 @@ CF_EXPORT int cf_gloo_bench_allreduce(void* handle, float* data, size_t count, i
   auto* h = static_cast<Handle*>(handle);
   return guarded("gloo::allreduce benchmark", h->context->rank, err, err_cap, [&] {
     gloo::AllreduceOptions opts(h->context);
-    opts.setAlgorithm(gloo::AllreduceOptions::Algorithm::RING);
-    opts.setOutput(data, count);
-    opts.setReduceFunction(&sum_floats);
-    opts.setTimeout(h->timeout);
+    configure_ring(opts, h, data, count);
     gloo::BarrierOptions barrier(h->context);
     barrier.setTimeout(h->timeout);
     gloo::barrier(barrier);

@@ -120,13 +120,18 @@ fn check_one_nccl() -> Result<()> {
     Ok(())
 }
 
-/// The NCCL library's version, e.g. `2.28.9`.
-pub fn nccl_version() -> Result<String> {
+/// Loads NCCL (cudarc panics on a missing library, so this asks first) and checks it is the only copy.
+fn load_nccl() -> Result<()> {
     // SAFETY: only probes whether the library can be opened.
     if !unsafe { nccl::is_culib_present() } {
         return Err(CollectiveError::Backend(NCCL_MISSING.into()));
     }
-    check_one_nccl()?;
+    check_one_nccl()
+}
+
+/// The NCCL library's version, e.g. `2.28.9`.
+pub fn nccl_version() -> Result<String> {
+    load_nccl()?;
     let mut code: c_int = 0;
     // SAFETY: code is a valid out-pointer.
     let r = unsafe { nccl::ncclGetVersion(&mut code) };
@@ -200,10 +205,7 @@ impl NcclCollective {
                 "cannot load the CUDA driver library (libcuda.so)".into(),
             ));
         }
-        if !unsafe { nccl::is_culib_present() } {
-            return Err(CollectiveError::Backend(NCCL_MISSING.into()));
-        }
-        check_one_nccl()?;
+        load_nccl()?;
         let context = CudaContext::new(device_index).map_err(|e| {
             CollectiveError::Backend(format!("cannot open cuda:{device_index}: {e:?}"))
         })?;

@@ -406,7 +406,8 @@ impl Screener {
     /// genes and the random unexpressed sample).
     fn cell_genes(&self, cell: u64) -> Vec<u32> {
         let bins = &self.bins[&cell];
-        if self.goal_genes.is_empty() || self.sequence == SequenceLayout::Full {
+        // Goal genes exist in the expressed layout alone.
+        if self.goal_genes.is_empty() {
             return self.sequence.inference_genes(cell, bins);
         }
         let mut genes: Vec<u32> = (0..bins.len() as u32)

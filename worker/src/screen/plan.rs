@@ -202,13 +202,13 @@ pub fn resolve_plan(
     spec.query_genes.get_or_insert(DEFAULT_QUERY_GENES);
     let mut plan = ScreenPlan {
         format: PLAN_FORMAT.into(),
-        spec: spec.clone(),
+        corpus_url: spec.corpus.clone(),
+        spec,
         checkpoint: CheckpointId {
             url: checkpoints.url().trim_end_matches('/').to_string(),
             step: manifest.step,
             manifest_blake3: manifest_blake3(&manifest)?,
         },
-        corpus_url: spec.corpus.clone(),
         corpus_manifest_blake3: corpus.manifest.content_hash(),
         vocabulary,
         n_bins: corpus.manifest.bins.n_bins,
@@ -230,7 +230,7 @@ pub fn resolve_plan(
     if plan.total_records() == 0 {
         bail!(
             "no gene of the screen is expressed in any selected cell: a {} changes nothing",
-            spec.perturbation.kind.name()
+            plan.spec.perturbation.kind.name()
         );
     }
     Ok(plan)
