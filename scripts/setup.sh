@@ -28,7 +28,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # collectives; the worker compiles a small C++ shim against it). Tests add etcd-server (membership; they
 # start their own etcd; the embedded default keeps membership in memory).
 DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev)
-if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server); fi
+if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl); fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -55,7 +55,7 @@ fi
 # h5py to write test inputs, pandas and pyarrow to read screen results the way pandas users do.
 PYTHON=${PYTHON:-python3}
 PY_PACKAGES=(numpy scipy anndata safetensors "torch==2.11.0")
-if [ -n "$for_tests" ]; then PY_PACKAGES+=(h5py pandas pyarrow); fi
+if [ -n "$for_tests" ]; then PY_PACKAGES+=(h5py pandas pyarrow prometheus_client); fi
 py_ok() { "$PYTHON" - "${PY_PACKAGES[@]}" <<'PY' 2>/dev/null
 import importlib, sys
 for package in sys.argv[1:]:

@@ -245,6 +245,158 @@ impl Coordinator {
             .collect())
     }
 
+    /// The coordinator's metrics in the Prometheus text format: membership, and per job and per screen
+    /// what their status reports.
+    pub async fn metrics_text(&self) -> String {
+        use cellfleet_shared::telemetry::{Kind, MetricsText};
+        let mut text = MetricsText::new();
+        let workers = self.list_workers().await.unwrap_or_default();
+        let members = self.members.live().await.unwrap_or_default();
+        let rt = self.runtime.lock().await;
+        let jobs = rt.jobs.statuses();
+        let screens = rt.screens.statuses(&members);
+        drop(rt);
+        text.family(
+            "cellfleet_workers",
+            Kind::Gauge,
+            "Registered workers, by whether their assignment stream is open",
+        );
+        for connected in [true, false] {
+            let n = workers.iter().filter(|w| w.connected == connected).count();
+            text.sample(
+                "cellfleet_workers",
+                &[("connected", if connected { "yes" } else { "no" })],
+                n as f64,
+            );
+        }
+        text.single(
+            "cellfleet_members",
+            Kind::Gauge,
+            "Workers holding a live lease",
+            members.len() as f64,
+        );
+        text.family("cellfleet_jobs", Kind::Gauge, "Jobs, by state");
+        for state in [
+            JobState::Pending,
+            JobState::Running,
+            JobState::Completed,
+            JobState::Failed,
+            JobState::Cancelled,
+        ] {
+            let n = jobs.iter().filter(|j| j.state == state).count();
+            text.sample("cellfleet_jobs", &[("state", state.name())], n as f64);
+        }
+        type JobField = fn(&JobStatus) -> f64;
+        let per_job: [(&str, Kind, &str, JobField); 8] = [
+            (
+                "cellfleet_job_generation",
+                Kind::Gauge,
+                "The job's current generation",
+                |j| j.generation.get() as f64,
+            ),
+            (
+                "cellfleet_job_members",
+                Kind::Gauge,
+                "Ranks of the job's current generation",
+                |j| j.members.len() as f64,
+            ),
+            (
+                "cellfleet_job_step",
+                Kind::Gauge,
+                "Steps the job has completed",
+                |j| j.committed_step as f64,
+            ),
+            (
+                "cellfleet_job_total_steps",
+                Kind::Gauge,
+                "Steps the job will run",
+                |j| j.total_steps as f64,
+            ),
+            (
+                "cellfleet_job_loss",
+                Kind::Gauge,
+                "The job's most recent training loss",
+                |j| j.last_loss,
+            ),
+            (
+                "cellfleet_job_samples_per_second",
+                Kind::Gauge,
+                "Samples per second of the job's current generation",
+                |j| j.samples_per_second,
+            ),
+            (
+                "cellfleet_job_reformations_total",
+                Kind::Counter,
+                "Times the job's ranks were re-formed (membership changes, failures)",
+                |j| f64::from(j.reformations),
+            ),
+            (
+                "cellfleet_job_checkpoint_step",
+                Kind::Gauge,
+                "Step of the job's newest committed checkpoint",
+                |j| j.checkpoint.as_ref().map_or(f64::NAN, |c| c.step as f64),
+            ),
+        ];
+        for (name, kind, help, field) in per_job {
+            text.family(name, kind, help);
+            for job in &jobs {
+                text.sample(name, &[("job", job.id.as_str())], field(job));
+            }
+        }
+        type ScreenField = fn(&ScreenStatus) -> f64;
+        let per_screen: [(&str, Kind, &str, ScreenField); 7] = [
+            (
+                "cellfleet_screen_units_total",
+                Kind::Gauge,
+                "Work units of the screen",
+                |s| f64::from(s.units_total),
+            ),
+            (
+                "cellfleet_screen_units_done",
+                Kind::Gauge,
+                "Work units completed",
+                |s| f64::from(s.units_done),
+            ),
+            (
+                "cellfleet_screen_units_leased",
+                Kind::Gauge,
+                "Work units leased now",
+                |s| f64::from(s.units_leased),
+            ),
+            (
+                "cellfleet_screen_pairs_done",
+                Kind::Gauge,
+                "(gene, cell) pairs computed",
+                |s| s.pairs_done as f64,
+            ),
+            (
+                "cellfleet_screen_pairs_per_second",
+                Kind::Gauge,
+                "Pairs per second since the first lease",
+                |s| s.pairs_per_second,
+            ),
+            (
+                "cellfleet_screen_lease_reissues_total",
+                Kind::Counter,
+                "Units leased again after their holder lost them",
+                |s| f64::from(s.releases),
+            ),
+            (
+                "cellfleet_screen_running",
+                Kind::Gauge,
+                "1 while the screen runs",
+                |s| f64::from(u8::from(s.state == crate::screens::ScreenState::Running)),
+            ),
+        ];
+        for (name, kind, help, field) in per_screen {
+            text.family(name, kind, help);
+            for screen in &screens {
+                text.sample(name, &[("screen", screen.id.as_str())], field(screen));
+            }
+        }
+        text.finish()
+    }
+
     // Jobs.
 
     pub async fn submit_job(&self, spec_json: &str) -> Result<JobId> {

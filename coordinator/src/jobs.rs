@@ -628,6 +628,14 @@ impl Jobs {
         Ok(id)
     }
 
+    /// Every job's status, in id order.
+    pub fn statuses(&self) -> Vec<JobStatus> {
+        self.records
+            .values()
+            .map(|job| job.status(self.progress.get(&job.id)))
+            .collect()
+    }
+
     pub fn status(&self, id: &JobId) -> Result<JobStatus> {
         let job = self
             .records

@@ -14,14 +14,8 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The same filter as `cellfleet coordinator`: CELLFLEET_LOG, warnings by default.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CELLFLEET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The same variables as `cellfleet coordinator`: CELLFLEET_LOG and CELLFLEET_LOG_FORMAT.
+    cellfleet_shared::telemetry::init_logging().map_err(anyhow::Error::msg)?;
     let cli = Cli::parse();
     tokio::runtime::Runtime::new()?.block_on(cellfleet_coordinator::run(cli.args))
 }

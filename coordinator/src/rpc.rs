@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use cellfleet_proto as pb;
 use cellfleet_shared::ids::{Generation, JobId, Rank, ScreenId, WorkerId};
 
+use crate::auth::{Access, Role};
 use crate::coordinator::{Assignment, Coordinator};
 use crate::error::CoordinatorError;
 use crate::jobs::{
@@ -24,14 +25,36 @@ use crate::screens::{
 };
 use crate::workers::{Registration, WorkerStatus};
 
-/// The gRPC face of a [`Coordinator`].
+/// The gRPC face of a [`Coordinator`], with its access rules.
 #[derive(Clone)]
-pub struct Service(pub Arc<Coordinator>);
+pub struct Service {
+    coordinator: Arc<Coordinator>,
+    access: Arc<Access>,
+}
+
+impl Service {
+    /// Every call allowed: the embedded default and in-process tests.
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self::with_access(coordinator, Access::open())
+    }
+
+    /// The coordinator behind the service.
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coordinator
+    }
+
+    pub fn with_access(coordinator: Arc<Coordinator>, access: Access) -> Self {
+        Self {
+            coordinator,
+            access: Arc::new(access),
+        }
+    }
+}
 
 impl std::ops::Deref for Service {
     type Target = Coordinator;
     fn deref(&self) -> &Coordinator {
-        &self.0
+        &self.coordinator
     }
 }
 
@@ -47,6 +70,7 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Answer<pb::RegisterWorkerResponse> {
+        self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let registration = Registration {
             previous: (!req.worker_id.is_empty()).then(|| WorkerId::from(req.worker_id)),
@@ -68,9 +92,10 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Answer<pb::HeartbeatResponse> {
+        self.access.check(&request, Role::Worker)?;
         let worker = WorkerId::from(request.into_inner().worker_id);
         answer(
-            self.0
+            self.coordinator
                 .heartbeat(&worker)
                 .await
                 .map(|()| pb::HeartbeatResponse {}),
@@ -84,8 +109,9 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::AssignmentsRequest>,
     ) -> Answer<Self::AssignmentsStream> {
+        self.access.check(&request, Role::Worker)?;
         let worker = WorkerId::from(request.into_inner().worker_id);
-        let assignments = self.0.connect(worker).await?;
+        let assignments = self.coordinator.connect(worker).await?;
         let stream = ReceiverStream::new(assignments).map(|a| Ok(pb::Assignment::from(a)));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -94,9 +120,10 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::StepReport>,
     ) -> Answer<pb::StepReportResponse> {
+        self.access.check(&request, Role::Worker)?;
         let report = step_report(request.into_inner());
         answer(
-            self.0
+            self.coordinator
                 .report_step(report)
                 .await
                 .map(|current| pb::StepReportResponse { current }),
@@ -107,6 +134,7 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::CheckpointCommit>,
     ) -> Answer<pb::CheckpointCommitResponse> {
+        self.access.check(&request, Role::Worker)?;
         let commit = request.into_inner();
         let commit = CheckpointCommit {
             worker: commit.worker_id.into(),
@@ -116,7 +144,7 @@ impl pb::coordinator_server::Coordinator for Service {
             url: commit.url,
             manifest_blake3: commit.manifest_blake3,
         };
-        let (accepted, reason) = match self.0.commit_checkpoint(commit).await? {
+        let (accepted, reason) = match self.coordinator.commit_checkpoint(commit).await? {
             CommitAnswer::Recorded => (true, String::new()),
             CommitAnswer::Refused(reason) => (false, reason),
         };
@@ -127,10 +155,11 @@ impl pb::coordinator_server::Coordinator for Service {
     }
 
     async fn kv_set(&self, request: Request<pb::KvSetRequest>) -> Answer<pb::KvSetResponse> {
+        self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let (job, generation) = (JobId::from(req.job_id), Generation(req.generation));
         answer(
-            self.0
+            self.coordinator
                 .kv_set(&job, generation, &req.key, &req.value)
                 .await
                 .map(|()| pb::KvSetResponse {}),
@@ -138,11 +167,12 @@ impl pb::coordinator_server::Coordinator for Service {
     }
 
     async fn kv_get(&self, request: Request<pb::KvGetRequest>) -> Answer<pb::KvGetResponse> {
+        self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let (job, generation) = (JobId::from(req.job_id), Generation(req.generation));
         let timeout = Duration::from_millis(req.timeout_ms);
         answer(
-            self.0
+            self.coordinator
                 .kv_get(&job, generation, &req.key, timeout)
                 .await
                 .map(|value| pb::KvGetResponse { value }),
@@ -153,7 +183,11 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Answer<pb::SubmitJobResponse> {
-        let id = self.0.submit_job(&request.into_inner().spec_json).await?;
+        self.access.check(&request, Role::Client)?;
+        let id = self
+            .coordinator
+            .submit_job(&request.into_inner().spec_json)
+            .await?;
         Ok(Response::new(pb::SubmitJobResponse {
             job_id: id.into_string(),
         }))
@@ -163,9 +197,10 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::JobStatusRequest>,
     ) -> Answer<pb::JobStatusResponse> {
+        self.access.check(&request, Role::Client)?;
         let id = JobId::from(request.into_inner().job_id);
         answer(
-            self.0
+            self.coordinator
                 .job_status(&id)
                 .await
                 .map(pb::JobStatusResponse::from),
@@ -176,9 +211,10 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Answer<pb::CancelJobResponse> {
+        self.access.check(&request, Role::Client)?;
         let id = JobId::from(request.into_inner().job_id);
         answer(
-            self.0
+            self.coordinator
                 .cancel_job(&id)
                 .await
                 .map(|()| pb::CancelJobResponse {}),
@@ -187,9 +223,10 @@ impl pb::coordinator_server::Coordinator for Service {
 
     async fn list_workers(
         &self,
-        _request: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Answer<pb::ListWorkersResponse> {
-        let workers = self.0.list_workers().await?;
+        self.access.check(&request, Role::Client)?;
+        let workers = self.coordinator.list_workers().await?;
         Ok(Response::new(pb::ListWorkersResponse {
             workers: workers.into_iter().map(pb::WorkerInfo::from).collect(),
         }))
@@ -199,6 +236,7 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::SubmitScreenRequest>,
     ) -> Answer<pb::SubmitScreenResponse> {
+        self.access.check(&request, Role::Client)?;
         let req = request.into_inner();
         let submission = ScreenSubmission {
             location: req.location,
@@ -211,7 +249,7 @@ impl pb::coordinator_server::Coordinator for Service {
             s3_region: req.s3_region,
             summary: req.summary,
         };
-        let id = self.0.submit_screen(submission).await?;
+        let id = self.coordinator.submit_screen(submission).await?;
         Ok(Response::new(pb::SubmitScreenResponse {
             screen_id: id.into_string(),
         }))
@@ -221,10 +259,11 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::ScreenStatusRequest>,
     ) -> Answer<pb::ScreenStatusResponse> {
+        self.access.check(&request, Role::Client)?;
         let req = request.into_inner();
         let id = ScreenId::from(req.screen_id);
         answer(
-            self.0
+            self.coordinator
                 .screen_status(&id, req.include_units)
                 .await
                 .map(pb::ScreenStatusResponse::from),
@@ -235,9 +274,10 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::CancelScreenRequest>,
     ) -> Answer<pb::CancelScreenResponse> {
+        self.access.check(&request, Role::Client)?;
         let id = ScreenId::from(request.into_inner().screen_id);
         answer(
-            self.0
+            self.coordinator
                 .cancel_screen(&id)
                 .await
                 .map(|()| pb::CancelScreenResponse {}),
@@ -248,10 +288,11 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::LeaseUnitRequest>,
     ) -> Answer<pb::LeaseUnitResponse> {
+        self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let (worker, screen) = (WorkerId::from(req.worker_id), ScreenId::from(req.screen_id));
         answer(
-            self.0
+            self.coordinator
                 .lease_unit(&worker, &screen)
                 .await
                 .map(pb::LeaseUnitResponse::from),
@@ -262,13 +303,14 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::RenewUnitRequest>,
     ) -> Answer<pb::RenewUnitResponse> {
+        self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let renewal = UnitRenewal {
             screen: req.screen_id.into(),
             unit: req.unit,
             token: req.token,
         };
-        let (held, reason) = match self.0.renew_unit(renewal).await? {
+        let (held, reason) = match self.coordinator.renew_unit(renewal).await? {
             Renewal::Held => (true, String::new()),
             Renewal::Lost(reason) => (false, reason),
         };
@@ -279,6 +321,7 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         request: Request<pb::CompleteUnitRequest>,
     ) -> Answer<pb::CompleteUnitResponse> {
+        self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let outcome = if req.error.is_empty() {
             UnitOutcome::Done {
@@ -298,7 +341,7 @@ impl pb::coordinator_server::Coordinator for Service {
             token: req.token,
             outcome,
         };
-        let (accepted, reason) = match self.0.complete_unit(completion).await? {
+        let (accepted, reason) = match self.coordinator.complete_unit(completion).await? {
             Completion::Recorded => (true, String::new()),
             Completion::Refused(reason) => (false, reason),
         };

@@ -597,6 +597,15 @@ impl Screens {
         Ok(id)
     }
 
+    /// Every screen's status (without units), in id order.
+    pub fn statuses(&self, members: &HashSet<WorkerId>) -> Vec<ScreenStatus> {
+        let now = now_ms();
+        self.by_id
+            .values()
+            .map(|screen| screen.status(false, now, members))
+            .collect()
+    }
+
     pub fn status(
         &self,
         id: &ScreenId,

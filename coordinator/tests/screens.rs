@@ -15,7 +15,7 @@ use cellfleet_shared::meta::{MemoryStore, MetaStore};
 const LONG_TTL: Duration = Duration::from_secs(30);
 
 async fn service(store: &Arc<dyn MetaStore>, lease_ttl: Duration) -> Service {
-    Service(
+    Service::new(
         Coordinator::start(store.clone(), CoordinatorConfig::with_lease_ttl(lease_ttl))
             .await
             .unwrap(),
@@ -337,7 +337,7 @@ async fn next(
 #[tokio::test]
 async fn workers_get_screen_assignments_and_then_go_idle() {
     let (_, s) = fresh(LONG_TTL).await;
-    tokio::spawn(s.0.clone().run_reconciler());
+    tokio::spawn(s.coordinator().clone().run_reconciler());
     let w = register(&s, "w").await;
     let mut stream = s
         .assignments(Request::new(pb::AssignmentsRequest {

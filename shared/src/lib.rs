@@ -6,7 +6,8 @@
 //! * `meta`: the metadata store (etcd or memory) that holds membership, jobs and screens;
 //! * `ids`: identifier newtypes (job, worker, screen, generation, rank, step), stored as plain values;
 //! * `screen`: screen specifications, plans, unit results, their merge and its statistics;
-//! * `philox`: the root of the sample stream's randomness.
+//! * `philox`: the root of the sample stream's randomness;
+//! * `telemetry`: the log set-up both binaries share, and Prometheus metrics over HTTP.
 //!
 //! Nothing here links libtorch or HDF5.
 
@@ -19,5 +20,6 @@ pub mod philox;
 pub mod screen;
 pub mod storage;
 pub mod stream;
+pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -213,13 +213,55 @@ pub struct EtcdStore {
     namespace: String,
 }
 
+/// TLS material for the etcd client, already read from its files.
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The CA (PEM) that signs the etcd servers' certificates.
+    pub ca_pem: Vec<u8>,
+    /// A client certificate and key (PEM), for etcd's `--client-cert-auth`.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is a secret: say only whether there is one.
+        f.debug_struct("EtcdTls")
+            .field("client_identity", &self.identity_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl EtcdStore {
     /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`), failing within `timeout` when none answers.
     pub async fn connect(endpoints: &[String], namespace: &str, timeout: Duration) -> Result<Self> {
+        Self::connect_with(endpoints, namespace, timeout, None).await
+    }
+
+    /// [`EtcdStore::connect`], over TLS when `tls` is given (`https://` endpoints).
+    pub async fn connect_with(
+        endpoints: &[String],
+        namespace: &str,
+        timeout: Duration,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self> {
         let describe = format!("etcd {}", endpoints.join(","));
-        let options = etcd_client::ConnectOptions::new()
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout);
+        if let Some(tls) = tls {
+            if let Some(plain) = endpoints.iter().find(|e| !e.starts_with("https://")) {
+                return Err(meta_error(
+                    &describe,
+                    format!("{plain}: TLS is configured for etcd, so endpoints must be https://"),
+                ));
+            }
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity_pem {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(config);
+        }
         let mut client = etcd_client::Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| meta_error(&describe, format!("cannot connect: {e}")))?;

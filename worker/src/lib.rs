@@ -7,13 +7,16 @@
 //! * `collective`: Gloo, NCCL and single-process collectives with their rendezvous.
 //! * `model`: the MoE transformer; `corpus`: h5ad reading, ingest, shard writing, synthetic corpora.
 //! * `progress`: progress bars and log lines; `retry`: the one rule for asking the coordinator again;
-//!   `state_words`: the words printed for job and screen states.
+//!   `state_words`: the words printed for job and screen states; `metrics`: what `/metrics` shows;
+//!   `link`: the gRPC connection to a coordinator (TLS, credentials).
 
 pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod collective;
 pub mod corpus;
+pub mod link;
+pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod retry;

@@ -5,13 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CELLFLEET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = cellfleet_shared::telemetry::init_logging() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match cellfleet_worker::cli::run(cellfleet_worker::cli::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -47,11 +47,20 @@ pub fn is_retryable(code: Code) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The coordinator answered with a final code.
-    #[error("{}", .0.message())]
+    #[error("{}{}", .0.message(), hint(.0))]
     Refused(Status),
     /// Retryable failures went on past the policy's bound; the last one is kept.
-    #[error("no answer from the coordinator for {:.0}s: {}", .after.as_secs_f64(), .last.message())]
+    #[error("no answer from the coordinator for {:.0}s: {}{}", .after.as_secs_f64(), .last.message(), hint(.last))]
     GaveUp { last: Status, after: Duration },
+}
+
+/// What an obscure transport error usually means.
+fn hint(status: &Status) -> &'static str {
+    if status.message().contains("h2 protocol error") {
+        " (a coordinator that serves TLS answers plaintext like this: use an https:// URL and --tls-ca)"
+    } else {
+        ""
+    }
 }
 
 impl CallError {

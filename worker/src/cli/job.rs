@@ -1,9 +1,8 @@
 //! `cellfleet job status|cancel|workers`: look at and steer jobs on a coordinator.
 
 use cellfleet_proto as pb;
-use cellfleet_proto::coordinator_client::CoordinatorClient;
 
-use crate::cluster::client::{channel, follow, runtime};
+use crate::cluster::client::{follow, runtime};
 use crate::state_words::StateWord;
 
 /// `cellfleet job ...`: look at and steer jobs on a coordinator.
@@ -25,7 +24,7 @@ pub enum JobAction {
 pub fn job_command(coordinator: &str, action: JobAction) -> anyhow::Result<()> {
     let rt = runtime()?;
     let _entered = rt.enter();
-    let mut client = CoordinatorClient::new(channel(coordinator)?);
+    let mut client = crate::link::connect(coordinator)?;
     let refused = |s: tonic::Status| anyhow::anyhow!("{coordinator}: {}", s.message());
     match action {
         JobAction::Status { job, follow: true } => {

@@ -25,6 +25,8 @@ use crate::corpus::ingest::LayerChoice;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connect: crate::link::ConnectArgs,
 }
 
 #[derive(Args, Clone, Default)]
@@ -242,6 +244,7 @@ enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::link::configure(&cli.connect);
     match cli.command {
         Command::Ingest {
             inputs,

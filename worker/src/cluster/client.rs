@@ -1,6 +1,7 @@
 //! The client side of a cluster: the gRPC channel and runtime every client uses, one rule for asking a
 //! coordinator that may be restarting, and `cellfleet train --coordinator` (submit a job and follow it).
 
+use crate::link::Rpc;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,28 +10,12 @@ use anyhow::{bail, Context};
 use cellfleet_coordinator::spec::{CheckpointSpec, RestorePoint};
 use cellfleet_coordinator::JobSpec;
 use cellfleet_proto as pb;
-use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::storage::S3Options;
 use tokio::runtime::Runtime;
-use tonic::transport::Channel;
 
 use crate::retry::RetryPolicy;
 use crate::state_words::StateWord;
 use crate::train::config::TrainConfig;
-
-pub(crate) fn channel(url: &str) -> anyhow::Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("{url} is not a coordinator URL (expected http://HOST:PORT)"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        // A coordinator host that vanishes without a reset is noticed within seconds, not at the TCP
-        // timeout.
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    // Lazy: the channel reconnects by itself after the coordinator restarts.
-    Ok(endpoint.connect_lazy())
-}
 
 pub(crate) fn runtime() -> anyhow::Result<Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -101,7 +86,7 @@ fn absolute_location(url: &str) -> String {
 /// Submits `job`; the error carries the coordinator's reason for refusing it.
 pub(crate) fn submit(
     rt: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Rpc,
     url: &str,
     job: &ClusterJob,
 ) -> anyhow::Result<String> {
@@ -121,7 +106,7 @@ pub fn submit_and_follow(
 ) -> anyhow::Result<pb::JobStatusResponse> {
     let rt = runtime()?;
     let _entered = rt.enter();
-    let mut client = CoordinatorClient::new(channel(url)?);
+    let mut client = crate::link::connect(url)?;
     let id = submit(&rt, &mut client, url, job)?;
     eprintln!(
         "submitted job {id} to {url} (Ctrl-C stops following, not the job; `cellfleet job cancel {id} --coordinator {url}` stops it)"
@@ -154,7 +139,7 @@ fn progress_summary(status: &pb::JobStatusResponse) -> String {
 
 pub(crate) fn follow(
     rt: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Rpc,
     id: &str,
     steps: u64,
     progress: bool,

@@ -2,6 +2,7 @@
 //! one thread at a time: a training generation (collectives bootstrapped through the coordinator's
 //! key-value exchange, checkpoints committed through it) or a screen's work units.
 
+use crate::link::Rpc;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cellfleet_coordinator::JobSpec;
 use cellfleet_proto as pb;
-use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::ids::{Generation, JobId, Rank, ScreenId, WorkerId};
 use cellfleet_shared::storage::S3Options;
@@ -22,7 +22,6 @@ use clap::Args;
 use serde::Serialize;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::collective::{self, RendezvousStore};
@@ -32,7 +31,7 @@ use crate::train::checkpoint_state::{
     open_run, restore, CheckpointPolicy, CheckpointWriter, CommitGate, RestoreError, ResumeTarget,
 };
 
-use super::client::{channel, runtime};
+use super::client::runtime;
 use crate::retry::{CallError, RetryPolicy};
 use crate::train::config::RunOptions;
 use crate::train::config::TrainConfig;
@@ -61,12 +60,20 @@ pub struct WorkerArgs {
     /// Give up when the coordinator cannot be reached for this many seconds
     #[arg(long, default_value_t = 120.0)]
     pub reconnect_timeout: f64,
+    /// Serve Prometheus metrics (GET /metrics) and health (GET /healthz) over plain HTTP on this address,
+    /// e.g. 0.0.0.0:9465 (with --gpus, worker i uses the port plus i)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Start one worker process per local GPU (`all`) or on the first N GPUs, each with --device cuda:I
+    /// (torchrun's --nproc-per-node); this process supervises them
+    #[arg(long, value_name = "all|N", conflicts_with = "device")]
+    pub gpus: Option<String>,
 }
 
 /// Gloo's rendezvous store (and NCCL's unique id) over the coordinator's key-value exchange, scoped to one
 /// generation of one job.
 struct CoordinatorRendezvous {
-    client: CoordinatorClient<Channel>,
+    client: Rpc,
     handle: tokio::runtime::Handle,
     job: JobId,
     generation: Generation,
@@ -180,7 +187,7 @@ struct Reporter {
 impl Reporter {
     fn spawn(
         handle: &tokio::runtime::Handle,
-        client: CoordinatorClient<Channel>,
+        client: Rpc,
         abort: Arc<AtomicBool>,
         give_up_after: Duration,
     ) -> Self {
@@ -287,7 +294,7 @@ impl From<RestoreError> for GenerationError {
 fn run_generation(
     assigned: Assigned,
     args: &WorkerArgs,
-    client: CoordinatorClient<Channel>,
+    client: Rpc,
     handle: tokio::runtime::Handle,
     abort: Arc<AtomicBool>,
 ) {
@@ -365,7 +372,7 @@ fn run_generation(
 fn train_generation(
     train: &pb::TrainAssignment,
     args: &WorkerArgs,
-    client: CoordinatorClient<Channel>,
+    client: Rpc,
     handle: &tokio::runtime::Handle,
     abort: &Arc<AtomicBool>,
     reporter: &Reporter,
@@ -450,6 +457,11 @@ fn train_generation(
         timeout,
     )
     .map_err(|e| GenerationError::GroupFailed(e.into()))?;
+    let m = &crate::metrics::TRAIN;
+    m.generation.set(train.generation as f64);
+    m.rank.set(rank as f64);
+    m.world.set(world as f64);
+    m.generations_joined.add(1.0);
     eprintln!(
         "job {} generation {}: rank {rank} of {world} ({} group ready in {:.2}s), from step {}",
         train.job_id,
@@ -524,7 +536,7 @@ fn generation_checkpointing(
     train: &pb::TrainAssignment,
     spec: &JobSpec,
     s3: &S3Options,
-    client: &CoordinatorClient<Channel>,
+    client: &Rpc,
     worker_id: &str,
     handle: &tokio::runtime::Handle,
     abort: &Arc<AtomicBool>,
@@ -637,10 +649,27 @@ fn generation_checkpointing(
 
 /// `cellfleet worker`: serves the coordinator until killed.
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    if let Some(gpus) = &args.gpus {
+        return super::gpus::supervise(&args, gpus);
+    }
     parse_device(&args.device)?;
     let rt = runtime()?;
     let _entered = rt.enter();
-    let client = CoordinatorClient::new(channel(&args.coordinator)?);
+    let client = crate::link::connect(&args.coordinator)?;
+    let metrics_label = Arc::new(std::sync::Mutex::new(String::new()));
+    if let Some(address) = &args.metrics_listen {
+        let listener = rt
+            .block_on(cellfleet_shared::telemetry::bind_metrics(address))
+            .map_err(anyhow::Error::msg)?;
+        eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+        let (label, device) = (metrics_label.clone(), args.device.clone());
+        let render = cellfleet_shared::telemetry::render_with(move || {
+            let worker = label.lock().map(|l| l.clone()).unwrap_or_default();
+            crate::metrics::render(&worker, &device)
+        });
+        rt.spawn(cellfleet_shared::telemetry::serve_metrics(listener, render));
+    }
+    crate::metrics::CONNECTED.set(0.0);
     let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "worker".into());
@@ -659,6 +688,9 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             );
         }
         worker_id = WorkerId::new(registered.worker_id.clone());
+        if let Ok(mut label) = metrics_label.lock() {
+            label.clone_from(&registered.worker_id);
+        }
         // A heartbeat refused because the lease lapsed (this process was stalled, or partitioned) ends the
         // stream below, so the worker registers again as a new member.
         let lapsed = Arc::new(tokio::sync::Notify::new());
@@ -675,6 +707,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
+        crate::metrics::CONNECTED.set(1.0);
         loop {
             let next = rt.block_on(async {
                 tokio::select! {
@@ -692,6 +725,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             follow_assignment(message, &worker, &mut current)?;
         }
         heartbeat.abort();
+        crate::metrics::CONNECTED.set(0.0);
         eprintln!("lost the coordinator's assignment stream; reconnecting");
     }
 }
@@ -700,7 +734,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
 /// coordinator restart for up to `--reconnect-timeout`.
 fn register(
     rt: &Runtime,
-    client: &CoordinatorClient<Channel>,
+    client: &Rpc,
     args: &WorkerArgs,
     hostname: &str,
     worker_id: &str,
@@ -728,7 +762,7 @@ fn register(
 /// knows this worker.
 fn spawn_heartbeat(
     rt: &Runtime,
-    client: &CoordinatorClient<Channel>,
+    client: &Rpc,
     registered: &pb::RegisterWorkerResponse,
     lapsed: Arc<tokio::sync::Notify>,
 ) -> tokio::task::JoinHandle<()> {
@@ -757,7 +791,7 @@ fn spawn_heartbeat(
 struct WorkerContext<'a> {
     args: &'a WorkerArgs,
     worker_id: &'a WorkerId,
-    client: &'a CoordinatorClient<Channel>,
+    client: &'a Rpc,
     handle: &'a tokio::runtime::Handle,
 }
 

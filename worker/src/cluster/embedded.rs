@@ -9,12 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use cellfleet_coordinator::CoordinatorConfig;
 use cellfleet_proto as pb;
-use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::meta::MemoryStore;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 
-use super::client::{channel, runtime, submit, submit_and_follow, ClusterJob};
+use super::client::{runtime, submit, submit_and_follow, ClusterJob};
 
 /// An in-process coordinator (memory metadata) and worker processes of this binary.
 pub struct EmbeddedCluster {
@@ -36,6 +35,8 @@ impl EmbeddedCluster {
             listener,
             Arc::new(MemoryStore::new()),
             CoordinatorConfig::with_lease_ttl(Duration::from_secs(3)),
+            // Loopback, this user's own processes: no TLS, no tokens.
+            cellfleet_coordinator::Exposure::default(),
             async {
                 let _ = stopped.await;
             },
@@ -76,7 +77,7 @@ impl EmbeddedCluster {
 
     pub fn status(&self, job: &str) -> anyhow::Result<pb::JobStatusResponse> {
         let _entered = self.rt.enter();
-        let mut client = CoordinatorClient::new(channel(&self.url)?);
+        let mut client = crate::link::connect(&self.url)?;
         Ok(self
             .rt
             .block_on(client.job_status(pb::JobStatusRequest {
@@ -87,7 +88,7 @@ impl EmbeddedCluster {
 
     pub fn submit(&self, job: &ClusterJob) -> anyhow::Result<String> {
         let _entered = self.rt.enter();
-        let mut client = CoordinatorClient::new(channel(&self.url)?);
+        let mut client = crate::link::connect(&self.url)?;
         submit(&self.rt, &mut client, &self.url, job)
     }
 }

@@ -6,9 +6,11 @@
 //!   one screen at a time);
 //! * `embedded`: the embedded default, an in-process coordinator with in-memory metadata and N worker
 //!   processes of this binary;
+//! * `gpus`: `cellfleet worker --gpus`, one supervised worker process per local GPU;
 //! * `screen_client`: submitting, following and cancelling screens;
 
 pub mod client;
 pub mod daemon;
 pub mod embedded;
+pub mod gpus;
 pub mod screen_client;

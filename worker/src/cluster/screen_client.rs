@@ -1,18 +1,17 @@
 //! The client side of a screen: plan it (every check that can fail runs before anything is submitted),
 //! store the plan and submit it, follow it to its end, and `screen run --local` on an embedded cluster.
 
+use crate::link::Rpc;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use cellfleet_proto as pb;
-use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::screen::ScreenPlan;
 use cellfleet_shared::storage::S3Options;
 use tokio::runtime::Runtime;
-use tonic::transport::Channel;
 
-use super::client::{ask_coordinator, channel, runtime};
+use super::client::{ask_coordinator, runtime};
 use super::embedded::EmbeddedCluster;
 use crate::screen::plan::open_location;
 use crate::screen::plan::read_spec;
@@ -22,9 +21,9 @@ use crate::screen::tables::{print_top, write_results, WrittenResults};
 use crate::state_words::StateWord;
 use cellfleet_shared::screen::{CompletedScreen, CompletedUnit};
 
-pub fn connect(rt: &Runtime, url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+pub fn connect(rt: &Runtime, url: &str) -> anyhow::Result<Rpc> {
     let _entered = rt.enter();
-    Ok(CoordinatorClient::new(channel(url)?))
+    crate::link::connect(url)
 }
 
 /// A screen planned on the client: every check that can fail has run.
@@ -69,7 +68,7 @@ pub fn plan(spec_path: &Path, s3: &S3Options) -> anyhow::Result<Planned> {
 /// Stores the plan at the screen's location and submits the screen; returns its id.
 pub fn submit(
     rt: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Rpc,
     coordinator: &str,
     planned: &Planned,
 ) -> anyhow::Result<String> {
@@ -106,7 +105,7 @@ pub fn submit(
 
 pub fn status(
     rt: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Rpc,
     id: &str,
     include_units: bool,
 ) -> anyhow::Result<pb::ScreenStatusResponse> {
@@ -121,11 +120,7 @@ pub fn status(
 
 /// A finished screen's record, converted from the coordinator's answer; a screen that has not completed
 /// is refused with its state and progress (results are merged once every unit is done).
-pub fn completed(
-    rt: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
-    id: &str,
-) -> anyhow::Result<CompletedScreen> {
+pub fn completed(rt: &Runtime, client: &mut Rpc, id: &str) -> anyhow::Result<CompletedScreen> {
     let status = status(rt, client, id, true)?;
     if status.state() != pb::ScreenState::Completed {
         bail!(
@@ -158,7 +153,7 @@ pub fn completed(
 /// Follows a screen to its end with a progress bar over pairs; an unsuccessful end is an error.
 pub fn follow(
     rt: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Rpc,
     id: &str,
 ) -> anyhow::Result<pb::ScreenStatusResponse> {
     let mut bar = None;

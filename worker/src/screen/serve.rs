@@ -1,17 +1,16 @@
 //! A fleet worker's loop over a screen: load it once, then lease, compute, store and complete units, with
 //! lease renewal, until none is left or the worker is told to stop.
 
+use crate::link::Rpc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use cellfleet_proto as pb;
-use cellfleet_proto::coordinator_client::CoordinatorClient;
 use cellfleet_shared::screen::{unit_key, UnitResult};
 use cellfleet_shared::storage::{S3Options, Store};
 use tch::Device;
-use tonic::transport::Channel;
 
 use super::compute::{Screener, UnitError};
 use super::plan::load_plan;
@@ -30,7 +29,7 @@ pub fn serve_screen(
     assignment: pb::ScreenAssignment,
     worker_id: &str,
     device: Device,
-    client: CoordinatorClient<Channel>,
+    client: Rpc,
     handle: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
@@ -92,7 +91,7 @@ pub fn serve_screen(
 struct Session {
     id: String,
     worker_id: String,
-    client: CoordinatorClient<Channel>,
+    client: Rpc,
     handle: tokio::runtime::Handle,
     policy: RetryPolicy,
 }
@@ -308,6 +307,14 @@ impl Session {
             seconds,
             error: String::new(),
         })?;
+        if answer.accepted {
+            let m = &crate::metrics::SCREEN;
+            m.units.add(1.0);
+            m.pairs.add(result.records() as f64);
+            m.unit_seconds.observe(seconds);
+            m.pairs_per_second
+                .set(result.records() as f64 / seconds.max(1e-9));
+        }
         eprintln!(
             "screen {} unit {unit}/{units}: {} pairs in {seconds:.2}s ({:.0} pairs/s){}",
             self.id,

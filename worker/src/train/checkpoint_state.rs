@@ -691,6 +691,10 @@ impl CheckpointWriter {
                 self.stats.saved += u64::from(report.committed);
                 let rate = report.raw_bytes as f64 / 1e6 / report.seconds.max(1e-9);
                 if report.committed {
+                    let m = &crate::metrics::CHECKPOINT;
+                    m.save_seconds.observe(report.seconds);
+                    m.stored_bytes.add(report.stored_bytes as f64);
+                    m.raw_bytes.add(report.raw_bytes as f64);
                     eprintln!(
                         "checkpoint step {} saved to {} ({:.1} MB, {:.1} MB stored, {:.2} s, {rate:.0} MB/s){}",
                         report.step,

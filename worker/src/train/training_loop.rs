@@ -280,8 +280,11 @@ pub(crate) fn train_loop(
             .is_some_and(|w| w.busy());
         optimizer.zero_grad();
         let totals = loss_and_backward(model, config, run, participation, &batch, &mut loss_of)?;
+        let mut collective_seconds = 0.0;
         if identity.world > 1 {
+            let t = Instant::now();
             all_reduce_buckets(&mut *participation.collective, &grads, BUCKET_BYTES)?;
+            collective_seconds = t.elapsed().as_secs_f64();
         }
         let grad_norm = optimizer.clip_grad_norm(config.clip_norm);
         let lr = schedule.lr(step);
@@ -326,6 +329,16 @@ pub(crate) fn train_loop(
             record.checkpoint_stall = saving.checkpoint_if_due(writer, step + 1, end_step)?;
         }
         tokens_total += record.tokens;
+        let m = &crate::metrics::TRAIN;
+        m.step.set(record.step as f64);
+        m.step_seconds.observe(record.seconds);
+        if identity.world > 1 {
+            m.collective_seconds.observe(collective_seconds);
+        }
+        m.tokens.add(record.tokens as f64);
+        m.tokens_per_second
+            .set(record.tokens as f64 / record.seconds.max(1e-9));
+        m.loss.set(record.loss);
         if let Some(log) = log.as_mut() {
             writeln!(log, "{}", serde_json::to_string(&record)?)?;
         }
