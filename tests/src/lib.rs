@@ -363,6 +363,16 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// An etcd serving clients over TLS with `pki`'s server certificate, requiring client certificates
+    /// signed by its CA (`--client-cert-auth`).
+    pub fn start_tls(pki: &TestPki) -> Self {
+        Self::start_with(Some(pki))
+    }
+
+    fn start_with(pki: Option<&TestPki>) -> Self {
         let bin = std::env::var_os("CELLFLEET_ETCD")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"));
@@ -373,10 +383,24 @@ impl EtcdServer {
         );
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let tls: Vec<String> = match pki {
+            Some(pki) => vec![
+                "--cert-file".into(),
+                pki.path("server.pem"),
+                "--key-file".into(),
+                pki.path("server.key"),
+                "--trusted-ca-file".into(),
+                pki.path("ca.pem"),
+                "--client-cert-auth".into(),
+            ],
+            None => Vec::new(),
+        };
         let child = Command::new(&bin)
+            .args(tls)
             .args([
                 "--name",
                 "test",
@@ -527,4 +551,103 @@ pub fn read_safetensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f
         tensors.insert(name.clone(), values);
     }
     tensors
+}
+
+/// A throwaway PKI made with the `openssl` command line: a CA, a server certificate for 127.0.0.1, a
+/// worker (client) certificate, a certificate from an unrelated CA, and a random client token.
+pub struct TestPki {
+    pub dir: PathBuf,
+    pub token: String,
+}
+
+impl TestPki {
+    pub fn create(dir: &Path) -> Self {
+        let dir = dir.join("pki");
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl must be installed: run scripts/setup.sh --for-tests (Debian package openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "rogue-ca"] {
+            let mut args = vec!["req", "-x509"];
+            args.extend(key);
+            let subject = format!("/CN=cellfleet test {ca}");
+            let (keyout, out) = (format!("{ca}.key"), format!("{ca}.pem"));
+            args.extend([
+                "-keyout", &keyout, "-out", &out, "-days", "2", "-subj", &subject,
+            ]);
+            openssl(&args);
+        }
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, ca, ext) in [
+            ("server", "ca", "server.ext"),
+            ("worker", "ca", "client.ext"),
+            ("rogue", "rogue-ca", "client.ext"),
+        ] {
+            let mut args = vec!["req"];
+            args.extend(key);
+            let (keyout, csr, subject) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("/CN={name}"),
+            );
+            args.extend(["-keyout", &keyout, "-out", &csr, "-subj", &subject]);
+            openssl(&args);
+            let (ca_pem, ca_key, out) = (
+                format!("{ca}.pem"),
+                format!("{ca}.key"),
+                format!("{name}.pem"),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &out,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ]);
+        }
+        let out = Command::new("openssl")
+            .args(["rand", "-hex", "32"])
+            .output()
+            .expect("openssl rand");
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
+        Self { dir, token }
+    }
+
+    /// A file of the PKI by name: `ca.pem`, `server.pem`, `server.key`, `worker.pem`, `worker.key`,
+    /// `rogue.pem`, `rogue.key`, `token`.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
 }

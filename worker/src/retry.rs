@@ -47,19 +47,20 @@ pub fn is_retryable(code: Code) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The coordinator answered with a final code.
-    #[error("{}{}", .0.message(), hint(.0))]
+    #[error("{}", explain(.0))]
     Refused(Status),
     /// Retryable failures went on past the policy's bound; the last one is kept.
-    #[error("no answer from the coordinator for {:.0}s: {}{}", .after.as_secs_f64(), .last.message(), hint(.last))]
+    #[error("no answer from the coordinator for {:.0}s: {}", .after.as_secs_f64(), explain(.last))]
     GaveUp { last: Status, after: Duration },
 }
 
-/// What an obscure transport error usually means.
-fn hint(status: &Status) -> &'static str {
-    if status.message().contains("h2 protocol error") {
-        " (a coordinator that serves TLS answers plaintext like this: use an https:// URL and --tls-ca)"
+/// A status's message, with what an obscure transport error usually means.
+pub fn explain(status: &Status) -> String {
+    let message = status.message();
+    if message.contains("h2 protocol error") {
+        format!("{message} (a coordinator that serves TLS answers plaintext like this: use an https:// URL and --tls-ca)")
     } else {
-        ""
+        message.to_string()
     }
 }
 

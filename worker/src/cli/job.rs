@@ -25,7 +25,8 @@ pub fn job_command(coordinator: &str, action: JobAction) -> anyhow::Result<()> {
     let rt = runtime()?;
     let _entered = rt.enter();
     let mut client = crate::link::connect(coordinator)?;
-    let refused = |s: tonic::Status| anyhow::anyhow!("{coordinator}: {}", s.message());
+    let refused =
+        |s: tonic::Status| anyhow::anyhow!("{coordinator}: {}", crate::retry::explain(&s));
     match action {
         JobAction::Status { job, follow: true } => {
             let status = rt

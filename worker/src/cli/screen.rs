@@ -136,7 +136,7 @@ pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()
             rt.block_on(client.cancel_screen(pb::CancelScreenRequest {
                 screen_id: id.clone(),
             }))
-            .map_err(|s| anyhow!("{}", s.message()))?;
+            .map_err(|s| anyhow!("{}", crate::retry::explain(&s)))?;
             eprintln!("screen {id} cancelled");
             Ok(())
         }

@@ -93,7 +93,12 @@ pub(crate) fn submit(
     let spec = serde_json::to_string(&job.spec()?)?;
     Ok(rt
         .block_on(client.submit_job(pb::SubmitJobRequest { spec_json: spec }))
-        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused the job: {}", s.message()))?
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "the coordinator at {url} refused the job: {}",
+                crate::retry::explain(&s)
+            )
+        })?
         .into_inner()
         .job_id)
 }
@@ -109,7 +114,7 @@ pub fn submit_and_follow(
     let mut client = crate::link::connect(url)?;
     let id = submit(&rt, &mut client, url, job)?;
     eprintln!(
-        "submitted job {id} to {url} (Ctrl-C stops following, not the job; `cellfleet job cancel {id} --coordinator {url}` stops it)"
+        "submitted job {id} to {url} (Ctrl-C stops following, not the job; `cellfleet job --coordinator {url} cancel {id}` stops it)"
     );
     follow(&rt, &mut client, &id, job.config.steps, progress)
 }

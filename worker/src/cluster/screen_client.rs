@@ -91,7 +91,7 @@ pub fn submit(
         .map_err(|s| {
             anyhow!(
                 "the coordinator at {coordinator} refused the screen: {}",
-                s.message()
+                crate::retry::explain(&s)
             )
         })?
         .into_inner()
@@ -114,7 +114,7 @@ pub fn status(
             screen_id: id.to_string(),
             include_units,
         }))
-        .map_err(|s| anyhow!("{}", s.message()))?
+        .map_err(|s| anyhow!("{}", crate::retry::explain(&s)))?
         .into_inner())
 }
 

@@ -1,0 +1,392 @@
+//! What a cluster deployment relies on, with real processes on loopback: TLS on the coordinator with
+//! mutual TLS for workers and bearer tokens for clients, etcd over TLS with client certificates,
+//! Prometheus metrics on every process (parsed by the reference parser), and secrets kept out of logs,
+//! command lines, status output and error messages.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use cellfleet_e2e::{
+    cellfleet_ok, data, free_port, python, wait_for, EtcdServer, Process, TestPki,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+fn small_corpus(dir: &Path) -> String {
+    let out = dir.join("corpus");
+    cellfleet_ok(
+        bin(),
+        &[
+            "ingest",
+            data("pbmc68k_reduced.h5ad").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--hvg",
+            "128",
+        ],
+    );
+    out.display().to_string()
+}
+
+/// `cellfleet ARGS` with extra environment; returns the output whatever the exit status.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("CELLFLEET_TOKEN")
+        .envs(env.iter().copied())
+        .env("CELLFLEET_QUIET", "1")
+        .output()
+        .expect("cellfleet runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// GET `path` from a plain HTTP server; the body.
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port open");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn tls_tokens_and_metrics_guard_and_show_a_training_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let etcd = EtcdServer::start_tls(&pki);
+    let corpus = small_corpus(dir.path());
+    let (ca, token_file) = (pki.path("ca.pem"), pki.path("token"));
+
+    // etcd requires a client certificate: a coordinator without one is refused, clearly and at once.
+    let refused = run(
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.endpoint,
+            "--etcd-ca",
+            &ca,
+        ],
+        &[],
+    );
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("etcd"), "{}", stderr(&refused));
+    let plain = run(
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.endpoint.replace("https://", "http://"),
+            "--etcd-ca",
+            &ca,
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&plain).contains("must be https://"),
+        "{}",
+        stderr(&plain)
+    );
+
+    let (port, metrics_port) = (free_port(), free_port());
+    let url = format!("https://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let coordinator = Process::spawn(
+        bin(),
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--etcd",
+            &etcd.endpoint,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &pki.path("worker.pem"),
+            "--etcd-key",
+            &pki.path("worker.key"),
+            "--tls-cert",
+            &pki.path("server.pem"),
+            "--tls-key",
+            &pki.path("server.key"),
+            "--tls-client-ca",
+            &ca,
+            "--client-token-file",
+            &token_file,
+            "--metrics-listen",
+            &metrics_listen,
+            "--lease-ttl",
+            "3",
+        ],
+        dir.path().join("coordinator.log"),
+    );
+    wait_for("the coordinator to listen", Duration::from_secs(20), || {
+        listening(port) && listening(metrics_port)
+    });
+    let with_ca = [("CELLFLEET_TLS_CA", ca.as_str())];
+
+    // Clients: no token, a wrong token (never echoed), a worker certificate instead of a token,
+    // plaintext against TLS, no CA for an https:// URL.
+    let workers = ["job", "--coordinator", &url, "workers"];
+    let missing = run(&workers, &with_ca);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("requires a bearer token"),
+        "{}",
+        stderr(&missing)
+    );
+    let wrong_token = "f".repeat(64);
+    let wrong = run(
+        &workers,
+        &[("CELLFLEET_TLS_CA", &ca), ("CELLFLEET_TOKEN", &wrong_token)],
+    );
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("was not accepted"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert!(!stderr(&wrong).contains(&wrong_token));
+    let as_client = run(
+        &[
+            "job",
+            "--coordinator",
+            &url,
+            "--tls-cert",
+            &pki.path("worker.pem"),
+            "--tls-key",
+            &pki.path("worker.key"),
+            "workers",
+        ],
+        &with_ca,
+    );
+    assert!(
+        stderr(&as_client).contains("a worker certificate cannot submit"),
+        "{}",
+        stderr(&as_client)
+    );
+    let plaintext = run(
+        &[
+            "job",
+            "--coordinator",
+            &format!("http://{listen}"),
+            "workers",
+        ],
+        &[("CELLFLEET_TOKEN_FILE", &token_file)],
+    );
+    assert!(!plaintext.status.success());
+    assert!(
+        stderr(&plaintext).contains("https://"),
+        "{}",
+        stderr(&plaintext)
+    );
+    let no_ca = run(&workers, &[("CELLFLEET_TOKEN_FILE", &token_file)]);
+    assert!(stderr(&no_ca).contains("--tls-ca"), "{}", stderr(&no_ca));
+
+    // Workers: without a certificate, with a client token instead, and with one from another CA: refused.
+    for (name, extra) in [
+        ("no-certificate", vec![]),
+        ("token-instead", vec!["--token-file", token_file.as_str()]),
+        (
+            "rogue",
+            vec![
+                "--tls-cert",
+                pki.dir.join("rogue.pem").to_str().unwrap(),
+                "--tls-key",
+                pki.dir.join("rogue.key").to_str().unwrap(),
+            ],
+        ),
+    ] {
+        let mut args = vec![
+            "worker",
+            "--coordinator",
+            &url,
+            "--tls-ca",
+            &ca,
+            "--reconnect-timeout",
+            "3",
+        ];
+        args.extend(extra.iter().copied());
+        let mut refused = Process::spawn(bin(), &args, dir.path().join(format!("{name}.log")));
+        let status = refused.wait(Duration::from_secs(60));
+        assert!(!status.success(), "{name}: {}", refused.log_text());
+        assert!(!refused.log_text().contains("registered with"), "{name}");
+    }
+    let refused_log = std::fs::read_to_string(dir.path().join("no-certificate.log")).unwrap();
+    assert!(
+        refused_log.contains("need a TLS client certificate"),
+        "{refused_log}"
+    );
+    let token_log = std::fs::read_to_string(dir.path().join("token-instead.log")).unwrap();
+    assert!(
+        token_log.contains("a client token cannot act as a worker"),
+        "{token_log}"
+    );
+
+    // Two workers with certificates train a job submitted with the token; everything over TLS.
+    let worker_metrics = [free_port(), free_port()];
+    let _workers: Vec<Process> = worker_metrics
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            Process::spawn(
+                bin(),
+                &[
+                    "worker",
+                    "--coordinator",
+                    &url,
+                    "--threads",
+                    "1",
+                    "--tls-ca",
+                    &ca,
+                    "--tls-cert",
+                    &pki.path("worker.pem"),
+                    "--tls-key",
+                    &pki.path("worker.key"),
+                    "--metrics-listen",
+                    &format!("127.0.0.1:{port}"),
+                ],
+                dir.path().join(format!("worker-{i}.log")),
+            )
+        })
+        .collect();
+    let with_token = [
+        ("CELLFLEET_TLS_CA", ca.as_str()),
+        ("CELLFLEET_TOKEN", pki.token.as_str()),
+    ];
+    wait_for("both workers to register", Duration::from_secs(30), || {
+        let out = run(&workers, &with_token);
+        String::from_utf8_lossy(&out.stdout)
+            .matches(" yes ")
+            .count()
+            == 2
+    });
+    let out = dir.path().join("model");
+    let mut client = Process::spawn_with_env(
+        bin(),
+        &[
+            "train",
+            "--coordinator",
+            &url,
+            "--corpus",
+            &corpus,
+            "--out",
+            out.to_str().unwrap(),
+            "--preset",
+            "tiny",
+            "--steps",
+            "20",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--min-workers",
+            "2",
+            "--max-workers",
+            "2",
+        ],
+        &[
+            ("CELLFLEET_TLS_CA", ca.clone()),
+            ("CELLFLEET_TOKEN_FILE", token_file.clone()),
+        ],
+        dir.path().join("client.log"),
+    );
+    let status = client.wait(Duration::from_secs(240));
+    assert!(status.success(), "the job finishes:\n{}", client.log_text());
+    assert!(out.join("model.safetensors").is_file());
+    let job = client
+        .log_text()
+        .split_whitespace()
+        .find(|w| w.starts_with("job-"))
+        .expect("the client names the job")
+        .trim_end_matches(':')
+        .to_string();
+    let status_out = run(&["job", "--coordinator", &url, "status", &job], &with_token);
+    assert!(status_out.status.success(), "{}", stderr(&status_out));
+
+    // Metrics from the coordinator and both workers parse as Prometheus text and say what happened.
+    let mut files = Vec::new();
+    for (name, port) in [
+        ("coordinator", metrics_port),
+        ("worker-0", worker_metrics[0]),
+        ("worker-1", worker_metrics[1]),
+    ] {
+        let path = dir.path().join(format!("{name}.prom"));
+        std::fs::write(&path, http_get(port, "/metrics")).unwrap();
+        files.push(path.display().to_string());
+        assert_eq!(http_get(port, "/healthz"), "ok\n");
+    }
+    let args: Vec<&str> = files.iter().map(String::as_str).collect();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&python("parse_metrics.py", &args)).unwrap();
+    let sample = |file: usize, key: &str| -> f64 {
+        parsed[&files[file]][key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing from {}", files[file]))
+    };
+    assert_eq!(sample(0, &format!("cellfleet_job_step{{job={job}}}")), 20.0);
+    assert_eq!(sample(0, "cellfleet_jobs{state=completed}"), 1.0);
+    assert_eq!(sample(0, "cellfleet_workers{connected=yes}"), 2.0);
+    for worker in [1, 2] {
+        assert_eq!(sample(worker, "cellfleet_train_step{}"), 20.0);
+        assert_eq!(sample(worker, "cellfleet_train_world_size{}"), 2.0);
+        assert_eq!(sample(worker, "cellfleet_train_step_seconds_count{}"), 20.0);
+        assert_eq!(
+            sample(worker, "cellfleet_train_collective_seconds_count{}"),
+            20.0
+        );
+        assert!(sample(worker, "cellfleet_train_tokens_total{}") > 0.0);
+        assert_eq!(sample(worker, "cellfleet_worker_connected{}"), 1.0);
+    }
+
+    // The token appears in no log, no status output, no error and no command line.
+    let mut texts = vec![
+        coordinator.log_text(),
+        client.log_text(),
+        String::from_utf8_lossy(&status_out.stdout).into_owned(),
+        stderr(&status_out),
+        stderr(&missing),
+        stderr(&wrong),
+        stderr(&as_client),
+    ];
+    for i in 0..2 {
+        texts.push(std::fs::read_to_string(dir.path().join(format!("worker-{i}.log"))).unwrap());
+    }
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            texts.push(String::from_utf8_lossy(&cmdline).into_owned());
+        }
+    }
+    for prom in &files {
+        texts.push(std::fs::read_to_string(prom).unwrap());
+    }
+    assert!(
+        texts.iter().all(|t| !t.contains(&pki.token)),
+        "the client token leaked"
+    );
+}
