@@ -1,7 +1,8 @@
 //! What a cluster deployment relies on, with real processes on loopback: TLS on the coordinator with
 //! mutual TLS for workers and bearer tokens for clients, etcd over TLS with client certificates,
 //! Prometheus metrics on every process (parsed by the reference parser), and secrets kept out of logs,
-//! command lines, status output and error messages.
+//! command lines, status output and error messages; and a job whose workers share no disk, with every
+//! output in a real S3 server.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -9,8 +10,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use cellfleet_e2e::{
-    cellfleet_ok, data, free_port, python, wait_for, EtcdServer, Process, TestPki,
+    cellfleet_ok, data, free_port, python, wait_for, EtcdServer, GarageServer, Process, TestPki,
 };
+use cellfleet_shared::storage::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");
 
@@ -389,4 +391,130 @@ fn tls_tokens_and_metrics_guard_and_show_a_training_job() {
         texts.iter().all(|t| !t.contains(&pki.token)),
         "the client token leaked"
     );
+}
+
+/// A worker process started in its own empty directory with `env`.
+fn worker_in(dir: &Path, url: &str, env: &[(&'static str, String)]) -> Process {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = dir.with_extension("log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin())
+        .args(["worker", "--coordinator", url, "--threads", "1"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("CELLFLEET_QUIET", "1")
+        .current_dir(dir)
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("cellfleet starts");
+    Process { child, log }
+}
+
+#[test]
+fn a_job_whose_workers_share_no_disk_keeps_every_output_in_the_object_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let garage = GarageServer::start(bin());
+    let corpus_url = garage.url("corpus");
+    let ingest = garage.cellfleet(&[
+        "ingest",
+        data("pbmc68k_reduced.h5ad").to_str().unwrap(),
+        "--out",
+        &corpus_url,
+        "--hvg",
+        "128",
+    ]);
+    assert!(ingest.status.success(), "{}", stderr(&ingest));
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    // The coordinator reads the corpus manifest to plan the job: it needs the store's credentials too.
+    let _coordinator = Process::spawn_with_env(
+        bin(),
+        &["coordinator", "--listen", &listen],
+        &garage.env(),
+        dir.path().join("coordinator.log"),
+    );
+    wait_for("the coordinator to listen", Duration::from_secs(20), || {
+        listening(port)
+    });
+    let homes = [dir.path().join("node-a"), dir.path().join("node-b")];
+    let _workers: Vec<Process> = homes
+        .iter()
+        .map(|home| worker_in(home, &url, &garage.env()))
+        .collect();
+    let run_url = garage.url("runs/first");
+    let steps = 30u64;
+    let client_dir = dir.path().join("laptop");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    let client = Command::new(bin())
+        .args([
+            "train",
+            "--coordinator",
+            &url,
+            "--corpus",
+            &corpus_url,
+            "--out",
+            &run_url,
+            "--preset",
+            "tiny",
+            "--steps",
+            &steps.to_string(),
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--min-workers",
+            "2",
+            "--max-workers",
+            "2",
+            "--sample-log",
+        ])
+        .envs(garage.env())
+        .env("CELLFLEET_QUIET", "1")
+        .current_dir(&client_dir)
+        .output()
+        .unwrap();
+    assert!(client.status.success(), "{}", stderr(&client));
+    assert!(
+        stderr(&client).contains(&format!("{run_url}/model.safetensors"))
+            || String::from_utf8_lossy(&client.stdout)
+                .contains(&format!("{run_url}/model.safetensors")),
+        "the client names the stored model"
+    );
+
+    // Everything is in the bucket: the model, its config, the step log, both ranks' sample logs.
+    let store = Store::open(&run_url, &garage.s3_options()).unwrap();
+    let text = |name: &str| String::from_utf8(store.get(name).unwrap().to_vec()).unwrap();
+    let weights = store.get("model.safetensors").unwrap();
+    let (tensors, _) =
+        cellfleet_shared::checkpoint::safetensors::parse(&weights, "model.safetensors").unwrap();
+    assert!(tensors.len() > 5, "{} tensors", tensors.len());
+    assert!(text("model.json").contains("\"genes\""));
+    let log = text("pretrain_log.jsonl");
+    assert_eq!(log.lines().count() as u64, steps, "{log}");
+    let mut seen = std::collections::HashSet::new();
+    for rank in 0..2 {
+        let samples = text(&format!("samples/g1-r{rank}.jsonl"));
+        assert_eq!(samples.lines().count() as u64, steps, "rank {rank}");
+        for line in samples.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for pair in v["samples"].as_array().unwrap() {
+                assert!(seen.insert(pair.to_string()), "{pair} trained twice");
+            }
+        }
+    }
+    assert_eq!(
+        seen.len() as u64,
+        steps * 32,
+        "every sample of the 30 batches once"
+    );
+    // ... and nothing on the disks: the workers' and the client's directories are as they were.
+    for home in homes.iter().chain([&client_dir]) {
+        let left: Vec<_> = std::fs::read_dir(home)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{} holds {left:?}", home.display());
+    }
 }

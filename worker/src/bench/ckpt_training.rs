@@ -62,7 +62,7 @@ fn run(
     let options = RunOptions {
         device: Device::Cpu,
         threads: bench.threads,
-        out: out.to_path_buf(),
+        out: crate::train::outputs::OutputDir::local(out)?,
         progress: false,
         log_every: u64::MAX,
     };

@@ -21,7 +21,7 @@ pub fn bench_cluster(corpus: &str, config: &TrainConfig, out: &Path) -> anyhow::
             steps,
             ..config.clone()
         },
-        out: out.join(name),
+        out: out.join(name).display().to_string(),
         min_workers: 1,
         max_workers: workers,
         threads,

@@ -354,7 +354,13 @@ fn run_cellfleet(
     );
     let started = Instant::now();
     let written = with_stdout_to(&dir.join("screen-report.txt"), || {
-        run_local(&spec_path, workers, Some(results.clone()), true, s3)
+        run_local(
+            &spec_path,
+            workers,
+            Some(results.display().to_string()),
+            true,
+            s3,
+        )
     })
     .with_context(|| format!("the screen with {workers} worker(s) failed"))?;
     let wall = started.elapsed().as_secs_f64();

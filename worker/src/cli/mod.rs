@@ -149,9 +149,10 @@ enum Command {
         cluster: model::ClusterFlags,
         #[command(flatten)]
         checkpoint: model::CheckpointFlags,
-        /// Output directory for model.safetensors, model.json and the step log
+        /// Where model.safetensors, model.json, the step log and the sample logs go: a directory, or
+        /// s3://BUCKET/PREFIX (file://PATH) when the workers share no disk
         #[arg(long, default_value = "runs/model")]
-        out: PathBuf,
+        out: String,
         /// Also write the step records and the held-out report as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
@@ -277,7 +278,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             local,
             &cluster,
             &checkpoint,
-            out,
+            &out,
             &flags,
             json.as_deref(),
             &s3.options(),

@@ -24,6 +24,7 @@ use crate::train::evaluate::evaluate_masked_bins;
 use crate::train::evaluate::ClassificationEval;
 use crate::train::evaluate::MaskedBinReport;
 use crate::train::finetune::finetune;
+use crate::train::outputs::OutputDir;
 use crate::train::saved_model::SavedModel;
 use crate::train::saved_model::INFO_FILE;
 use crate::train::saved_model::WEIGHTS_FILE;
@@ -182,7 +183,7 @@ pub struct RuntimeFlags {
 }
 
 impl RuntimeFlags {
-    fn run_options(&self, out: PathBuf) -> anyhow::Result<RunOptions> {
+    fn run_options(&self, out: OutputDir) -> anyhow::Result<RunOptions> {
         let threads = self.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -359,7 +360,7 @@ pub fn train_command(
     local: bool,
     cluster: &ClusterFlags,
     ckpt: &CheckpointFlags,
-    out: PathBuf,
+    out: &str,
     flags: &TrainFlags,
     json: Option<&Path>,
     s3: &S3Options,
@@ -376,7 +377,7 @@ pub fn train_command(
     });
     check_checkpoint_flags(ckpt, checkpoint_url.as_deref(), resume.as_ref(), &config)?;
     let spec = checkpoint_url.map(|url| ckpt.spec(url)).transpose()?;
-    let run = flags.runtime.run_options(out)?;
+    let run = flags.runtime.run_options(OutputDir::open(out, s3)?)?;
     if cluster_run {
         let resume = resume.map(|from| RestorePoint {
             url: from.url,
@@ -430,8 +431,8 @@ pub fn train_command(
     print_masked(&report);
     println!(
         "weights: {}  (config: {})",
-        run.out.join(WEIGHTS_FILE).display(),
-        run.out.join(INFO_FILE).display()
+        run.out.describe(WEIGHTS_FILE),
+        run.out.describe(INFO_FILE)
     );
     write_json(
         json,
@@ -595,7 +596,7 @@ fn cluster_train(
         corpus: corpus.to_string(),
         s3: s3.clone(),
         config: config.clone(),
-        out: run.out.clone(),
+        out: run.out.location().to_string(),
         min_workers,
         max_workers,
         threads: run.threads as u32,
@@ -634,8 +635,8 @@ fn cluster_train(
     }
     println!(
         "weights: {}  (evaluate with `cellfleet eval --weights {}`)",
-        run.out.join(WEIGHTS_FILE).display(),
-        run.out.display()
+        run.out.describe(WEIGHTS_FILE),
+        run.out.location()
     );
     Ok(())
 }
@@ -663,7 +664,7 @@ pub fn finetune_command(
     s3: &S3Options,
 ) -> anyhow::Result<()> {
     let config = flags.config(finetune_defaults())?;
-    let run = flags.runtime.run_options(out)?;
+    let run = flags.runtime.run_options(OutputDir::local(&out)?)?;
     let base = SavedModel::open(weights)?;
     let corpus = open_corpus(corpus, s3)?;
     let (model, records, eval) = finetune(corpus, &base, label_col, lora, &config, &run)?;
@@ -682,7 +683,7 @@ pub fn finetune_command(
     );
     summarize_steps("finetune", &records);
     print_classification(&eval);
-    println!("weights: {}", run.out.join(WEIGHTS_FILE).display());
+    println!("weights: {}", run.out.describe(WEIGHTS_FILE));
     write_json(
         json,
         &serde_json::json!({"config": config, "steps": records, "classification": eval}),
@@ -709,7 +710,8 @@ pub fn eval_command(
     if max_cells == Some(0) {
         bail!("--max-cells 0: at least one held-out cell is needed");
     }
-    let run = runtime.run_options(PathBuf::new())?;
+    // Evaluation writes nothing there.
+    let run = runtime.run_options(OutputDir::local(Path::new("."))?)?;
     tch::set_num_threads(run.threads as i32);
     let saved = SavedModel::open(weights)?;
     let corpus = open_corpus(corpus, s3)?;

@@ -25,9 +25,9 @@ pub enum ScreenAction {
         local: bool,
         #[arg(long, default_value_t = 2)]
         workers: u32,
-        /// Where the results go (default: SPEC's `out`/results for a local `out`)
+        /// Where the results go: a directory or s3://BUCKET/PREFIX (default: SPEC's `out`/results)
         #[arg(long)]
-        out: Option<PathBuf>,
+        out: Option<String>,
         /// Also write the per-(gene, cell) table
         #[arg(long)]
         per_cell: bool,
@@ -55,8 +55,9 @@ pub enum ScreenAction {
         id: String,
         #[arg(long)]
         coordinator: String,
+        /// Where the results go: a directory or s3://BUCKET/PREFIX
         #[arg(long)]
-        out: PathBuf,
+        out: String,
         /// Also write the per-(gene, cell) table
         #[arg(long)]
         per_cell: bool,
@@ -97,7 +98,7 @@ pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()
             if follow_it {
                 follow(&rt, &mut client, &id)?;
                 eprintln!(
-                    "results: cellfleet screen results {id} --coordinator {coordinator} --out DIR"
+                    "results: cellfleet screen results {id} --coordinator {coordinator} --out DIR|s3://..."
                 );
             }
             Ok(())

@@ -3,7 +3,7 @@
 
 use crate::link::Rpc;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -16,6 +16,7 @@ use tokio::runtime::Runtime;
 use crate::retry::RetryPolicy;
 use crate::state_words::StateWord;
 use crate::train::config::TrainConfig;
+use crate::train::outputs::OutputDir;
 
 pub(crate) fn runtime() -> anyhow::Result<Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -29,7 +30,8 @@ pub struct ClusterJob {
     pub corpus: String,
     pub s3: S3Options,
     pub config: TrainConfig,
-    pub out: PathBuf,
+    /// A directory, or an object-store location when the workers share no disk.
+    pub out: String,
     pub min_workers: u32,
     pub max_workers: u32,
     pub threads: u32,
@@ -42,10 +44,15 @@ pub struct ClusterJob {
 
 impl ClusterJob {
     fn spec(&self) -> anyhow::Result<JobSpec> {
-        fs::create_dir_all(&self.out)
-            .with_context(|| format!("cannot create {}", self.out.display()))?;
-        // Workers may run elsewhere (another directory, another node on a shared filesystem).
-        let out = fs::canonicalize(&self.out)?;
+        let out = if OutputDir::is_store(&self.out) {
+            // Checked here, so that a location no worker could write fails at submission.
+            OutputDir::open(&self.out, &self.s3)?;
+            self.out.clone()
+        } else {
+            fs::create_dir_all(&self.out).with_context(|| format!("cannot create {}", self.out))?;
+            // Workers may run elsewhere (another directory, another node on a shared filesystem).
+            fs::canonicalize(&self.out)?.display().to_string()
+        };
         let corpus = if Path::new(&self.corpus).exists() {
             fs::canonicalize(&self.corpus)?.display().to_string()
         } else {
@@ -56,7 +63,7 @@ impl ClusterJob {
             s3_endpoint: self.s3.endpoint.clone(),
             s3_region: self.s3.region.clone(),
             config: serde_json::to_value(&self.config)?,
-            out: out.display().to_string(),
+            out,
             min_workers: self.min_workers,
             max_workers: self.max_workers,
             threads: self.threads,

@@ -4,8 +4,6 @@
 
 use crate::link::Rpc;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -35,6 +33,7 @@ use super::client::runtime;
 use crate::retry::{CallError, RetryPolicy};
 use crate::train::config::RunOptions;
 use crate::train::config::TrainConfig;
+use crate::train::outputs::OutputDir;
 use crate::train::training_loop::pretrain_with;
 use crate::train::training_loop::Checkpointing;
 use crate::train::training_loop::Participation;
@@ -419,7 +418,7 @@ fn train_generation(
     let run = RunOptions {
         device: parse_device(&args.device)?,
         threads,
-        out: PathBuf::from(&spec.out),
+        out: OutputDir::open(&spec.out, &s3)?,
         progress: false,
         log_every: 25,
     };
@@ -470,11 +469,11 @@ fn train_generation(
         started.elapsed().as_secs_f64(),
         train.start_step
     );
+    // Each rank logs its own samples, through the output location (a directory, or the object store
+    // when the workers share no disk).
     let mut sample_log = if spec.sample_log {
-        let dir = Path::new(&spec.out).join("samples");
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = dir.join(format!("g{}-r{rank}.jsonl", train.generation));
-        Some(fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?)
+        let name = format!("samples/g{}-r{rank}.jsonl", train.generation);
+        Some(run.out.line_log(&name, None)?)
     } else {
         None
     };
@@ -488,8 +487,7 @@ fn train_generation(
                 rank: Rank(train.rank),
                 samples: &samples,
             };
-            writeln!(log, "{}", serde_json::to_string(&line)?)?;
-            log.flush()?;
+            log.append(&serde_json::to_string(&line)?)?;
         }
         reporter.send(pb::StepReport {
             step: record.step,

@@ -13,6 +13,8 @@ use cellfleet_shared::meta::MemoryStore;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 
+use crate::train::outputs::OutputDir;
+
 use super::client::{runtime, submit, submit_and_follow, ClusterJob};
 
 /// An in-process coordinator (memory metadata) and worker processes of this binary.
@@ -114,7 +116,12 @@ pub fn run_local(
     workers: u32,
     progress: bool,
 ) -> anyhow::Result<pb::JobStatusResponse> {
-    let logs = job.out.join("workers");
+    // Worker logs stay on this machine, beside the outputs when those are local.
+    let logs = if OutputDir::is_store(&job.out) {
+        std::path::PathBuf::from("cellfleet-workers")
+    } else {
+        Path::new(&job.out).join("workers")
+    };
     let cluster = EmbeddedCluster::start(workers, job.threads, &logs)?;
     eprintln!(
         "embedded coordinator on {} with {workers} worker processes (logs in {})",

@@ -19,6 +19,7 @@ use crate::screen::plan::resolve_plan;
 use crate::screen::plan::store_plan;
 use crate::screen::tables::{print_top, write_results, WrittenResults};
 use crate::state_words::StateWord;
+use crate::train::outputs::OutputDir;
 use cellfleet_shared::screen::{CompletedScreen, CompletedUnit};
 
 pub fn connect(rt: &Runtime, url: &str) -> anyhow::Result<Rpc> {
@@ -211,7 +212,7 @@ pub fn follow(
 pub fn run_local(
     spec_path: &Path,
     workers: u32,
-    out: Option<PathBuf>,
+    out: Option<String>,
     per_cell: bool,
     s3: &S3Options,
 ) -> anyhow::Result<WrittenResults> {
@@ -220,15 +221,14 @@ pub fn run_local(
     let spec = &planned.spec;
     let out = match out {
         Some(out) => out,
-        None if !spec.out.contains("://") || spec.out.starts_with("file://") => {
-            Path::new(spec.out.strip_prefix("file://").unwrap_or(&spec.out)).join("results")
-        }
-        None => bail!(
-            "`out` = {} is not a local directory: pass --out DIR for the results",
-            spec.out
-        ),
+        None => format!("{}/results", spec.out.trim_end_matches('/')),
     };
-    let logs = out.join("workers");
+    // Worker logs stay on this machine: beside local results, or in ./cellfleet-workers.
+    let logs = if OutputDir::is_store(&out) {
+        PathBuf::from("cellfleet-workers")
+    } else {
+        Path::new(&out).join("workers")
+    };
     let cluster = EmbeddedCluster::start(workers, spec.execution.threads, &logs)?;
     eprintln!(
         "embedded coordinator on {} with {workers} worker processes (logs in {})",

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::screen::plan::load_plan;
 use crate::screen::plan::open_location;
+use crate::train::outputs::OutputDir;
 
 /// What `screen.json` beside the tables records.
 #[derive(Serialize)]
@@ -50,14 +51,72 @@ struct ScreenRecord<'a> {
 pub struct WrittenResults {
     pub plan: ScreenPlan,
     pub results: ScreenResults,
-    pub dir: PathBuf,
+    /// Where the tables are: a directory or an object-store location.
+    pub location: String,
 }
 
 /// Reads every completed unit (each exactly once, checked against its recorded hash), merges them and
 /// writes `genes.parquet` (+ `cells.parquet`) and `screen.json` to `out`.
 pub fn write_results(
     screen: &CompletedScreen,
+    out: &str,
+    per_cell: bool,
+    s3: &S3Options,
+) -> anyhow::Result<WrittenResults> {
+    let output = OutputDir::open(out, s3)?;
+    // Tables are written as files (Parquet, HDF5), so an object-store location gets them from a
+    // staging directory, uploaded once complete.
+    let staging = match output.local_path() {
+        Some(dir) => Staging::Direct(dir.to_path_buf()),
+        None => Staging::Upload(std::env::temp_dir().join(format!(
+            "cellfleet-results-{}-{}",
+            std::process::id(),
+            screen.screen_id
+        ))),
+    };
+    let written = write_tables(screen, staging.dir(), &output, per_cell, s3);
+    if let Staging::Upload(dir) = &staging {
+        if written.is_ok() {
+            for entry in
+                fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
+            {
+                let path = entry?.path();
+                let name = path
+                    .file_name()
+                    .expect("a file")
+                    .to_string_lossy()
+                    .into_owned();
+                output.put(
+                    &name,
+                    fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+                )?;
+            }
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+    written
+}
+
+/// Where result files are written first.
+enum Staging {
+    /// The output directory itself.
+    Direct(PathBuf),
+    /// A local directory whose files are uploaded, then removed.
+    Upload(PathBuf),
+}
+
+impl Staging {
+    fn dir(&self) -> &Path {
+        match self {
+            Staging::Direct(dir) | Staging::Upload(dir) => dir,
+        }
+    }
+}
+
+fn write_tables(
+    screen: &CompletedScreen,
     out: &Path,
+    output: &OutputDir,
     per_cell: bool,
     s3: &S3Options,
 ) -> anyhow::Result<WrittenResults> {
@@ -137,7 +196,10 @@ pub fn write_results(
         units_released: screen.units_released,
         pairs_per_second: screen.pairs_per_second,
         message: &screen.message,
-        tables: tables.iter().map(|p| p.display().to_string()).collect(),
+        tables: tables
+            .iter()
+            .map(|p| output.describe(&file_name(p)))
+            .collect(),
     };
     fs::write(out.join("screen.json"), serde_json::to_vec_pretty(&record)?)
         .with_context(|| format!("cannot write {}", out.join("screen.json").display()))?;
@@ -145,7 +207,7 @@ pub fn write_results(
         "wrote {} (+ screen.json: spec, checkpoint {} step {})",
         tables
             .iter()
-            .map(|p| p.display().to_string())
+            .map(|p| output.describe(&file_name(p)))
             .collect::<Vec<_>>()
             .join(", "),
         plan.checkpoint.url,
@@ -154,8 +216,14 @@ pub fn write_results(
     Ok(WrittenResults {
         plan,
         results,
-        dir: out.to_path_buf(),
+        location: output.location().to_string(),
     })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// A Parquet column name for a state (`goal_shift` for the goal, `shift_to_<value>` for alternatives).
@@ -610,6 +678,6 @@ pub fn print_top(written: &WrittenResults, n: usize) {
     println!(
         "{significant} at FDR < 0.05 against {} random null genes; full results in {}",
         plan.null_genes.len(),
-        written.dir.display()
+        written.location
     );
 }

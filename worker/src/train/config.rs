@@ -4,7 +4,7 @@
 
 use cellfleet_shared::ids::Rank;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use cellfleet_shared::stream::batch::SequenceLayout;
@@ -182,7 +182,8 @@ pub struct RunOptions {
     pub device: Device,
     /// Intra-op CPU threads of libtorch.
     pub threads: usize,
-    pub out: PathBuf,
+    /// Where the model and the step log go: a directory or an object-store location.
+    pub out: crate::train::outputs::OutputDir,
     /// Print a progress bar (otherwise a log line every `log_every` steps).
     pub progress: bool,
     pub log_every: u64,

@@ -106,11 +106,18 @@ impl SavedModel {
     }
 }
 
-pub(crate) fn write_model(model: &CellModel, info: &ModelInfo, out: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    model.save(&out.join(WEIGHTS_FILE))?;
-    fs::write(out.join(INFO_FILE), serde_json::to_string_pretty(info)?)
-        .with_context(|| format!("cannot write {}", out.join(INFO_FILE).display()))?;
+pub(crate) fn write_model(
+    model: &CellModel,
+    info: &ModelInfo,
+    out: &crate::train::outputs::OutputDir,
+) -> anyhow::Result<()> {
+    let params = model.named_parameters();
+    let named: Vec<(String, &tch::Tensor)> = params.iter().map(|(n, t)| (n.clone(), t)).collect();
+    out.put(
+        WEIGHTS_FILE,
+        crate::train::checkpoint_state::safetensors_image(&named)?,
+    )?;
+    out.put(INFO_FILE, serde_json::to_string_pretty(info)?.into_bytes())?;
     Ok(())
 }
 

@@ -2,14 +2,10 @@
 //! single process and every rank of a data-parallel group ([`Participation`]): losses are normalised
 //! globally, gradients all-reduced in buckets, and rank 0's parameters broadcast at the start.
 
-use std::fs;
-use std::io::Write;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::ids::Rank;
 use cellfleet_shared::stream::batch::{Batch, IGNORE_TARGET};
@@ -185,31 +181,6 @@ failed_from!(
     crate::model::ModelError
 );
 
-/// Opens the step log for a run starting after `start_step`: a resumed run keeps the lines of the steps
-/// up to its checkpoint (and drops any its predecessor logged past it), so the log is the run's history.
-fn open_step_log(path: &Path, start_step: u64) -> anyhow::Result<fs::File> {
-    let kept: String = if start_step > 0 {
-        fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|step| step <= start_step)
-            })
-            .map(|line| format!("{line}\n"))
-            .collect()
-    } else {
-        String::new()
-    };
-    fs::write(path, kept).with_context(|| format!("cannot write {}", path.display()))?;
-    fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))
-}
-
 /// The loop shared by pretraining and fine-tuning: `loss_of` turns this rank's batch into loss parts.
 pub(crate) fn train_loop(
     model: &CellModel,
@@ -239,11 +210,14 @@ pub(crate) fn train_loop(
         world: participation.collective.world(),
     };
     let lead = participation.rank() == Rank(0);
-    fs::create_dir_all(&run.out).with_context(|| format!("cannot create {}", run.out.display()))?;
-    // One step log per run, written by rank 0 (the numbers are global).
-    let log_path = run.out.join(format!("{what}_log.jsonl"));
+    // One step log per run, written by rank 0 (the numbers are global). A resumed run keeps the lines of
+    // the steps up to its checkpoint (and drops any its predecessor logged past it), so the log is the
+    // run's history.
     let mut log = if lead {
-        Some(open_step_log(&log_path, start_step)?)
+        Some(
+            run.out
+                .line_log(&format!("{what}_log.jsonl"), Some(start_step))?,
+        )
     } else {
         None
     };
@@ -340,7 +314,7 @@ pub(crate) fn train_loop(
             .set(record.tokens as f64 / record.seconds.max(1e-9));
         m.loss.set(record.loss);
         if let Some(log) = log.as_mut() {
-            writeln!(log, "{}", serde_json::to_string(&record)?)?;
+            log.append(&serde_json::to_string(&record)?)?;
         }
         if let Some(hook) = participation.on_step.as_mut() {
             hook(&record, &batch)?;
