@@ -26,9 +26,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: HDF5 for h5ad, protoc for gRPC code generation, pkg-config for -sys crates, Gloo (CPU
 # collectives; the worker compiles a small C++ shim against it). Tests add etcd-server (membership; they
-# start their own etcd; the embedded default keeps membership in memory).
+# start their own etcd; the embedded default keeps membership in memory), openssl (test certificates),
+# iproute2 and iptables (multi-host tests in network namespaces, partitions by dropping traffic).
 DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev)
-if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl); fi
+if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl iproute2 iptables); fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -52,7 +53,8 @@ fi
 # Python packages, as "module" or "module==version" (the pip name is the module name). For running: torch
 # 2.11.0, the libtorch the model links against (tch 0.24 is built for it); anndata, numpy and scipy for
 # the main job's vocabulary choice and the ingest baseline; safetensors for the screen baseline. For tests:
-# h5py to write test inputs, pandas and pyarrow to read screen results the way pandas users do.
+# h5py to write test inputs, pandas and pyarrow to read screen results the way pandas users do,
+# prometheus_client to parse /metrics with the reference parser.
 PYTHON=${PYTHON:-python3}
 PY_PACKAGES=(numpy scipy anndata safetensors "torch==2.11.0")
 if [ -n "$for_tests" ]; then PY_PACKAGES+=(h5py pandas pyarrow prometheus_client); fi

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod netns;
+
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::storage::S3Options;
 
@@ -95,6 +97,18 @@ pub fn decode_all(corpus: &Corpus) -> std::collections::HashMap<(u32, u64), (Vec
     cells
 }
 
+/// `program`, to be run in network namespace `netns` when one is given.
+pub fn in_namespace(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -122,6 +136,8 @@ pub fn garage_bin() -> PathBuf {
 /// one access key and one bucket. Killed on drop.
 pub struct GarageServer {
     child: std::process::Child,
+    /// The network namespace it runs in (`None`: this machine's own network, on loopback).
+    netns: Option<String>,
     /// The `cellfleet` binary that probes readiness and runs commands; `None`: probed in process.
     bin: Option<PathBuf>,
     _dir: tempfile::TempDir,
@@ -135,17 +151,29 @@ pub struct GarageServer {
 impl GarageServer {
     /// Starts the server; `bin` is the `cellfleet` binary used to probe readiness and run commands.
     pub fn start(bin: &Path) -> Self {
-        Self::launch(Some(bin.to_path_buf()))
+        Self::launch(Some(bin.to_path_buf()), None)
+    }
+
+    /// Starts the server on `host` of `topology`, serving that host's address.
+    pub fn start_on(bin: &Path, topology: &netns::Topology, host: usize) -> Self {
+        Self::launch(
+            Some(bin.to_path_buf()),
+            Some((topology.namespace(host).to_string(), topology.address(host))),
+        )
     }
 
     /// Starts the server for tests without a `cellfleet` binary: readiness is probed through the shared
     /// library's own S3 client, and clients connect with [`GarageServer::s3_options`].
     pub fn start_without_cellfleet() -> Self {
-        Self::launch(None)
+        Self::launch(None, None)
     }
 
-    fn launch(bin: Option<PathBuf>) -> Self {
+    fn launch(bin: Option<PathBuf>, place: Option<(String, String)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let host = place
+            .as_ref()
+            .map_or("127.0.0.1".to_string(), |(_, address)| address.clone());
+        let netns = place.map(|(ns, _)| ns);
         let (rpc, s3) = (free_port(), free_port());
         let secret_hex = |seed: u64| {
             format!(
@@ -158,8 +186,8 @@ impl GarageServer {
         };
         let config = format!(
             "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"lmdb\"\nreplication_factor = 1\n\
-             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
-             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n",
+             rpc_bind_addr = \"{host}:{rpc}\"\nrpc_public_addr = \"{host}:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"{host}:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n",
             meta = dir.path().join("meta").display(),
             data = dir.path().join("data").display(),
             secret = secret_hex(u64::from(rpc) * 31 + 7),
@@ -170,6 +198,7 @@ impl GarageServer {
         let secret = secret_hex(u64::from(s3) * 97 + 3);
         let bucket = "cellfleet-test".to_string();
         let child = Self::spawn(
+            netns.as_deref(),
             &config_path,
             &dir.path().join("garage.log"),
             &key_id,
@@ -178,10 +207,11 @@ impl GarageServer {
         );
         let server = Self {
             child,
+            netns,
             bin,
             _dir: dir,
             config_path,
-            endpoint: format!("http://127.0.0.1:{s3}"),
+            endpoint: format!("http://{host}:{s3}"),
             bucket,
             key_id,
             secret,
@@ -192,6 +222,7 @@ impl GarageServer {
 
     /// Runs `garage server` on `config`, appending to `log` (a restart keeps the first run's log).
     fn spawn(
+        netns: Option<&str>,
         config: &Path,
         log: &Path,
         key_id: &str,
@@ -203,7 +234,7 @@ impl GarageServer {
             .append(true)
             .open(log)
             .unwrap();
-        Command::new(garage_bin())
+        in_namespace(netns, &garage_bin())
             .args([
                 "-c",
                 config.to_str().unwrap(),
@@ -232,6 +263,7 @@ impl GarageServer {
     pub fn restart(&mut self) {
         self.kill();
         self.child = Self::spawn(
+            self.netns.as_deref(),
             &self.config_path,
             &self.log_path(),
             &self.key_id,
@@ -337,7 +369,7 @@ impl GarageServer {
             .bin
             .as_ref()
             .expect("this server was started without a cellfleet binary");
-        Command::new(bin)
+        in_namespace(self.netns.as_deref(), bin)
             .args(args)
             .envs(self.env())
             .env("CELLFLEET_QUIET", "1")
@@ -363,16 +395,28 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     pub fn start() -> Self {
-        Self::start_with(None)
+        Self::start_with(None, None)
+    }
+
+    /// An etcd on `host` of `topology`, serving that host's address.
+    pub fn start_on(topology: &netns::Topology, host: usize) -> Self {
+        Self::start_with(
+            None,
+            Some((topology.namespace(host).to_string(), topology.address(host))),
+        )
     }
 
     /// An etcd serving clients over TLS with `pki`'s server certificate, requiring client certificates
     /// signed by its CA (`--client-cert-auth`).
     pub fn start_tls(pki: &TestPki) -> Self {
-        Self::start_with(Some(pki))
+        Self::start_with(Some(pki), None)
     }
 
-    fn start_with(pki: Option<&TestPki>) -> Self {
+    fn start_with(pki: Option<&TestPki>, place: Option<(String, String)>) -> Self {
+        let host = place
+            .as_ref()
+            .map_or("127.0.0.1".to_string(), |(_, address)| address.clone());
+        let netns = place.map(|(ns, _)| ns);
         let bin = std::env::var_os("CELLFLEET_ETCD")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"));
@@ -384,8 +428,8 @@ impl EtcdServer {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
         let scheme = if pki.is_some() { "https" } else { "http" };
-        let endpoint = format!("{scheme}://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
+        let endpoint = format!("{scheme}://{host}:{client}");
+        let peer_url = format!("http://{host}:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
         let tls: Vec<String> = match pki {
             Some(pki) => vec![
@@ -399,7 +443,7 @@ impl EtcdServer {
             ],
             None => Vec::new(),
         };
-        let child = Command::new(&bin)
+        let child = in_namespace(netns.as_deref(), &bin)
             .args(tls)
             .args([
                 "--name",
@@ -427,7 +471,15 @@ impl EtcdServer {
             endpoint,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(format!("127.0.0.1:{client}")).is_err() {
+        let open = || match &netns {
+            None => std::net::TcpStream::connect(format!("127.0.0.1:{client}")).is_ok(),
+            Some(ns) => Command::new("ip")
+                .args(["netns", "exec", ns, "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/{host}/{client}"))
+                .status()
+                .is_ok_and(|s| s.success()),
+        };
+        while !open() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "etcd did not open {} within 20 s; its log: {}",
@@ -562,6 +614,11 @@ pub struct TestPki {
 
 impl TestPki {
     pub fn create(dir: &Path) -> Self {
+        Self::create_for(dir, &[])
+    }
+
+    /// [`TestPki::create`] with a server certificate that also names `server_addresses`.
+    pub fn create_for(dir: &Path, server_addresses: &[String]) -> Self {
         let dir = dir.join("pki");
         std::fs::create_dir_all(&dir).unwrap();
         let openssl = |args: &[&str]| {
@@ -595,7 +652,13 @@ impl TestPki {
         }
         std::fs::write(
             dir.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+            format!(
+                "subjectAltName=IP:127.0.0.1,{}DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+                server_addresses
+                    .iter()
+                    .map(|a| format!("IP:{a},"))
+                    .collect::<String>()
+            ),
         )
         .unwrap();
         std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
