@@ -3,6 +3,8 @@
 //! mutual TLS for workers and a client token throughout, every output in S3, metrics scraped from every
 //! host. One worker is cut off mid-job by dropping its traffic: the job re-forms from the newest
 //! checkpoint without it and goes on; when the partition heals, the worker rejoins a later generation.
+//! Then a screen of the trained model across the same hosts, with a worker cut off while it holds a
+//! unit's lease: the unit is leased again and the screen completes with every record exactly once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -440,4 +442,94 @@ fn training_across_hosts_survives_a_partition_and_takes_the_healed_worker_back()
         value(3, "cellfleet_train_generations_joined_total{}").unwrap() >= 2.0,
         "the healed worker trained in two generations"
     );
+
+    // A screen of the trained checkpoint across the hosts; everything it reads and writes is in S3.
+    let spec = dir.path().join("screen.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "checkpoint = {ckpt_url:?}\ncorpus = {corpus_url:?}\nout = {:?}\nseed = 3\ngenes = \"all\"\n\n\
+             [cells]\nmax_cells = 64\n\n[null]\ngenes = 10\n\n\
+             [execution]\ngene_block = 32\ncell_block = 16\nbatch = 32\nlease_seconds = 4\nper_cell = true\n",
+            garage.url("screens/multihost")
+        ),
+    )
+    .unwrap();
+    let screen = |args: &[&str]| {
+        let mut full = vec!["screen"];
+        full.extend_from_slice(args);
+        full.extend(["--coordinator", &url]);
+        let out = Command::new(bin())
+            .args(&full)
+            .envs(client_env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("CELLFLEET_QUIET", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "screen {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let id = screen(&["submit", spec.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let status = |id: &str| -> serde_json::Value {
+        serde_json::from_str(&screen(&["status", id, "--json"])).unwrap()
+    };
+    let victim_pid = format!("-{}-", _workers[0].child.id());
+    wait_for(
+        "worker 1 to hold a lease mid-screen",
+        Duration::from_secs(120),
+        || {
+            let s = status(&id);
+            s["units_done"].as_u64().unwrap() >= 1
+                && s["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|w| w.as_str().unwrap().contains(&victim_pid))
+        },
+    );
+    net.partition(1);
+    wait_for(
+        "the screen to complete without worker 1",
+        Duration::from_secs(240),
+        || {
+            let s = status(&id);
+            assert!(s["state"] != "failed" && s["state"] != "cancelled", "{s}");
+            s["state"] == "completed"
+        },
+    );
+    net.heal(1);
+    let done = status(&id);
+    assert!(
+        done["releases"].as_u64().unwrap() >= 1,
+        "the lost unit was leased again: {done}"
+    );
+    let results_url = garage.url("screens/multihost-results");
+    screen(&["results", &id, "--out", &results_url, "--per-cell"]);
+    let results = Store::open(&results_url, &garage.s3_options()).unwrap();
+    let local = dir.path().join("screen-results");
+    std::fs::create_dir_all(&local).unwrap();
+    for name in ["genes.parquet", "cells.parquet", "screen.json"] {
+        std::fs::write(local.join(name), results.get(name).unwrap()).unwrap();
+    }
+    let tables: serde_json::Value =
+        serde_json::from_str(&python("read_screen.py", &[local.to_str().unwrap()])).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(local.join("screen.json")).unwrap()).unwrap();
+    let cells = tables["cells"]["rows"].as_array().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for row in cells {
+        let key = (
+            row["gene"].as_str().unwrap().to_string(),
+            row["cell"].as_u64().unwrap(),
+        );
+        assert!(seen.insert(key.clone()), "{key:?} twice");
+    }
+    assert_eq!(seen.len() as u64, record["pairs"].as_u64().unwrap());
+    assert_eq!(done["pairs_done"], done["pairs_total"], "{done}");
+    assert_eq!(seen.len() as u64, done["pairs_total"].as_u64().unwrap());
 }
