@@ -29,7 +29,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # start their own etcd; the embedded default keeps membership in memory), openssl (test certificates),
 # iproute2 and iptables (multi-host tests in network namespaces, partitions by dropping traffic).
 DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev)
-if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl iproute2 iptables); fi
+if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl iproute2 iptables shellcheck); fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -57,7 +57,7 @@ fi
 # prometheus_client to parse /metrics with the reference parser.
 PYTHON=${PYTHON:-python3}
 PY_PACKAGES=(numpy scipy anndata safetensors "torch==2.11.0")
-if [ -n "$for_tests" ]; then PY_PACKAGES+=(h5py pandas pyarrow prometheus_client); fi
+if [ -n "$for_tests" ]; then PY_PACKAGES+=(h5py pandas pyarrow prometheus_client kubernetes_validate); fi
 py_ok() { "$PYTHON" - "${PY_PACKAGES[@]}" <<'PY' 2>/dev/null
 import importlib, sys
 for package in sys.argv[1:]:

@@ -518,3 +518,173 @@ fn a_job_whose_workers_share_no_disk_keeps_every_output_in_the_object_store() {
         assert!(left.is_empty(), "{} holds {left:?}", home.display());
     }
 }
+
+/// Runs `program args`, panicking with the fix when the program is missing.
+fn tool(program: &str, args: &[&str], fix: &str) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} cannot run ({e}): {fix}"))
+}
+
+#[test]
+fn kubernetes_manifests_pass_the_api_schemas_and_their_command_lines_parse() {
+    let root = cellfleet_e2e::workspace_root().join("deploy/kubernetes");
+    let mut manifests: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| !p.ends_with("kustomization.yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    manifests.sort();
+    assert!(manifests.len() >= 5, "{manifests:?}");
+    // The API schemas of a Kubernetes release, strictly: an unknown or misplaced field fails.
+    let interpreter = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut args = vec!["-m", "kubernetes_validate", "--strict", "-k", "1.30.0"];
+    args.extend(manifests.iter().map(String::as_str));
+    let validated = tool(
+        &interpreter,
+        &args,
+        "scripts/setup.sh --for-tests installs kubernetes-validate",
+    );
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&validated.stdout),
+        String::from_utf8_lossy(&validated.stderr)
+    );
+    assert!(validated.status.success(), "{report}");
+    assert!(!report.contains("No module named"), "{report}");
+    assert!(report.matches(" passed ").count() >= 12, "{report}");
+    // The validator refuses a broken manifest (so the check above can fail).
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    let text = std::fs::read_to_string(root.join("coordinator.yaml")).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("containerPort: 7070", "containerPort: seventy"),
+    )
+    .unwrap();
+    let refused = tool(
+        &interpreter,
+        &[
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "-k",
+            "1.30.0",
+            broken.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(!refused.status.success());
+
+    // kustomization.yaml applies every manifest but the example secrets.
+    let kustomization = std::fs::read_to_string(root.join("kustomization.yaml")).unwrap();
+    for manifest in &manifests {
+        let name = Path::new(manifest).file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            kustomization.contains(&format!("- {name}")),
+            name != "secrets.example.yaml",
+            "{name} in kustomization.yaml"
+        );
+    }
+
+    // Each cellfleet container's command line parses: run with it, the binary gets past its flags and
+    // stops at something only a cluster has (a certificate file, a GPU), never at a usage error.
+    let paths: Vec<&str> = manifests.iter().map(String::as_str).collect();
+    let containers: serde_json::Value =
+        serde_json::from_str(&python("manifest_args.py", &paths)).unwrap();
+    let mut checked = 0;
+    for (name, container) in containers.as_object().unwrap() {
+        let image = container["image"].as_str().unwrap();
+        if !image.starts_with("cellfleet/") {
+            continue;
+        }
+        let mut args: Vec<String> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        if image.starts_with("cellfleet/coordinator") {
+            args.insert(0, "coordinator".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&args, &[]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{name}: ran without a cluster?");
+        assert!(
+            !err.contains("Usage:") && !err.contains("unexpected argument"),
+            "{name}: its command line does not parse: {err}"
+        );
+        assert!(
+            err.contains("/etc/cellfleet/") || err.contains("CUDA"),
+            "{name}: stopped at {err}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "the coordinator and the worker containers");
+}
+
+#[test]
+fn the_slurm_script_passes_shellcheck_and_its_dry_run_starts_one_worker_per_gpu() {
+    let root = cellfleet_e2e::workspace_root();
+    let script = root.join("deploy/slurm/cellfleet.sbatch");
+    let checked = tool(
+        "shellcheck",
+        &[script.to_str().unwrap()],
+        "scripts/setup.sh --for-tests installs it (Debian package shellcheck)",
+    );
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--dry-run")
+        .env_remove("SLURM_JOB_NODELIST")
+        .env("GPUS_PER_NODE", "4")
+        .env("CORPUS", "s3://bucket/corpus")
+        .env("OUT", "s3://bucket/runs/r1")
+        .env("TRAIN_ARGS", "--preset tiny --steps 100")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("srun --nodes=1 --ntasks=1 --nodelist=node1"),
+        "{text}"
+    );
+    assert!(
+        lines[0].contains("cellfleet coordinator --listen 0.0.0.0:7070"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("--ntasks-per-node=4 --gpus-per-task=1"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("--advertise-host") && lines[1].contains("http://node1:7070"),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains("train --coordinator http://node1:7070 --corpus s3://bucket/corpus --out s3://bucket/runs/r1")
+            && lines[2].contains("--min-workers 8 --max-workers 8 --preset tiny --steps 100"),
+        "{text}"
+    );
+    // Outside an allocation, without --dry-run, it refuses with the reason.
+    let refused = Command::new("bash")
+        .arg(&script)
+        .env_remove("SLURM_JOB_NODELIST")
+        .env("CORPUS", "s3://bucket/corpus")
+        .env("OUT", "s3://bucket/runs/r1")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("not inside a Slurm allocation"));
+}
