@@ -27,9 +27,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # Debian packages: HDF5 for h5ad, protoc for gRPC code generation, pkg-config for -sys crates, Gloo (CPU
 # collectives; the worker compiles a small C++ shim against it). Tests add etcd-server (membership; they
 # start their own etcd; the embedded default keeps membership in memory), openssl (test certificates),
-# iproute2 and iptables (multi-host tests in network namespaces, partitions by dropping traffic).
+# iproute2 and iptables (multi-host tests in network namespaces, partitions by dropping traffic), shellcheck
+# and patchelf (the launchers and scripts/package.sh).
 DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev)
-if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl iproute2 iptables shellcheck); fi
+if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl iproute2 iptables shellcheck patchelf); fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

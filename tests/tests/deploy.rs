@@ -688,3 +688,96 @@ fn the_slurm_script_passes_shellcheck_and_its_dry_run_starts_one_worker_per_gpu(
     assert!(!refused.status.success());
     assert!(stderr(&refused).contains("not inside a Slurm allocation"));
 }
+
+#[test]
+fn the_packaged_binary_carries_no_build_path_and_its_launcher_finds_libtorch() {
+    let root = cellfleet_e2e::workspace_root();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cellfleet");
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let packaged = Command::new("bash")
+        .arg(root.join("scripts/package.sh"))
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--bin-dir",
+            bin_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(packaged.status.success(), "{}", stderr(&packaged));
+    let binary = out.join("bin/cellfleet-bin");
+    let dynamic = tool(
+        "readelf",
+        &["-d", binary.to_str().unwrap()],
+        "Debian package binutils",
+    );
+    let dynamic = String::from_utf8_lossy(&dynamic.stdout).into_owned();
+    let runpath = dynamic
+        .lines()
+        .find(|l| l.contains("RUNPATH") || l.contains("RPATH"))
+        .expect("a runpath");
+    assert!(
+        runpath.contains("[$ORIGIN/../lib/cellfleet/torch]"),
+        "{runpath}"
+    );
+    // Alone, the binary cannot find libtorch: the build machine's path is gone.
+    let alone = Command::new(&binary)
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    assert!(
+        stderr(&alone).contains("libtorch_cpu.so"),
+        "{}",
+        stderr(&alone)
+    );
+    // Through the launcher it finds this machine's PyTorch, or the directory it is told.
+    let launcher = out.join("bin/cellfleet");
+    let found = Command::new(&launcher).arg("--version").output().unwrap();
+    assert!(found.status.success(), "{}", stderr(&found));
+    assert!(String::from_utf8_lossy(&found.stdout).starts_with("cellfleet "));
+    let wrong = Command::new(&launcher)
+        .arg("--version")
+        .env("CELLFLEET_LIBTORCH", dir.path())
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("holds no libtorch_cpu.so"),
+        "{}",
+        stderr(&wrong)
+    );
+    let no_torch = Command::new(&launcher)
+        .arg("--version")
+        .env("PYTHON", "/usr/bin/false")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&no_torch).contains("pip install torch==2.11.0"),
+        "{}",
+        stderr(&no_torch)
+    );
+    // The coordinator links no libtorch at all.
+    let coordinator = Command::new(out.join("bin/cellfleet-coordinator"))
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(coordinator.status.success(), "{}", stderr(&coordinator));
+    // Both launchers' and packaging scripts pass shellcheck.
+    let checked = tool(
+        "shellcheck",
+        &[
+            launcher.to_str().unwrap(),
+            root.join("scripts/package.sh").to_str().unwrap(),
+        ],
+        "scripts/setup.sh --for-tests installs it (Debian package shellcheck)",
+    );
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+}
