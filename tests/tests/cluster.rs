@@ -87,6 +87,26 @@ fn samples_by_step(out: &Path, generation: u64) -> SamplesByStep {
     steps
 }
 
+/// Per step, the samples of the newest generation that logged the step (a generation restored from a
+/// checkpoint trains the steps after it again; its predecessor's later steps never committed), and per
+/// generation the first and last step it contributed.
+fn committed_by_step(out: &Path) -> (SamplesByStep, BTreeMap<u64, (u64, u64)>) {
+    let mut committed = SamplesByStep::new();
+    let mut from = BTreeMap::new();
+    for generation in 1..=highest_generation(out) {
+        for (step, samples) in samples_by_step(out, generation) {
+            committed.insert(step, samples);
+            from.insert(step, generation);
+        }
+    }
+    let mut spans: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for (&step, &generation) in &from {
+        let span = spans.entry(generation).or_insert((step, step));
+        span.1 = step;
+    }
+    (committed, spans)
+}
+
 fn lines_in(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|t| t.lines().count())
@@ -142,16 +162,19 @@ fn assert_epochs_of_steps_exactly_once(
         "the run covers at least one epoch ({} samples, epoch {epoch_len})",
         all.len()
     );
-    for epoch in 0..complete_epochs {
+    // Every complete epoch, and the last, partial one: no sample twice in it either.
+    for (epoch, chunk) in all.chunks(epoch_len).enumerate() {
         let mut seen: HashMap<(u64, u32), usize> = HashMap::new();
-        for sample in &all[epoch * epoch_len..(epoch + 1) * epoch_len] {
+        for sample in chunk {
             *seen.entry(*sample).or_default() += 1;
         }
-        assert_eq!(
-            seen.len(),
-            epoch_len,
-            "epoch {epoch}: every training sample appears"
-        );
+        if chunk.len() == epoch_len {
+            assert_eq!(
+                seen.len(),
+                epoch_len,
+                "epoch {epoch}: every training sample appears"
+            );
+        }
         assert!(
             seen.values().all(|&n| n == 1),
             "epoch {epoch}: no sample twice"
@@ -235,20 +258,21 @@ fn late_joiner_is_admitted_and_a_killed_worker_is_survived() {
     let url = format!("http://127.0.0.1:{port}");
     let _coordinator = coordinator(dir.path(), port, &["--lease-ttl", "2"], "coordinator.log");
     let _first = worker(dir.path(), &url, "worker-a");
-    let out = dir.path().join("model");
-    // Long enough that generation 1 is still running when the joiner has started.
+    let (out, ckpt) = (dir.path().join("model"), dir.path().join("ckpt"));
+    // 200 steps, a checkpoint every 20: each new generation resumes from a checkpoint, not from step 0.
     let steps = 200;
-    let mut client = submit(dir.path(), &url, &corpus, &out, steps, (1, 2));
+    let mut client = submit_checkpointed(dir.path(), &url, &corpus, &out, &ckpt, &[]);
 
-    // Generation 1: the first worker alone. A second worker joins: generation 2 with both.
+    // Generation 1: the first worker alone, past its first checkpoint. A second worker joins:
+    // generation 2 with both, from that checkpoint, past a checkpoint of its own.
     wait_for("generation 1 to train", Duration::from_secs(60), || {
-        lines_in(&out.join("samples/g1-r0.jsonl")) >= 5
+        lines_in(&out.join("samples/g1-r0.jsonl")) >= 25
     });
     let mut second = worker(dir.path(), &url, "worker-b");
     wait_for(
         "the joiner to train in generation 2",
         Duration::from_secs(60),
-        || lines_in(&out.join("samples/g2-r1.jsonl")) >= 5,
+        || lines_in(&out.join("samples/g2-r1.jsonl")) >= 25,
     );
     // SIGKILL the joiner mid-step: the survivor must notice, and the job re-forms without it.
     let killed_at = std::time::Instant::now();
@@ -273,7 +297,14 @@ fn late_joiner_is_admitted_and_a_killed_worker_is_survived() {
     );
     assert!(out.join("model.safetensors").is_file());
     assert_eq!(highest_generation(&out), 3);
-    assert_epochs_exactly_once(&out, 3, steps, &corpus);
+    // The committed history runs through all three generations, each later one from a checkpoint.
+    let (committed, spans) = committed_by_step(&out);
+    assert_eq!(spans.len(), 3, "{spans:?}");
+    assert!(
+        spans[&2].0 > 1 && spans[&3].0 > spans[&2].0 && (spans[&3].0 - 1) % 20 == 0,
+        "generations 2 and 3 resumed from checkpoints: {spans:?}"
+    );
+    assert_epochs_of_steps_exactly_once(&committed, steps, &corpus, "generations 1-3");
 }
 
 /// Starts two workers and waits until both are registered, so a job submitted next gets both in
@@ -606,8 +637,9 @@ fn two_workers_match_one_worker_with_the_whole_batch() {
         let two = train_local(dir.path(), &corpus, ffn, (2, 6, 16, "3e-3"));
         let (worst, moved) = (max_difference(&one, &two), max_difference(&one, &init));
         eprintln!("6 steps, global batch 16 ({}): max |1 worker - 2 workers| = {worst:e}; max movement from init = {moved:e}", ffn.lines().nth(1).unwrap());
-        // Two halves summed by the all-reduce vs one batch: float rounding only.
-        assert!(worst < 1e-4, "parameters differ by {worst}");
+        // Two halves summed by the all-reduce vs one batch: float rounding only (observed 1.2e-6 to
+        // 3e-6, against parameters that moved by 1.1e-2).
+        assert!(worst < 2e-5, "parameters differ by {worst}");
         assert!(moved > 1e-3, "training moved the parameters ({moved})");
     }
 
@@ -623,11 +655,14 @@ fn two_workers_match_one_worker_with_the_whole_batch() {
         .find(|b| matches!(epoch_len % b, 1 | 2))
         .expect("a batch size whose epoch ends with 1 or 2 samples");
     let steps = epoch_len.div_ceil(batch) + 2;
+    let init = train_local(dir.path(), &corpus, MOE, (0, 1, batch as u32, "1e-12"));
     let one = train_local(dir.path(), &corpus, MOE, (1, steps, batch as u32, "1e-3"));
     let three = train_local(dir.path(), &corpus, MOE, (3, steps, batch as u32, "1e-3"));
-    let worst = max_difference(&one, &three);
-    eprintln!("{steps} steps of {batch} over an epoch of {epoch_len} (last batch {}), MoE: max |1 worker - 3 workers| = {worst:e}", epoch_len % batch);
-    assert!(worst < 1e-3, "parameters differ by {worst}");
+    let (worst, moved) = (max_difference(&one, &three), max_difference(&one, &init));
+    eprintln!("{steps} steps of {batch} over an epoch of {epoch_len} (last batch {}), MoE: max |1 worker - 3 workers| = {worst:e}; max movement from init = {moved:e}", epoch_len % batch);
+    // Observed 1.5e-6 to 2e-5 over these ~65 steps, against parameters that moved by 4e-2.
+    assert!(worst < 5e-5, "parameters differ by {worst}");
+    assert!(moved > 1e-2, "training moved the parameters ({moved})");
 }
 
 #[tokio::test]
@@ -801,14 +836,15 @@ fn a_hung_worker_is_dropped_when_its_lease_lapses() {
     let _coordinator = coordinator(dir.path(), port, &["--lease-ttl", "2"], "coordinator.log");
     let _first = worker(dir.path(), &url, "worker-a");
     let mut second = worker(dir.path(), &url, "worker-b");
-    let out = dir.path().join("model");
-    let steps = 100;
-    let mut client = submit(dir.path(), &url, &corpus, &out, steps, (1, 2));
-    // Both workers in one generation (1 if both registered before the job arrived, 2 otherwise).
+    let (out, ckpt) = (dir.path().join("model"), dir.path().join("ckpt"));
+    let steps = 200;
+    let mut client = submit_checkpointed(dir.path(), &url, &corpus, &out, &ckpt, &[]);
+    // Both workers in one generation (1 if both registered before the job arrived, 2 otherwise), past a
+    // checkpoint, so that the survivor's generation resumes from it.
     let mut both = 0;
     wait_for("both workers to train", Duration::from_secs(60), || {
         both = (1..=2)
-            .find(|g| lines_in(&out.join(format!("samples/g{g}-r1.jsonl"))) >= 5)
+            .find(|g| lines_in(&out.join(format!("samples/g{g}-r1.jsonl"))) >= 25)
             .unwrap_or(0);
         both > 0
     });
@@ -834,5 +870,11 @@ fn a_hung_worker_is_dropped_when_its_lease_lapses() {
         both + 1
     );
     assert!(text.contains(&summary), "{text}");
-    assert_epochs_exactly_once(&out, both + 1, steps, &corpus);
+    let (committed, spans) = committed_by_step(&out);
+    let last = spans[&(both + 1)];
+    assert!(
+        last.0 > 1 && (last.0 - 1) % 20 == 0,
+        "the survivor's generation resumed from a checkpoint: {spans:?}"
+    );
+    assert_epochs_of_steps_exactly_once(&committed, steps, &corpus, "every generation");
 }
