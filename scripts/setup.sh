@@ -28,9 +28,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # collectives; the worker compiles a small C++ shim against it). Tests add etcd-server (membership; they
 # start their own etcd; the embedded default keeps membership in memory), openssl (test certificates),
 # iproute2 and iptables (multi-host tests in network namespaces, partitions by dropping traffic), shellcheck
-# and patchelf (the launchers and scripts/package.sh).
+# and patchelf (the launchers and scripts/package.sh), mmdebstrap, buildah and podman (the container
+# images, built from Debian packages by scripts/build-images.sh and run from their mounted file systems).
 DEB_PACKAGES=(pkg-config libhdf5-dev protobuf-compiler g++ libgloo-dev)
-if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl iproute2 iptables shellcheck patchelf); fi
+if [ -n "$for_tests" ]; then DEB_PACKAGES+=(etcd-server openssl iproute2 iptables shellcheck patchelf mmdebstrap buildah podman); fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

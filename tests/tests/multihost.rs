@@ -533,3 +533,220 @@ fn training_across_hosts_survives_a_partition_and_takes_the_healed_worker_back()
     assert_eq!(done["pairs_done"], done["pairs_total"], "{done}");
     assert_eq!(seen.len() as u64, done["pairs_total"].as_u64().unwrap());
 }
+
+/// A process of a container image on `host`: chroot into the image's mounted root filesystem, in a
+/// private mount namespace with /proc, /dev and a writable /tmp (what a container runtime would give).
+fn spawn_in_image(
+    net: &Topology,
+    host: usize,
+    root: &str,
+    user: Option<&str>,
+    command: &[&str],
+    env: &[(&'static str, String)],
+    log: &Path,
+) -> Process {
+    let quoted: Vec<String> = command.iter().map(|a| format!("'{a}'")).collect();
+    let script = format!(
+        "mount --bind /proc {root}/proc && mount --rbind /dev {root}/dev && mount -t tmpfs tmpfs {root}/tmp \
+         && exec chroot {} {root} {}",
+        user.map_or(String::new(), |u| format!("--userspec={u}")),
+        quoted.join(" ")
+    );
+    let file = std::fs::File::create(log).unwrap();
+    let child = net
+        .command(host, "unshare")
+        .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("HOME", "/tmp")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("unshare runs");
+    Process {
+        child,
+        log: log.to_path_buf(),
+    }
+}
+
+fn podman(args: &[&str]) -> String {
+    let out = Command::new("podman")
+        .args(args)
+        .output()
+        .expect("podman must be installed: scripts/setup.sh --for-tests (Debian package podman)");
+    assert!(
+        out.status.success(),
+        "podman {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn the_container_images_start_and_train_together_across_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("e2e-{}", std::process::id());
+    let built = Command::new("bash")
+        .arg(cellfleet_e2e::workspace_root().join("scripts/build-images.sh"))
+        .args([
+            "--bin-dir",
+            bin().parent().unwrap().to_str().unwrap(),
+            "--tag",
+            &tag,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "building the images: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let (coordinator_image, worker_image) = (
+        format!("localhost/cellfleet/coordinator:{tag}"),
+        format!("localhost/cellfleet/worker:{tag}"),
+    );
+    struct Images(Vec<String>);
+    impl Drop for Images {
+        fn drop(&mut self) {
+            for image in &self.0 {
+                let _ = Command::new("podman")
+                    .args(["image", "unmount", image])
+                    .output();
+                let _ = Command::new("podman").args(["rmi", "-f", image]).output();
+            }
+        }
+    }
+    let _images = Images(vec![coordinator_image.clone(), worker_image.clone()]);
+    // The coordinator image is slim: no libtorch in it.
+    let coordinator_root = podman(&["image", "mount", &coordinator_image]);
+    let worker_root = podman(&["image", "mount", &worker_image]);
+    let has_libtorch = Command::new("find")
+        .args([&coordinator_root, "-name", "libtorch_cpu.so"])
+        .output()
+        .unwrap();
+    assert!(
+        has_libtorch.stdout.is_empty(),
+        "libtorch in the coordinator image"
+    );
+
+    let net = Topology::create(3);
+    let garage = GarageServer::start_on(bin(), &net, 0);
+    let corpus_url = garage.url("corpus");
+    let ingest = garage.cellfleet(&[
+        "ingest",
+        data("pbmc68k_reduced.h5ad").to_str().unwrap(),
+        "--out",
+        &corpus_url,
+        "--hvg",
+        "128",
+    ]);
+    assert!(
+        ingest.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ingest.stderr)
+    );
+    let listen = format!("{}:7070", net.address(0));
+    let url = format!("http://{listen}");
+    let mut env = garage.env();
+    env.push(("CELLFLEET_QUIET", "1".into()));
+    let _coordinator = spawn_in_image(
+        &net,
+        0,
+        &coordinator_root,
+        Some("65534:65534"),
+        &[
+            "/usr/local/bin/cellfleet-coordinator",
+            "--listen",
+            &listen,
+            "--lease-ttl",
+            "3",
+        ],
+        &env,
+        &dir.path().join("coordinator.log"),
+    );
+    wait_for(
+        "the coordinator image to listen",
+        Duration::from_secs(20),
+        || open(&listen),
+    );
+    let _workers: Vec<Process> = (1..3)
+        .map(|h| {
+            spawn_in_image(
+                &net,
+                h,
+                &worker_root,
+                None,
+                &[
+                    "/usr/local/bin/cellfleet",
+                    "worker",
+                    "--coordinator",
+                    &url,
+                    "--threads",
+                    "1",
+                    "--advertise-host",
+                    &net.address(h),
+                ],
+                &env,
+                &dir.path().join(format!("worker-{h}.log")),
+            )
+        })
+        .collect();
+    let run_url = garage.url("runs/images");
+    let steps = 30u64;
+    let mut client_env = garage.env();
+    client_env.push(("CELLFLEET_QUIET", "1".into()));
+    let mut train = Process::spawn_with_env(
+        bin(),
+        &[
+            "train",
+            "--coordinator",
+            &url,
+            "--corpus",
+            &corpus_url,
+            "--out",
+            &run_url,
+            "--preset",
+            "tiny",
+            "--steps",
+            &steps.to_string(),
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--min-workers",
+            "2",
+            "--max-workers",
+            "2",
+            "--sample-log",
+        ],
+        &client_env,
+        dir.path().join("client.log"),
+    );
+    let status = train.wait(Duration::from_secs(240));
+    let logs = || {
+        ["coordinator.log", "worker-1.log", "worker-2.log"]
+            .iter()
+            .map(|l| std::fs::read_to_string(dir.path().join(l)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    assert!(
+        status.success(),
+        "the job finishes:\n{}\n{}",
+        train.log_text(),
+        logs()
+    );
+    assert!(
+        train.log_text().contains("2 workers in generation 1"),
+        "{}",
+        train.log_text()
+    );
+    let run = Store::open(&run_url, &garage.s3_options()).unwrap();
+    assert!(run.get("model.safetensors").unwrap().len() > 1000);
+    let committed = committed_samples(&run);
+    assert_eq!(committed.len() as u64, steps);
+    let mut seen = std::collections::HashSet::new();
+    for sample in committed.values().flatten() {
+        assert!(seen.insert(*sample), "{sample:?} twice");
+    }
+    assert!(logs().contains("rank 1 of 2"), "{}", logs());
+}

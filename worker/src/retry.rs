@@ -57,8 +57,11 @@ pub enum CallError {
 /// A status's message, with what an obscure transport error usually means.
 pub fn explain(status: &Status) -> String {
     let message = status.message();
-    if message.contains("h2 protocol error") {
-        format!("{message} (a coordinator that serves TLS answers plaintext like this: use an https:// URL and --tls-ca)")
+    // What a plaintext HTTP/2 client sees from a TLS server varies with timing: a protocol error, or the
+    // connection dropped under the call.
+    let plaintext_to_tls = ["h2 protocol error", "operation was canceled", "connection closed"];
+    if plaintext_to_tls.iter().any(|m| message.contains(m)) {
+        format!("{message} (if the coordinator serves TLS: use an https:// URL and --tls-ca)")
     } else {
         message.to_string()
     }
