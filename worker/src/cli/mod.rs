@@ -174,8 +174,9 @@ enum Command {
         /// Train LoRA adapters of this rank with the base frozen (default: train everything)
         #[arg(long)]
         lora: Option<usize>,
+        /// Where the fine-tuned model and its step log go: a directory or s3://BUCKET/PREFIX
         #[arg(long, default_value = "runs/finetune")]
-        out: PathBuf,
+        out: String,
         #[arg(long)]
         json: Option<PathBuf>,
         #[command(flatten)]
@@ -305,7 +306,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             &weights,
             &label_col,
             lora,
-            out,
+            &out,
             &flags,
             json.as_deref(),
             &s3.options(),

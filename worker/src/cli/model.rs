@@ -658,13 +658,13 @@ pub fn finetune_command(
     weights: &Path,
     label_col: &str,
     lora: Option<usize>,
-    out: PathBuf,
+    out: &str,
     flags: &TrainFlags,
     json: Option<&Path>,
     s3: &S3Options,
 ) -> anyhow::Result<()> {
     let config = flags.config(finetune_defaults())?;
-    let run = flags.runtime.run_options(OutputDir::local(&out)?)?;
+    let run = flags.runtime.run_options(OutputDir::open(out, s3)?)?;
     let base = SavedModel::open(weights)?;
     let corpus = open_corpus(corpus, s3)?;
     let (model, records, eval) = finetune(corpus, &base, label_col, lora, &config, &run)?;
