@@ -42,7 +42,8 @@ rootfs() {
   tar="$cache/$name-$key.tar"
   if [ ! -f "$tar" ]; then
     say "Debian 12 root filesystem for $name ($packages)"
-    mmdebstrap --quiet --variant=minbase --include="$packages" \
+    # --format: mmdebstrap otherwise reads the format from the file name, and .partial would be a folder.
+    mmdebstrap --quiet --variant=minbase --format=tar --include="$packages" \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
       --dpkgopt='path-exclude=/usr/share/locale/*' bookworm "$tar.partial"
     mv "$tar.partial" "$tar"
@@ -50,6 +51,10 @@ rootfs() {
   echo "$tar"
 }
 
+if [ -n "$cuda" ] && ! grep -q libnccl "$bin_dir/cellfleet"; then
+  say "$bin_dir/cellfleet has no NCCL support: cargo build --release --features cuda first"
+  exit 1
+fi
 scripts/package.sh --bin-dir "$bin_dir" --out "$work/dist" 2>/dev/null
 dist=$work/dist
 
