@@ -253,6 +253,40 @@ fn training_across_hosts_survives_a_partition_and_takes_the_healed_worker_back()
             .count()
             == 3
     });
+    // Across hosts too: a fourth worker without a certificate is refused, and so is a wrong token.
+    let mut anonymous = spawn_on(
+        &net,
+        3,
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--tls-ca",
+            &pki.path("ca.pem"),
+            "--reconnect-timeout",
+            "3",
+        ],
+        &garage.env(),
+        &dir.path().join("anonymous"),
+    );
+    assert!(!anonymous.wait(Duration::from_secs(60)).success());
+    assert!(
+        anonymous
+            .log_text()
+            .contains("need a TLS client certificate"),
+        "{}",
+        anonymous.log_text()
+    );
+    let mut wrong_env = client_env.clone();
+    wrong_env.retain(|(k, _)| *k != "CELLFLEET_TOKEN_FILE");
+    wrong_env.push(("CELLFLEET_TOKEN", "0".repeat(64)));
+    let wrong = Client {
+        url: url.clone(),
+        env: wrong_env,
+        _net: &net,
+    }
+    .run(&["workers"]);
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("was not accepted"));
 
     let run_url = garage.url("runs/multihost");
     let ckpt_url = garage.url("checkpoints/multihost");

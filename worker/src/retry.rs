@@ -59,7 +59,11 @@ pub fn explain(status: &Status) -> String {
     let message = status.message();
     // What a plaintext HTTP/2 client sees from a TLS server varies with timing: a protocol error, or the
     // connection dropped under the call.
-    let plaintext_to_tls = ["h2 protocol error", "operation was canceled", "connection closed"];
+    let plaintext_to_tls = [
+        "h2 protocol error",
+        "operation was canceled",
+        "connection closed",
+    ];
     if plaintext_to_tls.iter().any(|m| message.contains(m)) {
         format!("{message} (if the coordinator serves TLS: use an https:// URL and --tls-ca)")
     } else {
