@@ -714,3 +714,58 @@ impl TestPki {
         self.dir.join(name).display().to_string()
     }
 }
+
+/// `cellfleet ingest` of pbmc68k_reduced (700 real cells) over 128 highly variable genes into `out`: the
+/// small corpus the cluster tests train on.
+pub fn pbmc_ingest_args(out: &str) -> Vec<String> {
+    vec![
+        "ingest".into(),
+        data("pbmc68k_reduced.h5ad").display().to_string(),
+        "--out".into(),
+        out.into(),
+        "--hvg".into(),
+        "128".into(),
+    ]
+}
+
+/// `cellfleet train --coordinator URL` of the tiny preset: `steps` steps of `batch` samples, one thread per
+/// worker, exactly `workers` workers, with sample logs; more flags may follow.
+pub fn tiny_job_args(
+    url: &str,
+    corpus: &str,
+    out: &str,
+    steps: u64,
+    batch: u32,
+    workers: u32,
+) -> Vec<String> {
+    [
+        "train",
+        "--coordinator",
+        url,
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        "--steps",
+        &steps.to_string(),
+        "--batch-size",
+        &batch.to_string(),
+        "--threads",
+        "1",
+        "--min-workers",
+        &workers.to_string(),
+        "--max-workers",
+        &workers.to_string(),
+        "--sample-log",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `&[String]` as `Vec<&str>`, for APIs taking string slices.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}

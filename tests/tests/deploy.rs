@@ -10,7 +10,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use cellfleet_e2e::{
-    cellfleet_ok, data, free_port, python, wait_for, EtcdServer, GarageServer, Process, TestPki,
+    cellfleet_ok, free_port, pbmc_ingest_args, python, strs, tiny_job_args, wait_for, EtcdServer,
+    GarageServer, Process, TestPki,
 };
 use cellfleet_shared::storage::Store;
 
@@ -21,19 +22,9 @@ fn bin() -> &'static Path {
 }
 
 fn small_corpus(dir: &Path) -> String {
-    let out = dir.join("corpus");
-    cellfleet_ok(
-        bin(),
-        &[
-            "ingest",
-            data("pbmc68k_reduced.h5ad").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--hvg",
-            "128",
-        ],
-    );
-    out.display().to_string()
+    let out = dir.join("corpus").display().to_string();
+    cellfleet_ok(bin(), &strs(&pbmc_ingest_args(&out)));
+    out
 }
 
 /// `cellfleet ARGS` with extra environment; returns the output whatever the exit status.
@@ -415,14 +406,7 @@ fn a_job_whose_workers_share_no_disk_keeps_every_output_in_the_object_store() {
     let dir = tempfile::tempdir().unwrap();
     let garage = GarageServer::start(bin());
     let corpus_url = garage.url("corpus");
-    let ingest = garage.cellfleet(&[
-        "ingest",
-        data("pbmc68k_reduced.h5ad").to_str().unwrap(),
-        "--out",
-        &corpus_url,
-        "--hvg",
-        "128",
-    ]);
+    let ingest = garage.cellfleet(&strs(&pbmc_ingest_args(&corpus_url)));
     assert!(ingest.status.success(), "{}", stderr(&ingest));
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -447,28 +431,7 @@ fn a_job_whose_workers_share_no_disk_keeps_every_output_in_the_object_store() {
     let client_dir = dir.path().join("laptop");
     std::fs::create_dir_all(&client_dir).unwrap();
     let client = Command::new(bin())
-        .args([
-            "train",
-            "--coordinator",
-            &url,
-            "--corpus",
-            &corpus_url,
-            "--out",
-            &run_url,
-            "--preset",
-            "tiny",
-            "--steps",
-            &steps.to_string(),
-            "--batch-size",
-            "32",
-            "--threads",
-            "1",
-            "--min-workers",
-            "2",
-            "--max-workers",
-            "2",
-            "--sample-log",
-        ])
+        .args(tiny_job_args(&url, &corpus_url, &run_url, steps, 32, 2))
         .envs(garage.env())
         .env("CELLFLEET_QUIET", "1")
         .current_dir(&client_dir)

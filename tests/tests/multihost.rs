@@ -12,7 +12,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cellfleet_e2e::netns::Topology;
-use cellfleet_e2e::{data, python, wait_for, EtcdServer, GarageServer, Process, TestPki};
+use cellfleet_e2e::{
+    pbmc_ingest_args, python, strs, tiny_job_args, wait_for, EtcdServer, GarageServer, Process,
+    TestPki,
+};
 use cellfleet_shared::storage::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cellfleet");
@@ -167,14 +170,7 @@ fn training_across_hosts_survives_a_partition_and_takes_the_healed_worker_back()
     let etcd = EtcdServer::start_on(&net, 0);
     let garage = GarageServer::start_on(bin(), &net, 0);
     let corpus_url = garage.url("corpus");
-    let ingest = garage.cellfleet(&[
-        "ingest",
-        data("pbmc68k_reduced.h5ad").to_str().unwrap(),
-        "--out",
-        &corpus_url,
-        "--hvg",
-        "128",
-    ]);
+    let ingest = garage.cellfleet(&strs(&pbmc_ingest_args(&corpus_url)));
     assert!(
         ingest.status.success(),
         "{}",
@@ -665,14 +661,7 @@ fn the_container_images_start_and_train_together_across_hosts() {
     let net = Topology::create(3);
     let garage = GarageServer::start_on(bin(), &net, 0);
     let corpus_url = garage.url("corpus");
-    let ingest = garage.cellfleet(&[
-        "ingest",
-        data("pbmc68k_reduced.h5ad").to_str().unwrap(),
-        "--out",
-        &corpus_url,
-        "--hvg",
-        "128",
-    ]);
+    let ingest = garage.cellfleet(&strs(&pbmc_ingest_args(&corpus_url)));
     assert!(
         ingest.status.success(),
         "{}",
@@ -730,28 +719,7 @@ fn the_container_images_start_and_train_together_across_hosts() {
     client_env.push(("CELLFLEET_QUIET", "1".into()));
     let mut train = Process::spawn_with_env(
         bin(),
-        &[
-            "train",
-            "--coordinator",
-            &url,
-            "--corpus",
-            &corpus_url,
-            "--out",
-            &run_url,
-            "--preset",
-            "tiny",
-            "--steps",
-            &steps.to_string(),
-            "--batch-size",
-            "32",
-            "--threads",
-            "1",
-            "--min-workers",
-            "2",
-            "--max-workers",
-            "2",
-            "--sample-log",
-        ],
+        &strs(&tiny_job_args(&url, &corpus_url, &run_url, steps, 32, 2)),
         &client_env,
         dir.path().join("client.log"),
     );
