@@ -698,6 +698,7 @@ fn the_container_images_start_and_train_together_across_hosts() {
                 h,
                 &worker_root,
                 None,
+                // No --advertise-host: each worker advertises its route to the coordinator.
                 &[
                     "/usr/local/bin/cellfleet",
                     "worker",
@@ -705,8 +706,6 @@ fn the_container_images_start_and_train_together_across_hosts() {
                     &url,
                     "--threads",
                     "1",
-                    "--advertise-host",
-                    &net.address(h),
                 ],
                 &env,
                 &dir.path().join(format!("worker-{h}.log")),
@@ -751,4 +750,11 @@ fn the_container_images_start_and_train_together_across_hosts() {
         assert!(seen.insert(*sample), "{sample:?} twice");
     }
     assert!(logs().contains("rank 1 of 2"), "{}", logs());
+    for h in 1..3 {
+        let log = std::fs::read_to_string(dir.path().join(format!("worker-{h}.log"))).unwrap();
+        assert!(
+            log.contains(&format!("advertising {} ", net.address(h))),
+            "{log}"
+        );
+    }
 }

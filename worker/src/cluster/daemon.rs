@@ -53,8 +53,9 @@ pub struct WorkerArgs {
     /// libtorch CPU threads (a job's `threads` setting overrides it)
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Address other workers reach this one at (the collectives' TCP transport)
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address other workers reach this one at (the collectives' TCP transport); `auto`: the address this
+    /// host uses to reach the coordinator (127.0.0.1 for a coordinator on loopback)
+    #[arg(long, default_value = "auto")]
     pub advertise_host: String,
     /// Give up when the coordinator cannot be reached for this many seconds
     #[arg(long, default_value_t = 120.0)]
@@ -651,6 +652,10 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         return super::gpus::supervise(&args, gpus);
     }
     parse_device(&args.device)?;
+    let mut args = args;
+    if args.advertise_host == "auto" {
+        args.advertise_host = route_to(&args.coordinator)?;
+    }
     let rt = runtime()?;
     let _entered = rt.enter();
     let client = crate::link::connect(&args.coordinator)?;
@@ -726,6 +731,36 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         crate::metrics::CONNECTED.set(0.0);
         eprintln!("lost the coordinator's assignment stream; reconnecting");
     }
+}
+
+/// The local address of the route to the coordinator at `url`: what a peer on the coordinator's network
+/// reaches this host at. A UDP `connect` only picks the route; nothing is sent.
+fn route_to(url: &str) -> anyhow::Result<String> {
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let target = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .with_context(|| {
+            format!("cannot resolve the coordinator address {authority} (from {url})")
+        })?
+        .next()
+        .with_context(|| format!("{authority} resolves to no address"))?;
+    let local: std::net::SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = std::net::UdpSocket::bind(local)?;
+    socket.connect(target).with_context(|| {
+        format!("no route to the coordinator at {target}: pass --advertise-host")
+    })?;
+    let address = socket.local_addr()?.ip().to_string();
+    eprintln!("advertising {address} to other workers (the address of the route to {authority})");
+    Ok(address)
 }
 
 /// Registers (again): keeps the id (and membership) when the lease is still alive; retried through a
@@ -892,4 +927,17 @@ fn start_screen(
         stop,
         thread,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_to;
+
+    #[test]
+    fn the_advertised_address_is_the_route_to_the_coordinator() {
+        assert_eq!(route_to("http://127.0.0.1:7070").unwrap(), "127.0.0.1");
+        assert_eq!(route_to("https://127.0.0.1:7070/").unwrap(), "127.0.0.1");
+        let unknown = route_to("http://no-such-host.invalid:7070").unwrap_err();
+        assert!(format!("{unknown:#}").contains("cannot resolve the coordinator address"));
+    }
 }
