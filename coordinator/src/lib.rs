@@ -86,7 +86,8 @@ pub struct CoordinatorArgs {
     pub metrics_listen: Option<String>,
 }
 
-fn read_pem(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+/// Reads a PEM file; errors name the file and what it was for, never its contents.
+pub fn read_pem(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read the {what} {}", path.display()))?;
     if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {

@@ -34,7 +34,7 @@ fn run(args: &[&str]) {
         out.status.success(),
         "{args:?} failed: {}{}",
         String::from_utf8_lossy(&out.stderr),
-        if unsafe_is_root() {
+        if is_root() {
             ""
         } else {
             " (network namespaces need root: run the tests as root)"
@@ -42,7 +42,7 @@ fn run(args: &[&str]) {
     );
 }
 
-fn unsafe_is_root() -> bool {
+fn is_root() -> bool {
     // /proc/self/status's Uid line: real, effective, saved, fs.
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -57,14 +57,11 @@ fn unsafe_is_root() -> bool {
 impl Topology {
     pub fn create(hosts: usize) -> Self {
         assert!(
-            unsafe_is_root(),
+            is_root(),
             "multi-host tests build network namespaces and need root (CAP_NET_ADMIN); run them as root"
         );
-        let id = format!(
-            "cf{}x{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("cf{}x{n}", std::process::id());
         let switch = format!("{id}-sw");
         // Allocating a subnet and adding its route is one step under a lock shared by every test process.
         let lock = std::fs::OpenOptions::new()
@@ -90,8 +87,7 @@ impl Topology {
             hosts: (0..hosts).map(|i| format!("{id}-h{i}")).collect(),
             switch,
             subnet: format!("10.77.{k}"),
-            uplink: format!("cfu{}", std::process::id() % 100_000)
-                + &NEXT.load(Ordering::Relaxed).to_string(),
+            uplink: format!("cfu{}x{n}", std::process::id() % 100_000),
         };
         let sw = topology.switch.as_str();
         run(&["ip", "netns", "add", sw]);

@@ -4,14 +4,13 @@
 //! command lines, status output and error messages; and a job whose workers share no disk, with every
 //! output in a real S3 server.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use cellfleet_e2e::{
-    cellfleet_ok, free_port, pbmc_ingest_args, python, strs, tiny_job_args, wait_for, EtcdServer,
-    GarageServer, Process, TestPki,
+    cellfleet_ok, free_port, http_get, pbmc_ingest_args, python, strs, tiny_job_args, wait_for,
+    EtcdServer, GarageServer, Process, TestPki,
 };
 use cellfleet_shared::storage::Store;
 
@@ -40,24 +39,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// GET `path` from a plain HTTP server; the body.
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port open");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
 }
 
 fn listening(port: u16) -> bool {
@@ -330,9 +311,9 @@ fn tls_tokens_and_metrics_guard_and_show_a_training_job() {
         ("worker-1", worker_metrics[1]),
     ] {
         let path = dir.path().join(format!("{name}.prom"));
-        std::fs::write(&path, http_get(port, "/metrics")).unwrap();
+        std::fs::write(&path, http_get(&format!("127.0.0.1:{port}"), "/metrics")).unwrap();
         files.push(path.display().to_string());
-        assert_eq!(http_get(port, "/healthz"), "ok\n");
+        assert_eq!(http_get(&format!("127.0.0.1:{port}"), "/healthz"), "ok\n");
     }
     let args: Vec<&str> = files.iter().map(String::as_str).collect();
     let parsed: serde_json::Value =

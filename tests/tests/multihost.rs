@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use cellfleet_e2e::netns::Topology;
 use cellfleet_e2e::{
-    pbmc_ingest_args, python, strs, tiny_job_args, wait_for, EtcdServer, GarageServer, Process,
-    TestPki,
+    http_get, pbmc_ingest_args, python, strs, tiny_job_args, wait_for, EtcdServer, GarageServer,
+    Process, TestPki,
 };
 use cellfleet_shared::storage::Store;
 
@@ -54,32 +54,13 @@ fn open(address: &str) -> bool {
         .is_ok()
 }
 
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("metrics port open");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
 /// `cellfleet job` as a client with the CA and the token.
-struct Client<'a> {
+struct Client {
     url: String,
     env: Vec<(&'static str, String)>,
-    _net: &'a Topology,
 }
 
-impl Client<'_> {
+impl Client {
     fn run(&self, args: &[&str]) -> std::process::Output {
         let mut full = vec!["job", "--coordinator", &self.url];
         full.extend_from_slice(args);
@@ -241,7 +222,6 @@ fn training_across_hosts_survives_a_partition_and_takes_the_healed_worker_back()
     let client = Client {
         url: url.clone(),
         env: client_env.clone(),
-        _net: &net,
     };
     wait_for("three workers to register", Duration::from_secs(30), || {
         String::from_utf8_lossy(&client.run(&["workers"]).stdout)
@@ -279,7 +259,6 @@ fn training_across_hosts_survives_a_partition_and_takes_the_healed_worker_back()
     let wrong = Client {
         url: url.clone(),
         env: wrong_env,
-        _net: &net,
     }
     .run(&["workers"]);
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("was not accepted"));

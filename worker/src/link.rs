@@ -3,11 +3,12 @@
 //! client bearer token, from flags or environment variables. Settings are read when a connection is made,
 //! so commands that never connect never read them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use cellfleet_coordinator::read_pem;
 use cellfleet_proto::coordinator_client::CoordinatorClient;
 use clap::Args;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -68,18 +69,6 @@ impl Interceptor for Credentials {
 /// A coordinator client carrying this process's credentials.
 pub type Rpc = CoordinatorClient<InterceptedService<Channel, Credentials>>;
 
-fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
-    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        bail!(
-            "{} is not PEM (no -----BEGIN line); the {what} must be PEM",
-            path.display()
-        );
-    }
-    Ok(bytes)
-}
-
 fn bearer(args: &ConnectArgs) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
     let token = match (&args.token_file, std::env::var(TOKEN_VAR)) {
         (Some(path), _) => std::fs::read_to_string(path)
@@ -121,12 +110,12 @@ pub fn channel(url: &str) -> anyhow::Result<Channel> {
             bail!("{url} is a TLS coordinator: pass --tls-ca (or set CELLFLEET_TLS_CA) to the CA certificate that signed its certificate");
         };
         let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?));
+            .ca_certificate(Certificate::from_pem(read_pem(ca, "CA certificate")?));
         match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => {
                 tls = tls.identity(Identity::from_pem(
-                    read(cert, "client certificate")?,
-                    read(key, "client key")?,
+                    read_pem(cert, "client certificate")?,
+                    read_pem(key, "client key")?,
                 ));
             }
             (None, None) => {}

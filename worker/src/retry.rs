@@ -57,12 +57,14 @@ pub enum CallError {
 /// A status's message, with what an obscure transport error usually means.
 pub fn explain(status: &Status) -> String {
     let message = status.message();
-    // What a plaintext HTTP/2 client sees from a TLS server varies with timing: a protocol error, or the
-    // connection dropped under the call.
+    // What a plaintext HTTP/2 client sees from a TLS server varies with timing: a protocol error, the
+    // connection dropped under the call, or a bare transport error. These are tonic's words, never the
+    // coordinator's, so the (conditional) hint is only added to a connection-level failure.
     let plaintext_to_tls = [
         "h2 protocol error",
         "operation was canceled",
         "connection closed",
+        "transport error",
     ];
     if plaintext_to_tls.iter().any(|m| message.contains(m)) {
         format!("{message} (if the coordinator serves TLS: use an https:// URL and --tls-ca)")
