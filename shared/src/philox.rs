@@ -53,6 +53,9 @@ pub enum Domain {
     UnexpressedSample = 7,
     /// Order of the length-sorted global batches inside one bucket window: `a` = epoch, `b` = window.
     BucketOrder = 8,
+    /// An MCMC steering chain's proposals and acceptances: `a` = target, `b` = the cell's low 32 bits
+    /// (the chain and the cell's high bits are mixed into the key).
+    Steer = 9,
 }
 
 /// A stream of random words for one (seed, domain, a, b).

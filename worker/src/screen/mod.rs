@@ -20,4 +20,5 @@ pub mod anndata_output;
 pub mod compute;
 pub mod plan;
 pub mod serve;
+pub mod steer;
 pub mod tables;
