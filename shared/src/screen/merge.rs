@@ -67,6 +67,9 @@ pub struct TargetEffect {
     pub top_affected: Vec<(String, f64)>,
     /// For a pair: each gene alone and the interaction.
     pub pair: Option<PairSummary>,
+    /// A steered screen: the cells whose chains did not converge by `steer.iterations`; they count in
+    /// no mean or test above (their rows in the per-cell tables are NaN).
+    pub unconverged_cells: u64,
 }
 
 /// A pair's comparison with its genes alone, on the pair's cells and coordinates (both genes left out).
@@ -114,7 +117,25 @@ pub struct ScreenResults {
     /// With `execution.anndata`: the expected expression of every kept record (`records x vocabulary`,
     /// in the order of `records`) and of every screened cell unperturbed (in the plan's cell order).
     pub expression: Option<MergedExpression>,
+    /// A steered (MCMC) screen's diagnostics, one per record in the order of `records` (kept whether or
+    /// not `records` is).
+    pub steer: Option<Vec<RecordSteer>>,
     pub total_records: u64,
+}
+
+/// One record's chain diagnostics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordSteer {
+    pub target: u32,
+    pub cell: u64,
+    pub converged: bool,
+    /// Per statistic (total expression, then the goal projection with a goal).
+    pub rhat: Vec<f32>,
+    pub ess: Vec<f32>,
+    /// Per iteration: the fraction of the record's chains that accepted.
+    pub acceptance: Vec<f32>,
+    /// `chains x iterations x statistics`.
+    pub trace: Vec<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,15 +155,23 @@ struct TargetAccumulator {
     alone: Vec<(f32, f32)>,
     delta_bin: Vec<f64>,
     expression: Vec<f32>,
+    steer: Vec<RecordSteer>,
+    /// Records whose measures are NaN: a steered cell whose chains did not converge.
+    unconverged: u64,
 }
 
 impl TargetAccumulator {
-    /// The per-cell statistic tested against the null: goal progress with a goal, else cosine shift.
+    /// The per-cell statistic tested against the null: goal progress with a goal, else cosine shift
+    /// (cells without a value, unconverged chains, left out).
     fn primary(&self) -> Vec<f64> {
-        match self.progress.first() {
-            Some(goal) => goal.iter().map(|&v| f64::from(v)).collect(),
-            None => self.cosine.iter().map(|&v| f64::from(v)).collect(),
-        }
+        let values = self.progress.first().unwrap_or(&self.cosine);
+        values
+            .iter()
+            .map(|&v| f64::from(v))
+            .zip(&self.cosine)
+            .filter(|(_, c)| !c.is_nan())
+            .map(|(v, _)| v)
+            .collect()
     }
 
     fn interactions(&self) -> Vec<f64> {
@@ -305,6 +334,8 @@ impl<'a> Merger<'a> {
                 alone: Vec::new(),
                 delta_bin: vec![0.0; n_vocab],
                 expression: Vec::new(),
+                steer: Vec::new(),
+                unconverged: 0,
             })
             .collect();
         let mut original = with_expression.then(|| vec![0f32; plan.cells.len() * n_vocab]);
@@ -315,6 +346,22 @@ impl<'a> Merger<'a> {
                 let t = result.record_target[i] as usize;
                 let a = &mut acc[t];
                 a.cells.push(result.record_cell[i]);
+                if result.cosine_shift[i].is_nan() {
+                    a.unconverged += 1;
+                }
+                if let Some(s) = &result.steer {
+                    let (it, st) = (s.iterations as usize, s.statistics as usize);
+                    let trace = s.trace_len();
+                    a.steer.push(RecordSteer {
+                        target: t as u32,
+                        cell: result.record_cell[i],
+                        converged: s.converged[i] != 0,
+                        rhat: s.rhat[i * st..(i + 1) * st].to_vec(),
+                        ess: s.ess[i * st..(i + 1) * st].to_vec(),
+                        acceptance: s.acceptance[i * it..(i + 1) * it].to_vec(),
+                        trace: s.trace[i * trace..(i + 1) * trace].to_vec(),
+                    });
+                }
                 a.cosine.push(result.cosine_shift[i]);
                 for (s, values) in a.states.iter_mut().enumerate() {
                     values.push(result.state_shift[i * n_states + s]);
@@ -413,7 +460,7 @@ impl<'a> Merger<'a> {
                 .flat_map(|(_, v)| v.iter().copied())
                 .collect()
         };
-        let mean32 = |v: &[f32]| mean(v.iter().map(|&x| f64::from(x)));
+        let mean32 = |v: &[f32]| mean(v.iter().filter(|x| !x.is_nan()).map(|&x| f64::from(x)));
         let top_k = plan.spec.execution.top_affected as usize;
         let mut rows: Vec<(usize, TargetEffect)> = plan
             .targets
@@ -450,7 +497,8 @@ impl<'a> Merger<'a> {
                         fdr: f64::NAN,
                     }
                 });
-                let n = a.cells.len() as f64;
+                // Unconverged cells are not in the sums of changes either.
+                let n = (a.cells.len() as u64 - a.unconverged) as f64;
                 let mut affected: Vec<(usize, f64)> = a
                     .delta_bin
                     .iter()
@@ -468,7 +516,7 @@ impl<'a> Merger<'a> {
                         .map(|&g| plan.vocabulary[g as usize].clone())
                         .collect(),
                     gene_id: (target.kind == TargetKind::Gene).then_some(target.genes[0]),
-                    n_cells: a.cells.len() as u64,
+                    n_cells: a.cells.len() as u64 - a.unconverged,
                     cosine_shift: mean32(&a.cosine),
                     state_shift: a.states.iter().map(|s| mean32(s)).collect(),
                     state_progress: a.progress.iter().map(|s| mean32(s)).collect(),
@@ -482,6 +530,7 @@ impl<'a> Merger<'a> {
                         .map(|(j, d)| (plan.vocabulary[j].clone(), d))
                         .collect(),
                     pair,
+                    unconverged_cells: a.unconverged,
                 };
                 (index, effect)
             })
@@ -519,6 +568,11 @@ impl<'a> Merger<'a> {
                 }),
                 _ => None,
             },
+            steer: self
+                .results
+                .values()
+                .any(|r| r.steer.is_some())
+                .then(|| acc.iter_mut().flat_map(|a| a.steer.drain(..)).collect()),
             total_records: total,
         })
     }

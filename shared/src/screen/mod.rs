@@ -82,6 +82,7 @@ mod tests {
                     cell_block,
                     ..Execution::default()
                 },
+                steer: None,
                 s3_endpoint: None,
                 s3_region: None,
             },
@@ -108,6 +109,7 @@ mod tests {
             strata: Vec::new(),
             cell_strata: Vec::new(),
             unit_records: Vec::new(),
+            anchor_cells: Vec::new(),
         };
         plan.unit_records = (0..plan.unit_count())
             .map(|u| {
@@ -136,6 +138,7 @@ mod tests {
             alone: Vec::new(),
             delta_bin_sum: vec![0.0; targets.len() * plan.vocabulary.len()],
             expression: None,
+            steer: None,
         };
         for (k, &t) in targets.iter().enumerate() {
             let g = plan.targets[t as usize].genes[0];

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{PerturbationKind, ScreenSpec};
+use super::spec::{ClampSource, PerturbationKind, ScreenSpec};
 
 /// The checkpoint a screen reads, identified so results can be traced to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +115,9 @@ pub struct ScreenPlan {
     pub cell_strata: Vec<u32>,
     /// (target, cell) records per unit: the cells each target applies to.
     pub unit_records: Vec<u64>,
+    /// With `steer.anchor`: the cells whose medoids anchor the chains (corpus positions, ascending).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anchor_cells: Vec<u64>,
 }
 
 /// The targets and cells of one unit, as ranges of `targets` and `cells`.
@@ -156,6 +159,16 @@ impl ScreenPlan {
         self.unit_records.iter().sum()
     }
 
+    /// Whether `target` makes a record in a cell with `bins`: a steered screen whose clamps come from
+    /// the goal or from given bins clamps every cell; otherwise the perturbation must apply (a knockout
+    /// of a gene a cell does not express changes nothing).
+    pub fn record_applies(&self, target: &Target, bins: &[u8]) -> bool {
+        match &self.spec.steer {
+            Some(steer) if steer.clamp != ClampSource::Perturbation => true,
+            _ => target.applies(self.spec.perturbation.kind, bins),
+        }
+    }
+
     /// The anchor of the screen's pairs, when it has some.
     pub fn anchor(&self) -> Option<u32> {
         self.targets
@@ -185,9 +198,21 @@ impl ScreenPlan {
         if pairs > 0 {
             extra.push_str(&format!(", {pairs} anchored pairs"));
         }
+        let kind = match &self.spec.steer {
+            Some(steer) => format!(
+                "steered ({}, clamp {}) {}",
+                steer.method.name(),
+                match steer.clamp {
+                    ClampSource::Perturbation => "by perturbation",
+                    ClampSource::Goal => "at the goal's levels",
+                    ClampSource::Bins => "at given bins",
+                },
+                self.spec.perturbation.kind.name()
+            ),
+            None => self.spec.perturbation.kind.name().to_string(),
+        };
         format!(
-            "{} of {} genes{extra} in {} cells ({} readout), null of {} random genes{}",
-            self.spec.perturbation.kind.name(),
+            "{kind} of {} genes{extra} in {} cells ({} readout), null of {} random genes{}",
             self.genes.len(),
             self.cells.len(),
             self.spec.readout.name(),

@@ -54,6 +54,10 @@ pub struct ScreenSpec {
     pub null: NullSpec,
     #[serde(default)]
     pub execution: Execution,
+    /// MCMC steering (CellxPert): each perturbation clamps its genes and a Metropolis-Hastings chain
+    /// moves the rest of the cell (see `docs/steering.md`); without it, perturbations are token edits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer: Option<SteerSpec>,
     #[serde(default)]
     pub s3_endpoint: Option<String>,
     #[serde(default)]
@@ -318,10 +322,240 @@ impl Default for Execution {
     }
 }
 
+/// `[steer]`: how each perturbation's chains run. Every field names its meaning in `docs/steering.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerSpec {
+    /// `mcmc` (the sampler) or `edit` (the same clamps as one token edit: one forward pass, the
+    /// model's expected change added to the cell), for comparing the two on the same screen.
+    #[serde(default)]
+    pub method: SteerMethod,
+    /// Temperature tau of the proposal conditionals and of the pseudo-likelihood target.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Unclamped genes redrawn per proposal.
+    #[serde(default = "default_steer_block")]
+    pub block: u32,
+    /// Forward passes per pseudo-likelihood evaluation (gene j is scored in pass j mod M).
+    #[serde(default = "default_target_groups")]
+    pub target_groups: u32,
+    /// Iterations per chain, burn-in included (the configured limit: a chain not converged by then is
+    /// reported as such).
+    #[serde(default = "default_iterations")]
+    pub iterations: u32,
+    #[serde(default = "default_burn_in")]
+    pub burn_in: u32,
+    /// Keep every `thin`-th state after burn-in.
+    #[serde(default = "one")]
+    pub thin: u32,
+    /// Chains per (perturbation, cell); split R-hat needs at least 2.
+    #[serde(default = "default_chains")]
+    pub chains: u32,
+    /// A record converged when every summary statistic's split R-hat is at most this.
+    #[serde(default = "default_rhat_max")]
+    pub rhat_max: f64,
+    /// Where the clamped bins come from.
+    #[serde(default)]
+    pub clamp: ClampSource,
+    /// With `clamp = "bins"`: gene name -> its clamped bin.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bins: BTreeMap<String, u16>,
+    /// A pull toward the medoids of a class of cells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<AnchorSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SteerMethod {
+    #[default]
+    Mcmc,
+    Edit,
+}
+
+impl SteerMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            SteerMethod::Mcmc => "mcmc",
+            SteerMethod::Edit => "edit",
+        }
+    }
+}
+
+/// The bins a steered perturbation clamps its genes at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClampSource {
+    /// From `perturbation.kind`: knockout 0, overexpress the top bin.
+    #[default]
+    Perturbation,
+    /// The goal state's mean bin (rounded) among the goal cells of the cell's stratum
+    /// (`goal.match_column`), e.g. stimulated levels of the same cell type.
+    Goal,
+    /// `steer.bins`, one bin per gene.
+    Bins,
+}
+
+/// `[steer.anchor]`: `log pi` gains `-weight * min_k D(x, medoid_k)` over `medoids` medoids of the cells
+/// where `column == value` (D: mean squared bin difference over the vocabulary).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorSpec {
+    pub column: String,
+    pub value: String,
+    #[serde(default = "default_medoids")]
+    pub medoids: u32,
+    #[serde(default = "one_f64")]
+    pub weight: f64,
+    /// Cells the medoids are chosen from at most (a seeded sample).
+    #[serde(default = "default_centroid_cells")]
+    pub max_cells: u64,
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+fn default_steer_block() -> u32 {
+    16
+}
+fn default_target_groups() -> u32 {
+    4
+}
+fn default_iterations() -> u32 {
+    200
+}
+fn default_burn_in() -> u32 {
+    100
+}
+fn one() -> u32 {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn default_chains() -> u32 {
+    4
+}
+fn default_rhat_max() -> f64 {
+    1.1
+}
+fn default_medoids() -> u32 {
+    4
+}
+
+impl SteerSpec {
+    /// States each chain keeps after burn-in and thinning.
+    pub fn retained(&self) -> u32 {
+        self.iterations
+            .saturating_sub(self.burn_in)
+            .div_ceil(self.thin.max(1))
+    }
+
+    fn validate(&self, spec: &ScreenSpec) -> Result<()> {
+        let bad = |why: String| Err(ScreenError::Spec(why));
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "steer.temperature = {}: must be a positive number (2 is the default; 0.1-2 is the useful range)",
+                self.temperature
+            ));
+        }
+        for (field, value) in [
+            ("steer.block", self.block),
+            ("steer.target_groups", self.target_groups),
+            ("steer.iterations", self.iterations),
+            ("steer.thin", self.thin),
+        ] {
+            if value == 0 {
+                return bad(format!("{field} = 0: must be at least 1"));
+            }
+        }
+        if self.method == SteerMethod::Mcmc {
+            if self.burn_in >= self.iterations {
+                return bad(format!(
+                    "steer.burn_in = {} is not below steer.iterations = {}: no state would be kept",
+                    self.burn_in, self.iterations
+                ));
+            }
+            if self.chains < 2 {
+                return bad(format!(
+                    "steer.chains = {}: convergence is judged across chains (split R-hat); use at least 2",
+                    self.chains
+                ));
+            }
+            if self.retained() < 4 {
+                return bad(format!(
+                    "steer: {} iterations, burn-in {} and thin {} keep {} states per chain; split R-hat needs at least 4",
+                    self.iterations,
+                    self.burn_in,
+                    self.thin,
+                    self.retained()
+                ));
+            }
+            if !(self.rhat_max.is_finite() && self.rhat_max > 1.0) {
+                return bad(format!(
+                    "steer.rhat_max = {}: must be above 1 (1.1 is usual, 1.01 strict)",
+                    self.rhat_max
+                ));
+            }
+        }
+        match self.clamp {
+            ClampSource::Goal if spec.goal.is_none() => {
+                return bad("steer.clamp = \"goal\" clamps genes at the goal state's levels: add a [goal] section".into())
+            }
+            ClampSource::Bins if self.bins.is_empty() => {
+                return bad("steer.clamp = \"bins\" with no steer.bins: no gene would be clamped; give `bins = { GENE = BIN }`".into())
+            }
+            ClampSource::Perturbation | ClampSource::Goal if !self.bins.is_empty() => {
+                return bad("steer.bins is only read with steer.clamp = \"bins\"".into())
+            }
+            _ => {}
+        }
+        if spec.perturbation.kind == PerturbationKind::Delete {
+            return bad("perturbation.kind = \"delete\" removes a token; a steered perturbation clamps bins: use \"knockout\" (bin 0) or \"overexpress\"".into());
+        }
+        if spec.combinations.is_some() {
+            return bad("[combinations] with [steer] is not supported: steer gene sets instead (genes.sets)".into());
+        }
+        if spec.readout != Readout::Expected {
+            return bad(format!(
+                "readout = {:?} with [steer]: a steered cell is a state of bins, so shifts are measured on expression (readout = \"expected\")",
+                spec.readout.name()
+            ));
+        }
+        if let Some(anchor) = &self.anchor {
+            if self.method == SteerMethod::Edit {
+                return bad(
+                    "steer.anchor with steer.method = \"edit\": a token edit has no target to pull"
+                        .into(),
+                );
+            }
+            if anchor.column.trim().is_empty() || anchor.value.trim().is_empty() {
+                return bad("steer.anchor needs a column and a value (the anchor class)".into());
+            }
+            if anchor.medoids == 0 {
+                return bad("steer.anchor.medoids = 0: at least one medoid".into());
+            }
+            if !(anchor.weight.is_finite() && anchor.weight >= 0.0) {
+                return bad(format!(
+                    "steer.anchor.weight = {}: must be a non-negative number",
+                    anchor.weight
+                ));
+            }
+            if anchor.max_cells == 0 {
+                return bad("steer.anchor.max_cells = 0: medoids need at least one cell".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ScreenSpec {
     /// Checks what can be checked without opening the corpus or the checkpoint.
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(ScreenError::Spec(why));
+        if let Some(steer) = &self.steer {
+            steer.validate(self)?;
+        }
         for (field, value) in [
             ("checkpoint", &self.checkpoint),
             ("corpus", &self.corpus),

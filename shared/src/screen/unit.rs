@@ -42,6 +42,34 @@ pub struct UnitResult {
     /// With `execution.anndata`: the expected expression of every record (`records x n_vocabulary`) and of
     /// the unit's cells unperturbed (`cells x n_vocabulary`, in the unit's cell order).
     pub expression: Option<UnitExpression>,
+    /// A steered screen's diagnostics, per record.
+    pub steer: Option<UnitSteer>,
+}
+
+/// The chains' diagnostics of each record of a steered unit (MCMC only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitSteer {
+    pub iterations: u32,
+    pub chains: u32,
+    /// Summary statistics traced per chain: total expression, then (with a goal) the projection on
+    /// the goal axis.
+    pub statistics: u32,
+    /// Per record: 1 when every statistic's split R-hat is within `steer.rhat_max`.
+    pub converged: Vec<u8>,
+    /// Per record, per iteration: the fraction of its chains that accepted (`records x iterations`).
+    pub acceptance: Vec<f32>,
+    /// Per record, per statistic (`records x statistics`).
+    pub rhat: Vec<f32>,
+    pub ess: Vec<f32>,
+    /// Per record, chain, iteration, statistic (`records x chains x iterations x statistics`).
+    pub trace: Vec<f32>,
+}
+
+impl UnitSteer {
+    /// Values per record in `trace`.
+    pub fn trace_len(&self) -> usize {
+        (self.chains * self.iterations * self.statistics) as usize
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +89,9 @@ struct UnitHeader {
     alone: u64,
     /// Cells of the unit's unperturbed expression, when the expression is stored.
     expression_cells: Option<u64>,
+    /// A steered unit's (iterations, chains, statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    steer: Option<(u32, u32, u32)>,
 }
 
 fn put_le<T: Copy>(out: &mut Vec<u8>, values: &[T], to_le: impl Fn(T) -> Vec<u8>) {
@@ -88,6 +119,10 @@ impl UnitResult {
                 .expression
                 .as_ref()
                 .map(|e| (e.original.len() / self.n_vocabulary.max(1) as usize) as u64),
+            steer: self
+                .steer
+                .as_ref()
+                .map(|s| (s.iterations, s.chains, s.statistics)),
         })
         .expect("a header always serializes");
         let mut raw = Vec::with_capacity(
@@ -109,6 +144,13 @@ impl UnitResult {
         if let Some(e) = &self.expression {
             floats(&mut raw, &e.perturbed);
             floats(&mut raw, &e.original);
+        }
+        if let Some(s) = &self.steer {
+            raw.extend_from_slice(&s.converged);
+            floats(&mut raw, &s.acceptance);
+            floats(&mut raw, &s.rhat);
+            floats(&mut raw, &s.ess);
+            floats(&mut raw, &s.trace);
         }
         zstd::bulk::compress(&raw, 3).expect("compressing to memory cannot fail")
     }
@@ -161,6 +203,30 @@ impl UnitResult {
             }),
             None => None,
         };
+        let steer = match header.steer {
+            Some((iterations, chains, statistics)) => {
+                // Sizes come from the header: checked products, so a hostile header cannot ask for
+                // more than the bytes that follow.
+                let size = |factors: &[u32]| -> Result<usize> {
+                    factors
+                        .iter()
+                        .try_fold(records, |n, &f| n.checked_mul(f as usize))
+                        .ok_or_else(|| bad("steer sizes overflow".into()))
+                };
+                let converged = take(records)?.to_vec();
+                Some(UnitSteer {
+                    iterations,
+                    chains,
+                    statistics,
+                    converged,
+                    acceptance: floats(take(size(&[iterations, 4])?)?),
+                    rhat: floats(take(size(&[statistics, 4])?)?),
+                    ess: floats(take(size(&[statistics, 4])?)?),
+                    trace: floats(take(size(&[chains, iterations, statistics, 4])?)?),
+                })
+            }
+            None => None,
+        };
         if at != rest.len() {
             return Err(bad(format!(
                 "{} unexpected bytes at the end",
@@ -181,6 +247,7 @@ impl UnitResult {
             alone,
             delta_bin_sum,
             expression,
+            steer,
         })
     }
 }

@@ -1,14 +1,17 @@
 //! `cells.h5ad`: the per-cell results as AnnData, for scanpy users. One observation per screened cell
 //! unperturbed (the control group, `perturbation = "control"`), then one per (target, cell) record; `X`
 //! is the model's expected expression in vocabulary order (a deleted gene reads 0), `obs` holds the
-//! perturbation, the cell's corpus position, name and labels, and the shifts of `cells.parquet`.
+//! perturbation, the cell's corpus position, name and labels, and the shifts of `cells.parquet`. In a
+//! steered screen `X` is in bins: the observed cells (control) and the predicted ones (the posterior
+//! mean, or the token edit), with a `converged` column: the layout cell-eval reads (a perturbation
+//! column and a control label).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cellfleet_shared::corpus::Corpus;
-use cellfleet_shared::screen::{MergedExpression, RecordEffect, ScreenPlan};
+use cellfleet_shared::screen::{MergedExpression, RecordEffect, RecordSteer, ScreenPlan};
 use cellfleet_shared::storage::S3Options;
 
 use super::anndata::{H5adWriter, ObsColumn};
@@ -23,6 +26,7 @@ pub fn write_cells_h5ad(
     plan: &ScreenPlan,
     records: &[RecordEffect],
     expression: &MergedExpression,
+    steer: Option<&[RecordSteer]>,
     path: &Path,
     s3: &S3Options,
 ) -> anyhow::Result<PathBuf> {
@@ -111,6 +115,26 @@ pub fn write_cells_h5ad(
         columns.push(("gene_alone".into(), shift(&pair(|p| p.gene_alone))));
         columns.push(("interaction".into(), shift(&pair(|p| p.interaction))));
     }
+    if let Some(steer) = steer {
+        // Unconverged records keep their prediction here (flagged), and NaN shifts.
+        columns.push((
+            "converged".into(),
+            ObsColumn::Categorical(
+                std::iter::repeat_n("control".to_string(), controls)
+                    .chain(steer.iter().map(|r| r.converged.to_string()))
+                    .collect(),
+            ),
+        ));
+    }
+    let x_meaning = match &plan.spec.steer {
+        Some(s) if s.method == cellfleet_shared::screen::SteerMethod::Mcmc => {
+            "control rows: the observed bins; perturbed rows: the posterior mean bins of the retained MCMC states"
+        }
+        Some(_) => {
+            "control rows: the observed bins; perturbed rows: the observed bins plus the token edit's change of expected bins"
+        }
+        None => "expected expression (bins) per vocabulary gene",
+    };
     let uns = [
         ("readout".to_string(), plan.spec.readout.name().to_string()),
         ("layer".to_string(), plan.readout_layer.to_string()),
@@ -123,9 +147,12 @@ pub fn write_cells_h5ad(
             "checkpoint_step".to_string(),
             plan.checkpoint.step.to_string(),
         ),
+        ("X".to_string(), x_meaning.to_string()),
         (
-            "X".to_string(),
-            "expected expression (bins) per vocabulary gene".to_string(),
+            "steer".to_string(),
+            plan.spec.steer.as_ref().map_or_else(String::new, |s| {
+                serde_json::to_string(s).unwrap_or_default()
+            }),
         ),
     ];
     writer.finish(&obs_names, &columns, &uns)?;

@@ -70,10 +70,10 @@ pub fn load_model(plan: &ScreenPlan, s3: &S3Options, device: Device) -> anyhow::
 
 /// A loaded screen: the model, the plan, the perturbed cells' bins and the state centroids.
 pub struct Screener {
-    model: CellModel,
+    pub(super) model: CellModel,
     pub plan: ScreenPlan,
-    plan_blake3: String,
-    bins: HashMap<u64, Vec<u8>>,
+    pub(super) plan_blake3: String,
+    pub(super) bins: HashMap<u64, Vec<u8>>,
     /// `[strata * states, dim]`: the centroid of each state within each stratum (one stratum without
     /// matching), unit length; row `stratum * states + state`.
     centroids: Option<Tensor>,
@@ -86,7 +86,9 @@ pub struct Screener {
     /// Bytes of readout-layer states the cells in `originals` keep (at most `STATE_CACHE_BYTES`).
     cached_state_bytes: Cell<usize>,
     /// Per screened cell (by corpus position): its stratum.
-    stratum_of: HashMap<u64, usize>,
+    pub(super) stratum_of: HashMap<u64, usize>,
+    /// A steered screen's clamp levels, bin-space states and anchors.
+    steering: Option<super::steered::Steering>,
     layout: TokenLayout,
     /// The checkpoint's token layout, which decides the genes of each cell's sequence.
     sequence: SequenceLayout,
@@ -247,7 +249,7 @@ fn mean_without(states: &Tensor, excluded: &[usize]) -> Tensor {
 /// Per row of `perturbed` and `original` (`[rows, dim]`): 1 - cos, and against the rows' states
 /// (`targets`, unit-length centroids `[rows, states, dim]`, and `axes` `[rows, states, dim]`) the cosine
 /// shift toward each and the progress along each axis; laid out like one `measure_len` block per row.
-fn measures(
+pub(super) fn measures(
     perturbed: &Tensor,
     original: &Tensor,
     states: Option<(&Tensor, &Tensor)>,
@@ -310,6 +312,7 @@ impl Screener {
         for state in &plan.states {
             wanted.extend(&state.cells);
         }
+        wanted.extend(&plan.anchor_cells);
         let bins = read_cells(&corpus, &wanted)?;
         let layout = TokenLayout::new(plan.n_bins)?;
         let sequence = model.config.layout;
@@ -333,7 +336,18 @@ impl Screener {
             layout,
             sequence,
             goal_genes: Vec::new(),
+            steering: None,
         };
+        if screener.plan.spec.steer.is_some() {
+            // Steered cells are compared in bin space: no readout forwards to make.
+            screener.steering = Some(super::steered::Steering::load(
+                &screener.plan,
+                &screener.bins,
+                &screener.stratum_of,
+                device,
+            ));
+            return Ok(screener);
+        }
         if matches!(sequence, SequenceLayout::Expressed { .. }) {
             let wanted = screener.plan.spec.query_genes.unwrap_or(0) as usize;
             let states: Vec<&[u64]> = screener
@@ -434,7 +448,7 @@ impl Screener {
         self.plan.vocabulary.len()
     }
 
-    fn device(&self) -> Device {
+    pub(super) fn device(&self) -> Device {
         self.model.device()
     }
 
@@ -707,6 +721,9 @@ impl Screener {
 
     /// Computes unit `unit`; `stop` is checked between forward passes.
     pub fn compute_unit(&self, unit: usize, stop: &AtomicBool) -> Result<UnitResult, UnitError> {
+        if let Some(steering) = &self.steering {
+            return self.compute_steered_unit(steering, unit, stop);
+        }
         let plan = &self.plan;
         let span = plan.unit(unit);
         let unit_targets: Vec<&Target> = plan.targets[span.targets.clone()].iter().collect();
@@ -733,7 +750,7 @@ impl Screener {
         let mut records = Vec::new();
         for (k, target) in unit_targets.iter().enumerate() {
             for (ci, cell) in unit_cells.iter().enumerate() {
-                if target.applies(plan.spec.perturbation.kind, &self.bins[cell]) {
+                if plan.record_applies(target, &self.bins[cell]) {
                     records.push((k, ci));
                 }
             }
@@ -756,6 +773,7 @@ impl Screener {
                 perturbed: Vec::with_capacity(records.len() * n),
                 original: Vec::with_capacity(unit_cells.len() * n),
             }),
+            steer: None,
         };
         if let Some(e) = result.expression.as_mut() {
             let cache = self.originals.borrow();
@@ -1040,7 +1058,7 @@ fn goal_genes(
     genes
 }
 
-fn screened_state(spec: &ScreenSpec, state: &str) -> bool {
+pub(super) fn screened_state(spec: &ScreenSpec, state: &str) -> bool {
     spec.goal.as_ref().is_some_and(|goal| {
         spec.cells
             .filter
@@ -1050,7 +1068,7 @@ fn screened_state(spec: &ScreenSpec, state: &str) -> bool {
 }
 
 /// Rows scaled to unit length.
-fn unit_rows(x: &Tensor) -> Tensor {
+pub(super) fn unit_rows(x: &Tensor) -> Tensor {
     x / x
         .norm_scalaropt_dim(2.0, [-1i64].as_slice(), true)
         .clamp_min(1e-12)

@@ -21,4 +21,5 @@ pub mod compute;
 pub mod plan;
 pub mod serve;
 pub mod steer;
+pub mod steered;
 pub mod tables;

@@ -14,6 +14,7 @@ use cellfleet_shared::screen::{
     Target, TargetKind, DEFAULT_QUERY_GENES, PLAN_FILE, PLAN_FORMAT,
 };
 use cellfleet_shared::storage::{S3Options, Store};
+use cellfleet_shared::stream::batch::SequenceLayout;
 
 use crate::train::checkpoint_state::{read_state, resolve, ResumeTarget, TrainState};
 
@@ -222,7 +223,30 @@ pub fn resolve_plan(
         strata,
         cell_strata,
         unit_records: Vec::new(),
+        anchor_cells: Vec::new(),
     };
+    if let Some(steer) = &plan.spec.steer {
+        check_steer(steer, &plan, &state)?;
+        if let Some(anchor) = &steer.anchor {
+            let (col, categories) = labels.column("steer.anchor.column", &anchor.column)?;
+            let code = Labels::code(
+                "steer.anchor.value",
+                &anchor.column,
+                &categories,
+                &anchor.value,
+            )?;
+            let members = labels.cells_matching(&[(col, vec![code])]);
+            if members.is_empty() {
+                bail!(
+                    "steer.anchor.value: no cell has {} = {:?}",
+                    anchor.column,
+                    anchor.value
+                );
+            }
+            plan.anchor_cells = SplitMix::new(plan.spec.seed, "steer-anchor")
+                .sample(members, anchor.max_cells as usize);
+        }
+    }
     let bins = read_cells(&corpus, &plan.cells)?;
     plan.unit_records = (0..plan.unit_count())
         .map(|u| applicable_records(&plan, &bins, u).len() as u64)
@@ -234,6 +258,47 @@ pub fn resolve_plan(
         );
     }
     Ok(plan)
+}
+
+/// What a steered screen needs of the checkpoint and the vocabulary: the full token layout (a chain
+/// moves every vocabulary gene, unexpressed ones included, which only a full-layout model has learned
+/// to read), and given bins that name vocabulary genes, within the bins, for every screened gene.
+fn check_steer(
+    steer: &cellfleet_shared::screen::SteerSpec,
+    plan: &ScreenPlan,
+    state: &TrainState,
+) -> anyhow::Result<()> {
+    if state.model.layout != SequenceLayout::Full {
+        bail!(
+            "[steer]: checkpoint {:?} was pretrained in the expressed-gene layout; a chain moves every vocabulary gene (unexpressed ones too), which only a model pretrained with `train --layout full` reads. Steer with a full-layout checkpoint",
+            plan.spec.checkpoint
+        );
+    }
+    for (gene, &bin) in &steer.bins {
+        if !plan.vocabulary.contains(gene) {
+            bail!("steer.bins: {gene:?} is not in the checkpoint's vocabulary");
+        }
+        if bin >= plan.n_bins {
+            bail!(
+                "steer.bins.{gene} = {bin}: bins run from 0 to {}",
+                plan.n_bins - 1
+            );
+        }
+    }
+    if steer.clamp == cellfleet_shared::screen::ClampSource::Bins {
+        for target in plan.targets.iter().filter(|t| t.screened) {
+            for &g in &target.genes {
+                let name = &plan.vocabulary[g as usize];
+                if !steer.bins.contains_key(name) {
+                    bail!(
+                        "steer.bins has no bin for {name:?} (screened in {}): every screened gene needs one",
+                        target.name
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The corpus must be tokenized like the checkpoint's training corpus: the same vocabulary and bins.
@@ -662,11 +727,10 @@ pub fn applicable_records(
     unit: usize,
 ) -> Vec<(usize, usize)> {
     let span = plan.unit(unit);
-    let kind = plan.spec.perturbation.kind;
     let mut records = Vec::new();
     for (k, target) in plan.targets[span.targets].iter().enumerate() {
         for (ci, cell) in plan.cells[span.cells.clone()].iter().enumerate() {
-            if target.applies(kind, &bins[cell]) {
+            if plan.record_applies(target, &bins[cell]) {
                 records.push((k, ci));
             }
         }

@@ -3,7 +3,7 @@
 //! acceptance, diagnostics) are in `docs/steering.md`; in short:
 //!
 //! * state: a cell's bins over the whole vocabulary (the full token layout); clamped genes never move;
-//! * target: `log pi(x) = PL_M(x) / tau - lambda * min_k D(x, a_k)`, where `PL_M` is the model's
+//! * target: `log pi(x) = PL_M(x) - lambda * min_k D(x, a_k)`, where `PL_M` is the model's
 //!   pseudo-log-likelihood computed in `M` forward passes (gene `j` is scored in pass `j mod M`, with the
 //!   genes of its pass masked) and `D` the mean squared bin distance to the nearest anchor medoid;
 //! * proposal: a uniformly chosen block of `k` unclamped genes is masked and redrawn from the tempered
@@ -24,7 +24,7 @@ use crate::model::{CellModel, Mode, Tokens};
 /// The sampler's settings, resolved from a screen's `[steer]` section.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerSettings {
-    /// Temperature of the proposal conditionals and of the pseudo-likelihood target.
+    /// Temperature of the proposal conditionals (the target is untempered: see `docs/steering.md`).
     pub temperature: f64,
     /// Unclamped genes redrawn per proposal.
     pub block: usize,
@@ -192,8 +192,8 @@ impl<'a> Sampler<'a> {
     }
 
     /// `log pi` of each state: the pseudo-log-likelihood over every gene (clamped ones included: they
-    /// score how well the rest of the cell fits them) in `M` masked passes, over `tau`, minus the anchor
-    /// term of the chain's anchor set.
+    /// score how well the rest of the cell fits them) in `M` masked passes, minus the anchor term of the
+    /// chain's anchor set.
     fn log_targets(&self, states: &[&[u8]]) -> anyhow::Result<Vec<f64>> {
         let groups = self.settings.target_groups;
         let (g, b) = (self.n_genes, self.n_bins);
@@ -219,8 +219,7 @@ impl<'a> Sampler<'a> {
             .zip(states)
             .enumerate()
             .map(|(c, (pl, state))| {
-                pl / self.settings.temperature
-                    - self.settings.anchor_weight * self.anchor_distance(c, state)
+                pl - self.settings.anchor_weight * self.anchor_distance(c, state)
             })
             .collect())
     }
@@ -514,7 +513,7 @@ mod tests {
 
     /// The exact log target of `state` computed one masked pass per gene group, with the model's own
     /// `masked_conditional` (an independent path from the sampler's batched passes).
-    fn brute_log_target(model: &CellModel, state: &[u8], groups: usize, tau: f64) -> f64 {
+    fn brute_log_target(model: &CellModel, state: &[u8], groups: usize) -> f64 {
         let g = state.len();
         let mut total = 0.0;
         for m in 0..groups {
@@ -533,7 +532,7 @@ mod tests {
                     .ln();
             }
         }
-        total / tau
+        total
     }
 
     fn single_tokens(model: &CellModel, state: &[u8]) -> Tokens {
@@ -599,8 +598,8 @@ mod tests {
                     proposed[j as usize] = v;
                 }
                 let current: Vec<u8> = step.block.iter().map(|&j| x[j as usize]).collect();
-                let brute = brute_log_target(&model, &proposed, groups, 2.0)
-                    - brute_log_target(&model, x, groups, 2.0)
+                let brute = brute_log_target(&model, &proposed, groups)
+                    - brute_log_target(&model, x, groups)
                     + brute_log_proposal(&model, x, &step.block, &current, 2.0)
                     - brute_log_proposal(&model, x, &step.block, &step.proposed, 2.0);
                 assert!(
@@ -632,7 +631,7 @@ mod tests {
         let states: Vec<Vec<u8>> = (0..16u8).map(|s| vec![2, s / 4, s % 4]).collect();
         let log_target: Vec<f64> = states
             .iter()
-            .map(|s| brute_log_target(&model, s, groups, tau))
+            .map(|s| brute_log_target(&model, s, groups))
             .collect();
         let max = log_target.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let weights: Vec<f64> = log_target.iter().map(|l| (l - max).exp()).collect();

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use cellfleet_shared::screen::{
-    CompletedScreen, Merger, RecordEffect, ScreenPlan, ScreenResults, TargetEffect, UnitResult,
+    CompletedScreen, Merger, RecordEffect, RecordSteer, ScreenPlan, ScreenResults, TargetEffect,
+    UnitResult,
 };
 use cellfleet_shared::storage::S3Options;
 use parquet::basic::{Compression, ZstdLevel};
@@ -161,11 +162,15 @@ fn write_tables(
             &out.join("cells.parquet"),
         )?);
     }
+    if let Some(steer) = &results.steer {
+        tables.extend(write_steer_tables(&plan, steer, out)?);
+    }
     if let (Some(records), Some(expression)) = (&results.records, &results.expression) {
         tables.push(super::anndata_output::write_cells_h5ad(
             &plan,
             records,
             expression,
+            results.steer.as_deref(),
             &out.join("cells.h5ad"),
             s3,
         )?);
@@ -381,6 +386,207 @@ fn write_table(
     Ok(path.to_path_buf())
 }
 
+/// A steered (MCMC) screen's diagnostics: `diagnostics.parquet` (one row per (perturbation, cell):
+/// converged, split R-hat and ESS per statistic, mean acceptance), `acceptance.parquet` (per perturbation
+/// and iteration, the acceptance rate over its cells' chains), `traces.parquet` (per perturbation, cell,
+/// chain and iteration, the summary statistics) and `acceptance.svg` (the acceptance curves).
+fn write_steer_tables(
+    plan: &ScreenPlan,
+    steer: &[RecordSteer],
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let statistics = match plan.goal() {
+        Some(_) => vec!["total_expression", "goal_projection"],
+        None => vec!["total_expression"],
+    };
+    let name = |r: &RecordSteer| text(&plan.targets[r.target as usize].name);
+    let cell_name = |cell: u64| {
+        let i = plan.cells.binary_search(&cell).expect("a screened cell");
+        text(&plan.cell_names[i])
+    };
+    let mut columns = vec![
+        (
+            "perturbation".to_string(),
+            Column::Text(steer.iter().map(name).collect()),
+        ),
+        (
+            "cell".to_string(),
+            Column::Int64(steer.iter().map(|r| r.cell as i64).collect()),
+        ),
+        (
+            "cell_name".to_string(),
+            Column::Text(steer.iter().map(|r| cell_name(r.cell)).collect()),
+        ),
+        (
+            "converged".to_string(),
+            Column::Bool(steer.iter().map(|r| r.converged).collect()),
+        ),
+        (
+            "acceptance".to_string(),
+            Column::Double(
+                steer
+                    .iter()
+                    .map(|r| {
+                        r.acceptance.iter().map(|&a| f64::from(a)).sum::<f64>()
+                            / r.acceptance.len().max(1) as f64
+                    })
+                    .collect(),
+            ),
+        ),
+    ];
+    for (s, stat) in statistics.iter().enumerate() {
+        columns.push((
+            format!("rhat_{stat}"),
+            Column::Double(steer.iter().map(|r| f64::from(r.rhat[s])).collect()),
+        ));
+        columns.push((
+            format!("ess_{stat}"),
+            Column::Double(steer.iter().map(|r| f64::from(r.ess[s])).collect()),
+        ));
+    }
+    let mut written = vec![write_table(
+        &out.join("diagnostics.parquet"),
+        "steer_diagnostics",
+        columns,
+    )?];
+
+    // Acceptance per perturbation and iteration, averaged over its cells.
+    let iterations = steer.first().map_or(0, |r| r.acceptance.len());
+    let mut curves: Vec<(u32, Vec<f64>, usize)> = Vec::new();
+    for r in steer {
+        if curves.last().map(|c| c.0) != Some(r.target) {
+            curves.push((r.target, vec![0.0; iterations], 0));
+        }
+        let curve = curves.last_mut().expect("pushed");
+        for (sum, &a) in curve.1.iter_mut().zip(&r.acceptance) {
+            *sum += f64::from(a);
+        }
+        curve.2 += 1;
+    }
+    let (mut perturbation, mut iteration, mut rate) = (Vec::new(), Vec::new(), Vec::new());
+    for (target, sums, cells) in &curves {
+        for (it, sum) in sums.iter().enumerate() {
+            perturbation.push(text(&plan.targets[*target as usize].name));
+            iteration.push(it as i32);
+            rate.push(sum / *cells as f64);
+        }
+    }
+    written.push(write_table(
+        &out.join("acceptance.parquet"),
+        "steer_acceptance",
+        vec![
+            ("perturbation".into(), Column::Text(perturbation)),
+            ("iteration".into(), Column::Int32(iteration)),
+            ("acceptance".into(), Column::Double(rate)),
+        ],
+    )?);
+    written.push(write_acceptance_svg(
+        plan,
+        &curves,
+        &out.join("acceptance.svg"),
+    )?);
+
+    let chains = plan.spec.steer.as_ref().map_or(0, |s| s.chains as usize);
+    let n_stats = statistics.len();
+    let rows = steer.len() * chains * iterations;
+    let (mut p, mut c, mut ch, mut it) = (
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+        Vec::with_capacity(rows),
+    );
+    let mut values: Vec<Vec<f32>> = vec![Vec::with_capacity(rows); n_stats];
+    for r in steer {
+        for chain in 0..chains {
+            for i in 0..iterations {
+                p.push(name(r));
+                c.push(r.cell as i64);
+                ch.push(chain as i32);
+                it.push(i as i32);
+                for (s, v) in values.iter_mut().enumerate() {
+                    v.push(r.trace[(chain * iterations + i) * n_stats + s]);
+                }
+            }
+        }
+    }
+    let mut columns = vec![
+        ("perturbation".to_string(), Column::Text(p)),
+        ("cell".to_string(), Column::Int64(c)),
+        ("chain".to_string(), Column::Int32(ch)),
+        ("iteration".to_string(), Column::Int32(it)),
+    ];
+    for (stat, v) in statistics.iter().zip(values) {
+        columns.push((stat.to_string(), Column::Float(v)));
+    }
+    written.push(write_table(
+        &out.join("traces.parquet"),
+        "steer_traces",
+        columns,
+    )?);
+    Ok(written)
+}
+
+/// The acceptance rate per iteration as an SVG line chart (at most 12 perturbations drawn, the first in
+/// plan order), for a person to open.
+fn write_acceptance_svg(
+    plan: &ScreenPlan,
+    curves: &[(u32, Vec<f64>, usize)],
+    path: &Path,
+) -> anyhow::Result<PathBuf> {
+    let (width, height, margin) = (720.0, 360.0, 48.0);
+    let iterations = curves.first().map_or(1, |c| c.1.len()).max(2);
+    let x = |i: usize| margin + (width - 2.0 * margin) * i as f64 / (iterations - 1) as f64;
+    let y = |v: f64| height - margin - (height - 2.0 * margin) * v.clamp(0.0, 1.0);
+    let colours = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf", "#393b79", "#637939",
+    ];
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{margin}\" y=\"20\">MH acceptance rate per iteration (mean over each perturbation's cells and chains)</text>\n"
+    );
+    svg.push_str(&format!(
+        "<line x1=\"{margin}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/><line x1=\"{margin}\" y1=\"{margin}\" x2=\"{margin}\" y2=\"{0}\" stroke=\"black\"/>\n",
+        height - margin,
+        width - margin
+    ));
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        svg.push_str(&format!(
+            "<text x=\"8\" y=\"{:.1}\">{tick:.2}</text>\n",
+            y(tick) + 4.0
+        ));
+    }
+    svg.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\">iteration (0-{})</text>\n",
+        width / 2.0 - 40.0,
+        height - 12.0,
+        iterations - 1
+    ));
+    for (k, (target, rates, _)) in curves.iter().take(colours.len()).enumerate() {
+        let points: Vec<String> = rates
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| format!("{:.1},{:.1}", x(i), y(v)))
+            .collect();
+        let colour = colours[k];
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{}</text>\n",
+            points.join(" "),
+            width - margin + 4.0 - 120.0,
+            margin + 14.0 * k as f64,
+            xml_escape(&plan.targets[*target as usize].name)
+        ));
+    }
+    svg.push_str("</svg>\n");
+    fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path.to_path_buf())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 fn text(s: &str) -> ByteArray {
     ByteArray::from(s.as_bytes().to_vec())
 }
@@ -448,11 +654,17 @@ fn write_gene_table(
             "n_cells".to_string(),
             Column::Int64(targets.iter().map(|g| g.n_cells as i64).collect()),
         ),
-        (
-            "cosine_shift".to_string(),
-            Column::Double(targets.iter().map(|g| g.cosine_shift).collect()),
-        ),
     ];
+    if plan.spec.steer.is_some() {
+        columns.push((
+            "unconverged_cells".to_string(),
+            Column::Int64(targets.iter().map(|g| g.unconverged_cells as i64).collect()),
+        ));
+    }
+    columns.extend([(
+        "cosine_shift".to_string(),
+        Column::Double(targets.iter().map(|g| g.cosine_shift).collect()),
+    )]);
     for (s, name) in state_columns(plan).into_iter().enumerate() {
         columns.push((
             name,
