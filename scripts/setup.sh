@@ -88,6 +88,19 @@ if [ -n "$for_tests" ]; then
   fi
 fi
 
+# cell-eval (the Arc Institute's perturbation-prediction metrics), which the steering test runs on the
+# predicted cells, in its own environment over this Python (it pins its own polars and pdex); cached in
+# ~/.cache/cellfleet/celleval (about a minute from a fresh pip cache).
+if [ -n "$for_tests" ]; then
+  CELL_EVAL_ENV=${CELLFLEET_CELL_EVAL_ENV:-$HOME/.cache/cellfleet/celleval}
+  if ! "$CELL_EVAL_ENV/bin/cell-eval" run --version >/dev/null 2>&1; then
+    say "installing cell-eval 0.8.2 in $CELL_EVAL_ENV"
+    "$PYTHON" -m venv --system-site-packages "$CELL_EVAL_ENV"
+    "$CELL_EVAL_ENV/bin/pip" install -q --disable-pip-version-check "cell-eval==0.8.2" 2>&1 | grep -v "Running pip as the 'root' user" || true
+    "$CELL_EVAL_ENV/bin/cell-eval" run --version >/dev/null 2>&1 || { say "cell-eval did not install; see the pip output above"; exit 1; }
+  fi
+fi
+
 # The loaders `cellfleet bench loaders` measures, from the package registries, each in its own environment
 # under ~/.cache/cellfleet/loaders (46 s on this machine from a fresh cache: about 130 MB of downloads):
 # * bionemo-scdl in a venv over this Python (it reuses the torch installed above);

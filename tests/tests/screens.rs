@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use cellfleet_e2e::{
@@ -1188,4 +1189,344 @@ fn at_the_token_embeddings_a_knockout_moves_nothing_but_its_own_token() {
         "counting the own token moves every cell"
     );
     assert!(largest(&cls, |x| x.1) > 1e-2);
+}
+
+/// A steered screen's body: knockouts of three genes (and two null genes) in a few stimulated cells,
+/// toward control, with short chains.
+fn small_steer(extra_steer: &str) -> String {
+    format!(
+        r#"genes = ["ISG15", "IFI6", "B2M"]
+
+[cells]
+filter = {{ condition = "stimulated" }}
+max_cells = 6
+
+[goal]
+column = "condition"
+value = "control"
+match_column = "cell_type"
+
+[null]
+genes = 2
+
+[steer]
+iterations = 12
+burn_in = 4
+chains = 2
+block = 8
+target_groups = 2
+{extra_steer}
+
+[execution]
+gene_block = 2
+cell_block = 3
+batch = 16
+lease_seconds = 20
+per_cell = true
+anndata = true
+"#
+    )
+}
+
+#[test]
+fn bad_steer_specs_are_refused_before_any_work() {
+    let trained = trained_kang();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "temperature",
+            small_steer("temperature = 0.0"),
+            vec!["steer.temperature = 0", "positive"],
+        ),
+        (
+            "burn-in",
+            small_steer("").replace("burn_in = 4", "burn_in = 12"),
+            vec!["steer.burn_in = 12", "steer.iterations = 12"],
+        ),
+        (
+            "one-chain",
+            small_steer("").replace("chains = 2", "chains = 1"),
+            vec!["steer.chains = 1", "split R-hat"],
+        ),
+        (
+            "no-clamped-genes",
+            small_steer("clamp = \"bins\""),
+            vec![
+                "steer.clamp = \"bins\" with no steer.bins",
+                "no gene would be clamped",
+            ],
+        ),
+        (
+            "bin-missing",
+            small_steer("clamp = \"bins\"\nbins = { ISG15 = 3 }"),
+            vec!["steer.bins has no bin for \"IFI6\""],
+        ),
+        (
+            "bin-range",
+            small_steer("clamp = \"bins\"\nbins = { ISG15 = 60, IFI6 = 1, B2M = 1 }"),
+            vec!["steer.bins.ISG15 = 60", "bins run from 0 to 49"],
+        ),
+        (
+            "anchor-class",
+            small_steer("[steer.anchor]\ncolumn = \"condition\"\nvalue = \"asleep\""),
+            vec!["steer.anchor.value", "asleep"],
+        ),
+        (
+            "anchor-column",
+            small_steer("[steer.anchor]\ncolumn = \"donor\"\nvalue = \"A\""),
+            vec!["steer.anchor.column", "donor"],
+        ),
+        (
+            "readout",
+            small_steer("").replace("[null]", "readout = \"cls\"\n\n[null]"),
+            vec!["readout = \"cls\" with [steer]"],
+        ),
+    ];
+    for (name, body, expect) in cases {
+        // A [steer.anchor] table must come last in TOML: move [execution] above the steer section.
+        let body = match body.find("[steer.anchor]") {
+            Some(at) => {
+                let (head, anchor) = body.split_at(at);
+                let execution = head.find("[execution]").unwrap();
+                let steer = head.find("[steer]").unwrap();
+                format!(
+                    "{}{}{}{}",
+                    &head[..steer],
+                    &head[execution..],
+                    &head[steer..execution],
+                    anchor
+                )
+            }
+            None => body,
+        };
+        let spec = write_spec(dir.path(), &format!("{name}.toml"), &trained, &body);
+        let out = cellfleet(
+            bin(),
+            &["screen", "run", &s(&spec), "--local", "--workers", "1"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        for needle in expect {
+            assert!(
+                stderr.contains(needle),
+                "{name}: expected {needle:?} in the error, got:\n{stderr}"
+            );
+        }
+        let spec_out = PathBuf::from(format!("{}.out", spec.display()));
+        assert!(
+            !spec_out.join("plan.json").exists(),
+            "{name}: a plan was stored"
+        );
+    }
+}
+
+/// The files of a steered screen's results that must be identical however the units were computed.
+fn steered_outputs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    [
+        "genes.parquet",
+        "cells.parquet",
+        "diagnostics.parquet",
+        "acceptance.parquet",
+        "traces.parquet",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
+    .collect()
+}
+
+#[test]
+fn steered_chains_are_reproducible_clamped_and_the_same_on_one_and_two_workers() {
+    let trained = trained_kang();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "steer.toml", &trained, &small_steer(""));
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    let again = dir.path().join("again");
+    screen_run(&spec, "1", &one);
+    screen_run(&spec, "2", &two);
+    screen_run(&spec, "1", &again);
+    let reference = steered_outputs(&one);
+    for (other, what) in [(&two, "2 workers"), (&again, "a second run")] {
+        for ((name, a), (_, b)) in reference.iter().zip(steered_outputs(other)) {
+            assert!(*a == b, "{name} differs between 1 worker and {what}");
+        }
+    }
+    let plan = plan_of(&PathBuf::from(format!("{}.out", spec.display())));
+    assert!(
+        plan.unit_count() >= 4,
+        "the units must be spread over workers"
+    );
+    // Clamped genes never move: in every knockout's predicted cells its gene is at bin 0; the chains
+    // moved the rest; diagnostics cover every record.
+    let checked = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg("-c")
+        .arg(
+            r#"
+import sys, anndata, numpy as np, pandas as pd
+a = anndata.read_h5ad(sys.argv[1] + "/cells.h5ad")
+genes = list(a.var_names)
+pert = np.asarray(a.obs["perturbation"], dtype=str)
+control = a.X[pert == "control"]
+moved = 0.0
+for p in sorted(set(pert) - {"control"}):
+    rows = a.X[pert == p]
+    assert np.all(rows[:, genes.index(p)] == 0), f"{p} moved: {rows[:, genes.index(p)]}"
+    moved = max(moved, float(np.abs(rows - control[: len(rows)]).max()))
+assert moved > 0.5, f"no chain moved any gene (largest change {moved})"
+d = pd.read_parquet(sys.argv[1] + "/diagnostics.parquet")
+assert len(d) == int((pert != "control").sum()), (len(d), pert)
+assert d["acceptance"].between(0, 1).all() and d["acceptance"].max() > 0
+assert set(a.obs["converged"].astype(str)) <= {"true", "false", "control"}
+print(len(d))
+"#,
+        )
+        .arg(&one)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// The issue's question on real data: clamp a training fold of the genes up in stimulated cells at
+/// their stimulated levels (per cell type) in control cells, and predict the rest. Compared on held-out
+/// genes with the real stimulated cells, by numpy and by cell-eval, against the token edit at the same
+/// clamps, the no-change baseline, and a control that can fail: the same chains clamping random genes
+/// at their stimulated levels.
+#[test]
+fn steering_toward_stimulated_is_measured_on_held_out_genes_with_cell_eval() {
+    let trained = trained_kang();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _) = stimulated_up(&trained, dir.path());
+    let vocabulary = dir.path().join("vocabulary.txt");
+    let up: Vec<String> = serde_json::from_str(&python(
+        "kang_de.py",
+        &[
+            data("kang_ifnb_pbmc.h5ad").to_str().unwrap(),
+            "condition",
+            "stimulated",
+            "control",
+            "40",
+            "--genes",
+            &s(&vocabulary),
+        ],
+    ))
+    .unwrap();
+    // Folds by rank, alternating: chosen without looking at what the model predicts.
+    let train: Vec<&String> = up.iter().step_by(2).collect();
+    let held: Vec<&String> = up.iter().skip(1).step_by(2).collect();
+    let folds = dir.path().join("folds.json");
+    std::fs::write(
+        &folds,
+        serde_json::json!({ "train": train, "held": held }).to_string(),
+    )
+    .unwrap();
+    let body = |method: &str| {
+        format!(
+            r#"genes = {{ sets = {{ ifn_train = {train:?} }} }}
+
+[cells]
+filter = {{ condition = "control" }}
+max_cells = 21
+
+[goal]
+column = "condition"
+value = "stimulated"
+match_column = "cell_type"
+
+[null]
+genes = 0
+sets = 1
+
+[steer]
+method = "{method}"
+clamp = "goal"
+iterations = 60
+burn_in = 20
+chains = 4
+block = 16
+target_groups = 2
+
+[execution]
+gene_block = 1
+cell_block = 7
+batch = 32
+anndata = true
+"#
+        )
+    };
+    let mut runs = Vec::new();
+    for method in ["mcmc", "edit"] {
+        let spec = write_spec(
+            dir.path(),
+            &format!("{method}.toml"),
+            &trained,
+            &body(method),
+        );
+        let out = dir.path().join(method);
+        screen_run(&spec, "2", &out);
+        runs.push(out);
+    }
+    let real = dir.path().join("real.h5ad");
+    cellfleet_ok(
+        bin(),
+        &["corpus", "export", &trained.corpus, "--out", &s(&real)],
+    );
+    let cell_eval = std::env::var("CELL_EVAL").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/cellfleet/celleval/bin/cell-eval",
+            std::env::var("HOME").unwrap()
+        )
+    });
+    assert!(
+        Path::new(&cell_eval).exists(),
+        "cell-eval is not installed at {cell_eval} (scripts/setup.sh --for-tests installs it)"
+    );
+    let cells = |run: &Path| s(&run.join("cells.h5ad"));
+    let report: Value = serde_json::from_str(&python(
+        "steer_eval.py",
+        &[
+            &s(&real),
+            &s(&folds),
+            &s(&dir.path().join("eval")),
+            &format!("mcmc={}@ifn_train", cells(&runs[0])),
+            &format!("edit={}@ifn_train", cells(&runs[1])),
+            &format!("random_clamp={}@null-set-20-0", cells(&runs[0])),
+            "--cell-eval",
+            &cell_eval,
+        ],
+    ))
+    .unwrap();
+    eprintln!("steering on Kang (held-out genes): {report:#}");
+    let m = &report["methods"];
+    let f = |method: &str, key: &str| m[method][key].as_f64().unwrap();
+    // numpy and cell-eval agree on the mean squared error of the predicted change.
+    for method in ["mcmc", "edit", "random_clamp"] {
+        let ours = f(method, "mse_all");
+        let theirs = m[method]["cell_eval"]["mse_delta"].as_f64().unwrap();
+        assert!(
+            (ours - theirs).abs() < 1e-3 * ours,
+            "{method}: numpy mse {ours}, cell-eval {theirs}"
+        );
+    }
+    // The issue's assertion: MCMC beats no change on the held-out genes (observed 68.2 against 74.8
+    // for the MSE, Pearson 0.38 against 0 for no change).
+    assert!(
+        f("mcmc", "mse_all") < f("no_change", "mse_all"),
+        "MCMC does not beat no change: {report}"
+    );
+    assert!(f("mcmc", "pearson_all") > 0.1, "{report}");
+    // Reported, not asserted: whether it beats the token edit, and whether the interferon clamp does
+    // better than clamping random genes (on this model it does not: docs/steering.md).
+    eprintln!(
+        "MCMC vs token edit: pearson {:.3} vs {:.3}, mse {:.2} vs {:.2}; random-gene clamp: pearson {:.3}, mse {:.2}",
+        f("mcmc", "pearson_all"),
+        f("edit", "pearson_all"),
+        f("mcmc", "mse_all"),
+        f("edit", "mse_all"),
+        f("random_clamp", "pearson_all"),
+        f("random_clamp", "mse_all"),
+    );
 }

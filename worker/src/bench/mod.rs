@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod loaders;
 pub mod nccl_check;
 pub mod screen;
+pub mod steer;
 pub mod stream;
 pub mod train;
 use std::path::PathBuf;
@@ -262,6 +263,24 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// MCMC steering per core against the same sampler in plain PyTorch, then whole steered screens
+    /// with 1 and 2 workers
+    Steer {
+        /// A screen specification with a [steer] section (method "mcmc")
+        #[arg(long)]
+        spec: PathBuf,
+        /// Cap on the screened cells (overrides the spec's cells.max_cells)
+        #[arg(long)]
+        cells: Option<u64>,
+        #[arg(long, default_value = "runs/bench-steer")]
+        scratch: PathBuf,
+        /// Alternating rounds of the per-core comparison (median and range reported)
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Worker processes of the second whole-screen run
+        #[arg(long, default_value_t = 2)]
+        workers_max: u32,
+    },
     /// (internal) one rank of one side of `bench allreduce`
     #[command(hide = true)]
     AllreduceChild {
@@ -472,6 +491,19 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             utilization,
             versus_checkpoint,
             rounds: rounds.max(1),
+        }),
+        BenchCommand::Steer {
+            spec,
+            cells,
+            scratch,
+            rounds,
+            workers_max,
+        } => steer::bench_steer(&steer::SteerBench {
+            spec,
+            cells,
+            scratch,
+            rounds: rounds.max(1),
+            workers_max,
         }),
         BenchCommand::AllreduceChild {
             side,

@@ -158,7 +158,7 @@ fn model_words(c: &ModelConfig) -> String {
 }
 
 /// The 1-minute load average (another build on the machine shows here).
-fn load_average() -> f64 {
+pub(super) fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
@@ -171,7 +171,10 @@ fn cores() -> usize {
 
 /// Runs `f` with this process's stdout (file descriptor 1) sent to `log`, so the screen's own report and
 /// the export's message stay out of the benchmark table.
-fn with_stdout_to<T>(log: &Path, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+pub(super) fn with_stdout_to<T>(
+    log: &Path,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let file =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     std::io::stdout().flush()?;
@@ -195,7 +198,7 @@ fn with_stdout_to<T>(log: &Path, f: impl FnOnce() -> anyhow::Result<T>) -> anyho
 
 /// Reads `path` as a screen specification and makes every local location absolute (against the
 /// specification's directory), so a copy written elsewhere means the same screen.
-fn absolute_spec(path: &Path) -> anyhow::Result<ScreenSpec> {
+pub(super) fn absolute_spec(path: &Path) -> anyhow::Result<ScreenSpec> {
     let mut spec = read_spec(path)?;
     if spec.perturbation.kind != PerturbationKind::Knockout {
         bail!(
@@ -278,7 +281,7 @@ fn worker_counts(max: u32) -> Vec<u32> {
     counts
 }
 
-fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
+pub(super) fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }

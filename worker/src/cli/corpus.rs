@@ -25,6 +25,19 @@ pub enum CorpusAction {
         #[command(flatten)]
         s3: S3Args,
     },
+    /// Write the corpus's cells as AnnData: X the bins (vocabulary order), obs the labels; for tools
+    /// that compare predicted cells with real ones in bins (cell-eval)
+    Export {
+        url: String,
+        /// The .h5ad file to write
+        #[arg(long)]
+        out: PathBuf,
+        /// Only cells with COLUMN=VALUE (repeat: all must hold)
+        #[arg(long = "filter", value_name = "COLUMN=VALUE")]
+        filters: Vec<String>,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// Print the augmented, masked batches one rank would read (with a digest of their tokens)
     Stream {
         url: String,
@@ -103,6 +116,12 @@ pub fn corpus_command(action: CorpusAction) -> anyhow::Result<()> {
             let corpus = Corpus::open(&url, &s3.options())?;
             println!("{}", inspect::summary(&corpus));
         }
+        CorpusAction::Export {
+            url,
+            out,
+            filters,
+            s3,
+        } => export(&url, &out, &filters, &s3.options())?,
         CorpusAction::Verify { url, s3 } => {
             let corpus = Corpus::open(&url, &s3.options())?;
             let bad = inspect::verify(&corpus);
@@ -185,4 +204,80 @@ pub fn synth_command(
         block_cells: layout.block_cells,
     };
     synth::run(&opts).context("synth failed")
+}
+
+/// `cellfleet corpus export`: the cells matching every `COLUMN=VALUE` filter, as AnnData in bins.
+fn export(
+    url: &str,
+    out: &std::path::Path,
+    filters: &[String],
+    s3: &cellfleet_shared::storage::S3Options,
+) -> anyhow::Result<()> {
+    use crate::screen::anndata::{H5adWriter, ObsColumn};
+    use crate::screen::plan::{cell_labels, cell_names, read_cells};
+    let corpus = Corpus::open(url, s3)?;
+    let all: Vec<u64> = (0..corpus.total_cells()).collect();
+    let labels = cell_labels(&corpus, &all)?;
+    let mut keep = vec![true; all.len()];
+    for filter in filters {
+        let (column, value) = filter.split_once('=').with_context(|| {
+            format!("--filter {filter:?}: expected COLUMN=VALUE, e.g. condition=control")
+        })?;
+        let (_, values) =
+            labels
+                .iter()
+                .find(|(name, _)| name == column)
+                .with_context(|| {
+                    format!(
+                "--filter {filter:?}: the corpus has no label column {column:?} (it has: {})",
+                labels.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            )
+                })?;
+        if !values.iter().any(|v| v == value) {
+            anyhow::bail!("--filter {filter:?}: no cell has {column} = {value:?}");
+        }
+        for (k, v) in keep.iter_mut().zip(values) {
+            *k &= v == value;
+        }
+    }
+    let cells: Vec<u64> = all.iter().copied().filter(|&c| keep[c as usize]).collect();
+    let bins = read_cells(&corpus, &cells)?;
+    let names = cell_names(&corpus)?;
+    let mut writer = H5adWriter::create(out, cells.len(), &corpus.manifest.genes)?;
+    for (chunk_index, chunk) in cells.chunks(4096).enumerate() {
+        let rows: Vec<f32> = chunk
+            .iter()
+            .flat_map(|c| bins[c].iter().map(|&b| f32::from(b)))
+            .collect();
+        writer.write_rows(chunk_index * 4096, &rows)?;
+    }
+    let mut columns = vec![(
+        "cell".to_string(),
+        ObsColumn::I64(cells.iter().map(|&c| c as i64).collect()),
+    )];
+    for (name, values) in labels {
+        columns.push((
+            name,
+            ObsColumn::Categorical(cells.iter().map(|&c| values[c as usize].clone()).collect()),
+        ));
+    }
+    let obs_names: Vec<String> = cells.iter().map(|&c| names[c as usize].clone()).collect();
+    writer.finish(
+        &obs_names,
+        &columns,
+        &[
+            (
+                "X".to_string(),
+                "expression bins per vocabulary gene".to_string(),
+            ),
+            ("corpus".to_string(), url.to_string()),
+        ],
+    )?;
+    println!(
+        "wrote {} ({} cells x {} genes, bins)",
+        out.display(),
+        cells.len(),
+        corpus.manifest.genes.len()
+    );
+    Ok(())
 }

@@ -88,7 +88,7 @@ pub struct Screener {
     /// Per screened cell (by corpus position): its stratum.
     pub(super) stratum_of: HashMap<u64, usize>,
     /// A steered screen's clamp levels, bin-space states and anchors.
-    steering: Option<super::steered::Steering>,
+    pub(super) steering: Option<super::steered::Steering>,
     layout: TokenLayout,
     /// The checkpoint's token layout, which decides the genes of each cell's sequence.
     sequence: SequenceLayout,

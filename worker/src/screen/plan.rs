@@ -101,6 +101,11 @@ fn index_corpus(corpus: &Corpus) -> anyhow::Result<CorpusIndex> {
     Ok(index)
 }
 
+/// Every cell's name, in corpus order.
+pub fn cell_names(corpus: &Corpus) -> anyhow::Result<Vec<String>> {
+    Ok(index_corpus(corpus)?.names)
+}
+
 /// Every label column of the corpus with each of `cells`' values (`""` where a cell has none).
 pub fn cell_labels(corpus: &Corpus, cells: &[u64]) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let index = index_corpus(corpus)?;

@@ -333,6 +333,48 @@ impl Screener {
         Ok(result)
     }
 
+    /// Where the chains of target `target_index` in `cell` start (the cell's bins with the clamps
+    /// applied) and the genes they may move.
+    fn chain_start(
+        &self,
+        steering: &Steering,
+        target_index: usize,
+        cell: u64,
+    ) -> (Vec<u8>, Vec<u32>) {
+        let target = &self.plan.targets[target_index];
+        let mut bins = self.bins[&cell].clone();
+        for (g, b) in steering.clamps(&self.plan, target, self.stratum_of[&cell]) {
+            bins[g as usize] = b;
+        }
+        let free = (0..bins.len() as u32)
+            .filter(|g| !target.genes.contains(g))
+            .collect();
+        (bins, free)
+    }
+
+    /// Every chain's start state and free genes over the whole plan, in unit and record order (what
+    /// `bench steer` gives its PyTorch baseline).
+    pub fn steer_chain_starts(&self) -> anyhow::Result<Vec<(Vec<u8>, Vec<u32>)>> {
+        let steering = self
+            .steering
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the screen has no [steer] section"))?;
+        let plan = &self.plan;
+        let mut starts = Vec::new();
+        for unit in 0..plan.unit_count() {
+            let span = plan.unit(unit);
+            for t in span.targets.clone() {
+                for &cell in &plan.cells[span.cells.clone()] {
+                    if plan.record_applies(&plan.targets[t], &self.bins[&cell]) {
+                        let start = self.chain_start(steering, t, cell);
+                        starts.extend(std::iter::repeat_n(start, steering.spec.chains as usize));
+                    }
+                }
+            }
+        }
+        Ok(starts)
+    }
+
     /// Runs every record's chains, a group of records at a time (`execution.batch` chains per group).
     fn run_chains(
         &self,
@@ -367,17 +409,9 @@ impl Screener {
             let mut strata = Vec::with_capacity(members.len());
             for &(k, ci) in members {
                 let target_index = span.targets.start + k;
-                let target = &plan.targets[target_index];
                 let cell = unit_cells[ci];
-                let stratum = self.stratum_of[&cell];
-                strata.push(stratum);
-                let mut bins = self.bins[&cell].clone();
-                for (g, b) in steering.clamps(plan, target, stratum) {
-                    bins[g as usize] = b;
-                }
-                let free: Vec<u32> = (0..n as u32)
-                    .filter(|g| !target.genes.contains(g))
-                    .collect();
+                strata.push(self.stratum_of[&cell]);
+                let (bins, free) = self.chain_start(steering, target_index, cell);
                 for chain in 0..chains {
                     starts.push(ChainStart {
                         bins: bins.clone(),
