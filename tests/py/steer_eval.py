@@ -12,8 +12,9 @@ minus the mean of the screened control cells, and the real change the mean of th
 of that type minus the same control mean. Computed independently of cellfleet (numpy), on every gene but
 the clamped ones ("held-out genes") and on the held-out up genes alone; the no-change baseline predicts
 the control cells themselves. With --cell-eval, cell-eval runs on AnnData files in its layout (a
-`perturbation` column, control label `control`, one perturbation per cell type) restricted to the
-held-out genes. Prints one JSON object.
+`perturbation` column, control label `control`, one perturbation `ifn`) restricted to the
+held-out genes, split by cell type (`--celltype-col`), so each type is compared with its own control
+cells, as above. Prints one JSON object.
 """
 import json
 import os
@@ -93,19 +94,21 @@ for name, path in methods.items():
     report["methods"]["no_change"] = {k: float(np.mean(v)) for k, v in baseline.items()}
 
     if cell_eval:
-        # cell-eval's layout: one perturbation per cell type, the same control cells in both files.
+        # cell-eval's layout: a perturbation column (one perturbation, "ifn") with the control label
+        # "control", and a cell-type column, so that cell-eval compares each type with its own controls.
         keep = held_all
-        ctrl_cells = pred[is_control]
-        label = lambda t: "ifn_" + "".join(c if c.isalnum() else "_" for c in t)
+        types_pred = np.concatenate([types[is_control], types[~is_control]])
         pred_x = np.vstack([x_pred[is_control][:, keep], x_pred[~is_control][:, keep]])
-        pred_obs = pd.DataFrame(
-            {"perturbation": ["control"] * int(is_control.sum()) + [label(t) for t in types[~is_control]]}
-        )
+        pred_obs = pd.DataFrame({
+            "perturbation": ["control"] * int(is_control.sum()) + ["ifn"] * int((~is_control).sum()),
+            "cell_type": types_pred,
+        })
         real_mask = (cond == "stimulated") & np.isin(ctype, list(set(types[~is_control])))
         real_x = np.vstack([x_pred[is_control][:, keep], x_real[real_mask][:, keep]])
-        real_obs = pd.DataFrame(
-            {"perturbation": ["control"] * int(is_control.sum()) + [label(t) for t in ctype[real_mask]]}
-        )
+        real_obs = pd.DataFrame({
+            "perturbation": ["control"] * int(is_control.sum()) + ["ifn"] * int(real_mask.sum()),
+            "cell_type": np.concatenate([types[is_control], ctype[real_mask]]),
+        })
         var = pd.DataFrame(index=genes[keep])
         d = os.path.join(outdir, name)
         os.makedirs(d, exist_ok=True)
@@ -114,21 +117,25 @@ for name, path in methods.items():
             anndata.AnnData(X=x.astype(np.float32), obs=obs, var=var).write_h5ad(os.path.join(d, f"{which}.h5ad"))
         run = subprocess.run(
             [cell_eval, "run", "-ap", os.path.join(d, "pred.h5ad"), "-ar", os.path.join(d, "real.h5ad"),
-             "--pert-col", "perturbation", "--control-pert", "control", "--allow-discrete",
-             "--profile", "full", "-o", os.path.join(d, "cell-eval")],
+             "--pert-col", "perturbation", "--control-pert", "control", "--celltype-col", "cell_type",
+             "--allow-discrete", "--profile", "full", "-o", os.path.join(d, "cell-eval")],
             capture_output=True, text=True)
         if run.returncode != 0:
             sys.exit(f"cell-eval failed on {name}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-        results = pd.read_csv(os.path.join(d, "cell-eval", "agg_results.csv"))
+        # One results.csv per cell type (its own controls): the mean of each metric over the types.
+        per_type = []
+        for root, _, files in os.walk(os.path.join(d, "cell-eval")):
+            for f in files:
+                if f.endswith("results.csv") and not f.endswith("agg_results.csv"):
+                    per_type.append(pd.read_csv(os.path.join(root, f)))
+        if not per_type:
+            sys.exit(f"cell-eval wrote no results.csv under {d}/cell-eval")
+        frame = pd.concat(per_type)
         metrics = {}
-        for _, r in results.iterrows():
-            metric = r.iloc[0]
-            if "statistic" in results.columns:
-                pass
-        # agg_results.csv: one row per statistic (count, mean, ...), one column per metric.
-        frame = results.set_index(results.columns[0])
-        if "mean" in frame.index:
-            metrics = {k: (None if pd.isna(v) else float(v)) for k, v in frame.loc["mean"].items()
-                       if isinstance(v, (int, float, np.floating))}
+        for column in frame.columns:
+            values = pd.to_numeric(frame[column], errors="coerce")
+            if values.notna().any():
+                metrics[column] = float(values.mean())
+        metrics["cell_types_evaluated"] = len(per_type)
         summary["cell_eval"] = metrics
 print(json.dumps(report))

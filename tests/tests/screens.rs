@@ -1192,7 +1192,8 @@ fn at_the_token_embeddings_a_knockout_moves_nothing_but_its_own_token() {
 }
 
 /// A steered screen's body: knockouts of three genes (and two null genes) in a few stimulated cells,
-/// toward control, with short chains.
+/// toward control, with short chains; `extra_steer` ends the `[steer]` table (and may open
+/// `[steer.anchor]`, which is why `[steer]` comes last).
 fn small_steer(extra_steer: &str) -> String {
     format!(
         r#"genes = ["ISG15", "IFI6", "B2M"]
@@ -1209,14 +1210,6 @@ match_column = "cell_type"
 [null]
 genes = 2
 
-[steer]
-iterations = 12
-burn_in = 4
-chains = 2
-block = 8
-target_groups = 2
-{extra_steer}
-
 [execution]
 gene_block = 2
 cell_block = 3
@@ -1224,6 +1217,14 @@ batch = 16
 lease_seconds = 20
 per_cell = true
 anndata = true
+
+[steer]
+iterations = 12
+burn_in = 4
+chains = 2
+block = 8
+target_groups = 2
+{extra_steer}
 "#
     )
 }
@@ -1259,7 +1260,10 @@ fn bad_steer_specs_are_refused_before_any_work() {
         (
             "bin-missing",
             small_steer("clamp = \"bins\"\nbins = { ISG15 = 3 }"),
-            vec!["steer.bins has no bin for \"IFI6\""],
+            vec![
+                "steer.bins has no bin for \"B2M\"",
+                "every screened gene needs one",
+            ],
         ),
         (
             "bin-range",
@@ -1278,27 +1282,11 @@ fn bad_steer_specs_are_refused_before_any_work() {
         ),
         (
             "readout",
-            small_steer("").replace("[null]", "readout = \"cls\"\n\n[null]"),
+            small_steer("").replace("genes = [", "readout = \"cls\"\ngenes = ["),
             vec!["readout = \"cls\" with [steer]"],
         ),
     ];
     for (name, body, expect) in cases {
-        // A [steer.anchor] table must come last in TOML: move [execution] above the steer section.
-        let body = match body.find("[steer.anchor]") {
-            Some(at) => {
-                let (head, anchor) = body.split_at(at);
-                let execution = head.find("[execution]").unwrap();
-                let steer = head.find("[steer]").unwrap();
-                format!(
-                    "{}{}{}{}",
-                    &head[..steer],
-                    &head[execution..],
-                    &head[steer..execution],
-                    anchor
-                )
-            }
-            None => body,
-        };
         let spec = write_spec(dir.path(), &format!("{name}.toml"), &trained, &body);
         let out = cellfleet(
             bin(),
@@ -1502,17 +1490,23 @@ anndata = true
     eprintln!("steering on Kang (held-out genes): {report:#}");
     let m = &report["methods"];
     let f = |method: &str, key: &str| m[method][key].as_f64().unwrap();
-    // numpy and cell-eval agree on the mean squared error of the predicted change.
+    // numpy and cell-eval (each cell type against its own controls) agree on the Pearson correlation
+    // and the mean squared error of the predicted change.
     for method in ["mcmc", "edit", "random_clamp"] {
-        let ours = f(method, "mse_all");
-        let theirs = m[method]["cell_eval"]["mse_delta"].as_f64().unwrap();
-        assert!(
-            (ours - theirs).abs() < 1e-3 * ours,
-            "{method}: numpy mse {ours}, cell-eval {theirs}"
-        );
+        for (ours, theirs) in [("mse_all", "mse_delta"), ("pearson_all", "pearson_delta")] {
+            let (a, b) = (
+                f(method, ours),
+                m[method]["cell_eval"][theirs].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() < 1e-3 * a.abs().max(0.01),
+                "{method}: numpy {ours} {a}, cell-eval {theirs} {b}"
+            );
+        }
+        assert_eq!(m[method]["cell_eval"]["cell_types_evaluated"], 7);
     }
-    // The issue's assertion: MCMC beats no change on the held-out genes (observed 68.2 against 74.8
-    // for the MSE, Pearson 0.38 against 0 for no change).
+    // The issue's assertion: MCMC beats no change on the held-out genes (observed MSE 72.8 against
+    // 79.8, Pearson 0.36 against 0).
     assert!(
         f("mcmc", "mse_all") < f("no_change", "mse_all"),
         "MCMC does not beat no change: {report}"

@@ -511,6 +511,7 @@ impl Screener {
         let plan = &self.plan;
         let n = plan.vocabulary.len();
         let batch = (plan.spec.execution.batch as usize / 2).max(1);
+        let top = f32::from(plan.n_bins - 1);
         let mut predictions = Vec::with_capacity(records.len());
         for members in records.chunks(batch) {
             if stop.load(Ordering::Relaxed) {
@@ -540,7 +541,9 @@ impl Screener {
                             if target.genes.contains(&(j as u32)) {
                                 f32::from(edited[j])
                             } else {
-                                f32::from(observed[j]) + after[j] - before[j]
+                                // Within the bins: the edit's change can take an unexpressed
+                                // gene below 0.
+                                (f32::from(observed[j]) + after[j] - before[j]).clamp(0.0, top)
                             }
                         })
                         .collect(),
