@@ -205,6 +205,65 @@ mod tests {
         );
     }
 
+    /// Steered units carry their chain diagnostics through encoding; an unconverged record (NaN
+    /// measures) is counted in `unconverged_cells` and left out of every mean, test and change sum, yet
+    /// its diagnostics stay, in record order.
+    #[test]
+    fn steered_diagnostics_round_trip_and_unconverged_records_are_not_averaged() {
+        let p = plan(vec![0, 1, 2], vec![3], (0..4).collect(), 4, 4);
+        let mut r = result(&p, 0);
+        let records = r.records();
+        let (iterations, chains, statistics) = (3usize, 2usize, 2usize);
+        r.steer = Some(UnitSteer {
+            iterations: iterations as u32,
+            chains: chains as u32,
+            statistics: statistics as u32,
+            converged: (0..records).map(|i| u8::from(i != 1)).collect(),
+            acceptance: (0..records * iterations)
+                .map(|i| i as f32 / 100.0)
+                .collect(),
+            rhat: (0..records * statistics)
+                .map(|i| 1.0 + i as f32 / 1000.0)
+                .collect(),
+            ess: (0..records * statistics).map(|i| i as f32).collect(),
+            trace: (0..records * chains * iterations * statistics)
+                .map(|i| i as f32)
+                .collect(),
+        });
+        // Record 1 (target 0, cell 1) did not converge: its measures are NaN, as a worker writes them.
+        r.cosine_shift[1] = f32::NAN;
+        r.state_shift[1] = f32::NAN;
+        r.state_progress[1] = f32::NAN;
+        let bytes = r.encode();
+        let decoded = UnitResult::decode("k", &bytes).unwrap();
+        assert_eq!(decoded.steer, r.steer);
+        // A steer block cut short is refused, not read past.
+        let mut raw = zstd::stream::decode_all(&bytes[..]).unwrap();
+        raw.truncate(raw.len() - 4);
+        let damaged = zstd::bulk::compress(&raw, 1).unwrap();
+        assert!(UnitResult::decode("k", &damaged)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+
+        let mut merger = Merger::new(&p, "p");
+        merger.add(&unit_key(0), decoded).unwrap();
+        let merged = merger.finish(true).unwrap();
+        let gene0 = merged
+            .targets
+            .iter()
+            .find(|t| t.gene_id == Some(0))
+            .unwrap();
+        assert_eq!(gene0.unconverged_cells, 1);
+        assert_eq!(gene0.n_cells, 3);
+        assert!(gene0.state_progress[0].is_finite() && gene0.cosine_shift.is_finite());
+        let steer = merged.steer.unwrap();
+        assert_eq!(steer.len(), records);
+        assert!(!steer[1].converged && steer[0].converged);
+        assert_eq!(steer[1].trace.len(), chains * iterations * statistics);
+        assert_eq!(steer[2].acceptance, vec![0.06, 0.07, 0.08]);
+    }
+
     #[test]
     fn merge_is_order_independent_and_counts_each_unit_once() {
         let p = plan(vec![0, 1, 2, 3, 4], vec![0, 1], (0..9).collect(), 2, 4);
