@@ -376,8 +376,14 @@ impl Screen {
             1 => ", 1 unit re-leased".to_string(),
             n => format!(", {n} units re-leased"),
         };
+        // Steered screens compute a few pairs per second: decimals where they matter.
+        let rate = if rate >= 100.0 {
+            format!("{rate:.0}")
+        } else {
+            format!("{rate:.2}")
+        };
         format!(
-            "completed: {} units, {} pairs in {seconds:.1} s ({rate:.0} pairs/s){releases}",
+            "completed: {} units, {} pairs in {seconds:.1} s ({rate} pairs/s){releases}",
             self.record.units_total,
             thousands(self.pairs_done)
         )

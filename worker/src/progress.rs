@@ -39,3 +39,15 @@ pub fn step_bar(total: u64, what: &str, show: bool) -> ProgressBar {
     bar.enable_steady_tick(Duration::from_millis(250));
     bar
 }
+
+/// A rate with the precision it needs: whole numbers from 100, one decimal from 1, two below (a steered
+/// screen computes a few records per second, which `{:.0}` would show as 0).
+pub fn rate(per_second: f64) -> String {
+    if per_second >= 100.0 {
+        format!("{per_second:.0}")
+    } else if per_second >= 1.0 {
+        format!("{per_second:.1}")
+    } else {
+        format!("{per_second:.2}")
+    }
+}

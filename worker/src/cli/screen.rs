@@ -172,7 +172,7 @@ fn print_status(s: &pb::ScreenStatusResponse) {
         s.summary
     );
     println!(
-        "  units {}/{} done, {} leased ({}); pairs {}/{}; {:.0} pairs/s; eta {}",
+        "  units {}/{} done, {} leased ({}); pairs {}/{}; {} pairs/s; eta {}",
         s.units_done,
         s.units_total,
         s.units_leased,
@@ -183,7 +183,7 @@ fn print_status(s: &pb::ScreenStatusResponse) {
         },
         s.pairs_done,
         s.pairs_total,
-        s.pairs_per_second,
+        crate::progress::rate(s.pairs_per_second),
         if s.eta_seconds < 0.0 {
             "unknown".to_string()
         } else {

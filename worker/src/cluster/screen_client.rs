@@ -178,12 +178,12 @@ pub fn follow(
         if logged.elapsed() > Duration::from_secs(10) {
             bar.suspend(|| {
                 eprintln!(
-                    "screen {id}: {}/{} units, {}/{} pairs, {:.0} pairs/s, eta {}",
+                    "screen {id}: {}/{} units, {}/{} pairs, {} pairs/s, eta {}",
                     s.units_done,
                     s.units_total,
                     s.pairs_done,
                     s.pairs_total,
-                    s.pairs_per_second,
+                    crate::progress::rate(s.pairs_per_second),
                     if s.eta_seconds < 0.0 {
                         "unknown".into()
                     } else {

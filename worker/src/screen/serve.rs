@@ -316,10 +316,10 @@ impl Session {
                 .set(result.records() as f64 / seconds.max(1e-9));
         }
         eprintln!(
-            "screen {} unit {unit}/{units}: {} pairs in {seconds:.2}s ({:.0} pairs/s){}",
+            "screen {} unit {unit}/{units}: {} pairs in {seconds:.2}s ({} pairs/s){}",
             self.id,
             result.records(),
-            result.records() as f64 / seconds.max(1e-9),
+            crate::progress::rate(result.records() as f64 / seconds.max(1e-9)),
             if answer.accepted {
                 String::new()
             } else {
