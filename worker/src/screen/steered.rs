@@ -122,6 +122,14 @@ impl Steering {
                 axes.push(Tensor::from_slice(&axis));
             }
         }
+        // The goal-projection statistic needs an axis: none when the goal is the screened cells' own
+        // state (every stratum's axis is then NaN).
+        if goal_axis
+            .iter()
+            .any(|(_, axis)| axis.iter().any(|v| !v.is_finite()))
+        {
+            goal_axis.clear();
+        }
         let stack = |rows: Vec<Tensor>| {
             (!rows.is_empty()).then(|| Tensor::stack(&rows, 0).to_device(device))
         };
@@ -173,7 +181,6 @@ impl Steering {
                     .iter()
                     .zip(start.iter().zip(axis))
                     .map(|(&x, (s, a))| (f32::from(x) - s) * a)
-                    .filter(|v| v.is_finite())
                     .sum(),
             );
         }

@@ -395,10 +395,9 @@ fn write_steer_tables(
     steer: &[RecordSteer],
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let statistics = match plan.goal() {
-        Some(_) => vec!["total_expression", "goal_projection"],
-        None => vec!["total_expression"],
-    };
+    // Total expression, then the goal projection when the screen has a goal axis (as the records say).
+    let n_statistics = steer.first().map_or(1, |r| r.rhat.len());
+    let statistics = &["total_expression", "goal_projection"][..n_statistics.min(2)];
     let name = |r: &RecordSteer| text(&plan.targets[r.target as usize].name);
     let cell_name = |cell: u64| {
         let i = plan.cells.binary_search(&cell).expect("a screened cell");
