@@ -156,26 +156,7 @@ impl<'a> Sampler<'a> {
 
     /// The full-layout token rows of `states` with the genes where `masked(row, gene)` holds masked.
     fn tokens(&self, states: &[&[u8]], masked: impl Fn(usize, usize) -> bool) -> Tokens {
-        let (rows, seq) = (states.len(), self.n_genes + 1);
-        let mut ids = Vec::with_capacity(rows * seq);
-        let mut bins = Vec::with_capacity(rows * seq);
-        let mask_bin = self.model.config.mask_bin();
-        let cls_bin = mask_bin + 1;
-        for (r, state) in states.iter().enumerate() {
-            ids.push(0i64);
-            bins.push(cls_bin);
-            for (j, &b) in state.iter().enumerate() {
-                ids.push(j as i64 + 1);
-                bins.push(if masked(r, j) { mask_bin } else { i64::from(b) });
-            }
-        }
-        let device = self.model.device();
-        let shape = [rows as i64, seq as i64];
-        Tokens {
-            gene_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            bins: Tensor::from_slice(&bins).view(shape).to_device(device),
-            valid: None,
-        }
+        full_layout_tokens(self.model, states, masked)
     }
 
     /// Bin log-probabilities `[rows, genes, bins]` (on the CPU, row-major) of token rows, tempered by
@@ -314,6 +295,35 @@ impl<'a> Sampler<'a> {
             steps.push(step);
         }
         Ok(steps)
+    }
+}
+
+/// Full-layout token rows of `states` (`[CLS]`, then gene `j` at position `j + 1`) on the model's
+/// device, with the bin of gene `j` in row `r` masked where `masked(r, j)`.
+pub(crate) fn full_layout_tokens(
+    model: &CellModel,
+    states: &[&[u8]],
+    masked: impl Fn(usize, usize) -> bool,
+) -> Tokens {
+    let seq = model.config.n_genes + 1;
+    let mut ids = Vec::with_capacity(states.len() * seq);
+    let mut bins = Vec::with_capacity(states.len() * seq);
+    let mask_bin = model.config.mask_bin();
+    let cls_bin = mask_bin + 1;
+    for (r, state) in states.iter().enumerate() {
+        ids.push(0i64);
+        bins.push(cls_bin);
+        for (j, &b) in state.iter().enumerate() {
+            ids.push(j as i64 + 1);
+            bins.push(if masked(r, j) { mask_bin } else { i64::from(b) });
+        }
+    }
+    let device = model.device();
+    let shape = [states.len() as i64, seq as i64];
+    Tokens {
+        gene_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+        bins: Tensor::from_slice(&bins).view(shape).to_device(device),
+        valid: None,
     }
 }
 

@@ -14,9 +14,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::compute::{measures, screened_state, unit_rows, Screener, UnitError};
 use super::steer::{
-    effective_sample_size, medoids, split_rhat, ChainStart, Sampler, SamplerSettings,
+    effective_sample_size, full_layout_tokens, medoids, split_rhat, ChainStart, Sampler,
+    SamplerSettings,
 };
-use crate::model::{Mode, Tokens};
+use crate::model::Mode;
 
 /// What a steered screen computes once per worker: the clamp levels, the states in bin space, the
 /// anchors.
@@ -568,25 +569,9 @@ impl Screener {
     /// The model's expected bin of every gene of full-layout cells `states` (`rows x genes`).
     fn full_layout_expected(&self, states: &[Vec<u8>]) -> Result<Vec<f32>, UnitError> {
         let n = self.plan.vocabulary.len();
-        let (rows, seq) = (states.len(), n + 1);
-        let mut ids = Vec::with_capacity(rows * seq);
-        let mut bins = Vec::with_capacity(rows * seq);
-        let cls = self.model.config.mask_bin() + 1;
-        for state in states {
-            ids.push(0i64);
-            bins.push(cls);
-            for (j, &b) in state.iter().enumerate() {
-                ids.push(j as i64 + 1);
-                bins.push(i64::from(b));
-            }
-        }
-        let shape = [rows as i64, seq as i64];
         let device = self.device();
-        let tokens = Tokens {
-            gene_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            bins: Tensor::from_slice(&bins).view(shape).to_device(device),
-            valid: None,
-        };
+        let rows: Vec<&[u8]> = states.iter().map(Vec::as_slice).collect();
+        let tokens = full_layout_tokens(&self.model, &rows, |_, _| false);
         let expected = tch::no_grad(|| {
             let hidden = self.model.forward(&tokens, Mode::EVAL).hidden;
             let genes = hidden.narrow(1, 1, n as i64);
