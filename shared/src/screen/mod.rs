@@ -13,6 +13,7 @@ pub mod merge;
 pub mod plan;
 pub mod spec;
 pub mod stats;
+pub mod transitions;
 pub mod unit;
 
 pub use merge::*;
