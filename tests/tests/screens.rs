@@ -689,6 +689,36 @@ fn status_json(url: &str, id: &str) -> Value {
     .unwrap()
 }
 
+/// SIGKILLs one of `workers` that holds a lease of screen `id`, once at least `done` units are done and
+/// more than 4 remain.
+fn kill_a_lease_holder(url: &str, id: &str, workers: &mut [Process], done: u64) {
+    let mut victim = None;
+    wait_for(
+        "a few units done and a lease held",
+        Duration::from_secs(240),
+        || {
+            let status = status_json(url, id);
+            let finished = status["units_done"].as_u64().unwrap();
+            if finished >= done && finished + 4 < status["units_total"].as_u64().unwrap() {
+                victim = status["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find_map(|holder| {
+                        workers.iter().position(|w| {
+                            holder
+                                .as_str()
+                                .unwrap()
+                                .contains(&format!("-{}-", w.child.id()))
+                        })
+                    });
+            }
+            victim.is_some()
+        },
+    );
+    workers[victim.unwrap()].kill();
+}
+
 fn start_coordinator(dir: &Path, port: u16, etcd: &str, name: &str) -> Process {
     let listen = format!("127.0.0.1:{port}");
     let coordinator = Process::spawn(
@@ -734,29 +764,7 @@ fn killed_worker_and_restarted_coordinator_lose_and_repeat_nothing() {
     assert!(id.starts_with("screen-"), "{id}");
 
     // SIGKILL a worker that holds a lease once some units are done.
-    let mut victim = None;
-    wait_for(
-        "a few units done and a lease held",
-        Duration::from_secs(240),
-        || {
-            let status = status_json(&url, &id);
-            let done = status["units_done"].as_u64().unwrap();
-            let holders = status["workers"].as_array().unwrap();
-            if done >= 3 && done + 4 < status["units_total"].as_u64().unwrap() {
-                victim = holders.iter().find_map(|holder| {
-                    workers.iter().position(|w| {
-                        holder
-                            .as_str()
-                            .unwrap()
-                            .contains(&format!("-{}-", w.child.id()))
-                    })
-                });
-            }
-            victim.is_some()
-        },
-    );
-    let victim = victim.unwrap();
-    workers[victim].kill();
+    kill_a_lease_holder(&url, &id, &mut workers, 3);
 
     // Restart the coordinator (SIGKILL, same etcd) while units remain.
     wait_for(
@@ -1578,31 +1586,7 @@ fn a_killed_worker_loses_no_steered_record() {
     )
     .trim()
     .to_string();
-    let mut victim = None;
-    wait_for(
-        "a few units done and a lease held",
-        Duration::from_secs(240),
-        || {
-            let status = status_json(&url, &id);
-            let done = status["units_done"].as_u64().unwrap();
-            if done >= 2 && done + 4 < status["units_total"].as_u64().unwrap() {
-                victim = status["workers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find_map(|holder| {
-                        workers.iter().position(|w| {
-                            holder
-                                .as_str()
-                                .unwrap()
-                                .contains(&format!("-{}-", w.child.id()))
-                        })
-                    });
-            }
-            victim.is_some()
-        },
-    );
-    workers[victim.unwrap()].kill();
+    kill_a_lease_holder(&url, &id, &mut workers, 2);
     wait_for("the screen to complete", Duration::from_secs(300), || {
         let status = status_json(&url, &id);
         assert!(status["state"] != "failed", "{status}");

@@ -214,10 +214,10 @@ fn export(
     s3: &cellfleet_shared::storage::S3Options,
 ) -> anyhow::Result<()> {
     use crate::screen::anndata::{H5adWriter, ObsColumn};
-    use crate::screen::plan::{cell_labels, cell_names, read_cells};
+    use crate::screen::plan::{cell_names_and_labels, read_cells};
     let corpus = Corpus::open(url, s3)?;
     let all: Vec<u64> = (0..corpus.total_cells()).collect();
-    let labels = cell_labels(&corpus, &all)?;
+    let (names, labels) = cell_names_and_labels(&corpus, &all)?;
     let mut keep = vec![true; all.len()];
     for filter in filters {
         let (column, value) = filter.split_once('=').with_context(|| {
@@ -242,7 +242,6 @@ fn export(
     }
     let cells: Vec<u64> = all.iter().copied().filter(|&c| keep[c as usize]).collect();
     let bins = read_cells(&corpus, &cells)?;
-    let names = cell_names(&corpus)?;
     let mut writer = H5adWriter::create(out, cells.len(), &corpus.manifest.genes)?;
     for (chunk_index, chunk) in cells.chunks(4096).enumerate() {
         let rows: Vec<f32> = chunk

@@ -579,7 +579,7 @@ impl Screener {
     }
 
     /// Expected bins `[rows, tokens]` of final hidden states `[rows, tokens, d]`.
-    fn expected_bins(&self, states: &Tensor) -> Tensor {
+    pub(super) fn expected_bins(&self, states: &Tensor) -> Tensor {
         let (r, t, d) = states.size3().expect("[rows, tokens, d]");
         let probs = self
             .model

@@ -101,15 +101,25 @@ fn index_corpus(corpus: &Corpus) -> anyhow::Result<CorpusIndex> {
     Ok(index)
 }
 
-/// Every cell's name, in corpus order.
-pub fn cell_names(corpus: &Corpus) -> anyhow::Result<Vec<String>> {
-    Ok(index_corpus(corpus)?.names)
-}
-
 /// Every label column of the corpus with each of `cells`' values (`""` where a cell has none).
 pub fn cell_labels(corpus: &Corpus, cells: &[u64]) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    Ok(labels_of(corpus, &index_corpus(corpus)?, cells))
+}
+
+/// Every cell's name (corpus order) and, like [`cell_labels`], the label columns with `cells`' values:
+/// one pass over the corpus for both.
+#[allow(clippy::type_complexity)]
+pub fn cell_names_and_labels(
+    corpus: &Corpus,
+    cells: &[u64],
+) -> anyhow::Result<(Vec<String>, Vec<(String, Vec<String>)>)> {
     let index = index_corpus(corpus)?;
-    Ok(corpus
+    let labels = labels_of(corpus, &index, cells);
+    Ok((index.names, labels))
+}
+
+fn labels_of(corpus: &Corpus, index: &CorpusIndex, cells: &[u64]) -> Vec<(String, Vec<String>)> {
+    corpus
         .manifest
         .label_columns
         .iter()
@@ -128,7 +138,7 @@ pub fn cell_labels(corpus: &Corpus, cells: &[u64]) -> anyhow::Result<Vec<(String
                 .collect();
             (column.name.clone(), values)
         })
-        .collect())
+        .collect()
 }
 
 /// The bins of `cells` (corpus positions), read block by block.

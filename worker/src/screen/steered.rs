@@ -10,9 +10,10 @@ use cellfleet_shared::screen::{
     measure_len, ClampSource, PerturbationKind, ScreenPlan, SteerMethod, SteerSpec, Target,
     UnitExpression, UnitResult, UnitSteer,
 };
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::compute::{measures, screened_state, unit_rows, Screener, UnitError};
+use super::plan::applicable_records;
 use super::steer::{
     effective_sample_size, full_layout_tokens, medoids, split_rhat, ChainStart, Sampler,
     SamplerSettings,
@@ -215,14 +216,7 @@ impl Screener {
         let unit_cells: Vec<u64> = plan.cells[span.cells.clone()].to_vec();
         let n = plan.vocabulary.len();
         let n_states = plan.states.len();
-        let mut records = Vec::new();
-        for (k, target) in plan.targets[span.targets.clone()].iter().enumerate() {
-            for (ci, cell) in unit_cells.iter().enumerate() {
-                if plan.record_applies(target, &self.bins[cell]) {
-                    records.push((k, ci));
-                }
-            }
-        }
+        let records = applicable_records(plan, &self.bins, unit);
         let predictions = match steering.spec.method {
             SteerMethod::Mcmc => self.run_chains(steering, &span, &unit_cells, &records, stop)?,
             SteerMethod::Edit => self.token_edits(steering, &span, &unit_cells, &records, stop)?,
@@ -371,13 +365,13 @@ impl Screener {
         let mut starts = Vec::new();
         for unit in 0..plan.unit_count() {
             let span = plan.unit(unit);
-            for t in span.targets.clone() {
-                for &cell in &plan.cells[span.cells.clone()] {
-                    if plan.record_applies(&plan.targets[t], &self.bins[&cell]) {
-                        let start = self.chain_start(steering, t, cell);
-                        starts.extend(std::iter::repeat_n(start, steering.spec.chains as usize));
-                    }
-                }
+            for (k, ci) in applicable_records(plan, &self.bins, unit) {
+                let start = self.chain_start(
+                    steering,
+                    span.targets.start + k,
+                    plan.cells[span.cells.start + ci],
+                );
+                starts.extend(std::iter::repeat_n(start, steering.spec.chains as usize));
             }
         }
         Ok(starts)
@@ -569,18 +563,11 @@ impl Screener {
     /// The model's expected bin of every gene of full-layout cells `states` (`rows x genes`).
     fn full_layout_expected(&self, states: &[Vec<u8>]) -> Result<Vec<f32>, UnitError> {
         let n = self.plan.vocabulary.len();
-        let device = self.device();
         let rows: Vec<&[u8]> = states.iter().map(Vec::as_slice).collect();
         let tokens = full_layout_tokens(&self.model, &rows, |_, _| false);
         let expected = tch::no_grad(|| {
             let hidden = self.model.forward(&tokens, Mode::EVAL).hidden;
-            let genes = hidden.narrow(1, 1, n as i64);
-            let probs = self
-                .model
-                .bin_logits(&genes, false)
-                .softmax(-1, Kind::Float);
-            let values = Tensor::arange(self.model.config.n_bins as i64, (Kind::Float, device));
-            probs.matmul(&values)
+            self.expected_bins(&hidden.narrow(1, 1, n as i64))
         });
         Ok(Vec::<f32>::try_from(
             expected.to_device(Device::Cpu).flatten(0, -1),
