@@ -344,8 +344,10 @@ fn training_across_hosts_survives_a_partition_and_takes_the_healed_worker_back()
     );
     let (detection, restored_step) = detected.unwrap();
     let recovery = recovered.unwrap();
+    // `step_at_cut` is the coordinator's last heard step, which lags the workers by up to a heartbeat:
+    // they may finish and commit the next checkpoint (one interval on) before the partition bites.
     assert!(
-        restored_step < step_at_cut && restored_step % 20 == 0 && restored_step >= 40,
+        restored_step % 20 == 0 && restored_step >= 40 && restored_step <= step_at_cut + 20,
         "the new generation restarted from a checkpoint ({restored_step}, cut at {step_at_cut})"
     );
 
