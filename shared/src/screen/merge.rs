@@ -11,6 +11,7 @@ use super::unit::{measure_len, UnitResult};
 use super::{Result, ScreenError};
 use crate::ids::ScreenId;
 use crate::screen::stats::{benjamini_hochberg, mann_whitney};
+use crate::screen::transitions::{merge_transitions, TargetClassRecords, TransitionResults};
 
 /// A finished screen as the coordinator recorded it: where its plan and unit results are, and each unit's
 /// completion record, which the merge checks the stored results against.
@@ -120,6 +121,8 @@ pub struct ScreenResults {
     /// A steered (MCMC) screen's diagnostics, one per record in the order of `records` (kept whether or
     /// not `records` is).
     pub steer: Option<Vec<RecordSteer>>,
+    /// A transitions screen's matrices and per-(target, transition) effects.
+    pub transitions: Option<TransitionResults>,
     pub total_records: u64,
 }
 
@@ -261,6 +264,15 @@ impl<'a> Merger<'a> {
             (None, false) => true,
             _ => false,
         };
+        let classes_ok = match (&result.classes, &self.plan.classifier) {
+            (Some(c), Some(classifier)) => {
+                c.n_classes as usize == classifier.classes.len()
+                    && c.original.len() == cells.len() * classifier.classes.len()
+                    && c.perturbed.len() == records * classifier.classes.len()
+            }
+            (None, None) => true,
+            _ => false,
+        };
         if result.record_cell.len() != records
             || result.cosine_shift.len() != records
             || result.state_shift.len() != records * states
@@ -268,6 +280,7 @@ impl<'a> Merger<'a> {
             || result.alone.len() != pair_records * 2 * measure_len(states)
             || result.delta_bin_sum.len() != result.targets.len() * vocabulary
             || !expression_ok
+            || !classes_ok
         {
             return Err(bad(format!("unit {unit}: its arrays disagree in length")));
         }
@@ -339,8 +352,30 @@ impl<'a> Merger<'a> {
             })
             .collect();
         let mut original = with_expression.then(|| vec![0f32; plan.cells.len() * n_vocab]);
+        let n_classes = plan.classifier.as_ref().map_or(0, |c| c.classes.len());
+        let mut class_original = vec![0f32; plan.cells.len() * n_classes];
+        let mut class_records = vec![TargetClassRecords::default(); plan.targets.len()];
         let mut total = 0u64;
         for result in self.results.values() {
+            if let (Some(c), Some(classifier)) = (&result.classes, &plan.classifier) {
+                let span = plan.unit(result.unit as usize);
+                class_original[span.cells.start * n_classes..span.cells.end * n_classes]
+                    .copy_from_slice(&c.original);
+                for i in 0..result.records() {
+                    let t = result.record_target[i] as usize;
+                    let at = plan
+                        .cells
+                        .binary_search(&result.record_cell[i])
+                        .expect("checked in add: a record's cell is the unit's");
+                    class_records[t].start.push(classifier.cell_start[at]);
+                    class_records[t]
+                        .delta
+                        .extend(c.perturbed[i * n_classes..(i + 1) * n_classes].iter().zip(
+                            &c.original[(at - span.cells.start) * n_classes
+                                ..(at - span.cells.start + 1) * n_classes],
+                        ).map(|(p, o)| p - o));
+                }
+            }
             let mut pair_record = 0;
             for i in 0..result.records() {
                 let t = result.record_target[i] as usize;
@@ -558,7 +593,13 @@ impl<'a> Merger<'a> {
         for (i, r) in targets.iter_mut().enumerate() {
             r.rank = i as u32 + 1;
         }
+        let transitions = plan
+            .classifier
+            .is_some()
+            .then(|| merge_transitions(plan, &class_original, &class_records))
+            .transpose()?;
         Ok(ScreenResults {
+            transitions,
             targets,
             records,
             expression: match (perturbed_expression, original) {

@@ -84,6 +84,7 @@ mod tests {
                     ..Execution::default()
                 },
                 steer: None,
+                transitions: None,
                 s3_endpoint: None,
                 s3_region: None,
             },
@@ -111,6 +112,7 @@ mod tests {
             cell_strata: Vec::new(),
             unit_records: Vec::new(),
             anchor_cells: Vec::new(),
+            classifier: None,
         };
         plan.unit_records = (0..plan.unit_count())
             .map(|u| {
@@ -140,6 +142,7 @@ mod tests {
             delta_bin_sum: vec![0.0; targets.len() * plan.vocabulary.len()],
             expression: None,
             steer: None,
+            classes: None,
         };
         for (k, &t) in targets.iter().enumerate() {
             let g = plan.targets[t as usize].genes[0];
@@ -153,6 +156,83 @@ mod tests {
             }
         }
         r
+    }
+
+    /// A transitions screen of 8 cells (4 start in `a`, 4 in `b`): gene 0 moves the `a` cells to `b` by
+    /// 0.6, gene 1 and the null genes 2-5 move every cell by at most 0.02.
+    #[test]
+    fn transitions_merge_into_perturbed_matrices_tested_against_the_null_genes() {
+        let mut plan = plan(vec![0, 1], vec![2, 3, 4, 5], (0..8).collect(), 2, 4);
+        plan.spec.transitions = Some(TransitionsSpec {
+            classifier: "clf".into(),
+            start: None,
+            terminate_below: 0.5,
+        });
+        plan.classifier = Some(ClassifierId {
+            url: "clf".into(),
+            weights_blake3: "w".into(),
+            label_column: "state".into(),
+            classes: vec!["a".into(), "b".into()],
+            starts: vec![0, 1],
+            cell_start: vec![0, 0, 0, 0, 1, 1, 1, 1],
+        });
+        let original = |c: u64| if c < 4 { [0.9f32, 0.1] } else { [0.2, 0.8] };
+        let mut merger = Merger::new(&plan, "p");
+        for u in 0..plan.unit_count() {
+            let mut r = result(&plan, u);
+            let span = plan.unit(u);
+            let mut classes = UnitClasses {
+                n_classes: 2,
+                original: plan.cells[span.cells.clone()]
+                    .iter()
+                    .flat_map(|&c| original(c))
+                    .collect(),
+                perturbed: Vec::new(),
+            };
+            for (&t, &c) in r.record_target.iter().zip(&r.record_cell) {
+                let g = plan.targets[t as usize].genes[0];
+                let shift = if g == 0 && c < 4 {
+                    0.6
+                } else {
+                    0.005 * ((c + u64::from(g)) % 5) as f32
+                };
+                let [a, b] = original(c);
+                classes.perturbed.extend([a - shift, b + shift]);
+            }
+            r.classes = Some(classes);
+            let decoded = UnitResult::decode("k", &r.encode()).unwrap();
+            assert_eq!(decoded, r, "the state probabilities survive encoding");
+            merger.add(&format!("u{u}"), decoded).unwrap();
+        }
+        let results = merger.finish(false).unwrap();
+        let t = results.transitions.expect("a transitions screen");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(t.baseline.rows[0][0], 0.9) && close(t.baseline.rows[1][1], 0.8));
+        assert_eq!(t.baseline.cells, vec![4, 4]);
+        // Two screened genes x 2 starts x 2 states.
+        assert_eq!(t.effects.len(), 8);
+        let row = |name: &str, start: &str, state: &str| {
+            t.effects
+                .iter()
+                .find(|e| e.name == name && e.start == start && e.state == state)
+                .unwrap()
+        };
+        let aa = row("G0", "a", "a");
+        assert!(close(aa.perturbed, 0.3) && close(aa.change, -0.6), "{aa:?}");
+        assert!(close(aa.mean_cell_change, -0.6) && aa.n_cells == 4);
+        assert!(aa.terminated, "0.9 -> 0.3 crosses 0.5");
+        assert!(aa.p_value < 0.01, "{aa:?}");
+        assert!(aa.entropy_after > aa.entropy_before);
+        // Each perturbed row still sums to 1.
+        assert!(close(aa.perturbed + row("G0", "a", "b").perturbed, 1.0));
+        // Gene 0 changes nothing in the `b` cells beyond the null's size; gene 1 is like the null.
+        let g1 = row("G1", "a", "a");
+        assert!(!g1.terminated && g1.p_value > 0.05, "{g1:?}");
+        assert!(!row("G0", "b", "b").terminated);
+        assert!(t
+            .effects
+            .iter()
+            .all(|e| close(e.overall_entropy_before, t.baseline.overall_entropy())));
     }
 
     #[test]

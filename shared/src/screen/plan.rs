@@ -118,6 +118,35 @@ pub struct ScreenPlan {
     /// With `steer.anchor`: the cells whose medoids anchor the chains (corpus positions, ascending).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anchor_cells: Vec<u64>,
+    /// With `[transitions]`: the classifier the screen runs, and each perturbed cell's start state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<ClassifierId>,
+}
+
+/// The state classifier of a transitions screen, identified so every worker runs exactly these weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassifierId {
+    /// Where `model.json` and `model.safetensors` are.
+    pub url: String,
+    /// blake3 of `model.safetensors`.
+    pub weights_blake3: String,
+    /// The label column it was fine-tuned on; its classes are the states (logit order).
+    pub label_column: String,
+    pub classes: Vec<String>,
+    /// The start states (indices into `classes`), the rows of the transition matrices.
+    pub starts: Vec<u32>,
+    /// Per perturbed cell (the plan's cell order): its start state (index into `starts`).
+    pub cell_start: Vec<u32>,
+}
+
+impl ClassifierId {
+    /// The start states' names, in row order.
+    pub fn start_names(&self) -> Vec<String> {
+        self.starts
+            .iter()
+            .map(|&c| self.classes[c as usize].clone())
+            .collect()
+    }
 }
 
 /// The targets and cells of one unit, as ranges of `targets` and `cells`.

@@ -58,6 +58,11 @@ pub struct ScreenSpec {
     /// moves the rest of the cell (see `docs/steering.md`); without it, perturbations are token edits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steer: Option<SteerSpec>,
+    /// Phenotype transitions (KD-CPT): a fine-tuned state classifier's probabilities before and after
+    /// each perturbation, as transition matrices between the classifier's states (see
+    /// `docs/transitions.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transitions: Option<TransitionsSpec>,
     #[serde(default)]
     pub s3_endpoint: Option<String>,
     #[serde(default)]
@@ -549,12 +554,64 @@ impl SteerSpec {
     }
 }
 
+/// `[transitions]`: the classifier whose states the transition matrices run between, the start states
+/// whose cells are screened, and the threshold below which a transition counts as terminated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionsSpec {
+    /// A model `cellfleet finetune --out` wrote (a directory, `file://` or `s3://` location holding
+    /// `model.json` and `model.safetensors`), fine-tuned from this screen's checkpoint's model on a
+    /// label column of the corpus: its classes are the states. The screen runs this network.
+    pub classifier: String,
+    /// The start states (rows) whose cells are screened; unset: every class of the classifier. Acts as
+    /// a filter on the classifier's label column beside `cells.filter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<Vec<String>>,
+    /// A transition a perturbation takes from at least this probability to below it is terminated.
+    #[serde(default = "default_terminate_below")]
+    pub terminate_below: f64,
+}
+
+fn default_terminate_below() -> f64 {
+    0.05
+}
+
+impl TransitionsSpec {
+    fn validate(&self, spec: &ScreenSpec) -> Result<()> {
+        let bad = |why: String| Err(ScreenError::Spec(why));
+        if self.classifier.trim().is_empty() {
+            return bad("transitions.classifier is empty: name a model `cellfleet finetune --out` wrote".into());
+        }
+        if !(self.terminate_below > 0.0 && self.terminate_below < 1.0) {
+            return bad(format!(
+                "transitions.terminate_below = {}: a probability strictly between 0 and 1",
+                self.terminate_below
+            ));
+        }
+        if let Some(start) = &self.start {
+            if start.is_empty() {
+                return bad("transitions.start = []: name at least one start state, or leave it out for every class".into());
+            }
+        }
+        if spec.steer.is_some() {
+            return bad("[transitions] with [steer] is not supported: a steered cell is a state of bins, not a sequence the classifier reads".into());
+        }
+        if spec.combinations.is_some() {
+            return bad("[transitions] with [combinations] is not supported: screen single genes or gene sets (genes.sets)".into());
+        }
+        Ok(())
+    }
+}
+
 impl ScreenSpec {
     /// Checks what can be checked without opening the corpus or the checkpoint.
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(ScreenError::Spec(why));
         if let Some(steer) = &self.steer {
             steer.validate(self)?;
+        }
+        if let Some(transitions) = &self.transitions {
+            transitions.validate(self)?;
         }
         for (field, value) in [
             ("checkpoint", &self.checkpoint),

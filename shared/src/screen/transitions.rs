@@ -2,14 +2,20 @@
 //! (a fine-tuned classifier's softmax), the transition matrix of start states (row `i`: the mean of
 //! `P(. | cell)` over the cells that start in state `i`), each start state's entropy, the overall entropy
 //! weighted by the start states' priors, transitions a perturbation terminates, and the calibration
-//! summaries and class weights fine-tuning uses. Groundwork for issue 18: nothing runs these on the fleet
-//! yet.
+//! summaries and class weights fine-tuning uses; and the merge of a transitions screen's records into
+//! perturbed matrices and per-(target, transition) tests against the random-gene null.
 //!
 //! The paper's equation 7 writes the overall entropy with an extra minus sign in front of the weighted sum
 //! of per-class entropies, which would make it negative; what is computed here is the entropy,
 //! `H = sum_i prior_i * H(C_i)` with `H(C_i) = -sum_j P_ij ln P_ij` (nats, `0 ln 0 = 0`).
 
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::plan::{ScreenPlan, TargetKind};
 use super::{Result, ScreenError};
+use crate::screen::stats::{benjamini_hochberg, mann_whitney};
 
 /// The transition matrix of start states to states.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +157,185 @@ pub fn inverse_frequency_weights(counts: &[u64]) -> Vec<f64> {
             }
         })
         .collect()
+}
+
+/// One target's records of a transitions screen: per record its cell's start state (index into the
+/// plan's start states) and its change of every state probability (`records x classes`).
+#[derive(Debug, Clone, Default)]
+pub struct TargetClassRecords {
+    pub start: Vec<u32>,
+    pub delta: Vec<f32>,
+}
+
+/// A merged transitions screen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransitionResults {
+    /// The classifier's states (columns) and the start states (rows).
+    pub classes: Vec<String>,
+    pub starts: Vec<String>,
+    /// The screened cells unperturbed.
+    pub baseline: TransitionMatrix,
+    /// One row per screened target, start state and state, in target rank order of the gene table.
+    pub effects: Vec<TransitionEffect>,
+}
+
+/// One row of `transitions.parquet`: what a perturbation does to one transition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransitionEffect {
+    /// Index into the plan's targets.
+    pub target: u32,
+    pub name: String,
+    pub kind: TargetKind,
+    pub start: String,
+    pub state: String,
+    /// Cells of the start state the perturbation applied to, and all the start state's cells.
+    pub n_cells: u64,
+    pub start_cells: u64,
+    /// `P_ij` of the unperturbed cells, and with the perturbation applied to every cell of the start
+    /// state it applies to (the others unchanged).
+    pub baseline: f64,
+    pub perturbed: f64,
+    /// `perturbed - baseline`.
+    pub change: f64,
+    /// The mean change of `P(state | cell)` over the cells it applied to.
+    pub mean_cell_change: f64,
+    /// Two-sided rank-sum p-value of the per-cell changes against those of the random null genes (or
+    /// random sets of the same size) on the same transition; NaN when untestable.
+    pub p_value: f64,
+    /// Benjamini-Hochberg q-value over the screened targets, per transition.
+    pub fdr: f64,
+    /// `baseline >= transitions.terminate_below > perturbed`.
+    pub terminated: bool,
+    /// The start state's entropy `H(C_i)` before and after.
+    pub entropy_before: f64,
+    pub entropy_after: f64,
+    /// The prior-weighted entropy of the whole matrix before and after.
+    pub overall_entropy_before: f64,
+    pub overall_entropy_after: f64,
+}
+
+/// Merges a transitions screen: `original` holds the plan's cells unperturbed (`cells x classes`, plan
+/// order), `per_target` each target's records.
+pub fn merge_transitions(
+    plan: &ScreenPlan,
+    original: &[f32],
+    per_target: &[TargetClassRecords],
+) -> Result<TransitionResults> {
+    let classifier = plan
+        .classifier
+        .as_ref()
+        .ok_or_else(|| ScreenError::Merge("a transitions merge of a plan without one".into()))?;
+    let n_classes = classifier.classes.len();
+    let starts = classifier.start_names();
+    let baseline = transition_matrix(original, n_classes, &classifier.cell_start, &starts)?;
+    let threshold = plan
+        .spec
+        .transitions
+        .as_ref()
+        .map_or(0.05, |t| t.terminate_below);
+    // Per target, per (start, state): the per-cell changes.
+    let per_cell = |records: &TargetClassRecords, i: usize, j: usize| -> Vec<f64> {
+        records
+            .start
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| s as usize == i)
+            .map(|(r, _)| f64::from(records.delta[r * n_classes + j]))
+            .collect()
+    };
+    let null_singles: Vec<usize> = (0..plan.targets.len())
+        .filter(|&t| plan.targets[t].null && plan.targets[t].kind == TargetKind::Gene)
+        .collect();
+    let mut null_sets: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (t, target) in plan.targets.iter().enumerate() {
+        if target.null && target.kind == TargetKind::Set {
+            null_sets.entry(target.genes.len()).or_default().push(t);
+        }
+    }
+    let overall_before = baseline.overall_entropy();
+    let entropies_before = baseline.class_entropies();
+    let mut effects = Vec::new();
+    let mut tested: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for (t, target) in plan.targets.iter().enumerate() {
+        if !target.screened {
+            continue;
+        }
+        let records = &per_target[t];
+        let mut after = baseline.clone();
+        for (r, &i) in records.start.iter().enumerate() {
+            let i = i as usize;
+            for j in 0..n_classes {
+                after.rows[i][j] +=
+                    f64::from(records.delta[r * n_classes + j]) / baseline.cells[i] as f64;
+            }
+        }
+        let entropies_after = after.class_entropies();
+        let overall_after = after.overall_entropy();
+        let null: &[usize] = match (target.kind, null_sets.get(&target.genes.len())) {
+            (TargetKind::Set, Some(sets)) => sets,
+            _ => &null_singles,
+        };
+        for (i, start) in starts.iter().enumerate() {
+            let n_cells = records.start.iter().filter(|&&s| s as usize == i).count() as u64;
+            for (j, state) in classifier.classes.iter().enumerate() {
+                let values = per_cell(records, i, j);
+                // A null gene is tested against the other null genes, not against itself.
+                let pooled: Vec<f64> = null
+                    .iter()
+                    .filter(|&&n| n != t)
+                    .flat_map(|&n| per_cell(&per_target[n], i, j))
+                    .collect();
+                let p_value = mann_whitney(&values, &pooled).map_or(f64::NAN, |(_, p)| p);
+                let (before, perturbed) = (baseline.rows[i][j], after.rows[i][j]);
+                tested.entry((i, j)).or_default().push(effects.len());
+                effects.push(TransitionEffect {
+                    target: t as u32,
+                    name: target.name.clone(),
+                    kind: target.kind,
+                    start: start.clone(),
+                    state: state.clone(),
+                    n_cells,
+                    start_cells: baseline.cells[i],
+                    baseline: before,
+                    perturbed,
+                    change: perturbed - before,
+                    mean_cell_change: mean(&values),
+                    p_value,
+                    fdr: f64::NAN,
+                    terminated: before >= threshold && perturbed < threshold,
+                    entropy_before: entropies_before[i],
+                    entropy_after: entropies_after[i],
+                    overall_entropy_before: overall_before,
+                    overall_entropy_after: overall_after,
+                });
+            }
+        }
+    }
+    for rows in tested.values() {
+        let with_p: Vec<usize> = rows
+            .iter()
+            .copied()
+            .filter(|&r| !effects[r].p_value.is_nan())
+            .collect();
+        let q = benjamini_hochberg(&with_p.iter().map(|&r| effects[r].p_value).collect::<Vec<_>>());
+        for (&r, q) in with_p.iter().zip(q) {
+            effects[r].fdr = q;
+        }
+    }
+    Ok(TransitionResults {
+        classes: classifier.classes.clone(),
+        starts,
+        baseline,
+        effects,
+    })
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
 }
 
 #[cfg(test)]

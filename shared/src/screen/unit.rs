@@ -44,6 +44,18 @@ pub struct UnitResult {
     pub expression: Option<UnitExpression>,
     /// A steered screen's diagnostics, per record.
     pub steer: Option<UnitSteer>,
+    /// A transitions screen's state probabilities.
+    pub classes: Option<UnitClasses>,
+}
+
+/// The classifier's state probabilities `P(state | cell)` of a transitions unit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitClasses {
+    pub n_classes: u32,
+    /// The unit's cells unperturbed (`cells x classes`, in the unit's cell order).
+    pub original: Vec<f32>,
+    /// Every record perturbed (`records x classes`).
+    pub perturbed: Vec<f32>,
 }
 
 /// The chains' diagnostics of each record of a steered unit (MCMC only).
@@ -92,6 +104,9 @@ struct UnitHeader {
     /// A steered unit's (iterations, chains, statistics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     steer: Option<(u32, u32, u32)>,
+    /// A transitions unit's (classes, cells).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    classes: Option<(u32, u64)>,
 }
 
 fn put_le<T: Copy>(out: &mut Vec<u8>, values: &[T], to_le: impl Fn(T) -> Vec<u8>) {
@@ -123,6 +138,12 @@ impl UnitResult {
                 .steer
                 .as_ref()
                 .map(|s| (s.iterations, s.chains, s.statistics)),
+            classes: self.classes.as_ref().map(|c| {
+                (
+                    c.n_classes,
+                    (c.original.len() / c.n_classes.max(1) as usize) as u64,
+                )
+            }),
         })
         .expect("a header always serializes");
         let mut raw = Vec::with_capacity(
@@ -151,6 +172,10 @@ impl UnitResult {
             floats(&mut raw, &s.rhat);
             floats(&mut raw, &s.ess);
             floats(&mut raw, &s.trace);
+        }
+        if let Some(c) = &self.classes {
+            floats(&mut raw, &c.original);
+            floats(&mut raw, &c.perturbed);
         }
         zstd::bulk::compress(&raw, 3).expect("compressing to memory cannot fail")
     }
@@ -227,6 +252,23 @@ impl UnitResult {
             }
             None => None,
         };
+        let classes = match header.classes {
+            Some((n_classes, cells)) => {
+                let size = |rows: u64| -> Result<usize> {
+                    usize::try_from(rows)
+                        .ok()
+                        .and_then(|r| r.checked_mul(n_classes as usize))
+                        .and_then(|n| n.checked_mul(4))
+                        .ok_or_else(|| bad("class sizes overflow".into()))
+                };
+                Some(UnitClasses {
+                    n_classes,
+                    original: floats(take(size(cells)?)?),
+                    perturbed: floats(take(size(records as u64)?)?),
+                })
+            }
+            None => None,
+        };
         if at != rest.len() {
             return Err(bad(format!(
                 "{} unexpected bytes at the end",
@@ -248,6 +290,7 @@ impl UnitResult {
             delta_bin_sum,
             expression,
             steer,
+            classes,
         })
     }
 }

@@ -174,6 +174,9 @@ enum Command {
         /// Train LoRA adapters of this rank with the base frozen (default: train everything)
         #[arg(long)]
         lora: Option<usize>,
+        /// Weigh each class's cross-entropy: `none`, or `inverse-frequency` (1/n_k, for imbalanced labels)
+        #[arg(long, value_enum, default_value = "none")]
+        class_weights: crate::train::finetune::ClassWeighting,
         /// Where the fine-tuned model and its step log go: a directory or s3://BUCKET/PREFIX
         #[arg(long, default_value = "runs/finetune")]
         out: String,
@@ -297,6 +300,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             weights,
             label_col,
             lora,
+            class_weights,
             out,
             json,
             flags,
@@ -306,6 +310,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             &weights,
             &label_col,
             lora,
+            class_weights,
             &out,
             &flags,
             json.as_deref(),

@@ -334,6 +334,15 @@ fn print_classification(eval: &ClassificationEval) {
         )
     };
     row("model", &eval.model);
+    println!(
+        "  top-k confidence (k = 1, 2, 3): {}",
+        eval.model
+            .top_k_confidence
+            .iter()
+            .map(|c| format!("{c:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     row("logistic regression", &eval.logistic_regression);
     println!("  {:<22} {:>8.4}", "majority class", eval.majority_accuracy);
 }
@@ -658,6 +667,7 @@ pub fn finetune_command(
     weights: &Path,
     label_col: &str,
     lora: Option<usize>,
+    class_weights: crate::train::finetune::ClassWeighting,
     out: &str,
     flags: &TrainFlags,
     json: Option<&Path>,
@@ -667,7 +677,15 @@ pub fn finetune_command(
     let run = flags.runtime.run_options(OutputDir::open(out, s3)?)?;
     let base = SavedModel::open(weights)?;
     let corpus = open_corpus(corpus, s3)?;
-    let (model, records, eval) = finetune(corpus, &base, label_col, lora, &config, &run)?;
+    let (model, records, eval) = finetune(
+        corpus,
+        &base,
+        label_col,
+        lora,
+        class_weights,
+        &config,
+        &run,
+    )?;
     println!(
         "model: {} parameters, {} trained ({})",
         model.parameter_count(),

@@ -16,8 +16,8 @@ use anyhow::{anyhow, bail, Context};
 use cellfleet_shared::checkpoint::Checkpoints;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::screen::{
-    measure_len, PerturbationKind, Readout, ScreenPlan, ScreenSpec, Target, TargetKind,
-    UnitExpression, UnitResult,
+    measure_len, ClassifierId, PerturbationKind, Readout, ScreenPlan, ScreenSpec, Target,
+    TargetKind, UnitClasses, UnitExpression, UnitResult,
 };
 use cellfleet_shared::storage::S3Options;
 use cellfleet_shared::stream::batch::{SequenceLayout, TokenLayout};
@@ -25,12 +25,16 @@ use tch::{Device, Kind, Tensor};
 
 use super::plan::{manifest_blake3, read_cells};
 use crate::model::{CellModel, Mode, Tokens};
+use crate::train::saved_model::{ModelInfo, INFO_FILE, WEIGHTS_FILE};
 use crate::train::checkpoint_state::{
     open_existing_run, read_state, tensors_from_image, MODEL_OBJECT,
 };
 
 /// Loads the plan's checkpoint weights (only the model object) after checking its manifest's hash.
 pub fn load_model(plan: &ScreenPlan, s3: &S3Options, device: Device) -> anyhow::Result<CellModel> {
+    if let Some(classifier) = &plan.classifier {
+        return load_classifier(classifier, s3, device);
+    }
     let id = &plan.checkpoint;
     let checkpoints: Checkpoints = open_existing_run(&id.url, s3)?;
     let manifest = checkpoints.manifest(id.step)?.map_err(|p| anyhow!("{p}"))?;
@@ -49,11 +53,46 @@ pub fn load_model(plan: &ScreenPlan, s3: &S3Options, device: Device) -> anyhow::
         .map_err(|p| anyhow!("{p}"))?;
     let tensors = tensors_from_image(&image, &format!("{}/{MODEL_OBJECT}", id.url))?;
     let model = CellModel::new(state.model.clone(), device)?;
+    copy_parameters(&model, &tensors, &format!("checkpoint step {}", id.step))?;
+    Ok(model)
+}
+
+/// Loads a transitions screen's classifier (the whole fine-tuned network) after checking its weights'
+/// hash against the plan's.
+fn load_classifier(
+    id: &ClassifierId,
+    s3: &S3Options,
+    device: Device,
+) -> anyhow::Result<CellModel> {
+    let store = cellfleet_shared::storage::Store::open(&id.url, s3)?;
+    let info: ModelInfo = serde_json::from_slice(&store.get(INFO_FILE)?)
+        .with_context(|| format!("{}/{INFO_FILE} is not a cellfleet model description", id.url))?;
+    let weights = store.get(WEIGHTS_FILE)?;
+    let hash = blake3::hash(&weights).to_hex().to_string();
+    if hash != id.weights_blake3 {
+        bail!(
+            "classifier {}: {WEIGHTS_FILE} has blake3 {hash}, the screen was planned with {} (overwritten since)",
+            id.url,
+            id.weights_blake3
+        );
+    }
+    let tensors = tensors_from_image(&weights, &format!("{}/{WEIGHTS_FILE}", id.url))?;
+    let model = CellModel::new(info.config, device)?;
+    copy_parameters(&model, &tensors, &format!("classifier {}", id.url))?;
+    Ok(model)
+}
+
+/// Copies every parameter of `model` from `tensors` (what `source` names), checking names and shapes.
+fn copy_parameters(
+    model: &CellModel,
+    tensors: &std::collections::BTreeMap<String, Tensor>,
+    source: &str,
+) -> anyhow::Result<()> {
     tch::no_grad(|| -> anyhow::Result<()> {
         for (name, param) in model.named_parameters() {
             let value = tensors
                 .get(&name)
-                .with_context(|| format!("checkpoint step {} has no tensor {name}", id.step))?;
+                .with_context(|| format!("{source} has no tensor {name}"))?;
             if value.size() != param.size() {
                 bail!(
                     "checkpoint tensor {name} has shape {:?}, the model expects {:?}",
@@ -64,8 +103,7 @@ pub fn load_model(plan: &ScreenPlan, s3: &S3Options, device: Device) -> anyhow::
             param.shallow_clone().copy_(value);
         }
         Ok(())
-    })?;
-    Ok(model)
+    })
 }
 
 /// A loaded screen: the model, the plan, the perturbed cells' bins and the state centroids.
@@ -110,6 +148,8 @@ struct Original {
     /// Mean readout: its readout-layer gene-token states `[gene_tokens, d]`, kept while the cache is
     /// under `STATE_CACHE_BYTES` (a cell without them has its original recomputed per unit).
     states: Option<Tensor>,
+    /// A transitions screen: the classifier's state probabilities (empty otherwise).
+    classes: Vec<f32>,
 }
 
 /// How many bytes of unperturbed readout-layer states a worker keeps for the mean readout, which leaves
@@ -462,8 +502,9 @@ impl Screener {
 
     /// One forward of token rows `(gene ids, bins)`, padded to the longest: the expected bins of the
     /// gene tokens (row-major `[rows, longest - 1]`, on the CPU; row r's first `len_r - 1` are real)
-    /// and the readout layer's states `[rows, longest, d]` (`[CLS]` included).
-    fn run(&self, rows: &[(&[i64], &[i64])]) -> Result<(Vec<f32>, Tensor), UnitError> {
+    /// and the readout layer's states `[rows, longest, d]` (`[CLS]` included); for a transitions screen
+    /// also the classifier's state probabilities (row-major `[rows, classes]`; empty otherwise).
+    fn run(&self, rows: &[(&[i64], &[i64])]) -> Result<(Vec<f32>, Tensor, Vec<f32>), UnitError> {
         let longest = rows.iter().map(|r| r.0.len()).max().unwrap_or(1);
         let (mut ids, mut bins, mut valid) = (
             Vec::with_capacity(rows.len() * longest),
@@ -498,9 +539,22 @@ impl Screener {
         });
         let expected = self.expected_bins(&forward.hidden.narrow(1, 1, seq - 1));
         let expected = Vec::<f32>::try_from(expected.to_device(Device::Cpu).flatten(0, -1))?;
+        let classes = if self.plan.classifier.is_some() {
+            let logits = tch::no_grad(|| self.model.class_logits(&forward.hidden, false))
+                .map_err(|e| UnitError::Failed(e.into()))?;
+            Vec::<f32>::try_from(
+                logits
+                    .softmax(-1, Kind::Float)
+                    .to_device(Device::Cpu)
+                    .flatten(0, -1),
+            )?
+        } else {
+            Vec::new()
+        };
         Ok((
             expected,
             read.expect("the readout layer exists (checked at load)"),
+            classes,
         ))
     }
 
@@ -519,27 +573,30 @@ impl Screener {
     }
 
     /// Unperturbed forwards of `cells` (at most a batch): per cell its expected bins in vocabulary
-    /// order (0 for genes its sequence lacks) and its gene-token count, and the readout states
-    /// `[cells, longest, d]` with the gene-token validity `[cells, longest - 1]` (f32).
+    /// order (0 for genes its sequence lacks), its gene-token count and its state probabilities (a
+    /// transitions screen; empty otherwise), and the readout states `[cells, longest, d]` with the
+    /// gene-token validity `[cells, longest - 1]` (f32).
     #[allow(clippy::type_complexity)]
     fn original_forward(
         &self,
         cells: &[u64],
-    ) -> Result<(Vec<(Vec<f32>, usize)>, Tensor, Tensor), UnitError> {
+    ) -> Result<(Vec<(Vec<f32>, usize, Vec<f32>)>, Tensor, Tensor), UnitError> {
         let n = self.n_genes();
         let sequences: Vec<_> = cells.iter().map(|&c| self.original_sequence(c)).collect();
         let rows: Vec<(&[i64], &[i64])> = sequences
             .iter()
             .map(|(ids, bins, _)| (ids.as_slice(), bins.as_slice()))
             .collect();
-        let (expected, read) = self.run(&rows)?;
+        let (expected, read, classes) = self.run(&rows)?;
+        let n_classes = classes.len() / cells.len().max(1);
         let stride = read.size()[1] as usize - 1;
         let mut profiles = Vec::with_capacity(cells.len());
         let mut valid = Vec::with_capacity(cells.len() * stride);
         for (r, (ids, _, at)) in sequences.iter().enumerate() {
             let row = &expected[r * stride..(r + 1) * stride];
             let profile: Vec<f32> = (0..n).map(|j| at[j].map_or(0.0, |p| row[p])).collect();
-            profiles.push((profile, ids.len() - 1));
+            let probabilities = classes[r * n_classes..(r + 1) * n_classes].to_vec();
+            profiles.push((profile, ids.len() - 1, probabilities));
             valid.extend((0..stride).map(|t| if t < ids.len() - 1 { 1f32 } else { 0.0 }));
         }
         let valid = Tensor::from_slice(&valid)
@@ -561,7 +618,7 @@ impl Screener {
                 Readout::Expected => Tensor::from_slice(
                     &profiles
                         .iter()
-                        .flat_map(|(p, _)| p.iter().copied())
+                        .flat_map(|(p, _, _)| p.iter().copied())
                         .collect::<Vec<_>>(),
                 )
                 .view([chunk.len() as i64, n])
@@ -627,7 +684,9 @@ impl Screener {
                 .sum_dim_intlist(1, false, Kind::Float),
             };
             let mut cache = self.originals.borrow_mut();
-            for (row, (&c, (expected, gene_tokens))) in chunk.iter().zip(profiles).enumerate() {
+            for (row, (&c, (expected, gene_tokens, classes))) in
+                chunk.iter().zip(profiles).enumerate()
+            {
                 let states = read.get(row as i64).narrow(0, 1, gene_tokens as i64);
                 let bytes = gene_tokens * self.model.config.d_model * std::mem::size_of::<f32>();
                 if cache.get(&c).is_some_and(|o| o.states.is_some()) {
@@ -657,6 +716,7 @@ impl Screener {
                             SequenceLayout::Expressed { .. } => self.cell_genes(c),
                         },
                         states,
+                        classes,
                     },
                 );
             }
@@ -774,11 +834,21 @@ impl Screener {
                 original: Vec::with_capacity(unit_cells.len() * n),
             }),
             steer: None,
+            classes: plan.classifier.as_ref().map(|c| UnitClasses {
+                n_classes: c.classes.len() as u32,
+                original: Vec::with_capacity(unit_cells.len() * c.classes.len()),
+                perturbed: Vec::with_capacity(records.len() * c.classes.len()),
+            }),
         };
-        if let Some(e) = result.expression.as_mut() {
+        {
             let cache = self.originals.borrow();
             for c in &unit_cells {
-                e.original.extend_from_slice(&cache[c].expected);
+                if let Some(e) = result.expression.as_mut() {
+                    e.original.extend_from_slice(&cache[c].expected);
+                }
+                if let Some(classes) = result.classes.as_mut() {
+                    classes.original.extend_from_slice(&cache[c].classes);
+                }
             }
         }
         let mut delta_sum = vec![0f64; unit_targets.len() * n];
@@ -824,12 +894,12 @@ impl Screener {
             let mut computed: Vec<Option<(Tensor, Tensor)>> =
                 (0..variants.len()).map(|_| None).collect();
             let mut expected_of: Vec<Vec<f32>> = vec![Vec::new(); variants.len()];
-            {
+            let classes_of = {
                 let rows: Vec<(&[i64], &[i64])> = variants
                     .iter()
                     .map(|v| (v.ids.as_slice(), v.bins.as_slice()))
                     .collect();
-                let (expected, read) = self.run(&rows)?;
+                let (expected, read, classes) = self.run(&rows)?;
                 let stride = read.size()[1] as usize - 1;
                 for (v, variant) in variants.iter().enumerate() {
                     let row = v;
@@ -892,7 +962,9 @@ impl Screener {
                     };
                     computed[v] = Some(pair);
                 }
-            }
+                classes
+            };
+            let n_classes = classes_of.len() / variants.len().max(1);
             for slot in computed {
                 let (p, o) = slot.expect("every variant was computed");
                 perturbed_rows.push(p);
@@ -935,6 +1007,7 @@ impl Screener {
                     measures: main.to_vec(),
                     alone: Vec::new(),
                     perturbed_expression: None,
+                    classes: classes_of[v * n_classes..(v + 1) * n_classes].to_vec(),
                 };
                 // The change of every other gene's expected bin, and the expression AnnData shows.
                 let variant = &variants[v];
@@ -978,6 +1051,9 @@ impl Screener {
                 .state_progress
                 .extend_from_slice(&output.measures[1 + n_states..]);
             result.alone.extend_from_slice(&output.alone);
+            if let Some(classes) = result.classes.as_mut() {
+                classes.perturbed.extend_from_slice(&output.classes);
+            }
             if let (Some(e), Some(perturbed)) =
                 (result.expression.as_mut(), output.perturbed_expression)
             {
@@ -1012,6 +1088,8 @@ struct RecordOutput {
     /// For a pair, the anchor alone's and the gene alone's measures.
     alone: Vec<f32>,
     perturbed_expression: Option<Vec<f32>>,
+    /// A transitions screen: the perturbed cell's state probabilities.
+    classes: Vec<f32>,
 }
 
 /// Whether `state` (a value of the goal column) is what the screened cells were selected by: progress

@@ -10,13 +10,14 @@ use cellfleet_shared::checkpoint::CheckpointManifest;
 use cellfleet_shared::corpus::manifest::MISSING_LABEL;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::screen::{
-    CheckpointId, GeneSelection, GoalSpec, PerturbationKind, ScreenPlan, ScreenSpec, StateCells,
-    Target, TargetKind, DEFAULT_QUERY_GENES, PLAN_FILE, PLAN_FORMAT,
+    CheckpointId, ClassifierId, GeneSelection, GoalSpec, PerturbationKind, ScreenPlan, ScreenSpec, StateCells,
+    Target, TargetKind, TransitionsSpec, DEFAULT_QUERY_GENES, PLAN_FILE, PLAN_FORMAT,
 };
 use cellfleet_shared::storage::{S3Options, Store};
 use cellfleet_shared::stream::batch::SequenceLayout;
 
 use crate::train::checkpoint_state::{read_state, resolve, ResumeTarget, TrainState};
+use crate::train::saved_model::{vocabulary_hash, ModelInfo, INFO_FILE, WEIGHTS_FILE};
 
 /// Reads a screen specification: TOML, or JSON for a `.json` file.
 pub fn read_spec(path: &Path) -> anyhow::Result<ScreenSpec> {
@@ -195,7 +196,15 @@ pub fn resolve_plan(
         corpus: &corpus,
         index: index_corpus(&corpus)?,
     };
-    let cells = select_cells(spec, &labels)?;
+    let classifier = spec
+        .transitions
+        .as_ref()
+        .map(|t| read_classifier(t, &state, s3))
+        .transpose()?;
+    let cells = match (&classifier, &spec.transitions) {
+        (Some((id, _)), Some(t)) => select_start_cells(spec, t, id, &labels)?,
+        _ => select_cells(spec, &labels)?,
+    };
     let cell_names = cells
         .iter()
         .map(|&c| labels.index.names[c as usize].clone())
@@ -239,7 +248,24 @@ pub fn resolve_plan(
         cell_strata,
         unit_records: Vec::new(),
         anchor_cells: Vec::new(),
+        classifier: None,
     };
+    if let Some((mut id, column)) = classifier {
+        let (col, categories) = labels.column("transitions.classifier", &column)?;
+        id.cell_start = plan
+            .cells
+            .iter()
+            .map(|&c| {
+                let name = &categories[labels.label(c, col) as usize];
+                let class = id.classes.iter().position(|k| k == name);
+                class
+                    .and_then(|k| id.starts.iter().position(|&s| s as usize == k))
+                    .map(|s| s as u32)
+                    .expect("the cells were selected among the start states")
+            })
+            .collect();
+        plan.classifier = Some(id);
+    }
     if let Some(steer) = &plan.spec.steer {
         check_steer(steer, &plan, &state)?;
         if let Some(anchor) = &steer.anchor {
@@ -314,6 +340,118 @@ fn check_steer(
         }
     }
     Ok(())
+}
+
+/// The classifier of `[transitions]`: its `model.json` and the blake3 of its weights, checked to be a
+/// fine-tuned model of the checkpoint's vocabulary and token layout; the start states resolved against its
+/// classes. Returns the id (without the cells' start states) and the label column.
+fn read_classifier(
+    transitions: &TransitionsSpec,
+    state: &TrainState,
+    s3: &S3Options,
+) -> anyhow::Result<(ClassifierId, String)> {
+    let location = transitions.classifier.trim_end_matches('/');
+    let store = Store::open(location, s3)
+        .with_context(|| format!("transitions.classifier = {location:?}"))?;
+    let info_bytes = store.get(INFO_FILE).with_context(|| {
+        format!("transitions.classifier: {location}/{INFO_FILE} cannot be read (a model `cellfleet finetune --out` wrote has one)")
+    })?;
+    let info: ModelInfo = serde_json::from_slice(&info_bytes)
+        .with_context(|| format!("transitions.classifier: {location}/{INFO_FILE} is not a cellfleet model description"))?;
+    let Some(column) = info.label_column.clone().filter(|_| info.classes.len() >= 2) else {
+        bail!("transitions.classifier: {location} has no classifier (fine-tune it on a label column with `cellfleet finetune --label-col COLUMN`)");
+    };
+    if info.vocabulary_hash != vocabulary_hash(&state.genes) {
+        bail!(
+            "transitions.classifier: {location} was fine-tuned on another gene vocabulary ({} genes) than the checkpoint's ({} genes); fine-tune it from this checkpoint's model",
+            info.genes.len(),
+            state.genes.len()
+        );
+    }
+    if info.config.layout != state.model.layout || info.config.n_bins != state.model.n_bins {
+        bail!(
+            "transitions.classifier: {location} reads another token layout or bin count than the checkpoint; fine-tune it from this checkpoint's model"
+        );
+    }
+    let weights = store.get(WEIGHTS_FILE).with_context(|| {
+        format!("transitions.classifier: {location}/{WEIGHTS_FILE} cannot be read")
+    })?;
+    let starts = match &transitions.start {
+        None => (0..info.classes.len() as u32).collect(),
+        Some(names) => names
+            .iter()
+            .map(|name| {
+                info.classes
+                    .iter()
+                    .position(|c| c == name)
+                    .map(|p| p as u32)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "transitions.start: {name:?} is not a state of the classifier (its `{column}` classes: {})",
+                            info.classes.join(", ")
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<Vec<u32>>>()?,
+    };
+    Ok((
+        ClassifierId {
+            url: location.to_string(),
+            weights_blake3: blake3::hash(&weights).to_hex().to_string(),
+            label_column: column.clone(),
+            classes: info.classes,
+            starts,
+            cell_start: Vec::new(),
+        },
+        column,
+    ))
+}
+
+/// The screened cells of a transitions screen: `cells.filter` and a start state in the classifier's
+/// column, sampled down to `cells.max_cells`; every start state must keep cells (a transition row needs
+/// them).
+fn select_start_cells(
+    spec: &ScreenSpec,
+    transitions: &TransitionsSpec,
+    id: &ClassifierId,
+    labels: &Labels<'_>,
+) -> anyhow::Result<Vec<u64>> {
+    let column = &id.label_column;
+    let (col, categories) = labels.column("transitions.classifier", column)?;
+    let start_names = id.start_names();
+    let mut codes = Vec::new();
+    for name in &start_names {
+        codes.push(categories.iter().position(|c| c == name).ok_or_else(|| {
+            anyhow!(
+                "transitions: no cell of the corpus has {column} = {name:?} (its values: {}), so start state {name:?} has no cells",
+                categories.join(", ")
+            )
+        })? as u32);
+    }
+    let mut narrowed = spec.clone();
+    let filter = narrowed.cells.filter.entry(column.clone()).or_insert_with(|| {
+        cellfleet_shared::screen::OneOrMany::Many(start_names.clone())
+    });
+    let wanted: Vec<String> = filter
+        .values()
+        .into_iter()
+        .filter(|v| start_names.contains(v))
+        .collect();
+    *filter = cellfleet_shared::screen::OneOrMany::Many(wanted);
+    let cells = if filter.values().is_empty() {
+        Vec::new()
+    } else {
+        select_cells(&narrowed, labels)?
+    };
+    for (name, &code) in start_names.iter().zip(&codes) {
+        if !cells.iter().any(|&c| labels.label(c, col) == code) {
+            bail!(
+                "transitions.start: no screened cell starts in {name:?} ({column} = {name:?} with cells.filter{}); a transition row needs cells: list the start states to screen in transitions.start",
+                if transitions.start.is_some() { "" } else { " and every class as a start state" }
+            );
+        }
+    }
+    Ok(cells)
 }
 
 /// The corpus must be tokenized like the checkpoint's training corpus: the same vocabulary and bins.

@@ -244,6 +244,7 @@ impl Screener {
                     .flat_map(|c| self.bins[c].iter().map(|&b| f32::from(b)))
                     .collect(),
             }),
+            classes: None,
             steer: mcmc.then(|| UnitSteer {
                 iterations: iterations as u32,
                 chains: steering.spec.chains,

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use cellfleet_shared::screen::{
     CompletedScreen, Merger, RecordEffect, RecordSteer, ScreenPlan, ScreenResults, TargetEffect,
-    UnitResult,
+    TargetKind, UnitResult,
 };
+use cellfleet_shared::screen::transitions::{TransitionEffect, TransitionResults};
 use cellfleet_shared::storage::S3Options;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::data_type::{
@@ -164,6 +165,9 @@ fn write_tables(
     }
     if let Some(steer) = &results.steer {
         tables.extend(write_steer_tables(&plan, steer, out)?);
+    }
+    if let Some(transitions) = &results.transitions {
+        tables.extend(write_transition_tables(&plan, transitions, out)?);
     }
     if let (Some(records), Some(expression)) = (&results.records, &results.expression) {
         tables.push(super::anndata_output::write_cells_h5ad(
@@ -384,6 +388,110 @@ fn write_table(
     group.close()?;
     writer.close()?;
     Ok(path.to_path_buf())
+}
+
+/// A transitions screen's outputs: `transitions.parquet` (one row per screened perturbation, start state
+/// and state) and `transitions.json` (the classes, the start states with their cells, the unperturbed
+/// matrix and its entropies, and each perturbation's perturbed matrix and entropies).
+fn write_transition_tables(
+    plan: &ScreenPlan,
+    transitions: &TransitionResults,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let rows = &transitions.effects;
+    let gene_id = |e: &TransitionEffect| {
+        let target = &plan.targets[e.target as usize];
+        (target.kind == TargetKind::Gene).then_some(target.genes[0] as i32)
+    };
+    let double = |f: fn(&TransitionEffect) -> f64| Column::Double(rows.iter().map(f).collect());
+    let columns = vec![
+        (
+            "perturbation".to_string(),
+            Column::Text(rows.iter().map(|e| text(&e.name)).collect()),
+        ),
+        (
+            "kind".to_string(),
+            Column::Text(rows.iter().map(|e| text(e.kind.name())).collect()),
+        ),
+        (
+            "gene_id".to_string(),
+            Column::OptionalInt32(rows.iter().map(gene_id).collect()),
+        ),
+        (
+            "start".to_string(),
+            Column::Text(rows.iter().map(|e| text(&e.start)).collect()),
+        ),
+        (
+            "state".to_string(),
+            Column::Text(rows.iter().map(|e| text(&e.state)).collect()),
+        ),
+        (
+            "n_cells".to_string(),
+            Column::Int64(rows.iter().map(|e| e.n_cells as i64).collect()),
+        ),
+        (
+            "start_cells".to_string(),
+            Column::Int64(rows.iter().map(|e| e.start_cells as i64).collect()),
+        ),
+        ("baseline".to_string(), double(|e| e.baseline)),
+        ("perturbed".to_string(), double(|e| e.perturbed)),
+        ("change".to_string(), double(|e| e.change)),
+        ("mean_cell_change".to_string(), double(|e| e.mean_cell_change)),
+        ("p_value".to_string(), double(|e| e.p_value)),
+        ("fdr".to_string(), double(|e| e.fdr)),
+        (
+            "terminated".to_string(),
+            Column::Bool(rows.iter().map(|e| e.terminated).collect()),
+        ),
+        ("entropy_before".to_string(), double(|e| e.entropy_before)),
+        ("entropy_after".to_string(), double(|e| e.entropy_after)),
+        (
+            "overall_entropy_before".to_string(),
+            double(|e| e.overall_entropy_before),
+        ),
+        (
+            "overall_entropy_after".to_string(),
+            double(|e| e.overall_entropy_after),
+        ),
+    ];
+    let table = write_table(&out.join("transitions.parquet"), "transitions", columns)?;
+    let baseline = &transitions.baseline;
+    let n_states = transitions.classes.len();
+    let n_starts = transitions.starts.len();
+    // Each perturbation's matrix, rebuilt from its rows (start-major, state-minor).
+    let perturbations: Vec<serde_json::Value> = rows
+        .chunks(n_starts * n_states)
+        .map(|block| {
+            serde_json::json!({
+                "perturbation": block[0].name,
+                "matrix": block.chunks(n_states).map(|r| r.iter().map(|e| e.perturbed).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                "class_entropy": block.chunks(n_states).map(|r| r[0].entropy_after).collect::<Vec<_>>(),
+                "overall_entropy": block[0].overall_entropy_after,
+                "terminated": block.iter().filter(|e| e.terminated).map(|e| [e.start.as_str(), e.state.as_str()]).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "format": "cellfleet-transitions/1",
+        "classifier": plan.classifier.as_ref().map(|c| &c.url),
+        "label_column": plan.classifier.as_ref().map(|c| &c.label_column),
+        "states": transitions.classes,
+        "starts": transitions.starts,
+        "start_cells": baseline.cells,
+        "terminate_below": plan.spec.transitions.as_ref().map(|t| t.terminate_below),
+        "entropy": "nats; overall = sum over start states of prior * H(start) (the entropy: KD-CPT's equation 7 prints it with a stray minus sign)",
+        "baseline": {
+            "matrix": baseline.rows,
+            "class_entropy": baseline.class_entropies(),
+            "priors": baseline.priors(),
+            "overall_entropy": baseline.overall_entropy(),
+        },
+        "perturbations": perturbations,
+    });
+    let path = out.join("transitions.json");
+    fs::write(&path, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(vec![table, path])
 }
 
 /// A steered (MCMC) screen's diagnostics: `diagnostics.parquet` (one row per (perturbation, cell):

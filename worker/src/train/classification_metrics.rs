@@ -13,6 +13,8 @@ pub struct ClassificationReport {
     pub cohen_kappa: f64,
     /// Mean of the max probability.
     pub mean_confidence: f64,
+    /// Mean of the summed `k` largest probabilities, for `k` = 1, 2, 3 (up to the class count).
+    pub top_k_confidence: Vec<f64>,
     /// Mean entropy (nats) of the predicted distributions.
     pub mean_entropy: f64,
     /// Expected calibration error over 15 equal-width confidence bins.
@@ -87,6 +89,9 @@ pub fn classification_report(
         macro_f1,
         cohen_kappa,
         mean_confidence: confidence / total,
+        top_k_confidence: (1..=n_classes.min(3))
+            .map(|k| cellfleet_shared::screen::transitions::top_k_confidence(probs, n_classes, k))
+            .collect(),
         mean_entropy: entropy / total,
         ece,
     }
@@ -123,6 +128,11 @@ mod tests {
             + h(&[0.25, 0.25, 0.5]))
             / 4.0;
         assert!((r.mean_entropy - entropy).abs() < 1e-6);
+        // Top-2: (0.95 + 0.9 + 0.9 + 0.75) / 4; top-3 sums every row.
+        assert_eq!(r.top_k_confidence.len(), 3);
+        assert!((r.top_k_confidence[0] - 0.7).abs() < 1e-6);
+        assert!((r.top_k_confidence[1] - 3.5 / 4.0).abs() < 1e-6);
+        assert!((r.top_k_confidence[2] - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -8,6 +8,8 @@ use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::stream::SplitPart;
 use tch::{Kind, Tensor};
 
+use cellfleet_shared::screen::transitions::inverse_frequency_weights;
+
 use crate::collective::Solo;
 use crate::model::{CellModel, LoraConfig};
 use crate::train::batches::BatchStream;
@@ -28,6 +30,43 @@ use crate::train::training_loop::LossParts;
 use crate::train::training_loop::Participation;
 use crate::train::training_loop::StepRecord;
 
+/// How fine-tuning weighs each class's cross-entropy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClassWeighting {
+    /// Every cell counts the same.
+    #[default]
+    None,
+    /// Class k's terms weigh `N / (K n_k)` (`n_k` its training cells, `K` the classes present): rare
+    /// classes count as much as common ones in total (CellxPert's remedy for its imbalanced labels).
+    InverseFrequency,
+}
+
+/// The training cells of each class of label column `label_idx` (cells without a label not counted).
+fn training_class_counts(
+    corpus: &Corpus,
+    label_idx: usize,
+    classes: usize,
+    split: cellfleet_shared::stream::CellSplit,
+) -> anyhow::Result<Vec<u64>> {
+    let columns = corpus.manifest.label_columns.len();
+    let mut counts = vec![0u64; classes];
+    let mut cell = 0u64;
+    for s in 0..corpus.manifest.shards.len() {
+        let shard = corpus.fetch_shard(s)?;
+        for b in 0..shard.n_blocks() {
+            let labels = shard.read_block(b)?.labels;
+            for row in labels.chunks(columns.max(1)) {
+                let code = row[label_idx];
+                if split.part_of(cell) == SplitPart::Train && (code as usize) < classes {
+                    counts[code as usize] += 1;
+                }
+                cell += 1;
+            }
+        }
+    }
+    Ok(counts)
+}
+
 /// Fine-tunes a pretrained model's `[CLS]` classifier on `label_column` (LoRA adapters of `lora_rank`
 /// with the base frozen, or the whole network), then evaluates it on the held-out split.
 pub fn finetune(
@@ -35,6 +74,7 @@ pub fn finetune(
     base: &SavedModel,
     label_column: &str,
     lora_rank: Option<usize>,
+    weighting: ClassWeighting,
     config: &TrainConfig,
     run: &RunOptions,
 ) -> anyhow::Result<(CellModel, Vec<StepRecord>, ClassificationEval)> {
@@ -73,6 +113,27 @@ pub fn finetune(
     let columns = corpus.manifest.label_columns.len();
     let bf16 = bf16(run);
     let device = run.device;
+    let class_weights = match weighting {
+        ClassWeighting::None => None,
+        ClassWeighting::InverseFrequency => {
+            let counts = training_class_counts(&corpus, label_idx, classes.len(), split)?;
+            let weights = inverse_frequency_weights(&counts);
+            eprintln!(
+                "class weights (inverse frequency): {}",
+                classes
+                    .iter()
+                    .zip(&counts)
+                    .zip(&weights)
+                    .map(|((c, n), w)| format!("{c} {w:.3} ({n} cells)"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Some(
+                Tensor::from_slice(&weights.iter().map(|&w| w as f32).collect::<Vec<_>>())
+                    .to_device(device),
+            )
+        }
+    };
     let records = train_loop(
         &model,
         config,
@@ -92,9 +153,9 @@ pub fn finetune(
                 .eq_tensor(&labels)
                 .logical_and(&known);
             LossParts {
-                sum: logits.cross_entropy_loss::<Tensor>(
+                sum: logits.cross_entropy_loss::<&Tensor>(
                     &labels,
-                    None,
+                    class_weights.as_ref(),
                     tch::Reduction::Sum,
                     -100,
                     0.0,
