@@ -123,6 +123,8 @@ pub struct ScreenResults {
     pub steer: Option<Vec<RecordSteer>>,
     /// A transitions screen's matrices and per-(target, transition) effects.
     pub transitions: Option<TransitionResults>,
+    /// An attribution screen's attributions, in the plan's cell order.
+    pub attribution: Option<MergedAttribution>,
     pub total_records: u64,
 }
 
@@ -139,6 +141,15 @@ pub struct RecordSteer {
     pub acceptance: Vec<f32>,
     /// `chains x iterations x statistics`.
     pub trace: Vec<f32>,
+}
+
+/// Every attributed cell's gene importances, in the plan's cell order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedAttribution {
+    /// `cells x vocabulary`.
+    pub importance: Vec<f32>,
+    pub logit_gap: Vec<f32>,
+    pub attribution_sum: Vec<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -264,13 +275,22 @@ impl<'a> Merger<'a> {
             (None, false) => true,
             _ => false,
         };
+        let attribution_ok = match (&result.attribution, self.plan.spec.attributes()) {
+            (Some(a), true) => {
+                a.importance.len() == records * vocabulary
+                    && a.logit_gap.len() == records
+                    && a.attribution_sum.len() == records
+            }
+            (None, false) => true,
+            _ => false,
+        };
         let classes_ok = match (&result.classes, &self.plan.classifier) {
-            (Some(c), Some(classifier)) => {
+            (Some(c), Some(classifier)) if self.plan.spec.transitions.is_some() => {
                 c.n_classes as usize == classifier.classes.len()
                     && c.original.len() == cells.len() * classifier.classes.len()
                     && c.perturbed.len() == records * classifier.classes.len()
             }
-            (None, None) => true,
+            (None, _) => self.plan.spec.transitions.is_none(),
             _ => false,
         };
         if result.record_cell.len() != records
@@ -281,6 +301,7 @@ impl<'a> Merger<'a> {
             || result.delta_bin_sum.len() != result.targets.len() * vocabulary
             || !expression_ok
             || !classes_ok
+            || !attribution_ok
         {
             return Err(bad(format!("unit {unit}: its arrays disagree in length")));
         }
@@ -368,12 +389,15 @@ impl<'a> Merger<'a> {
                         .binary_search(&result.record_cell[i])
                         .expect("checked in add: a record's cell is the unit's");
                     class_records[t].start.push(classifier.cell_start[at]);
-                    class_records[t]
-                        .delta
-                        .extend(c.perturbed[i * n_classes..(i + 1) * n_classes].iter().zip(
-                            &c.original[(at - span.cells.start) * n_classes
-                                ..(at - span.cells.start + 1) * n_classes],
-                        ).map(|(p, o)| p - o));
+                    class_records[t].delta.extend(
+                        c.perturbed[i * n_classes..(i + 1) * n_classes]
+                            .iter()
+                            .zip(
+                                &c.original[(at - span.cells.start) * n_classes
+                                    ..(at - span.cells.start + 1) * n_classes],
+                            )
+                            .map(|(p, o)| p - o),
+                    );
                 }
             }
             let mut pair_record = 0;
@@ -594,12 +618,28 @@ impl<'a> Merger<'a> {
             r.rank = i as u32 + 1;
         }
         let transitions = plan
-            .classifier
+            .spec
+            .transitions
             .is_some()
             .then(|| merge_transitions(plan, &class_original, &class_records))
             .transpose()?;
+        // One record per cell, in unit order: the plan's cell order.
+        let attribution = plan.spec.attributes().then(|| {
+            let mut merged = MergedAttribution {
+                importance: Vec::with_capacity(plan.cells.len() * n_vocab),
+                logit_gap: Vec::with_capacity(plan.cells.len()),
+                attribution_sum: Vec::with_capacity(plan.cells.len()),
+            };
+            for a in self.results.values().filter_map(|r| r.attribution.as_ref()) {
+                merged.importance.extend_from_slice(&a.importance);
+                merged.logit_gap.extend_from_slice(&a.logit_gap);
+                merged.attribution_sum.extend_from_slice(&a.attribution_sum);
+            }
+            merged
+        });
         Ok(ScreenResults {
             transitions,
+            attribution,
             targets,
             records,
             expression: match (perturbed_expression, original) {

@@ -9,6 +9,7 @@
 //! `spec` (what a user writes) -> `plan` (what every worker reads) -> `unit` (what a worker stores per
 //! unit) -> `merge` (per-gene and per-pair rows, with `stats`).
 
+pub mod attribution;
 pub mod merge;
 pub mod plan;
 pub mod spec;
@@ -16,6 +17,7 @@ pub mod stats;
 pub mod transitions;
 pub mod unit;
 
+pub use attribution::{RankedCell, RankingFile, RANKING_FILE, RANKING_FORMAT};
 pub use merge::*;
 pub use plan::*;
 pub use spec::*;
@@ -85,6 +87,7 @@ mod tests {
                 },
                 steer: None,
                 transitions: None,
+                attribution: None,
                 s3_endpoint: None,
                 s3_region: None,
             },
@@ -113,6 +116,8 @@ mod tests {
             unit_records: Vec::new(),
             anchor_cells: Vec::new(),
             classifier: None,
+            references: Vec::new(),
+            guided_genes: Vec::new(),
         };
         plan.unit_records = (0..plan.unit_count())
             .map(|u| {
@@ -143,6 +148,7 @@ mod tests {
             expression: None,
             steer: None,
             classes: None,
+            attribution: None,
         };
         for (k, &t) in targets.iter().enumerate() {
             let g = plan.targets[t as usize].genes[0];

@@ -121,6 +121,12 @@ pub struct ScreenPlan {
     /// With `[transitions]`: the classifier the screen runs, and each perturbed cell's start state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classifier: Option<ClassifierId>,
+    /// An attribution screen with a contrast reference: per perturbed cell, its reference cell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<u64>,
+    /// An attribution-guided screen: per perturbed cell, the genes it is perturbed in (ascending).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guided_genes: Vec<Vec<u32>>,
 }
 
 /// The state classifier of a transitions screen, identified so every worker runs exactly these weights.
@@ -188,10 +194,20 @@ impl ScreenPlan {
         self.unit_records.iter().sum()
     }
 
-    /// Whether `target` makes a record in a cell with `bins`: a steered screen whose clamps come from
-    /// the goal or from given bins clamps every cell; otherwise the perturbation must apply (a knockout
-    /// of a gene a cell does not express changes nothing).
-    pub fn record_applies(&self, target: &Target, bins: &[u8]) -> bool {
+    /// Whether `target` makes a record in perturbed cell `cell` (index into `cells`) with `bins`: an
+    /// attribution screen attributes every cell once; a steered screen whose clamps come from the goal or
+    /// from given bins clamps every cell; an attribution-guided screen perturbs a cell only in its chosen
+    /// genes (null genes in every cell: they are the null); otherwise the perturbation must apply (a
+    /// knockout of a gene a cell does not express changes nothing).
+    pub fn record_applies(&self, target: &Target, cell: usize, bins: &[u8]) -> bool {
+        if self.spec.attributes() {
+            return true;
+        }
+        if let Some(chosen) = self.guided_genes.get(cell) {
+            if !target.null && !target.genes.iter().all(|g| chosen.binary_search(g).is_ok()) {
+                return false;
+            }
+        }
         match &self.spec.steer {
             Some(steer) if steer.clamp != ClampSource::Perturbation => true,
             _ => target.applies(self.spec.perturbation.kind, bins),

@@ -63,6 +63,11 @@ pub struct ScreenSpec {
     /// `docs/transitions.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transitions: Option<TransitionsSpec>,
+    /// Gradient gene attribution: per cell, how much each gene's input contributes to a classifier's
+    /// state logit against a reference (see `docs/attribution.md`). An attribution screen perturbs
+    /// nothing; its units attribute cells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionSpec>,
     #[serde(default)]
     pub s3_endpoint: Option<String>,
     #[serde(default)]
@@ -115,6 +120,20 @@ pub enum GeneSelection {
     File(GeneFile),
     /// Named gene sets, each perturbed as one, with optional single genes beside them.
     Sets(GeneSets),
+    /// Genes chosen per cell by an attribution screen's ranking.
+    Guided(GuidedGenes),
+}
+
+/// `{ attribution = "RESULTS", top_k = 10 }`: each cell is perturbed only in its `top_k` expressed
+/// genes by attribution (`attribution_ranking.json` of an attribution screen's results at `RESULTS`);
+/// with `overall = true`, every cell in the `top_k` genes of the mean attribution instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuidedGenes {
+    pub attribution: String,
+    pub top_k: u32,
+    #[serde(default)]
+    pub overall: bool,
 }
 
 /// `{ file = "genes.txt" }`: one gene name per line.
@@ -580,7 +599,10 @@ impl TransitionsSpec {
     fn validate(&self, spec: &ScreenSpec) -> Result<()> {
         let bad = |why: String| Err(ScreenError::Spec(why));
         if self.classifier.trim().is_empty() {
-            return bad("transitions.classifier is empty: name a model `cellfleet finetune --out` wrote".into());
+            return bad(
+                "transitions.classifier is empty: name a model `cellfleet finetune --out` wrote"
+                    .into(),
+            );
         }
         if !(self.terminate_below > 0.0 && self.terminate_below < 1.0) {
             return bad(format!(
@@ -603,7 +625,114 @@ impl TransitionsSpec {
     }
 }
 
+/// `[attribution]`: which classifier, which state's logit, and against which reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributionSpec {
+    /// A model `cellfleet finetune --out` wrote, fine-tuned from this screen's checkpoint's model.
+    pub classifier: String,
+    /// The state whose logit is attributed; the attributed cells are the selected cells in this state.
+    pub class: String,
+    #[serde(default)]
+    pub reference: AttributionReference,
+    /// With `reference = "contrast"`: the state of the reference cells (for Kang: `control` against
+    /// `stimulated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contrast: Option<String>,
+    /// With `reference = "contrast"`: each reference cell shares this column's value with its cell
+    /// (for Kang: `cell_type`), the phenotypes held fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_column: Option<String>,
+    /// Genes per cell kept in `attribution_ranking.json` (what attribution-guided screens read).
+    #[serde(default = "default_ranked_genes")]
+    pub ranked_genes: u32,
+}
+
+fn default_ranked_genes() -> u32 {
+    256
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttributionReference {
+    /// A cell of the contrast state matched on `match_column`; both directions averaged.
+    #[default]
+    Contrast,
+    /// Every gene token's total input embedding zero (`[CLS]` kept).
+    Padding,
+}
+
+impl AttributionReference {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttributionReference::Contrast => "contrast",
+            AttributionReference::Padding => "padding",
+        }
+    }
+}
+
+impl AttributionSpec {
+    fn validate(&self, spec: &ScreenSpec) -> Result<()> {
+        let bad = |why: String| Err(ScreenError::Spec(why));
+        if self.classifier.trim().is_empty() {
+            return bad(
+                "attribution.classifier is empty: name a model `cellfleet finetune --out` wrote"
+                    .into(),
+            );
+        }
+        if self.class.trim().is_empty() {
+            return bad(
+                "attribution.class is empty: name the state whose logit is attributed".into(),
+            );
+        }
+        match (self.reference, &self.contrast) {
+            (AttributionReference::Contrast, None) => {
+                return bad("attribution.reference = \"contrast\" needs attribution.contrast: the state of the reference cells".into())
+            }
+            (AttributionReference::Contrast, Some(c)) if *c == self.class => {
+                return bad(format!("attribution.contrast = {c:?} is the attributed class itself: a reference of the same state has nothing to contrast"))
+            }
+            (AttributionReference::Padding, Some(_)) => {
+                return bad("attribution.contrast is only read with reference = \"contrast\"".into())
+            }
+            _ => {}
+        }
+        if self.reference == AttributionReference::Padding && self.match_column.is_some() {
+            return bad(
+                "attribution.match_column is only read with reference = \"contrast\"".into(),
+            );
+        }
+        if spec.execution.anndata {
+            return bad(
+                "execution.anndata with [attribution]: an attribution screen predicts no cells"
+                    .into(),
+            );
+        }
+        if self.ranked_genes == 0 {
+            return bad("attribution.ranked_genes = 0: keep at least one gene per cell".into());
+        }
+        if spec.genes != GeneSelection::Keyword("all".into()) {
+            return bad(
+                "[attribution] attributes every vocabulary gene: write genes = \"all\"".into(),
+            );
+        }
+        if spec.steer.is_some()
+            || spec.transitions.is_some()
+            || spec.combinations.is_some()
+            || spec.goal.is_some()
+        {
+            return bad("[attribution] perturbs nothing: it cannot go with [steer], [transitions], [combinations] or [goal]".into());
+        }
+        Ok(())
+    }
+}
+
 impl ScreenSpec {
+    /// Whether this is an attribution screen (its units attribute cells instead of perturbing them).
+    pub fn attributes(&self) -> bool {
+        self.attribution.is_some()
+    }
+
     /// Checks what can be checked without opening the corpus or the checkpoint.
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(ScreenError::Spec(why));
@@ -612,6 +741,9 @@ impl ScreenSpec {
         }
         if let Some(transitions) = &self.transitions {
             transitions.validate(self)?;
+        }
+        if let Some(attribution) = &self.attribution {
+            attribution.validate(self)?;
         }
         for (field, value) in [
             ("checkpoint", &self.checkpoint),
@@ -627,6 +759,12 @@ impl ScreenSpec {
                 return bad(format!(
                     "genes = {k:?}: expected \"all\", a list of gene names, or {{ file = \"genes.txt\" }}"
                 ))
+            }
+            GeneSelection::Guided(guided) if guided.top_k == 0 => {
+                return bad("genes.top_k = 0: perturb at least one gene per cell".into())
+            }
+            GeneSelection::Guided(_) if self.perturbation.kind == PerturbationKind::Overexpress => {
+                return bad("genes.attribution with perturbation.kind = \"overexpress\": attribution ranks the genes a cell expresses, which only knockouts and deletions remove".into())
             }
             GeneSelection::List(list) if list.is_empty() => {
                 return bad("genes = []: the gene list is empty; name at least one gene, or use \"all\"".into())

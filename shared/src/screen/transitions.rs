@@ -317,7 +317,12 @@ pub fn merge_transitions(
             .copied()
             .filter(|&r| !effects[r].p_value.is_nan())
             .collect();
-        let q = benjamini_hochberg(&with_p.iter().map(|&r| effects[r].p_value).collect::<Vec<_>>());
+        let q = benjamini_hochberg(
+            &with_p
+                .iter()
+                .map(|&r| effects[r].p_value)
+                .collect::<Vec<_>>(),
+        );
         for (&r, q) in with_p.iter().zip(q) {
             effects[r].fdr = q;
         }

@@ -46,6 +46,19 @@ pub struct UnitResult {
     pub steer: Option<UnitSteer>,
     /// A transitions screen's state probabilities.
     pub classes: Option<UnitClasses>,
+    /// An attribution screen's attributions, one record per cell.
+    pub attribution: Option<UnitAttribution>,
+}
+
+/// The gene attributions of an attribution unit's cells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitAttribution {
+    /// Per record, per vocabulary gene: its importance (`records x vocabulary`).
+    pub importance: Vec<f32>,
+    /// Per record: the logit difference between the cell and its reference, and the sum of the
+    /// first direction's attributions (equal for a model linear in its input embeddings).
+    pub logit_gap: Vec<f32>,
+    pub attribution_sum: Vec<f32>,
 }
 
 /// The classifier's state probabilities `P(state | cell)` of a transitions unit.
@@ -107,6 +120,9 @@ struct UnitHeader {
     /// A transitions unit's (classes, cells).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     classes: Option<(u32, u64)>,
+    /// Whether attributions follow.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    attribution: bool,
 }
 
 fn put_le<T: Copy>(out: &mut Vec<u8>, values: &[T], to_le: impl Fn(T) -> Vec<u8>) {
@@ -144,6 +160,7 @@ impl UnitResult {
                     (c.original.len() / c.n_classes.max(1) as usize) as u64,
                 )
             }),
+            attribution: self.attribution.is_some(),
         })
         .expect("a header always serializes");
         let mut raw = Vec::with_capacity(
@@ -176,6 +193,11 @@ impl UnitResult {
         if let Some(c) = &self.classes {
             floats(&mut raw, &c.original);
             floats(&mut raw, &c.perturbed);
+        }
+        if let Some(a) = &self.attribution {
+            floats(&mut raw, &a.importance);
+            floats(&mut raw, &a.logit_gap);
+            floats(&mut raw, &a.attribution_sum);
         }
         zstd::bulk::compress(&raw, 3).expect("compressing to memory cannot fail")
     }
@@ -269,6 +291,19 @@ impl UnitResult {
             }
             None => None,
         };
+        let attribution = if header.attribution {
+            let per_record = records
+                .checked_mul(vocabulary)
+                .and_then(|n| n.checked_mul(4))
+                .ok_or_else(|| bad("attribution sizes overflow".into()))?;
+            Some(UnitAttribution {
+                importance: floats(take(per_record)?),
+                logit_gap: floats(take(records * 4)?),
+                attribution_sum: floats(take(records * 4)?),
+            })
+        } else {
+            None
+        };
         if at != rest.len() {
             return Err(bad(format!(
                 "{} unexpected bytes at the end",
@@ -291,6 +326,7 @@ impl UnitResult {
             expression,
             steer,
             classes,
+            attribution,
         })
     }
 }

@@ -677,15 +677,8 @@ pub fn finetune_command(
     let run = flags.runtime.run_options(OutputDir::open(out, s3)?)?;
     let base = SavedModel::open(weights)?;
     let corpus = open_corpus(corpus, s3)?;
-    let (model, records, eval) = finetune(
-        corpus,
-        &base,
-        label_col,
-        lora,
-        class_weights,
-        &config,
-        &run,
-    )?;
+    let (model, records, eval) =
+        finetune(corpus, &base, label_col, lora, class_weights, &config, &run)?;
     println!(
         "model: {} parameters, {} trained ({})",
         model.parameter_count(),

@@ -582,14 +582,32 @@ impl CellModel {
         mode: Mode,
         layer: Option<usize>,
     ) -> (Forward, Option<Tensor>) {
+        let x = self.input_embeddings(tokens);
+        self.forward_embedded(x, tokens.valid.as_ref(), mode, layer)
+    }
+
+    /// The total input embedding of every token, `[batch, seq, d_model]`: its gene's, its bin's and its
+    /// position's embeddings summed (what gradient attribution differentiates with respect to).
+    pub fn input_embeddings(&self, tokens: &Tokens) -> Tensor {
         let (_, l) = tokens.gene_ids.size2().expect("[batch, seq] gene ids");
         let positions = Tensor::arange(l, (Kind::Int64, self.device()));
         let lookup = |table: &Tensor, ids: &Tensor| Tensor::embedding(table, ids, -1, false, false);
-        let mut x = lookup(&self.gene_embedding, &tokens.gene_ids)
+        lookup(&self.gene_embedding, &tokens.gene_ids)
             + lookup(&self.bin_embedding, &tokens.bins)
-            + lookup(&self.position_embedding, &positions).unsqueeze(0);
+            + lookup(&self.position_embedding, &positions).unsqueeze(0)
+    }
+
+    /// The forward pass from total input embeddings `x` (see [`CellModel::input_embeddings`]).
+    pub fn forward_embedded(
+        &self,
+        x: Tensor,
+        valid: Option<&Tensor>,
+        mode: Mode,
+        layer: Option<usize>,
+    ) -> (Forward, Option<Tensor>) {
+        let mut x = x;
         // SDPA's boolean mask is true where attention is allowed: [batch, 1, 1, keys].
-        let mask = tokens.valid.as_ref().map(|v| v.unsqueeze(1).unsqueeze(1));
+        let mask = valid.map(|v| v.unsqueeze(1).unsqueeze(1));
         let mut aux_loss = Tensor::zeros([], (Kind::Float, self.device()));
         let mut expert_load = Vec::new();
         let mut router_probs = Vec::new();

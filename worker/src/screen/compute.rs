@@ -25,10 +25,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::plan::{manifest_blake3, read_cells};
 use crate::model::{CellModel, Mode, Tokens};
-use crate::train::saved_model::{ModelInfo, INFO_FILE, WEIGHTS_FILE};
 use crate::train::checkpoint_state::{
     open_existing_run, read_state, tensors_from_image, MODEL_OBJECT,
 };
+use crate::train::saved_model::{ModelInfo, INFO_FILE, WEIGHTS_FILE};
 
 /// Loads the plan's checkpoint weights (only the model object) after checking its manifest's hash.
 pub fn load_model(plan: &ScreenPlan, s3: &S3Options, device: Device) -> anyhow::Result<CellModel> {
@@ -59,14 +59,14 @@ pub fn load_model(plan: &ScreenPlan, s3: &S3Options, device: Device) -> anyhow::
 
 /// Loads a transitions screen's classifier (the whole fine-tuned network) after checking its weights'
 /// hash against the plan's.
-fn load_classifier(
-    id: &ClassifierId,
-    s3: &S3Options,
-    device: Device,
-) -> anyhow::Result<CellModel> {
+fn load_classifier(id: &ClassifierId, s3: &S3Options, device: Device) -> anyhow::Result<CellModel> {
     let store = cellfleet_shared::storage::Store::open(&id.url, s3)?;
-    let info: ModelInfo = serde_json::from_slice(&store.get(INFO_FILE)?)
-        .with_context(|| format!("{}/{INFO_FILE} is not a cellfleet model description", id.url))?;
+    let info: ModelInfo = serde_json::from_slice(&store.get(INFO_FILE)?).with_context(|| {
+        format!(
+            "{}/{INFO_FILE} is not a cellfleet model description",
+            id.url
+        )
+    })?;
     let weights = store.get(WEIGHTS_FILE)?;
     let hash = blake3::hash(&weights).to_hex().to_string();
     if hash != id.weights_blake3 {
@@ -353,6 +353,7 @@ impl Screener {
             wanted.extend(&state.cells);
         }
         wanted.extend(&plan.anchor_cells);
+        wanted.extend(&plan.references);
         let bins = read_cells(&corpus, &wanted)?;
         let layout = TokenLayout::new(plan.n_bins)?;
         let sequence = model.config.layout;
@@ -386,6 +387,10 @@ impl Screener {
                 &screener.stratum_of,
                 device,
             ));
+            return Ok(screener);
+        }
+        if screener.plan.spec.attributes() {
+            // Attribution reads each cell's bins and the classifier; no readout states to prepare.
             return Ok(screener);
         }
         if matches!(sequence, SequenceLayout::Expressed { .. }) {
@@ -539,7 +544,7 @@ impl Screener {
         });
         let expected = self.expected_bins(&forward.hidden.narrow(1, 1, seq - 1));
         let expected = Vec::<f32>::try_from(expected.to_device(Device::Cpu).flatten(0, -1))?;
-        let classes = if self.plan.classifier.is_some() {
+        let classes = if self.plan.spec.transitions.is_some() {
             let logits = tch::no_grad(|| self.model.class_logits(&forward.hidden, false))
                 .map_err(|e| UnitError::Failed(e.into()))?;
             Vec::<f32>::try_from(
@@ -784,6 +789,9 @@ impl Screener {
         if let Some(steering) = &self.steering {
             return self.compute_steered_unit(steering, unit, stop);
         }
+        if self.plan.spec.attributes() {
+            return self.compute_attribution_unit(unit, stop);
+        }
         let plan = &self.plan;
         let span = plan.unit(unit);
         let unit_targets: Vec<&Target> = plan.targets[span.targets.clone()].iter().collect();
@@ -807,14 +815,7 @@ impl Screener {
             stop,
         )?;
 
-        let mut records = Vec::new();
-        for (k, target) in unit_targets.iter().enumerate() {
-            for (ci, cell) in unit_cells.iter().enumerate() {
-                if plan.record_applies(target, &self.bins[cell]) {
-                    records.push((k, ci));
-                }
-            }
-        }
+        let records = super::plan::applicable_records(plan, &self.bins, unit);
         let with_expression = plan.spec.execution.anndata;
         let mut result = UnitResult {
             unit: unit as u32,
@@ -834,11 +835,16 @@ impl Screener {
                 original: Vec::with_capacity(unit_cells.len() * n),
             }),
             steer: None,
-            classes: plan.classifier.as_ref().map(|c| UnitClasses {
-                n_classes: c.classes.len() as u32,
-                original: Vec::with_capacity(unit_cells.len() * c.classes.len()),
-                perturbed: Vec::with_capacity(records.len() * c.classes.len()),
-            }),
+            classes: plan
+                .classifier
+                .as_ref()
+                .filter(|_| plan.spec.transitions.is_some())
+                .map(|c| UnitClasses {
+                    n_classes: c.classes.len() as u32,
+                    original: Vec::with_capacity(unit_cells.len() * c.classes.len()),
+                    perturbed: Vec::with_capacity(records.len() * c.classes.len()),
+                }),
+            attribution: None,
         };
         {
             let cache = self.originals.borrow();

@@ -17,6 +17,7 @@
 
 pub mod anndata;
 pub mod anndata_output;
+pub mod attribution;
 pub mod compute;
 pub mod plan;
 pub mod serve;

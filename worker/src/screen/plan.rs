@@ -10,8 +10,9 @@ use cellfleet_shared::checkpoint::CheckpointManifest;
 use cellfleet_shared::corpus::manifest::MISSING_LABEL;
 use cellfleet_shared::corpus::Corpus;
 use cellfleet_shared::screen::{
-    CheckpointId, ClassifierId, GeneSelection, GoalSpec, PerturbationKind, ScreenPlan, ScreenSpec, StateCells,
-    Target, TargetKind, TransitionsSpec, DEFAULT_QUERY_GENES, PLAN_FILE, PLAN_FORMAT,
+    AttributionSpec, CheckpointId, ClassifierId, GeneSelection, GoalSpec, GuidedGenes,
+    PerturbationKind, RankingFile, ScreenPlan, ScreenSpec, StateCells, Target, TargetKind,
+    DEFAULT_QUERY_GENES, PLAN_FILE, PLAN_FORMAT, RANKING_FILE, RANKING_FORMAT,
 };
 use cellfleet_shared::storage::{S3Options, Store};
 use cellfleet_shared::stream::batch::SequenceLayout;
@@ -196,23 +197,109 @@ pub fn resolve_plan(
         corpus: &corpus,
         index: index_corpus(&corpus)?,
     };
-    let classifier = spec
-        .transitions
-        .as_ref()
-        .map(|t| read_classifier(t, &state, s3))
-        .transpose()?;
-    let cells = match (&classifier, &spec.transitions) {
-        (Some((id, _)), Some(t)) => select_start_cells(spec, t, id, &labels)?,
+    let classifier = match (&spec.transitions, &spec.attribution) {
+        (Some(t), _) => Some(read_classifier(
+            "transitions",
+            &t.classifier,
+            t.start.as_deref(),
+            &state,
+            s3,
+        )?),
+        (None, Some(a)) => {
+            let mut states = vec![a.class.clone()];
+            states.extend(a.contrast.clone());
+            Some(read_classifier(
+                "attribution",
+                &a.classifier,
+                Some(&states),
+                &state,
+                s3,
+            )?)
+        }
+        _ => None,
+    };
+    let guided = match &spec.genes {
+        GeneSelection::Guided(guided) => Some(read_ranking(guided, &corpus, &vocabulary, s3)?),
+        _ => None,
+    };
+    let mut cells = match (&classifier, &spec.transitions, &spec.attribution) {
+        (Some((id, _)), Some(t), _) => select_start_cells(
+            spec,
+            "transitions.start",
+            &id.start_names(),
+            t.start.is_some(),
+            id,
+            &labels,
+        )?,
+        (Some((id, _)), None, Some(a)) => select_start_cells(
+            spec,
+            "attribution.class",
+            std::slice::from_ref(&a.class),
+            true,
+            id,
+            &labels,
+        )?,
         _ => select_cells(spec, &labels)?,
     };
+    if let Some(ranking) = &guided {
+        cells.retain(|c| ranking.cells.contains_key(c));
+        if cells.is_empty() {
+            bail!(
+                "genes.attribution: no selected cell was attributed in {} (select cells it ranked)",
+                ranking.location
+            );
+        }
+    }
     let cell_names = cells
         .iter()
         .map(|&c| labels.index.names[c as usize].clone())
         .collect();
-    let selected = select_genes(spec, spec_dir, &vocabulary)?;
+    let guided_bins = match &guided {
+        Some(_) => read_cells(&corpus, &cells)?,
+        None => HashMap::new(),
+    };
+    let guided_genes: Vec<Vec<u32>> = match (&guided, &spec.genes) {
+        (Some(ranking), GeneSelection::Guided(g)) => cells
+            .iter()
+            .map(|c| ranking.chosen(*c, g, spec.perturbation.kind, &guided_bins[c]))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let selected = match &spec.genes {
+        GeneSelection::Guided(_) => {
+            // The union of the cells' genes, screened like a list (with the null beside it).
+            let mut union: Vec<u32> = guided_genes.iter().flatten().copied().collect();
+            union.sort_unstable();
+            union.dedup();
+            if union.is_empty() {
+                bail!("genes.attribution: no selected cell expresses any of its ranked genes");
+            }
+            let mut listed = spec.clone();
+            listed.genes = GeneSelection::List(
+                union
+                    .iter()
+                    .map(|&g| vocabulary[g as usize].clone())
+                    .collect(),
+            );
+            select_genes(&listed, spec_dir, &vocabulary)?
+        }
+        _ if spec.attributes() => SelectedGenes::default(),
+        _ => select_genes(spec, spec_dir, &vocabulary)?,
+    };
     let readout_layer = resolve_layer(spec.layer, state.model.n_layers)?;
     let (genes, null_genes) = (selected.singles.clone(), selected.null.clone());
-    let targets = build_targets(&vocabulary, selected);
+    let targets = if spec.attributes() {
+        // One record per cell: a target that perturbs nothing.
+        vec![Target {
+            name: "attribution".into(),
+            kind: TargetKind::Gene,
+            genes: Vec::new(),
+            screened: false,
+            null: false,
+        }]
+    } else {
+        build_targets(&vocabulary, selected)
+    };
     if spec.perturbation.kind == PerturbationKind::Delete && vocabulary.len() < 2 {
         bail!("perturbation.kind = \"delete\" needs a vocabulary of at least 2 genes (a cell without genes has no embedding)");
     }
@@ -249,7 +336,20 @@ pub fn resolve_plan(
         unit_records: Vec::new(),
         anchor_cells: Vec::new(),
         classifier: None,
+        references: Vec::new(),
+        guided_genes,
     };
+    if let Some(attribution) = &plan.spec.attribution {
+        if state.model.layout != SequenceLayout::Full {
+            bail!(
+                "[attribution]: checkpoint {:?} was pretrained in the expressed-gene layout; attribution compares a cell with its reference gene by gene at the same positions, which needs a model pretrained with `train --layout full`",
+                plan.spec.checkpoint
+            );
+        }
+        if let Some(contrast) = &attribution.contrast {
+            plan.references = contrast_references(attribution, contrast, &plan, &labels)?;
+        }
+    }
     if let Some((mut id, column)) = classifier {
         let (col, categories) = labels.column("transitions.classifier", &column)?;
         id.cell_start = plan
@@ -346,37 +446,44 @@ fn check_steer(
 /// fine-tuned model of the checkpoint's vocabulary and token layout; the start states resolved against its
 /// classes. Returns the id (without the cells' start states) and the label column.
 fn read_classifier(
-    transitions: &TransitionsSpec,
+    section: &str,
+    location: &str,
+    start: Option<&[String]>,
     state: &TrainState,
     s3: &S3Options,
 ) -> anyhow::Result<(ClassifierId, String)> {
-    let location = transitions.classifier.trim_end_matches('/');
+    let location = location.trim_end_matches('/');
     let store = Store::open(location, s3)
-        .with_context(|| format!("transitions.classifier = {location:?}"))?;
+        .with_context(|| format!("{section}.classifier = {location:?}"))?;
     let info_bytes = store.get(INFO_FILE).with_context(|| {
-        format!("transitions.classifier: {location}/{INFO_FILE} cannot be read (a model `cellfleet finetune --out` wrote has one)")
+        format!("{section}.classifier: {location}/{INFO_FILE} cannot be read (a model `cellfleet finetune --out` wrote has one)")
     })?;
-    let info: ModelInfo = serde_json::from_slice(&info_bytes)
-        .with_context(|| format!("transitions.classifier: {location}/{INFO_FILE} is not a cellfleet model description"))?;
-    let Some(column) = info.label_column.clone().filter(|_| info.classes.len() >= 2) else {
-        bail!("transitions.classifier: {location} has no classifier (fine-tune it on a label column with `cellfleet finetune --label-col COLUMN`)");
+    let info: ModelInfo = serde_json::from_slice(&info_bytes).with_context(|| {
+        format!("{section}.classifier: {location}/{INFO_FILE} is not a cellfleet model description")
+    })?;
+    let Some(column) = info
+        .label_column
+        .clone()
+        .filter(|_| info.classes.len() >= 2)
+    else {
+        bail!("{section}.classifier: {location} has no classifier (fine-tune it on a label column with `cellfleet finetune --label-col COLUMN`)");
     };
     if info.vocabulary_hash != vocabulary_hash(&state.genes) {
         bail!(
-            "transitions.classifier: {location} was fine-tuned on another gene vocabulary ({} genes) than the checkpoint's ({} genes); fine-tune it from this checkpoint's model",
+            "{section}.classifier: {location} was fine-tuned on another gene vocabulary ({} genes) than the checkpoint's ({} genes); fine-tune it from this checkpoint's model",
             info.genes.len(),
             state.genes.len()
         );
     }
     if info.config.layout != state.model.layout || info.config.n_bins != state.model.n_bins {
         bail!(
-            "transitions.classifier: {location} reads another token layout or bin count than the checkpoint; fine-tune it from this checkpoint's model"
+            "{section}.classifier: {location} reads another token layout or bin count than the checkpoint; fine-tune it from this checkpoint's model"
         );
     }
     let weights = store.get(WEIGHTS_FILE).with_context(|| {
-        format!("transitions.classifier: {location}/{WEIGHTS_FILE} cannot be read")
+        format!("{section}.classifier: {location}/{WEIGHTS_FILE} cannot be read")
     })?;
-    let starts = match &transitions.start {
+    let starts = match start {
         None => (0..info.classes.len() as u32).collect(),
         Some(names) => names
             .iter()
@@ -387,7 +494,7 @@ fn read_classifier(
                     .map(|p| p as u32)
                     .ok_or_else(|| {
                         anyhow!(
-                            "transitions.start: {name:?} is not a state of the classifier (its `{column}` classes: {})",
+                            "{section}: {name:?} is not a state of the classifier (its `{column}` classes: {})",
                             info.classes.join(", ")
                         )
                     })
@@ -412,26 +519,30 @@ fn read_classifier(
 /// them).
 fn select_start_cells(
     spec: &ScreenSpec,
-    transitions: &TransitionsSpec,
+    field: &str,
+    start_names: &[String],
+    named: bool,
     id: &ClassifierId,
     labels: &Labels<'_>,
 ) -> anyhow::Result<Vec<u64>> {
     let column = &id.label_column;
-    let (col, categories) = labels.column("transitions.classifier", column)?;
-    let start_names = id.start_names();
+    let (col, categories) = labels.column(field, column)?;
+    let start_names = start_names.to_vec();
     let mut codes = Vec::new();
     for name in &start_names {
         codes.push(categories.iter().position(|c| c == name).ok_or_else(|| {
             anyhow!(
-                "transitions: no cell of the corpus has {column} = {name:?} (its values: {}), so start state {name:?} has no cells",
+                "{field}: no cell of the corpus has {column} = {name:?} (its values: {}), so {name:?} has no cells",
                 categories.join(", ")
             )
         })? as u32);
     }
     let mut narrowed = spec.clone();
-    let filter = narrowed.cells.filter.entry(column.clone()).or_insert_with(|| {
-        cellfleet_shared::screen::OneOrMany::Many(start_names.clone())
-    });
+    let filter = narrowed
+        .cells
+        .filter
+        .entry(column.clone())
+        .or_insert_with(|| cellfleet_shared::screen::OneOrMany::Many(start_names.clone()));
     let wanted: Vec<String> = filter
         .values()
         .into_iter()
@@ -446,12 +557,154 @@ fn select_start_cells(
     for (name, &code) in start_names.iter().zip(&codes) {
         if !cells.iter().any(|&c| labels.label(c, col) == code) {
             bail!(
-                "transitions.start: no screened cell starts in {name:?} ({column} = {name:?} with cells.filter{}); a transition row needs cells: list the start states to screen in transitions.start",
-                if transitions.start.is_some() { "" } else { " and every class as a start state" }
+                "{field}: no screened cell starts in {name:?} ({column} = {name:?} with cells.filter{}); a class needs cells: list the states to screen in {field}",
+                if named { "" } else { " and every class as a start state" }
             );
         }
     }
     Ok(cells)
+}
+
+/// Per attributed cell, its reference: a seeded draw among the corpus's cells of the contrast state
+/// with the same `match_column` value (any contrast cell without one).
+fn contrast_references(
+    attribution: &AttributionSpec,
+    contrast: &str,
+    plan: &ScreenPlan,
+    labels: &Labels<'_>,
+) -> anyhow::Result<Vec<u64>> {
+    let classifier_column = plan
+        .classifier
+        .as_ref()
+        .map(|c| c.label_column.clone())
+        .expect("an attribution plan has its classifier");
+    let (col, categories) = labels.column("attribution.contrast", &classifier_column)?;
+    let code = Labels::code(
+        "attribution.contrast",
+        &classifier_column,
+        &categories,
+        contrast,
+    )?;
+    let matched = attribution
+        .match_column
+        .as_ref()
+        .map(|m| {
+            labels
+                .column("attribution.match_column", m)
+                .map(|(c, cats)| (m, c, cats))
+        })
+        .transpose()?;
+    let mut by_value: HashMap<u32, Vec<u64>> = HashMap::new();
+    for c in labels.cells_matching(&[(col, vec![code])]) {
+        let value = matched.as_ref().map_or(0, |(_, m, _)| labels.label(c, *m));
+        by_value.entry(value).or_default().push(c);
+    }
+    let mut rng = SplitMix::new(plan.spec.seed, "attribution-reference");
+    plan.cells
+        .iter()
+        .map(|&cell| {
+            let value = matched.as_ref().map_or(0, |(_, m, _)| labels.label(cell, *m));
+            let candidates = by_value.get(&value).filter(|v| !v.is_empty()).ok_or_else(|| {
+                match &matched {
+                    Some((name, _, cats)) => anyhow!(
+                        "attribution.match_column: no {classifier_column} = {contrast:?} cell has {name} = {:?}, the value of attributed cell {cell}: no matched reference",
+                        cats.get(value as usize).map_or("(none)", String::as_str)
+                    ),
+                    None => anyhow!("attribution.contrast: no cell has {classifier_column} = {contrast:?}"),
+                }
+            })?;
+            Ok(candidates[(rng.next() % candidates.len() as u64) as usize])
+        })
+        .collect()
+}
+
+/// An attribution screen's per-cell gene rankings (`attribution_ranking.json`), read for a guided screen.
+struct Ranking {
+    location: String,
+    /// Per attributed cell (corpus position): its genes by importance, most important first.
+    cells: HashMap<u64, Vec<u32>>,
+    /// Genes by mean importance, most important first.
+    overall: Vec<u32>,
+}
+
+impl Ranking {
+    /// The genes cell `cell` is perturbed in: its `top_k` highest-ranked genes the perturbation applies
+    /// to (for knockouts, those it expresses), or the `top_k` of the overall ranking; ascending.
+    fn chosen(
+        &self,
+        cell: u64,
+        guided: &GuidedGenes,
+        kind: PerturbationKind,
+        bins: &[u8],
+    ) -> Vec<u32> {
+        let ranked = if guided.overall {
+            &self.overall
+        } else {
+            &self.cells[&cell]
+        };
+        let mut genes: Vec<u32> = ranked
+            .iter()
+            .copied()
+            .filter(|&g| guided.overall || kind.applies(bins[g as usize]))
+            .take(guided.top_k as usize)
+            .collect();
+        genes.sort_unstable();
+        genes
+    }
+}
+
+/// Reads the ranking a guided screen names, checking it ranks this corpus's cells and vocabulary.
+fn read_ranking(
+    guided: &GuidedGenes,
+    corpus: &Corpus,
+    vocabulary: &[String],
+    s3: &S3Options,
+) -> anyhow::Result<Ranking> {
+    let location = guided.attribution.trim_end_matches('/');
+    let store =
+        Store::open(location, s3).with_context(|| format!("genes.attribution = {location:?}"))?;
+    let bytes = store.get(RANKING_FILE).with_context(|| {
+        format!("genes.attribution: {location}/{RANKING_FILE} cannot be read (an attribution screen's results hold it)")
+    })?;
+    let file: RankingFile = serde_json::from_slice(&bytes).with_context(|| {
+        format!("genes.attribution: {location}/{RANKING_FILE} is not an attribution ranking")
+    })?;
+    if file.format != RANKING_FORMAT {
+        bail!("genes.attribution: {location}/{RANKING_FILE} is format {:?}, expected {RANKING_FORMAT:?}", file.format);
+    }
+    if file.corpus_manifest_blake3 != corpus.manifest.content_hash() {
+        bail!("genes.attribution: {location} ranks the cells of another corpus than {} (its cells are corpus positions): attribute this corpus", corpus.store.url());
+    }
+    if guided.top_k as usize > vocabulary.len() {
+        bail!(
+            "genes.top_k = {}: larger than the vocabulary of {} genes",
+            guided.top_k,
+            vocabulary.len()
+        );
+    }
+    if guided.top_k as usize > file.ranked_genes as usize {
+        bail!("genes.top_k = {}: the ranking keeps {} genes per cell (attribution.ranked_genes); attribute again with more", guided.top_k, file.ranked_genes);
+    }
+    let position: HashMap<&str, u32> = vocabulary
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.as_str(), i as u32))
+        .collect();
+    let ids = |names: &[String]| -> anyhow::Result<Vec<u32>> {
+        names
+            .iter()
+            .map(|n| position.get(n.as_str()).copied().ok_or_else(|| anyhow!("genes.attribution: gene {n:?} of the ranking is not in the checkpoint's vocabulary")))
+            .collect()
+    };
+    let mut cells = HashMap::new();
+    for cell in &file.cells {
+        cells.insert(cell.cell, ids(&cell.genes)?);
+    }
+    Ok(Ranking {
+        location: location.to_string(),
+        cells,
+        overall: ids(&file.overall)?,
+    })
 }
 
 /// The corpus must be tokenized like the checkpoint's training corpus: the same vocabulary and bins.
@@ -559,6 +812,7 @@ fn select_cells(spec: &ScreenSpec, labels: &Labels<'_>) -> anyhow::Result<Vec<u6
 
 /// What a screen perturbs, by vocabulary id: single genes (ascending), named sets, the anchor of the
 /// pairs, and the random null genes drawn by the seed.
+#[derive(Default)]
 struct SelectedGenes {
     singles: Vec<u32>,
     sets: Vec<(String, Vec<u32>)>,
@@ -619,6 +873,7 @@ fn select_genes(
                 named(&names, &format!("{field}.file {}", path.display()))
             }
             GeneSelection::Sets(_) => bail!("{field} cannot hold sets"),
+            GeneSelection::Guided(_) => bail!("{field} cannot hold an attribution ranking"),
         }
     };
     let (mut singles, sets) = match &spec.genes {
@@ -883,7 +1138,7 @@ pub fn applicable_records(
     let mut records = Vec::new();
     for (k, target) in plan.targets[span.targets].iter().enumerate() {
         for (ci, cell) in plan.cells[span.cells.clone()].iter().enumerate() {
-            if plan.record_applies(target, &bins[cell]) {
+            if plan.record_applies(target, span.cells.start + ci, &bins[cell]) {
                 records.push((k, ci));
             }
         }

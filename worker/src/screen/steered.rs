@@ -245,6 +245,7 @@ impl Screener {
                     .collect(),
             }),
             classes: None,
+            attribution: None,
             steer: mcmc.then(|| UnitSteer {
                 iterations: iterations as u32,
                 chains: steering.spec.chains,

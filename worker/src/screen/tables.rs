@@ -7,11 +7,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use cellfleet_shared::screen::attribution::{descending, normalised_means};
+use cellfleet_shared::screen::transitions::{TransitionEffect, TransitionResults};
 use cellfleet_shared::screen::{
     CompletedScreen, Merger, RecordEffect, RecordSteer, ScreenPlan, ScreenResults, TargetEffect,
     TargetKind, UnitResult,
 };
-use cellfleet_shared::screen::transitions::{TransitionEffect, TransitionResults};
+use cellfleet_shared::screen::{
+    MergedAttribution, RankedCell, RankingFile, RANKING_FILE, RANKING_FORMAT,
+};
 use cellfleet_shared::storage::S3Options;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::data_type::{
@@ -168,6 +172,9 @@ fn write_tables(
     }
     if let Some(transitions) = &results.transitions {
         tables.extend(write_transition_tables(&plan, transitions, out)?);
+    }
+    if let Some(attribution) = &results.attribution {
+        tables.extend(write_attribution_tables(&plan, attribution, out)?);
     }
     if let (Some(records), Some(expression)) = (&results.records, &results.expression) {
         tables.push(super::anndata_output::write_cells_h5ad(
@@ -390,6 +397,137 @@ fn write_table(
     Ok(path.to_path_buf())
 }
 
+/// An attribution screen's outputs: `attribution.parquet` (per gene: the mean over cells of its
+/// importance normalised per cell, signed and absolute, and its rank), `attribution_cells.parquet` (per
+/// cell its `ranked_genes` most important genes), `attribution_pairs.parquet` (per cell its reference,
+/// the logit gap and the attributions' sum) and `attribution_ranking.json` (what guided screens read).
+fn write_attribution_tables(
+    plan: &ScreenPlan,
+    merged: &MergedAttribution,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let spec = plan.spec.attribution.as_ref().expect("an attribution plan");
+    let n = plan.vocabulary.len();
+    let (signed, absolute) = normalised_means(&merged.importance, n);
+    let order = descending(&signed);
+    let mut rank = vec![0i32; n];
+    for (r, &g) in order.iter().enumerate() {
+        rank[g] = r as i32 + 1;
+    }
+    let mut written = vec![write_table(
+        &out.join("attribution.parquet"),
+        "attribution",
+        vec![
+            (
+                "gene".to_string(),
+                Column::Text(plan.vocabulary.iter().map(|g| text(g)).collect()),
+            ),
+            (
+                "gene_id".to_string(),
+                Column::Int32((0..n as i32).collect()),
+            ),
+            ("importance".to_string(), Column::Double(signed.clone())),
+            ("abs_importance".to_string(), Column::Double(absolute)),
+            ("rank".to_string(), Column::Int32(rank)),
+        ],
+    )?];
+    let keep = (spec.ranked_genes as usize).min(n);
+    let mut ranked_cells = Vec::with_capacity(plan.cells.len());
+    let (mut cell_col, mut name_col, mut rank_col, mut gene_col, mut value_col, mut share_col) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (i, (&cell, name)) in plan.cells.iter().zip(&plan.cell_names).enumerate() {
+        let row = &merged.importance[i * n..(i + 1) * n];
+        let scores: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+        let total: f64 = scores
+            .iter()
+            .map(|v| v.abs())
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
+        let genes: Vec<usize> = descending(&scores).into_iter().take(keep).collect();
+        for (r, &g) in genes.iter().enumerate() {
+            cell_col.push(cell as i64);
+            name_col.push(text(name));
+            rank_col.push(r as i32 + 1);
+            gene_col.push(text(&plan.vocabulary[g]));
+            value_col.push(scores[g]);
+            share_col.push(scores[g] / total);
+        }
+        ranked_cells.push(RankedCell {
+            cell,
+            name: name.clone(),
+            genes: genes.iter().map(|&g| plan.vocabulary[g].clone()).collect(),
+        });
+    }
+    written.push(write_table(
+        &out.join("attribution_cells.parquet"),
+        "attribution_cells",
+        vec![
+            ("cell".to_string(), Column::Int64(cell_col)),
+            ("cell_name".to_string(), Column::Text(name_col)),
+            ("rank".to_string(), Column::Int32(rank_col)),
+            ("gene".to_string(), Column::Text(gene_col)),
+            ("importance".to_string(), Column::Double(value_col)),
+            ("normalised".to_string(), Column::Double(share_col)),
+        ],
+    )?);
+    written.push(write_table(
+        &out.join("attribution_pairs.parquet"),
+        "attribution_pairs",
+        vec![
+            (
+                "cell".to_string(),
+                Column::Int64(plan.cells.iter().map(|&c| c as i64).collect()),
+            ),
+            (
+                "cell_name".to_string(),
+                Column::Text(plan.cell_names.iter().map(|c| text(c)).collect()),
+            ),
+            (
+                "reference".to_string(),
+                Column::OptionalInt32(
+                    (0..plan.cells.len())
+                        .map(|i| plan.references.get(i).map(|&r| r as i32))
+                        .collect(),
+                ),
+            ),
+            (
+                "logit_gap".to_string(),
+                Column::Double(merged.logit_gap.iter().map(|&v| f64::from(v)).collect()),
+            ),
+            (
+                "attribution_sum".to_string(),
+                Column::Double(
+                    merged
+                        .attribution_sum
+                        .iter()
+                        .map(|&v| f64::from(v))
+                        .collect(),
+                ),
+            ),
+        ],
+    )?);
+    let ranking = RankingFile {
+        format: RANKING_FORMAT.into(),
+        corpus_manifest_blake3: plan.corpus_manifest_blake3.clone(),
+        class: spec.class.clone(),
+        reference: spec.reference.name().into(),
+        ranked_genes: keep as u32,
+        cells: ranked_cells,
+        overall: order.iter().map(|&g| plan.vocabulary[g].clone()).collect(),
+    };
+    let path = out.join(RANKING_FILE);
+    fs::write(&path, serde_json::to_vec(&ranking)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    written.push(path);
+    Ok(written)
+}
+
 /// A transitions screen's outputs: `transitions.parquet` (one row per screened perturbation, start state
 /// and state) and `transitions.json` (the classes, the start states with their cells, the unperturbed
 /// matrix and its entropies, and each perturbation's perturbed matrix and entropies).
@@ -436,7 +574,10 @@ fn write_transition_tables(
         ("baseline".to_string(), double(|e| e.baseline)),
         ("perturbed".to_string(), double(|e| e.perturbed)),
         ("change".to_string(), double(|e| e.change)),
-        ("mean_cell_change".to_string(), double(|e| e.mean_cell_change)),
+        (
+            "mean_cell_change".to_string(),
+            double(|e| e.mean_cell_change),
+        ),
         ("p_value".to_string(), double(|e| e.p_value)),
         ("fdr".to_string(), double(|e| e.fdr)),
         (
