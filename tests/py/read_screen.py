@@ -22,7 +22,7 @@ def plain(value):
 
 
 out = {}
-for name in ("genes", "cells", "transitions"):
+for name in ("genes", "cells", "transitions", "attribution", "attribution_pairs"):
     path = os.path.join(sys.argv[1], f"{name}.parquet")
     if os.path.exists(path):
         frame = pd.read_parquet(path)

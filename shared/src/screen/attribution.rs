@@ -20,6 +20,9 @@ pub struct RankingFile {
     pub cells: Vec<RankedCell>,
     /// Every gene by mean normalised importance, most important first.
     pub overall: Vec<String>,
+    /// Per vocabulary gene (vocabulary order): the mean normalised importance, signed and absolute.
+    pub importance: Vec<f64>,
+    pub abs_importance: Vec<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use clap::Subcommand;
 use crate::cluster::client::runtime;
 
 use crate::cluster::screen_client::{completed, connect, follow, plan, run_local, status, submit};
+use crate::screen::pruning::{pruning_curves, write_pruning, PruningCurve};
 use crate::screen::tables::{print_top, write_results};
 use crate::state_words::StateWord;
 
@@ -61,6 +62,28 @@ pub enum ScreenAction {
         /// Also write the per-(gene, cell) table
         #[arg(long)]
         per_cell: bool,
+    },
+    /// Pruning curves of an attribution screen's results: drop genes from the classifier's input by
+    /// attribution (least important first, and reversed), by HVG rank and in random order, and trace
+    /// held-out accuracy and macro-F1 (pruning.parquet, pruning.svg)
+    Prune {
+        /// The attribution screen's results (a directory or s3://BUCKET/PREFIX)
+        results: String,
+        /// Where pruning.parquet and pruning.svg go
+        #[arg(long)]
+        out: PathBuf,
+        /// Fractions of the genes dropped, each in [0, 1)
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
+        )]
+        fractions: Vec<f64>,
+        /// Held-out cells classified at most (a seeded sample)
+        #[arg(long, default_value_t = 500)]
+        max_cells: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Stop a screen: workers drop its units
     Cancel {
@@ -129,6 +152,37 @@ pub fn screen_command(action: ScreenAction, s3: &S3Options) -> anyhow::Result<()
             let screen = completed(&rt, &mut client, &id)?;
             let written = write_results(&screen, &out, per_cell, s3)?;
             print_top(&written, 15);
+            Ok(())
+        }
+        ScreenAction::Prune {
+            results,
+            out,
+            fractions,
+            max_cells,
+            seed,
+        } => {
+            let run = pruning_curves(&results, &fractions, max_cells, seed, s3)?;
+            let written = write_pruning(&run, &out)?;
+            println!(
+                "{:<22} {:>15} {:>15}",
+                "order (dropped first)", "accuracy area", "macro-F1 area"
+            );
+            for curve in &run.curves {
+                println!(
+                    "{:<22} {:>15.4} {:>15.4}",
+                    curve.order,
+                    PruningCurve::area(&curve.accuracy, &curve.fractions),
+                    PruningCurve::area(&curve.macro_f1, &curve.fractions)
+                );
+            }
+            eprintln!(
+                "wrote {}",
+                written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
         ScreenAction::Cancel { id, coordinator } => {

@@ -60,26 +60,32 @@ pub fn load_model(plan: &ScreenPlan, s3: &S3Options, device: Device) -> anyhow::
 /// Loads a transitions screen's classifier (the whole fine-tuned network) after checking its weights'
 /// hash against the plan's.
 fn load_classifier(id: &ClassifierId, s3: &S3Options, device: Device) -> anyhow::Result<CellModel> {
-    let store = cellfleet_shared::storage::Store::open(&id.url, s3)?;
-    let info: ModelInfo = serde_json::from_slice(&store.get(INFO_FILE)?).with_context(|| {
-        format!(
-            "{}/{INFO_FILE} is not a cellfleet model description",
-            id.url
-        )
-    })?;
+    Ok(load_classifier_at(&id.url, Some(&id.weights_blake3), s3, device)?.0)
+}
+
+/// Loads the fine-tuned model at `location` (`model.json` and `model.safetensors`), checking the
+/// weights' blake3 against `expected` when given.
+pub fn load_classifier_at(
+    location: &str,
+    expected: Option<&str>,
+    s3: &S3Options,
+    device: Device,
+) -> anyhow::Result<(CellModel, ModelInfo)> {
+    let store = cellfleet_shared::storage::Store::open(location, s3)
+        .with_context(|| format!("cannot open the classifier at {location}"))?;
+    let info: ModelInfo = serde_json::from_slice(&store.get(INFO_FILE)?)
+        .with_context(|| format!("{location}/{INFO_FILE} is not a cellfleet model description"))?;
     let weights = store.get(WEIGHTS_FILE)?;
     let hash = blake3::hash(&weights).to_hex().to_string();
-    if hash != id.weights_blake3 {
+    if let Some(expected) = expected.filter(|e| **e != hash) {
         bail!(
-            "classifier {}: {WEIGHTS_FILE} has blake3 {hash}, the screen was planned with {} (overwritten since)",
-            id.url,
-            id.weights_blake3
+            "classifier {location}: {WEIGHTS_FILE} has blake3 {hash}, the screen was planned with {expected} (overwritten since)"
         );
     }
-    let tensors = tensors_from_image(&weights, &format!("{}/{WEIGHTS_FILE}", id.url))?;
-    let model = CellModel::new(info.config, device)?;
-    copy_parameters(&model, &tensors, &format!("classifier {}", id.url))?;
-    Ok(model)
+    let tensors = tensors_from_image(&weights, &format!("{location}/{WEIGHTS_FILE}"))?;
+    let model = CellModel::new(info.config.clone(), device)?;
+    copy_parameters(&model, &tensors, &format!("classifier {location}"))?;
+    Ok((model, info))
 }
 
 /// Copies every parameter of `model` from `tensors` (what `source` names), checking names and shapes.

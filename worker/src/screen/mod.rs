@@ -20,6 +20,7 @@ pub mod anndata_output;
 pub mod attribution;
 pub mod compute;
 pub mod plan;
+pub mod pruning;
 pub mod serve;
 pub mod steer;
 pub mod steered;

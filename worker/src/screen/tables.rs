@@ -427,7 +427,10 @@ fn write_attribution_tables(
                 Column::Int32((0..n as i32).collect()),
             ),
             ("importance".to_string(), Column::Double(signed.clone())),
-            ("abs_importance".to_string(), Column::Double(absolute)),
+            (
+                "abs_importance".to_string(),
+                Column::Double(absolute.clone()),
+            ),
             ("rank".to_string(), Column::Int32(rank)),
         ],
     )?];
@@ -520,12 +523,136 @@ fn write_attribution_tables(
         ranked_genes: keep as u32,
         cells: ranked_cells,
         overall: order.iter().map(|&g| plan.vocabulary[g].clone()).collect(),
+        importance: signed,
+        abs_importance: absolute,
     };
     let path = out.join(RANKING_FILE);
     fs::write(&path, serde_json::to_vec(&ranking)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     written.push(path);
     Ok(written)
+}
+
+/// One metric's values of a pruning curve.
+type MetricOf = fn(&super::pruning::PruningCurve) -> &[f64];
+
+/// Pruning curves: `pruning.parquet` (one row per order and fraction, with each order's areas) and
+/// `pruning.svg` (accuracy and macro-F1 against the fraction of genes dropped).
+pub(super) fn write_pruning_outputs(
+    run: &super::pruning::PruningRun,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    use super::pruning::PruningCurve;
+    let rows: Vec<(&PruningCurve, usize)> = run
+        .curves
+        .iter()
+        .flat_map(|c| (0..c.fractions.len()).map(move |i| (c, i)))
+        .collect();
+    let table = write_table(
+        &out.join("pruning.parquet"),
+        "pruning",
+        vec![
+            (
+                "order".to_string(),
+                Column::Text(rows.iter().map(|(c, _)| text(c.order)).collect()),
+            ),
+            (
+                "fraction".to_string(),
+                Column::Double(rows.iter().map(|(c, i)| c.fractions[*i]).collect()),
+            ),
+            (
+                "genes_dropped".to_string(),
+                Column::Int64(
+                    rows.iter()
+                        .map(|(c, i)| c.genes_dropped[*i] as i64)
+                        .collect(),
+                ),
+            ),
+            (
+                "accuracy".to_string(),
+                Column::Double(rows.iter().map(|(c, i)| c.accuracy[*i]).collect()),
+            ),
+            (
+                "macro_f1".to_string(),
+                Column::Double(rows.iter().map(|(c, i)| c.macro_f1[*i]).collect()),
+            ),
+            (
+                "accuracy_area".to_string(),
+                Column::Double(
+                    rows.iter()
+                        .map(|(c, _)| PruningCurve::area(&c.accuracy, &c.fractions))
+                        .collect(),
+                ),
+            ),
+            (
+                "macro_f1_area".to_string(),
+                Column::Double(
+                    rows.iter()
+                        .map(|(c, _)| PruningCurve::area(&c.macro_f1, &c.fractions))
+                        .collect(),
+                ),
+            ),
+        ],
+    )?;
+    // Two panels side by side: accuracy, macro-F1.
+    let (panel, height, margin) = (420.0, 380.0, 48.0);
+    let colours = ["#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#7f7f7f"];
+    let max_fraction = run
+        .curves
+        .first()
+        .and_then(|c| c.fractions.last().copied())
+        .unwrap_or(1.0)
+        .max(1e-9);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{margin}\" y=\"18\">Held-out {} classification ({} cells) as genes are dropped from the input</text>\n",
+        2.0 * panel,
+        xml_escape(&run.label_column),
+        run.cells
+    );
+    let metrics: [(&str, MetricOf); 2] =
+        [("accuracy", |c| &c.accuracy), ("macro-F1", |c| &c.macro_f1)];
+    for (p, (metric, pick)) in metrics.into_iter().enumerate() {
+        let left = p as f64 * panel;
+        let x = |f: f64| left + margin + (panel - 2.0 * margin) * f / max_fraction;
+        let y = |v: f64| height - margin - (height - 2.0 * margin - 20.0) * v.clamp(0.0, 1.0);
+        svg.push_str(&format!(
+            "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{2:.1}\" y2=\"{1:.1}\" stroke=\"black\"/><line x1=\"{0:.1}\" y1=\"{3:.1}\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"black\"/>\n<text x=\"{0:.1}\" y=\"{4:.1}\">{metric} vs fraction of genes dropped (0-{max_fraction:.2})</text>\n",
+            left + margin,
+            height - margin,
+            left + panel - margin,
+            y(1.0),
+            height - 14.0,
+        ));
+        for tick in [0.0, 0.5, 1.0] {
+            svg.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\">{tick:.1}</text>\n",
+                left + 20.0,
+                y(tick) + 4.0
+            ));
+        }
+        for (k, curve) in run.curves.iter().enumerate() {
+            let values = pick(curve);
+            let points: Vec<String> = curve
+                .fractions
+                .iter()
+                .zip(values)
+                .map(|(&f, &v)| format!("{:.1},{:.1}", x(f), y(v)))
+                .collect();
+            let colour = colours[k % colours.len()];
+            svg.push_str(&format!(
+                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.8\" points=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{} (area {:.3})</text>\n",
+                points.join(" "),
+                left + margin + 8.0,
+                y(0.0) - 12.0 - 14.0 * k as f64,
+                curve.order,
+                PruningCurve::area(values, &curve.fractions)
+            ));
+        }
+    }
+    svg.push_str("</svg>\n");
+    let picture = out.join("pruning.svg");
+    fs::write(&picture, svg).with_context(|| format!("cannot write {}", picture.display()))?;
+    Ok(vec![table, picture])
 }
 
 /// A transitions screen's outputs: `transitions.parquet` (one row per screened perturbation, start state
@@ -1086,6 +1213,56 @@ fn write_record_table(
 /// Prints the `n` top-ranked genes and where the full tables are.
 pub fn print_top(written: &WrittenResults, n: usize) {
     let plan = &written.plan;
+    if let Some(merged) = &written.results.attribution {
+        let (signed, absolute) = normalised_means(&merged.importance, plan.vocabulary.len());
+        println!(
+            "\ntop {n} genes by attribution of the {:?} logit ({} cells; mean importance normalised per cell):",
+            plan.spec.attribution.as_ref().map_or("", |a| a.class.as_str()),
+            plan.cells.len()
+        );
+        println!(
+            "{:>5}  {:<14} {:>11} {:>15}",
+            "rank", "gene", "importance", "|importance|"
+        );
+        for (r, g) in descending(&signed).into_iter().take(n).enumerate() {
+            println!(
+                "{:>5}  {:<14} {:>+11.5} {:>15.5}",
+                r + 1,
+                plan.vocabulary[g],
+                signed[g],
+                absolute[g]
+            );
+        }
+        return;
+    }
+    if let Some(transitions) = &written.results.transitions {
+        let mut moved: Vec<&TransitionEffect> = transitions
+            .effects
+            .iter()
+            .filter(|e| e.start != e.state)
+            .collect();
+        moved.sort_by(|a, b| b.change.total_cmp(&a.change));
+        println!(
+            "\ntop {n} perturbations by their rise of a transition between states (of {} rows in transitions.parquet):",
+            transitions.effects.len()
+        );
+        println!(
+            "{:<14} {:<24} {:>9} {:>10} {:>10} {:>10} {:>10}",
+            "perturbation", "transition", "before", "after", "p", "FDR", "terminated"
+        );
+        for e in moved.iter().take(n) {
+            println!(
+                "{:<14} {:<24} {:>9.4} {:>10.4} {:>10.2e} {:>10.2e} {:>10}",
+                e.name,
+                format!("{} -> {}", e.start, e.state),
+                e.baseline,
+                e.perturbed,
+                e.p_value,
+                e.fdr,
+                e.terminated
+            );
+        }
+    }
     let goal = plan.goal();
     let targets = &written.results.targets;
     println!(
