@@ -15,6 +15,7 @@
 //!   alternating which side goes first.
 
 pub mod allreduce;
+pub mod attribution;
 pub mod child;
 pub mod ckpt;
 pub mod ckpt_training;
@@ -281,6 +282,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         workers_max: u32,
     },
+    /// Gradient attribution per core against the same computation in plain PyTorch, same weights
+    Attribution {
+        /// A screen specification with an [attribution] section (contrast reference)
+        #[arg(long)]
+        spec: PathBuf,
+        /// Cap on the attributed cells (overrides the spec's cells.max_cells)
+        #[arg(long)]
+        cells: Option<u64>,
+        #[arg(long, default_value = "runs/bench-attribution")]
+        scratch: PathBuf,
+        /// Alternating rounds (median and range reported)
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// (internal) one rank of one side of `bench allreduce`
     #[command(hide = true)]
     AllreduceChild {
@@ -504,6 +519,17 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             scratch,
             rounds: rounds.max(1),
             workers_max,
+        }),
+        BenchCommand::Attribution {
+            spec,
+            cells,
+            scratch,
+            rounds,
+        } => attribution::bench_attribution(&attribution::AttributionBench {
+            spec,
+            cells,
+            scratch,
+            rounds: rounds.max(1),
         }),
         BenchCommand::AllreduceChild {
             side,

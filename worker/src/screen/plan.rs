@@ -339,17 +339,6 @@ pub fn resolve_plan(
         references: Vec::new(),
         guided_genes,
     };
-    if let Some(attribution) = &plan.spec.attribution {
-        if state.model.layout != SequenceLayout::Full {
-            bail!(
-                "[attribution]: checkpoint {:?} was pretrained in the expressed-gene layout; attribution compares a cell with its reference gene by gene at the same positions, which needs a model pretrained with `train --layout full`",
-                plan.spec.checkpoint
-            );
-        }
-        if let Some(contrast) = &attribution.contrast {
-            plan.references = contrast_references(attribution, contrast, &plan, &labels)?;
-        }
-    }
     if let Some((mut id, column)) = classifier {
         let (col, categories) = labels.column("transitions.classifier", &column)?;
         id.cell_start = plan
@@ -365,6 +354,17 @@ pub fn resolve_plan(
             })
             .collect();
         plan.classifier = Some(id);
+    }
+    if let Some(attribution) = &plan.spec.attribution {
+        if state.model.layout != SequenceLayout::Full {
+            bail!(
+                "[attribution]: checkpoint {:?} was pretrained in the expressed-gene layout; attribution compares a cell with its reference gene by gene at the same positions, which needs a model pretrained with `train --layout full`",
+                plan.spec.checkpoint
+            );
+        }
+        if let Some(contrast) = &attribution.contrast {
+            plan.references = contrast_references(attribution, contrast, &plan, &labels)?;
+        }
     }
     if let Some(steer) = &plan.spec.steer {
         check_steer(steer, &plan, &state)?;
