@@ -1946,9 +1946,13 @@ reference = "{reference}"
     )
 }
 
-/// The genes of an attribution results directory, most important first, and the AUROC with which
-/// their importance recovers `up`.
-fn attribution_auroc(dir: &Path, names: &[String], up: &HashSet<String>) -> (f64, Vec<String>) {
+/// The genes of an attribution results directory, most important first, and the AUROCs with which
+/// their importance, signed and absolute, recovers `up`.
+fn attribution_auroc(
+    dir: &Path,
+    names: &[String],
+    up: &HashSet<String>,
+) -> (f64, f64, Vec<String>) {
     let results = read_results(dir);
     let table = rows(&results, "attribution");
     assert_eq!(table.len(), names.len(), "one row per vocabulary gene");
@@ -1961,12 +1965,23 @@ fn attribution_auroc(dir: &Path, names: &[String], up: &HashSet<String>) -> (f64
             )
         })
         .collect();
+    let absolute: HashMap<&str, f64> = table
+        .iter()
+        .map(|r| {
+            (
+                r["gene"].as_str().unwrap(),
+                r["abs_importance"].as_f64().unwrap(),
+            )
+        })
+        .collect();
     let scores: Vec<f64> = names.iter().map(|g| importance[g.as_str()]).collect();
+    let magnitudes: Vec<f64> = names.iter().map(|g| absolute[g.as_str()]).collect();
     let positive: Vec<bool> = names.iter().map(|g| up.contains(g)).collect();
     let mut ranked: Vec<&Value> = table.iter().collect();
     ranked.sort_by_key(|r| r["rank"].as_u64().unwrap());
     (
         auroc(&scores, &positive).unwrap(),
+        auroc(&magnitudes, &positive).unwrap(),
         ranked
             .iter()
             .map(|r| r["gene"].as_str().unwrap().to_string())
@@ -1974,11 +1989,15 @@ fn attribution_auroc(dir: &Path, names: &[String], up: &HashSet<String>) -> (f64
     )
 }
 
-/// The gene-selection paper's attribution on Kang: the stimulated logit's attribution (contrast: a
-/// control cell of the same cell type, both directions averaged) ranks the genes up in stimulated cells
-/// above the random rankings' 99th percentile; a randomly initialised classifier's does not. The padding
-/// reference is reported beside it, and the completeness gap of the real (nonlinear) model. 2 workers and
-/// 1 give the same bytes.
+/// The gene-selection paper's attribution on Kang, with controls that can fail. The contrast reference
+/// (a control cell of the same cell type, both directions averaged) builds the answer in: the genes that
+/// differ between a stimulated cell and its control get attributions under any model, with a sign set by
+/// the model (randomly initialised classifiers rank the stimulated-up genes at AUROC 0.06-0.79 with it,
+/// depending on their head's sign), so its AUROC is reported, asserted only above random rankings, and
+/// completeness is checked on it (16 path points: the attributions sum to the logit gap). The padding
+/// reference builds nothing in: there the trained classifier's absolute attribution must rank the
+/// stimulated-up genes above the random rankings' 99th percentile and above every randomly initialised
+/// classifier's. 2 workers and 1 give the same bytes.
 #[test]
 fn attribution_of_the_stimulated_logit_ranks_interferon_genes_and_a_random_classifier_does_not() {
     let trained = trained_kang();
@@ -1989,7 +2008,7 @@ fn attribution_of_the_stimulated_logit_ranks_interferon_genes_and_a_random_class
             dir.path(),
             name,
             &trained,
-            &attribution_body(classifier, 80, reference),
+            &attribution_body(classifier, 60, reference),
         );
         let out = dir.path().join(format!("{name}-results"));
         screen_run(&spec, workers, &out);
@@ -1997,22 +2016,43 @@ fn attribution_of_the_stimulated_logit_ranks_interferon_genes_and_a_random_class
     };
     let classifier = condition_classifier(&trained, None);
     let contrast = run(&classifier, "contrast", "contrast", "2");
-    let (contrast_auroc, top) = attribution_auroc(&contrast, &names, &up);
-    let (padding_auroc, padding_top) =
+    let (contrast_auroc, _, top) = attribution_auroc(&contrast, &names, &up);
+    let (_, padding_auroc, padding_top) =
         attribution_auroc(&run(&classifier, "padding", "padding", "2"), &names, &up);
-    let random_classifier = condition_classifier(&trained, Some(21));
-    let (random_auroc, _) = attribution_auroc(
-        &run(&random_classifier, "random", "contrast", "2"),
-        &names,
-        &up,
-    );
+    let mut random_contrast = Vec::new();
+    let mut random_padding = Vec::new();
+    for seed in [21, 22] {
+        let random_classifier = condition_classifier(&trained, Some(seed));
+        let (signed, _, _) = attribution_auroc(
+            &run(
+                &random_classifier,
+                &format!("random-{seed}"),
+                "contrast",
+                "2",
+            ),
+            &names,
+            &up,
+        );
+        let (_, absolute, _) = attribution_auroc(
+            &run(
+                &random_classifier,
+                &format!("random-padding-{seed}"),
+                "padding",
+                "2",
+            ),
+            &names,
+            &up,
+        );
+        random_contrast.push(signed);
+        random_padding.push(absolute);
+    }
     let positive: Vec<bool> = names.iter().map(|g| up.contains(g)).collect();
     let p99 = random_ranking_aurocs(&positive)[1980];
 
-    // The stimulated cells' stimulated logit is above their controls'; the attributions carry most of it.
+    // Completeness on the real model: the attributions carry the logit gap between cell and reference.
     let results = read_results(&contrast);
     let pairs = rows(&results, "attribution_pairs");
-    assert_eq!(pairs.len(), 80);
+    assert_eq!(pairs.len(), 60);
     let gaps: Vec<f64> = pairs
         .iter()
         .map(|r| r["logit_gap"].as_f64().unwrap())
@@ -2035,25 +2075,36 @@ fn attribution_of_the_stimulated_logit_ranks_interferon_genes_and_a_random_class
         cov / (vg * vs).sqrt()
     };
     eprintln!(
-        "attribution of the stimulated logit, AUROC for the 50 stimulated-up genes: contrast reference {contrast_auroc:.3}, \
-         padding reference {padding_auroc:.3}, random classifier (contrast) {random_auroc:.3}, random rankings' 99th percentile {p99:.3}; \
+        "attribution of the stimulated logit (16 path points), AUROC for the 50 stimulated-up genes: contrast reference (signed) {contrast_auroc:.3}, \
+         randomly initialised classifiers {random_contrast:.3?} (the contrast builds the genes in; the sign is the model's); \
+         padding reference (|importance|) {padding_auroc:.3}, randomly initialised classifiers {random_padding:.3?}; random rankings' 99th percentile {p99:.3}; \
          completeness: mean logit gap {mean_gap:.3} vs mean attribution sum {mean_sum:.3} (correlation over cells {correlation:.3}); \
          top 10 (contrast) {:?}, (padding) {:?}",
         &top[..10],
         &padding_top[..10]
     );
     assert!(
-        mean_gap > 0.0,
-        "stimulated cells' stimulated logit is not above their controls'"
+        mean_gap > 1.0,
+        "stimulated cells' stimulated logit is not clearly above their controls' ({mean_gap:.3})"
+    );
+    assert!(
+        (mean_sum / mean_gap - 1.0).abs() < 0.25 && correlation > 0.9,
+        "the attributions do not add up to the logit gap: {mean_sum:.3} vs {mean_gap:.3}, correlation {correlation:.3}"
     );
     assert!(
         contrast_auroc > p99,
         "attribution's AUROC {contrast_auroc:.3} is not above random rankings' 99th percentile {p99:.3}"
     );
     assert!(
-        random_auroc < p99,
-        "a randomly initialised classifier's attribution ranks the genes at {random_auroc:.3}, above random rankings' 99th percentile {p99:.3}: an effect built in by construction"
+        padding_auroc > p99,
+        "with the padding reference the trained classifier's AUROC {padding_auroc:.3} is not above random rankings' 99th percentile {p99:.3}"
     );
+    for (seed, random) in [21, 22].iter().zip(&random_padding) {
+        assert!(
+            padding_auroc > *random + 0.05,
+            "with the padding reference a randomly initialised classifier (seed {seed}) ranks the genes at {random:.3}, the trained one at {padding_auroc:.3}"
+        );
+    }
 
     // Pruning curves: dropping the least important genes first keeps the classifier above random order.
     let pruned = dir.path().join("pruning");

@@ -229,6 +229,38 @@ impl ScreenPlan {
 
     /// A one-line description for logs and status.
     pub fn summary(&self) -> String {
+        if let Some(a) = &self.spec.attribution {
+            return format!(
+                "attribution of the {:?} logit in {} cells ({} reference{}, {} gradient{} per direction)",
+                a.class,
+                self.cells.len(),
+                a.reference.name(),
+                a.contrast
+                    .as_ref()
+                    .map(|c| format!(
+                        ": {c} cells{}",
+                        a.match_column
+                            .as_ref()
+                            .map(|m| format!(" of the same {m}"))
+                            .unwrap_or_default()
+                    ))
+                    .unwrap_or_default(),
+                a.steps,
+                if a.steps == 1 { "" } else { "s" }
+            );
+        }
+        let transitions = self
+            .classifier
+            .as_ref()
+            .filter(|_| self.spec.transitions.is_some())
+            .map(|c| {
+                format!(
+                    ", transitions between {} states of {}",
+                    c.classes.len(),
+                    c.label_column
+                )
+            })
+            .unwrap_or_default();
         let count = |kind| {
             self.targets
                 .iter()
@@ -265,7 +297,7 @@ impl ScreenPlan {
             self.goal()
                 .map(|g| format!(", goal {g}"))
                 .unwrap_or_default()
-        )
+        ) + &transitions
     }
 }
 

@@ -646,6 +646,19 @@ pub struct AttributionSpec {
     /// Genes per cell kept in `attribution_ranking.json` (what attribution-guided screens read).
     #[serde(default = "default_ranked_genes")]
     pub ranked_genes: u32,
+    /// Gradients per direction: 1 takes the gradient at the input (the gradient formulation as the
+    /// paper used it); `m` averages it over `m` points of the straight path from the reference, which
+    /// brings the attributions' sum toward the logit difference (see `docs/transitions.md`).
+    #[serde(default = "default_attribution_steps")]
+    pub steps: u32,
+}
+
+/// On Kang (the test model, 80 stimulated cells against control cells of their cell type) the gradient at
+/// the input alone distributed -0.28 of a mean logit gap of 6.94 over the genes (correlation over cells
+/// 0.61); 16 points of the path distributed 6.31 (correlation 0.98) and ranked the stimulated-up genes at
+/// AUROC 0.85 instead of 0.61.
+fn default_attribution_steps() -> u32 {
+    16
 }
 
 fn default_ranked_genes() -> u32 {
@@ -707,6 +720,12 @@ impl AttributionSpec {
                 "execution.anndata with [attribution]: an attribution screen predicts no cells"
                     .into(),
             );
+        }
+        if self.steps == 0 || self.steps > 256 {
+            return bad(format!(
+                "attribution.steps = {}: between 1 and 256 gradients per direction",
+                self.steps
+            ));
         }
         if self.ranked_genes == 0 {
             return bad("attribution.ranked_genes = 0: keep at least one gene per cell".into());

@@ -18,21 +18,38 @@ use tch::{Kind, Tensor};
 use crate::model::{CellModel, Mode, Tokens};
 
 /// `f(input, reference)` per token for a scalar function `logit` of `[rows, seq, d]` embeddings returning
-/// `[rows]` (each row's value depends only on its own row): the gradient of `logit` at `input` times
-/// `input - reference`, summed over `d` (`[rows, seq]`), and `logit(input)` (`[rows]`).
+/// `[rows]` (each row's value depends only on its own row): the gradient of `logit` times
+/// `input - reference`, summed over `d` (`[rows, seq]`), and `logit(input)` (`[rows]`). With `steps = 1`
+/// the gradient is taken at the input (the plain gradient formulation); with `steps = m` it is the mean
+/// of the gradients at `reference + k/m (input - reference)`, `k = 1..m` (a Riemann sum of the path
+/// integral, which DeepLIFT's rescale rule approximates and whose total tends to `logit(input) -
+/// logit(reference)` as `m` grows).
 pub fn gradient_times_difference(
     logit: impl Fn(&Tensor) -> Tensor,
     input: &Tensor,
     reference: &Tensor,
+    steps: u32,
 ) -> (Tensor, Tensor) {
-    let x = input.detach().set_requires_grad(true);
-    let value = logit(&x);
-    // Rows do not interact, so the gradient of the sum is each row's own gradient.
-    let grad = Tensor::run_backward(&[value.sum(Kind::Float)], &[&x], false, false)
-        .pop()
-        .expect("one gradient per input");
-    let attribution = (grad * (input - reference)).sum_dim_intlist(-1, false, Kind::Float);
-    (attribution, value.detach())
+    let steps = steps.max(1);
+    let difference = input - reference;
+    let mut grad_sum = Tensor::zeros_like(input);
+    let mut at_input = None;
+    for k in (1..=steps).rev() {
+        let point = reference + &difference * (f64::from(k) / f64::from(steps));
+        let x = point.detach().set_requires_grad(true);
+        let value = logit(&x);
+        // Rows do not interact, so the gradient of the sum is each row's own gradient.
+        let grad = Tensor::run_backward(&[value.sum(Kind::Float)], &[&x], false, false)
+            .pop()
+            .expect("one gradient per input");
+        grad_sum += grad;
+        if k == steps {
+            at_input = Some(value.detach());
+        }
+    }
+    let attribution =
+        (grad_sum / f64::from(steps) * difference).sum_dim_intlist(-1, false, Kind::Float);
+    (attribution, at_input.expect("at least one step"))
 }
 
 /// What one attributed cell gives: per gene token its importance, and the two sides of completeness
@@ -62,6 +79,7 @@ pub fn attribute_cells(
     cells: &[&[u8]],
     class: i64,
     reference: Reference<'_>,
+    steps: u32,
 ) -> anyhow::Result<CellAttribution> {
     let tokens = super::steer::full_layout_tokens(model, cells, |_, _| false);
     let input = tch::no_grad(|| model.input_embeddings(&tokens));
@@ -90,9 +108,9 @@ pub fn attribute_cells(
                 super::steer::full_layout_tokens(model, references, |_, _| false);
             let reference = tch::no_grad(|| model.input_embeddings(&reference_tokens));
             let (forward_attr, at_input) =
-                gradient_times_difference(logit(class), &input, &reference);
+                gradient_times_difference(logit(class), &input, &reference, steps);
             let (backward_attr, _) =
-                gradient_times_difference(logit(reference_class), &reference, &input);
+                gradient_times_difference(logit(reference_class), &reference, &input, steps);
             let at_reference = tch::no_grad(|| logit(class)(&reference));
             Ok(CellAttribution {
                 attribution_sum: forward_attr.sum_dim_intlist(1, false, Kind::Float),
@@ -111,7 +129,8 @@ pub fn attribute_cells(
                 1,
             );
             let reference = &input * cls_only;
-            let (attr, at_input) = gradient_times_difference(logit(class), &input, &reference);
+            let (attr, at_input) =
+                gradient_times_difference(logit(class), &input, &reference, steps);
             let at_reference = tch::no_grad(|| logit(class)(&reference));
             Ok(CellAttribution {
                 attribution_sum: attr.sum_dim_intlist(1, false, Kind::Float),
@@ -175,7 +194,8 @@ impl super::compute::Screener {
                 },
                 None => Reference::Padding,
             };
-            let out = attribute_cells(&self.model, &states, class, reference)?;
+            let steps = plan.spec.attribution.as_ref().map_or(1, |a| a.steps);
+            let out = attribute_cells(&self.model, &states, class, reference, steps)?;
             attribution.importance.extend(floats(out.importance)?);
             attribution.logit_gap.extend(floats(out.logit_gap)?);
             attribution
@@ -221,7 +241,7 @@ mod tests {
             |x: &Tensor| (x * &w).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) + 0.7;
         let x = Tensor::randn([rows, seq, d], (Kind::Float, Device::Cpu));
         let r = Tensor::randn([rows, seq, d], (Kind::Float, Device::Cpu));
-        let (attr, value) = gradient_times_difference(linear, &x, &r);
+        let (attr, value) = gradient_times_difference(linear, &x, &r, 1);
         assert_eq!(attr.size(), vec![rows, seq]);
         let exact = ((&x - &r) * &w).sum_dim_intlist(-1, false, Kind::Float);
         let worst = f64::try_from((&attr - &exact).abs().max()).unwrap();
@@ -238,7 +258,7 @@ mod tests {
             "attributions miss f(x) - f(r) by {completeness}"
         );
         // A reference equal to the input attributes nothing; the attributions moved otherwise.
-        let (none, _) = gradient_times_difference(linear, &x, &x);
+        let (none, _) = gradient_times_difference(linear, &x, &x, 1);
         assert_eq!(f64::try_from(none.abs().max()).unwrap(), 0.0);
         assert!(f64::try_from(attr.abs().max()).unwrap() > 0.1);
     }
@@ -252,9 +272,12 @@ mod tests {
         };
         let x = Tensor::from_slice(&[2.0f32]).view([1, 1, 1]);
         let r = Tensor::zeros([1, 1, 1], (Kind::Float, Device::Cpu));
-        let (attr, value) = gradient_times_difference(square, &x, &r);
+        let (attr, value) = gradient_times_difference(square, &x, &r, 1);
         // Gradient 4 times difference 2 = 8, against f(x) - f(r) = 4.
         assert_eq!(f64::try_from(attr.sum(Kind::Float)).unwrap(), 8.0);
         assert_eq!(f64::try_from(value.sum(Kind::Float)).unwrap(), 4.0);
+        // Along the path, gradients 2 * 2k/m averaged over k = 1..m, times 2: 4 (m + 1) / m -> 4.
+        let (path, _) = gradient_times_difference(square, &x, &r, 8);
+        assert!((f64::try_from(path.sum(Kind::Float)).unwrap() - 4.5).abs() < 1e-5);
     }
 }
