@@ -2203,7 +2203,8 @@ fn screen_records(dir: &Path) -> u64 {
 /// stimulated logit's attribution, against the full screen of every gene in the same cells (both toward
 /// control, self-effect excluded): the recall of the full screen's top 50 hits among the guided screen's
 /// top 50, and the forward passes each ran. The same guidance from a randomly initialised classifier is
-/// the control.
+/// the control, and it shows the saving comes from the contrast reference, not from what the classifier
+/// learned (see the assertion's comment).
 #[test]
 fn attribution_guided_screens_recover_the_full_screens_hits_for_a_fraction_of_the_forward_passes() {
     let trained = trained_kang();
@@ -2257,11 +2258,19 @@ fn attribution_guided_screens_recover_the_full_screens_hits_for_a_fraction_of_th
         "attribution-guided screens vs the full screen ({full_records} records, {full_seconds:.0}s) of {cells} stimulated cells toward control:\n  {}",
         report.join("\n  ")
     );
-    let trained_20 = recall_at[&("trained", 20)];
-    let random_20 = recall_at[&("random", 20)];
+    // What holds: at k = 40 the guided screen finds most of the full screen's hits for under half of
+    // its forward passes. What does not: guidance by a randomly initialised classifier does about as well
+    // (k = 20: 0.78 against the trained 0.72 in one run, 0.74 against 0.82 in another), because the
+    // contrast reference already picks each cell's genes that differ from its matched control cell, and
+    // those are most of what the knockout ranking finds. Reported, not claimed.
+    let trained_40 = recall_at[&("trained", 40)];
     assert!(
-        trained_20 > random_20,
-        "at k = 20 the trained classifier's guidance recalls {trained_20:.2} of the full screen's top 50, the random classifier's {random_20:.2}"
+        trained_40 >= 0.75,
+        "at k = 40 the guided screen recalls only {trained_40:.2} of the full screen's top 50"
+    );
+    assert!(
+        recall_at[&("trained", 5)] < trained_40,
+        "recall does not grow with k: the guidance changed nothing"
     );
 }
 
