@@ -1,6 +1,8 @@
 """Baseline for `cellfleet bench attribution`: the same gradient attribution written in plain PyTorch on
 the same weights, cells and references.
 
+The gradient is averaged over `steps` points of the straight path from the reference (1: at the input).
+
 Per batch of `batch_rows` cells (full token layout: [CLS] = gene 0 with bin n_bins + 1, then every gene):
 the total input embeddings X of the cells and B of their references; f(X, B) = grad_x z_c(X) * (X - B)
 summed over the embedding dimension, and f(B, X) with the reference class's logit at B; the importance
@@ -11,7 +13,7 @@ applied to the final [CLS] state.
 usage: attribution_baseline.py JOB_JSON
 
 JOB_JSON (written by `cellfleet bench attribution`): model_dir, cells_file and references_file (uint8,
-rows x genes), class, reference_class, batch_rows, threads, importance_out (where the float32 importances
+rows x genes), class, reference_class, steps, batch_rows, threads, importance_out (where the float32 importances
 go). Prints one JSON line: {cells, seconds, cells_per_second}.
 """
 import json
@@ -64,11 +66,18 @@ def main():
         cls = model.ln_final(x)[:, 0]
         return (cls @ head_w.T + head_b)[:, k]
 
+    steps = int(job["steps"])
+
     def gradient_times_difference(x, r, k):
-        x = x.detach().requires_grad_(True)
-        value = logit(x, k)
-        (grad,) = torch.autograd.grad(value.sum(), x)
-        return (grad * (x.detach() - r)).sum(-1), value.detach()
+        # The gradient averaged over `steps` points r + j/steps (x - r), j = 1..steps (1: at x).
+        difference = x - r
+        grad_sum = torch.zeros_like(x)
+        for j in range(steps, 0, -1):
+            point = (r + difference * (j / steps)).detach().requires_grad_(True)
+            value = logit(point, k)
+            (grad,) = torch.autograd.grad(value.sum(), point)
+            grad_sum += grad
+        return (grad_sum / steps * difference).sum(-1), None
 
     out = []
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 //! `cellfleet bench attribution`: gradient attribution throughput. Per core, an attribution screen's
-//! units computed in this process on one thread (attributed cells per second: per cell two forward and
-//! two backward passes and one forward for the logit gap) against the same computation in plain PyTorch
+//! units computed in this process on one thread (attributed cells per second: per cell `2 * steps`
+//! forward and backward passes and one forward for the logit gap) against the same computation in plain PyTorch
 //! (`bench/attribution_baseline.py`) on the same weights, cells and references, in alternating rounds; the
 //! two sides' importances are compared value by value.
 
@@ -86,6 +86,7 @@ pub fn bench_attribution(args: &AttributionBench) -> anyhow::Result<()> {
         "references_file": dir.join("references.u8"),
         "class": classifier.starts[0],
         "reference_class": classifier.starts[1],
+        "steps": attribution.steps,
         "batch_rows": plan.spec.execution.batch,
         "threads": 1,
         "importance_out": dir.join("importance.f32"),
@@ -165,7 +166,8 @@ pub fn bench_attribution(args: &AttributionBench) -> anyhow::Result<()> {
     let (ours_median, _, _) = median_range(&ours);
     let (theirs_median, _, _) = median_range(&theirs);
     println!(
-        "gradient attribution (contrast reference, both directions), 1 process x 1 thread each, {cells} cells of {} tokens:",
+        "gradient attribution (contrast reference, both directions, {} path points each), 1 process x 1 thread each, {cells} cells of {} tokens:",
+        attribution.steps,
         n + 1
     );
     println!("  cellfleet {ours_median:>8.2} attributed cells/s");
