@@ -1294,8 +1294,18 @@ fn bad_steer_specs_are_refused_before_any_work() {
             vec!["readout = \"cls\" with [steer]"],
         ),
     ];
+    assert_refused_before_any_work(&trained, dir.path(), cases);
+}
+
+/// Runs each `(name, spec body, expected error fragments)` case: refused, every fragment in the error,
+/// and no plan stored.
+fn assert_refused_before_any_work(
+    trained: &Trained,
+    dir: &Path,
+    cases: Vec<(&str, String, Vec<&str>)>,
+) {
     for (name, body, expect) in cases {
-        let spec = write_spec(dir.path(), &format!("{name}.toml"), &trained, &body);
+        let spec = write_spec(dir, &format!("{name}.toml"), trained, &body);
         let out = cellfleet(
             bin(),
             &["screen", "run", &s(&spec), "--local", "--workers", "1"],
@@ -1821,26 +1831,7 @@ fn bad_transition_specs_are_refused_before_any_work() {
             vec!["attribution.steps = 0"],
         ),
     ];
-    for (name, body, expect) in cases {
-        let spec = write_spec(dir.path(), &format!("{name}.toml"), &trained, &body);
-        let out = cellfleet(
-            bin(),
-            &["screen", "run", &s(&spec), "--local", "--workers", "1"],
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{name} was accepted");
-        for needle in expect {
-            assert!(
-                stderr.contains(needle),
-                "{name}: expected {needle:?} in the error, got:\n{stderr}"
-            );
-        }
-        let spec_out = PathBuf::from(format!("{}.out", spec.display()));
-        assert!(
-            !spec_out.join("plan.json").exists(),
-            "{name}: a plan was stored"
-        );
-    }
+    assert_refused_before_any_work(&trained, dir.path(), cases);
 }
 
 /// KD-CPT on Kang: the condition classifier's transition matrix is dominated by its diagonal; the

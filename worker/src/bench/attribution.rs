@@ -12,12 +12,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use cellfleet_shared::screen::AttributionReference;
 use cellfleet_shared::storage::S3Options;
-use tch::Device;
 
 use super::child::{bench_dir, median_range, python, round_ratios};
-use super::screen::{absolute_spec, fresh_dir, load_average};
-use crate::screen::compute::Screener;
-use crate::screen::plan::{read_cells, resolve_plan, store_plan};
+use super::screen::{absolute_spec, fresh_dir, load_average, planned_screener};
+use crate::screen::plan::read_cells;
 
 /// What `bench attribution` runs.
 pub struct AttributionBench {
@@ -30,7 +28,7 @@ pub struct AttributionBench {
 
 pub fn bench_attribution(args: &AttributionBench) -> anyhow::Result<()> {
     let s3 = S3Options::default();
-    let mut spec = absolute_spec(&args.spec)?;
+    let spec = absolute_spec(&args.spec)?;
     let Some(attribution) = spec.attribution.clone() else {
         bail!(
             "{}: no [attribution] section; `bench attribution` measures attribution screens",
@@ -43,17 +41,7 @@ pub fn bench_attribution(args: &AttributionBench) -> anyhow::Result<()> {
             args.spec.display()
         );
     }
-    if let Some(cells) = args.cells {
-        spec.cells.max_cells = Some(cells);
-    }
-    fresh_dir(&args.scratch)?;
-    let scratch = std::path::absolute(&args.scratch)?;
-    spec.out = scratch.join("plan").display().to_string();
-    let plan = resolve_plan(&spec, &scratch, &s3)?;
-    let store = crate::screen::plan::open_location(&spec.out, &s3)?;
-    let plan_blake3 = store_plan(&plan, &store)?;
-    tch::set_num_threads(1);
-    let screener = Screener::load(plan.clone(), &plan_blake3, &s3, Device::Cpu)?;
+    let (_, scratch, plan, screener) = planned_screener(spec, args.cells, &args.scratch, &s3)?;
     let n = plan.vocabulary.len();
     let cells = plan.cells.len();
     eprintln!(

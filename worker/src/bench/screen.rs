@@ -226,7 +226,35 @@ pub(super) fn absolute_spec(path: &Path) -> anyhow::Result<ScreenSpec> {
             file: absolute(&file.file),
         });
     }
+    if let Some(t) = spec.transitions.as_mut() {
+        t.classifier = absolute(&t.classifier);
+    }
+    if let Some(a) = spec.attribution.as_mut() {
+        a.classifier = absolute(&a.classifier);
+    }
     Ok(spec)
+}
+
+/// A bench's screen: `spec` with its cells capped at `cells`, planned into `scratch/plan` (`scratch`
+/// cleared first and returned absolute), and a one-thread `Screener` of the plan on the CPU.
+pub(super) fn planned_screener(
+    mut spec: ScreenSpec,
+    cells: Option<u64>,
+    scratch: &Path,
+    s3: &S3Options,
+) -> anyhow::Result<(ScreenSpec, PathBuf, ScreenPlan, Screener)> {
+    if let Some(cells) = cells {
+        spec.cells.max_cells = Some(cells);
+    }
+    fresh_dir(scratch)?;
+    let scratch = std::path::absolute(scratch)?;
+    spec.out = scratch.join("plan").display().to_string();
+    let plan = resolve_plan(&spec, &scratch, s3)?;
+    let store = crate::screen::plan::open_location(&spec.out, s3)?;
+    let plan_blake3 = crate::screen::plan::store_plan(&plan, &store)?;
+    tch::set_num_threads(1);
+    let screener = Screener::load(plan.clone(), &plan_blake3, s3, Device::Cpu)?;
+    Ok((spec, scratch, plan, screener))
 }
 
 /// Sums the `unit U/N: P pairs in Ss (...)` lines of every `worker-*.log` in `dir`, per worker.

@@ -12,13 +12,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use cellfleet_shared::screen::SteerMethod;
 use cellfleet_shared::storage::S3Options;
-use tch::Device;
 
 use super::child::{bench_dir, median_range, python, round_ratios};
-use super::screen::{absolute_spec, fresh_dir, load_average, with_stdout_to};
+use super::screen::{absolute_spec, fresh_dir, load_average, planned_screener, with_stdout_to};
 use crate::cluster::screen_client::run_local;
-use crate::screen::compute::Screener;
-use crate::screen::plan::{resolve_plan, store_plan};
 use crate::train::checkpoint_state::open_existing_run;
 use crate::train::saved_model::export_checkpoint;
 
@@ -37,7 +34,7 @@ pub struct SteerBench {
 
 pub fn bench_steer(args: &SteerBench) -> anyhow::Result<()> {
     let s3 = S3Options::default();
-    let mut spec = absolute_spec(&args.spec)?;
+    let spec = absolute_spec(&args.spec)?;
     let Some(steer) = spec.steer.clone() else {
         bail!(
             "{}: no [steer] section; `bench steer` measures steered screens",
@@ -50,17 +47,7 @@ pub fn bench_steer(args: &SteerBench) -> anyhow::Result<()> {
             args.spec.display()
         );
     }
-    if let Some(cells) = args.cells {
-        spec.cells.max_cells = Some(cells);
-    }
-    fresh_dir(&args.scratch)?;
-    let scratch = std::path::absolute(&args.scratch)?;
-    spec.out = scratch.join("plan").display().to_string();
-    let plan = resolve_plan(&spec, &scratch, &s3)?;
-    let store = crate::screen::plan::open_location(&spec.out, &s3)?;
-    let plan_blake3 = store_plan(&plan, &store)?;
-    tch::set_num_threads(1);
-    let screener = Screener::load(plan.clone(), &plan_blake3, &s3, Device::Cpu)?;
+    let (spec, scratch, plan, screener) = planned_screener(spec, args.cells, &args.scratch, &s3)?;
     let starts = screener.steer_chain_starts()?;
     let chain_iterations = (starts.len() * steer.iterations as usize) as f64;
     let records = plan.total_records();
