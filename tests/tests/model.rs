@@ -318,6 +318,84 @@ fn pretrain_then_finetune_on_kang() {
             "LoRA fine-tuning changed {name}"
         );
     }
+
+    // Class-weighted fine-tuning: weights proportional to 1/n_k over the training split, scaled so the
+    // weighted count is the count (the loss keeps its scale), and the training takes another path than
+    // the unweighted run from the same seed.
+    let short = |weights: &str, name: &str| -> (String, Value) {
+        let json = dir.path().join(format!("{name}.json"));
+        let stdout = cellfleet_ok(&[
+            "finetune",
+            "--corpus",
+            &corpus,
+            "--weights",
+            model_dir.to_str().unwrap(),
+            "--label-col",
+            "cell_type",
+            "--class-weights",
+            weights,
+            "--steps",
+            "20",
+            "--batch-size",
+            "32",
+            "--threads",
+            "2",
+            "--out",
+            dir.path().join(name).to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        (stdout, read_json(&json))
+    };
+    let (weighted_out, weighted) = short("inverse-frequency", "weighted");
+    let (_, unweighted) = short("none", "unweighted");
+    let line = weighted_out
+        .lines()
+        .find(|l| l.starts_with("class weights (inverse frequency):"))
+        .unwrap_or_else(|| panic!("no class weights printed:\n{weighted_out}"));
+    // "CD4T 0.441 (576 cells), B 1.289 (197 cells), ..."
+    let classes: Vec<(f64, f64)> = line
+        .split_once(':')
+        .unwrap()
+        .1
+        .split("),")
+        .map(|part| {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let weight: f64 = words[words.len() - 3].parse().unwrap();
+            let cells: f64 = words[words.len() - 2]
+                .trim_start_matches('(')
+                .parse()
+                .unwrap();
+            (weight, cells)
+        })
+        .collect();
+    assert_eq!(classes.len(), 7, "{line}");
+    let total: f64 = classes.iter().map(|(_, n)| n).sum();
+    let weighted_count: f64 = classes.iter().map(|(w, n)| w * n).sum();
+    assert!(
+        (weighted_count / total - 1.0).abs() < 0.01,
+        "weighted count {weighted_count} vs {total} cells: {line}"
+    );
+    let per_class = total / classes.len() as f64;
+    for (w, n) in &classes {
+        assert!(
+            (w * n / per_class - 1.0).abs() < 0.01,
+            "w_k n_k is not constant: {line}"
+        );
+    }
+    let losses = |v: &Value| -> Vec<f64> {
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_ne!(
+        losses(&weighted)[1..],
+        losses(&unweighted)[1..],
+        "class weights changed nothing"
+    );
 }
 
 fn loss_log(dir: &Path) -> Vec<(f64, f64)> {

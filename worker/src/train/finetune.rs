@@ -118,7 +118,7 @@ pub fn finetune(
         ClassWeighting::InverseFrequency => {
             let counts = training_class_counts(&corpus, label_idx, classes.len(), split)?;
             let weights = inverse_frequency_weights(&counts);
-            eprintln!(
+            println!(
                 "class weights (inverse frequency): {}",
                 classes
                     .iter()
