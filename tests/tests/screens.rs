@@ -719,6 +719,27 @@ fn kill_a_lease_holder(url: &str, id: &str, workers: &mut [Process], done: u64) 
     workers[victim.unwrap()].kill();
 }
 
+/// Submits `spec` to the coordinator at `url`, SIGKILLs one of `workers` holding a lease once 2 units
+/// are done, and waits for the screen to complete with at least one unit released; returns its id.
+fn submit_and_kill_a_lease_holder(url: &str, spec: &Path, workers: &mut [Process]) -> String {
+    let id = cellfleet_ok(bin(), &["screen", "submit", &s(spec), "--coordinator", url])
+        .trim()
+        .to_string();
+    kill_a_lease_holder(url, &id, workers, 2);
+    wait_for("the screen to complete", Duration::from_secs(300), || {
+        let status = status_json(url, &id);
+        assert!(status["state"] != "failed", "{status}");
+        status["state"] == "completed"
+    });
+    let status = status_json(url, &id);
+    assert!(
+        status["releases"].as_u64().unwrap() >= 1,
+        "{}: {status}",
+        spec.display()
+    );
+    id
+}
+
 fn start_coordinator(dir: &Path, port: u16, etcd: &str, name: &str) -> Process {
     let listen = format!("127.0.0.1:{port}");
     let coordinator = Process::spawn(
@@ -1590,20 +1611,7 @@ fn a_killed_worker_loses_no_steered_record() {
         .replace("lease_seconds = 20", "lease_seconds = 4")
         .replace("iterations = 12", "iterations = 40");
     let spec = write_spec(dir.path(), "steer", &trained, &body);
-    let id = cellfleet_ok(
-        bin(),
-        &["screen", "submit", &s(&spec), "--coordinator", &url],
-    )
-    .trim()
-    .to_string();
-    kill_a_lease_holder(&url, &id, &mut workers, 2);
-    wait_for("the screen to complete", Duration::from_secs(300), || {
-        let status = status_json(&url, &id);
-        assert!(status["state"] != "failed", "{status}");
-        status["state"] == "completed"
-    });
-    let status = status_json(&url, &id);
-    assert!(status["releases"].as_u64().unwrap() >= 1, "{status}");
+    let id = submit_and_kill_a_lease_holder(&url, &spec, &mut workers);
     let out = dir.path().join("results");
     cellfleet_ok(
         bin(),
@@ -2398,23 +2406,7 @@ fn transition_and_attribution_units_survive_a_killed_worker_exactly_once() {
     ] {
         let mut workers = spawn_workers(name);
         let spec = write_spec(dir.path(), name, &trained, &body);
-        let id = cellfleet_ok(
-            bin(),
-            &["screen", "submit", &s(&spec), "--coordinator", &url],
-        )
-        .trim()
-        .to_string();
-        kill_a_lease_holder(&url, &id, &mut workers, 2);
-        wait_for("the screen to complete", Duration::from_secs(300), || {
-            let status = status_json(&url, &id);
-            assert!(status["state"] != "failed", "{status}");
-            status["state"] == "completed"
-        });
-        let status = status_json(&url, &id);
-        assert!(
-            status["releases"].as_u64().unwrap() >= 1,
-            "{name}: {status}"
-        );
+        let id = submit_and_kill_a_lease_holder(&url, &spec, &mut workers);
         let out = dir.path().join(format!("{name}-results"));
         cellfleet_ok(
             bin(),

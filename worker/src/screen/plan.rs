@@ -388,7 +388,12 @@ pub fn resolve_plan(
                 .sample(members, anchor.max_cells as usize);
         }
     }
-    let bins = read_cells(&corpus, &plan.cells)?;
+    // A guided plan read its cells' bins to choose their genes.
+    let bins = if guided_bins.is_empty() {
+        read_cells(&corpus, &plan.cells)?
+    } else {
+        guided_bins
+    };
     plan.unit_records = (0..plan.unit_count())
         .map(|u| applicable_records(&plan, &bins, u).len() as u64)
         .collect();
