@@ -534,6 +534,14 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the process: a frozen process holds whatever it held.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "signal {signal} to {}", self.child.id());
+    }
+
     /// SIGKILL, like a machine or OOM-killer would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -692,6 +692,21 @@ fn status_json(url: &str, id: &str) -> Value {
 /// SIGKILLs one of `workers` that holds a lease of screen `id`, once at least `done` units are done and
 /// more than 4 remain.
 fn kill_a_lease_holder(url: &str, id: &str, workers: &mut [Process], done: u64) {
+    // The index of a worker that the coordinator lists as holding a lease, if any.
+    let lease_holder = |status: &serde_json::Value, workers: &[Process]| {
+        status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|holder| {
+                workers.iter().position(|w| {
+                    holder
+                        .as_str()
+                        .unwrap()
+                        .contains(&format!("-{}-", w.child.id()))
+                })
+            })
+    };
     let mut victim = None;
     wait_for(
         "a few units done and a lease held",
@@ -699,19 +714,28 @@ fn kill_a_lease_holder(url: &str, id: &str, workers: &mut [Process], done: u64) 
         || {
             let status = status_json(url, id);
             let finished = status["units_done"].as_u64().unwrap();
-            if finished >= done && finished + 4 < status["units_total"].as_u64().unwrap() {
-                victim = status["workers"]
-                    .as_array()
+            if finished < done || finished + 4 >= status["units_total"].as_u64().unwrap() {
+                return false;
+            }
+            let Some(candidate) = lease_holder(&status, workers) else {
+                return false;
+            };
+            // Units take milliseconds: freeze the holder, let any completion it already sent land,
+            // and kill it only if the coordinator still counts it as a holder, so the kill loses a
+            // lease for certain.
+            workers[candidate].freeze(true);
+            std::thread::sleep(Duration::from_millis(300));
+            let status = status_json(url, id);
+            let still_holds = status["workers"].as_array().unwrap().iter().any(|holder| {
+                holder
+                    .as_str()
                     .unwrap()
-                    .iter()
-                    .find_map(|holder| {
-                        workers.iter().position(|w| {
-                            holder
-                                .as_str()
-                                .unwrap()
-                                .contains(&format!("-{}-", w.child.id()))
-                        })
-                    });
+                    .contains(&format!("-{}-", workers[candidate].child.id()))
+            });
+            if still_holds && status["state"] == "running" {
+                victim = Some(candidate);
+            } else {
+                workers[candidate].freeze(false);
             }
             victim.is_some()
         },
