@@ -89,6 +89,84 @@ impl Manifest {
         offsets
     }
 
+    /// What a reader relies on and a damaged (or hostile) manifest could break: sizes within the decoder's
+    /// limits, shard names inside the corpus, cell counts that add up. `Err` says which field is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::corpus::shard::{MAX_BLOCK_CELLS, MAX_GENES, MAX_LABEL_COLUMNS};
+        if self.genes.is_empty() || self.genes.len() >= MAX_GENES {
+            return Err(format!(
+                "genes lists {} genes; a vocabulary holds 1 to {}",
+                self.genes.len(),
+                MAX_GENES - 1
+            ));
+        }
+        if !(2..=256).contains(&self.bins.n_bins) {
+            return Err(format!(
+                "bins.n_bins is {}; bins are bytes, so 2 to 256",
+                self.bins.n_bins
+            ));
+        }
+        if self.block_cells == 0 || self.block_cells as usize > MAX_BLOCK_CELLS {
+            return Err(format!(
+                "block_cells is {}; expected 1 to {MAX_BLOCK_CELLS}",
+                self.block_cells
+            ));
+        }
+        if self.label_columns.len() > MAX_LABEL_COLUMNS {
+            return Err(format!(
+                "label_columns lists {}; at most {MAX_LABEL_COLUMNS}",
+                self.label_columns.len()
+            ));
+        }
+        if let Some(column) = self
+            .label_columns
+            .iter()
+            .find(|c| c.categories.len() >= MISSING_LABEL as usize)
+        {
+            return Err(format!(
+                "label column '{}' has {} categories, more than a u32 code holds",
+                column.name,
+                column.categories.len()
+            ));
+        }
+        if self.shards.is_empty() {
+            return Err("shards lists none; a corpus holds at least one".into());
+        }
+        let mut total = 0u64;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let safe_name = !shard.name.is_empty()
+                && !shard.name.starts_with('/')
+                && shard
+                    .name
+                    .split('/')
+                    .all(|part| !part.is_empty() && part != "." && part != "..")
+                && !shard.name.contains(['\\', '\0']);
+            if !safe_name {
+                return Err(format!(
+                    "shards[{i}].name {:?} is not a name inside the corpus",
+                    shard.name
+                ));
+            }
+            if shard.cells == 0 {
+                return Err(format!("shards[{i}] ({}) holds 0 cells", shard.name));
+            }
+            if shard.blake3.len() != 64 || !shard.blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "shards[{i}].blake3 {:?} is not a blake3 hash (64 hex digits)",
+                    shard.blake3
+                ));
+            }
+            total += u64::from(shard.cells);
+        }
+        if total != self.total_cells {
+            return Err(format!(
+                "total_cells is {}, but the shards hold {total}",
+                self.total_cells
+            ));
+        }
+        Ok(())
+    }
+
     /// blake3 of the manifest's canonical JSON: identifies a corpus in checkpoints and sample orders.
     pub fn content_hash(&self) -> String {
         let json = serde_json::to_vec(self).expect("a manifest always serializes");

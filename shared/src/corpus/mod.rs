@@ -42,11 +42,7 @@ impl Corpus {
                 manifest.format_version
             )));
         }
-        if manifest.shard_offsets().last().copied() != Some(manifest.total_cells) {
-            return Err(bad(
-                "total_cells does not equal the sum of the shards' cells".into(),
-            ));
-        }
+        manifest.check().map_err(bad)?;
         Ok(Self { store, manifest })
     }
 
@@ -59,15 +55,23 @@ impl Corpus {
         let bytes = self.fetch_verified(index)?;
         let entry = &self.manifest.shards[index];
         let shard = Shard::parse(&entry.name, bytes)?;
-        if shard.n_cells != entry.cells as usize || shard.n_genes != self.manifest.genes.len() {
+        if shard.n_cells != entry.cells as usize
+            || shard.n_genes != self.manifest.genes.len()
+            || shard.n_label_cols != self.manifest.label_columns.len()
+            || shard.block_cells != self.manifest.block_cells as usize
+        {
             return Err(Error::CorruptShard {
                 name: entry.name.clone(),
                 what: format!(
-                    "holds {} cells x {} genes, the manifest says {} x {}",
+                    "holds {} cells x {} genes with {} label columns in blocks of {}, the manifest says {} x {} with {} in blocks of {}",
                     shard.n_cells,
                     shard.n_genes,
+                    shard.n_label_cols,
+                    shard.block_cells,
                     entry.cells,
-                    self.manifest.genes.len()
+                    self.manifest.genes.len(),
+                    self.manifest.label_columns.len(),
+                    self.manifest.block_cells
                 ),
             });
         }

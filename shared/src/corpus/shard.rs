@@ -18,6 +18,13 @@ use crate::error::{Error, Result};
 pub const SHARD_MAGIC: &[u8; 8] = b"CFSHARD1";
 const HEADER_WORDS: usize = 5;
 pub const ZSTD_LEVEL: i32 = 3;
+/// Header limits a decoder enforces before it allocates: a vocabulary's token ids are u16, and no
+/// writer makes blocks or label sets anywhere near these sizes, so a header beyond them is damaged.
+pub const MAX_GENES: usize = 1 << 16;
+pub const MAX_BLOCK_CELLS: usize = 1 << 20;
+pub const MAX_LABEL_COLUMNS: usize = 1 << 10;
+/// The longest cell name a shard may hold (bytes).
+pub const MAX_CELL_NAME: usize = 4096;
 
 /// Where one cell came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +159,8 @@ impl ShardBuilder {
 /// A stored shard, parsed just enough to decompress single blocks.
 #[derive(Debug, Clone)]
 pub struct Shard {
+    /// The object's name, for errors.
+    name: String,
     bytes: bytes::Bytes,
     pub n_cells: usize,
     pub n_genes: usize,
@@ -216,6 +225,17 @@ impl Shard {
                 "header says {n_cells} cells in {n_blocks} blocks of {block_cells}"
             )));
         }
+        for (field, value, limit) in [
+            ("genes", n_genes, MAX_GENES),
+            ("cells per block", block_cells, MAX_BLOCK_CELLS),
+            ("label columns", n_label_cols, MAX_LABEL_COLUMNS),
+        ] {
+            if value > limit {
+                return Err(bad(format!(
+                    "header claims {value} {field}, more than the limit of {limit} (damaged header)"
+                )));
+            }
+        }
         let table_start = 8 + 4 * HEADER_WORDS;
         let data_start = table_start + 16 * (n_blocks + 1);
         if bytes.len() < data_start {
@@ -224,16 +244,20 @@ impl Shard {
         let mut frames = Vec::with_capacity(n_blocks + 1);
         for i in 0..=n_blocks {
             let at = table_start + 16 * i;
-            let offset = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
-            let len = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()) as usize;
-            if data_start + offset + len > bytes.len() {
+            let offset = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+            let len = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
+            let end = (data_start as u64)
+                .checked_add(offset)
+                .and_then(|start| start.checked_add(len));
+            if end.is_none_or(|end| end > bytes.len() as u64) {
                 return Err(bad(format!(
                     "frame {i} runs past the end of the shard (truncated?)"
                 )));
             }
-            frames.push((data_start + offset, len));
+            frames.push((data_start + offset as usize, len as usize));
         }
         Ok(Self {
+            name: name.to_string(),
             bytes,
             n_cells,
             n_genes,
@@ -265,12 +289,17 @@ impl Shard {
     ) -> Result<()> {
         let cells = self.block_len(block);
         let bad = |what: String| Error::CorruptShard {
-            name: String::new(),
+            name: self.name.clone(),
             what: format!("block {block}: {what}"),
         };
-        let (start, len) = self.frames[block];
+        let (start, len) = *self
+            .frames
+            .get(block)
+            .filter(|_| block < self.n_blocks())
+            .ok_or_else(|| bad(format!("there are only {} blocks", self.n_blocks())))?;
         let frame = &self.bytes[start..start + len];
-        // The densest possible block bounds what a (possibly corrupt) frame header may ask for.
+        // The densest possible block bounds what a (possibly corrupt) frame header may ask for; the
+        // header limits keep this product far from overflowing.
         let most = cells * (4 + 3 * self.n_genes + 4 * self.n_label_cols);
         let size = match zstd::zstd_safe::get_frame_content_size(frame) {
             Ok(Some(size)) if size as usize <= most => size as usize,
@@ -280,7 +309,7 @@ impl Shard {
         let got = zstd
             .context
             .decompress_to_buffer(frame, &mut zstd.raw[..])
-            .map_err(Error::Compression)?;
+            .map_err(|e| bad(format!("cannot be decompressed ({e})")))?;
         let raw = &zstd.raw[..got];
         if raw.len() < 4 * cells {
             return Err(bad("shorter than its per-cell counts".into()));
@@ -332,16 +361,26 @@ impl Shard {
     }
 
     pub fn origins(&self) -> Result<Vec<CellOrigin>> {
+        let bad = |what: &str| Error::CorruptShard {
+            name: self.name.clone(),
+            what: format!("cell-name frame {what}"),
+        };
         let (start, len) = self.frames[self.n_blocks()];
-        let raw = zstd::stream::decode_all(&self.bytes[start..start + len])
-            .map_err(Error::Compression)?;
+        let frame = &self.bytes[start..start + len];
+        // Bounded like a block: 16 bytes and a name of at most MAX_CELL_NAME per cell.
+        let most = self.n_cells * (16 + MAX_CELL_NAME);
+        let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(size)) if size as usize <= most => size as usize,
+            _ => return Err(bad("has a damaged header")),
+        };
+        let raw = zstd::bulk::decompress(frame, size)
+            .map_err(|e| bad(&format!("cannot be decompressed ({e})")))?;
         let mut origins = Vec::with_capacity(self.n_cells);
         let mut at = 0;
         let take = |at: &mut usize, n: usize| -> Result<&[u8]> {
-            let s = raw.get(*at..*at + n).ok_or_else(|| Error::CorruptShard {
-                name: String::new(),
-                what: "cell-name frame is truncated".into(),
-            })?;
+            let s = raw
+                .get(*at..at.saturating_add(n))
+                .ok_or_else(|| bad("is truncated"))?;
             *at += n;
             Ok(s)
         };
@@ -351,6 +390,12 @@ impl Shard {
             let len = u32::from_le_bytes(take(&mut at, 4)?.try_into().unwrap()) as usize;
             let name = String::from_utf8_lossy(take(&mut at, len)?).into_owned();
             origins.push(CellOrigin { source, row, name });
+        }
+        if at != raw.len() {
+            return Err(bad(&format!(
+                "has {} bytes after its last cell",
+                raw.len() - at
+            )));
         }
         Ok(origins)
     }

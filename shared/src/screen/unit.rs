@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 use super::UNIT_MAGIC;
 use super::{Result, ScreenError};
 
+/// The most a unit result may decompress to (a unit of 64 targets x 64 cells with per-cell expression
+/// over a 65,535-gene vocabulary would hold about 1 GiB; real units are far smaller).
+pub const MAX_UNIT_BYTES: u64 = 2 << 30;
+
 /// The measures of one perturbed cell against its unperturbed self: the cosine shift, then per state the
 /// cosine shift toward it, then per state the progress toward it (`1 + 2 * states` values).
 pub fn measure_len(n_states: usize) -> usize {
@@ -202,34 +206,57 @@ impl UnitResult {
         zstd::bulk::compress(&raw, 3).expect("compressing to memory cannot fail")
     }
 
+    /// Decodes a stored result; every size is checked against the bytes that follow, and the whole
+    /// against [`MAX_UNIT_BYTES`], before anything is allocated for it.
     pub fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
         let bad = |why: String| ScreenError::UnitResult {
             key: key.to_string(),
             why,
         };
-        let raw = zstd::stream::decode_all(bytes).map_err(|e| bad(format!("not zstd: {e}")))?;
+        // Decompressed at most up to the limit: a small hostile frame cannot expand into all memory.
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::new(bytes)
+            .and_then(|decoder| {
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(decoder, MAX_UNIT_BYTES + 1),
+                    &mut raw,
+                )
+            })
+            .map_err(|e| bad(format!("not zstd: {e}")))?;
+        if raw.len() as u64 > MAX_UNIT_BYTES {
+            return Err(bad(format!(
+                "decompresses to more than the {} MiB a unit result may hold",
+                MAX_UNIT_BYTES >> 20
+            )));
+        }
         let rest = raw
             .strip_prefix(UNIT_MAGIC)
             .ok_or_else(|| bad("not a cellfleet screen unit result (of this version)".into()))?;
         let mut at = 0usize;
-        let mut take = |n: usize| -> Result<&[u8]> {
-            let slice = rest
-                .get(at..at + n)
+        // Sizes are products of header fields: checked, so a hostile header cannot wrap them around.
+        let mut take = |factors: &[usize]| -> Result<&[u8]> {
+            let n = factors
+                .iter()
+                .try_fold(1usize, |n, &f| n.checked_mul(f))
+                .ok_or_else(|| bad(format!("its header's sizes {factors:?} overflow")))?;
+            let slice = at
+                .checked_add(n)
+                .and_then(|end| rest.get(at..end))
                 .ok_or_else(|| bad(format!("truncated at byte {at} (needs {n} more)")))?;
             at += n;
             Ok(slice)
         };
-        let header_len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-        let header: UnitHeader = serde_json::from_slice(take(header_len)?)
+        let header_len = u32::from_le_bytes(take(&[4])?.try_into().expect("4 bytes")) as usize;
+        let header: UnitHeader = serde_json::from_slice(take(&[header_len])?)
             .map_err(|e| bad(format!("unreadable header: {e}")))?;
         let records = header.records as usize;
         let states = header.n_states as usize;
         let vocabulary = header.n_vocabulary as usize;
-        let record_target = take(records * 4)?
+        let record_target = take(&[records, 4])?
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        let record_cell = take(records * 8)?
+        let record_cell = take(&[records, 8])?
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
@@ -238,68 +265,51 @@ impl UnitResult {
                 .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
                 .collect()
         };
-        let cosine_shift = floats(take(records * 4)?);
-        let state_shift = floats(take(records * states * 4)?);
-        let state_progress = floats(take(records * states * 4)?);
-        let alone = floats(take(header.alone as usize * 4)?);
-        let delta_bin_sum = floats(take(header.targets.len() * vocabulary * 4)?);
+        let cosine_shift = floats(take(&[records, 4])?);
+        let state_shift = floats(take(&[records, states, 4])?);
+        let state_progress = floats(take(&[records, states, 4])?);
+        let alone = floats(take(&[header.alone as usize, 4])?);
+        let delta_bin_sum = floats(take(&[header.targets.len(), vocabulary, 4])?);
         let expression = match header.expression_cells {
             Some(cells) => Some(UnitExpression {
-                perturbed: floats(take(records * vocabulary * 4)?),
-                original: floats(take(cells as usize * vocabulary * 4)?),
+                perturbed: floats(take(&[records, vocabulary, 4])?),
+                original: floats(take(&[cells as usize, vocabulary, 4])?),
             }),
             None => None,
         };
         let steer = match header.steer {
             Some((iterations, chains, statistics)) => {
-                // Sizes come from the header: checked products, so a hostile header cannot ask for
-                // more than the bytes that follow.
-                let size = |factors: &[u32]| -> Result<usize> {
-                    factors
-                        .iter()
-                        .try_fold(records, |n, &f| n.checked_mul(f as usize))
-                        .ok_or_else(|| bad("steer sizes overflow".into()))
-                };
-                let converged = take(records)?.to_vec();
+                let (i, c, s) = (iterations as usize, chains as usize, statistics as usize);
+                let converged = take(&[records])?.to_vec();
                 Some(UnitSteer {
                     iterations,
                     chains,
                     statistics,
                     converged,
-                    acceptance: floats(take(size(&[iterations, 4])?)?),
-                    rhat: floats(take(size(&[statistics, 4])?)?),
-                    ess: floats(take(size(&[statistics, 4])?)?),
-                    trace: floats(take(size(&[chains, iterations, statistics, 4])?)?),
+                    acceptance: floats(take(&[records, i, 4])?),
+                    rhat: floats(take(&[records, s, 4])?),
+                    ess: floats(take(&[records, s, 4])?),
+                    trace: floats(take(&[records, c, i, s, 4])?),
                 })
             }
             None => None,
         };
         let classes = match header.classes {
             Some((n_classes, cells)) => {
-                let size = |rows: u64| -> Result<usize> {
-                    usize::try_from(rows)
-                        .ok()
-                        .and_then(|r| r.checked_mul(n_classes as usize))
-                        .and_then(|n| n.checked_mul(4))
-                        .ok_or_else(|| bad("class sizes overflow".into()))
-                };
+                let cells = usize::try_from(cells).unwrap_or(usize::MAX);
                 Some(UnitClasses {
                     n_classes,
-                    original: floats(take(size(cells)?)?),
-                    perturbed: floats(take(size(records as u64)?)?),
+                    original: floats(take(&[cells, n_classes as usize, 4])?),
+                    perturbed: floats(take(&[records, n_classes as usize, 4])?),
                 })
             }
             None => None,
         };
         let attribution = if header.attribution {
-            let per_record = records
-                .checked_mul(vocabulary)
-                .and_then(|n| n.checked_mul(4))
-                .ok_or_else(|| bad("attribution sizes overflow".into()))?;
             Some(UnitAttribution {
-                importance: floats(take(per_record)?),
-                logit_gap: floats(take(records * 4)?),
-                attribution_sum: floats(take(records * 4)?),
+                importance: floats(take(&[records, vocabulary, 4])?),
+                logit_gap: floats(take(&[records, 4])?),
+                attribution_sum: floats(take(&[records, 4])?),
             })
         } else {
             None
