@@ -113,6 +113,10 @@ enum Command {
         #[command(flatten)]
         s3: S3Args,
     },
+    /// Internal: the child process that reads one .h5ad file for `ingest` and `synth`, so that HDF5
+    /// failing on a damaged file ends only this process
+    #[command(hide = true)]
+    H5adReader { file: PathBuf },
     /// Inspect or verify a corpus
     Corpus {
         #[command(subcommand)]
@@ -259,6 +263,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             layout,
             s3,
         } => corpus::ingest_command(inputs, out, layer, genes, layout, &s3)?,
+        Command::H5adReader { file } => crate::corpus::h5ad::serve(&file)?,
         Command::Corpus { action } => corpus::corpus_command(action)?,
         Command::Synth {
             cells,

@@ -221,9 +221,9 @@ fn pass1(
     })
 }
 
-fn counts_layer(h5: &H5ad) -> Option<String> {
-    let names = h5.matrix_names();
-    names
+fn counts_layer(h5: &H5ad) -> anyhow::Result<Option<String>> {
+    let names = h5.matrix_names()?;
+    Ok(names
         .iter()
         .find(|n| *n == "layers/counts")
         .or_else(|| {
@@ -231,7 +231,7 @@ fn counts_layer(h5: &H5ad) -> Option<String> {
                 .iter()
                 .find(|n| n.starts_with("layers/") && n.to_lowercase().contains("count"))
         })
-        .cloned()
+        .cloned())
 }
 
 fn read_genes_file(path: &Path) -> anyhow::Result<Vec<String>> {
@@ -483,7 +483,7 @@ fn matrix_candidates(h5: &H5ad, layer: &LayerChoice) -> anyhow::Result<Vec<(Stri
     Ok(match layer {
         LayerChoice::Auto => {
             let mut c = Vec::new();
-            if let Some(layer) = counts_layer(h5) {
+            if let Some(layer) = counts_layer(h5)? {
                 c.push((
                     layer.clone(),
                     format!("--layer auto: {layer} holds raw counts, the most faithful input"),
@@ -494,7 +494,7 @@ fn matrix_candidates(h5: &H5ad, layer: &LayerChoice) -> anyhow::Result<Vec<(Stri
                 "X".into(),
                 "--layer auto: X holds non-negative expression".into(),
             ));
-            if h5.matrix_names().iter().any(|n| n == "raw") {
+            if h5.matrix_names()?.iter().any(|n| n == "raw") {
                 c.push((
                     "raw".into(),
                     "--layer auto: X holds negative (scaled) values, so raw/X is used".into(),

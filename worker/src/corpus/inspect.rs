@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use cellfleet_shared::corpus::manifest::VocabularySource;
+use cellfleet_shared::corpus::manifest::{VocabularySource, MISSING_LABEL};
 use cellfleet_shared::corpus::Corpus;
 
 use crate::progress;
@@ -87,13 +87,63 @@ pub fn verify(corpus: &Corpus) -> Vec<(String, String)> {
     let bar = progress::bar(corpus.total_cells(), "verifying shards");
     let mut bad = Vec::new();
     for (i, entry) in corpus.manifest.shards.iter().enumerate() {
-        if let Err(e) = corpus.fetch_shard(i) {
-            bad.push((entry.name.clone(), e.to_string()));
+        if let Err(why) = decode_shard(corpus, i) {
+            bad.push((entry.name.clone(), why));
         }
         bar.inc(u64::from(entry.cells));
     }
     bar.finish_and_clear();
     bad
+}
+
+/// Fetches shard `index` (size and hash against the manifest) and decodes all of it: every block, every
+/// label code against its column's categories, every cell's origin against the source files. A store
+/// that rewrote a shard and its manifest entry together passes the hash check; this is what catches it.
+fn decode_shard(corpus: &Corpus, index: usize) -> Result<(), String> {
+    let manifest = &corpus.manifest;
+    let shard = corpus.fetch_shard(index).map_err(|e| e.to_string())?;
+    let mut block = cellfleet_shared::corpus::shard::Block::default();
+    let mut zstd =
+        cellfleet_shared::corpus::shard::BlockDecompressor::new().map_err(|e| e.to_string())?;
+    for b in 0..shard.n_blocks() {
+        shard
+            .read_block_into(b, &mut block, &mut zstd)
+            .map_err(|e| e.to_string())?;
+        for cell in 0..block.cells {
+            if let Some(bin) = block
+                .bins_of(cell)
+                .iter()
+                .find(|&&bin| u16::from(bin) >= manifest.bins.n_bins)
+            {
+                return Err(format!(
+                    "block {b} cell {cell} holds bin {bin}, beyond the corpus's {} bins",
+                    manifest.bins.n_bins
+                ));
+            }
+            for (column, &code) in manifest.label_columns.iter().zip(block.labels_of(cell)) {
+                if code != MISSING_LABEL && code as usize >= column.categories.len() {
+                    return Err(format!(
+                        "block {b} cell {cell} has label code {code} for '{}', which has {} categories",
+                        column.name,
+                        column.categories.len()
+                    ));
+                }
+            }
+        }
+    }
+    let origins = shard.origins().map_err(|e| e.to_string())?;
+    if let Some(origin) = origins
+        .iter()
+        .find(|o| o.source as usize >= manifest.sources.len())
+    {
+        return Err(format!(
+            "cell {} names source file {}, but the corpus has {}",
+            origin.name,
+            origin.source,
+            manifest.sources.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Settings of `cellfleet corpus stream`.

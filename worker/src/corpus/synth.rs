@@ -74,7 +74,7 @@ fn load_profiles(opts: &SynthOptions) -> anyhow::Result<Profiles> {
         let h5 = H5ad::open(path)?;
         // Same preference as `ingest --layer auto`: a counts layer, else X, else raw when X is scaled.
         let mut candidates: Vec<String> = h5
-            .matrix_names()
+            .matrix_names()?
             .into_iter()
             .filter(|n| n.starts_with("layers/") && n.contains("count"))
             .collect();

@@ -1,4 +1,6 @@
-//! Reading AnnData `.h5ad` files through HDF5, in every layout real files use.
+//! Reading AnnData `.h5ad` files through HDF5, in every layout real files use. This runs in the reader
+//! child process (`super::H5ad` is what the rest of the program uses), so HDF5 failing on a damaged file
+//! cannot take the caller down.
 //!
 //! * legacy (anndata < 0.7): `obs`/`var` are compound datasets, categorical codes live in the compound and
 //!   their names in `uns/<col>_categories`; `raw` is either a group or the flat `raw.X` / `raw.var` pair;
@@ -30,74 +32,39 @@ use hdf5_sys::h5t::{
     H5Tinsert, H5Tis_variable_str, H5Tset_cset, H5Tset_size, H5Tset_strpad, H5T_VARIABLE,
 };
 
-/// An error about one input file; the message says what is wrong and, where it helps, what to do.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {message}", file.display())]
-pub struct InputError {
-    pub file: PathBuf,
-    pub message: String,
-}
-
-pub type InputResult<T> = Result<T, InputError>;
+use super::{err, Column, CsrChunk, InputError, InputResult};
 
 const HDF5_SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 
-/// An obs column.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Column {
-    /// Codes index `categories`; negative codes are missing values.
-    Categorical {
-        categories: Vec<String>,
-        codes: Vec<i64>,
-    },
-    Strings(Vec<String>),
-    Numeric(Vec<f64>),
+/// The most one read of an h5ad object may allocate, unless `CELLFLEET_H5AD_MAX_READ_GIB` says more: a
+/// damaged size field (or a hostile file) is refused before the allocation, not by the OOM killer.
+fn max_read_bytes() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("CELLFLEET_H5AD_MAX_READ_GIB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(4)
+            << 30
+    })
 }
 
-impl Column {
-    /// The column as one category name per cell (`None` for missing), or why it cannot be a label.
-    pub fn as_labels(&self) -> Result<Vec<Option<String>>, String> {
-        match self {
-            Column::Categorical { categories, codes } => codes
-                .iter()
-                .map(|&c| match usize::try_from(c) {
-                    Ok(i) if i < categories.len() => Ok(Some(categories[i].clone())),
-                    Ok(i) => Err(format!(
-                        "category code {i} is outside its {} categories",
-                        categories.len()
-                    )),
-                    Err(_) => Ok(None),
-                })
-                .collect(),
-            Column::Strings(values) => Ok(values.iter().map(|v| Some(v.clone())).collect()),
-            Column::Numeric(values) => {
-                if values.iter().all(|v| v.fract() == 0.0) {
-                    Ok(values.iter().map(|v| Some(format!("{v}"))).collect())
-                } else {
-                    Err("it holds continuous numbers; a label column must be categorical, text or integer".into())
-                }
-            }
-        }
+/// Refuses reading `elements` of `element_bytes` each when that exceeds [`max_read_bytes`].
+fn check_read_size(what: &str, elements: u64, element_bytes: u64) -> Result<(), String> {
+    let bytes = elements.saturating_mul(element_bytes);
+    let limit = max_read_bytes();
+    if bytes > limit {
+        return Err(format!(
+            "{what} claims {elements} elements of {element_bytes} bytes ({:.1} GiB), more than the {} GiB one read may take (a damaged size field?; CELLFLEET_H5AD_MAX_READ_GIB raises the limit)",
+            bytes as f64 / (1u64 << 30) as f64,
+            limit >> 30
+        ));
     }
+    Ok(())
 }
 
-/// CSR rows read from a matrix: `values[indptr[i]..indptr[i + 1]]` are row i's non-zeros.
-#[derive(Debug, Default, Clone)]
-pub struct CsrChunk {
-    pub indptr: Vec<usize>,
-    pub indices: Vec<u32>,
-    pub values: Vec<f32>,
-}
-
-impl CsrChunk {
-    pub fn rows(&self) -> usize {
-        self.indptr.len().saturating_sub(1)
-    }
-    pub fn row(&self, i: usize) -> (&[u32], &[f32]) {
-        let r = self.indptr[i]..self.indptr[i + 1];
-        (&self.indices[r.clone()], &self.values[r])
-    }
-}
+/// Most genes a matrix may have: beyond every genome's gene and transcript count.
+const MAX_GENES: usize = 1 << 22;
 
 enum Storage {
     Dense(Dataset),
@@ -122,13 +89,6 @@ pub struct Matrix {
 pub struct H5ad {
     pub path: PathBuf,
     file: File,
-}
-
-fn err(path: &Path, message: impl Into<String>) -> InputError {
-    InputError {
-        file: path.to_path_buf(),
-        message: message.into(),
-    }
 }
 
 impl H5ad {
@@ -256,6 +216,12 @@ impl H5ad {
                     shape.len()
                 )));
             }
+            if shape[1] > MAX_GENES {
+                return Err(self.fail(format!(
+                    "{path} claims {} genes, more than the {MAX_GENES} a matrix may have (damaged?)",
+                    shape[1]
+                )));
+            }
             return Ok(Matrix {
                 name: path,
                 n_obs: shape[0],
@@ -279,11 +245,18 @@ impl H5ad {
             return Err(self.fail(format!("{path} has shape {shape:?}, expected 2 dimensions")));
         }
         let (n_obs, n_vars) = (shape[0] as usize, shape[1] as usize);
+        if n_vars > MAX_GENES {
+            return Err(self.fail(format!(
+                "{path} claims {n_vars} genes, more than the {MAX_GENES} a matrix may have (damaged?)"
+            )));
+        }
         let data = group.dataset("data").map_err(ctx)?;
         let indices = group.dataset("indices").map_err(ctx)?;
-        let indptr: Vec<u64> = group
-            .dataset("indptr")
-            .and_then(|d| d.read_raw::<i64>())
+        let indptr_ds = group.dataset("indptr").map_err(ctx)?;
+        check_read_size(&format!("{path}/indptr"), indptr_ds.size() as u64, 8)
+            .map_err(|e| self.fail(e))?;
+        let indptr: Vec<u64> = indptr_ds
+            .read_raw::<i64>()
             .map_err(ctx)?
             .into_iter()
             .map(|v| v.max(0) as u64)
@@ -323,6 +296,12 @@ impl H5ad {
             });
         }
         // Transpose CSC -> CSR with a counting sort over rows.
+        check_read_size(
+            &format!("{path} (CSC, transposed in memory)"),
+            nnz as u64,
+            24,
+        )
+        .map_err(|e| self.fail(e))?;
         let values: Vec<f32> = data.read_slice_1d::<f32, _>(0..nnz).map_err(ctx)?.to_vec();
         let rows: Vec<i64> = indices
             .read_slice_1d::<i64, _>(0..nnz)
@@ -463,10 +442,8 @@ impl H5ad {
             let categories =
                 read_strings(&sub.dataset("categories").map_err(|e| ctx(e.to_string()))?)
                     .map_err(ctx)?;
-            let codes = sub
-                .dataset("codes")
-                .and_then(|d| d.read_raw::<i64>())
-                .map_err(|e| ctx(e.to_string()))?;
+            let codes = read_whole::<i64>(&sub.dataset("codes").map_err(|e| ctx(e.to_string()))?)
+                .map_err(ctx)?;
             return Ok(Column::Categorical { categories, codes });
         }
         let ds = group.dataset(name).map_err(|e| ctx(e.to_string()))?;
@@ -478,15 +455,13 @@ impl H5ad {
                     .map_err(|e| ctx(e.to_string()))?,
             )
             .map_err(ctx)?;
-            let codes = ds.read_raw::<i64>().map_err(|e| ctx(e.to_string()))?;
+            let codes = read_whole::<i64>(&ds).map_err(ctx)?;
             return Ok(Column::Categorical { categories, codes });
         }
         if is_string_type(&ds) {
             return read_strings(&ds).map(Column::Strings).map_err(ctx);
         }
-        ds.read_raw::<f64>()
-            .map(Column::Numeric)
-            .map_err(|e| ctx(e.to_string()))
+        read_whole::<f64>(&ds).map(Column::Numeric).map_err(ctx)
     }
 }
 
@@ -499,6 +474,11 @@ impl Matrix {
         out.indptr.push(0);
         match &self.storage {
             Storage::Dense(ds) => {
+                check_read_size(
+                    &format!("rows {rows:?} of the dense matrix"),
+                    rows.len() as u64,
+                    4 * self.n_vars as u64,
+                )?;
                 let block = ds
                     .read_slice_2d::<f32, _>((rows.clone(), ..))
                     .map_err(|e| e.to_string())?;
@@ -588,6 +568,11 @@ fn read_range_as<M: hdf5::H5Type, T: Copy>(
     if n == 0 {
         return Ok(());
     }
+    check_read_size(
+        &format!("elements {range:?} of {}", ds.name()),
+        n as u64,
+        std::mem::size_of::<T>() as u64,
+    )?;
     out.reserve(n);
     let mem_type = hdf5::Datatype::from_type::<M>().map_err(|e| e.to_string())?;
     let status = hdf5::sync::sync(|| unsafe {
@@ -628,6 +613,16 @@ fn read_range_as<M: hdf5::H5Type, T: Copy>(
     // SAFETY: H5Dread filled all n elements of the reserved buffer.
     unsafe { out.set_len(n) };
     Ok(())
+}
+
+/// Reads a whole dataset as `T`, after checking its claimed size against the read limit.
+fn read_whole<T: hdf5::H5Type>(ds: &Dataset) -> Result<Vec<T>, String> {
+    check_read_size(
+        &ds.name(),
+        ds.size() as u64,
+        std::mem::size_of::<T>() as u64,
+    )?;
+    ds.read_raw::<T>().map_err(|e| e.to_string())
 }
 
 fn read_string_attr(loc: &Location, name: &str) -> Option<String> {
@@ -715,6 +710,10 @@ fn read_strings_raw(id: hid_t, is_attr: bool) -> Result<Vec<String>, String> {
         H5Sclose(space);
         let mem = string_memory_type(ftype);
         H5Tclose(ftype);
+        if let Err(e) = check_read_size("the strings", n as u64, H5Tget_size(mem) as u64) {
+            H5Tclose(mem);
+            return Err(e);
+        }
         let mut buf = vec![0u8; n * H5Tget_size(mem) + 1];
         let status = if is_attr {
             H5Aread(id, mem, buf.as_mut_ptr().cast())
@@ -784,6 +783,11 @@ fn read_compound_member(
         let compound = H5Tcreate(H5T_class_t::H5T_COMPOUND, size);
         H5Tinsert(compound, cname.as_ptr(), 0, mem_member);
         let n = ds.size();
+        if let Err(e) = check_read_size(&format!("field '{field}'"), n as u64, size as u64) {
+            H5Tclose(compound);
+            H5Tclose(mem_member);
+            return Err(e);
+        }
         let mut buf = vec![0u8; n * size + 1];
         let status = H5Dread(
             ds.id(),
