@@ -218,7 +218,7 @@ fn verify(url: &str, step: Option<u64>, s3: &S3Options) -> anyhow::Result<()> {
     if steps.is_empty() {
         bail!("no committed checkpoints in {}", checkpoints.url());
     }
-    let mut bad = 0;
+    let mut bad = Vec::new();
     for step in &steps {
         let started = std::time::Instant::now();
         let problems = checkpoints.verify(*step)?;
@@ -229,7 +229,7 @@ fn verify(url: &str, step: Option<u64>, s3: &S3Options) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
         } else {
-            bad += 1;
+            bad.push(step_folder(*step));
             for problem in problems {
                 println!(
                     "{}: {}: {}",
@@ -240,8 +240,13 @@ fn verify(url: &str, step: Option<u64>, s3: &S3Options) -> anyhow::Result<()> {
             }
         }
     }
-    if bad > 0 {
-        bail!("{bad} of {} checkpoints have problems", steps.len());
+    if !bad.is_empty() {
+        bail!(
+            "{} of {} checkpoints have problems: {}",
+            bad.len(),
+            steps.len(),
+            bad.join(", ")
+        );
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ pub enum CorpusAction {
         #[command(flatten)]
         s3: S3Args,
     },
-    /// Re-hash every shard against the manifest
+    /// Re-hash every shard against the manifest and decode all of it (blocks, labels, cell names)
     Verify {
         url: String,
         #[command(flatten)]
@@ -129,10 +129,12 @@ pub fn corpus_command(action: CorpusAction) -> anyhow::Result<()> {
                 for (name, why) in &bad {
                     eprintln!("BAD {name}: {why}");
                 }
+                let names: Vec<&str> = bad.iter().map(|(name, _)| name.as_str()).collect();
                 anyhow::bail!(
-                    "{} of {} shards failed verification",
+                    "{} of {} shards failed verification: {}",
                     bad.len(),
-                    corpus.manifest.shards.len()
+                    corpus.manifest.shards.len(),
+                    names.join(", ")
                 );
             }
             println!(

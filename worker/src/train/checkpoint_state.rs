@@ -174,8 +174,16 @@ pub enum RestoreError {
     /// being read for).
     #[error("{context}{problem}")]
     Unusable { problem: Problem, context: String },
+    /// Displays the whole chain itself, so it names no source (a reporter printing sources too would
+    /// print every cause twice).
     #[error("{0:#}")]
-    Failed(#[from] anyhow::Error),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RestoreError {
+    fn from(e: anyhow::Error) -> Self {
+        RestoreError::Failed(e)
+    }
 }
 
 impl From<cellfleet_shared::Error> for RestoreError {
