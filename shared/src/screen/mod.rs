@@ -25,7 +25,7 @@ pub use unit::*;
 
 pub const PLAN_FORMAT: &str = "cellfleet-screen-plan/2";
 pub const PLAN_FILE: &str = "plan.json";
-const UNIT_MAGIC: &[u8] = b"cellfleet-screen-unit/2\n";
+pub const UNIT_MAGIC: &[u8] = b"cellfleet-screen-unit/2\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScreenError {

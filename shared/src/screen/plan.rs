@@ -163,6 +163,111 @@ pub struct UnitSpan {
 }
 
 impl ScreenPlan {
+    /// Checks what workers index by without looking: the spec is valid, every gene position is in the
+    /// vocabulary, the per-cell arrays are as long as `cells`, and there is one record count per unit.
+    /// A plan is hash-checked against its submission, so this guards against a bug or a rewritten store
+    /// at submission time, which would otherwise panic every worker that leases a unit of it.
+    pub fn check(&self) -> Result<(), String> {
+        self.spec.validate().map_err(|e| format!("its spec: {e}"))?;
+        let vocabulary = self.vocabulary.len();
+        if vocabulary == 0 || vocabulary > crate::corpus::shard::MAX_GENES {
+            return Err(format!(
+                "vocabulary has {vocabulary} genes, expected 1..={}",
+                crate::corpus::shard::MAX_GENES
+            ));
+        }
+        if self.n_bins < 2 || self.n_bins > 256 {
+            return Err(format!("n_bins is {}, expected 2..=256", self.n_bins));
+        }
+        let in_vocabulary =
+            |what: &str, genes: &[u32]| match genes.iter().find(|&&g| g as usize >= vocabulary) {
+                Some(g) => Err(format!(
+                    "{what} holds gene position {g}, beyond the vocabulary of {vocabulary}"
+                )),
+                None => Ok(()),
+            };
+        in_vocabulary("genes", &self.genes)?;
+        in_vocabulary("null_genes", &self.null_genes)?;
+        for target in &self.targets {
+            in_vocabulary(&format!("target {:?}", target.name), &target.genes)?;
+            let expected = match target.kind {
+                TargetKind::Gene => target.genes.len() == 1,
+                TargetKind::Set => !target.genes.is_empty(),
+                TargetKind::Pair => target.genes.len() == 2,
+            };
+            if !expected {
+                return Err(format!(
+                    "target {:?} is a {} with {} genes",
+                    target.name,
+                    target.kind.name(),
+                    target.genes.len()
+                ));
+            }
+        }
+        let cells = self.cells.len();
+        let per_cell = [
+            ("cell_names", self.cell_names.len(), false),
+            ("cell_strata", self.cell_strata.len(), true),
+            ("references", self.references.len(), true),
+            ("guided_genes", self.guided_genes.len(), true),
+        ];
+        for (what, len, optional) in per_cell {
+            if len != cells && !(optional && len == 0) {
+                return Err(format!("{what} has {len} entries for {cells} cells"));
+            }
+        }
+        if let Some(stratum) = self
+            .cell_strata
+            .iter()
+            .chain(self.states.iter().flat_map(|s| &s.strata))
+            .find(|&&s| s as usize >= self.strata.len())
+        {
+            return Err(format!(
+                "a stratum index {stratum} is beyond the {} strata",
+                self.strata.len()
+            ));
+        }
+        for chosen in &self.guided_genes {
+            in_vocabulary("guided_genes", chosen)?;
+        }
+        if let Some(classifier) = &self.classifier {
+            if classifier.cell_start.len() != cells {
+                return Err(format!(
+                    "classifier.cell_start has {} entries for {cells} cells",
+                    classifier.cell_start.len()
+                ));
+            }
+            if let Some(c) = classifier
+                .starts
+                .iter()
+                .find(|&&c| c as usize >= classifier.classes.len())
+            {
+                return Err(format!(
+                    "classifier.starts holds class {c}, beyond its {} classes",
+                    classifier.classes.len()
+                ));
+            }
+            if let Some(s) = classifier
+                .cell_start
+                .iter()
+                .find(|&&s| s as usize >= classifier.starts.len())
+            {
+                return Err(format!(
+                    "classifier.cell_start holds start {s}, beyond its {} start states",
+                    classifier.starts.len()
+                ));
+            }
+        }
+        if self.unit_records.len() != self.unit_count() {
+            return Err(format!(
+                "unit_records has {} entries for {} units",
+                self.unit_records.len(),
+                self.unit_count()
+            ));
+        }
+        Ok(())
+    }
+
     fn cell_blocks(&self) -> usize {
         self.cells
             .len()

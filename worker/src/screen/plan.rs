@@ -1158,6 +1158,9 @@ pub fn open_location(location: &str, s3: &S3Options) -> anyhow::Result<Store> {
 
 /// Writes the plan to the screen's location; returns its blake3.
 pub fn store_plan(plan: &ScreenPlan, store: &Store) -> anyhow::Result<String> {
+    // Workers refuse a plan that fails this check, so one is never stored.
+    plan.check()
+        .map_err(|e| anyhow::anyhow!("the resolved screen plan is inconsistent (a bug): {e}"))?;
     let bytes = serde_json::to_vec_pretty(plan)?;
     let hash = blake3::hash(&bytes).to_hex().to_string();
     store.put(PLAN_FILE, bytes.into())?;
@@ -1182,6 +1185,12 @@ pub fn load_plan(store: &Store, expected_blake3: &str) -> anyhow::Result<ScreenP
             plan.format
         );
     }
+    plan.check().map_err(|e| {
+        anyhow::anyhow!(
+            "{}/{PLAN_FILE} is not a consistent screen plan: {e}",
+            store.url().trim_end_matches('/')
+        )
+    })?;
     Ok(plan)
 }
 
