@@ -73,10 +73,13 @@ impl pb::coordinator_server::Coordinator for Service {
         self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let registration = Registration {
-            previous: (!req.worker_id.is_empty()).then(|| WorkerId::from(req.worker_id)),
-            hostname: req.hostname,
+            previous: (!req.worker_id.is_empty())
+                .then(|| id_field("worker_id", req.worker_id))
+                .transpose()?
+                .map(WorkerId::from),
+            hostname: text_field("hostname", req.hostname, MAX_ID_BYTES)?,
             pid: req.pid,
-            device: req.device,
+            device: text_field("device", req.device, MAX_ID_BYTES)?,
         };
         let registered = self.register(registration).await?;
         let config = self.config();
@@ -93,7 +96,7 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::HeartbeatRequest>,
     ) -> Answer<pb::HeartbeatResponse> {
         self.access.check(&request, Role::Worker)?;
-        let worker = WorkerId::from(request.into_inner().worker_id);
+        let worker = WorkerId::from(id_field("worker_id", request.into_inner().worker_id)?);
         answer(
             self.coordinator
                 .heartbeat(&worker)
@@ -110,7 +113,7 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::AssignmentsRequest>,
     ) -> Answer<Self::AssignmentsStream> {
         self.access.check(&request, Role::Worker)?;
-        let worker = WorkerId::from(request.into_inner().worker_id);
+        let worker = WorkerId::from(id_field("worker_id", request.into_inner().worker_id)?);
         let assignments = self.coordinator.connect(worker).await?;
         let stream = ReceiverStream::new(assignments).map(|a| Ok(pb::Assignment::from(a)));
         Ok(Response::new(Box::pin(stream)))
@@ -121,7 +124,7 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::StepReport>,
     ) -> Answer<pb::StepReportResponse> {
         self.access.check(&request, Role::Worker)?;
-        let report = step_report(request.into_inner());
+        let report = step_report(request.into_inner())?;
         answer(
             self.coordinator
                 .report_step(report)
@@ -137,12 +140,12 @@ impl pb::coordinator_server::Coordinator for Service {
         self.access.check(&request, Role::Worker)?;
         let commit = request.into_inner();
         let commit = CheckpointCommit {
-            worker: commit.worker_id.into(),
-            job: commit.job_id.into(),
+            worker: id_field("worker_id", commit.worker_id)?.into(),
+            job: id_field("job_id", commit.job_id)?.into(),
             generation: Generation(commit.generation),
             step: commit.step,
-            url: commit.url,
-            manifest_blake3: commit.manifest_blake3,
+            url: text_field("url", commit.url, MAX_TEXT_BYTES)?,
+            manifest_blake3: id_field("manifest_blake3", commit.manifest_blake3)?,
         };
         let (accepted, reason) = match self.coordinator.commit_checkpoint(commit).await? {
             CommitAnswer::Recorded => (true, String::new()),
@@ -157,10 +160,14 @@ impl pb::coordinator_server::Coordinator for Service {
     async fn kv_set(&self, request: Request<pb::KvSetRequest>) -> Answer<pb::KvSetResponse> {
         self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
-        let (job, generation) = (JobId::from(req.job_id), Generation(req.generation));
+        let (job, generation) = (
+            JobId::from(id_field("job_id", req.job_id)?),
+            Generation(req.generation),
+        );
+        let key = id_field("key", req.key)?;
         answer(
             self.coordinator
-                .kv_set(&job, generation, &req.key, &req.value)
+                .kv_set(&job, generation, &key, &req.value)
                 .await
                 .map(|()| pb::KvSetResponse {}),
         )
@@ -169,11 +176,15 @@ impl pb::coordinator_server::Coordinator for Service {
     async fn kv_get(&self, request: Request<pb::KvGetRequest>) -> Answer<pb::KvGetResponse> {
         self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
-        let (job, generation) = (JobId::from(req.job_id), Generation(req.generation));
+        let (job, generation) = (
+            JobId::from(id_field("job_id", req.job_id)?),
+            Generation(req.generation),
+        );
+        let key = id_field("key", req.key)?;
         let timeout = Duration::from_millis(req.timeout_ms);
         answer(
             self.coordinator
-                .kv_get(&job, generation, &req.key, timeout)
+                .kv_get(&job, generation, &key, timeout)
                 .await
                 .map(|value| pb::KvGetResponse { value }),
         )
@@ -186,7 +197,11 @@ impl pb::coordinator_server::Coordinator for Service {
         self.access.check(&request, Role::Client)?;
         let id = self
             .coordinator
-            .submit_job(&request.into_inner().spec_json)
+            .submit_job(&text_field(
+                "spec_json",
+                request.into_inner().spec_json,
+                MAX_SPEC_BYTES,
+            )?)
             .await?;
         Ok(Response::new(pb::SubmitJobResponse {
             job_id: id.into_string(),
@@ -198,7 +213,7 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::JobStatusRequest>,
     ) -> Answer<pb::JobStatusResponse> {
         self.access.check(&request, Role::Client)?;
-        let id = JobId::from(request.into_inner().job_id);
+        let id = JobId::from(id_field("job_id", request.into_inner().job_id)?);
         answer(
             self.coordinator
                 .job_status(&id)
@@ -212,7 +227,7 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::CancelJobRequest>,
     ) -> Answer<pb::CancelJobResponse> {
         self.access.check(&request, Role::Client)?;
-        let id = JobId::from(request.into_inner().job_id);
+        let id = JobId::from(id_field("job_id", request.into_inner().job_id)?);
         answer(
             self.coordinator
                 .cancel_job(&id)
@@ -239,15 +254,15 @@ impl pb::coordinator_server::Coordinator for Service {
         self.access.check(&request, Role::Client)?;
         let req = request.into_inner();
         let submission = ScreenSubmission {
-            location: req.location,
-            plan_blake3: req.plan_blake3,
+            location: text_field("location", req.location, MAX_TEXT_BYTES)?,
+            plan_blake3: id_field("plan_blake3", req.plan_blake3)?,
             units: req.units,
             pairs: req.pairs,
             lease_ms: req.lease_ms,
             threads: req.threads,
-            s3_endpoint: req.s3_endpoint,
-            s3_region: req.s3_region,
-            summary: req.summary,
+            s3_endpoint: text_field("s3_endpoint", req.s3_endpoint, MAX_TEXT_BYTES)?,
+            s3_region: id_field("s3_region", req.s3_region)?,
+            summary: text_field("summary", req.summary, MAX_TEXT_BYTES)?,
         };
         let id = self.coordinator.submit_screen(submission).await?;
         Ok(Response::new(pb::SubmitScreenResponse {
@@ -261,7 +276,7 @@ impl pb::coordinator_server::Coordinator for Service {
     ) -> Answer<pb::ScreenStatusResponse> {
         self.access.check(&request, Role::Client)?;
         let req = request.into_inner();
-        let id = ScreenId::from(req.screen_id);
+        let id = ScreenId::from(id_field("screen_id", req.screen_id)?);
         answer(
             self.coordinator
                 .screen_status(&id, req.include_units)
@@ -275,7 +290,7 @@ impl pb::coordinator_server::Coordinator for Service {
         request: Request<pb::CancelScreenRequest>,
     ) -> Answer<pb::CancelScreenResponse> {
         self.access.check(&request, Role::Client)?;
-        let id = ScreenId::from(request.into_inner().screen_id);
+        let id = ScreenId::from(id_field("screen_id", request.into_inner().screen_id)?);
         answer(
             self.coordinator
                 .cancel_screen(&id)
@@ -290,7 +305,10 @@ impl pb::coordinator_server::Coordinator for Service {
     ) -> Answer<pb::LeaseUnitResponse> {
         self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
-        let (worker, screen) = (WorkerId::from(req.worker_id), ScreenId::from(req.screen_id));
+        let (worker, screen) = (
+            WorkerId::from(id_field("worker_id", req.worker_id)?),
+            ScreenId::from(id_field("screen_id", req.screen_id)?),
+        );
         answer(
             self.coordinator
                 .lease_unit(&worker, &screen)
@@ -306,7 +324,7 @@ impl pb::coordinator_server::Coordinator for Service {
         self.access.check(&request, Role::Worker)?;
         let req = request.into_inner();
         let renewal = UnitRenewal {
-            screen: req.screen_id.into(),
+            screen: id_field("screen_id", req.screen_id)?.into(),
             unit: req.unit,
             token: req.token,
         };
@@ -325,18 +343,20 @@ impl pb::coordinator_server::Coordinator for Service {
         let req = request.into_inner();
         let outcome = if req.error.is_empty() {
             UnitOutcome::Done {
-                key: req.key,
-                blake3: req.blake3,
+                key: text_field("key", req.key, MAX_TEXT_BYTES)?,
+                blake3: id_field("blake3", req.blake3)?,
                 bytes: req.bytes,
                 pairs: req.pairs,
                 seconds: req.seconds,
             }
         } else {
-            UnitOutcome::Failed { error: req.error }
+            UnitOutcome::Failed {
+                error: clipped(req.error),
+            }
         };
         let completion = UnitCompletion {
-            worker: req.worker_id.into(),
-            screen: req.screen_id.into(),
+            worker: id_field("worker_id", req.worker_id)?.into(),
+            screen: id_field("screen_id", req.screen_id)?.into(),
             unit: req.unit,
             token: req.token,
             outcome,
@@ -351,7 +371,7 @@ impl pb::coordinator_server::Coordinator for Service {
 
 /// A step report: an error with `checkpoint_unusable` is about the restored checkpoint, any other error
 /// is the rank giving up, and no error is a completed step.
-fn step_report(report: pb::StepReport) -> StepReport {
+fn step_report(report: pb::StepReport) -> Result<StepReport, Status> {
     let kind = if report.error.is_empty() {
         Reported::Progress {
             loss: report.loss,
@@ -359,22 +379,63 @@ fn step_report(report: pb::StepReport) -> StepReport {
         }
     } else if report.checkpoint_unusable {
         Reported::CheckpointUnusable {
-            error: report.error,
+            error: clipped(report.error),
         }
     } else {
         Reported::Failed {
-            error: report.error,
+            error: clipped(report.error),
             fatal: report.fatal,
         }
     };
-    StepReport {
-        worker: report.worker_id.into(),
-        job: report.job_id.into(),
+    Ok(StepReport {
+        worker: id_field("worker_id", report.worker_id)?.into(),
+        job: id_field("job_id", report.job_id)?.into(),
         generation: Generation(report.generation),
         rank: Rank(report.rank),
         step: report.step,
         kind,
+    })
+}
+
+/// The longest id, key or hash a request may carry. The coordinator issues ids of a few dozen bytes; a
+/// longer one names nothing, and would be echoed into the error and stored.
+const MAX_ID_BYTES: usize = 256;
+/// The longest job specification accepted (real ones are a few kilobytes).
+const MAX_SPEC_BYTES: usize = 256 << 10;
+/// The longest location, summary or object key a request may carry.
+const MAX_TEXT_BYTES: usize = 16 << 10;
+/// A worker's error message is kept up to this many bytes (it is a message; the rest is cut, not refused,
+/// so the failure itself is never lost).
+const MAX_ERROR_BYTES: usize = 16 << 10;
+
+/// `value` of request field `field`, refused (INVALID_ARGUMENT, naming the field and the limit) when it
+/// is longer than `max` bytes.
+fn text_field(field: &str, value: String, max: usize) -> Result<String, Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; at most {max} are accepted",
+            value.len()
+        )));
     }
+    Ok(value)
+}
+
+fn id_field(field: &str, value: String) -> Result<String, Status> {
+    text_field(field, value, MAX_ID_BYTES)
+}
+
+/// A worker's error message, cut at [`MAX_ERROR_BYTES`] (on a character boundary) with a note of the cut.
+fn clipped(mut error: String) -> String {
+    if error.len() > MAX_ERROR_BYTES {
+        let total = error.len();
+        let mut end = MAX_ERROR_BYTES;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+        error.push_str(&format!("... ({total} bytes in all)"));
+    }
+    error
 }
 
 impl From<JobState> for pb::JobState {

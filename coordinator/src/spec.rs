@@ -91,11 +91,25 @@ pub struct OrderFields {
     pub split: CellSplit,
 }
 
+/// A parser's message, which quotes the offending value, cut to a readable length: a hostile value can
+/// be megabytes long.
+fn clip(message: &str) -> String {
+    const MAX: usize = 400;
+    if message.len() <= MAX {
+        return message.to_string();
+    }
+    let mut end = MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &message[..end], message.len())
+}
+
 impl JobSpec {
     /// Parses and checks a submitted specification; the error names the field and what was expected.
     pub fn parse(json: &str) -> Result<(Self, OrderFields), String> {
-        let spec: JobSpec =
-            serde_json::from_str(json).map_err(|e| format!("job specification: {e}"))?;
+        let spec: JobSpec = serde_json::from_str(json)
+            .map_err(|e| format!("job specification: {}", clip(&e.to_string())))?;
         let order = spec.order()?;
         if spec.corpus.trim().is_empty() {
             return Err("job specification: `corpus` is empty".into());
