@@ -191,6 +191,8 @@ impl ScreenPlan {
         for target in &self.targets {
             in_vocabulary(&format!("target {:?}", target.name), &target.genes)?;
             let expected = match target.kind {
+                // An attribution screen's one target perturbs nothing: it stands for "every cell once".
+                TargetKind::Gene if self.spec.attributes() => target.genes.is_empty(),
                 TargetKind::Gene => target.genes.len() == 1,
                 TargetKind::Set => !target.genes.is_empty(),
                 TargetKind::Pair => target.genes.len() == 2,
