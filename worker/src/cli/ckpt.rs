@@ -241,8 +241,16 @@ fn verify(url: &str, step: Option<u64>, s3: &S3Options) -> anyhow::Result<()> {
         }
     }
     if !bad.is_empty() {
+        // A `latest` that names a step with no folder is the damage, not that step.
+        let dangling = match checkpoints.latest_pointer()? {
+            Some(latest) if step.is_none() && !checkpoints.steps()?.contains(&latest) => format!(
+                " (`latest` names {}, which has no folder: `latest` is damaged or was moved by hand)",
+                step_folder(latest)
+            ),
+            _ => String::new(),
+        };
         bail!(
-            "{} of {} checkpoints have problems: {}",
+            "{} of {} checkpoints have problems: {}{dangling}",
             bad.len(),
             steps.len(),
             bad.join(", ")
