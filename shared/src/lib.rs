@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod corpus;
 pub mod error;
+pub mod hostile;
 pub mod ids;
 pub mod meta;
 pub mod philox;
