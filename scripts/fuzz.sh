@@ -36,7 +36,9 @@ seeds=fuzz/corpus/$target
 if [ ! -d "$seeds" ]; then
   say "making seeds for $target from real files"
   mkdir -p "$seeds"
-  cargo build --release --bin cellfleet --quiet
+  # The ordinary build (the instrumentation flags are for the fuzz targets only); a test build's binary
+  # will do, and rebuilding under it would replace the binary its tests run.
+  [ -x target/release/cellfleet ] || env -u RUSTFLAGS cargo build --release --bin cellfleet --quiet
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   data=../shared/data/kang_ifnb_pbmc.h5ad
