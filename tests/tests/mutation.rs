@@ -182,6 +182,9 @@ fn run_mutant(args: &[String], subject: &str, scratch: &Path) -> (Outcome, Strin
         .env("RUST_BACKTRACE", "0")
         // A read that HDF5 loops on is stopped by the reader well before the suite calls it a hang.
         .env("CELLFLEET_H5AD_TIMEOUT_SECS", "20")
+        // The real files are megabytes: a mutant that claims more is refused at 1 GiB, so that the suite
+        // never holds gigabytes beside the tests running next to it.
+        .env("CELLFLEET_H5AD_MAX_READ_GIB", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
