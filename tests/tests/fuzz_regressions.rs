@@ -18,9 +18,12 @@ fn configs(data: &[u8]) {
     }
 }
 
+/// A target's entry point: takes any bytes, must not panic.
+type Replay = fn(&[u8]);
+
 #[test]
 fn every_input_a_fuzz_target_once_failed_on_is_handled() {
-    let targets: [(&str, fn(&[u8])); 5] = [
+    let targets: [(&str, Replay); 5] = [
         ("shard", hostile::shard),
         ("unit_result", hostile::unit_result),
         ("manifests", hostile::manifests),
