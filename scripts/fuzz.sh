@@ -5,9 +5,10 @@
 #   scripts/fuzz.sh TARGET [SECONDS]     fuzz one target (default 300 s); TARGET is one of
 #                                        shard unit_result manifests safetensors configs, or "all"
 #
-# Seeds come from real files (a corpus ingested from ../shared/data, a checkpoint, the example configs),
-# made once under fuzz/corpus. A crashing input lands in fuzz/artifacts/TARGET; copy it to
-# fuzz/regressions/TARGET/ and the workspace test `fuzz_regressions` replays it from then on.
+# Seeds come from real files (a corpus ingested from ../shared/data, the example configs) made once under
+# fuzz/corpus, and from fuzz/seeds (a screen plan and a checkpoint manifest of real runs). A crashing
+# input lands in fuzz/artifacts/TARGET; copy it to fuzz/regressions/TARGET/ and the workspace test
+# `fuzz_regressions` replays it from then on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGETS=(shard unit_result manifests safetensors configs)
@@ -62,6 +63,8 @@ PY
     configs) cp deploy/configs/*.toml "$seeds/" 2>/dev/null || true; cp deploy/configs/*.json "$seeds/" 2>/dev/null || true ;;
   esac
 fi
+# Checked-in seeds of what no quick command writes (a screen plan, a checkpoint manifest).
+if [ -d "fuzz/seeds/$target" ]; then cp fuzz/seeds/"$target"/* "$seeds/"; fi
 mkdir -p "fuzz/artifacts/$target" "fuzz/regressions/$target"
 say "fuzzing $target for $seconds s (seeds $seeds, crashes to fuzz/artifacts/$target)"
 "$binary" "$seeds" "fuzz/regressions/$target" -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=10 \
