@@ -47,9 +47,15 @@ if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null 2>&1 || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }
-if [ -n "$for_tests" ] && ! cargo nextest --version >/dev/null 2>&1; then
-  say "installing cargo-nextest (test runner)"
-  cargo install cargo-nextest --locked --quiet
+# .config/nextest.toml orders tests by priority, which needs nextest 0.9.91 or later.
+nextest_current() {
+  local v
+  v=$(cargo nextest --version 2>/dev/null | sed -n 's/^cargo-nextest \([0-9.]*\).*/\1/p' | head -1)
+  [ -n "$v" ] && [ "$(printf '%s\n' 0.9.91 "$v" | sort -V | head -1)" = 0.9.91 ]
+}
+if [ -n "$for_tests" ] && ! nextest_current; then
+  say "installing cargo-nextest (test runner, 0.9.91 or later)"
+  cargo install cargo-nextest --locked --quiet --force
 fi
 
 # Python packages, as "module" or "module==version" (the pip name is the module name). For running: torch
