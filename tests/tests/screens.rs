@@ -689,8 +689,7 @@ fn status_json(url: &str, id: &str) -> Value {
     .unwrap()
 }
 
-/// SIGKILLs one of `workers` that holds a lease of screen `id`, once at least `done` units are done and
-/// more than 4 remain.
+/// SIGKILLs one of `workers` that holds a lease of screen `id`, once at least `done` units are done.
 fn kill_a_lease_holder(url: &str, id: &str, workers: &mut [Process], done: u64) {
     // The index of a worker that the coordinator lists as holding a lease, if any.
     let lease_holder = |status: &serde_json::Value, workers: &[Process]| {
@@ -707,40 +706,43 @@ fn kill_a_lease_holder(url: &str, id: &str, workers: &mut [Process], done: u64) 
                 })
             })
     };
+    // Units take milliseconds, so the fleet is stepped: thawed for a moment, then frozen (SIGSTOP) while
+    // the coordinator's view is read, after any completion already sent has landed. A frozen worker
+    // that the coordinator lists as a holder still holds that lease for certain; killing it loses it.
+    // Stepping keeps the screen from running to its end between two looks (it did, on a loaded
+    // machine, when only the holder was frozen and the other worker ran on).
     let mut victim = None;
+    let mut thawed = Duration::from_millis(30);
     wait_for(
         "a few units done and a lease held",
         Duration::from_secs(240),
         || {
-            let status = status_json(url, id);
-            let finished = status["units_done"].as_u64().unwrap();
-            if finished < done || finished + 4 >= status["units_total"].as_u64().unwrap() {
-                return false;
-            }
-            let Some(candidate) = lease_holder(&status, workers) else {
-                return false;
-            };
-            // Units take milliseconds: freeze the holder, let any completion it already sent land,
-            // and kill it only if the coordinator still counts it as a holder, so the kill loses a
-            // lease for certain.
-            workers[candidate].freeze(true);
+            workers.iter().for_each(|w| w.freeze(false));
+            std::thread::sleep(thawed);
+            workers.iter().for_each(|w| w.freeze(true));
             std::thread::sleep(Duration::from_millis(300));
             let status = status_json(url, id);
-            let still_holds = status["workers"].as_array().unwrap().iter().any(|holder| {
-                holder
-                    .as_str()
-                    .unwrap()
-                    .contains(&format!("-{}-", workers[candidate].child.id()))
-            });
-            if still_holds && status["state"] == "running" {
-                victim = Some(candidate);
-            } else {
-                workers[candidate].freeze(false);
+            assert!(
+                status["state"] == "running",
+                "the screen ended before a lease holder could be caught: {status}"
+            );
+            if status["units_done"].as_u64().unwrap() < done {
+                // Not there yet: let the fleet run a little longer each time.
+                thawed = (thawed * 2).min(Duration::from_millis(500));
+                return false;
             }
+            thawed = Duration::from_millis(30);
+            victim = lease_holder(&status, workers);
             victim.is_some()
         },
     );
-    workers[victim.unwrap()].kill();
+    let victim = victim.unwrap();
+    for (i, worker) in workers.iter().enumerate() {
+        if i != victim {
+            worker.freeze(false);
+        }
+    }
+    workers[victim].kill();
 }
 
 /// Submits `spec` to the coordinator at `url`, SIGKILLs one of `workers` holding a lease once 2 units
