@@ -12,23 +12,8 @@ use tonic::{Code, Request};
 use cellfleet_coordinator::{Coordinator, CoordinatorConfig, Service};
 use cellfleet_proto as pb;
 use cellfleet_proto::coordinator_server::Coordinator as _;
+use cellfleet_shared::hostile::SeededRng as Rng;
 use cellfleet_shared::meta::{MemoryStore, MetaStore};
-
-/// splitmix64, so the requests are the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// Ids the service knows, so a hostile request can carry a real id in any id field.
 struct Known {
@@ -50,7 +35,7 @@ fn string(rng: &mut Rng, known: &Known) -> String {
         8 => "worker-1-2-3".into(),
         9 => "s3://bucket/../other".into(),
         10 => "{\"corpus\": 1}".into(),
-        _ => format!("{:x}", rng.next()),
+        _ => format!("{:x}", rng.next_u64()),
     }
 }
 
@@ -62,7 +47,7 @@ fn number(rng: &mut Rng) -> u64 {
         3 => u64::MAX,
         4 => u64::MAX / 2,
         5 => 1 << 40,
-        _ => rng.next() % 1000,
+        _ => rng.next_u64() % 1000,
     }
 }
 
@@ -71,7 +56,7 @@ fn small(rng: &mut Rng) -> u32 {
         0 => 0,
         1 => u32::MAX,
         2 => 1 << 31,
-        _ => (rng.next() % 64) as u32,
+        _ => (rng.next_u64() % 64) as u32,
     }
 }
 

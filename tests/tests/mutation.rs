@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cellfleet_e2e::{cellfleet_ok, data};
+use cellfleet_shared::hostile::SeededRng as Rng;
 use serde_json::Value;
 
 /// The binary under test: this build's, or `CELLFLEET_MUTATION_BIN` (to count an older build's
@@ -47,22 +48,6 @@ fn mutants(base: usize) -> usize {
 /// A command is a hang when it runs this long on inputs of a few megabytes.
 const HANG: Duration = Duration::from_secs(60);
 
-/// splitmix64: the mutants of a seed are the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Overwrites 1-64 bytes (a run, scattered bytes, or a run of 0xff / 0x00, the shapes that make length
 /// fields huge or zero), or truncates; says what it did.
 fn mutate_bytes(rng: &mut Rng, bytes: &mut Vec<u8>) -> String {
@@ -72,14 +57,14 @@ fn mutate_bytes(rng: &mut Rng, bytes: &mut Vec<u8>) -> String {
         0..=3 => {
             let at = rng.below(len - n + 1);
             for b in &mut bytes[at..at + n] {
-                *b = rng.next() as u8;
+                *b = rng.next_u64() as u8;
             }
             format!("{n} random bytes at {at}")
         }
         4..=6 => {
             for _ in 0..n {
                 let at = rng.below(len);
-                bytes[at] = rng.next() as u8;
+                bytes[at] = rng.next_u64() as u8;
             }
             format!("{n} scattered random bytes")
         }
