@@ -45,6 +45,9 @@ fn mutants(base: usize) -> usize {
     base * scale
 }
 
+/// What ingest says when the h5ad reader child died inside HDF5: a crash it contained.
+const CONTAINED_CRASH: &str = "HDF5 library crashed";
+
 /// A command is a hang when it runs this long on inputs of a few megabytes.
 const HANG: Duration = Duration::from_secs(60);
 
@@ -245,7 +248,7 @@ impl Tally {
             }
             Outcome::Refused => {
                 self.refused += 1;
-                if stderr.contains("crashed") {
+                if stderr.contains(CONTAINED_CRASH) {
                     self.contained_crashes += 1;
                 }
                 if self.refusals.len() < 4 {
@@ -405,7 +408,7 @@ fn damaged_h5ad_files_are_refused_with_one_clear_error_and_never_crash_ingest() 
             std::fs::create_dir_all(&keep).unwrap();
             std::fs::copy(&input, keep.join(&name)).unwrap();
             let outcome = match &outcome {
-                Outcome::Refused if stderr.contains("HDF5 library crashed") => "hdf5_crash".into(),
+                Outcome::Refused if stderr.contains(CONTAINED_CRASH) => "hdf5_crash".into(),
                 other => format!("{other:?}"),
             };
             std::fs::write(keep.join(format!("{name}.outcome")), outcome).unwrap();
